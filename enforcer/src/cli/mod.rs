@@ -1,0 +1,60 @@
+//! The command line: one file per subcommand, clap derive, human output by
+//! default and `--json` where a machine reads it.
+
+mod doctor;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Kernel-enforced limits, deadlines and a CPU-steal budget for evaluation
+/// jobs that run beside a training workload.
+#[derive(Debug, Parser)]
+#[command(name = "enforcer", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ENFORCER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing` syntax (e.g. `info`, `enforcer=debug`).
+    #[arg(long, global = true, default_value = "info", env = "ENFORCER_LOG")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that this node can run the agent: kernel, cgroup mode and
+    /// controllers, BTF, eBPF load and attach, privileges, NVML.
+    Doctor(doctor::DoctorArgs),
+}
+
+/// Parses the command line, sets up logging and runs the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,108 @@
+//! `enforcer doctor`: what this node offers the agent, checked for real (the
+//! eBPF programs are loaded and attached, then detached), and what is missing
+//! with how to fix it.
+
+use std::{path::Path, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    cgroup::Layout,
+    gpu::{self, GpuAvailability},
+    privilege::Privileges,
+    probe,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel_release: String,
+    pub cgroup: Result<Layout, String>,
+    pub btf: Result<String, String>,
+    pub ebpf: Result<probe::SelfTest, String>,
+    pub privileges: Privileges,
+    /// `None` (JSON `null`) when no GPU can be used; `gpu_unavailable` says why.
+    pub gpu: Option<GpuAvailability>,
+    pub gpu_unavailable: Option<String>,
+    /// Everything that stops the agent from doing its job, with the fix.
+    pub problems: Vec<String>,
+    pub ok: bool,
+}
+
+/// Runs every check. Never panics on a missing feature: each becomes a
+/// problem in the report.
+pub fn check() -> Report {
+    let kernel_release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let mut problems = Vec::new();
+
+    let privileges = Privileges::current();
+    problems.extend(privileges.missing());
+
+    let cgroup = Layout::detect().map_err(|e| e.to_string());
+    match &cgroup {
+        Ok(layout) => {
+            for c in layout.missing_controllers() {
+                let why = layout.controllers[c].reason.clone().unwrap_or_default();
+                problems.push(format!("cgroup controller {c} is not usable: {why}"));
+            }
+            if layout.unified_mount.is_none() {
+                problems.push(
+                    "no cgroup2 hierarchy is mounted: eBPF cannot recognise job tasks by cgroup id; \
+                     mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+                        .to_owned(),
+                );
+            }
+        }
+        Err(e) => problems.push(format!("cgroups: {e}")),
+    }
+
+    let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+    let btf = match std::fs::metadata(btf_path) {
+        Ok(m) => Ok(format!("{} ({} bytes)", btf_path.display(), m.len())),
+        Err(e) => {
+            problems.push(format!(
+                "{} is missing ({e}): the kernel needs CONFIG_DEBUG_INFO_BTF=y for the probes",
+                btf_path.display()
+            ));
+            Err(e.to_string())
+        }
+    };
+
+    let ebpf = if privileges.can_load_bpf() {
+        match probe::self_test(Duration::from_millis(200)) {
+            Ok(t) if t.switches_seen > 0 => Ok(t),
+            Ok(t) => {
+                problems.push(format!(
+                    "the sched_switch probe attached but counted no switch in {} ms",
+                    t.attached_ms
+                ));
+                Ok(t)
+            }
+            Err(e) => {
+                problems.push(format!("eBPF: {e}"));
+                Err(e.to_string())
+            }
+        }
+    } else {
+        Err("not attempted: missing CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN".to_owned())
+    };
+
+    let (gpu, gpu_unavailable) = match gpu::probe() {
+        GpuAvailability::Unavailable { reason } => (None, Some(reason)),
+        available => (Some(available), None),
+    };
+
+    let ok = problems.is_empty();
+    Report {
+        kernel_release,
+        cgroup,
+        btf,
+        ebpf,
+        privileges,
+        gpu,
+        gpu_unavailable,
+        problems,
+        ok,
+    }
+}

@@ -1,0 +1,17 @@
+//! enforcer: places evaluation jobs in cgroups with hard limits and deadlines,
+//! measures with eBPF how much CPU time they steal from the training workload,
+//! and holds that steal under a budget.
+//!
+//! The modules follow the architecture:
+//! - [`cgroup`]: the cgroup v2 and v1/hybrid backends behind one interface;
+//! - [`probe`]: loading the embedded eBPF programs and reading their maps;
+//! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
+//! - [`doctor`]: what this node can and cannot do, and how to fix it;
+//! - [`cli`]: the command line, one file per subcommand.
+
+pub mod cgroup;
+pub mod cli;
+pub mod doctor;
+pub mod gpu;
+pub mod privilege;
+pub mod probe;

@@ -1,0 +1,5 @@
+//! The `enforcer` binary: see `enforcer --help`.
+
+fn main() -> std::process::ExitCode {
+    enforcer::cli::main()
+}

@@ -1,0 +1,113 @@
+//! The embedded eBPF object: loading its programs, attaching them, and reading
+//! their maps.
+
+use std::time::Duration;
+
+use aya::{Btf, Ebpf, maps::PerCpuArray, programs::BtfTracePoint};
+use enforcer_common::SwitchCount;
+use serde::Serialize;
+
+/// The object built from `enforcer-ebpf` by `enforcer/build.rs`, embedded so
+/// that the agent is one file to copy onto a node.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "the kernel has no BTF at /sys/kernel/btf/vmlinux ({0}); tp_btf programs need CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf(String),
+    #[error("loading the embedded eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the embedded object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+}
+
+/// Result of [`self_test`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SelfTest {
+    /// Context switches the probe counted while attached.
+    pub switches_seen: u64,
+    /// How long it stayed attached.
+    pub attached_ms: u64,
+}
+
+/// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Loads the embedded object, attaches the `sched_switch` self-test program
+/// for `window`, reads how many switches it saw, then detaches (by dropping).
+pub fn self_test(window: Duration) -> Result<SelfTest, ProbeError> {
+    raise_memlock();
+    let btf = Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
+    let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    const PROG: &str = "sched_switch_selftest";
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(PROG)
+        .ok_or(ProbeError::Missing {
+            kind: "program",
+            name: PROG,
+        })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name: PROG, source })?;
+    prog.load("sched_switch", &btf)
+        .map_err(|source| ProbeError::Program { name: PROG, source })?;
+    let link = prog
+        .attach()
+        .map_err(|source| ProbeError::Program { name: PROG, source })?;
+    let started = std::time::Instant::now();
+    // Sleeping is itself a context switch, so the probe must see at least one.
+    std::thread::sleep(window);
+    let attached_ms = started.elapsed().as_millis() as u64;
+    const MAP: &str = "SWITCHES";
+    let map: PerCpuArray<_, SwitchCount> =
+        PerCpuArray::try_from(ebpf.map(MAP).ok_or(ProbeError::Missing {
+            kind: "map",
+            name: MAP,
+        })?)
+        .map_err(|source| ProbeError::Map { name: MAP, source })?;
+    let per_cpu = map
+        .get(&0, 0)
+        .map_err(|source| ProbeError::Map { name: MAP, source })?;
+    let switches_seen = per_cpu.iter().map(|c| c.switches).sum();
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(PROG)
+        .ok_or(ProbeError::Missing {
+            kind: "program",
+            name: PROG,
+        })?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name: PROG, source })?;
+    prog.detach(link)
+        .map_err(|source| ProbeError::Program { name: PROG, source })?;
+    Ok(SelfTest {
+        switches_seen,
+        attached_ms,
+    })
+}

@@ -1,0 +1,46 @@
+//! Project tasks, run as `cargo xtask <task>`.
+
+mod ebpf;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "enforcer project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
+    /// target/ebpf. `cargo build -p enforcer` runs the same build.
+    BuildEbpf,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::BuildEbpf => {
+            let object = ebpf::build_ebpf(&workspace_root())
+                .map_err(anyhow::Error::msg)
+                .context("cargo xtask build-ebpf")?;
+            let size = std::fs::metadata(&object)?.len();
+            if size == 0 {
+                bail!("{} is empty", object.display());
+            }
+            eprintln!("built {} ({size} bytes)", object.display());
+        }
+    }
+    Ok(())
+}
