@@ -16,8 +16,11 @@ use crate::{
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub kernel_release: String,
+    #[serde(with = "either_error")]
     pub cgroup: Result<Layout, String>,
+    #[serde(with = "either_error")]
     pub btf: Result<String, String>,
+    #[serde(with = "either_error")]
     pub ebpf: Result<probe::SelfTest, String>,
     pub privileges: Privileges,
     /// `None` (JSON `null`) when no GPU can be used; `gpu_unavailable` says why.
@@ -104,5 +107,25 @@ pub fn check() -> Report {
         gpu_unavailable,
         problems,
         ok,
+    }
+}
+
+/// Serialises a check's `Result` as its value, or as `{"error": "..."}`, so
+/// that JSON readers see `report.ebpf.switches_seen` rather than `Ok` wrappers.
+mod either_error {
+    use serde::{Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        value: &Result<T, String>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Failed<'a> {
+            error: &'a str,
+        }
+        match value {
+            Ok(v) => v.serialize(s),
+            Err(e) => Failed { error: e }.serialize(s),
+        }
     }
 }

@@ -1,1 +1,82 @@
-//! Shared helpers for the root integration tests live in `tests/tests/common`.
+//! Helpers shared by the root-only integration tests in `tests/tests/`.
+//!
+//! The tests run the real `enforcer` binary against the real kernel. On the
+//! host they run through `cargo test -p enforcer-tests` (as root; otherwise
+//! every test says it was skipped and why); in the VMs the harness runs the
+//! same test binaries with `ENFORCER_BIN` pointing at the binary in the
+//! initramfs.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+/// Skips the calling test, visibly, unless it runs as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!(
+                "SKIPPED {}: needs root (run scripts/test, or cargo test -p enforcer-tests as root)",
+                module_path!()
+            );
+            return;
+        }
+    };
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The `enforcer` binary under test: `$ENFORCER_BIN`, else the debug build
+/// of this workspace.
+pub fn enforcer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENFORCER_BIN") {
+        return PathBuf::from(p);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+        .to_owned();
+    let bin = workspace.join("target/debug/enforcer");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build it first (cargo build -p enforcer) or set ENFORCER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A `Command` for the binary under test.
+pub fn enforcer() -> Command {
+    Command::new(enforcer_bin())
+}
+
+/// Runs the binary with `args` and returns its output; panics if it cannot
+/// be started at all.
+pub fn run_enforcer(args: &[&str]) -> Output {
+    enforcer()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", enforcer_bin().display()))
+}
+
+/// A name unique to this test process and call, for jobs and cgroups.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The kernel release this test sees (reported by the VM harness).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
