@@ -179,9 +179,12 @@ impl Report {
             })
         };
         let mut s = format!(
-            "enforcer: job {} {:?} after {:.2}s (exit {}{})\n",
+            "enforcer: job {} {} after {:.2}s (exit {}{})\n",
             self.job,
-            self.reason,
+            serde_json::to_value(self.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             self.wall_s,
             self.exit_code.map_or("?".to_owned(), |c| c.to_string()),
             self.signal

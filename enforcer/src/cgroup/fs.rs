@@ -172,6 +172,42 @@ pub fn procs_recursive(dir: &Path) -> Vec<i32> {
     out
 }
 
+/// A counter that some kernels keep in the cgroup where the event happened
+/// (the `main` leaf or a game) and others propagate to ancestors: the
+/// larger of `dir`'s own value and the sum over its descendants, so it is
+/// counted once either way. `None` when no cgroup has the file.
+pub fn subtree_counter(dir: &Path, file: &str, key: &str) -> Option<u64> {
+    let read = |d: &Path| {
+        read_keyed(&d.join(file))
+            .ok()
+            .and_then(|m| m.get(key).copied())
+    };
+    let own = read(dir);
+    let mut below: Option<u64> = None;
+    let mut stack: Vec<PathBuf> = subdirs(dir);
+    while let Some(d) = stack.pop() {
+        if let Some(n) = read(&d) {
+            *below.get_or_insert(0) += n;
+        }
+        stack.extend(subdirs(&d));
+    }
+    match (own, below) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Removes `dir` and its descendant cgroups, deepest first.
 pub fn rmdir_recursive(fs_: &CgFs, dir: &Path) -> Result<(), CgroupError> {
     if let Ok(entries) = fs::read_dir(dir) {

@@ -296,7 +296,6 @@ impl Backend for V1Job {
         let limit = |c: &str, n: &str| num(c, n).filter(|v| *v < (1u64 << 62));
         let keyed = |c: &str, n: &str| self.file(c, n).and_then(|p| fs::read_keyed(&p).ok());
         let cpu_stat = keyed("cpu", "cpu.stat");
-        let pids_events = keyed("pids", "pids.events");
         Stats {
             cpu_usage: num("cpuacct", "cpuacct.usage").map(Duration::from_nanos),
             cpu_throttled: cpu_stat
@@ -307,15 +306,21 @@ impl Backend for V1Job {
             memory_peak: num("memory", "memory.max_usage_in_bytes"),
             memory_limit: limit("memory", "memory.limit_in_bytes"),
             memory_high_limit: limit("memory", "memory.soft_limit_in_bytes"),
-            oom_kills: keyed("memory", "memory.oom_control")
-                .and_then(|m| m.get("oom_kill").copied()),
+            // v1 counts an OOM kill only in the victim's own memcg (the
+            // `main` leaf or a game), not in its ancestors: sum the subtree.
+            oom_kills: self
+                .dir("memory")
+                .and_then(|d| fs::subtree_counter(d, "memory.oom_control", "oom_kill")),
             // v1 has no event for crossing the soft limit; the event
             // watcher compares usage with it instead.
             memory_high_events: None,
             pids_current: num("pids", "pids.current"),
             pids_peak: num("pids", "pids.peak"),
             pids_limit: limit("pids", "pids.max"),
-            pids_max_events: pids_events.as_ref().and_then(|m| m.get("max").copied()),
+            // Counted in the forking cgroup (the leaf) by v1.
+            pids_max_events: self
+                .dir("pids")
+                .and_then(|d| fs::subtree_counter(d, "pids.events", "max")),
         }
     }
 
@@ -524,8 +529,10 @@ mod tests {
         w(
             "memory",
             "memory.oom_control",
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
         );
+        stdfs::create_dir(dirs["memory"].join("main")).unwrap();
+        w("memory", "main/memory.oom_control", "oom_kill 1\n");
         w("pids", "pids.max", "64\n");
         w("pids", "pids.events", "max 7\n");
         let job = V1Job::open(
@@ -539,7 +546,7 @@ mod tests {
         assert_eq!(s.cpu_throttled, Some(Duration::from_millis(5)));
         assert_eq!(s.memory_peak, Some(1 << 20));
         assert_eq!(s.memory_limit, None, "the v1 'unlimited' value is no limit");
-        assert_eq!(s.oom_kills, Some(2));
+        assert_eq!(s.oom_kills, Some(1), "the main leaf's kills count");
         assert_eq!(s.pids_limit, Some(64));
         assert_eq!(s.pids_max_events, Some(7));
         assert_eq!(job.cpu_usage(), Duration::from_secs(2));

@@ -192,7 +192,6 @@ impl Backend for V2Job {
     fn stats(&self) -> Stats {
         let cpu = fs::read_keyed(&self.file("cpu.stat")).ok();
         let mem_events = fs::read_keyed(&self.file("memory.events")).ok();
-        let pids_events = fs::read_keyed(&self.file("pids.events")).ok();
         let num = |n: &str| fs::read_u64(&self.file(n)).ok();
         let limit = |n: &str| num(n).filter(|v| *v != u64::MAX);
         Stats {
@@ -213,7 +212,9 @@ impl Backend for V2Job {
             pids_current: num("pids.current"),
             pids_peak: num("pids.peak"),
             pids_limit: limit("pids.max"),
-            pids_max_events: pids_events.as_ref().and_then(|m| m.get("max").copied()),
+            // Before 6.13 the event is counted in the forking cgroup (the
+            // leaf), from 6.13 in the cgroup whose limit was hit.
+            pids_max_events: fs::subtree_counter(&self.dir, "pids.events", "max"),
         }
     }
 
