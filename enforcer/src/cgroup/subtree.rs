@@ -304,7 +304,7 @@ mod tests {
             "+cpu +memory +pids"
         );
         assert_eq!(st.job_path("j"), own.join("eval/j"));
-        assert_eq!(st.owned(), &[own.clone()]);
+        assert_eq!(st.owned(), std::slice::from_ref(&own));
     }
 
     #[test]

@@ -80,8 +80,8 @@ fn forkbomb(seconds: u64) {
             _ => ok += 1,
         }
     }
-    println!("forks ok {ok} failed {failed}");
-    let _ = std::io::stdout().flush();
+    // The test reads this result from stdout.
+    let _ = writeln!(std::io::stdout(), "forks ok {ok} failed {failed}");
     // Reap the children.
     while unsafe { libc::wait(std::ptr::null_mut()) } > 0 {}
 }
@@ -129,7 +129,6 @@ fn threads(n: usize) {
     for _ in 0..n {
         std::thread::spawn(|| sleep_forever());
     }
-    println!("ready");
-    let _ = std::io::stdout().flush();
+    let _ = writeln!(std::io::stdout(), "ready");
     sleep_forever();
 }
