@@ -88,6 +88,8 @@ async fn run_hook(hook: &str, json: &str, timeout: Duration) {
         .arg(hook)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
+        // Its own process group, so a timeout kills what the hook started.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn();
     let mut child = match child {
@@ -111,6 +113,10 @@ async fn run_hook(hook: &str, json: &str, timeout: Duration) {
         Ok(Ok(status)) => tracing::warn!(hook, %status, "on_event hook failed"),
         Ok(Err(e)) => tracing::warn!(hook, error = %e, "on_event hook could not be waited for"),
         Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on the process group of a hook we started.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
             let _ = child.kill().await;
             tracing::warn!(
                 hook,

@@ -8,6 +8,11 @@
 //! - `queue/<ticket>`: one file per waiter, flocked by it while it waits;
 //!   a file whose lock can be taken belongs to a dead waiter and is removed;
 //! - `slot-<i>`: flocked by the job that holds slot `i`.
+//!
+//! `<state_dir>/jobs/<name>.lock` is flocked by the enforcer that owns job
+//! `<name>` for as long as the job lives: a job cgroup whose lock is free
+//! belongs to an enforcer that was killed (SIGKILL, OOM) before it could
+//! clean up, and the next enforcer kills and removes it.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -163,6 +168,54 @@ fn live_tickets(queue: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The lock that says "an enforcer owns job `name`"; dropping it removes
+/// the lock file.
+#[derive(Debug)]
+pub struct JobLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl Drop for JobLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        flock(&self.file, libc::LOCK_UN);
+    }
+}
+
+/// Takes the lock for job `name`; `Ok(None)` when a live enforcer holds it.
+pub fn lock_job(state_dir: &Path, name: &str) -> Result<Option<JobLock>, SlotError> {
+    let dir = state_dir.join("jobs");
+    fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = open_rw(&path)?;
+    if flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(Some(JobLock { file, path }))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Names of jobs whose lock file exists but is held by nobody: their
+/// enforcer died without cleaning up.
+pub fn orphaned_jobs(state_dir: &Path) -> Vec<(String, JobLock)> {
+    let dir = state_dir.join("jobs");
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(job) = name.strip_suffix(".lock") else {
+            continue;
+        };
+        if let Ok(Some(lock)) = lock_job(state_dir, job) {
+            out.push((job.to_owned(), lock));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +240,24 @@ mod tests {
             let second = acquire(d.path(), 2, true, |_, _| {}).await.unwrap();
             assert_eq!(second.index, 1);
         });
+    }
+
+    #[test]
+    fn a_job_lock_is_exclusive_and_a_dead_owners_lock_is_an_orphan() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock_job(d.path(), "a").unwrap().expect("free");
+        assert!(lock_job(d.path(), "a").unwrap().is_none(), "held twice");
+        assert!(
+            orphaned_jobs(d.path()).is_empty(),
+            "a live job is no orphan"
+        );
+        drop(held);
+        assert!(!d.path().join("jobs/a.lock").exists());
+        // A lock file left by a process that died.
+        fs::write(d.path().join("jobs/b.lock"), "").unwrap();
+        let orphans = orphaned_jobs(d.path());
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].0, "b");
     }
 
     #[test]

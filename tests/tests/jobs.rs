@@ -752,3 +752,286 @@ fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
     );
     assert_no_cgroup_left(&name);
 }
+
+/// Waits for a pid file written by `eval-workload daemon`.
+fn wait_pidfile(path: &Path) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(t) = std::fs::read_to_string(path) {
+            return t.trim().parse().unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid file {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("fallback");
+    let rep = s.path("report.json");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let child = enforcer()
+        .env("ENFORCER_NO_CGROUP_KILL", "1")
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+            "--report",
+            rep.to_str().unwrap(),
+            "--",
+            w.to_str().unwrap(),
+            "daemon",
+            pidfile.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let daemon = wait_pidfile(&pidfile);
+    assert_eq!(child.0.wait().unwrap().code(), Some(124));
+    assert!(is_dead(daemon), "the daemon survived the fallback kill");
+    let r = report(&rep);
+    eprintln!(
+        "fallback kill: cgroup empty {} ms after the deadline",
+        r["deadline_kill_latency_ms"]
+    );
+    assert!(
+        r["deadline_kill_latency_ms"].as_f64().unwrap() < 100.0,
+        "{r}"
+    );
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("sigterm");
+    let rep = s.path("report.json");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let child = enforcer()
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--report",
+            rep.to_str().unwrap(),
+            "--",
+            w.to_str().unwrap(),
+            "daemon",
+            pidfile.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let daemon = wait_pidfile(&pidfile);
+    // SAFETY: kill(2) on the enforcer this test started.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    let r = report(&rep);
+    assert_eq!(r["reason"], "killed", "{r}");
+    assert_eq!(r["signal"], libc::SIGTERM);
+    assert!(is_dead(daemon), "the job's daemon outlived the enforcer");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("max_concurrent_jobs = 2");
+    let name = unique_name("orphan");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let mut child = ChildGuard(
+        enforcer()
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                &name,
+                "--",
+                w.to_str().unwrap(),
+                "daemon",
+                pidfile.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = wait_pidfile(&pidfile);
+    child.0.kill().unwrap();
+    let _ = child.0.wait();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !is_dead(daemon),
+        "the setsid daemon should survive a SIGKILLed enforcer"
+    );
+    assert!(!cgroups_named(&name).is_empty());
+    let out = run(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    assert!(out.status.success());
+    assert!(
+        is_dead(daemon),
+        "the next enforcer did not kill the orphaned job"
+    );
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn on_event_hook_gets_json_and_a_slow_hook_delays_nothing() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("on_event_timeout = \"1s\"");
+    let name = unique_name("hooks");
+    let log = s.path("events.jsonl");
+    let hook = format!("cat >> {}", log.display());
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--on-event",
+        &hook,
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's own status passes through"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["started", "exited"], "{lines:?}");
+    assert!(lines.iter().all(|e| e["job"] == name.as_str()));
+    assert_eq!(lines[1]["detail"]["exit_code"], 7);
+    // A hook that hangs is killed at its timeout and holds up no deadline.
+    let t0 = Instant::now();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--on-event",
+        "sleep 30",
+        "--timeout",
+        "1s",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "slow hooks delayed the job: {took:?}"
+    );
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--",
+        "/nonexistent/cmd",
+    ]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn memory_high_crossing_emits_a_memory_high_event() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let rep = s.path("report.json");
+    let w = workload();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--memory",
+        "300M",
+        "--memory-high",
+        "40M",
+        "--timeout",
+        "60s",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("{} memhog 80 10; sleep 0.5", w.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = report(&rep);
+    assert!(r["events"]["memory_high"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert_eq!(r["memory_high_bytes"], 40u64 << 20);
+}
+
+#[test]
+fn attach_tree_moves_existing_descendants_too() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("tree");
+    let mut target = ChildGuard(
+        Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30 & echo ready; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(target.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = target.0.id() as i32;
+    let kids: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    let out = run(&[
+        "attach",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--pid",
+        &pid.to_string(),
+        "--tree",
+        "--job",
+        &name,
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    // The deadline killed the whole tree: the shell and both children.
+    for p in std::iter::once(pid).chain(kids) {
+        assert!(
+            is_dead(p) || std::fs::read_to_string(format!("/proc/{p}/stat")).is_err(),
+            "{p} survived"
+        );
+    }
+    let _ = target.0.wait();
+    assert_no_cgroup_left(&name);
+}

@@ -29,6 +29,15 @@ use crate::units::ByteSize;
 /// games can be its siblings (`<job>/game-<n>`) with limits of their own.
 pub const MAIN_LEAF: &str = "main";
 
+/// Setting this variable makes the kill ignore `cgroup.kill` and use the
+/// freeze / SIGKILL each task / thaw loop that kernels before 5.14 need, so
+/// that the fallback is tested on every kernel.
+pub const NO_CGROUP_KILL_ENV: &str = "ENFORCER_NO_CGROUP_KILL";
+
+fn cgroup_kill_allowed() -> bool {
+    std::env::var_os(NO_CGROUP_KILL_ENV).is_none()
+}
+
 /// The CFS period used for quotas: 100 ms, the kernel default.
 pub const CPU_PERIOD_US: u64 = 100_000;
 

@@ -155,6 +155,33 @@ impl Subtree {
         }
     }
 
+    /// A handle on the existing job `name` (an orphan to clean up).
+    pub fn open_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
+        super::validate_name(name)?;
+        Ok(match &self.bases {
+            Bases::V2(base) => {
+                let dir = base.join(name);
+                JobCgroup::V2(V2Job::open(
+                    self.fs.clone(),
+                    dir.clone(),
+                    dir.join(MAIN_LEAF),
+                ))
+            }
+            Bases::V1 {
+                per_controller,
+                unified,
+            } => JobCgroup::V1(V1Job::open(
+                self.fs.clone(),
+                per_controller
+                    .iter()
+                    .map(|(c, b)| (c.clone(), b.join(name)))
+                    .collect(),
+                unified.as_ref().map(|u| u.join(name)),
+                Some(MAIN_LEAF),
+            )),
+        })
+    }
+
     /// Where job `name` would live (for messages and tests).
     pub fn job_path(&self, name: &str) -> PathBuf {
         match &self.bases {

@@ -272,6 +272,7 @@ impl Backend for V1Job {
         // at once there, with no race against fork.
         if let Some(u) = &self.unified
             && u.join("cgroup.kill").exists()
+            && super::cgroup_kill_allowed()
         {
             return self.fs.write(&u.join("cgroup.kill"), "1");
         }

@@ -173,7 +173,7 @@ impl Backend for V2Job {
     }
 
     fn kill_round(&self) -> Result<(), CgroupError> {
-        if self.has("cgroup.kill") {
+        if self.has("cgroup.kill") && super::cgroup_kill_allowed() {
             return self.write("cgroup.kill", "1");
         }
         // Before 5.14: freeze so nothing forks while we kill, then thaw so

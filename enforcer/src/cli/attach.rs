@@ -12,16 +12,14 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, JobGuard, Plan, default_monitors, exit_for_cgroup_error,
-    finish_report, runtime,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime, start_job,
 };
 use crate::{
-    cgroup::{CgroupError, Subtree},
+    cgroup::CgroupError,
     job::{
         self,
         attach::{self as checks, AttachRefused},
     },
-    slots,
 };
 
 /// Move a running process into a job and enforce its limits and deadline
@@ -66,38 +64,11 @@ pub fn run(args: AttachArgs) -> ExitCode {
 }
 
 async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
-    let _slot = match slots::acquire(
-        &plan.config.state_dir,
-        plan.config.max_concurrent_jobs.get(),
-        args.job.no_wait,
-        |pos, len| tracing::info!(job = %plan.name, position = pos + 1, queued = len, "waiting for slot"),
-    )
-    .await
-    {
+    let started_job = match start_job(&plan, args.job.no_wait).await {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return EXIT_FAILURE;
-        }
+        Err(code) => return code,
     };
-    let subtree = match Subtree::open(plan.config.cgroup_root.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return exit_for_cgroup_error(&e);
-        }
-    };
-    let guard = match subtree.create_job(&plan.name) {
-        Ok(c) => JobGuard(c),
-        Err(e) => {
-            tracing::error!("{e}");
-            return exit_for_cgroup_error(&e);
-        }
-    };
-    if let Err(e) = guard.0.apply(&plan.limits) {
-        tracing::error!("applying the job's limits: {e}");
-        return EXIT_FAILURE;
-    }
+    let guard = &started_job.guard;
     let proc_root = Path::new("/proc");
     let mut pids = vec![args.pid];
     if args.tree {
@@ -132,7 +103,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
         SystemTime::now(),
     )
     .await;
-    drop(guard);
+    drop(started_job);
     if !finish_report(&report, args.job.report.as_deref()) {
         return EXIT_FAILURE;
     }

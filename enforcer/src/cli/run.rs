@@ -208,39 +208,78 @@ pub fn run(args: RunArgs) -> ExitCode {
     ExitCode::from(rt.block_on(run_async(plan, &args)))
 }
 
-async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
-    let max = plan.config.max_concurrent_jobs.get();
-    let name = plan.name.clone();
-    let _slot = match slots::acquire(&plan.config.state_dir, max, args.job.no_wait, |pos, len| {
-        tracing::info!(job = %name, position = pos + 1, queued = len, max, "waiting for slot");
+/// A job cgroup made and limited, with the slot and the ownership lock it
+/// holds; dropping it (after the job) kills, removes and releases all.
+pub struct Started {
+    // Field order is drop order: the cgroup goes before the lock and slot.
+    pub guard: JobGuard,
+    _lock: slots::JobLock,
+    _slot: slots::Slot,
+}
+
+/// Waits for a slot, takes the job's lock, cleans up orphans of dead
+/// enforcers, creates the job cgroup and applies the limits. Errors are
+/// logged and returned as the exit status.
+pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
+    let cfg = &plan.config;
+    let max = cfg.max_concurrent_jobs.get();
+    let slot = slots::acquire(&cfg.state_dir, max, no_wait, |pos, len| {
+        tracing::info!(job = %plan.name, position = pos + 1, queued = len, max, "waiting for slot");
     })
     .await
-    {
-        Ok(s) => s,
+    .map_err(|e| {
+        tracing::error!("{e}");
+        EXIT_FAILURE
+    })?;
+    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(|e| {
+        tracing::error!("{e}");
+        exit_for_cgroup_error(&e)
+    })?;
+    for (name, lock) in slots::orphaned_jobs(&cfg.state_dir) {
+        if name == plan.name {
+            continue;
+        }
+        if let Ok(orphan) = subtree.open_job(&name) {
+            tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
+            drop(JobGuard(orphan));
+        }
+        drop(lock);
+    }
+    let lock = match slots::lock_job(&cfg.state_dir, &plan.name) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            tracing::error!(
+                "job name {:?} is already in use by a running enforcer",
+                plan.name
+            );
+            return Err(EXIT_USAGE);
+        }
         Err(e) => {
             tracing::error!("{e}");
-            return EXIT_FAILURE;
+            return Err(EXIT_FAILURE);
         }
     };
-    let subtree = match Subtree::open(plan.config.cgroup_root.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return exit_for_cgroup_error(&e);
-        }
-    };
-    let cgroup = match subtree.create_job(&plan.name) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return exit_for_cgroup_error(&e);
-        }
-    };
-    let guard = JobGuard(cgroup);
+    let guard = JobGuard(subtree.create_job(&plan.name).map_err(|e| {
+        tracing::error!("{e}");
+        exit_for_cgroup_error(&e)
+    })?);
     if let Err(e) = guard.0.apply(&plan.limits) {
         tracing::error!("applying the job's limits: {e}");
-        return EXIT_FAILURE;
+        return Err(EXIT_FAILURE);
     }
+    Ok(Started {
+        guard,
+        _lock: lock,
+        _slot: slot,
+    })
+}
+
+async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
+    let started_job = match start_job(&plan, args.job.no_wait).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let guard = &started_job.guard;
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
@@ -272,7 +311,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         started_wall,
     )
     .await;
-    drop(guard);
+    drop(started_job);
     if !finish_report(&report, args.job.report.as_deref()) {
         return EXIT_FAILURE;
     }
