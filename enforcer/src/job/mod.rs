@@ -285,7 +285,14 @@ pub async fn supervise(
     }
     let status = match (&end, child.as_mut()) {
         (End::Exited(s), _) => Some(*s),
-        (_, Some(c)) => c.wait().await.ok(),
+        // Bounded: if the kill failed (tasks stuck), do not hang with them.
+        (_, Some(c)) => match tokio::time::timeout(Duration::from_secs(5), c.wait()).await {
+            Ok(r) => r.ok(),
+            Err(_) => {
+                tracing::error!(pid, "the job's command did not die after the kill");
+                None
+            }
+        },
         _ => None,
     };
 
