@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
 mod ebpf;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -19,6 +20,10 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
+    /// Boot the Debian kernels of the VM matrix (5.10, 6.1, 6.12) under QEMU
+    /// (TCG) and run `enforcer doctor` and the root integration tests inside
+    /// each, on pure cgroup v2. Needs `scripts/setup` first.
+    VmTest(vm::VmTestArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -41,6 +46,7 @@ fn main() -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
+        Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
     }
     Ok(())
 }
