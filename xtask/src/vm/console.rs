@@ -280,7 +280,12 @@ impl Console {
 
 /// The `rc=N` at the end of an `end` marker.
 fn parse_rc(rest: &str) -> Option<i32> {
-    rest.rsplit(' ').next()?.strip_prefix("rc=")?.trim().parse().ok()
+    rest.rsplit(' ')
+        .next()?
+        .strip_prefix("rc=")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The names under libtest's final `failures:` heading (the one followed by

@@ -53,6 +53,10 @@ pub struct VmTestArgs {
     /// .cache/kernels in the workspace).
     #[arg(long)]
     kernels_dir: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended after the harness's own
+    /// (e.g. "loglevel=7" to see every boot message on the console).
+    #[arg(long, default_value = "")]
+    kernel_args: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -230,7 +234,7 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
     let mut reports = Vec::new();
     for (s, vmlinuz) in &kernels {
         let log = out_dir.join(format!("{s}.log"));
-        let report = boot(s, vmlinuz, &initramfs, &log, args.timeout)?;
+        let report = boot(s, vmlinuz, &initramfs, &log, args)?;
         print_kernel_report(&report, &names);
         reports.push(report);
     }
@@ -414,6 +418,10 @@ fn build_initramfs(
     Ok(std::fs::metadata(dest)?.len())
 }
 
+fn show_rc(rc: Option<i32>) -> String {
+    rc.map_or_else(|| "none".to_owned(), |r| r.to_string())
+}
+
 fn file(text: &str) -> Node {
     Node::File {
         data: text.as_bytes().to_vec(),
@@ -428,8 +436,9 @@ fn boot(
     vmlinuz: &Path,
     initramfs: &Path,
     log_path: &Path,
-    timeout: Duration,
+    args: &VmTestArgs,
 ) -> Result<KernelReport> {
+    let timeout = args.timeout;
     progress(&format!("booting {series} ({})", vmlinuz.display()));
     let mut log = std::io::BufWriter::new(
         std::fs::File::create(log_path)
@@ -454,10 +463,11 @@ fn boot(
         .arg(initramfs)
         // mitigations=off: speculative-execution defences only slow emulation
         // down; nothing under test depends on them.
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 loglevel=4 mitigations=off rdinit=/init {}",
+            args.kernel_args
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -506,8 +516,8 @@ fn boot(
                             let d = console.doctor.as_ref().expect("doctor section seen");
                             let verdict = d.failures();
                             progress(&format!(
-                                "{series}: doctor exit {:?}, cgroup mode {}, {}",
-                                d.rc,
+                                "{series}: doctor exit {}, cgroup mode {}, {}",
+                                show_rc(d.rc),
                                 d.mode.as_deref().unwrap_or("?"),
                                 if verdict.is_empty() {
                                     "ok".to_owned()
@@ -625,8 +635,8 @@ fn print_kernel_report(r: &KernelReport, expected: &[String]) {
             .map(|(k, v)| format!("{k}={}", if *v { "usable" } else { "NOT usable" }))
             .collect();
         eprintln!(
-            "    doctor: exit {:?}, cgroup mode {}, {}, eBPF sched_switch seen {}",
-            d.rc,
+            "    doctor: exit {}, cgroup mode {}, {}, eBPF sched_switch seen {}",
+            show_rc(d.rc),
             d.mode.as_deref().unwrap_or("?"),
             usable.join(" "),
             d.switches_seen.map_or("?".to_owned(), |n| n.to_string())
