@@ -3,7 +3,7 @@
 mod ebpf;
 mod vm;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -33,8 +33,19 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    // Errors are reported as their chain of causes, without the backtrace
+    // anyhow would add under RUST_BACKTRACE: a failed task is not a bug here.
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::BuildEbpf => {
             let object = ebpf::build_ebpf(&workspace_root())

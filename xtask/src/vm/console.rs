@@ -161,6 +161,11 @@ pub struct Console {
 }
 
 impl Console {
+    /// The test whose verdict is still missing, if one was running.
+    pub fn running_test(&self) -> Option<&str> {
+        self.pending_test.as_deref()
+    }
+
     /// Feeds one console line (without its newline).
     pub fn feed(&mut self, line: &str) -> Option<Event> {
         if line.contains("Kernel panic - not syncing") && self.panic.is_none() {

@@ -94,7 +94,10 @@ impl KernelReport {
         }
         if !c.done {
             let at = match c.binaries.last() {
-                Some(b) if b.rc.is_none() => format!("in test binary {}", b.name),
+                Some(b) if b.rc.is_none() => match c.running_test() {
+                    Some(t) => format!("in test binary {} while {t} ran", b.name),
+                    None => format!("in test binary {}", b.name),
+                },
                 _ => "before the tests finished".to_owned(),
             };
             out.push(format!("the VM stopped {at}"));
