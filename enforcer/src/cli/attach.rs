@@ -12,7 +12,8 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime, start_job,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime,
+    start_or_interrupt,
 };
 use crate::{
     cgroup::CgroupError,
@@ -64,7 +65,8 @@ pub fn run(args: AttachArgs) -> ExitCode {
 }
 
 async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
-    let started_job = match start_job(&plan, args.job.no_wait).await {
+    let mut signals = job::Signals::install();
+    let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -98,7 +100,8 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
         &plan.supervision,
         None,
         args.pid,
-        default_monitors(),
+        default_monitors(&plan.config),
+        signals,
         started,
         SystemTime::now(),
     )

@@ -137,6 +137,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async {
+        let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();
         let child = match job::spawn_into(&guard.0, &args.command, &[]) {
@@ -152,7 +153,8 @@ pub fn run(args: GameArgs) -> ExitCode {
             &spec,
             Some(child),
             pid,
-            default_monitors(),
+            default_monitors(&config),
+            signals,
             started,
             wall,
         )

@@ -110,6 +110,36 @@ pub fn spawn_into(
     })
 }
 
+/// SIGINT, SIGTERM and SIGHUP, caught from before the job exists (so that
+/// one arriving while the job starts is not fatal to the enforcer, which
+/// would orphan the job) and forwarded to it by [`supervise`].
+pub struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers; call inside the runtime, first thing.
+    pub fn install() -> Self {
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// The next of the three signals to arrive (before a job runs: to stop
+    /// waiting for a slot).
+    pub async fn any(&mut self) -> i32 {
+        tokio::select! {
+            Some(()) = recv(&mut self.int) => libc::SIGINT,
+            Some(()) = recv(&mut self.term) => libc::SIGTERM,
+            Some(()) = recv(&mut self.hup) => libc::SIGHUP,
+        }
+    }
+}
+
 /// How the job's end was observed.
 enum End {
     Exited(ExitStatus),
@@ -130,6 +160,7 @@ pub async fn supervise(
     mut child: Option<tokio::process::Child>,
     pid: i32,
     mut monitors: Vec<Box<dyn Monitor>>,
+    signals: Signals,
     started: Instant,
     started_wall: SystemTime,
 ) -> (Report, i32) {
@@ -169,9 +200,11 @@ pub async fn supervise(
     let deadline = tokio::time::Instant::from_std(started + spec.timeout);
     let mut tick = tokio::time::interval(spec.control_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt()).ok();
-    let mut sigterm = signal(SignalKind::terminate()).ok();
-    let mut sighup = signal(SignalKind::hangup()).ok();
+    let Signals {
+        int: mut sigint,
+        term: mut sigterm,
+        hup: mut sighup,
+    } = signals;
     let mut signals_seen = 0u32;
     let mut mem_peak_sampled = 0u64;
     let mut pids_peak_sampled = 0u64;
