@@ -34,6 +34,13 @@ pub const MAX_JOBS: u32 = 256;
 /// cgroup of a job (a game) is matched through its ancestor at that depth.
 pub const MAX_JOB_LEVELS: u32 = 4;
 
+/// Slots of the training TGID filter, a direct-mapped table (index
+/// `tgid % TGID_FILTER_SLOTS`) checked before the thread table so that the
+/// switches of other tasks cost two array reads instead of two hash lookups.
+/// The slot at index `TGID_FILTER_SLOTS` is a flag: non-zero when two
+/// training TGIDs collided and the filter must be bypassed.
+pub const TGID_FILTER_SLOTS: u32 = 4096;
+
 /// State of a training thread in [`TrainingTask::state`].
 pub const TASK_UNKNOWN: u32 = 0;
 pub const TASK_SLEEPING: u32 = 1;

@@ -57,7 +57,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use enforcer_common::{
-    CpuWait, JobSteal, MAX_CPUS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS, SwitchCount,
+    CpuWait, JobSteal, MAX_CPUS, TGID_FILTER_SLOTS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS, SwitchCount,
     TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TrainingTask, TrainingTotals,
 };
 
@@ -121,6 +121,15 @@ fn config(value: &u32) -> u32 {
 static TRAINING_TASKS: HashMap<u32, TrainingTask> =
     HashMap::with_max_entries(MAX_TRAINING_THREADS, 0);
 
+/// Training TGIDs, direct-mapped (`tgid % TGID_FILTER_SLOTS`), plus the
+/// bypass flag at index `TGID_FILTER_SLOTS`. A hit means "maybe training: look
+/// the thread up"; a miss means "not training", so a switch between two
+/// other tasks with no training thread waiting costs no hash lookup and no
+/// clock read. Bound: `TGID_FILTER_SLOTS` + 1; a collision sets the flag
+/// (slower, never wrong). Stale TGIDs only cost a lookup.
+#[map]
+static TGID_FILTER: Array<u32> = Array::with_max_entries(TGID_FILTER_SLOTS + 1, 0);
+
 /// Wait state per CPU. Bound: `MAX_CPUS`, resized by user space to the
 /// possible CPUs; an event on a CPU beyond it counts `cpu_out_of_range`.
 #[map]
@@ -148,6 +157,18 @@ static TRAINING_TOTALS: PerCpuArray<TrainingTotals> = PerCpuArray::with_max_entr
 // Helpers
 // ---------------------------------------------------------------------------
 
+/// Reads a `u32` field of a `task_struct` at a BTF-derived offset, by a
+/// direct load. The offset is a global in frozen read-only data, so the
+/// verifier knows its value and checks this load against the kernel's BTF
+/// like any field access of a typed tp_btf argument (a fault reads 0). This
+/// is several times cheaper than `bpf_probe_read_kernel` on the hot path.
+#[inline(always)]
+fn task_field(task: *const u8, offset: u32) -> u32 {
+    // SAFETY: see above; the verifier rejects the program rather than let a
+    // wrong offset through.
+    unsafe { core::ptr::read_volatile(task.wrapping_add(offset as usize) as *const u32) }
+}
+
 /// Reads a `u32` field of a `task_struct` at a BTF-derived offset.
 #[inline(always)]
 fn task_u32(task: *const u8, offset: u32) -> Option<u32> {
@@ -161,6 +182,24 @@ fn totals() -> Option<&'static mut TrainingTotals> {
     // SAFETY: this CPU's slot; a tracepoint program does not nest with
     // itself on one CPU, and the per-CPU slot is not shared.
     TRAINING_TOTALS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Whether `tgid` may be training (see `TGID_FILTER`).
+#[inline(always)]
+fn maybe_training(tgid: u32) -> bool {
+    if matches!(TGID_FILTER.get(TGID_FILTER_SLOTS), Some(&bypass) if bypass != 0) {
+        return true;
+    }
+    matches!(TGID_FILTER.get(tgid % TGID_FILTER_SLOTS), Some(&slot) if slot == tgid)
+}
+
+/// The training thread `tid` of process `tgid`, if it is one.
+#[inline(always)]
+fn training_task(tid: u32, tgid: u32) -> Option<*mut TrainingTask> {
+    if tid == 0 || !maybe_training(tgid) {
+        return None;
+    }
+    TRAINING_TASKS.get_ptr_mut(tid)
 }
 
 /// Advances a CPU's wait integral to `now` with the waiter count that held
@@ -228,8 +267,8 @@ pub fn steal_sched_switch_legacy(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
     let Some(totals) = totals() else { return };
-    // SAFETY: helpers without arguments to validate.
-    let (now, cpu) = unsafe { (bpf_ktime_get_ns(), bpf_get_smp_processor_id()) };
+    // SAFETY: helper without arguments to validate.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(cw) = CPU_WAIT.get_ptr_mut(cpu) else {
         totals.cpu_out_of_range += 1;
         return;
@@ -237,22 +276,44 @@ fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
     // SAFETY: this CPU's slot, and we run under this CPU's run-queue lock.
     let cw = unsafe { &mut *cw };
 
-    // Close the interval the outgoing task ran: advance the integral, fold
-    // in waiters that migrated here meanwhile (from now on), and take the
-    // wait that accrued while prev ran.
-    advance(cw, now);
+    // prev is `current` here: the context switch happens after the trace.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let prev_tid = pid_tgid as u32;
+    let prev_task = training_task(prev_tid, (pid_tgid >> 32) as u32);
+    let next_tid = task_field(next, config(&TASK_PID_OFFSET));
+    let next_task = training_task(next_tid, task_field(next, config(&TASK_TGID_OFFSET)));
     // SAFETY: an aligned u64 other CPUs only ever add to atomically.
     let arrived = unsafe { core::ptr::read_volatile(&cw.arrivals) };
-    cw.waiters += arrived.wrapping_sub(cw.arrivals_seen);
+    let pending = arrived.wrapping_sub(cw.arrivals_seen);
+
+    // Fast path: no training thread involved, none waiting here, nothing
+    // accrued since the last switch: nothing to account, not even the time.
+    // (With no waiters the integral does not move, so a stale
+    // `last_update_ns` is harmless: the next advance adds 0 × dt.)
+    if prev_task.is_none()
+        && next_task.is_none()
+        && cw.waiters == 0
+        && pending == 0
+        && cw.preempted_training == 0
+        && cw.wait_integral_ns == cw.segment_start_ns
+    {
+        return;
+    }
+    // SAFETY: helper without arguments to validate.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // Close the interval the outgoing task ran: advance the integral with the
+    // waiters that held until now, then fold in those that migrated here
+    // meanwhile (they count from now on), and take the wait that accrued
+    // while prev ran.
+    advance(cw, now);
+    cw.waiters += pending;
     cw.arrivals_seen = arrived;
     let waited = cw.wait_integral_ns - cw.segment_start_ns;
     cw.segment_start_ns = cw.wait_integral_ns;
     let preempted_training = cw.preempted_training;
     cw.preempted_training = 0;
 
-    // prev is `current` here: the context switch happens after the trace.
-    let prev_tid = bpf_get_current_pid_tgid() as u32;
-    let prev_task = TRAINING_TASKS.get_ptr_mut(prev_tid);
     if waited != 0 || preempted_training != 0 {
         totals.attributed_wait_ns += waited;
         // A training thread running while its siblings wait is the
@@ -299,12 +360,6 @@ fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
         }
     }
 
-    let next_tid = task_u32(next, config(&TASK_PID_OFFSET)).unwrap_or(0);
-    let next_task = if next_tid == 0 {
-        None
-    } else {
-        TRAINING_TASKS.get_ptr_mut(next_tid)
-    };
     if let Some(next) = next_task {
         // SAFETY: as for prev.
         let next = unsafe { &mut *next };
@@ -347,10 +402,8 @@ pub fn steal_sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_wakeup(task: *const u8) {
-    let Some(tid) = task_u32(task, config(&TASK_PID_OFFSET)) else {
-        return;
-    };
-    let Some(entry) = TRAINING_TASKS.get_ptr_mut(tid) else {
+    let tid = task_field(task, config(&TASK_PID_OFFSET));
+    let Some(entry) = training_task(tid, task_field(task, config(&TASK_TGID_OFFSET))) else {
         return;
     };
     // SAFETY: map value; p's run-queue lock is held.
@@ -361,9 +414,7 @@ fn on_wakeup(task: *const u8) {
         return;
     }
     let Some(totals) = totals() else { return };
-    let Some(cpu) = task_u32(task, config(&TASK_CPU_OFFSET)) else {
-        return;
-    };
+    let cpu = task_field(task, config(&TASK_CPU_OFFSET));
     let Some(cw) = CPU_WAIT.get_ptr_mut(cpu) else {
         totals.cpu_out_of_range += 1;
         return;
@@ -387,10 +438,8 @@ pub fn steal_sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let dest: u64 = ctx.arg(1);
     let dest = dest as u32;
-    let Some(tid) = task_u32(task, config(&TASK_PID_OFFSET)) else {
-        return 0;
-    };
-    let Some(entry) = TRAINING_TASKS.get_ptr_mut(tid) else {
+    let tid = task_field(task, config(&TASK_PID_OFFSET));
+    let Some(entry) = training_task(tid, task_field(task, config(&TASK_TGID_OFFSET))) else {
         return 0;
     };
     // SAFETY: map value; the source run-queue lock is held.
@@ -439,12 +488,8 @@ pub fn steal_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if TRAINING_TASKS.get_ptr_mut(pid_tgid as u32).is_none() {
         return 0;
     }
-    let (Some(tid), Some(tgid)) = (
-        task_u32(child, config(&TASK_PID_OFFSET)),
-        task_u32(child, config(&TASK_TGID_OFFSET)),
-    ) else {
-        return 0;
-    };
+    let tid = task_field(child, config(&TASK_PID_OFFSET));
+    let tgid = task_field(child, config(&TASK_TGID_OFFSET));
     if tgid != (pid_tgid >> 32) as u32 && config(&FOLLOW_CHILDREN) == 0 {
         return 0;
     }
@@ -454,12 +499,36 @@ pub fn steal_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         cpu: 0,
         since_ns: 0,
     };
+    if tgid != (pid_tgid >> 32) as u32 {
+        add_to_filter(tgid);
+    }
     if TRAINING_TASKS.insert(&tid, &task, 0).is_ok() {
         totals.threads_forked += 1;
     } else {
         totals.threads_dropped += 1;
     }
     0
+}
+
+/// Enters a new training process in `TGID_FILTER`; on a collision (or a lost
+/// race for the slot) sets the bypass flag so that nothing is missed.
+#[inline(always)]
+fn add_to_filter(tgid: u32) {
+    let index = tgid % TGID_FILTER_SLOTS;
+    let Some(slot) = TGID_FILTER.get_ptr_mut(index) else {
+        return;
+    };
+    // SAFETY: map value pointer; a u32 store is atomic.
+    unsafe {
+        if *slot == 0 {
+            core::ptr::write_volatile(slot, tgid);
+        }
+        if core::ptr::read_volatile(slot) != tgid
+            && let Some(bypass) = TGID_FILTER.get_ptr_mut(TGID_FILTER_SLOTS)
+        {
+            core::ptr::write_volatile(bypass, 1);
+        }
+    }
 }
 
 /// `sched_process_exit`, run by the exiting thread (`current`).

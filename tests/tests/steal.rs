@@ -249,7 +249,15 @@ fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
     require_root!();
     let job = TestCgroup::new();
     let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "60"]);
-    let _evaluation = Proc::spawn(&["spin", "--cpu", "0", "--cgroup", job.path(), "--seconds", "60"]);
+    let _evaluation = Proc::spawn(&[
+        "spin",
+        "--cpu",
+        "0",
+        "--cgroup",
+        job.path(),
+        "--seconds",
+        "60",
+    ]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let steal = job_steal_ns(&m);
@@ -258,7 +266,11 @@ fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
         "steal {steal} ns, meter wait {wait} ns, schedstat run_delay +{} ns, job usage +{} ns",
         m.run_delay_ns, m.job_usage_ns
     );
-    assert!(steal > 300_000_000, "the job ran beside training: {}", m.summary);
+    assert!(
+        steal > 300_000_000,
+        "the job ran beside training: {}",
+        m.summary
+    );
     assert!(
         within(wait, m.run_delay_ns, 0.05),
         "meter training wait {wait} vs schedstat run_delay growth {}",
@@ -283,12 +295,24 @@ fn evaluation_on_another_cpu_steals_under_1_percent() {
     }
     let job = TestCgroup::new();
     let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "60"]);
-    let _evaluation = Proc::spawn(&["spin", "--cpu", "1", "--cgroup", job.path(), "--seconds", "60"]);
+    let _evaluation = Proc::spawn(&[
+        "spin",
+        "--cpu",
+        "1",
+        "--cgroup",
+        job.path(),
+        "--seconds",
+        "60",
+    ]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let fraction = m.summary["jobs"][0]["stolen_fraction"].as_f64().unwrap();
     assert!(fraction < 0.01, "stolen fraction {fraction}: {}", m.summary);
-    assert!(m.job_usage_ns > 500_000_000, "the job ran: {}", m.job_usage_ns);
+    assert!(
+        m.job_usage_ns > 500_000_000,
+        "the job ran: {}",
+        m.job_usage_ns
+    );
     assert_no_overflow(&m);
 }
 
@@ -301,7 +325,11 @@ fn training_waiting_on_its_own_threads_is_not_steal() {
     wait_threads(training.pid(), threads + 1);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     let wait = m.summary["training"]["runq_wait_ns"].as_u64().unwrap();
-    assert!(wait > 100_000_000, "more threads than CPUs wait: {}", m.summary);
+    assert!(
+        wait > 100_000_000,
+        "more threads than CPUs wait: {}",
+        m.summary
+    );
     assert_eq!(job_steal_ns(&m), 0, "{}", m.summary);
     assert_no_overflow(&m);
 }
@@ -313,12 +341,29 @@ fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
     let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "120"]);
     wait_threads(training.pid(), 2);
     let cg = job.path().to_owned();
-    let m = meter(training.pid(), &job, &[], Duration::from_secs(1), move || {
-        let mut forker = Proc::spawn(&[
-            "forker", "--count", "200", "--spin-ms", "10", "--cpu", "0", "--cgroup", &cg,
-        ]);
-        assert!(forker.wait(Duration::from_secs(120)), "forker did not finish");
-    });
+    let m = meter(
+        training.pid(),
+        &job,
+        &[],
+        Duration::from_secs(1),
+        move || {
+            let mut forker = Proc::spawn(&[
+                "forker",
+                "--count",
+                "200",
+                "--spin-ms",
+                "10",
+                "--cpu",
+                "0",
+                "--cgroup",
+                &cg,
+            ]);
+            assert!(
+                forker.wait(Duration::from_secs(120)),
+                "forker did not finish"
+            );
+        },
+    );
     let steal = job_steal_ns(&m);
     eprintln!("steal {steal} ns, job usage +{} ns", m.job_usage_ns);
     assert!(steal > 200_000_000, "{}", m.summary);
@@ -335,11 +380,18 @@ fn meter_refuses_a_training_pid_that_does_not_exist() {
     require_root!();
     let job = TestCgroup::new();
     let out = enforcer()
-        .args(["meter", "--protect", "999999999", "--cgroup", job.path(), "--duration", "1s"])
+        .args([
+            "meter",
+            "--protect",
+            "999999999",
+            "--cgroup",
+            job.path(),
+            "--duration",
+            "1s",
+        ])
         .output()
         .expect("running enforcer meter");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("has no threads"), "{stderr}");
 }
-

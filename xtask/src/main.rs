@@ -1,5 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
+mod bench;
 mod ebpf;
 
 use std::path::PathBuf;
@@ -19,6 +20,12 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
+    /// Run a benchmark; prints side-by-side numbers and writes JSON under
+    /// target/bench/.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchTask,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -41,6 +48,7 @@ fn main() -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
+        Task::Bench { what } => bench::run(what, &workspace_root())?,
     }
     Ok(())
 }

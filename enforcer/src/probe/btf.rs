@@ -233,10 +233,11 @@ impl Btf {
         }
         for &(name_off, type_id, bits) in &t.members {
             let inner = self.types.get(type_id as usize)?;
-            if name_off == 0 && matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                if let Some(inner_bits) = self.member_bits(type_id as usize, name, depth + 1) {
-                    return Some(bits + inner_bits);
-                }
+            if name_off == 0
+                && matches!(inner.kind, KIND_STRUCT | KIND_UNION)
+                && let Some(inner_bits) = self.member_bits(type_id as usize, name, depth + 1)
+            {
+                return Some(bits + inner_bits);
             }
         }
         None
@@ -370,7 +371,7 @@ mod tests {
             0,
             (KIND_FUNC_PROTO << 24) | params,
             0,
-            vec![0, 1].repeat(params as usize),
+            [0, 1].repeat(params as usize),
         ));
         types.push((0, KIND_PTR << 24, 5, vec![]));
         types.push((n("btf_trace_sched_switch"), KIND_TYPEDEF << 24, 6, vec![]));

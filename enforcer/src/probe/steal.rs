@@ -19,7 +19,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use enforcer_common::{
-    JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_RUNNING, TASK_UNKNOWN, TrainingTask, TrainingTotals,
+    JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_RUNNING, TASK_UNKNOWN, TGID_FILTER_SLOTS,
+    TrainingTask, TrainingTotals,
 };
 use serde::Serialize;
 
@@ -284,9 +285,14 @@ impl StealMeter {
             cpu: 0,
             since_ns: 0,
         };
+        let mut new_tgids = BTreeSet::new();
         for tid in tids {
             match tasks.insert(tid, seed, BPF_NOEXIST) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(tgid) = tgid_of(tid) {
+                        new_tgids.insert(tgid);
+                    }
+                }
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(aya::maps::MapError::SyscallError(e))
@@ -295,6 +301,36 @@ impl StealMeter {
                     tracing::warn!(tid, "training thread table full; thread not tracked");
                 }
                 Err(e) => return Err(map_err("TRAINING_TASKS")(e)),
+            }
+        }
+        self.add_to_filter(new_tgids)
+    }
+
+    /// Enters training TGIDs in the kernel's direct-mapped filter; a slot
+    /// taken by another TGID switches the filter off (slower, never wrong).
+    fn add_to_filter(&mut self, tgids: BTreeSet<u32>) -> Result<(), ProbeError> {
+        if tgids.is_empty() {
+            return Ok(());
+        }
+        let mut filter: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("TGID_FILTER")
+                .ok_or(missing("map", "TGID_FILTER"))?,
+        )
+        .map_err(map_err("TGID_FILTER"))?;
+        for tgid in tgids {
+            let index = tgid % TGID_FILTER_SLOTS;
+            let current = filter.get(&index, 0).map_err(map_err("TGID_FILTER"))?;
+            if current == tgid {
+                continue;
+            }
+            if current == 0 {
+                filter.set(index, tgid, 0).map_err(map_err("TGID_FILTER"))?;
+            } else {
+                tracing::debug!(tgid, current, "TGID filter collision: filter bypassed");
+                filter
+                    .set(TGID_FILTER_SLOTS, 1, 0)
+                    .map_err(map_err("TGID_FILTER"))?;
             }
         }
         Ok(())
@@ -506,6 +542,17 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
             tids
         }
     }
+}
+
+/// The thread group of thread `tid`, from /proc.
+fn tgid_of(tid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn threads_of(pid: u32) -> Vec<u32> {
