@@ -307,7 +307,16 @@ fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
     // meanwhile (they count from now on), and take the wait that accrued
     // while prev ran.
     advance(cw, now);
-    cw.waiters += pending;
+    // `arrivals` is a wrapping counter: migrations add 1, a correction
+    // from the exit hook adds -1 (see there).
+    let pending = pending as i64;
+    if pending >= 0 {
+        cw.waiters += pending as u64;
+    } else if cw.waiters >= pending.unsigned_abs() {
+        cw.waiters -= pending.unsigned_abs();
+    } else {
+        cw.waiters = 0;
+    }
     cw.arrivals_seen = arrived;
     let waited = cw.wait_integral_ns - cw.segment_start_ns;
     cw.segment_start_ns = cw.wait_integral_ns;
@@ -410,7 +419,9 @@ fn on_wakeup(task: *const u8) {
     let entry = unsafe { &mut *entry };
     // Woken while still on CPU (it had not finished going to sleep) or
     // already queued: the kernel fires the tracepoint, but no wait starts.
-    if entry.state == TASK_RUNNING || entry.state == TASK_WAITING {
+    // A thread seeded from user space in an unknown state may be either, so
+    // its waits are counted from its first switch on (once per thread).
+    if entry.state != TASK_SLEEPING {
         return;
     }
     let Some(totals) = totals() else { return };
@@ -535,10 +546,29 @@ fn add_to_filter(tgid: u32) {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    if TRAINING_TASKS.get_ptr_mut(tid).is_some() && TRAINING_TASKS.remove(&tid).is_ok() {
-        if let Some(totals) = totals() {
-            totals.threads_exited += 1;
+    let Some(entry) = TRAINING_TASKS.get_ptr_mut(tid) else {
+        return 0;
+    };
+    let Some(totals) = totals() else { return 0 };
+    // SAFETY: map value pointer of the current task.
+    let (state, cpu) = unsafe { ((*entry).state, (*entry).cpu) };
+    // The exiting thread runs, so it cannot be waiting; if its entry says so,
+    // a switch-in was missed and its CPU counts one waiter too many. That
+    // CPU's lock is not held here: correct it like a migration, atomically.
+    if state == TASK_WAITING {
+        totals.waiter_underflow += 1;
+        if let Some(cw) = CPU_WAIT.get_ptr_mut(cpu) {
+            // SAFETY: as in sched_migrate_task; adding u64::MAX is -1.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*cw).arrivals,
+                    u64::MAX,
+                )
+            };
         }
+    }
+    if TRAINING_TASKS.remove(&tid).is_ok() {
+        totals.threads_exited += 1;
     }
     0
 }

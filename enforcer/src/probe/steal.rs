@@ -233,35 +233,45 @@ impl StealMeter {
         if meter.thread_count()? == 0 {
             return Err(ProbeError::NoTraining(format!("{:?}", meter.training)));
         }
-        // Fork/exit first, then the wait programs: a thread created while we
-        // attach is then never missed.
-        for (prog, tracepoint) in [
-            ("steal_sched_process_fork", "sched_process_fork"),
-            ("steal_sched_process_exit", "sched_process_exit"),
+        // Verification is the slow part: do it for every program first, then
+        // attach them back to back, so the window in which only some are
+        // attached is a few system calls long. The order still matters
+        // within it: a wait must never start (wake-up, switch-out) unless the
+        // programs that end or move it (switch-in, migration) already run,
+        // or the waiter count would keep a waiter that left.
+        let programs = [
+            (switch, "sched_switch"),
             ("steal_sched_migrate_task", "sched_migrate_task"),
             ("steal_sched_wakeup", "sched_wakeup"),
             ("steal_sched_wakeup_new", "sched_wakeup_new"),
-            (switch, "sched_switch"),
-        ] {
-            meter.attach(prog, tracepoint)?;
+            ("steal_sched_process_fork", "sched_process_fork"),
+            ("steal_sched_process_exit", "sched_process_exit"),
+        ];
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
+        for (name, tracepoint) in programs {
+            meter
+                .tracepoint(name)?
+                .load(tracepoint, &btf)
+                .map_err(|source| ProbeError::Program { name, source })?;
         }
+        for (name, _) in programs {
+            meter
+                .tracepoint(name)?
+                .attach()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            meter.programs.push(name);
+        }
+        // Threads created before the fork hook was attached.
+        meter.refresh_training()?;
         Ok(meter)
     }
 
-    fn attach(&mut self, name: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
-        let prog: &mut BtfTracePoint = self
-            .ebpf
+    fn tracepoint(&mut self, name: &'static str) -> Result<&mut BtfTracePoint, ProbeError> {
+        self.ebpf
             .program_mut(name)
             .ok_or(missing("program", name))?
             .try_into()
-            .map_err(|source| ProbeError::Program { name, source })?;
-        prog.load(tracepoint, &btf)
-            .map_err(|source| ProbeError::Program { name, source })?;
-        prog.attach()
-            .map_err(|source| ProbeError::Program { name, source })?;
-        self.programs.push(name);
-        Ok(())
+            .map_err(|source| ProbeError::Program { name, source })
     }
 
     /// The training workload this meter protects.

@@ -4,10 +4,13 @@
 //! ```text
 //! steal-workload spin   [--threads N] [--cpu K] [--cgroup DIR] [--seconds T]
 //! steal-workload forker [--count N] [--spin-ms M] [--cpu K] [--cgroup DIR]
+//! steal-workload churn  [--spin-ms M] [--cpu K] [--cgroup DIR] [--seconds T]
 //! ```
 //! `spin`: N threads spin for T seconds (default 1 thread, 30 s).
 //! `forker`: forks N short-lived processes one after the other, each spinning
 //! M ms (default 200 processes, 10 ms), then exits.
+//! `churn`: for T seconds, creates one short-lived thread after the other,
+//! each spinning M ms (threads created and destroyed all the time).
 //! `--cpu K` pins the process (and so every thread and child) to CPU K;
 //! `--cgroup DIR` first moves the process into that cgroup.
 
@@ -27,7 +30,7 @@ struct Opts {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
-        "steal-workload: {msg}\nusage: steal-workload spin|forker [--threads N] [--count N] \
+        "steal-workload: {msg}\nusage: steal-workload spin|forker|churn [--threads N] [--count N] \
          [--spin-ms M] [--seconds T] [--cpu K] [--cgroup DIR]"
     );
     ExitCode::from(2)
@@ -138,6 +141,13 @@ fn main() -> ExitCode {
                 let mut status = 0;
                 // SAFETY: waiting for our own child.
                 unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+        }
+        "churn" => {
+            let end = Instant::now() + Duration::from_secs_f64(o.seconds);
+            let spin = Duration::from_millis(o.spin_ms);
+            while Instant::now() < end {
+                let _ = std::thread::spawn(move || spin_for(spin)).join();
             }
         }
         other => return usage(&format!("unknown mode {other}")),
