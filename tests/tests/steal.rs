@@ -2,8 +2,9 @@
 //! spinning processes in a real cgroup, checked against the kernel's own
 //! accounting (per-thread schedstat run_delay, the job cgroup's cpu.stat).
 //!
-//! The workloads come from the `steal-workload` binary of this crate
-//! (`$STEAL_WORKLOAD_BIN` overrides its path, as the VM harness does).
+//! The workloads come from the `eval-workload` binary of this crate
+//! (`$EVAL_WORKLOAD_BIN` overrides its path; in the VMs it sits next to the
+//! enforcer binary).
 
 use std::{
     io::{BufRead, BufReader},
@@ -12,18 +13,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("STEAL_WORKLOAD_BIN") {
+    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
         return PathBuf::from(p);
     }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_steal-workload"));
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
     if built.is_file() {
         return built;
     }
-    PathBuf::from("/bin/steal-workload")
+    let sibling = enforcer_bin().with_file_name("eval-workload");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("eval-workload")
 }
 
 /// A process this test started; killed and reaped on drop.
@@ -236,7 +241,7 @@ fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
 fn steal_is_exactly_zero_without_evaluation() {
     require_root!();
     let job = TestCgroup::new();
-    let training = Proc::spawn(&["spin", "--threads", "1", "--seconds", "60"]);
+    let training = Proc::spawn(&["spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     assert_eq!(job_steal_ns(&m), 0, "{}", m.summary);
@@ -258,16 +263,8 @@ fn steal_is_exactly_zero_without_evaluation() {
 fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
     require_root!();
     let job = TestCgroup::new();
-    let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "60"]);
-    let _evaluation = Proc::spawn(&[
-        "spin",
-        "--cpu",
-        "0",
-        "--cgroup",
-        job.path(),
-        "--seconds",
-        "60",
-    ]);
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let steal = job_steal_ns(&m);
@@ -304,16 +301,8 @@ fn evaluation_on_another_cpu_steals_under_1_percent() {
         return;
     }
     let job = TestCgroup::new();
-    let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "60"]);
-    let _evaluation = Proc::spawn(&[
-        "spin",
-        "--cpu",
-        "1",
-        "--cgroup",
-        job.path(),
-        "--seconds",
-        "60",
-    ]);
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "1", "--cgroup", job.path(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let fraction = m.summary["jobs"][0]["stolen_fraction"].as_f64().unwrap();
@@ -331,7 +320,7 @@ fn training_waiting_on_its_own_threads_is_not_steal() {
     require_root!();
     let job = TestCgroup::new();
     let threads = 2 * ncpus() + 1;
-    let training = Proc::spawn(&["spin", "--threads", &threads.to_string(), "--seconds", "60"]);
+    let training = Proc::spawn(&["spin", &threads.to_string(), "60"]);
     wait_threads(training.pid(), threads + 1);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     let wait = m.summary["training"]["runq_wait_ns"].as_u64().unwrap();
@@ -348,7 +337,7 @@ fn training_waiting_on_its_own_threads_is_not_steal() {
 fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
     require_root!();
     let job = TestCgroup::new();
-    let training = Proc::spawn(&["spin", "--cpu", "0", "--seconds", "120"]);
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "120"]);
     wait_threads(training.pid(), 2);
     let cg = job.path().to_owned();
     let m = meter(
@@ -357,17 +346,7 @@ fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
         &[],
         Duration::from_secs(1),
         move || {
-            let mut forker = Proc::spawn(&[
-                "forker",
-                "--count",
-                "200",
-                "--spin-ms",
-                "10",
-                "--cpu",
-                "0",
-                "--cgroup",
-                &cg,
-            ]);
+            let mut forker = Proc::spawn(&["--cpu", "0", "--cgroup", &cg, "forker", "200", "10"]);
             assert!(
                 forker.wait(Duration::from_secs(120)),
                 "forker did not finish"
@@ -413,16 +392,8 @@ fn meter_refuses_a_training_pid_that_does_not_exist() {
 fn threads_created_and_destroyed_during_the_run_are_tracked() {
     require_root!();
     let job = TestCgroup::new();
-    let training = Proc::spawn(&["churn", "--spin-ms", "20", "--cpu", "0", "--seconds", "60"]);
-    let _evaluation = Proc::spawn(&[
-        "spin",
-        "--cpu",
-        "0",
-        "--cgroup",
-        job.path(),
-        "--seconds",
-        "60",
-    ]);
+    let training = Proc::spawn(&["--cpu", "0", "churn", "20", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let steal = job_steal_ns(&m);
@@ -461,24 +432,8 @@ fn threads_created_and_destroyed_during_the_run_are_tracked() {
 fn follow_children_counts_the_training_children_and_only_then() {
     require_root!();
     let job = TestCgroup::new();
-    let training = Proc::spawn(&[
-        "forker",
-        "--count",
-        "100000",
-        "--spin-ms",
-        "20",
-        "--cpu",
-        "0",
-    ]);
-    let _evaluation = Proc::spawn(&[
-        "spin",
-        "--cpu",
-        "0",
-        "--cgroup",
-        job.path(),
-        "--seconds",
-        "60",
-    ]);
+    let training = Proc::spawn(&["--cpu", "0", "forker", "100000", "20"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
     wait_threads(training.pid(), 1);
     let with = meter(
         training.pid(),

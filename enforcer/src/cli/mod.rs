@@ -5,8 +5,8 @@ mod attach;
 mod config;
 mod doctor;
 mod game;
-pub mod run;
 pub mod meter;
+pub mod run;
 
 use std::process::ExitCode;
 
