@@ -4,9 +4,12 @@
 //! - [`btf`]: the running kernel's `task_struct` offsets, from its BTF;
 //! - [`steal`]: the steal meter (training threads, job cgroups, counters);
 //! - [`window`]: stolen fraction over windows and time over budget, from
-//!   successive snapshots (pure).
+//!   successive snapshots (pure);
+//! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
+//!   --protect`).
 
 pub mod btf;
+pub mod monitor;
 pub mod steal;
 pub mod window;
 
