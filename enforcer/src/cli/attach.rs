@@ -98,8 +98,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        None,
-        args.pid,
+        job::Target::Attached(args.pid),
         job_monitors(&plan, &args.job),
         signals,
         started,

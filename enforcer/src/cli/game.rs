@@ -147,12 +147,10 @@ pub fn run(args: GameArgs) -> ExitCode {
                 return 127;
             }
         };
-        let pid = child.id().map_or(0, |p| p as i32);
         let (report, code) = job::supervise(
             &guard.0,
             &spec,
-            Some(child),
-            pid,
+            job::Target::Spawned(child),
             default_monitors(&config),
             signals,
             started,

@@ -371,12 +371,10 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
             };
         }
     };
-    let pid = child.id().map_or(0, |p| p as i32);
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        Some(child),
-        pid,
+        job::Target::Spawned(child),
         job_monitors(&plan, &args.job),
         signals,
         started,

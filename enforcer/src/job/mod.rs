@@ -140,6 +140,14 @@ impl Signals {
     }
 }
 
+/// What the supervisor watches.
+pub enum Target {
+    /// The command it spawned: the job ends when it exits.
+    Spawned(tokio::process::Child),
+    /// A process attached by PID: the job ends when its cgroup is empty.
+    Attached(i32),
+}
+
 /// How the job's end was observed.
 enum End {
     Exited(ExitStatus),
@@ -152,18 +160,23 @@ enum End {
 }
 
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
-/// builds the report. `child` is the spawned command; `None` for an attached
-/// process (`pid`), whose job ends when its cgroup is empty.
+/// builds the report.
 pub async fn supervise(
     cgroup: &JobCgroup,
     spec: &Supervision,
-    mut child: Option<tokio::process::Child>,
-    pid: i32,
+    target: Target,
     mut monitors: Vec<Box<dyn Monitor>>,
     signals: Signals,
     started: Instant,
     started_wall: SystemTime,
 ) -> (Report, i32) {
+    let (mut child, pid) = match target {
+        Target::Spawned(c) => {
+            let pid = c.id().map_or(0, |p| p as i32);
+            (Some(c), pid)
+        }
+        Target::Attached(pid) => (None, pid),
+    };
     let mut sink = EventSink::new(&spec.name, spec.on_event.clone(), spec.on_event_timeout);
     let mut event_counts = std::collections::BTreeMap::<String, u64>::new();
     let mut emit = |sink: &mut EventSink, e: Event| {
