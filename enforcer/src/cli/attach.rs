@@ -12,7 +12,7 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime,
     start_or_interrupt,
 };
 use crate::{
@@ -102,7 +102,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
         &guard.0,
         &plan.supervision,
         job::Target::Attached(args.pid),
-        default_monitors(&plan.config),
+        job_monitors(&plan, &args.job),
         signals,
         started,
         SystemTime::now(),
