@@ -541,6 +541,9 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
         1,
         "threads differ in membership: {per_thread:?}"
     );
+    // Reap the target once the deadline killed it, as any parent would: the
+    // kernel frees a zombie's cgroup only then.
+    let _ = target.0.wait();
     let status = attach.0.wait().unwrap();
     assert_eq!(
         status.code(),
@@ -1026,19 +1029,25 @@ fn attach_tree_moves_existing_descendants_too() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(kids.len(), 2);
-    let out = run(&[
-        "attach",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--pid",
-        &pid.to_string(),
-        "--tree",
-        "--job",
-        &name,
-        "--timeout",
-        "1s",
-    ]);
-    assert_eq!(out.status.code(), Some(124));
+    let attach = enforcer()
+        .args([
+            "attach",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--pid",
+            &pid.to_string(),
+            "--tree",
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+        ])
+        .spawn()
+        .unwrap();
+    let mut attach = ChildGuard(attach);
+    let _ = target.0.wait();
+    let out = attach.0.wait().unwrap();
+    assert_eq!(out.code(), Some(124));
     // The deadline killed the whole tree: the shell and both children.
     for p in std::iter::once(pid).chain(kids) {
         assert!(
