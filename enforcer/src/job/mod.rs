@@ -139,9 +139,10 @@ pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 /// thread sleeps in it, so it takes nothing from anyone. Failing (no
 /// CAP_SYS_NICE, no RT budget in our cgroup) only logs.
 fn realtime(on: bool) {
-    let param = libc::sched_param {
-        sched_priority: i32::from(on),
-    };
+    // musl's sched_param has more fields than glibc's: start from zeroes.
+    // SAFETY: sched_param is plain old data; all-zero is a valid value.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = i32::from(on);
     let policy = if on {
         libc::SCHED_FIFO
     } else {
