@@ -40,7 +40,8 @@ mark "controllers $(cat /sys/fs/cgroup/cgroup.controllers)"
 mark "subtree_control $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 [ -e /sys/kernel/btf/vmlinux ] && mark "btf yes" || mark "btf no"
 
-export ENFORCER_BIN=/bin/enforcer RUST_BACKTRACE=1 HOME=/root TMPDIR=/tmp
+# NO_COLOR/TERM: the console log is read as text, not through a terminal.
+export ENFORCER_BIN=/bin/enforcer RUST_BACKTRACE=1 HOME=/root TMPDIR=/tmp NO_COLOR=1 TERM=dumb
 mkdir -p /root
 cd /tmp
 

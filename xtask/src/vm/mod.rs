@@ -444,6 +444,8 @@ fn build_initramfs(
             .with_context(|| format!("helper path {} is not UTF-8", h.path.display()))?;
         let exe = stripped(&h.path, &staging, &format!("helper-{}", h.name))?;
         a.add_file(path, &exe, true)?;
+        // ...and on PATH, beside /bin/enforcer.
+        a.add(&format!("bin/{}", h.name), Node::Symlink(path.to_owned()))?;
     }
     a.write_gz(dest)?;
     std::fs::remove_dir_all(&staging)?;
