@@ -442,6 +442,12 @@ fn build_initramfs(
             .path
             .to_str()
             .with_context(|| format!("helper path {} is not UTF-8", h.path.display()))?;
+        if ["/proc/", "/sys/", "/dev/", "/run/"]
+            .iter()
+            .any(|m| path.starts_with(m))
+        {
+            bail!("helper {path} lies under a filesystem the VM's init mounts over");
+        }
         let exe = stripped(&h.path, &staging, &format!("helper-{}", h.name))?;
         a.add_file(path, &exe, true)?;
         // ...and on PATH, beside /bin/enforcer.
