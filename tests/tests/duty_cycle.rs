@@ -1,0 +1,220 @@
+//! The freezer duty cycle against the real kernel: a CPU-burning process
+//! duty-cycled to 50 % gets 50 % ± 10 % of the CPU it gets free-running,
+//! measured from its cgroup's `cpu.stat` usage. The free-running control is
+//! measured in the same test, in alternating windows (A B B A ...), because
+//! the host is shared and its load drifts.
+//!
+//! Two freezers: the v1 `freezer` hierarchy (`freezer.state`) where it is
+//! mounted (the hybrid host), and the v2 `cgroup.freeze` (the VMs, and the
+//! host's controller-less unified hierarchy, which has it too).
+//!
+//! Until `enforcer run --duty-cycle` exists this drives the library's
+//! `DutyCycle` directly on cgroups the test creates under its own.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer::gpu::duty::{DutyCycle, FsFreezer, RunFraction};
+use enforcer_tests::{require_root, unique_name};
+
+/// This process's cgroup path in a hierarchy, from `/proc/self/cgroup`.
+fn own_cgroup(v1_controller: Option<&str>) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (id, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+        let hit = match v1_controller {
+            None => id == "0" && ctrls.is_empty(),
+            Some(c) => ctrls.split(',').any(|x| x == c),
+        };
+        hit.then(|| path.to_owned())
+    })
+}
+
+/// Mount point of the first filesystem of `fstype` with `option` among its
+/// super options (e.g. a v1 hierarchy with the `freezer` controller).
+fn mount_of(fstype: &str, option: Option<&str>) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut r = right.split(' ');
+        let (fs, _src, opts) = (r.next()?, r.next()?, r.next().unwrap_or(""));
+        let mount_point = left.split(' ').nth(4)?;
+        (fs == fstype && option.is_none_or(|o| opts.split(',').any(|x| x == o)))
+            .then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// A cgroup directory this test created; removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn create(hierarchy: &Path, own: &str, name: &str) -> Self {
+        let dir = hierarchy.join(own.trim_start_matches('/')).join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TestCgroup(dir)
+    }
+
+    fn add(&self, pid: u32) {
+        let f = self.0.join("cgroup.procs");
+        std::fs::write(&f, pid.to_string())
+            .unwrap_or_else(|e| panic!("writing {pid} to {}: {e}", f.display()));
+    }
+
+    fn usage(&self) -> Duration {
+        let f = self.0.join("cpu.stat");
+        let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let usec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no usage_usec in {}: {text}", f.display()));
+        Duration::from_micros(usec)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The burner is killed first (see Burner); a dying task can take a
+        // moment to leave.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.0) {
+                Ok(()) => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+/// A busy-looping shell, killed by PID on drop.
+struct Burner(Child);
+
+impl Burner {
+    fn start() -> Self {
+        Burner(
+            Command::new("/bin/sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("starting /bin/sh"),
+        )
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Alternates free-running and 50 % windows (A B B A, four times: short
+/// windows, many alternations, so load drift on a shared host cancels) and
+/// returns (free CPU, duty-cycled CPU), each summed over its windows.
+fn measure(duty: &DutyCycle, stat: &TestCgroup, window: Duration) -> (Duration, Duration) {
+    let settle = Duration::from_millis(200);
+    let mut free = Duration::ZERO;
+    let mut cycled = Duration::ZERO;
+    let abba = [false, true, true, false];
+    for half in abba.into_iter().cycle().take(16) {
+        duty.set_run_fraction(if half {
+            RunFraction::new(0.5)
+        } else {
+            RunFraction::FULL
+        });
+        // The fraction applies from the next period: skip the transition.
+        std::thread::sleep(settle);
+        let (u0, t0) = (stat.usage(), Instant::now());
+        std::thread::sleep(window);
+        let used = stat.usage().saturating_sub(u0);
+        // Normalise to the window in case a sleep overslept.
+        let used = used.mul_f64(window.as_secs_f64() / t0.elapsed().as_secs_f64());
+        if half {
+            cycled += used;
+        } else {
+            free += used;
+        }
+    }
+    (free, cycled)
+}
+
+fn check(freezer: FsFreezer, stat: &TestCgroup, label: &str) {
+    let duty = DutyCycle::start(freezer, Duration::from_millis(100), RunFraction::FULL)
+        .expect("starting the duty-cycle thread");
+    // A whole number of periods per window, so the window's phase against
+    // the duty cycle does not matter.
+    let (free, cycled) = measure(&duty, stat, Duration::from_millis(500));
+    let stats = duty.stop().expect("the freezer failed");
+    let ratio = cycled.as_secs_f64() / free.as_secs_f64();
+    eprintln!(
+        "{label} on {}: free-running {:.3} CPU-s, duty-cycled 50% {:.3} CPU-s over 8 x 0.5 s each: ratio {ratio:.3} ({} periods, {} frozen for {:.3} s in all)",
+        enforcer_tests::kernel_release(),
+        free.as_secs_f64(),
+        cycled.as_secs_f64(),
+        stats.periods,
+        stats.frozen_periods,
+        stats.frozen.as_secs_f64()
+    );
+    // Meaningful only if the burner actually ran free: at least 0.1 CPU on
+    // average in its windows, even on a loaded host or under TCG.
+    assert!(
+        free > Duration::from_millis(400),
+        "the free-running burner got only {free:?} CPU in 4 s: host too loaded to measure"
+    );
+    assert!(
+        (0.4..=0.6).contains(&ratio),
+        "duty-cycled to 50 %, the burner got {ratio:.3} of its free-running CPU ({cycled:?} vs {free:?})"
+    );
+}
+
+#[test]
+fn cpu_burner_duty_cycled_to_half_by_v1_freezer_gets_half_its_free_cpu() {
+    require_root!();
+    let (Some(freezer_mount), Some(own_freezer)) = (
+        mount_of("cgroup", Some("freezer")),
+        own_cgroup(Some("freezer")),
+    ) else {
+        eprintln!("SKIPPED: no v1 freezer hierarchy (pure cgroup v2: see the cgroup.freeze test)");
+        return;
+    };
+    let (Some(v2_mount), Some(own_v2)) = (mount_of("cgroup2", None), own_cgroup(None)) else {
+        eprintln!("SKIPPED: no cgroup2 hierarchy to measure CPU usage in");
+        return;
+    };
+    let name = unique_name("duty-v1");
+    let frz = TestCgroup::create(&freezer_mount, &own_freezer, &name);
+    let stat = TestCgroup::create(&v2_mount, &own_v2, &name);
+    let burner = Burner::start();
+    frz.add(burner.0.id());
+    stat.add(burner.0.id());
+    let freezer = FsFreezer::for_dir(&frz.0).expect("v1 freezer cgroup");
+    assert!(matches!(freezer, FsFreezer::V1 { .. }));
+    check(freezer, &stat, "v1 freezer.state");
+    drop(burner);
+}
+
+#[test]
+fn cpu_burner_duty_cycled_to_half_by_cgroup_freeze_gets_half_its_free_cpu() {
+    require_root!();
+    let (Some(v2_mount), Some(own_v2)) = (mount_of("cgroup2", None), own_cgroup(None)) else {
+        eprintln!("SKIPPED: no cgroup2 hierarchy");
+        return;
+    };
+    let name = unique_name("duty-v2");
+    let cg = TestCgroup::create(&v2_mount, &own_v2, &name);
+    let burner = Burner::start();
+    cg.add(burner.0.id());
+    let Ok(freezer @ FsFreezer::V2 { .. }) = FsFreezer::for_dir(&cg.0) else {
+        eprintln!(
+            "SKIPPED: {} has no cgroup.freeze (kernel < 5.2)",
+            cg.0.display()
+        );
+        return;
+    };
+    check(freezer, &cg, "v2 cgroup.freeze");
+    drop(burner);
+}
