@@ -2,6 +2,7 @@
 //! default and `--json` where a machine reads it.
 
 mod doctor;
+mod gpu;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,9 @@ pub enum Command {
     /// Check that this node can run the agent: kernel, cgroup mode and
     /// controllers, BTF, eBPF load and attach, privileges, NVML.
     Doctor(doctor::DoctorArgs),
+    /// Show NVML's view of the GPUs and their processes (with their
+    /// cgroups), or why GPU telemetry is unavailable on this node.
+    Gpu(gpu::GpuArgs),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand.
@@ -43,6 +47,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log);
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Gpu(args) => gpu::run(args),
     }
 }
 

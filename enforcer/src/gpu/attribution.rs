@@ -72,6 +72,42 @@ impl ProcCgroups {
     }
 }
 
+impl ProcCgroups {
+    /// The process's path in `hierarchy`, `None` when it has exited or is
+    /// not in that hierarchy.
+    pub fn cgroup_of(&self, pid: u32, hierarchy: &Hierarchy) -> Option<String> {
+        let text =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+        cgroup_of(&text, hierarchy).map(str::to_owned)
+    }
+
+    /// Whether `pid` is one of `roots` or a descendant of one (by the parent
+    /// chain in `/proc/<pid>/stat`): for selecting a process tree by PID.
+    pub fn descends_from(&self, pid: u32, roots: &[u32]) -> bool {
+        let mut cur = pid;
+        // Bounded: a parent chain is never deeper than the PID space, and a
+        // racing reparent must not loop forever.
+        for _ in 0..4096 {
+            if roots.contains(&cur) {
+                return true;
+            }
+            match self.parent_of(cur) {
+                Some(p) if p != 0 && p != cur => cur = p,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    fn parent_of(&self, pid: u32) -> Option<u32> {
+        let stat =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
 /// The path of the process in `hierarchy`, from `/proc/<pid>/cgroup` text.
 fn cgroup_of<'a>(text: &'a str, hierarchy: &Hierarchy) -> Option<&'a str> {
     text.lines().find_map(|line| {
@@ -241,6 +277,29 @@ mod tests {
         assert!(!p.belongs(100, &v2).unwrap());
         // Exited between NVML's answer and the lookup.
         assert!(!p.belongs(999, &v2).unwrap());
+        assert_eq!(
+            p.cgroup_of(300, &Hierarchy::Unified).as_deref(),
+            Some("/eval/job-1/game-3")
+        );
+    }
+
+    #[test]
+    fn descendants_are_found_through_the_parent_chain_despite_odd_comm() {
+        let dir = tempfile::tempdir().unwrap();
+        for (pid, ppid) in [(10, 1), (11, 10), (12, 11), (20, 1)] {
+            let d = dir.path().join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("stat"),
+                format!("{pid} (py thon) (x) R {ppid} 1 1 0\n"),
+            )
+            .unwrap();
+        }
+        let p = ProcCgroups::new(dir.path());
+        assert!(p.descends_from(12, &[10]));
+        assert!(p.descends_from(10, &[10]));
+        assert!(!p.descends_from(20, &[10]));
+        assert!(!p.descends_from(99, &[10]));
     }
 
     fn proc(device: u32, pid: u32, mem: u64, samples: &[u32]) -> ProcessSample {
