@@ -8,7 +8,11 @@
 //! processes or none; [`super::pid_namespace_check`] detects that and the
 //! guard then reports per-job GPU figures as unavailable instead of guessing.
 
-use std::{collections::BTreeMap, io, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 
@@ -26,7 +30,7 @@ pub enum Hierarchy {
 /// The job's cgroup in one hierarchy, as a path relative to that
 /// hierarchy's root (what `/proc/<pid>/cgroup` prints, e.g. `/eval/job-1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobCgroup {
+pub struct CgroupMembership {
     pub hierarchy: Hierarchy,
     pub path: String,
 }
@@ -35,6 +39,10 @@ pub struct JobCgroup {
 pub enum AttributionError {
     #[error("reading {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error(
+        "process {pid} is in no freezer hierarchy (neither a v1 freezer nor cgroup2 is mounted)"
+    )]
+    NoFreezer { pid: u32 },
 }
 
 /// Reads process cgroup membership from a procfs (the real `/proc`, or a
@@ -59,7 +67,7 @@ impl ProcCgroups {
 
     /// Whether `pid` is in `job`'s cgroup or below it. A PID that no longer
     /// exists is not the job's (it exited between NVML's answer and now).
-    pub fn belongs(&self, pid: u32, job: &JobCgroup) -> Result<bool, AttributionError> {
+    pub fn belongs(&self, pid: u32, job: &CgroupMembership) -> Result<bool, AttributionError> {
         let path = self.proc_root.join(pid.to_string()).join("cgroup");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -106,6 +114,69 @@ impl ProcCgroups {
         let rest = &stat[stat.rfind(')')? + 1..];
         rest.split_whitespace().nth(1)?.parse().ok()
     }
+}
+
+/// Where a process can be frozen: its cgroup in the v1 freezer hierarchy if
+/// one is mounted (hybrid hosts), else its v2 cgroup. The same cgroup is
+/// what its GPU processes are attributed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezerCgroup {
+    pub membership: CgroupMembership,
+    /// The cgroup's directory (holding `freezer.state` or `cgroup.freeze`).
+    pub dir: PathBuf,
+}
+
+impl ProcCgroups {
+    /// The freezer cgroup of `pid`, from `/proc/<pid>/cgroup` and this
+    /// process's mount table.
+    pub fn freezer_of(&self, pid: u32) -> Result<FreezerCgroup, AttributionError> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).map_err(|source| AttributionError::Read { path, source })
+        };
+        let cgroup = read(self.proc_root.join(pid.to_string()).join("cgroup"))?;
+        let mounts = read(self.proc_root.join("self/mountinfo"))?;
+        resolve_freezer(&cgroup, &mounts).ok_or_else(|| AttributionError::NoFreezer { pid })
+    }
+}
+
+/// Picks the freezer hierarchy (v1 `freezer`, else cgroup2) and maps the
+/// process's path in it to a directory through the mount's root.
+fn resolve_freezer(cgroup: &str, mountinfo: &str) -> Option<FreezerCgroup> {
+    let mounts: Vec<(&str, &str, &str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let mut r = right.split(' ');
+            let (fs, _src, opts) = (r.next()?, r.next()?, r.next().unwrap_or(""));
+            Some((fs, *f.get(3)?, *f.get(4)?, opts))
+        })
+        .collect();
+    let dir_of = |h: &Hierarchy, path: &str| -> Option<PathBuf> {
+        let (_, root, point, _) = mounts.iter().find(|(fs, _, _, opts)| match h {
+            Hierarchy::Unified => *fs == "cgroup2",
+            Hierarchy::V1(c) => *fs == "cgroup" && opts.split(',').any(|o| o == c),
+        })?;
+        let rel = if *root == "/" {
+            path
+        } else {
+            path.strip_prefix(root)?
+        };
+        Some(Path::new(point).join(rel.trim_start_matches('/')))
+    };
+    [Hierarchy::V1("freezer".to_owned()), Hierarchy::Unified]
+        .into_iter()
+        .find_map(|h| {
+            let path = cgroup_of(cgroup, &h)?;
+            let dir = dir_of(&h, path)?;
+            Some(FreezerCgroup {
+                membership: CgroupMembership {
+                    hierarchy: h,
+                    path: path.to_owned(),
+                },
+                dir,
+            })
+        })
 }
 
 /// The path of the process in `hierarchy`, from `/proc/<pid>/cgroup` text.
@@ -231,7 +302,7 @@ impl JobUsage {
 
 /// Fake `/proc/<pid>/cgroup` files, for tests here and in the guard.
 #[cfg(test)]
-pub(crate) fn fake_proc(dir: &std::path::Path, entries: &[(u32, &str)]) {
+pub(crate) fn fake_proc(dir: &Path, entries: &[(u32, &str)]) {
     for (pid, text) in entries {
         let d = dir.join(pid.to_string());
         std::fs::create_dir_all(&d).unwrap();
@@ -248,8 +319,8 @@ mod tests {
     const HYBRID_OTHER: &str = "6:freezer:/agent/eval/job-10\n0::/agent/eval/job-10\n";
     const V2_GAME: &str = "0::/eval/job-1/game-3\n";
 
-    fn job(h: Hierarchy, path: &str) -> JobCgroup {
-        JobCgroup {
+    fn job(h: Hierarchy, path: &str) -> CgroupMembership {
+        CgroupMembership {
             hierarchy: h,
             path: path.to_owned(),
         }
@@ -281,6 +352,26 @@ mod tests {
             p.cgroup_of(300, &Hierarchy::Unified).as_deref(),
             Some("/eval/job-1/game-3")
         );
+    }
+
+    #[test]
+    fn freezer_is_the_v1_freezer_on_hybrid_hosts_and_cgroup2_otherwise() {
+        let hybrid_mounts = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
+            40 25 0:35 / /sys/fs/cgroup/freezer rw,nosuid - cgroup cgroup rw,freezer\n\
+            41 25 0:36 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        let f = resolve_freezer(HYBRID_IN_JOB, hybrid_mounts).unwrap();
+        assert_eq!(
+            f.membership,
+            job(Hierarchy::V1("freezer".into()), "/agent/eval/job-1")
+        );
+        assert_eq!(f.dir, Path::new("/sys/fs/cgroup/freezer/agent/eval/job-1"));
+        // Pure v2, inside a cgroup namespace whose root is /ns: the mount's
+        // root is stripped.
+        let v2_mounts = "30 1 0:26 /ns /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let f = resolve_freezer("0::/ns/eval/job-1\n", v2_mounts).unwrap();
+        assert_eq!(f.membership.hierarchy, Hierarchy::Unified);
+        assert_eq!(f.dir, Path::new("/sys/fs/cgroup/eval/job-1"));
+        assert_eq!(resolve_freezer("0::/x\n", ""), None);
     }
 
     #[test]

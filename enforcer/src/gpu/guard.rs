@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{
     Unavailable,
-    attribution::{JobCgroup, JobDeviceUsage, JobUsage, ProcCgroups, TickDevice, job_tick},
+    attribution::{CgroupMembership, JobDeviceUsage, JobUsage, ProcCgroups, TickDevice, job_tick},
     cap::{CapAction, CapParams, MemoryGuard, MemoryVerdict, UtilCap},
     duty::{DutyCycle, Freezer, RunFraction},
     source::{DeviceSample, GpuSource, NvmlSource},
@@ -97,7 +97,7 @@ pub struct GpuReport {
 pub struct GpuGuard {
     source: Option<Box<dyn GpuSource>>,
     unavailable: Option<Unavailable>,
-    job: JobCgroup,
+    job: CgroupMembership,
     procs: ProcCgroups,
     limits: GpuLimits,
     last_ts: u64,
@@ -123,7 +123,7 @@ impl GpuGuard {
     /// The production guard: NVML, the real `/proc`. When NVML cannot be
     /// used, or the agent cannot map NVML's host PIDs (another PID
     /// namespace), the guard is inert and says why, with one warning.
-    pub fn open(job: JobCgroup, limits: GpuLimits) -> Self {
+    pub fn open(job: CgroupMembership, limits: GpuLimits) -> Self {
         let source = super::pid_namespace_check().and_then(|()| {
             NvmlSource::init()
                 .map(|s| Box::new(s) as Box<dyn GpuSource>)
@@ -138,7 +138,7 @@ impl GpuGuard {
     /// A guard over any source (tests use a synthetic one).
     pub fn new(
         source: Result<Box<dyn GpuSource>, Unavailable>,
-        job: JobCgroup,
+        job: CgroupMembership,
         procs: ProcCgroups,
         limits: GpuLimits,
     ) -> Self {
@@ -369,7 +369,7 @@ mod tests {
             dir.path(),
             &[(4242, "0::/eval/job-a\n"), (7, "0::/training\n")],
         );
-        let job = JobCgroup {
+        let job = CgroupMembership {
             hierarchy: Hierarchy::Unified,
             path: "/eval/job-a".into(),
         };
@@ -495,7 +495,7 @@ mod tests {
             Err(Unavailable::NoLibrary {
                 detail: "libnvidia-ml.so.1: cannot open shared object file".into(),
             }),
-            JobCgroup {
+            CgroupMembership {
                 hierarchy: Hierarchy::Unified,
                 path: "/eval/x".into(),
             },
@@ -518,7 +518,7 @@ mod tests {
     #[test]
     fn open_on_a_node_without_nvml_is_inert_not_a_panic() {
         let g = GpuGuard::open(
-            JobCgroup {
+            CgroupMembership {
                 hierarchy: Hierarchy::Unified,
                 path: "/x".into(),
             },
