@@ -135,7 +135,7 @@ impl ProcCgroups {
         };
         let cgroup = read(self.proc_root.join(pid.to_string()).join("cgroup"))?;
         let mounts = read(self.proc_root.join("self/mountinfo"))?;
-        resolve_freezer(&cgroup, &mounts).ok_or_else(|| AttributionError::NoFreezer { pid })
+        resolve_freezer(&cgroup, &mounts).ok_or(AttributionError::NoFreezer { pid })
     }
 }
 
