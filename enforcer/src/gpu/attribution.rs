@@ -43,6 +43,8 @@ pub enum AttributionError {
         "process {pid} is in no freezer hierarchy (neither a v1 freezer nor cgroup2 is mounted)"
     )]
     NoFreezer { pid: u32 },
+    #[error("{} is not in a mounted cgroup hierarchy", dir.display())]
+    NotACgroup { dir: PathBuf },
 }
 
 /// Reads process cgroup membership from a procfs (the real `/proc`, or a
@@ -137,6 +139,50 @@ impl ProcCgroups {
         let mounts = read(self.proc_root.join("self/mountinfo"))?;
         resolve_freezer(&cgroup, &mounts).ok_or(AttributionError::NoFreezer { pid })
     }
+}
+
+impl ProcCgroups {
+    /// The membership a cgroup directory stands for (its hierarchy, and its
+    /// path as `/proc/<pid>/cgroup` prints it), from this process's mount
+    /// table: for when the job's process is already gone.
+    pub fn membership_of_dir(&self, dir: &Path) -> Result<CgroupMembership, AttributionError> {
+        let path = self.proc_root.join("self/mountinfo");
+        let mounts = std::fs::read_to_string(&path)
+            .map_err(|source| AttributionError::Read { path, source })?;
+        membership_of_dir(dir, &mounts).ok_or_else(|| AttributionError::NotACgroup {
+            dir: dir.to_owned(),
+        })
+    }
+}
+
+fn membership_of_dir(dir: &Path, mountinfo: &str) -> Option<CgroupMembership> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let mut r = right.split(' ');
+            let (fs, _src, opts) = (r.next()?, r.next()?, r.next().unwrap_or(""));
+            let (root, point) = (*f.get(3)?, Path::new(*f.get(4)?));
+            let rel = dir.strip_prefix(point).ok()?;
+            let hierarchy = match fs {
+                "cgroup2" => Hierarchy::Unified,
+                "cgroup" => Hierarchy::V1(
+                    opts.split(',')
+                        .find(|o| !matches!(*o, "rw" | "ro") && !o.contains('='))?
+                        .to_owned(),
+                ),
+                _ => return None,
+            };
+            let base = root.trim_end_matches('/');
+            let path = format!("{base}/{}", rel.display());
+            Some((
+                point.as_os_str().len(),
+                CgroupMembership { hierarchy, path },
+            ))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, m)| m)
 }
 
 /// Picks the freezer hierarchy (v1 `freezer`, else cgroup2) and maps the
@@ -372,6 +418,15 @@ mod tests {
         assert_eq!(f.membership.hierarchy, Hierarchy::Unified);
         assert_eq!(f.dir, Path::new("/sys/fs/cgroup/eval/job-1"));
         assert_eq!(resolve_freezer("0::/x\n", ""), None);
+        let m = membership_of_dir(
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/agent/eval/job-1"),
+            hybrid_mounts,
+        )
+        .unwrap();
+        assert_eq!(m, job(Hierarchy::V1("cpu".into()), "/agent/eval/job-1"));
+        let m =
+            membership_of_dir(Path::new("/sys/fs/cgroup/unified/eval/j"), hybrid_mounts).unwrap();
+        assert_eq!(m, job(Hierarchy::Unified, "/eval/j"));
     }
 
     #[test]
