@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -130,7 +131,14 @@ impl GpuGuard {
                 .map_err(|e| e.reason)
         });
         if let Err(reason) = &source {
-            tracing::warn!(case = reason.case(), %reason, "GPU telemetry unavailable: job GPU fields will be null");
+            // One warning per process (an agent runs many jobs): the node
+            // does not change between jobs.
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!(case = reason.case(), %reason, "GPU telemetry unavailable");
+            } else {
+                tracing::warn!(case = reason.case(), %reason, "GPU telemetry unavailable: job GPU fields will be null");
+            }
         }
         GpuGuard::new(source, job, ProcCgroups::default(), limits)
     }
