@@ -1,8 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
 mod ebpf;
+mod vm;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -19,6 +20,10 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
+    /// Boot the Debian kernels of the VM matrix (5.10, 6.1, 6.12) under QEMU
+    /// (TCG) and run `enforcer doctor` and the root integration tests inside
+    /// each, on pure cgroup v2. Needs `scripts/setup` first.
+    VmTest(vm::VmTestArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -28,8 +33,19 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    // Errors are reported as their chain of causes, without the backtrace
+    // anyhow would add under RUST_BACKTRACE: a failed task is not a bug here.
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::BuildEbpf => {
             let object = ebpf::build_ebpf(&workspace_root())
@@ -41,6 +57,7 @@ fn main() -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
+        Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
     }
     Ok(())
 }

@@ -1,8 +1,12 @@
 //! The command line: one file per subcommand, clap derive, human output by
 //! default and `--json` where a machine reads it.
 
+mod attach;
+mod config;
 mod doctor;
+mod game;
 mod gpu;
+pub mod run;
 
 use std::process::ExitCode;
 
@@ -39,6 +43,11 @@ pub enum Command {
     /// Show NVML's view of the GPUs and their processes (with their
     /// cgroups), or why GPU telemetry is unavailable on this node.
     Gpu(gpu::GpuArgs),
+    Run(run::RunArgs),
+    Attach(attach::AttachArgs),
+    Game(game::GameArgs),
+    /// Check a config file or show the effective config.
+    Config(config::ConfigArgs),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand.
@@ -48,6 +57,10 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Gpu(args) => gpu::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Attach(args) => attach::run(args),
+        Command::Game(args) => game::run(args),
+        Command::Config(args) => config::run(args),
     }
 }
 
