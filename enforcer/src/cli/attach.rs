@@ -12,7 +12,7 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime, start_job,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime, start_job,
 };
 use crate::{
     cgroup::CgroupError,
@@ -98,7 +98,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
         &plan.supervision,
         None,
         args.pid,
-        default_monitors(),
+        job_monitors(&plan),
         started,
         SystemTime::now(),
     )

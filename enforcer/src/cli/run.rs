@@ -13,10 +13,11 @@ use clap::Args;
 use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Subtree},
     config::Config,
+    gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
     job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
     report::Report,
     slots,
-    units::{ByteSize, Cores, Dur},
+    units::{ByteSize, Cores, Dur, Percent},
 };
 
 /// Exit status for usage and config errors.
@@ -67,6 +68,22 @@ pub struct JobArgs {
     /// Config file (default /etc/enforcer/enforcer.toml when it exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Cap on the job's GPU SM utilisation (e.g. `50%`; config
+    /// `gpu_util_limit`, default 80%): enforced by freezing the job for part
+    /// of each 100 ms period. `100%` measures without capping. Without an
+    /// NVIDIA GPU the report's `gpu` is null with the reason.
+    #[arg(long)]
+    pub gpu_util_limit: Option<Percent>,
+    /// GPU memory the job's processes may hold (e.g. `8GiB`; config
+    /// `gpu_memory_limit`): over it an event, and after a 2 s grace the job
+    /// is killed with `reason: gpu_memory`.
+    #[arg(long)]
+    pub gpu_memory_limit: Option<ByteSize>,
+    /// Run the job only this fraction of each 100 ms period (e.g. `50%`),
+    /// freezing it for the rest: a hard share of wall time for any job, GPU
+    /// or not (the mechanism behind the GPU cap, which may lower it further).
+    #[arg(long)]
+    pub duty_cycle: Option<Percent>,
 }
 
 /// Run CMD as an evaluation job under hard limits and a deadline.
@@ -90,6 +107,8 @@ pub struct Plan {
     pub name: String,
     pub limits: Limits,
     pub supervision: Supervision,
+    pub gpu: GpuLimits,
+    pub duty_cycle: Option<RunFraction>,
 }
 
 impl Plan {
@@ -133,11 +152,41 @@ impl Plan {
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
         };
+        let gpu_util = args
+            .gpu_util_limit
+            .unwrap_or(config.gpu_util_limit)
+            .fraction();
+        if !(gpu_util > 0.0 && gpu_util <= 1.0) {
+            return Err(format!(
+                "--gpu-util-limit must be above 0% and at most 100%, not {}",
+                Percent::from_fraction(gpu_util)
+            ));
+        }
+        let duty_cycle = match args.duty_cycle.map(Percent::fraction) {
+            Some(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(format!(
+                    "--duty-cycle must be above 0% and at most 100%, not {}",
+                    Percent::from_fraction(f)
+                ));
+            }
+            f => f.map(RunFraction::new),
+        };
+        let gpu = GpuLimits {
+            // At 100 % the cap can never bind: measure only.
+            util_limit_pct: (gpu_util < 1.0).then_some(gpu_util * 100.0),
+            memory_limit_bytes: args
+                .gpu_memory_limit
+                .or(config.gpu_memory_limit)
+                .map(|b| b.0),
+            ..GpuLimits::default()
+        };
         Ok(Plan {
             config,
             name,
             limits,
             supervision,
+            gpu,
+            duty_cycle,
         })
     }
 }
@@ -169,6 +218,14 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// The monitors every job gets.
 pub fn default_monitors() -> Vec<Box<dyn Monitor>> {
     vec![Box::new(LimitEvents::default())]
+}
+
+/// The monitors of a top-level job (`run`, `attach`): the defaults plus the
+/// GPU guard and duty cycle (games run inside a job that already has them).
+pub fn job_monitors(plan: &Plan) -> Vec<Box<dyn Monitor>> {
+    let mut m = default_monitors();
+    m.push(Box::new(GpuMonitor::new(plan.gpu, plan.duty_cycle)));
+    m
 }
 
 pub fn exit_for_cgroup_error(e: &CgroupError) -> u8 {
@@ -306,7 +363,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         &plan.supervision,
         Some(child),
         pid,
-        default_monitors(),
+        job_monitors(&plan),
         started,
         started_wall,
     )

@@ -15,6 +15,7 @@
 //! - [`duty`]: the generic freezer duty-cycle driver (not GPU specific: it
 //!   runs any cgroup for a fraction of each period);
 //! - [`guard`]: one job's GPU guard per control tick, tying the above together;
+//! - [`monitor`]: the guard as a job supervisor monitor (`enforcer run`);
 //! - [`metrics`]: Prometheus text exposition of the numbers.
 
 pub mod attribution;
@@ -22,6 +23,7 @@ pub mod cap;
 pub mod duty;
 pub mod guard;
 pub mod metrics;
+pub mod monitor;
 pub mod source;
 pub mod synthetic;
 
