@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use duty_support::{Burner, TestCgroup, mount_of, own_cgroup};
+use duty_support::{Burner, TestCgroup, cpu_usage, mount_of, own_cgroup};
 use enforcer::gpu::{
     DeviceSample, GpuError, GpuSource, ProcessSample,
     attribution::{CgroupMembership, Hierarchy, ProcCgroups},
@@ -24,24 +24,10 @@ use enforcer_tests::{require_root, unique_name};
 
 /// CPU share of the cgroup since the previous call, as SM utilisation of `pid`.
 struct CpuAsGpu {
-    stat: TestCgroupStat,
+    stat: PathBuf,
     pid: u32,
     last: (Instant, Duration),
     ts: u64,
-}
-
-struct TestCgroupStat(PathBuf);
-
-impl TestCgroupStat {
-    fn usage(&self) -> Duration {
-        let text = std::fs::read_to_string(self.0.join("cpu.stat")).expect("cpu.stat");
-        let usec = text
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("usage_usec");
-        Duration::from_micros(usec)
-    }
 }
 
 impl GpuSource for CpuAsGpu {
@@ -56,7 +42,7 @@ impl GpuSource for CpuAsGpu {
     }
 
     fn processes(&mut self, since_us: u64) -> Result<Vec<ProcessSample>, GpuError> {
-        let now = (Instant::now(), self.stat.usage());
+        let now = (Instant::now(), cpu_usage(&self.stat));
         let share = (now.1 - self.last.1).as_secs_f64() / (now.0 - self.last.0).as_secs_f64();
         self.last = now;
         self.ts = self.ts.max(since_us) + 1;
@@ -94,19 +80,19 @@ fn util_cap_holds_a_simulated_gpu_job_within_ten_points_of_the_cap_through_the_f
         );
         return;
     };
-    let stat = TestCgroupStat(cg.0.clone());
+    let stat = cg.0.clone();
 
     // The control: the burner's free-running share.
-    let (t0, u0) = (Instant::now(), stat.usage());
+    let (t0, u0) = (Instant::now(), cpu_usage(&stat));
     std::thread::sleep(Duration::from_secs(2));
-    let free_pct = 100.0 * (stat.usage() - u0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let free_pct = 100.0 * (cpu_usage(&stat) - u0).as_secs_f64() / t0.elapsed().as_secs_f64();
 
     let membership = CgroupMembership {
         hierarchy: Hierarchy::Unified,
         path: format!("{}/{name}", own_v2.trim_end_matches('/')),
     };
     let source = CpuAsGpu {
-        last: (Instant::now(), stat.usage()),
+        last: (Instant::now(), cpu_usage(&stat)),
         stat,
         pid,
         ts: 0,

@@ -15,7 +15,7 @@ mod duty_support;
 
 use std::time::{Duration, Instant};
 
-use duty_support::{Burner, TestCgroup, mount_of, own_cgroup};
+use duty_support::{Burner, TestCgroup, cpu_usage, mount_of, own_cgroup};
 use enforcer::gpu::duty::{DutyCycle, FsFreezer, RunFraction};
 use enforcer_tests::{require_root, unique_name};
 
@@ -35,9 +35,9 @@ fn measure(duty: &DutyCycle, stat: &TestCgroup, window: Duration) -> (Duration, 
         });
         // The fraction applies from the next period: skip the transition.
         std::thread::sleep(settle);
-        let (u0, t0) = (stat.usage(), Instant::now());
+        let (u0, t0) = (cpu_usage(&stat.0), Instant::now());
         std::thread::sleep(window);
-        let used = stat.usage().saturating_sub(u0);
+        let used = cpu_usage(&stat.0).saturating_sub(u0);
         // Normalise to the window in case a sleep overslept.
         let used = used.mul_f64(window.as_secs_f64() / t0.elapsed().as_secs_f64());
         if half {

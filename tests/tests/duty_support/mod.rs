@@ -50,17 +50,19 @@ impl TestCgroup {
         std::fs::write(&f, pid.to_string())
             .unwrap_or_else(|e| panic!("writing {pid} to {}: {e}", f.display()));
     }
+}
 
-    pub fn usage(&self) -> Duration {
-        let f = self.0.join("cpu.stat");
-        let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let usec = text
-            .lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no usage_usec in {}: {text}", f.display()));
-        Duration::from_micros(usec)
-    }
+/// `usage_usec` of a v2 cgroup's `cpu.stat` (present without the cpu
+/// controller, also in the host's controller-less unified hierarchy).
+pub fn cpu_usage(dir: &Path) -> Duration {
+    let f = dir.join("cpu.stat");
+    let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    let usec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no usage_usec in {}: {text}", f.display()));
+    Duration::from_micros(usec)
 }
 
 impl Drop for TestCgroup {
