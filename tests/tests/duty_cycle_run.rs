@@ -57,15 +57,28 @@ fn burn(duty: &str, timeout: Duration) -> f64 {
             "{text}"
         );
     }
-    r["cpu_s"]
+    let cpu = r["cpu_s"]
         .as_f64()
-        .unwrap_or_else(|| panic!("no cpu_s in {text}"))
+        .unwrap_or_else(|| panic!("no cpu_s in {text}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let notes: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("duty cycle ended") || l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| !l.contains("GPU telemetry unavailable"))
+        .collect();
+    eprintln!(
+        "  --duty-cycle {duty}: cpu {cpu:.3} s, wall {} s {notes:?}",
+        r["wall_s"]
+    );
+    cpu
 }
 
 #[test]
 fn run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu() {
     require_root!();
-    let window = Duration::from_millis(1500);
+    // Long enough that the moments before the duty cycle starts (spawn,
+    // monitor start: slow under TCG) weigh little.
+    let window = Duration::from_millis(2500);
     let (mut free, mut cycled) = (0.0, 0.0);
     for half in [false, true, true, false].into_iter().cycle().take(8) {
         if half {
@@ -76,12 +89,13 @@ fn run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu() {
     }
     let ratio = cycled / free;
     eprintln!(
-        "enforcer run --duty-cycle on {}: free-running {free:.3} CPU-s, 50% {cycled:.3} CPU-s over 4 x 1.5 s jobs each: ratio {ratio:.3}",
-        enforcer_tests::kernel_release()
+        "enforcer run --duty-cycle on {}: free-running {free:.3} CPU-s, 50% {cycled:.3} CPU-s over 4 x {:.1} s jobs each: ratio {ratio:.3}",
+        enforcer_tests::kernel_release(),
+        window.as_secs_f64()
     );
     assert!(
-        free > 0.6,
-        "the free-running jobs got only {free:.3} CPU-s in 6 s: host too loaded to measure"
+        free > 1.0,
+        "the free-running jobs got only {free:.3} CPU-s in 10 s: host too loaded to measure"
     );
     assert!(
         (0.4..=0.6).contains(&ratio),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{
-    attribution::ProcCgroups,
+    attribution::{FreezerCgroup, Hierarchy, ProcCgroups},
     duty::{DutyCycle, FsFreezer, RunFraction},
     guard::{GpuEvent, GpuGuard, GpuLimits},
 };
@@ -92,6 +92,21 @@ impl GpuMonitor {
     }
 }
 
+/// The ancestor of a process's freezer cgroup that is the job's own
+/// directory (named after the job), so that the freeze and the attribution
+/// cover the job's main leaf and its games alike.
+fn job_level(mut located: FreezerCgroup, name: &str) -> FreezerCgroup {
+    let comps: Vec<&str> = located.membership.path.split('/').collect();
+    if let Some(i) = comps.iter().rposition(|c| *c == name) {
+        let below = comps.len() - 1 - i;
+        located.membership.path = comps[..=i].join("/");
+        for _ in 0..below {
+            located.dir.pop();
+        }
+    }
+    located
+}
+
 fn event(e: &GpuEvent) -> Event {
     let detail = serde_json::to_value(e).unwrap_or_else(|_| json!({}));
     let name = detail["event"].as_str().unwrap_or("gpu").to_owned();
@@ -106,19 +121,31 @@ impl Monitor for GpuMonitor {
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         let pid = u32::try_from(job.pid)
             .map_err(|_| MonitorError::new(format!("bad job pid {}", job.pid)))?;
-        // The job's main process joined every hierarchy before it ran, so
-        // its freezer cgroup is the job's. A command that already exited
+        // On v2 the job's directory is the one to freeze and attribute by:
+        // its processes live in leaves below it (`main`, games). On v1 and
+        // hybrid hosts, the job's main process joined every hierarchy before
+        // it ran, so its freezer cgroup's ancestor named after the job is the
+        // job's (main leaf and games below). A command that already exited
         // (`true`) leaves only the job's directory to go by.
         let procs = ProcCgroups::default();
-        let membership = match procs.freezer_of(pid) {
-            Ok(located) => {
-                tracing::debug!(cgroup = %located.dir.display(), "GPU guard attributing by this cgroup");
+        let v2_job = procs
+            .membership_of_dir(&job.cgroup)
+            .ok()
+            .filter(|m| m.hierarchy == Hierarchy::Unified)
+            .zip(FsFreezer::for_dir(&job.cgroup).ok());
+        let membership = match (v2_job, procs.freezer_of(pid)) {
+            (Some((membership, freezer)), _) => {
+                self.freezer = Some(freezer);
+                membership
+            }
+            (None, Ok(located)) => {
+                let located = job_level(located, &job.name);
                 self.freezer = FsFreezer::for_dir(&located.dir)
                     .map_err(|e| tracing::warn!(error = %e, "the job cannot be duty-cycled"))
                     .ok();
                 located.membership
             }
-            Err(e) => {
+            (None, Err(e)) => {
                 tracing::debug!(error = %e, "the job's process is gone; attributing by its directory");
                 self.freezer = FsFreezer::for_dir(&job.cgroup).ok();
                 procs
@@ -126,6 +153,7 @@ impl Monitor for GpuMonitor {
                     .map_err(|e| MonitorError::new(format!("locating the job's cgroup: {e}")))?
             }
         };
+        tracing::debug!(?membership, "GPU guard attributing by this cgroup");
         self.guard = Some(GpuGuard::open(membership, self.limits));
         self.apply_fraction()
     }
@@ -180,5 +208,32 @@ impl Monitor for GpuMonitor {
         if self.killed_for_memory {
             report.reason = Reason::GpuMemory;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::gpu::attribution::CgroupMembership;
+
+    #[test]
+    fn the_job_level_cgroup_is_the_ancestor_named_after_the_job() {
+        let located = FreezerCgroup {
+            membership: CgroupMembership {
+                hierarchy: Hierarchy::V1("freezer".into()),
+                path: "/enforcer/job-1/main".into(),
+            },
+            dir: PathBuf::from("/sys/fs/cgroup/freezer/enforcer/job-1/main"),
+        };
+        let j = job_level(located.clone(), "job-1");
+        assert_eq!(j.membership.path, "/enforcer/job-1");
+        assert_eq!(
+            j.dir,
+            PathBuf::from("/sys/fs/cgroup/freezer/enforcer/job-1")
+        );
+        // Not found: unchanged.
+        assert_eq!(job_level(located.clone(), "other"), located);
     }
 }
