@@ -1,5 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
+mod bench;
 mod ebpf;
 mod vm;
 
@@ -24,6 +25,12 @@ enum Task {
     /// (TCG) and run `enforcer doctor` and the root integration tests inside
     /// each, on pure cgroup v2. Needs `scripts/setup` first.
     VmTest(vm::VmTestArgs),
+    /// Run a benchmark; prints side-by-side numbers and writes JSON under
+    /// target/bench/.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchTask,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -58,6 +65,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("built {} ({size} bytes)", object.display());
         }
         Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
+        Task::Bench { what } => bench::run(what, &workspace_root())?,
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod config;
 mod doctor;
 mod game;
 mod gpu;
+pub mod meter;
 pub mod run;
 
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ pub enum Command {
     /// Show NVML's view of the GPUs and their processes (with their
     /// cgroups), or why GPU telemetry is unavailable on this node.
     Gpu(gpu::GpuArgs),
+    /// Measure, without enforcing anything, how much the tasks of existing
+    /// cgroups steal from a training workload's scheduling (eBPF).
+    Meter(meter::MeterArgs),
     Run(run::RunArgs),
     Attach(attach::AttachArgs),
     Game(game::GameArgs),
@@ -57,6 +61,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Gpu(args) => gpu::run(args),
+        Command::Meter(args) => meter::run(args),
         Command::Run(args) => run::run(args),
         Command::Attach(args) => attach::run(args),
         Command::Game(args) => game::run(args),
