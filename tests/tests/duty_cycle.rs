@@ -49,33 +49,52 @@ fn measure(duty: &DutyCycle, stat: &TestCgroup, window: Duration) -> (Duration, 
     (free, cycled)
 }
 
+/// Up to two measurements: one that falls outside the bounds is repeated
+/// once, because a loaded shared host or a TCG VM descheduled by it skews a
+/// whole measurement now and then (seen: 1.06 once on 5.10 under TCG while
+/// the host ran at load 8). A freezer that does not work fails both.
+const ATTEMPTS: u32 = 2;
+
 fn check(freezer: FsFreezer, stat: &TestCgroup, label: &str) {
-    let duty = DutyCycle::start(freezer, Duration::from_millis(100), RunFraction::FULL)
+    for attempt in 1..=ATTEMPTS {
+        let duty = DutyCycle::start(
+            freezer.clone(),
+            Duration::from_millis(100),
+            RunFraction::FULL,
+        )
         .expect("starting the duty-cycle thread");
-    // A whole number of periods per window, so the window's phase against
-    // the duty cycle does not matter.
-    let (free, cycled) = measure(&duty, stat, Duration::from_millis(500));
-    let stats = duty.stop().expect("the freezer failed");
-    let ratio = cycled.as_secs_f64() / free.as_secs_f64();
-    eprintln!(
-        "{label} on {}: free-running {:.3} CPU-s, duty-cycled 50% {:.3} CPU-s over 8 x 0.5 s each: ratio {ratio:.3} ({} periods, {} frozen for {:.3} s in all)",
-        enforcer_tests::kernel_release(),
-        free.as_secs_f64(),
-        cycled.as_secs_f64(),
-        stats.periods,
-        stats.frozen_periods,
-        stats.frozen.as_secs_f64()
-    );
-    // Meaningful only if the burner actually ran free: at least 0.1 CPU on
-    // average in its windows, even on a loaded host or under TCG.
-    assert!(
-        free > Duration::from_millis(400),
-        "the free-running burner got only {free:?} CPU in 4 s: host too loaded to measure"
-    );
-    assert!(
-        (0.4..=0.6).contains(&ratio),
-        "duty-cycled to 50 %, the burner got {ratio:.3} of its free-running CPU ({cycled:?} vs {free:?})"
-    );
+        // A whole number of periods per window, so the window's phase
+        // against the duty cycle does not matter.
+        let (free, cycled) = measure(&duty, stat, Duration::from_millis(500));
+        let stats = duty.stop().expect("the freezer failed");
+        let ratio = cycled.as_secs_f64() / free.as_secs_f64();
+        eprintln!(
+            "{label} on {} (attempt {attempt}): free-running {:.3} CPU-s, duty-cycled 50% {:.3} CPU-s over 8 x 0.5 s each: ratio {ratio:.3} ({} periods, {} frozen for {:.3} s in all)",
+            enforcer_tests::kernel_release(),
+            free.as_secs_f64(),
+            cycled.as_secs_f64(),
+            stats.periods,
+            stats.frozen_periods,
+            stats.frozen.as_secs_f64()
+        );
+        // Meaningful only if the burner actually ran free: at least 0.1 CPU
+        // on average in its windows, even on a loaded host or under TCG.
+        let meaningful = free > Duration::from_millis(400);
+        let within = (0.4..=0.6).contains(&ratio);
+        if meaningful && within {
+            return;
+        }
+        if attempt == ATTEMPTS {
+            assert!(
+                meaningful,
+                "the free-running burner got only {free:?} CPU in 4 s: host too loaded to measure"
+            );
+            panic!(
+                "duty-cycled to 50 %, the burner got {ratio:.3} of its free-running CPU ({cycled:?} vs {free:?})"
+            );
+        }
+        eprintln!("  out of bounds: measuring once more");
+    }
 }
 
 #[test]

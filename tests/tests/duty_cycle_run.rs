@@ -79,26 +79,39 @@ fn run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu() {
     // Long enough that the moments before the duty cycle starts (spawn,
     // monitor start: slow under TCG) weigh little.
     let window = Duration::from_millis(2500);
-    let (mut free, mut cycled) = (0.0, 0.0);
-    for half in [false, true, true, false].into_iter().cycle().take(8) {
-        if half {
-            cycled += burn("50%", window);
-        } else {
-            free += burn("100%", window);
+    // Up to two measurements: a loaded shared host, or a TCG VM it
+    // deschedules, skews a whole measurement now and then (seen: 0.618 on
+    // 5.10 while the host ran at load 8, with jobs ending 2.8 s late). A
+    // duty cycle that does not work fails both.
+    for attempt in 1..=2 {
+        let (mut free, mut cycled) = (0.0, 0.0);
+        for half in [false, true, true, false].into_iter().cycle().take(8) {
+            if half {
+                cycled += burn("50%", window);
+            } else {
+                free += burn("100%", window);
+            }
         }
+        let ratio = cycled / free;
+        eprintln!(
+            "enforcer run --duty-cycle on {} (attempt {attempt}): free-running {free:.3} CPU-s, 50% {cycled:.3} CPU-s over 4 x {:.1} s jobs each: ratio {ratio:.3}",
+            enforcer_tests::kernel_release(),
+            window.as_secs_f64()
+        );
+        let meaningful = free > 1.0;
+        let within = (0.4..=0.6).contains(&ratio);
+        if meaningful && within {
+            return;
+        }
+        if attempt == 2 {
+            assert!(
+                meaningful,
+                "the free-running jobs got only {free:.3} CPU-s in 10 s: host too loaded to measure"
+            );
+            panic!(
+                "duty-cycled to 50 %, the job got {ratio:.3} of its free-running CPU ({cycled:.3} vs {free:.3} CPU-s)"
+            );
+        }
+        eprintln!("  out of bounds: measuring once more");
     }
-    let ratio = cycled / free;
-    eprintln!(
-        "enforcer run --duty-cycle on {}: free-running {free:.3} CPU-s, 50% {cycled:.3} CPU-s over 4 x {:.1} s jobs each: ratio {ratio:.3}",
-        enforcer_tests::kernel_release(),
-        window.as_secs_f64()
-    );
-    assert!(
-        free > 1.0,
-        "the free-running jobs got only {free:.3} CPU-s in 10 s: host too loaded to measure"
-    );
-    assert!(
-        (0.4..=0.6).contains(&ratio),
-        "duty-cycled to 50 %, the job got {ratio:.3} of its free-running CPU ({cycled:.3} vs {free:.3} CPU-s)"
-    );
 }
