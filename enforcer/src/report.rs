@@ -26,6 +26,9 @@ pub enum Reason {
     Oom,
     /// The job was killed on request (a signal to the enforcer).
     Killed,
+    /// The job stayed over its GPU memory limit past the grace period.
+    #[serde(rename = "gpu_memory")]
+    GpuMemory,
 }
 
 pub const NO_TRAINING: &str = "no training workload to protect (use --protect PID)";
