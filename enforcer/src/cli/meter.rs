@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::probe::steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec};
+use crate::{
+    probe::steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    units::Dur,
+};
 
 #[derive(Debug, Args)]
 pub struct MeterArgs {
@@ -40,38 +43,18 @@ pub struct MeterArgs {
     pub cgroups: Vec<PathBuf>,
 
     /// Time between two printed lines, e.g. `500ms`, `1s`.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
+    #[arg(long, default_value = "1s")]
+    pub interval: Dur,
 
     /// Stop after this long (e.g. `10s`, `2m`); without it, run until
     /// interrupted (SIGINT/SIGTERM), then print the summary.
-    #[arg(long, value_parser = parse_duration)]
-    pub duration: Option<Duration>,
+    #[arg(long)]
+    pub duration: Option<Dur>,
 
     /// One JSON object per line (`event`: start, interval, summary) instead
     /// of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Parses `250ms`, `1s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1s or 500ms"))?;
-    let scale = match unit.trim() {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{s:?}: {e}"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -117,7 +100,9 @@ fn meter(args: &MeterArgs) -> Result<()> {
         (None, Some(dir)) => TrainingSpec::Cgroup(dir.clone()),
         (None, None) => bail!("--protect PID or --training-cgroup DIR is required"),
     };
-    if args.interval.is_zero() {
+    let interval = args.interval.0;
+    let duration = args.duration.map(|d| d.0);
+    if interval.is_zero() {
         bail!("--interval must be above zero");
     }
     let mut jobs = Vec::new();
@@ -167,9 +152,8 @@ fn meter(args: &MeterArgs) -> Result<()> {
     let mut previous = first.clone();
     loop {
         let elapsed = started.elapsed();
-        let mut next_tick =
-            args.interval * (elapsed.as_nanos() / args.interval.as_nanos()) as u32 + args.interval;
-        if let Some(limit) = args.duration {
+        let mut next_tick = interval * (elapsed.as_nanos() / interval.as_nanos()) as u32 + interval;
+        if let Some(limit) = duration {
             next_tick = next_tick.min(limit);
         }
         while started.elapsed() < next_tick && !STOP.load(Ordering::Relaxed) {
@@ -177,9 +161,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
         }
         let now = meter.read()?;
         let done = STOP.load(Ordering::Relaxed)
-            || args
-                .duration
-                .is_some_and(|limit| started.elapsed() >= limit);
+            || duration.is_some_and(|limit| started.elapsed() >= limit);
         if !done {
             print_interval(
                 &mut out,
@@ -371,19 +353,4 @@ fn print_summary(out: &mut impl Write, summary: &Value) -> Result<()> {
     }
     writeln!(out, "  overflow: {}", summary["overflow"])?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("1fortnight").is_err());
-        assert!(parse_duration("fast").is_err());
-    }
 }
