@@ -453,7 +453,9 @@ fn follow_children_counts_the_training_children_and_only_then() {
         with.job_usage_ns
     );
     assert!(with.summary["training"]["threads_forked"].as_u64().unwrap() > 10);
-    assert_no_overflow(&with);
+    // As under thread churn: a rare missed switch-in is corrected at exit
+    // and reported; nothing else may overflow.
+    assert_no_overflow_but(&with, &["waiter_underflow"]);
     let without = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     assert!(
         job_steal_ns(&without) < 20_000_000,

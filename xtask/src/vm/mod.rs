@@ -194,6 +194,7 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         "building enforcer and the enforcer-tests binaries for {MUSL}"
     ));
     let enforcer = build_enforcer(root)?;
+    let helpers = build_helpers(root)?;
     let mut tests = build_tests(root)?;
     if !args.tests.is_empty() {
         for wanted in &args.tests {
@@ -225,6 +226,7 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         &out_dir,
         &initramfs,
         &enforcer,
+        &helpers,
         &tests,
         args.filter.as_deref(),
     )?;
@@ -326,6 +328,16 @@ fn build_enforcer(root: &Path) -> Result<PathBuf> {
         .context("cargo built no enforcer executable")
 }
 
+/// The helper binaries of `enforcer-tests` (`tests/src/bin/`): workloads the
+/// tests start, found next to the enforcer binary in the VM.
+fn build_helpers(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    cargo_executables(root, &["build", "-p", "enforcer-tests", "--bins"], |m| {
+        m["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|x| x == "bin"))
+    })
+}
+
 /// The integration test binaries of `enforcer-tests`: one per file in
 /// `tests/tests/`, discovered from cargo's output so new files need no change.
 fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -360,6 +372,7 @@ fn build_initramfs(
     out_dir: &Path,
     dest: &Path,
     enforcer: &Path,
+    helpers: &[(String, PathBuf)],
     tests: &[(String, PathBuf)],
     filter: Option<&str>,
 ) -> Result<u64> {
@@ -409,6 +422,14 @@ fn build_initramfs(
         &stripped(enforcer, &staging, "enforcer")?,
         true,
     )?;
+    // Workload helpers the tests run (e.g. eval-workload), next to enforcer.
+    for (name, exe) in helpers {
+        a.add_file(
+            &format!("bin/{name}"),
+            &stripped(exe, &staging, name)?,
+            true,
+        )?;
+    }
     for (name, exe) in tests {
         a.add_file(
             &format!("tests/{name}"),
