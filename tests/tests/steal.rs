@@ -308,7 +308,7 @@ fn evaluation_on_another_cpu_steals_under_1_percent() {
     let fraction = m.summary["jobs"][0]["stolen_fraction"].as_f64().unwrap();
     assert!(fraction < 0.01, "stolen fraction {fraction}: {}", m.summary);
     assert!(
-        m.job_usage_ns > 500_000_000,
+        m.job_usage_ns > 100_000_000,
         "the job ran: {}",
         m.job_usage_ns
     );

@@ -118,7 +118,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
     let mut meter = StealMeter::start(training.clone())
         .context("loading the steal probes (enforcer doctor says what this node lacks)")?;
     for job in &jobs {
-        meter.add_job(&job.key, job.cgroup)?;
+        meter.add_job(&job.key, job.cgroup.clone())?;
     }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
