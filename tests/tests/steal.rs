@@ -457,9 +457,11 @@ fn follow_children_counts_the_training_children_and_only_then() {
     // and reported; nothing else may overflow.
     assert_no_overflow_but(&with, &["waiter_underflow"]);
     let without = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
+    // The parent still runs a little between forks (more so under emulation),
+    // so it can lose a little; its children's share is gone.
     assert!(
-        job_steal_ns(&without) < 20_000_000,
-        "not following children, the sleeping parent lost almost nothing: {}",
+        job_steal_ns(&without) < steal / 5,
+        "not following children, only the parent counts: {} vs {steal} following",
         without.summary
     );
 }

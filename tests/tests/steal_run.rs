@@ -81,7 +81,9 @@ fn read_report(path: &Path) -> Value {
 
 /// A job spinning on the training's CPU, not in the idle class: the report
 /// carries its steal, a stolen fraction far over a 5 % budget, preemptions,
-/// time over budget, and a `budget_exceeded` event.
+/// time over budget, and a `budget_exceeded` event. (The supervisor loads
+/// the probes after starting the job, which takes seconds under emulation:
+/// the job runs long enough to be metered well after that.)
 #[test]
 fn run_protect_reports_the_jobs_steal_and_budget_events() {
     require_root!();
@@ -99,7 +101,7 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
         .arg(&report)
         .arg("--")
         .arg(&w)
-        .args(["--cpu", "0", "spin", "1", "4"])
+        .args(["--cpu", "0", "spin", "1", "8"])
         .output()
         .expect("running enforcer run");
     let stderr = String::from_utf8_lossy(&out.stderr);
