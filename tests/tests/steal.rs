@@ -202,11 +202,26 @@ fn meter(
     let status = child.wait().expect("waiting for the meter");
     assert!(status.success(), "enforcer meter failed: {status}");
     assert_eq!(summary["event"], "summary", "no summary line");
+    // The meter samples the kernel's schedstat and cpu.stat right after its
+    // first and last probe snapshots, so both cover the same interval (under
+    // emulation, this test's own reads lag the meter's by up to a second).
+    let truth = &summary["ground_truth"];
+    let run_delay_ns = truth["training_schedstat_run_delay_ns"]
+        .as_u64()
+        .expect("schedstat sampled");
+    let job_usage_ns = truth["jobs_cpu_usage_ns"][0]
+        .as_u64()
+        .expect("cpu.stat sampled");
+    eprintln!(
+        "ground truth sampled by the meter: run_delay +{run_delay_ns}, job usage +{job_usage_ns}; \
+         by this test, later: +{}, +{}",
+        delay1.saturating_sub(delay0),
+        usage1.saturating_sub(usage0)
+    );
     Metered {
         summary,
-        // Threads that exited meanwhile take their run_delay with them.
-        run_delay_ns: delay1.saturating_sub(delay0),
-        job_usage_ns: usage1 - usage0,
+        run_delay_ns,
+        job_usage_ns,
     }
 }
 

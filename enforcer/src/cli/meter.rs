@@ -91,6 +91,62 @@ struct Job {
     cgroup: JobCgroup,
 }
 
+/// The kernel's own accounting, sampled right after each probe snapshot so
+/// that both cover the same interval: the training threads' schedstat
+/// run_delay (from /proc, not from eBPF) and each job cgroup's CPU usage
+/// (cpu.stat). For cross-checking the meter; `None` where unreadable.
+#[derive(Debug, Clone)]
+struct GroundTruth {
+    run_delay_ns: Option<u64>,
+    job_usage_ns: Vec<Option<u64>>,
+}
+
+impl GroundTruth {
+    fn read(training: &TrainingSpec, jobs: &[Job]) -> Self {
+        let run_delay_ns = match training {
+            TrainingSpec::Pid { pid, .. } => std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()
+                .map(|dir| {
+                    dir.flatten()
+                        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                        .sum()
+                }),
+            TrainingSpec::Cgroup(_) => None,
+        };
+        let job_usage_ns = jobs
+            .iter()
+            .map(|j| {
+                std::fs::read_to_string(j.path.join("cpu.stat"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(|us| us * 1000)
+            })
+            .collect();
+        Self {
+            run_delay_ns,
+            job_usage_ns,
+        }
+    }
+
+    fn growth_json(&self, last: &Self) -> Value {
+        let grow = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        json!({
+            "training_schedstat_run_delay_ns": grow(self.run_delay_ns, last.run_delay_ns),
+            "jobs_cpu_usage_ns": self
+                .job_usage_ns
+                .iter()
+                .zip(&last.job_usage_ns)
+                .map(|(a, b)| grow(*a, *b))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn meter(args: &MeterArgs) -> Result<()> {
     let training = match (args.protect, &args.training_cgroup) {
         (Some(pid), _) => TrainingSpec::Pid {
@@ -126,6 +182,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let first = meter.read()?;
+    let truth_first = GroundTruth::read(&training, &jobs);
     let started = Instant::now();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -150,6 +207,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
     out.flush()?;
 
     let mut previous = first.clone();
+    let mut truth_last;
     loop {
         let elapsed = started.elapsed();
         let mut next_tick = interval * (elapsed.as_nanos() / interval.as_nanos()) as u32 + interval;
@@ -160,6 +218,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20).min(next_tick - started.elapsed()));
         }
         let now = meter.read()?;
+        let truth = GroundTruth::read(&training, &jobs);
         let done = STOP.load(Ordering::Relaxed)
             || duration.is_some_and(|limit| started.elapsed() >= limit);
         if !done {
@@ -173,11 +232,13 @@ fn meter(args: &MeterArgs) -> Result<()> {
             )?;
         }
         previous = now;
+        truth_last = truth;
         if done {
             break;
         }
     }
-    let summary = summary_json(&jobs, &first, &previous, started.elapsed(), &meter);
+    let mut summary = summary_json(&jobs, &first, &previous, started.elapsed(), &meter);
+    summary["ground_truth"] = truth_first.growth_json(&truth_last);
     if args.json {
         writeln!(out, "{summary}")?;
     } else {
