@@ -274,9 +274,22 @@ impl Backend for V1Job {
             && u.join("cgroup.kill").exists()
             && super::cgroup_kill_allowed()
         {
-            return self.fs.write(&u.join("cgroup.kill"), "1");
+            self.fs.write(&u.join("cgroup.kill"), "1")?;
+            // Tasks frozen by the v1 freezer (e.g. by a GPU duty cycle) die
+            // only once thawed.
+            if self.dir("freezer").is_some() {
+                self.freezer_v1(false)?;
+            }
+            return Ok(());
         }
-        let can_freeze = self.freeze(true).is_ok();
+        // Freeze so nothing forks while we kill; v1-frozen tasks die only
+        // once thawed, so thaw right after. The caller repeats rounds until
+        // the job is empty, which catches a task that slipped through.
+        let can_freeze = if self.dir("freezer").is_some() {
+            self.write("freezer", "freezer.state", "FROZEN").is_ok()
+        } else {
+            self.freeze(true).is_ok()
+        };
         for pid in self.pids() {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }

@@ -12,7 +12,8 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime, start_job,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime,
+    start_or_interrupt,
 };
 use crate::{
     cgroup::CgroupError,
@@ -22,10 +23,13 @@ use crate::{
     },
 };
 
-/// Move a running process into a job and enforce its limits and deadline
-/// (which starts now). Exit status as for `run`, except that the exit code
-/// of a process that is not our child cannot be read: 0 when it ends by
-/// itself.
+/// Move a running process into a job and enforce its limits and deadline.
+///
+/// The deadline starts now. Exit status as for `run`, except that the exit
+/// code of a process that is not our child cannot be read: 0 when it ends
+/// by itself. Refused (exit 2, nothing left behind): unknown PID, PID 1,
+/// kernel threads, the enforcer itself or its ancestors, the protected
+/// training process.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// The process to attach (all its threads).
@@ -64,7 +68,8 @@ pub fn run(args: AttachArgs) -> ExitCode {
 }
 
 async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
-    let started_job = match start_job(&plan, args.job.no_wait).await {
+    let mut signals = job::Signals::install();
+    let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -96,9 +101,9 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        None,
-        args.pid,
+        job::Target::Attached(args.pid),
         job_monitors(&plan, &args.job),
+        signals,
         started,
         SystemTime::now(),
     )

@@ -19,8 +19,10 @@ use crate::{
     units::{ByteSize, Cores, Dur},
 };
 
-/// Run one game of the current job under its own deadline. Exit status:
-/// CMD's own; 124 when the game deadline killed it; 137 on OOM; 2 usage;
+/// Run one game of the current job under its own deadline.
+///
+/// Run it from inside `enforcer run`. Exit status: CMD's own; 124 when the
+/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job);
 /// 125 enforcer failure.
 #[derive(Debug, Args)]
 pub struct GameArgs {
@@ -137,6 +139,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async {
+        let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();
         let child = match job::spawn_into(&guard.0, &args.command, &[]) {
@@ -146,13 +149,12 @@ pub fn run(args: GameArgs) -> ExitCode {
                 return 127;
             }
         };
-        let pid = child.id().map_or(0, |p| p as i32);
         let (report, code) = job::supervise(
             &guard.0,
             &spec,
-            Some(child),
-            pid,
-            default_monitors(),
+            job::Target::Spawned(child),
+            default_monitors(&config),
+            signals,
             started,
             wall,
         )

@@ -195,8 +195,11 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The monitors every job gets.
-pub fn default_monitors() -> Vec<Box<dyn Monitor>> {
+/// The monitors a job gets. The steal meter, the budget controller and the
+/// GPU guard are added here, built from the config (`training`, `budget`,
+/// `gpu_*`); each one that cannot start is logged and left out by the
+/// supervisor, never failing the job.
+pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
     vec![Box::new(LimitEvents::default())]
 }
 
@@ -213,7 +216,7 @@ pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
         (None, Some(dir)) => Some(TrainingSpec::Cgroup(training_cgroup_dir(dir))),
         (None, None) => None,
     };
-    let mut monitors = default_monitors();
+    let mut monitors = default_monitors(&plan.config);
     monitors.push(Box::new(StealMonitor::new(
         training,
         plan.config.budget.fraction(),
@@ -257,6 +260,22 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     ExitCode::from(rt.block_on(run_async(plan, &args)))
+}
+
+/// [`start_job`], abandoned (exit 128+N) if signal N arrives meanwhile,
+/// e.g. while waiting for a slot.
+pub async fn start_or_interrupt(
+    plan: &Plan,
+    no_wait: bool,
+    signals: &mut job::Signals,
+) -> Result<Started, u8> {
+    tokio::select! {
+        r = start_job(plan, no_wait) => r,
+        sig = signals.any() => {
+            tracing::warn!(signal = sig, job = %plan.name, "interrupted before the job started");
+            Err(u8::try_from(128 + sig).unwrap_or(EXIT_FAILURE))
+        }
+    }
 }
 
 /// A job cgroup made and limited, with the slot and the ownership lock it
@@ -326,7 +345,8 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
 }
 
 async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
-    let started_job = match start_job(&plan, args.job.no_wait).await {
+    let mut signals = job::Signals::install();
+    let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -351,13 +371,12 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
             };
         }
     };
-    let pid = child.id().map_or(0, |p| p as i32);
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        Some(child),
-        pid,
+        job::Target::Spawned(child),
         job_monitors(&plan, &args.job),
+        signals,
         started,
         started_wall,
     )
