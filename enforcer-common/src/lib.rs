@@ -28,8 +28,11 @@ pub const MAX_CPUS: u32 = 1024;
 /// Bound of the training thread table. A thread that does not fit is counted
 /// in [`TrainingTotals::threads_dropped`].
 pub const MAX_TRAINING_THREADS: u32 = 16384;
-/// Bound of the job table (cgroup id → slot) and of the per-job counters.
+/// Bound of the per-job counters (job slots).
 pub const MAX_JOBS: u32 = 256;
+/// Bound of the job cgroup table (cgroup id → slot): jobs and, on kernels
+/// without the ancestor helper for tracing, their child cgroups.
+pub const MAX_JOB_CGROUPS: u32 = 4096;
 /// How many distinct cgroup depths job cgroups may sit at. A task in a child
 /// cgroup of a job (a game) is matched through its ancestor at that depth.
 pub const MAX_JOB_LEVELS: u32 = 4;

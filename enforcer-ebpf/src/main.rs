@@ -32,6 +32,16 @@
 //! waiter at the destination CPU, whose lock is not held then: it is an atomic
 //! add to `arrivals`, folded into `waiters` by the destination's next switch.
 //!
+//! Cost: a switch between two tasks that are not training, on a CPU where no
+//! training thread waits, returns after two array reads (`TGID_FILTER`)
+//! without reading the clock or touching a hash map.
+//!
+//! Limits, all counted and reported by user space: threads seeded from /proc
+//! at start are in an unknown state until their first switch (a wait already
+//! in progress then is not counted); a thread table or CPU table that is full
+//! counts what did not fit; a switch-in that was missed (seen as a waiting
+//! thread that exits) is corrected and counted in `waiter_underflow`.
+//!
 //! # Portability
 //!
 //! Rust eBPF has no CO-RE relocations, so no `task_struct` offset is baked in
@@ -42,7 +52,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core::intrinsics::atomic_xadd: the BPF target has no AtomicU64::fetch_add")]
+#![expect(
+    internal_features,
+    reason = "core::intrinsics::atomic_xadd: the BPF target has no AtomicU64::fetch_add"
+)]
 
 use core::intrinsics::AtomicOrdering;
 
@@ -57,8 +70,9 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use enforcer_common::{
-    CpuWait, JobSteal, MAX_CPUS, TGID_FILTER_SLOTS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS, SwitchCount,
-    TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TrainingTask, TrainingTotals,
+    CpuWait, JobSteal, MAX_CPUS, MAX_JOB_CGROUPS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS,
+    SwitchCount, TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TGID_FILTER_SLOTS, TrainingTask,
+    TrainingTotals,
 };
 
 /// One slot per CPU: context switches seen by `sched_switch_selftest`.
@@ -135,10 +149,12 @@ static TGID_FILTER: Array<u32> = Array::with_max_entries(TGID_FILTER_SLOTS + 1, 
 #[map]
 static CPU_WAIT: Array<CpuWait> = Array::with_max_entries(MAX_CPUS, 0);
 
-/// Job cgroups: v2 cgroup id → job slot. Bound: `MAX_JOBS`, enforced by user
-/// space when it adds a job (an error there, never a silent miss here).
+/// Job cgroups: v2 cgroup id → job slot (a job's own cgroup, and on kernels
+/// without the ancestor helper its descendants too). Bound:
+/// `MAX_JOB_CGROUPS`, enforced by user space when it adds them (counted
+/// there, never a silent miss here).
 #[map]
-static JOBS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_JOBS, 0);
+static JOBS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_JOB_CGROUPS, 0);
 
 /// Depths (in the v2 hierarchy) at which job cgroups sit, 0 = unused. A task
 /// in a child cgroup of a job is matched by its ancestor at that depth.
@@ -211,15 +227,21 @@ fn advance(cpu: &mut CpuWait, now: u64) {
     cpu.last_update_ns = now;
 }
 
-/// The job slot of the current task, if its v2 cgroup (or its ancestor at a
-/// job depth) is a job cgroup.
+/// The job slot of the current task, if its v2 cgroup (or, with
+/// `ANCESTORS`, its ancestor at a job depth) is a job cgroup. Tracing
+/// programs may call `bpf_get_current_ancestor_cgroup_id` only on newer
+/// kernels (not on 5.10): there, user space enters every cgroup below a job
+/// in `JOBS` itself, and the programs built without `ANCESTORS` are loaded.
 #[inline(always)]
-fn job_slot_of_current() -> Option<u32> {
+fn job_slot_of_current<const ANCESTORS: bool>() -> Option<u32> {
     // SAFETY: helpers without arguments to validate.
     let id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values of this map are plain u32.
     if let Some(slot) = unsafe { JOBS.get(&id) } {
         return Some(*slot);
+    }
+    if !ANCESTORS {
+        return None;
     }
     for i in 0..MAX_JOB_LEVELS {
         let level = match JOB_LEVELS.get(i) {
@@ -243,10 +265,15 @@ fn job_slot_of_current() -> Option<u32> {
 /// `sched_switch` on kernels ≥ 5.18: (preempt, prev, next, prev_state).
 #[btf_tracepoint(function = "sched_switch")]
 pub fn steal_sched_switch(ctx: BtfTracePointContext) -> i32 {
-    let preempt: u64 = ctx.arg(0);
-    let next: *const u8 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
-    on_switch(preempt & 0xff != 0, prev_state as u32, next);
+    switch_with_state::<true>(&ctx);
+    0
+}
+
+/// As `steal_sched_switch`, for kernels whose tracing programs lack
+/// `bpf_get_current_ancestor_cgroup_id`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn steal_sched_switch_flat(ctx: BtfTracePointContext) -> i32 {
+    switch_with_state::<false>(&ctx);
     0
 }
 
@@ -254,18 +281,38 @@ pub fn steal_sched_switch(ctx: BtfTracePointContext) -> i32 {
 /// is read from `task_struct` at the BTF offset of `__state`/`state`.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn steal_sched_switch_legacy(ctx: BtfTracePointContext) -> i32 {
+    switch_reading_state::<true>(&ctx);
+    0
+}
+
+/// As `steal_sched_switch_legacy`, without the ancestor helper (5.10).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn steal_sched_switch_legacy_flat(ctx: BtfTracePointContext) -> i32 {
+    switch_reading_state::<false>(&ctx);
+    0
+}
+
+#[inline(always)]
+fn switch_with_state<const ANCESTORS: bool>(ctx: &BtfTracePointContext) {
+    let preempt: u64 = ctx.arg(0);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    on_switch::<ANCESTORS>(preempt & 0xff != 0, prev_state as u32, next);
+}
+
+#[inline(always)]
+fn switch_reading_state<const ANCESTORS: bool>(ctx: &BtfTracePointContext) {
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     // An unreadable state counts as "blocked": at worst a wait is missed,
     // never invented. (A `long` on 5.10-5.13; its low half on little endian.)
     let prev_state = task_u32(prev, config(&TASK_STATE_OFFSET)).unwrap_or(u32::MAX);
-    on_switch(preempt & 0xff != 0, prev_state, next);
-    0
+    on_switch::<ANCESTORS>(preempt & 0xff != 0, prev_state, next);
 }
 
 #[inline(always)]
-fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
+fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const u8) {
     let Some(totals) = totals() else { return };
     // SAFETY: helper without arguments to validate.
     let cpu = unsafe { bpf_get_smp_processor_id() };
@@ -329,7 +376,7 @@ fn on_switch(preempt: bool, prev_state: u32, next: *const u8) {
         // workload's own contention: not steal. tid 0 is the idle task.
         if prev_task.is_none()
             && prev_tid != 0
-            && let Some(slot) = job_slot_of_current()
+            && let Some(slot) = job_slot_of_current::<ANCESTORS>()
             && let Some(job) = JOB_STEAL.get_ptr_mut(slot)
         {
             // SAFETY: this CPU's slot of a per-CPU array.

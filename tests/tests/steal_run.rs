@@ -3,8 +3,9 @@
 //! the probes cannot measure anything.
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -90,26 +91,57 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
     std::thread::sleep(Duration::from_millis(200));
     let report = s.path("report.json");
     let w = workload_bin();
-    let out = enforcer()
+    let mut run = enforcer()
         .args(["run", "--config"])
         .arg(s.config())
         .args(["--no-idle", "--protect"])
         .arg(training.0.id().to_string())
-        .args(["--budget", "5%", "--progress", "--report"])
+        .args([
+            "--budget",
+            "5%",
+            "--progress",
+            "--timeout",
+            "120s",
+            "--report",
+        ])
         .arg(&report)
         .arg("--")
         .arg(&w)
-        .args(["--cpu", "0", "spin", "1", "4"])
-        .output()
+        .args(["--cpu", "0", "spin", "1", "120"])
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running enforcer run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    // The supervisor loads the probes after starting the job (seconds under
+    // emulation): meter 3 s from the moment they are attached, then stop the
+    // job with SIGTERM, which the supervisor turns into a kill and a report.
+    let mut stderr_lines = BufReader::new(run.stderr.take().expect("stderr")).lines();
+    let mut stderr = String::new();
+    for line in stderr_lines.by_ref() {
+        let line = line.expect("reading stderr");
+        stderr += &line;
+        stderr.push('\n');
+        if line.contains("steal meter attached") || line.contains("steal not measured") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the enforcer this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    for line in stderr_lines {
+        stderr += &line.expect("reading stderr");
+        stderr.push('\n');
+    }
+    let _ = run.wait().expect("waiting for enforcer run");
+    assert!(stderr.contains("steal meter attached"), "{stderr}");
     let r = read_report(&report);
     let steal = r["stolen_from_training_s"]
         .as_f64()
         .unwrap_or_else(|| panic!("{r}"));
     let fraction = r["stolen_fraction"].as_f64().unwrap();
-    assert!(steal > 0.3, "the job ran on the training's CPU: {r}");
+    assert!(
+        steal > 0.3,
+        "the job ran on the training's CPU: {r}\n{stderr}"
+    );
     assert!(fraction > 0.05 && fraction < 1.0, "{r}");
     assert!(r["preemptions_of_training"].as_u64().unwrap() > 0, "{r}");
     assert!(r["training_runq_wait_s"].as_f64().unwrap() >= steal, "{r}");

@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::probe::steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec};
+use crate::{
+    probe::steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    units::Dur,
+};
 
 #[derive(Debug, Args)]
 pub struct MeterArgs {
@@ -40,38 +43,18 @@ pub struct MeterArgs {
     pub cgroups: Vec<PathBuf>,
 
     /// Time between two printed lines, e.g. `500ms`, `1s`.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
+    #[arg(long, default_value = "1s")]
+    pub interval: Dur,
 
     /// Stop after this long (e.g. `10s`, `2m`); without it, run until
     /// interrupted (SIGINT/SIGTERM), then print the summary.
-    #[arg(long, value_parser = parse_duration)]
-    pub duration: Option<Duration>,
+    #[arg(long)]
+    pub duration: Option<Dur>,
 
     /// One JSON object per line (`event`: start, interval, summary) instead
     /// of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Parses `250ms`, `1s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 1s or 500ms"))?;
-    let scale = match unit.trim() {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{s:?}: {e}"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -108,6 +91,62 @@ struct Job {
     cgroup: JobCgroup,
 }
 
+/// The kernel's own accounting, sampled right after each probe snapshot so
+/// that both cover the same interval: the training threads' schedstat
+/// run_delay (from /proc, not from eBPF) and each job cgroup's CPU usage
+/// (cpu.stat). For cross-checking the meter; `None` where unreadable.
+#[derive(Debug, Clone)]
+struct GroundTruth {
+    run_delay_ns: Option<u64>,
+    job_usage_ns: Vec<Option<u64>>,
+}
+
+impl GroundTruth {
+    fn read(training: &TrainingSpec, jobs: &[Job]) -> Self {
+        let run_delay_ns = match training {
+            TrainingSpec::Pid { pid, .. } => std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()
+                .map(|dir| {
+                    dir.flatten()
+                        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                        .sum()
+                }),
+            TrainingSpec::Cgroup(_) => None,
+        };
+        let job_usage_ns = jobs
+            .iter()
+            .map(|j| {
+                std::fs::read_to_string(j.path.join("cpu.stat"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(|us| us * 1000)
+            })
+            .collect();
+        Self {
+            run_delay_ns,
+            job_usage_ns,
+        }
+    }
+
+    fn growth_json(&self, last: &Self) -> Value {
+        let grow = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        json!({
+            "training_schedstat_run_delay_ns": grow(self.run_delay_ns, last.run_delay_ns),
+            "jobs_cpu_usage_ns": self
+                .job_usage_ns
+                .iter()
+                .zip(&last.job_usage_ns)
+                .map(|(a, b)| grow(*a, *b))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn meter(args: &MeterArgs) -> Result<()> {
     let training = match (args.protect, &args.training_cgroup) {
         (Some(pid), _) => TrainingSpec::Pid {
@@ -117,7 +156,9 @@ fn meter(args: &MeterArgs) -> Result<()> {
         (None, Some(dir)) => TrainingSpec::Cgroup(dir.clone()),
         (None, None) => bail!("--protect PID or --training-cgroup DIR is required"),
     };
-    if args.interval.is_zero() {
+    let interval = args.interval.0;
+    let duration = args.duration.map(|d| d.0);
+    if interval.is_zero() {
         bail!("--interval must be above zero");
     }
     let mut jobs = Vec::new();
@@ -133,7 +174,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
     let mut meter = StealMeter::start(training.clone())
         .context("loading the steal probes (enforcer doctor says what this node lacks)")?;
     for job in &jobs {
-        meter.add_job(&job.key, job.cgroup)?;
+        meter.add_job(&job.key, job.cgroup.clone())?;
     }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -141,6 +182,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let first = meter.read()?;
+    let truth_first = GroundTruth::read(&training, &jobs);
     let started = Instant::now();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -165,21 +207,20 @@ fn meter(args: &MeterArgs) -> Result<()> {
     out.flush()?;
 
     let mut previous = first.clone();
+    let mut truth_last;
     loop {
         let elapsed = started.elapsed();
-        let mut next_tick =
-            args.interval * (elapsed.as_nanos() / args.interval.as_nanos()) as u32 + args.interval;
-        if let Some(limit) = args.duration {
+        let mut next_tick = interval * (elapsed.as_nanos() / interval.as_nanos()) as u32 + interval;
+        if let Some(limit) = duration {
             next_tick = next_tick.min(limit);
         }
         while started.elapsed() < next_tick && !STOP.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20).min(next_tick - started.elapsed()));
         }
         let now = meter.read()?;
+        let truth = GroundTruth::read(&training, &jobs);
         let done = STOP.load(Ordering::Relaxed)
-            || args
-                .duration
-                .is_some_and(|limit| started.elapsed() >= limit);
+            || duration.is_some_and(|limit| started.elapsed() >= limit);
         if !done {
             print_interval(
                 &mut out,
@@ -191,11 +232,13 @@ fn meter(args: &MeterArgs) -> Result<()> {
             )?;
         }
         previous = now;
+        truth_last = truth;
         if done {
             break;
         }
     }
-    let summary = summary_json(&jobs, &first, &previous, started.elapsed(), &meter);
+    let mut summary = summary_json(&jobs, &first, &previous, started.elapsed(), &meter);
+    summary["ground_truth"] = truth_first.growth_json(&truth_last);
     if args.json {
         writeln!(out, "{summary}")?;
     } else {
@@ -371,19 +414,4 @@ fn print_summary(out: &mut impl Write, summary: &Value) -> Result<()> {
     }
     writeln!(out, "  overflow: {}", summary["overflow"])?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("1fortnight").is_err());
-        assert!(parse_duration("fast").is_err());
-    }
 }

@@ -67,10 +67,10 @@ fn cgroup2_mount() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
-/// Depth below the v2 root of the job cgroup `id`, found among the v2
+/// Depth below the v2 root and directory of the job cgroup `id`, found among the v2
 /// ancestors of its process `pid` (which may sit in a child of the job
 /// cgroup, e.g. its `main` leaf). `None` when it is not one of them.
-fn job_level(pid: i32, id: u64) -> Option<u32> {
+fn job_dir(pid: i32, id: u64) -> Option<(u32, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
@@ -79,7 +79,7 @@ fn job_level(pid: i32, id: u64) -> Option<u32> {
     (0..=parts.len()).rev().find_map(|depth| {
         let dir = parts[..depth].iter().fold(mount.clone(), |d, c| d.join(c));
         let ino = std::fs::metadata(&dir).ok()?.ino();
-        (ino == id).then_some(depth as u32)
+        (ino == id).then_some((depth as u32, dir))
     })
 }
 
@@ -156,9 +156,11 @@ impl Monitor for StealMonitor {
                 return Ok(());
             }
         };
+        let found = job_dir(job.pid, id);
         let cgroup = JobCgroup {
             id,
-            level: job_level(job.pid, id),
+            level: found.as_ref().map(|(level, _)| *level),
+            dir: found.map(|(_, dir)| dir),
         };
         tracing::debug!(?cgroup, job_cgroup = %job.cgroup.display(), "metering the job's v2 cgroup");
         if let Err(e) = meter.add_job(JOB_KEY, cgroup) {

@@ -41,7 +41,7 @@ pub enum TrainingSpec {
 }
 
 /// A job cgroup as the kernel programs see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobCgroup {
     /// v2 cgroup id: the inode number of its directory in the unified
     /// hierarchy.
@@ -49,6 +49,10 @@ pub struct JobCgroup {
     /// Depth below the v2 root (the root is 0), so that tasks in its child
     /// cgroups (games) are matched too. `None`: match the cgroup itself only.
     pub level: Option<u32>,
+    /// Its directory in the v2 hierarchy: on kernels whose tracing programs
+    /// lack the ancestor helper (5.10), its child cgroups are found here and
+    /// entered one by one at every read.
+    pub dir: Option<PathBuf>,
 }
 
 impl JobCgroup {
@@ -62,6 +66,7 @@ impl JobCgroup {
         Ok(Self {
             id: meta.ino(),
             level: v2_level(path),
+            dir: Some(path.to_owned()),
         })
     }
 }
@@ -120,11 +125,18 @@ pub struct Overflow {
     pub cpu_out_of_range: u64,
     /// Waiter counts that would have gone negative (a missed event).
     pub waiter_underflow: u64,
+    /// Child cgroups of jobs not entered because the job cgroup table was
+    /// full (only on kernels without the ancestor helper).
+    pub job_cgroups_dropped: u64,
 }
 
 impl Overflow {
     pub fn any(&self) -> bool {
-        self.threads_dropped + self.cpu_out_of_range + self.waiter_underflow != 0
+        self.threads_dropped
+            + self.cpu_out_of_range
+            + self.waiter_underflow
+            + self.job_cgroups_dropped
+            != 0
     }
 }
 
@@ -152,6 +164,8 @@ struct Job {
     cgroup: JobCgroup,
     /// Slot counters when the job was added (slots are reused).
     baseline: JobCounters,
+    /// The cgroup ids entered for it in `JOBS`.
+    ids: BTreeSet<u64>,
 }
 
 /// The loaded and attached steal programs. Dropping it detaches them.
@@ -161,6 +175,10 @@ pub struct StealMeter {
     programs: Vec<&'static str>,
     jobs: BTreeMap<String, Job>,
     nr_cpus: usize,
+    /// Whether the loaded `sched_switch` program matches child cgroups of a
+    /// job through `bpf_get_current_ancestor_cgroup_id`.
+    ancestors: bool,
+    job_cgroups_dropped: u64,
 }
 
 impl std::fmt::Debug for StealMeter {
@@ -215,10 +233,13 @@ impl StealMeter {
             .override_global("FOLLOW_CHILDREN", &follow, true)
             .map_max_entries("CPU_WAIT", nr_cpus as u32)
             .load(EBPF_OBJECT)?;
-        let switch = if layout.switch_has_prev_state {
-            "steal_sched_switch"
+        let (switch, switch_flat) = if layout.switch_has_prev_state {
+            ("steal_sched_switch", "steal_sched_switch_flat")
         } else {
-            "steal_sched_switch_legacy"
+            (
+                "steal_sched_switch_legacy",
+                "steal_sched_switch_legacy_flat",
+            )
         };
         let mut meter = Self {
             ebpf,
@@ -226,6 +247,8 @@ impl StealMeter {
             programs: Vec::new(),
             jobs: BTreeMap::new(),
             nr_cpus,
+            ancestors: true,
+            job_cgroups_dropped: 0,
         };
         // Threads that exist now go in before any program runs, so that the
         // fork hook sees their children from the first event on.
@@ -248,11 +271,24 @@ impl StealMeter {
             ("steal_sched_process_exit", "sched_process_exit"),
         ];
         let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
-        for (name, tracepoint) in programs {
+        let mut programs = programs;
+        for (i, (name, tracepoint)) in programs.into_iter().enumerate() {
+            let Err(source) = meter.tracepoint(name)?.load(tracepoint, &btf) else {
+                continue;
+            };
+            if name != switch {
+                return Err(ProbeError::Program { name, source });
+            }
+            // Tracing programs may call bpf_get_current_ancestor_cgroup_id
+            // only on newer kernels: fall back to the program that matches
+            // exact cgroup ids, and enter child cgroups from here instead.
+            tracing::debug!(error = %source, "sched_switch with the ancestor helper refused; using {switch_flat}");
             meter
-                .tracepoint(name)?
+                .tracepoint(switch_flat)?
                 .load(tracepoint, &btf)
-                .map_err(|source| ProbeError::Program { name, source })?;
+                .map_err(|_| ProbeError::Program { name, source })?;
+            meter.ancestors = false;
+            programs[i].0 = switch_flat;
         }
         for (name, _) in programs {
             meter
@@ -375,11 +411,44 @@ impl StealMeter {
             key.to_owned(),
             Job {
                 slot,
+                ids: BTreeSet::from([cgroup.id]),
                 cgroup,
                 baseline,
             },
         );
-        self.write_levels()
+        self.write_levels()?;
+        self.refresh_job_cgroups()
+    }
+
+    /// Without the ancestor helper, enters the child cgroups of every job
+    /// (games) in `JOBS`; they are found by walking the job's directory.
+    fn refresh_job_cgroups(&mut self) -> Result<(), ProbeError> {
+        if self.ancestors {
+            return Ok(());
+        }
+        let mut jobs_map: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
+                .map_err(map_err("JOBS"))?;
+        for job in self.jobs.values_mut() {
+            let Some(dir) = &job.cgroup.dir else { continue };
+            let mut found = Vec::new();
+            collect_child_cgroup_ids(dir, &mut found, 0);
+            for id in found {
+                if job.ids.contains(&id) {
+                    continue;
+                }
+                match jobs_map.insert(id, job.slot, 0) {
+                    Ok(()) => {
+                        job.ids.insert(id);
+                    }
+                    Err(e) => {
+                        self.job_cgroups_dropped += 1;
+                        tracing::warn!(id, error = %e, "job cgroup table full: a child cgroup of a job is not metered");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stops attributing steal to `key`; its counters are gone.
@@ -390,11 +459,13 @@ impl StealMeter {
         let mut jobs: HashMap<&mut MapData, u64, u32> =
             HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
                 .map_err(map_err("JOBS"))?;
-        match jobs.remove(&job.cgroup.id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(map_err("JOBS")(e)),
+        for id in &job.ids {
+            match jobs.remove(id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err("JOBS")(e)),
+            }
         }
         self.write_levels()
     }
@@ -449,6 +520,7 @@ impl StealMeter {
         if matches!(self.training, TrainingSpec::Cgroup(_)) {
             self.refresh_training()?;
         }
+        self.refresh_job_cgroups()?;
         let at = monotonic_now();
         let totals: PerCpuArray<&MapData, TrainingTotals> = PerCpuArray::try_from(
             self.ebpf
@@ -513,6 +585,7 @@ impl StealMeter {
                 threads_dropped: t.threads_dropped,
                 cpu_out_of_range: t.cpu_out_of_range,
                 waiter_underflow: t.waiter_underflow,
+                job_cgroups_dropped: self.job_cgroups_dropped,
             },
         })
     }
@@ -611,6 +684,22 @@ fn descendants(pid: u32) -> Vec<u32> {
     }
     found.remove(0);
     found
+}
+
+/// The ids (inode numbers) of the cgroups below `dir`.
+fn collect_child_cgroup_ids(dir: &Path, out: &mut Vec<u64>, depth: u32) {
+    use std::os::unix::fs::MetadataExt;
+    if depth >= 32 {
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Ok(meta) = entry.metadata() {
+                out.push(meta.ino());
+            }
+            collect_child_cgroup_ids(&entry.path(), out, depth + 1);
+        }
+    }
 }
 
 fn collect_cgroup_threads(dir: &Path, out: &mut Vec<u32>, depth: u32) {

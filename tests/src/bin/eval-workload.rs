@@ -20,8 +20,22 @@
 
 use std::{
     io::Write,
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
+
+/// The CPU given with `--cpu`, `usize::MAX` without. Spinning threads
+/// re-apply it now and then: a supervisor that moves the process between
+/// cgroups (into a job's leaf) resets the affinity on kernels before 6.2.
+static PIN: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Re-applies `--cpu` to the calling thread.
+fn repin() {
+    let cpu = PIN.load(Ordering::Relaxed);
+    if cpu != usize::MAX {
+        pin(cpu);
+    }
+}
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
     args.get(i)
@@ -42,17 +56,25 @@ fn sleep_forever() -> ! {
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut cpu, mut cgroup) = (None, None);
     while args.len() >= 2 && args[0].starts_with("--") {
         let (flag, value) = (args.remove(0), args.remove(0));
         match flag.as_str() {
-            "--cpu" => pin(value.parse().unwrap_or_else(|_| die("bad --cpu"))),
-            "--cgroup" => {
-                if let Err(e) = std::fs::write(format!("{value}/cgroup.procs"), "0") {
-                    die(&format!("joining {value}: {e}"));
-                }
-            }
+            "--cpu" => cpu = Some(value.parse().unwrap_or_else(|_| die("bad --cpu"))),
+            "--cgroup" => cgroup = Some(value),
             other => die(&format!("unknown option {other}")),
         }
+    }
+    // Join first, pin after: joining a cgroup with the cpuset controller
+    // resets the affinity on kernels before 6.2.
+    if let Some(dir) = cgroup
+        && let Err(e) = std::fs::write(format!("{dir}/cgroup.procs"), "0")
+    {
+        die(&format!("joining {dir}: {e}"));
+    }
+    if let Some(cpu) = cpu {
+        PIN.store(cpu, Ordering::Relaxed);
+        pin(cpu);
     }
     match args.first().map(String::as_str) {
         Some("memhog") => memhog(arg(&args, 1, "TOTAL_MB"), arg(&args, 2, "STEP_MB")),
@@ -115,7 +137,12 @@ fn spin(threads: usize, seconds: f64) {
         .map(|_| {
             std::thread::spawn(move || {
                 let mut x = 0u64;
+                let mut next_pin = Instant::now();
                 while Instant::now() < end {
+                    if Instant::now() >= next_pin {
+                        repin();
+                        next_pin = Instant::now() + Duration::from_millis(100);
+                    }
                     for _ in 0..10_000 {
                         x = std::hint::black_box(
                             x.wrapping_mul(6364136223846793005).wrapping_add(1),
@@ -178,6 +205,7 @@ fn pin(cpu: usize) {
 fn spin_for(d: Duration) {
     let end = Instant::now() + d;
     let mut x = 0u64;
+    repin();
     while Instant::now() < end {
         for _ in 0..1000 {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
