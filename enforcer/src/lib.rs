@@ -5,10 +5,12 @@
 //! The modules follow the architecture:
 //! - [`cgroup`]: the cgroup v2 and v1/hybrid backends behind one interface;
 //! - [`probe`]: loading the embedded eBPF programs and reading their maps;
+//! - [`budget`]: the steal-budget controller and the training progress reader;
 //! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
 //! - [`cli`]: the command line, one file per subcommand.
 
+pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod doctor;
