@@ -1,5 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
+mod bench;
 mod ebpf;
 
 use std::path::PathBuf;
@@ -19,6 +20,17 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
+    /// Benchmarks: side-by-side ratios measured in one run.
+    Bench {
+        #[command(subcommand)]
+        task: bench::BenchTask,
+    },
+    /// A synthetic workload for the benches (started by them).
+    #[command(hide = true)]
+    BenchWorker {
+        #[command(subcommand)]
+        worker: bench::workload::Worker,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -41,6 +53,12 @@ fn main() -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
+        Task::Bench { task } => match task {
+            bench::BenchTask::Contention(args) => {
+                bench::contention::run(&args, &workspace_root())?;
+            }
+        },
+        Task::BenchWorker { worker } => bench::workload::run(worker)?,
     }
     Ok(())
 }

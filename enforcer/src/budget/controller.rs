@@ -421,14 +421,17 @@ impl Controller {
             Quota::Cores(q) => q,
         };
         // A quota above what the job uses does not bind: shrinking it would
-        // change nothing for several periods. Start from the use instead.
+        // change nothing for several periods. Start from the use instead,
+        // but never more than two far steps at once: a job that is still
+        // starting up uses little and would land on the floor.
         let base = self.job_cores(now).map_or(current, |u| u.min(current));
         let factor = if value > 2.0 * cfg.budget {
             cfg.decrease_far
         } else {
             cfg.decrease
         };
-        let next = (base * factor).max(cfg.floor_cores);
+        let lowest = current * cfg.decrease_far * cfg.decrease_far;
+        let next = (base * factor).max(lowest).max(cfg.floor_cores);
         let at_floor = current <= cfg.floor_cores + 1e-9;
 
         if at_floor {
@@ -526,12 +529,14 @@ impl Controller {
         Some(steal.as_secs_f64() / total.as_secs_f64())
     }
 
-    /// The job's CPU use over the judged span, in cores.
+    /// The job's CPU use over the judged span, in cores; `None` over less
+    /// than half a window, too short for a use that ramps up or is sampled
+    /// in clock ticks.
     fn job_cores(&self, now: Instant) -> Option<f64> {
         let last = self.samples.back()?;
         let first = self.anchor(now)?;
         let span = last.at.saturating_duration_since(first.at);
-        if span < self.config.min_span {
+        if span < self.config.window / 2 {
             return None;
         }
         let used = last.job_cpu?.saturating_sub(first.job_cpu?);
@@ -643,18 +648,51 @@ mod tests {
 
     #[test]
     fn tightens_from_measured_use_when_the_quota_does_not_bind() {
-        let (mut c, mut sim) = controller();
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        // Under budget for a second (dead band: no change), then over.
+        for _ in 0..10 {
+            let obs = sim.advance(0.04, 0.6);
+            assert_eq!(c.step(obs, sim.now), None);
+        }
         let mut d = None;
-        for _ in 0..5 {
-            let obs = sim.advance(0.08, 0.4);
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.6);
             d = d.or(c.step(obs, sim.now));
         }
-        // 8 % is over budget but under 2 × budget: × 0.75 of 0.4 used.
+        // The first judgement sees 8.6 % over the 1 s window (over budget,
+        // under 2 × budget): × 0.75 of the 0.6 core used, not of the quota.
         let d = d.expect("tightened");
         match d.controls.quota {
-            Quota::Cores(q) => assert!((q - 0.3).abs() < 1e-6, "quota {q}"),
+            Quota::Cores(q) => assert!((q - 0.45).abs() < 1e-6, "quota {q}"),
             Quota::Unlimited => panic!("still unlimited"),
         }
+    }
+
+    #[test]
+    fn a_starting_job_that_uses_little_is_not_sent_to_the_floor_at_once() {
+        let (mut c, mut sim) = controller();
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.01);
+            d = d.or(c.step(obs, sim.now));
+        }
+        assert_eq!(d.expect("tightened").controls.quota, Quota::Cores(0.5));
+        // Even with a trusted, tiny use, one step is at most two halvings.
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        for _ in 0..10 {
+            let obs = sim.advance(0.04, 0.01);
+            c.step(obs, sim.now);
+        }
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.01);
+            d = d.or(c.step(obs, sim.now));
+        }
+        assert_eq!(d.expect("tightened").controls.quota, Quota::Cores(0.25));
     }
 
     #[test]
