@@ -25,6 +25,10 @@ enum Task {
         #[command(subcommand)]
         task: bench::BenchTask,
     },
+    /// The demo (run by scripts/demo, as root): a synthetic training alone,
+    /// then an evaluation job beside it under the enforcer, one live line a
+    /// second, then the job report.
+    Demo(bench::demo::DemoArgs),
     /// A synthetic workload for the benches (started by them).
     #[command(hide = true)]
     BenchWorker {
@@ -58,6 +62,7 @@ fn main() -> Result<()> {
                 bench::contention::run(&args, &workspace_root())?;
             }
         },
+        Task::Demo(args) => bench::demo::run(&args, &workspace_root())?,
         Task::BenchWorker { worker } => bench::workload::run(worker)?,
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Applying the controller's decisions to a job: the [`CpuActuator`] trait is
 //! what the controller needs from a job's cgroup, implemented by the job
-//! cgroup handle (and by fakes in tests and by the contention bench).
+//! cgroup handle (and by fakes in tests). Methods take `&self`: a cgroup
+//! handle is a path, the kernel holds the state.
 
 use super::controller::{CpuControls, Decision};
 
@@ -9,17 +10,17 @@ pub trait CpuActuator {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Sets (or, with `None`, removes) the CPU quota, in cores.
-    fn set_cpu_quota(&mut self, cores: Option<f64>) -> Result<(), Self::Error>;
+    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), Self::Error>;
     /// Puts the job in (or out of) the idle scheduling class.
-    fn set_cpu_idle(&mut self, idle: bool) -> Result<(), Self::Error>;
+    fn set_cpu_idle(&self, idle: bool) -> Result<(), Self::Error>;
     /// Freezes (or thaws) every process of the job.
-    fn freeze(&mut self, frozen: bool) -> Result<(), Self::Error>;
+    fn freeze(&self, frozen: bool) -> Result<(), Self::Error>;
 }
 
 /// Writes what changed between `decision.previous` and `decision.controls`;
 /// a start decision writes everything. Thawing is written before a quota so
 /// that a job is never left frozen by a failed quota write.
-pub fn apply<A: CpuActuator>(actuator: &mut A, decision: &Decision) -> Result<(), A::Error> {
+pub fn apply<A: CpuActuator + ?Sized>(actuator: &A, decision: &Decision) -> Result<(), A::Error> {
     let (from, to): (CpuControls, CpuControls) = (decision.previous, decision.controls);
     let start = matches!(decision.reason, super::controller::Reason::Start);
     if from.frozen && !to.frozen {
@@ -46,21 +47,21 @@ mod tests {
 
     #[derive(Default)]
     struct Fake {
-        writes: Vec<String>,
+        writes: std::cell::RefCell<Vec<String>>,
     }
 
     impl CpuActuator for Fake {
         type Error = std::io::Error;
-        fn set_cpu_quota(&mut self, cores: Option<f64>) -> Result<(), Self::Error> {
-            self.writes.push(format!("quota {cores:?}"));
+        fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), Self::Error> {
+            self.writes.borrow_mut().push(format!("quota {cores:?}"));
             Ok(())
         }
-        fn set_cpu_idle(&mut self, idle: bool) -> Result<(), Self::Error> {
-            self.writes.push(format!("idle {idle}"));
+        fn set_cpu_idle(&self, idle: bool) -> Result<(), Self::Error> {
+            self.writes.borrow_mut().push(format!("idle {idle}"));
             Ok(())
         }
-        fn freeze(&mut self, frozen: bool) -> Result<(), Self::Error> {
-            self.writes.push(format!("freeze {frozen}"));
+        fn freeze(&self, frozen: bool) -> Result<(), Self::Error> {
+            self.writes.borrow_mut().push(format!("freeze {frozen}"));
             Ok(())
         }
     }
@@ -68,11 +69,11 @@ mod tests {
     #[test]
     fn start_writes_idle_and_quota_then_a_tightening_only_the_quota() {
         let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
-        let mut fake = Fake::default();
+        let fake = Fake::default();
         let t0 = Instant::now();
-        apply(&mut fake, &c.start(t0)).expect("apply");
-        assert_eq!(fake.writes, ["idle true", "quota Some(1.0)"]);
-        fake.writes.clear();
+        apply(&fake, &c.start(t0)).expect("apply");
+        assert_eq!(*fake.writes.borrow(), ["idle true", "quota Some(1.0)"]);
+        fake.writes.borrow_mut().clear();
         let mut d = None;
         for i in 1..=3u32 {
             let obs = Observation {
@@ -85,7 +86,7 @@ mod tests {
             };
             d = d.or(c.step(obs, t0 + Duration::from_millis(100) * i));
         }
-        apply(&mut fake, &d.expect("tightened")).expect("apply");
-        assert_eq!(fake.writes, ["quota Some(0.5)"]);
+        apply(&fake, &d.expect("tightened")).expect("apply");
+        assert_eq!(*fake.writes.borrow(), ["quota Some(0.5)"]);
     }
 }

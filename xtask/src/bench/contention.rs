@@ -750,14 +750,14 @@ pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     })
 }
 
-fn read_step(path: &Path) -> u64 {
+pub(super) fn read_step(path: &Path) -> u64 {
     fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
 
-fn read_schedstat(path: &Path) -> (u64, u64) {
+pub(super) fn read_schedstat(path: &Path) -> (u64, u64) {
     let text = fs::read_to_string(path).unwrap_or_default();
     let mut f = text
         .split_whitespace()
@@ -765,14 +765,14 @@ fn read_schedstat(path: &Path) -> (u64, u64) {
     (f.next().unwrap_or(0), f.next().unwrap_or(0))
 }
 
-fn clock_ticks() -> f64 {
+pub(super) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
 
 /// utime + stime of a process (all its threads), in seconds.
-fn process_cpu_secs(pid: u32, clk_tck: f64) -> Option<f64> {
+pub(super) fn process_cpu_secs(pid: u32, clk_tck: f64) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may contain spaces.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -2,6 +2,7 @@
 //! measured in one run.
 
 pub mod contention;
+pub mod demo;
 pub mod plot;
 pub mod workload;
 
