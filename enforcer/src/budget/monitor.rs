@@ -1,0 +1,284 @@
+//! [`BudgetMonitor`]: the budget controller plugged into the job supervisor.
+//! Every control period it reads the job's steal (from a [`StealSource`], fed
+//! by the steal meter), the job's CPU use and, when configured, the
+//! training's progress file, steps the [`Controller`] and writes its
+//! decisions to the job's cgroup. Each decision is a `budget` event and a
+//! log line with its reason; once a second a `budget status` log line gives
+//! the live numbers. At the end it fills `budget_fraction`, `over_budget_s`
+//! and `training_slowdown` in the report (null with a reason when missing).
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+use super::{
+    actuator::{CpuActuator, apply},
+    controller::{Controller, ControllerConfig, Observation, Reason, StealCounters},
+    progress::{ProgressTracker, Unavailable},
+};
+use crate::{
+    cgroup::{CgroupError, JobCgroup},
+    events::Event,
+    job::{JobInfo, Monitor, MonitorError, TickContext},
+    report::Report,
+};
+
+/// Where the job's steal comes from: cumulative counters for this job, or
+/// why there are none right now.
+pub trait StealSource: Send {
+    fn counters(&mut self) -> Result<StealCounters, String>;
+}
+
+impl CpuActuator for JobCgroup {
+    type Error = CgroupError;
+    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
+        JobCgroup::set_cpu_quota(self, cores)
+    }
+    fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
+        JobCgroup::set_cpu_idle(self, idle)
+    }
+    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        JobCgroup::freeze(self, frozen)
+    }
+}
+
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+const REPORT_WINDOW: Duration = Duration::from_secs(1);
+
+/// The budget loop of one job.
+pub struct BudgetMonitor {
+    config: ControllerConfig,
+    controller: Option<Controller>,
+    steal: Box<dyn StealSource>,
+    steal_error: Option<String>,
+    progress: Option<ProgressTracker>,
+    slowdown_error: Option<String>,
+    slowdowns: Vec<f64>,
+    /// Trailing samples for the reported 1 s fraction and over-budget time.
+    trail: VecDeque<(Instant, StealCounters)>,
+    over_budget: Duration,
+    last_tick: Option<Instant>,
+    last_status: Option<Instant>,
+    last_cpu: Option<(Instant, Duration)>,
+    decisions: u64,
+    job: String,
+}
+
+impl BudgetMonitor {
+    pub fn new(
+        config: ControllerConfig,
+        steal: Box<dyn StealSource>,
+        progress: Option<ProgressTracker>,
+    ) -> Self {
+        Self {
+            config,
+            controller: None,
+            steal,
+            steal_error: None,
+            progress,
+            slowdown_error: None,
+            slowdowns: Vec::new(),
+            trail: VecDeque::new(),
+            over_budget: Duration::ZERO,
+            last_tick: None,
+            last_status: None,
+            last_cpu: None,
+            decisions: 0,
+            job: String::new(),
+        }
+    }
+
+    fn trailing_fraction(&self) -> Option<f64> {
+        let (t1, b) = self.trail.back()?;
+        let (t0, a) = self.trail.front()?;
+        if t1.saturating_duration_since(*t0) < REPORT_WINDOW / 2 {
+            return None;
+        }
+        let steal = b.steal.saturating_sub(a.steal).as_secs_f64();
+        let ran = b
+            .training_on_cpu
+            .saturating_sub(a.training_on_cpu)
+            .as_secs_f64();
+        (steal + ran > 0.0).then(|| steal / (steal + ran))
+    }
+}
+
+impl Monitor for BudgetMonitor {
+    fn name(&self) -> &'static str {
+        "budget"
+    }
+
+    fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
+        self.job.clone_from(&job.name);
+        self.controller = Some(Controller::new(self.config.clone()));
+        Ok(())
+    }
+
+    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+        let Some(controller) = self.controller.as_mut() else {
+            return Ok(());
+        };
+        let now = ctx.now;
+        if self.last_tick.is_none() {
+            // The start decision is applied on the first tick: the cgroup
+            // handle is only given to ticks.
+            let d = controller.start(now);
+            apply(ctx.cgroup, &d)
+                .map_err(|e| MonitorError::new(format!("applying {d}: {e}")))?;
+            tracing::info!(job = %self.job, decision = %d, "budget decision");
+            ctx.emit(Event::new("budget", decision_json(&d)));
+        }
+
+        let steal = match self.steal.counters() {
+            Ok(c) => {
+                self.steal_error = None;
+                Some(c)
+            }
+            Err(e) => {
+                if self.steal_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(job = %self.job, reason = %e, "no steal signal: the budget loop holds");
+                }
+                self.steal_error = Some(e);
+                None
+            }
+        };
+        let slowdown = self.progress.as_mut().and_then(|p| {
+            let r = p.poll(now, true);
+            match r.slowdown {
+                Ok(s) => {
+                    self.slowdown_error = None;
+                    self.slowdowns.push(s);
+                    Some(s)
+                }
+                Err(u) => {
+                    // Warming right after the start is normal: not an error.
+                    if !matches!(u, Unavailable::Warming) {
+                        self.slowdown_error = Some(u.to_string());
+                    }
+                    None
+                }
+            }
+        });
+        let job_cpu = ctx.stats.cpu_usage;
+        let obs = Observation {
+            steal,
+            job_cpu,
+            training_slowdown: slowdown,
+        };
+        if let Some(d) = controller.step(obs, now) {
+            self.decisions += 1;
+            tracing::info!(job = %self.job, decision = %d, "budget decision");
+            let applied = apply(ctx.cgroup, &d);
+            // A failed write (e.g. a job that just exited) is reported, and
+            // the loop goes on with what it asked for.
+            if let Err(e) = &applied {
+                tracing::warn!(job = %self.job, error = %e, "applying a budget decision failed");
+            }
+            ctx.emit(Event::new("budget", decision_json(&d)));
+            if let Reason::Freeze { .. } = d.reason {
+                tracing::warn!(job = %self.job, "job frozen: last resort of the budget loop");
+            }
+        }
+
+        if let Some(c) = steal {
+            self.trail.push_back((now, c));
+            while self.trail.len() > 2
+                && now.saturating_duration_since(self.trail[1].0) >= REPORT_WINDOW
+            {
+                self.trail.pop_front();
+            }
+        }
+        let fraction = self.trailing_fraction();
+        if let Some(prev) = self.last_tick
+            && fraction.is_some_and(|f| f > self.config.budget)
+        {
+            self.over_budget += now.saturating_duration_since(prev);
+        }
+        self.last_tick = Some(now);
+
+        let cores = match (self.last_cpu, job_cpu) {
+            (Some((t, a)), Some(b)) if now > t => {
+                Some(b.saturating_sub(a).as_secs_f64() / now.duration_since(t).as_secs_f64())
+            }
+            _ => None,
+        };
+        if self
+            .last_status
+            .is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY)
+        {
+            let controls = self.controller.as_ref().map(Controller::controls);
+            tracing::info!(
+                job = %self.job,
+                stolen_fraction = fraction,
+                training_slowdown = slowdown,
+                quota_cores = controls.and_then(|c| c.quota.cores()),
+                job_cpu_cores = cores,
+                frozen = controls.is_some_and(|c| c.frozen),
+                budget = self.config.budget,
+                "budget status"
+            );
+            self.last_status = Some(now);
+            if let Some(b) = job_cpu {
+                self.last_cpu = Some((now, b));
+            }
+        }
+        if self.last_cpu.is_none()
+            && let Some(b) = job_cpu
+        {
+            self.last_cpu = Some((now, b));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, report: &mut Report) {
+        report.budget_fraction = Some(self.config.budget);
+        if self.last_tick.is_some() && self.steal_error.is_none() {
+            report.over_budget_s = Some(self.over_budget.as_secs_f64());
+        } else {
+            report.over_budget_s = None;
+            report.unavailable(
+                "over_budget_s",
+                self.steal_error
+                    .clone()
+                    .unwrap_or_else(|| "the budget loop never ran".to_owned()),
+            );
+        }
+        if self.slowdowns.is_empty() {
+            report.training_slowdown = None;
+            report.unavailable(
+                "training_slowdown",
+                match (&self.progress, &self.slowdown_error) {
+                    (None, _) => "no training.progress_file configured".to_owned(),
+                    (Some(_), Some(e)) => e.clone(),
+                    (Some(_), None) => "the job was too short to measure a rate".to_owned(),
+                },
+            );
+        } else {
+            let mean = self.slowdowns.iter().sum::<f64>() / self.slowdowns.len() as f64;
+            report.training_slowdown = Some(mean);
+        }
+    }
+}
+
+fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
+    let reason = match d.reason {
+        Reason::Start => "start",
+        Reason::Tighten { .. } => "tighten",
+        Reason::Relax { .. } => "relax",
+        Reason::Unlimit { .. } => "unlimit",
+        Reason::Freeze { .. } => "freeze",
+        Reason::Thaw { .. } => "thaw",
+    };
+    json!({
+        "action": reason,
+        "message": d.to_string(),
+        "quota_cores": d.controls.quota.cores(),
+        "previous_quota_cores": d.previous.quota.cores(),
+        "idle": d.controls.idle,
+        "frozen": d.controls.frozen,
+        "budget": d.budget,
+    })
+}
