@@ -45,6 +45,30 @@ impl CpuActuator for JobCgroup {
     }
 }
 
+/// The job's cgroup under a static CPU limit the user asked for: the loop
+/// works below it, and "unlimited" means back to it, never above.
+struct Capped<'a> {
+    cgroup: &'a JobCgroup,
+    cap: Option<f64>,
+}
+
+impl CpuActuator for Capped<'_> {
+    type Error = CgroupError;
+    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
+        let cores = match (cores, self.cap) {
+            (Some(c), Some(cap)) => Some(c.min(cap)),
+            (c, cap) => c.or(cap),
+        };
+        self.cgroup.set_cpu_quota(cores)
+    }
+    fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
+        self.cgroup.set_cpu_idle(idle)
+    }
+    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        self.cgroup.freeze(frozen)
+    }
+}
+
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 const REPORT_WINDOW: Duration = Duration::from_secs(1);
 
@@ -65,6 +89,8 @@ pub struct BudgetMonitor {
     last_cpu: Option<(Instant, Duration)>,
     decisions: u64,
     job: String,
+    /// The user's static CPU limit, if any.
+    cap: Option<f64>,
 }
 
 impl BudgetMonitor {
@@ -88,6 +114,7 @@ impl BudgetMonitor {
             last_cpu: None,
             decisions: 0,
             job: String::new(),
+            cap: None,
         }
     }
 
@@ -113,7 +140,16 @@ impl Monitor for BudgetMonitor {
 
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         self.job.clone_from(&job.name);
-        self.controller = Some(Controller::new(self.config.clone()));
+        // The job's own limits bound the loop: a static `--cpu` is its
+        // ceiling, `--no-idle` keeps it out of the idle class.
+        let mut config = self.config.clone();
+        config.idle = job.limits.cpu_idle;
+        if let Some(cap) = job.limits.cpu {
+            config.max_cores = config.max_cores.min(cap);
+            config.start_cores = config.start_cores.map(|s| s.min(cap));
+        }
+        self.cap = job.limits.cpu;
+        self.controller = Some(Controller::new(config));
         Ok(())
     }
 
@@ -122,11 +158,15 @@ impl Monitor for BudgetMonitor {
             return Ok(());
         };
         let now = ctx.now;
+        let capped = Capped {
+            cgroup: ctx.cgroup,
+            cap: self.cap,
+        };
         if self.last_tick.is_none() {
             // The start decision is applied on the first tick: the cgroup
             // handle is only given to ticks.
             let d = controller.start(now);
-            apply(ctx.cgroup, &d)
+            apply(&capped, &d)
                 .map_err(|e| MonitorError::new(format!("applying {d}: {e}")))?;
             tracing::info!(job = %self.job, decision = %d, "budget decision");
             ctx.emit(Event::new("budget", decision_json(&d)));
@@ -171,7 +211,7 @@ impl Monitor for BudgetMonitor {
         if let Some(d) = controller.step(obs, now) {
             self.decisions += 1;
             tracing::info!(job = %self.job, decision = %d, "budget decision");
-            let applied = apply(ctx.cgroup, &d);
+            let applied = apply(&capped, &d);
             // A failed write (e.g. a job that just exited) is reported, and
             // the loop goes on with what it asked for.
             if let Err(e) = &applied {
