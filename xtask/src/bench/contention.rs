@@ -20,8 +20,10 @@
 
 use std::{
     fs,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -56,10 +58,13 @@ pub enum Policy {
     Loop,
     /// The budget controller, cfs period 10 ms.
     LoopShort,
+    /// `enforcer run --protect <training> --budget`: the real agent, eBPF
+    /// steal meter and all.
+    Enforcer,
 }
 
 impl Policy {
-    const ALL: [Policy; 8] = [
+    const ALL: [Policy; 9] = [
         Policy::Alone,
         Policy::Unlimited,
         Policy::Nice,
@@ -68,6 +73,7 @@ impl Policy {
         Policy::Weight,
         Policy::Loop,
         Policy::LoopShort,
+        Policy::Enforcer,
     ];
 
     fn label(self) -> &'static str {
@@ -80,6 +86,7 @@ impl Policy {
             Policy::Weight => "cpu.shares 2",
             Policy::Loop => "budget loop, idle + quota/100ms",
             Policy::LoopShort => "budget loop, idle + quota/10ms",
+            Policy::Enforcer => "enforcer run --budget",
         }
     }
 
@@ -118,6 +125,10 @@ pub struct ContentionArgs {
     /// Policies to run (comma separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub policies: Vec<Policy>,
+    /// The enforcer binary for the `enforcer` row (relative to the
+    /// workspace).
+    #[arg(long, default_value = "target/debug/enforcer")]
+    pub enforcer: PathBuf,
     /// Directory for the JSON and the plot (relative to the workspace).
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -153,6 +164,10 @@ struct RunResult {
     /// Loop rows: range of the trailing 1 s fraction after 2 s.
     steady_min: Option<f64>,
     steady_max: Option<f64>,
+    /// Enforcer row: what its job report said.
+    reported_stolen_fraction: Option<f64>,
+    reported_slowdown: Option<f64>,
+    reported_over_budget_s: Option<f64>,
     ticks: Vec<Tick>,
 }
 
@@ -170,11 +185,25 @@ struct Row {
     under_budget_after_s: Option<f64>,
     steady_min: Option<f64>,
     steady_max: Option<f64>,
+    reported_stolen_fraction: Option<f64>,
+    reported_slowdown: Option<f64>,
+    reported_over_budget_s: Option<f64>,
 }
 
 pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
+    let enforcer = root.join(&args.enforcer);
+    let enforcer_ok = supports_protect(&enforcer);
     let policies: Vec<Policy> = if args.policies.is_empty() {
-        Policy::ALL.to_vec()
+        if !enforcer_ok {
+            eprintln!(
+                "bench contention: {} has no `run --protect` on this build: the enforcer row is left out",
+                enforcer.display()
+            );
+        }
+        Policy::ALL
+            .into_iter()
+            .filter(|p| *p != Policy::Enforcer || enforcer_ok)
+            .collect()
     } else {
         let mut p = args.policies.clone();
         if !p.contains(&Policy::Alone) {
@@ -182,6 +211,12 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         }
         p
     };
+    if policies.contains(&Policy::Enforcer) && !enforcer_ok {
+        bail!(
+            "{} has no `run --protect`: build the enforcer with the budget loop wired",
+            enforcer.display()
+        );
+    }
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     let eval_threads = args.eval_threads.unwrap_or(cpus);
     let exe = std::env::current_exe().context("locating the xtask binary")?;
@@ -221,6 +256,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                 budget: args.budget_pct / 100.0,
                 cpus: cpus as f64,
                 cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
+                enforcer: &enforcer,
             };
             let r = run_one(policy, round, &spec)
                 .with_context(|| format!("round {round}, policy {}", policy.label()))?;
@@ -270,7 +306,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
             .filter(|r| r.policy == Policy::Alone)
             .map(|r| r.train_steps_per_s),
     );
-    let shown = [Policy::LoopShort, Policy::Loop]
+    let shown = [Policy::Enforcer, Policy::LoopShort, Policy::Loop]
         .into_iter()
         .find(|p| policies.contains(p));
     if let (Some(policy), Some(alone)) = (shown, alone) {
@@ -327,6 +363,7 @@ struct RunSpec<'a> {
     budget: f64,
     cpus: f64,
     cpu_root: Option<&'a Path>,
+    enforcer: &'a Path,
 }
 
 /// Kills and reaps a child on every exit path.
@@ -398,6 +435,8 @@ impl Drop for BenchCgroup {
 
 fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let tag = format!("{}-{round}-{}", std::process::id(), policy_slug(policy));
+    let report = s.scratch.join(format!("report-{tag}.json"));
+    let status = Arc::new(Mutex::new(Status::default()));
     let progress = s.scratch.join(format!("progress-{tag}"));
     let schedstat = s.scratch.join(format!("schedstat-{tag}"));
     let total = s.warmup + s.secs + Duration::from_millis(500);
@@ -447,12 +486,28 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 c.args(["-i", "0"]).arg(s.exe);
                 c
             }
+            Policy::Enforcer => {
+                let mut c = Command::new(s.enforcer);
+                c.args(["--log-format", "json", "run", "--no-wait", "--protect"])
+                    .arg(train.pid().to_string())
+                    .arg("--budget")
+                    .arg(format!("{}%", s.budget * 100.0))
+                    .arg("--report")
+                    .arg(&report)
+                    .arg("--")
+                    .arg(s.exe);
+                c
+            }
             _ => Command::new(s.exe),
         };
         cmd.args(&eval_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(if policy == Policy::Enforcer {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
         if let Some(cg) = &cgroup {
             match policy {
                 Policy::Quota => {
@@ -471,7 +526,11 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             let d = c.start(now);
             apply(cg, None, &d.controls, policy.cfs_period_us())?;
         }
-        let child = cmd.spawn().context("starting the evaluation worker")?;
+        let mut child = cmd.spawn().context("starting the evaluation worker")?;
+        if let Some(stderr) = child.stderr.take() {
+            let status = Arc::clone(&status);
+            thread::spawn(move || follow_status(stderr, &status, false));
+        }
         let eval = Reaped(Some(child));
         if let Some(cg) = &cgroup {
             // v1 moves every thread of the process; the worker has had no
@@ -491,10 +550,15 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         let now = Instant::now();
         let (run_ns, delay_ns) = read_schedstat(&schedstat);
         let step = read_step(&progress);
-        let eval_cpu_s = eval
-            .as_ref()
-            .and_then(|e| process_cpu_secs(e.pid(), clk_tck))
-            .unwrap_or(0.0);
+        let eval_cpu_s = match &eval {
+            // The evaluation runs as the enforcer's child: its CPU is the
+            // tree's minus the enforcer's own.
+            Some(e) if policy == Policy::Enforcer => {
+                tree_cpu_secs(e.pid(), clk_tck) - process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0)
+            }
+            Some(e) => process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0),
+            None => 0.0,
+        };
         let mut judged = None;
         if let (Some(c), Some(cg)) = (controller.as_mut(), &cgroup) {
             let obs = Observation {
@@ -524,14 +588,24 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             judged = c.last_stolen_fraction();
         }
         let controls = controller.as_ref().map(Controller::controls);
+        let (quota_cores, frozen) = if policy == Policy::Enforcer {
+            let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+            judged = st.stolen_fraction;
+            (st.quota_cores, st.frozen)
+        } else {
+            (
+                controls.and_then(|c| c.quota.cores()),
+                controls.is_some_and(|c| c.frozen),
+            )
+        };
         ticks.push(Tick {
             t: now.duration_since(t0).as_secs_f64(),
             step,
             run_ns,
             delay_ns,
             eval_cpu_s,
-            quota_cores: controls.and_then(|c| c.quota.cores()),
-            frozen: controls.is_some_and(|c| c.frozen),
+            quota_cores,
+            frozen,
             judged,
         });
         if now.duration_since(t0) >= s.secs {
@@ -546,8 +620,14 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             // SAFETY: kill on our own child's pid; a frozen job must finish.
             unsafe { libc::kill(e.pid() as i32, libc::SIGCONT) };
             let out = e.wait_output()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("evaluation output {:?}", out.stdout))?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let line = line
+                .lines()
+                .rev()
+                .find(|l| l.contains("\"work\""))
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("evaluation output {:?} ({})", out.stdout, out.status))?;
             let work = v["work"].as_f64().context("evaluation reported no work")?;
             let secs = v["secs"].as_f64().context("evaluation reported no secs")?;
             Some(work / secs)
@@ -558,6 +638,14 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     drop(cgroup);
     let _ = fs::remove_file(&progress);
     let _ = fs::remove_file(&schedstat);
+    let reported: Option<serde_json::Value> = fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let _ = fs::remove_file(&report);
+    if policy == Policy::Enforcer && reported.is_none() {
+        bail!("enforcer run wrote no report at {}", report.display());
+    }
+    let field = |k: &str| reported.as_ref().and_then(|r| r[k].as_f64());
 
     let first = ticks.first().context("no ticks")?;
     let last = ticks.last().context("no ticks")?;
@@ -566,7 +654,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let wait_fraction = fraction(first, last);
     let eval_cpu_cores =
         (policy != Policy::Alone).then(|| (last.eval_cpu_s - first.eval_cpu_s) / dt);
-    let is_loop = controller.is_some();
+    let is_loop = controller.is_some() || policy == Policy::Enforcer;
     let trailing = trailing_fractions(&ticks);
     let over_budget_s = is_loop.then(|| {
         trailing.iter().filter(|(_, f)| *f > s.budget).count() as f64 * TICK.as_secs_f64()
@@ -604,6 +692,9 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         under_budget_after_s,
         steady_min,
         steady_max,
+        reported_stolen_fraction: field("stolen_fraction"),
+        reported_slowdown: field("training_slowdown"),
+        reported_over_budget_s: field("over_budget_s"),
         ticks,
     })
 }
@@ -687,6 +778,11 @@ fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row>
                 under_budget_after_s: median(of.iter().filter_map(|r| r.under_budget_after_s)),
                 steady_min: median(of.iter().filter_map(|r| r.steady_min)),
                 steady_max: median(of.iter().filter_map(|r| r.steady_max)),
+                reported_stolen_fraction: median(
+                    of.iter().filter_map(|r| r.reported_stolen_fraction),
+                ),
+                reported_slowdown: median(of.iter().filter_map(|r| r.reported_slowdown)),
+                reported_over_budget_s: median(of.iter().filter_map(|r| r.reported_over_budget_s)),
             }
         })
         .collect()
@@ -700,7 +796,7 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
         "\ncontention bench: {cpus} CPUs, budget {budget_pct:.0}%, load {before} -> {after}; medians over rounds"
     );
     println!(
-        "{:<34} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>12}",
+        "{:<34} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
         "policy",
         "steps/s",
         "slowdown%",
@@ -710,7 +806,10 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
         "wait%",
         "over s",
         "under at s",
-        "steady wait%"
+        "steady wait%",
+        "rep.steal%",
+        "rep.slow%",
+        "rep.over"
     );
     for r in rows {
         let steady = match (r.steady_min, r.steady_max) {
@@ -718,7 +817,7 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
             _ => "-".to_owned(),
         };
         println!(
-            "{:<34} {:>8.1} {:>9} {:>10} {:>9} {:>9} {:>8.1} {:>8} {:>10} {:>12}",
+            "{:<34} {:>8.1} {:>9} {:>10} {:>9} {:>9} {:>8.1} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
             r.label,
             r.train_steps_per_s,
             pct(r.slowdown),
@@ -728,11 +827,15 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
             r.wait_fraction * 100.0,
             num(r.over_budget_s, 1),
             num(r.under_budget_after_s, 1),
-            steady
+            steady,
+            pct(r.reported_stolen_fraction),
+            pct(r.reported_slowdown),
+            num(r.reported_over_budget_s, 1),
         );
     }
     println!(
-        "wait% = training run-queue wait ÷ (run + wait) from its threads' schedstat (waits behind any task, not only the evaluation)"
+        "wait% = training run-queue wait ÷ (run + wait) from its threads' schedstat (waits behind any task, not only the evaluation); \
+         over s / under at s / steady: trailing 1 s wait fraction vs the budget (loop and enforcer rows); rep.* = the enforcer's own job report"
     );
 }
 
@@ -819,4 +922,80 @@ fn own_v1_cpu_cgroup() -> Result<PathBuf> {
         })
         .context("/proc/self/cgroup has no cpu line")?;
     Ok(mount.join(rel.trim_start_matches('/')))
+}
+
+/// The latest `budget status` log line of an enforcer.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Status {
+    pub stolen_fraction: Option<f64>,
+    pub training_slowdown: Option<f64>,
+    pub quota_cores: Option<f64>,
+    pub job_cpu_cores: Option<f64>,
+    pub frozen: bool,
+    /// A status line has been seen.
+    pub seen: bool,
+}
+
+/// Whether this enforcer binary has `run --protect` (the budget loop).
+pub(super) fn supports_protect(enforcer: &Path) -> bool {
+    Command::new(enforcer)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--protect")
+        })
+}
+
+/// Reads an enforcer's JSON log lines and keeps the latest budget status;
+/// with `echo`, passes every other line through to stderr.
+pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, echo: bool) {
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            if echo {
+                eprintln!("{line}");
+            }
+            continue;
+        };
+        let fields = &v["fields"];
+        if fields["message"].as_str() == Some("budget status") {
+            if let Ok(mut s) = status.lock() {
+                *s = Status {
+                    stolen_fraction: fields["stolen_fraction"].as_f64(),
+                    training_slowdown: fields["training_slowdown"].as_f64(),
+                    quota_cores: fields["quota_cores"].as_f64(),
+                    job_cpu_cores: fields["job_cpu_cores"].as_f64(),
+                    frozen: fields["frozen"].as_bool().unwrap_or(false),
+                    seen: true,
+                };
+            }
+        } else if echo {
+            let rest: serde_json::Map<String, serde_json::Value> = fields
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(k, _)| *k != "message")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "  [enforcer] {} {}",
+                fields["message"].as_str().unwrap_or(""),
+                serde_json::Value::Object(rest)
+            );
+        }
+    }
+}
+
+/// CPU seconds of a process and all its descendants.
+pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
+    let mut total = process_cpu_secs(pid, clk).unwrap_or(0.0);
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += tree_cpu_secs(c, clk);
+        }
+    }
+    total
 }

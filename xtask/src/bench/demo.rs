@@ -13,7 +13,7 @@
 //! numbers for what is wired, `n/a` for what is not.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -43,18 +43,6 @@ pub struct DemoArgs {
     /// Evaluation threads (default: the number of CPUs).
     #[arg(long)]
     pub eval_threads: Option<usize>,
-}
-
-/// The latest `budget status` line of the enforcer.
-#[derive(Debug, Default, Clone)]
-struct Status {
-    stolen_fraction: Option<f64>,
-    training_slowdown: Option<f64>,
-    quota_cores: Option<f64>,
-    job_cpu_cores: Option<f64>,
-    frozen: bool,
-    /// A status line has been seen.
-    seen: bool,
 }
 
 #[expect(clippy::print_stdout, reason = "the demo's live lines are its output")]
@@ -89,7 +77,7 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
         args.alone_secs
     );
 
-    let wired = supports_protect(&enforcer);
+    let wired = contention::supports_protect(&enforcer);
     if !wired {
         println!(
             "demo: {} has no `run --protect` on this build: the budget loop is not wired yet. \
@@ -104,7 +92,7 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
     let mut prev_sched = contention::read_schedstat(&schedstat);
     let mut baseline_from = None;
     let mut baseline = None;
-    let status = Arc::new(Mutex::new(Status::default()));
+    let status = Arc::new(Mutex::new(contention::Status::default()));
     let mut job: Option<std::process::Child> = None;
     let mut job_started = None;
     for second in 1..=(args.alone_secs + args.job_secs) {
@@ -113,7 +101,10 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
         );
         let now = Instant::now();
         let step = contention::read_step(&progress);
-        let eval_cpu = job.as_ref().map_or(0.0, |j| tree_cpu_secs(j.id(), clk));
+        let eval_cpu = job.as_ref().map_or(0.0, |j| {
+            contention::tree_cpu_secs(j.id(), clk)
+                - contention::process_cpu_secs(j.id(), clk).unwrap_or(0.0)
+        });
         let dt = now.duration_since(prev.0).as_secs_f64().max(1e-3);
         let rate = step.saturating_sub(prev.1) as f64 / dt;
         let eval_cores = (eval_cpu - prev.2).max(0.0) / dt;
@@ -172,7 +163,7 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
                 .context("starting the evaluation job")?;
             let stderr = child.stderr.take().context("no stderr pipe")?;
             let status = Arc::clone(&status);
-            thread::spawn(move || follow_status(stderr, &status));
+            thread::spawn(move || contention::follow_status(stderr, &status, true));
             job = Some(child);
             job_started = Some(now);
             println!(
@@ -228,70 +219,6 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
         Err(e) => println!("demo: no job report at {}: {e}", report.display()),
     }
     Ok(())
-}
-
-fn supports_protect(enforcer: &Path) -> bool {
-    Command::new(enforcer)
-        .args(["run", "--help"])
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--protect")
-        })
-}
-
-/// Reads the enforcer's JSON log lines; keeps the latest budget status, and
-/// passes every other line through to stderr.
-fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>) {
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        let v: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => {
-                eprintln!("{line}");
-                continue;
-            }
-        };
-        let fields = &v["fields"];
-        if fields["message"].as_str() == Some("budget status") {
-            if let Ok(mut s) = status.lock() {
-                *s = Status {
-                    stolen_fraction: fields["stolen_fraction"].as_f64(),
-                    training_slowdown: fields["training_slowdown"].as_f64(),
-                    quota_cores: fields["quota_cores"].as_f64(),
-                    job_cpu_cores: fields["job_cpu_cores"].as_f64(),
-                    frozen: fields["frozen"].as_bool().unwrap_or(false),
-                    seen: true,
-                };
-            }
-        } else {
-            eprintln!(
-                "  [enforcer] {} {}",
-                fields["message"].as_str().unwrap_or(""),
-                serde_json::Value::Object(
-                    fields
-                        .as_object()
-                        .map(|o| o
-                            .iter()
-                            .filter(|(k, _)| *k != "message")
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect())
-                        .unwrap_or_default()
-                )
-            );
-        }
-    }
-}
-
-/// CPU seconds of a process and all its descendants.
-fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
-    let mut total = contention::process_cpu_secs(pid, clk).unwrap_or(0.0);
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
-    for task in tasks.into_iter().flatten().flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            total += tree_cpu_secs(c, clk);
-        }
-    }
-    total
 }
 
 struct RemoveDir(PathBuf);
