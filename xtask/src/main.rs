@@ -20,20 +20,11 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
-    /// Benchmarks: side-by-side ratios measured in one run.
+    /// Run a benchmark; prints side-by-side numbers and writes JSON under
+    /// target/bench/.
     Bench {
         #[command(subcommand)]
-        task: bench::BenchTask,
-    },
-    /// The demo (run by scripts/demo, as root): a synthetic training alone,
-    /// then an evaluation job beside it under the enforcer, one live line a
-    /// second, then the job report.
-    Demo(bench::demo::DemoArgs),
-    /// A synthetic workload for the benches (started by them).
-    #[command(hide = true)]
-    BenchWorker {
-        #[command(subcommand)]
-        worker: bench::workload::Worker,
+        what: bench::BenchTask,
     },
 }
 
@@ -57,13 +48,7 @@ fn main() -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
-        Task::Bench { task } => match task {
-            bench::BenchTask::Contention(args) => {
-                bench::contention::run(&args, &workspace_root())?;
-            }
-        },
-        Task::Demo(args) => bench::demo::run(&args, &workspace_root())?,
-        Task::BenchWorker { worker } => bench::workload::run(worker)?,
+        Task::Bench { what } => bench::run(what, &workspace_root())?,
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! evaluation under every CPU policy, side by side in one run, in alternating
 //! rounds, medians reported.
 //!
-//! Every run starts a fresh training (`bench-worker train`), lets it run alone
-//! for the warm-up, then starts the evaluation (`bench-worker eval`) under the
+//! Every run starts a fresh training (`bench worker train`), lets it run alone
+//! for the warm-up, then starts the evaluation (`bench worker eval`) under the
 //! policy and samples both every control period: the training's step count
 //! (its progress file), its threads' run time and run-queue wait (schedstat,
 //! the kernel's ground truth for how long it waited for a CPU), and the
@@ -442,7 +442,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let total = s.warmup + s.secs + Duration::from_millis(500);
     let train = Reaped(Some(
         Command::new(s.exe)
-            .args(["bench-worker", "train", "--progress"])
+            .args(["bench", "worker", "train", "--progress"])
             .arg(&progress)
             .arg("--schedstat")
             .arg(&schedstat)
@@ -462,7 +462,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         (false, _) => None,
     };
     let eval_args = [
-        "bench-worker".to_owned(),
+        "bench".to_owned(),
+        "worker".to_owned(),
         "eval".to_owned(),
         "--threads".to_owned(),
         s.eval_threads.to_string(),

@@ -1,4 +1,4 @@
-//! `cargo xtask demo` (run by `scripts/demo`): a synthetic training runs
+//! `cargo xtask bench demo` (run by `scripts/demo`): a synthetic training runs
 //! alone for a while, then an evaluation job starts beside it under
 //! `enforcer run --protect <training> --budget`, one live line a second
 //! (training rate, slowdown, steal, budget, quota, evaluation CPU), then the
@@ -60,7 +60,7 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
     let total = args.alone_secs + args.job_secs + 3;
 
     let mut training = Command::new(&exe)
-        .args(["bench-worker", "train", "--progress"])
+        .args(["bench", "worker", "train", "--progress"])
         .arg(&progress)
         .arg("--schedstat")
         .arg(&schedstat)
@@ -129,7 +129,8 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
             let secs = args.job_secs.to_string();
             let eval: Vec<String> = [
                 exe.to_string_lossy().as_ref(),
-                "bench-worker",
+                "bench",
+                "worker",
                 "eval",
                 "--threads",
                 &threads,

@@ -1,5 +1,10 @@
-//! `cargo xtask bench <task>`: benchmarks that print side-by-side ratios
-//! measured in one run.
+//! Benchmarks (`cargo xtask bench <what>`): each prints side-by-side numbers
+//! measured in one run and writes them as JSON under `target/bench/`. They are
+//! not tests: they assert nothing, they measure.
+//!
+//! - [`contention`]: training beside an evaluation under every CPU policy;
+//! - [`demo`]: the live demo behind `scripts/demo`;
+//! - [`workload`]: the synthetic training and evaluation both run.
 
 pub mod contention;
 pub mod demo;
@@ -18,7 +23,25 @@ use clap::Subcommand;
 pub enum BenchTask {
     /// Training beside an evaluation under every CPU policy (alone,
     /// unlimited, nice 19, SCHED_IDLE, static quota, minimal weight, the
-    /// budget loop), alternating rounds, medians; writes
+    /// budget loop, the enforcer), alternating rounds, medians; writes
     /// target/bench/contention.json and contention.svg.
     Contention(contention::ContentionArgs),
+    /// The demo (`scripts/demo`, as root): a synthetic training alone, then
+    /// an evaluation job beside it under the enforcer, one live line a
+    /// second, then the job report.
+    Demo(demo::DemoArgs),
+    /// A synthetic workload (started by the benches and the demo).
+    #[command(hide = true)]
+    Worker {
+        #[command(subcommand)]
+        worker: workload::Worker,
+    },
+}
+
+pub fn run(task: BenchTask, workspace: &std::path::Path) -> anyhow::Result<()> {
+    match task {
+        BenchTask::Contention(args) => contention::run(&args, workspace),
+        BenchTask::Demo(args) => demo::run(&args, workspace),
+        BenchTask::Worker { worker } => workload::run(worker),
+    }
 }

@@ -1,5 +1,5 @@
 //! The synthetic workloads of `cargo xtask bench contention`, run as
-//! `xtask bench-worker train|eval` child processes so that each can be given
+//! `xtask bench worker train|eval` child processes so that each can be given
 //! its own scheduling policy and cgroup.
 //!
 //! - training: CPU-bound steps of fixed work, each on a fresh thread (like a
