@@ -122,8 +122,8 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
         }
         if job.is_none() && second == args.alone_secs {
             if let Some((t, s)) = baseline_from {
-                baseline =
-                    Some(step.saturating_sub(s) as f64 / now.duration_since(t).as_secs_f64());
+                let span = now.duration_since(t).as_secs_f64();
+                baseline = (span >= 1.0).then(|| step.saturating_sub(s) as f64 / span);
             }
             let threads = args.eval_threads.unwrap_or(cpus).to_string();
             let secs = args.job_secs.to_string();
