@@ -9,6 +9,7 @@
 
 use std::{
     collections::VecDeque,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -30,6 +31,38 @@ use crate::{
 /// why there are none right now.
 pub trait StealSource: Send {
     fn counters(&mut self) -> Result<StealCounters, String>;
+}
+
+/// The hand-over between the monitor that polls the steal meter and the
+/// budget loop: the meter's monitor publishes each tick's counters for the
+/// job (it ticks first), the budget loop reads the latest. One eBPF meter
+/// serves both.
+#[derive(Debug, Clone, Default)]
+pub struct StealFeed(Arc<Mutex<Option<Result<StealCounters, String>>>>);
+
+impl StealFeed {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Publishes this tick's cumulative counters for the job, or why the
+    /// meter has none.
+    pub fn publish(&self, counters: Result<StealCounters, String>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(counters);
+        }
+    }
+}
+
+impl StealSource for StealFeed {
+    fn counters(&mut self) -> Result<StealCounters, String> {
+        match self.0.lock() {
+            Ok(slot) => slot
+                .clone()
+                .unwrap_or_else(|| Err("the steal meter has published nothing yet".to_owned())),
+            Err(_) => Err("the steal meter's monitor panicked".to_owned()),
+        }
+    }
 }
 
 impl CpuActuator for JobCgroup {
@@ -165,8 +198,11 @@ impl Monitor for BudgetMonitor {
         if self.last_tick.is_none() {
             // The start decision is applied on the first tick: the cgroup
             // handle is only given to ticks.
+            // The supervisor already put the job in (or out of) the idle
+            // class from its limits: only the quota is the loop's to set.
             let d = controller.start(now);
-            apply(&capped, &d)
+            capped
+                .set_cpu_quota(d.controls.quota.cores())
                 .map_err(|e| MonitorError::new(format!("applying {d}: {e}")))?;
             tracing::info!(job = %self.job, decision = %d, "budget decision");
             ctx.emit(Event::new("budget", decision_json(&d)));
@@ -321,4 +357,173 @@ fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
         "frozen": d.controls.frozen,
         "budget": d.budget,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::cgroup::{Limits, Stats, fs::CgFs, v2::V2Job};
+
+    /// Steal growing at a fixed fraction of each 100 ms tick.
+    struct Scripted {
+        fraction: f64,
+        ticks: u32,
+    }
+
+    impl StealSource for Scripted {
+        fn counters(&mut self) -> Result<StealCounters, String> {
+            self.ticks += 1;
+            let total = Duration::from_millis(100) * self.ticks;
+            Ok(StealCounters {
+                steal: total.mul_f64(self.fraction),
+                training_on_cpu: total.mul_f64(1.0 - self.fraction),
+            })
+        }
+    }
+
+    fn fake_job(root: &Path) -> JobCgroup {
+        let dir = root.join("job");
+        std::fs::create_dir_all(dir.join("main")).expect("fake cgroup dir");
+        for f in ["cpu.max", "cpu.idle", "cpu.weight", "cgroup.freeze"] {
+            std::fs::write(dir.join(f), "").expect("fake cgroup file");
+        }
+        JobCgroup::V2(V2Job::open(
+            CgFs::new(vec![root.to_owned()]),
+            dir.clone(),
+            dir.join("main"),
+        ))
+    }
+
+    fn info(started: Instant, limits: Limits) -> JobInfo {
+        JobInfo {
+            name: "j".into(),
+            cgroup: "job".into(),
+            cgroup_mode: "unified".into(),
+            v2_cgroup_id: None,
+            pid: 1,
+            limits,
+            timeout: Duration::from_secs(60),
+            control_period: Duration::from_millis(100),
+            started,
+        }
+    }
+
+    fn run_ticks(
+        m: &mut BudgetMonitor,
+        cg: &JobCgroup,
+        started: Instant,
+        n: u32,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for i in 1..=n {
+            let now = started + Duration::from_millis(100) * i;
+            let stats = Stats {
+                cpu_usage: Some(Duration::from_millis(100) * i),
+                ..Stats::default()
+            };
+            let mut ctx = TickContext::new(cg, &stats, now - started, now, &mut events);
+            m.tick(&mut ctx).expect("tick");
+        }
+        events
+    }
+
+    #[test]
+    fn over_budget_steal_tightens_the_job_cgroup_and_is_reported() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cg = fake_job(d.path());
+        let started = Instant::now();
+        let mut m = BudgetMonitor::new(
+            ControllerConfig::new(0.05, 2.0),
+            Box::new(Scripted {
+                fraction: 0.3,
+                ticks: 0,
+            }),
+            None,
+        );
+        m.start(&info(
+            started,
+            Limits {
+                cpu_idle: true,
+                ..Limits::default()
+            },
+        ))
+        .expect("start");
+        let events = run_ticks(&mut m, &cg, started, 10);
+        let actions: Vec<&str> = events
+            .iter()
+            .filter(|e| e.event == "budget")
+            .filter_map(|e| e.detail["action"].as_str())
+            .collect();
+        assert_eq!(actions.first(), Some(&"start"));
+        assert!(actions.contains(&"tighten"), "{actions:?}");
+        let max = std::fs::read_to_string(d.path().join("job/cpu.max")).expect("cpu.max written");
+        let quota: f64 = max
+            .split_whitespace()
+            .next()
+            .and_then(|q| q.parse().ok())
+            .expect("a numeric quota");
+        assert!(quota < 100_000.0, "cpu.max {max:?}: not tightened below 1 core");
+
+        let mut report = Report::new("j", &[], std::time::SystemTime::now());
+        m.finish(&mut report);
+        assert_eq!(report.budget_fraction, Some(0.05));
+        assert!(report.over_budget_s.is_some_and(|s| s > 0.0));
+        assert_eq!(report.training_slowdown, None);
+        assert!(
+            report.unavailable["training_slowdown"].contains("progress_file"),
+            "{:?}",
+            report.unavailable
+        );
+    }
+
+    #[test]
+    fn a_static_cpu_limit_caps_the_loop() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cg = fake_job(d.path());
+        let started = Instant::now();
+        let mut m = BudgetMonitor::new(
+            ControllerConfig::new(0.05, 2.0),
+            Box::new(Scripted {
+                fraction: 0.0,
+                ticks: 0,
+            }),
+            None,
+        );
+        m.start(&info(
+            started,
+            Limits {
+                cpu: Some(0.5),
+                cpu_idle: true,
+                ..Limits::default()
+            },
+        ))
+        .expect("start");
+        // Far under budget for long enough to relax all the way.
+        run_ticks(&mut m, &cg, started, 100);
+        let max = std::fs::read_to_string(d.path().join("job/cpu.max")).expect("cpu.max written");
+        assert!(max.starts_with("50000 "), "cpu.max {max:?}: above the static 0.5 CPU");
+    }
+
+    #[test]
+    fn without_a_steal_signal_the_loop_holds_and_says_why() {
+        struct Broken;
+        impl StealSource for Broken {
+            fn counters(&mut self) -> Result<StealCounters, String> {
+                Err("meter not loaded".into())
+            }
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        let cg = fake_job(d.path());
+        let started = Instant::now();
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), Box::new(Broken), None);
+        m.start(&info(started, Limits::default())).expect("start");
+        let events = run_ticks(&mut m, &cg, started, 20);
+        assert_eq!(events.len(), 1, "only the start decision");
+        let mut report = Report::new("j", &[], std::time::SystemTime::now());
+        m.finish(&mut report);
+        assert_eq!(report.over_budget_s, None);
+        assert_eq!(report.unavailable["over_budget_s"], "meter not loaded");
+    }
 }
