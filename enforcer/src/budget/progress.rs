@@ -152,6 +152,21 @@ impl ProgressTracker {
         self.baseline
     }
 
+    /// Polls the file every `period` for `duration` with no job running,
+    /// sleeping in between: how a one-shot `enforcer run` learns the
+    /// baseline before it starts the job. Returns the last reading.
+    pub fn learn(&mut self, duration: Duration, period: Duration) -> ProgressReading {
+        let start = Instant::now();
+        loop {
+            let now = Instant::now();
+            let reading = self.poll(now, false);
+            if now.saturating_duration_since(start) >= duration {
+                return reading;
+            }
+            std::thread::sleep(period);
+        }
+    }
+
     /// Reads the file and records the sample.
     pub fn poll(&mut self, now: Instant, job_running: bool) -> ProgressReading {
         let sample = match &self.path {
@@ -467,6 +482,38 @@ mod tests {
         std::fs::write(&path, "12\n").expect("write");
         let s = read_progress(&path, Instant::now()).expect("readable");
         assert_eq!(s.step, 12);
+    }
+
+    #[test]
+    fn learns_a_baseline_from_a_real_file_before_a_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("progress");
+        std::fs::write(&path, "0\n").expect("write");
+        let writer_path = path.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_w = std::sync::Arc::clone(&stop);
+        // A training at ~100 steps/s.
+        let writer = std::thread::spawn(move || {
+            let mut step = 0_u64;
+            while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                step += 1;
+                let tmp = writer_path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{step}\n")).expect("write");
+                std::fs::rename(&tmp, &writer_path).expect("rename");
+            }
+        });
+        let config = ProgressConfig {
+            baseline_min: Duration::from_millis(800),
+            ..ProgressConfig::default()
+        };
+        let mut t = ProgressTracker::for_file(&path, config);
+        t.learn(Duration::from_millis(1200), Duration::from_millis(50));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer");
+        let b = t.baseline().expect("a baseline");
+        // Sleep granularity makes it at most 100/s; a loaded host slower.
+        assert!(b > 20.0 && b <= 101.0, "baseline {b}");
     }
 
     #[test]
