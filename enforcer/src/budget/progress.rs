@@ -225,7 +225,7 @@ impl ProgressTracker {
         }
 
         if !self.job_running {
-            self.learn(last, now);
+            self.learn_from(last, now);
             return self.reading(Err(self.no_baseline()));
         }
         let Some(baseline) = self.baseline else {
@@ -248,7 +248,7 @@ impl ProgressTracker {
         self.job_running = running;
     }
 
-    fn learn(&mut self, last: ProgressSample, now: Instant) {
+    fn learn_from(&mut self, last: ProgressSample, now: Instant) {
         let settled = self
             .job_ended
             .is_none_or(|e| now.saturating_duration_since(e) >= self.config.settle);
