@@ -30,6 +30,10 @@ use crate::{
 /// Where the job's steal comes from: cumulative counters for this job, or
 /// why there are none right now.
 pub trait StealSource: Send {
+    /// Called once the job exists (its cgroup and first process).
+    fn start(&mut self, _job: &JobInfo) -> Result<(), String> {
+        Ok(())
+    }
     fn counters(&mut self) -> Result<StealCounters, String>;
 }
 
@@ -183,6 +187,10 @@ impl Monitor for BudgetMonitor {
         }
         self.cap = job.limits.cpu;
         self.controller = Some(Controller::new(config));
+        if let Err(e) = self.steal.start(job) {
+            tracing::warn!(job = %job.name, reason = %e, "no steal signal: the budget loop holds");
+            self.steal_error = Some(e);
+        }
         Ok(())
     }
 
