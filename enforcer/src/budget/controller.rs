@@ -115,8 +115,13 @@ pub enum Reason {
     Relax { signal: Signal, value: f64 },
     /// The quota grew past the node's CPUs: removed.
     Unlimit { signal: Signal, value: f64 },
-    /// At the floor, still far over budget for a sustained time.
-    Freeze { value: f64, over_for: Duration },
+    /// At the floor, still over budget for a sustained time: frozen for
+    /// `length`.
+    Freeze {
+        value: f64,
+        over_for: Duration,
+        length: Duration,
+    },
     /// The freeze ran its time; the job resumes at the floor.
     Thaw { frozen_for: Duration },
 }
@@ -158,11 +163,16 @@ impl fmt::Display for Decision {
                 "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> unlimited",
                 pct(value)
             ),
-            Reason::Freeze { value, over_for } => write!(
+            Reason::Freeze {
+                value,
+                over_for,
+                length,
+            } => write!(
                 f,
-                "stolen fraction {:.1}% still far over budget {budget:.1}% at the floor quota {to} for {:.1}s: job frozen",
+                "stolen fraction {:.1}% still over budget {budget:.1}% at the floor quota {to} for {:.1}s: job frozen for {:.1}s",
                 pct(value),
-                over_for.as_secs_f64()
+                over_for.as_secs_f64(),
+                length.as_secs_f64()
             ),
             Reason::Thaw { frozen_for } => write!(
                 f,
@@ -217,8 +227,11 @@ pub struct ControllerConfig {
     pub freeze_above: f64,
     /// ...for this long.
     pub freeze_after: Duration,
-    /// How long one freeze lasts before the job is thawed at the floor.
-    pub freeze_for: Duration,
+    /// A freeze lasts long enough that the steal averaged over the run at
+    /// the floor and the freeze lands at the relax threshold, within these
+    /// bounds; then the job is thawed at the floor.
+    pub freeze_min: Duration,
+    pub freeze_max: Duration,
 }
 
 impl ControllerConfig {
@@ -242,9 +255,10 @@ impl ControllerConfig {
             increase_interval: Duration::from_millis(250),
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
-            freeze_above: 3.0,
-            freeze_after: Duration::from_secs(3),
-            freeze_for: Duration::from_secs(1),
+            freeze_above: 1.2,
+            freeze_after: Duration::from_secs(2),
+            freeze_min: Duration::from_millis(500),
+            freeze_max: Duration::from_secs(10),
         }
     }
 }
@@ -268,6 +282,7 @@ pub struct Controller {
     last_slowdown_tighten: Option<Instant>,
     over_at_floor_since: Option<Instant>,
     frozen_at: Option<Instant>,
+    freeze_for: Duration,
     last_fraction: Option<f64>,
 }
 
@@ -291,6 +306,7 @@ impl Controller {
             last_slowdown_tighten: None,
             over_at_floor_since: None,
             frozen_at: None,
+            freeze_for: Duration::ZERO,
             last_fraction: None,
         }
     }
@@ -335,7 +351,7 @@ impl Controller {
 
         if let Some(frozen_at) = self.frozen_at {
             let frozen_for = now.saturating_duration_since(frozen_at);
-            if frozen_for < self.config.freeze_for {
+            if frozen_for < self.freeze_for {
                 return None;
             }
             self.frozen_at = None;
@@ -437,23 +453,30 @@ impl Controller {
         if at_floor {
             // Slowdown is not attributed to this job: only its own steal may
             // freeze it.
-            let far = fraction.is_some_and(|f| f > cfg.freeze_above * cfg.budget);
-            if !far {
+            let Some(f) = fraction.filter(|f| *f > cfg.freeze_above * cfg.budget) else {
                 self.over_at_floor_since = None;
                 return None;
-            }
+            };
             let since = *self.over_at_floor_since.get_or_insert(now);
             let over_for = now.saturating_duration_since(since);
             if over_for < cfg.freeze_after {
                 return None;
             }
+            // Duty cycle: running `over_for` at `f`, then frozen for
+            // `length`, averages to the relax threshold.
+            let target = (cfg.relax_below * cfg.budget).max(1e-6);
+            let length = over_for
+                .mul_f64((f / target - 1.0).max(0.0))
+                .clamp(cfg.freeze_min, cfg.freeze_max);
             self.frozen_at = Some(now);
+            self.freeze_for = length;
             return Some(self.change(
                 now,
                 |c| c.frozen = true,
                 Reason::Freeze {
-                    value: fraction.unwrap_or(value),
+                    value: f,
                     over_for,
+                    length,
                 },
             ));
         }
@@ -781,15 +804,15 @@ mod tests {
     #[test]
     fn never_goes_below_the_floor() {
         let (mut c, mut sim) = controller();
-        for _ in 0..25 {
-            let obs = sim.advance(0.12, quota(&c).min(2.0));
+        for _ in 0..100 {
+            let obs = sim.advance(0.055, quota(&c).min(2.0));
             c.step(obs, sim.now);
             assert!(quota(&c) >= 0.1 - 1e-9);
         }
         assert_eq!(c.controls().quota, Quota::Cores(0.1));
         assert!(
             !c.controls().frozen,
-            "12 % is not far enough over to freeze"
+            "5.5 % is under 1.2 × budget: not far enough over to freeze"
         );
     }
 
@@ -797,7 +820,7 @@ mod tests {
     fn freezes_at_the_floor_only_after_sustained_far_over_budget_and_thaws() {
         let (mut c, mut sim) = controller();
         let mut events = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..200 {
             let f = if c.controls().frozen { 0.0 } else { 0.40 };
             let obs = sim.advance(f, quota(&c).min(2.0));
             if let Some(d) = c.step(obs, sim.now) {
@@ -813,14 +836,37 @@ mod tests {
             .iter()
             .find(|(_, d)| matches!(d.reason, Reason::Freeze { .. }))
             .expect("froze");
-        assert!(*freeze_at >= floor_at + Duration::from_secs(3));
+        assert!(*freeze_at >= floor_at + Duration::from_secs(2));
         let (thaw_at, thaw) = events
             .iter()
             .find(|(_, d)| matches!(d.reason, Reason::Thaw { .. }))
             .expect("thawed");
-        assert_eq!(*thaw_at - *freeze_at, Duration::from_secs(1));
+        // 40 % at the floor against a 3 % target: the longest freeze.
+        assert_eq!(*thaw_at - *freeze_at, Duration::from_secs(10));
         assert!(!thaw.controls.frozen);
         assert_eq!(thaw.controls.quota, Quota::Cores(0.1));
+    }
+
+    #[test]
+    fn freeze_length_brings_the_average_to_the_relax_threshold() {
+        let (mut c, mut sim) = controller();
+        let mut freeze = None;
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.10 };
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            if let Some(d) = c.step(obs, sim.now)
+                && let Reason::Freeze {
+                    over_for, length, ..
+                } = d.reason
+            {
+                freeze = Some((over_for, length));
+                break;
+            }
+        }
+        let (run, length) = freeze.expect("froze at 2 × budget");
+        // 10 % while running, 0 while frozen: average = 3 % = 0.6 × 5 %.
+        let avg = 0.10 * run.as_secs_f64() / (run + length).as_secs_f64();
+        assert!((avg - 0.03).abs() < 1e-3, "average {avg}");
     }
 
     #[test]
