@@ -439,7 +439,9 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let status = Arc::new(Mutex::new(Status::default()));
     let progress = s.scratch.join(format!("progress-{tag}"));
     let schedstat = s.scratch.join(format!("schedstat-{tag}"));
-    let total = s.warmup + s.secs + Duration::from_millis(500);
+    // The training outlives the run (it is killed at the end): the enforcer
+    // row first loads its meter and learns the training's rate.
+    let total = s.warmup + s.secs + Duration::from_secs(60);
     let train = Reaped(Some(
         Command::new(s.exe)
             .args(["bench", "worker", "train", "--progress"])
@@ -488,8 +490,20 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 c
             }
             Policy::Enforcer => {
+                // The progress file lets the enforcer report true slowdown.
+                let config = s.scratch.join(format!("config-{tag}.toml"));
+                fs::write(
+                    &config,
+                    format!(
+                        "[training]\nprogress_file = {:?}\n",
+                        progress.display().to_string()
+                    ),
+                )
+                .with_context(|| format!("writing {}", config.display()))?;
                 let mut c = Command::new(s.enforcer);
-                c.args(["--log-format", "json", "run", "--no-wait", "--protect"])
+                c.args(["--log-format", "json", "run", "--no-wait", "--config"])
+                    .arg(&config)
+                    .arg("--protect")
                     .arg(train.pid().to_string())
                     .arg("--budget")
                     .arg(format!("{}%", s.budget * 100.0))
@@ -541,6 +555,19 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         Some(eval)
     };
 
+    if policy == Policy::Enforcer
+        && let Some(e) = &eval
+    {
+        // The enforcer loads its meter and learns the training's rate before
+        // it starts the job: the run starts with the job.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child_pids(e.pid()).is_empty() {
+            if Instant::now() > deadline {
+                bail!("enforcer run did not start the evaluation within 60 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
     let t0 = Instant::now();
     let base = read_schedstat(&schedstat);
     let mut ticks = Vec::new();
@@ -986,6 +1013,23 @@ pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, 
             );
         }
     }
+}
+
+/// The direct children of a process.
+fn child_pids(pid: u32) -> Vec<u32> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
+    tasks
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// CPU seconds of a process and all its descendants.

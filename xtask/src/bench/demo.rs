@@ -141,8 +141,20 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
             .map(|s| (*s).to_owned())
             .collect();
             let mut cmd = if wired {
+                // The progress file lets the enforcer measure true slowdown.
+                let config = dir.join("enforcer.toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[training]\nprogress_file = {:?}\n",
+                        progress.display().to_string()
+                    ),
+                )
+                .with_context(|| format!("writing {}", config.display()))?;
                 let mut c = Command::new(&enforcer);
-                c.args(["--log-format", "json", "run", "--protect"])
+                c.args(["--log-format", "json", "run", "--config"])
+                    .arg(&config)
+                    .arg("--protect")
                     .arg(training_pid.to_string())
                     .arg("--budget")
                     .arg(format!("{}%", args.budget_pct))
