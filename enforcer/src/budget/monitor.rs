@@ -124,6 +124,9 @@ pub struct BudgetMonitor {
     last_tick: Option<Instant>,
     last_status: Option<Instant>,
     last_cpu: Option<(Instant, Duration)>,
+    /// The first and latest counters, for the whole-job fraction.
+    first_steal: Option<StealCounters>,
+    last_steal: Option<StealCounters>,
     decisions: u64,
     job: String,
     /// The user's static CPU limit, if any.
@@ -149,6 +152,8 @@ impl BudgetMonitor {
             last_tick: None,
             last_status: None,
             last_cpu: None,
+            first_steal: None,
+            last_steal: None,
             decisions: 0,
             job: String::new(),
             cap: None,
@@ -268,6 +273,8 @@ impl Monitor for BudgetMonitor {
         }
 
         if let Some(c) = steal {
+            self.first_steal.get_or_insert(c);
+            self.last_steal = Some(c);
             self.trail.push_back((now, c));
             while self.trail.len() > 2
                 && now.saturating_duration_since(self.trail[1].0) >= REPORT_WINDOW
@@ -319,6 +326,21 @@ impl Monitor for BudgetMonitor {
 
     fn finish(&mut self, report: &mut Report) {
         report.budget_fraction = Some(self.config.budget);
+        // The steal meter's own monitor fills these when it runs; the loop
+        // measured the same counters.
+        if let (Some(a), Some(b)) = (self.first_steal, self.last_steal) {
+            let steal = b.steal.saturating_sub(a.steal).as_secs_f64();
+            let ran = b
+                .training_on_cpu
+                .saturating_sub(a.training_on_cpu)
+                .as_secs_f64();
+            if report.stolen_fraction.is_none() && steal + ran > 0.0 {
+                report.stolen_fraction = Some(steal / (steal + ran));
+            }
+            if report.stolen_from_training_s.is_none() {
+                report.stolen_from_training_s = Some(steal);
+            }
+        }
         if self.last_tick.is_some() && self.steal_error.is_none() {
             report.over_budget_s = Some(self.over_budget.as_secs_f64());
         } else {

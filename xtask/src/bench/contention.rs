@@ -683,10 +683,29 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let eval_cpu_cores =
         (policy != Policy::Alone).then(|| (last.eval_cpu_s - first.eval_cpu_s) / dt);
     let is_loop = controller.is_some() || policy == Policy::Enforcer;
-    let trailing = trailing_fractions(&ticks);
-    let over_budget_s = is_loop.then(|| {
-        trailing.iter().filter(|(_, f)| *f > s.budget).count() as f64 * TICK.as_secs_f64()
-    });
+    // The enforcer row is judged on what the enforcer measured (its eBPF
+    // steal, a trailing 1 s window, logged once a second); the in-bench
+    // loops on the schedstat wait they ran on.
+    let trailing = if policy == Policy::Enforcer {
+        let mut v: Vec<(f64, f64)> = Vec::new();
+        for t in &ticks {
+            if let Some(j) = t.judged
+                && v.last().is_none_or(|(_, last)| *last != j)
+            {
+                v.push((t.t, j));
+            }
+        }
+        v
+    } else {
+        trailing_fractions(&ticks)
+    };
+    let trailing_step = if policy == Policy::Enforcer {
+        1.0
+    } else {
+        TICK.as_secs_f64()
+    };
+    let over_budget_s = is_loop
+        .then(|| trailing.iter().filter(|(_, f)| *f > s.budget).count() as f64 * trailing_step);
     let under_budget_after_s = if is_loop {
         trailing
             .iter()
