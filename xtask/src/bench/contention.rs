@@ -1015,7 +1015,8 @@ pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, 
                     seen: true,
                 };
             }
-        } else if echo {
+        } else if echo && !(fields["message"] == "job event" && fields["event"] == "budget") {
+            // Budget events repeat the `budget decision` line: not echoed.
             let rest: serde_json::Map<String, serde_json::Value> = fields
                 .as_object()
                 .map(|o| {

@@ -57,7 +57,9 @@ pub fn run(args: &DemoArgs, root: &Path) -> Result<()> {
     let schedstat = dir.join("schedstat");
     let report = dir.join("report.json");
     let step_work = workload::calibrate(Duration::from_micros(2400));
-    let total = args.alone_secs + args.job_secs + 3;
+    // The training outlives the demo (it is killed at the end): the
+    // enforcer first loads its meter and learns the training's rate.
+    let total = args.alone_secs + args.job_secs + 60;
 
     let mut training = Command::new(&exe)
         .args(["bench", "worker", "train", "--progress"])
