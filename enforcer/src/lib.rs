@@ -8,12 +8,20 @@
 //! - [`budget`]: the steal-budget controller and the training progress reader;
 //! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
+//! - [`config`], [`units`]: the config file and typed units;
+//! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod budget;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod doctor;
+pub mod events;
 pub mod gpu;
+pub mod job;
 pub mod privilege;
 pub mod probe;
+pub mod report;
+pub mod slots;
+pub mod units;

@@ -2,8 +2,9 @@
 
 mod bench;
 mod ebpf;
+mod vm;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -26,6 +27,10 @@ enum Task {
         #[command(subcommand)]
         what: bench::BenchTask,
     },
+    /// Boot the Debian kernels of the VM matrix (5.10, 6.1, 6.12) under QEMU
+    /// (TCG) and run `enforcer doctor` and the root integration tests inside
+    /// each, on pure cgroup v2. Needs `scripts/setup` first.
+    VmTest(vm::VmTestArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -35,8 +40,19 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    // Errors are reported as their chain of causes, without the backtrace
+    // anyhow would add under RUST_BACKTRACE: a failed task is not a bug here.
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::BuildEbpf => {
             let object = ebpf::build_ebpf(&workspace_root())
@@ -49,6 +65,7 @@ fn main() -> Result<()> {
             eprintln!("built {} ({size} bytes)", object.display());
         }
         Task::Bench { what } => bench::run(what, &workspace_root())?,
+        Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
     }
     Ok(())
 }

@@ -5,10 +5,12 @@
 //!
 //! - [`controller`]: the pure state machine (observations in, decisions out);
 //! - [`progress`]: the training's progress file, baseline rate and slowdown;
-//! - [`actuator`]: what the controller needs from a job's cgroup.
+//! - [`actuator`]: what the controller needs from a job's cgroup;
+//! - [`monitor`]: the loop plugged into the job supervisor.
 
 pub mod actuator;
 pub mod controller;
+pub mod monitor;
 pub mod progress;
 
 pub use actuator::{CpuActuator, apply};

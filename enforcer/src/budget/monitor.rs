@@ -440,12 +440,7 @@ mod tests {
         }
     }
 
-    fn run_ticks(
-        m: &mut BudgetMonitor,
-        cg: &JobCgroup,
-        started: Instant,
-        n: u32,
-    ) -> Vec<Event> {
+    fn run_ticks(m: &mut BudgetMonitor, cg: &JobCgroup, started: Instant, n: u32) -> Vec<Event> {
         let mut events = Vec::new();
         for i in 1..=n {
             let now = started + Duration::from_millis(100) * i;
@@ -494,7 +489,10 @@ mod tests {
             .next()
             .and_then(|q| q.parse().ok())
             .expect("a numeric quota");
-        assert!(quota < 100_000.0, "cpu.max {max:?}: not tightened below 1 core");
+        assert!(
+            quota < 100_000.0,
+            "cpu.max {max:?}: not tightened below 1 core"
+        );
 
         let mut report = Report::new("j", &[], std::time::SystemTime::now());
         m.finish(&mut report);
@@ -533,7 +531,10 @@ mod tests {
         // Far under budget for long enough to relax all the way.
         run_ticks(&mut m, &cg, started, 100);
         let max = std::fs::read_to_string(d.path().join("job/cpu.max")).expect("cpu.max written");
-        assert!(max.starts_with("50000 "), "cpu.max {max:?}: above the static 0.5 CPU");
+        assert!(
+            max.starts_with("50000 "),
+            "cpu.max {max:?}: above the static 0.5 CPU"
+        );
     }
 
     #[test]

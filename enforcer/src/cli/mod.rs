@@ -1,7 +1,11 @@
 //! The command line: one file per subcommand, clap derive, human output by
 //! default and `--json` where a machine reads it.
 
+mod attach;
+mod config;
 mod doctor;
+mod game;
+pub mod run;
 
 use std::process::ExitCode;
 
@@ -35,6 +39,11 @@ pub enum Command {
     /// Check that this node can run the agent: kernel, cgroup mode and
     /// controllers, BTF, eBPF load and attach, privileges, NVML.
     Doctor(doctor::DoctorArgs),
+    Run(run::RunArgs),
+    Attach(attach::AttachArgs),
+    Game(game::GameArgs),
+    /// Check a config file or show the effective config.
+    Config(config::ConfigArgs),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand.
@@ -43,6 +52,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log);
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Attach(args) => attach::run(args),
+        Command::Game(args) => game::run(args),
+        Command::Config(args) => config::run(args),
     }
 }
 

@@ -1,0 +1,389 @@
+//! The subtree this agent owns, and where job cgroups go in it.
+//!
+//! By default the agent owns the cgroup it was started in, per hierarchy,
+//! like a systemd service with `Delegate=yes`; `cgroup_root` (a path as in
+//! `/proc/self/cgroup`) names another one.
+//!
+//! - v1 / hybrid: jobs are `<own>/enforcer/<job>` in each controller
+//!   hierarchy (and in the unified one on hybrid hosts).
+//! - v2: a cgroup with processes cannot delegate controllers to children (no
+//!   internal processes), so the agent first moves itself into the leaf
+//!   `<own>/agent` (away from the root, never towards it), enables the
+//!   controllers in `<own>`, and makes jobs under `<own>/eval/<job>`. The
+//!   root cgroup is exempt from that rule, so there the agent stays put.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    CgroupError, CgroupMode, JobCgroup, Layout, MAIN_LEAF,
+    fs::CgFs,
+    mode::parse_proc_cgroup,
+    v1::{self, V1Job},
+    v2::{self, V2Job},
+};
+
+/// The v1 directory under `<own>` that holds the jobs.
+pub const V1_BASE: &str = "enforcer";
+/// The v2 leaf the agent moves itself into.
+pub const V2_AGENT: &str = "agent";
+/// The v2 directory under `<own>` that holds the jobs.
+pub const V2_BASE: &str = "eval";
+
+#[derive(Debug)]
+pub struct Subtree {
+    pub layout: Layout,
+    fs: CgFs,
+    bases: Bases,
+}
+
+#[derive(Debug)]
+enum Bases {
+    V2(PathBuf),
+    V1 {
+        per_controller: BTreeMap<String, PathBuf>,
+        unified: Option<PathBuf>,
+    },
+}
+
+impl Subtree {
+    /// Detects the layout and prepares the subtree (on v2 this moves the
+    /// calling process into `<own>/agent`).
+    pub fn open(cgroup_root: Option<&Path>) -> Result<Self, CgroupError> {
+        Self::open_with(Layout::detect()?, cgroup_root, std::process::id() as i32)
+    }
+
+    pub fn open_with(
+        layout: Layout,
+        cgroup_root: Option<&Path>,
+        self_pid: i32,
+    ) -> Result<Self, CgroupError> {
+        let rooted = |mount: &Path, own: &Path| match cgroup_root {
+            Some(r) => mount.join(r.strip_prefix("/").unwrap_or(r)),
+            None => own.to_owned(),
+        };
+        match layout.mode {
+            CgroupMode::Unified => {
+                let mount = layout.unified_mount.clone().unwrap_or_default();
+                let own = layout.unified_own.clone().unwrap_or_else(|| mount.clone());
+                let own = rooted(&mount, &own);
+                let fs = CgFs::new(vec![own.clone()]);
+                let base = prepare_v2(&fs, &own, own == mount, cgroup_root.is_none(), self_pid)?;
+                Ok(Subtree {
+                    layout,
+                    fs,
+                    bases: Bases::V2(base),
+                })
+            }
+            CgroupMode::Hybrid | CgroupMode::Legacy => {
+                let mut per_controller = BTreeMap::new();
+                let mut owned = Vec::new();
+                for c in v1::CONTROLLERS {
+                    let Some(info) = layout.controllers.get(c) else {
+                        continue;
+                    };
+                    if info.version != 1 {
+                        continue;
+                    }
+                    if !info.usable {
+                        // cpuacct is for statistics only; the rest enforce.
+                        if c == "cpuacct" {
+                            continue;
+                        }
+                        return Err(CgroupError::Controller {
+                            controller: c.to_owned(),
+                            reason: info.reason.clone().unwrap_or_default(),
+                        });
+                    }
+                    let own = rooted(&info.mount, &info.own_cgroup);
+                    owned.push(own.clone());
+                    per_controller.insert(c.to_owned(), own.join(V1_BASE));
+                }
+                for c in ["cpu", "memory", "pids"] {
+                    if !per_controller.contains_key(c) {
+                        return Err(CgroupError::Controller {
+                            controller: c.to_owned(),
+                            reason: "not mounted as a cgroup v1 hierarchy".to_owned(),
+                        });
+                    }
+                }
+                let unified = match (&layout.unified_mount, &layout.unified_own) {
+                    (Some(m), Some(o)) => {
+                        let own = rooted(m, o);
+                        owned.push(own.clone());
+                        Some(own.join(V1_BASE))
+                    }
+                    _ => None,
+                };
+                let fs = CgFs::new(owned);
+                for base in per_controller.values().chain(unified.iter()) {
+                    fs.mkdir(base)?;
+                }
+                Ok(Subtree {
+                    layout,
+                    fs,
+                    bases: Bases::V1 {
+                        per_controller,
+                        unified,
+                    },
+                })
+            }
+        }
+    }
+
+    /// The roots every write is confined to.
+    pub fn owned(&self) -> &[PathBuf] {
+        self.fs.owned()
+    }
+
+    /// Creates the job cgroup `name` (refusing a name in use).
+    pub fn create_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
+        super::validate_name(name)?;
+        match &self.bases {
+            Bases::V2(base) => Ok(JobCgroup::V2(V2Job::create(self.fs.clone(), base, name)?)),
+            Bases::V1 {
+                per_controller,
+                unified,
+            } => Ok(JobCgroup::V1(V1Job::create(
+                self.fs.clone(),
+                per_controller,
+                unified.as_deref(),
+                name,
+            )?)),
+        }
+    }
+
+    /// A handle on the existing job `name` (an orphan to clean up).
+    pub fn open_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
+        super::validate_name(name)?;
+        Ok(match &self.bases {
+            Bases::V2(base) => {
+                let dir = base.join(name);
+                JobCgroup::V2(V2Job::open(
+                    self.fs.clone(),
+                    dir.clone(),
+                    dir.join(MAIN_LEAF),
+                ))
+            }
+            Bases::V1 {
+                per_controller,
+                unified,
+            } => JobCgroup::V1(V1Job::open(
+                self.fs.clone(),
+                per_controller
+                    .iter()
+                    .map(|(c, b)| (c.clone(), b.join(name)))
+                    .collect(),
+                unified.as_ref().map(|u| u.join(name)),
+                Some(MAIN_LEAF),
+            )),
+        })
+    }
+
+    /// Where job `name` would live (for messages and tests).
+    pub fn job_path(&self, name: &str) -> PathBuf {
+        match &self.bases {
+            Bases::V2(base) => base.join(name),
+            Bases::V1 { per_controller, .. } => per_controller
+                .get("memory")
+                .map(|b| b.join(name))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// On v2: moves this process out of `own` into `own/agent` (unless `own` is
+/// the root cgroup or a configured `cgroup_root` we do not live in), enables
+/// the controllers down to `own/eval`, and returns `own/eval`.
+fn prepare_v2(
+    fs: &CgFs,
+    own: &Path,
+    own_is_root: bool,
+    we_live_in_own: bool,
+    self_pid: i32,
+) -> Result<PathBuf, CgroupError> {
+    if we_live_in_own && !own_is_root {
+        let agent = own.join(V2_AGENT);
+        fs.mkdir(&agent)?;
+        fs.write(&agent.join("cgroup.procs"), &self_pid.to_string())?;
+        if let Err(e) = v2::enable_controllers(fs, own) {
+            let others: Vec<i32> = super::fs::read(&own.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if !others.is_empty() {
+                return Err(CgroupError::Busy {
+                    own: own.to_owned(),
+                    agent,
+                    pids: others,
+                });
+            }
+            return Err(e);
+        }
+    } else {
+        v2::enable_controllers(fs, own)?;
+    }
+    let base = own.join(V2_BASE);
+    fs.mkdir(&base)?;
+    v2::enable_controllers(fs, &base)?;
+    Ok(base)
+}
+
+/// The job cgroup the calling process runs in (its `main` leaf), for
+/// `enforcer game`. Writes are confined to that job's directories.
+pub fn current_job(layout: &Layout) -> Result<JobCgroup, CgroupError> {
+    let text = super::fs::read(Path::new("/proc/self/cgroup"))?;
+    current_job_from(layout, &text)
+}
+
+pub fn current_job_from(layout: &Layout, proc_cgroup: &str) -> Result<JobCgroup, CgroupError> {
+    let membership = parse_proc_cgroup(proc_cgroup);
+    let job_dir = |mount: &Path, key: &str| -> Result<PathBuf, CgroupError> {
+        let rel = membership.get(key).ok_or_else(|| {
+            CgroupError::NotInJob(format!("no {key:?} line in /proc/self/cgroup"))
+        })?;
+        let own = mount.join(rel.trim_start_matches('/'));
+        if own.file_name().and_then(|n| n.to_str()) != Some(MAIN_LEAF) {
+            return Err(CgroupError::NotInJob(format!(
+                "this process is in {} (not the {MAIN_LEAF:?} leaf of a job); run it inside `enforcer run`",
+                own.display()
+            )));
+        }
+        Ok(own.parent().map(Path::to_owned).unwrap_or_default())
+    };
+    match layout.mode {
+        CgroupMode::Unified => {
+            let mount = layout.unified_mount.clone().unwrap_or_default();
+            let dir = job_dir(&mount, "")?;
+            let fs = CgFs::new(vec![dir.clone()]);
+            Ok(JobCgroup::V2(V2Job::open(
+                fs,
+                dir.clone(),
+                dir.join(MAIN_LEAF),
+            )))
+        }
+        CgroupMode::Hybrid | CgroupMode::Legacy => {
+            let mut dirs = BTreeMap::new();
+            for c in v1::CONTROLLERS {
+                if let Some(info) = layout.controllers.get(c)
+                    && info.version == 1
+                    && membership.contains_key(c)
+                {
+                    dirs.insert(c.to_owned(), job_dir(&info.mount, c)?);
+                }
+            }
+            let unified = match &layout.unified_mount {
+                Some(m) if layout.mode == CgroupMode::Hybrid => Some(job_dir(m, "")?),
+                _ => None,
+            };
+            let mut owned: Vec<PathBuf> = dirs.values().cloned().collect();
+            owned.extend(unified.clone());
+            Ok(JobCgroup::V1(V1Job::open(
+                CgFs::new(owned),
+                dirs,
+                unified,
+                Some(MAIN_LEAF),
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::cgroup::ControllerInfo;
+
+    fn v2_layout(mount: &Path, own: &Path) -> Layout {
+        Layout {
+            mode: CgroupMode::Unified,
+            unified_mount: Some(mount.to_owned()),
+            unified_own: Some(own.to_owned()),
+            controllers: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn v2_agent_moves_itself_into_a_leaf_and_jobs_go_under_eval() {
+        let d = tempfile::tempdir().unwrap();
+        let own = d.path().join("svc");
+        fs::create_dir(&own).unwrap();
+        fs::write(own.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(own.join("cgroup.procs"), "").unwrap();
+        fs::write(own.join("cgroup.subtree_control"), "").unwrap();
+        fs::create_dir(own.join(V2_AGENT)).unwrap();
+        fs::write(own.join("agent/cgroup.procs"), "").unwrap();
+        // Fake mkdir does not make the kernel's files in eval/: precreate.
+        fs::create_dir(own.join(V2_BASE)).unwrap();
+        fs::write(own.join("eval/cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(own.join("eval/cgroup.subtree_control"), "").unwrap();
+        let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
+        assert_eq!(
+            fs::read_to_string(own.join("agent/cgroup.procs")).unwrap(),
+            "4242"
+        );
+        assert_eq!(
+            fs::read_to_string(own.join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids"
+        );
+        assert_eq!(st.job_path("j"), own.join("eval/j"));
+        assert_eq!(st.owned(), std::slice::from_ref(&own));
+    }
+
+    #[test]
+    fn v2_own_cgroup_with_other_processes_fails_naming_them() {
+        let d = tempfile::tempdir().unwrap();
+        let own = d.path().join("session.scope");
+        fs::create_dir(&own).unwrap();
+        fs::write(own.join("cgroup.procs"), "77\n78\n").unwrap();
+        fs::create_dir(own.join(V2_AGENT)).unwrap();
+        fs::write(own.join("agent/cgroup.procs"), "").unwrap();
+        // No cgroup.controllers: the subtree_control write fails like the
+        // kernel's EBUSY would.
+        fs::create_dir(own.join("cgroup.subtree_control")).unwrap();
+        fs::write(own.join("cgroup.controllers"), "cpu").unwrap();
+        let e = Subtree::open_with(v2_layout(d.path(), &own), None, 1).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("[77, 78]") && msg.contains("cgroup_root"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn game_finds_its_job_from_proc_self_cgroup_and_refuses_outside_a_job() {
+        let d = tempfile::tempdir().unwrap();
+        let mut controllers = BTreeMap::new();
+        for c in ["cpu", "memory", "pids"] {
+            controllers.insert(
+                c.to_string(),
+                ControllerInfo {
+                    version: 1,
+                    mount: d.path().join(c),
+                    own_cgroup: d.path().join(c),
+                    usable: true,
+                    reason: None,
+                },
+            );
+        }
+        let layout = Layout {
+            mode: CgroupMode::Hybrid,
+            unified_mount: Some(d.path().join("unified")),
+            unified_own: Some(d.path().join("unified")),
+            controllers,
+        };
+        let job = current_job_from(
+            &layout,
+            "3:cpu:/enforcer/j/main\n2:memory:/x/enforcer/j/main\n1:pids:/enforcer/j/main\n0::/enforcer/j/main\n",
+        )
+        .unwrap();
+        assert_eq!(job.path(), d.path().join("memory/x/enforcer/j"));
+        assert_eq!(job.join_files().len(), 4);
+        let e = current_job_from(&layout, "3:cpu:/\n2:memory:/\n1:pids:/\n0::/\n").unwrap_err();
+        assert!(e.to_string().contains("enforcer run"), "{e}");
+    }
+}

@@ -1,0 +1,167 @@
+//! `enforcer game`: run from inside a job, runs one game in a child cgroup
+//! of the job (`<job>/game-<n>`) with its own deadline and optional tighter
+//! limits (never looser than the job's: the hierarchy caps them anyway, and
+//! the requested values are clamped so the report is honest).
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Instant, SystemTime},
+};
+
+use clap::Args;
+
+use super::run::{EXIT_FAILURE, EXIT_USAGE, JobGuard, default_monitors, finish_report, runtime};
+use crate::{
+    cgroup::{CgroupError, Layout, Limits, subtree::current_job},
+    config::Config,
+    job::{self, Supervision},
+    units::{ByteSize, Cores, Dur},
+};
+
+/// Run one game of the current job under its own deadline. Exit status:
+/// CMD's own; 124 when the game deadline killed it; 137 on OOM; 2 usage;
+/// 125 enforcer failure.
+#[derive(Debug, Args)]
+pub struct GameArgs {
+    /// Game deadline (default: config `game_timeout`, 300s).
+    #[arg(long)]
+    pub timeout: Option<Dur>,
+    /// Memory limit for the game (at most the job's).
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+    /// CPU quota for the game in CPUs.
+    #[arg(long)]
+    pub cpu: Option<Cores>,
+    /// Task limit for the game (at most the job's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pids: Option<u64>,
+    /// Write the game's JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Config file (default /etc/enforcer/enforcer.toml when it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The game command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub fn run(args: GameArgs) -> ExitCode {
+    let config = match Config::load_or_default(args.config.as_deref()) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let job = match Layout::detect()
+        .map_err(CgroupError::from)
+        .and_then(|l| current_job(&l))
+    {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let job_name = std::env::var("ENFORCER_JOB").unwrap_or_else(|_| {
+        job.path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let caps = job.stats();
+    let clamp = |want: Option<u64>, cap: Option<u64>| match (want, cap) {
+        (Some(w), Some(c)) => Some(w.min(c)),
+        (w, _) => w,
+    };
+    let limits = Limits {
+        memory: clamp(args.memory.map(|b| b.0), caps.memory_limit).map(ByteSize),
+        memory_high: None,
+        cpu: args.cpu.map(Cores::get),
+        cpu_weight: None,
+        cpu_idle: false,
+        pids: clamp(args.pids, caps.pids_limit),
+    };
+    let mut game = None;
+    for n in 1..10_000 {
+        match job.create_child(&format!("game-{n}")) {
+            Ok(g) => {
+                game = Some((n, g));
+                break;
+            }
+            Err(CgroupError::NameInUse { .. }) => continue,
+            Err(e) => {
+                tracing::error!("creating the game cgroup: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    let Some((n, game)) = game else {
+        tracing::error!("no free game-<n> name in the job");
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let guard = JobGuard(game);
+    // Only the limits asked for: the rest is inherited from the job.
+    let applied = (|| {
+        if limits.memory.is_some() {
+            guard.0.set_memory_max(limits.memory)?;
+        }
+        if limits.cpu.is_some() {
+            guard.0.set_cpu_quota(limits.cpu)?;
+        }
+        if limits.pids.is_some() {
+            guard.0.set_pids_max(limits.pids)?;
+        }
+        Ok::<(), CgroupError>(())
+    })();
+    if let Err(e) = applied {
+        tracing::error!("applying the game's limits: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let spec = Supervision {
+        name: format!("{job_name}/game-{n}"),
+        command: args.command.clone(),
+        limits,
+        timeout: args.timeout.unwrap_or(config.game_timeout).0,
+        control_period: config.control_period.0,
+        on_event: config.on_event.clone(),
+        on_event_timeout: config.on_event_timeout.0,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "starting the async runtime failed");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let code = rt.block_on(async {
+        let started = Instant::now();
+        let wall = SystemTime::now();
+        let child = match job::spawn_into(&guard.0, &args.command, &[]) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return 127;
+            }
+        };
+        let pid = child.id().map_or(0, |p| p as i32);
+        let (report, code) = job::supervise(
+            &guard.0,
+            &spec,
+            Some(child),
+            pid,
+            default_monitors(),
+            started,
+            wall,
+        )
+        .await;
+        if !finish_report(&report, args.report.as_deref()) {
+            return i32::from(EXIT_FAILURE);
+        }
+        code
+    });
+    drop(guard);
+    ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
+}

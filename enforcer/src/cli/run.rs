@@ -1,0 +1,319 @@
+//! `enforcer run`: runs a command as an evaluation job, supervising it in the
+//! foreground (no daemon needed). Also holds the limit/deadline/report flags
+//! that `attach` shares, and the steps both use.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Instant, SystemTime},
+};
+
+use clap::Args;
+
+use crate::{
+    cgroup::{CgroupError, JobCgroup, Limits, Subtree},
+    config::Config,
+    job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
+    report::Report,
+    slots,
+    units::{ByteSize, Cores, Dur},
+};
+
+/// Exit status for usage and config errors.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status when the enforcer itself failed.
+pub const EXIT_FAILURE: u8 = 125;
+
+/// Limits, deadline and report flags shared by `run` and `attach`; each
+/// overrides the config file.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Job name (a cgroup directory name; refused if in use). Default:
+    /// `run-<pid>-<ms>`.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Hard memory limit, swap disabled (e.g. `1000M`, `1GiB`).
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+    /// Soft memory limit: `memory.high` (v2) / soft limit (v1).
+    #[arg(long)]
+    pub memory_high: Option<ByteSize>,
+    /// CPU quota in CPUs (e.g. `0.5`, `1.5`).
+    #[arg(long)]
+    pub cpu: Option<Cores>,
+    /// CPU weight, 1–10000 (v2 scale, default 100); implies nothing about
+    /// the idle class, see `--no-idle`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub cpu_weight: Option<u64>,
+    /// Do not put the job in the idle CPU class (the default is idle:
+    /// `cpu.idle`, else the lowest weight).
+    #[arg(long)]
+    pub no_idle: bool,
+    /// Maximum number of tasks in the job.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pids: Option<u64>,
+    /// Job deadline (e.g. `300s`, `30m`); the whole job is killed then.
+    #[arg(long)]
+    pub timeout: Option<Dur>,
+    /// Write the JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Shell command run for each job event, with the event JSON on stdin.
+    #[arg(long)]
+    pub on_event: Option<String>,
+    /// Fail at once (exit 125) instead of waiting for a free job slot.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Config file (default /etc/enforcer/enforcer.toml when it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Run CMD as an evaluation job under hard limits and a deadline.
+///
+/// Exit status: CMD's own; 124 when a deadline killed it; 137 when the
+/// memory limit OOM-killed it; 128+N when signal N ended it; 2 for usage or
+/// config errors; 125 when the enforcer itself failed; 126/127 when CMD
+/// cannot be executed / found.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// The configuration and flags, merged and checked.
+pub struct Plan {
+    pub config: Config,
+    pub name: String,
+    pub limits: Limits,
+    pub supervision: Supervision,
+}
+
+impl Plan {
+    pub fn new(args: &JobArgs, command: &[String]) -> Result<Self, String> {
+        let (config, _) =
+            Config::load_or_default(args.config.as_deref()).map_err(|e| e.to_string())?;
+        let name = match &args.job {
+            Some(n) => n.clone(),
+            None => format!(
+                "run-{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            ),
+        };
+        crate::cgroup::validate_name(&name).map_err(|e| e.to_string())?;
+        if args.memory.is_some_and(|m| m.0 == 0) {
+            return Err("--memory must be greater than zero".into());
+        }
+        if let Some(t) = args.timeout
+            && t.0.is_zero()
+        {
+            return Err("--timeout must be greater than zero".into());
+        }
+        let limits = Limits {
+            memory: Some(args.memory.unwrap_or(config.memory)),
+            memory_high: args.memory_high.or(config.memory_high),
+            cpu: args.cpu.or(config.cpu).map(Cores::get),
+            cpu_weight: args.cpu_weight.or(config.cpu_weight),
+            cpu_idle: config.cpu_idle && !args.no_idle,
+            pids: Some(args.pids.unwrap_or(config.pids)),
+        };
+        let supervision = Supervision {
+            name: name.clone(),
+            command: command.to_vec(),
+            limits: limits.clone(),
+            timeout: args.timeout.unwrap_or(config.timeout).0,
+            control_period: config.control_period.0,
+            on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
+            on_event_timeout: config.on_event_timeout.0,
+        };
+        Ok(Plan {
+            config,
+            name,
+            limits,
+            supervision,
+        })
+    }
+}
+
+/// Kills and removes the job cgroup however the command ends (also on an
+/// early return or a panic), so that no job outlives the enforcer and no
+/// empty cgroup is left behind.
+pub struct JobGuard(pub JobCgroup);
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kill() {
+            tracing::error!(error = %e, "killing the job's remaining tasks failed");
+        }
+        if let Err(e) = self.0.remove() {
+            tracing::warn!(error = %e, "removing the job cgroup failed");
+        }
+    }
+}
+
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // One thread: the child's PR_SET_PDEATHSIG is tied to the thread that
+    // forked it, which must live as long as the job.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// The monitors every job gets.
+pub fn default_monitors() -> Vec<Box<dyn Monitor>> {
+    vec![Box::new(LimitEvents::default())]
+}
+
+pub fn exit_for_cgroup_error(e: &CgroupError) -> u8 {
+    match e {
+        CgroupError::NameInUse { .. } | CgroupError::BadName { .. } => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    }
+}
+
+/// Writes the report file (if asked) and the summary.
+pub fn finish_report(report: &Report, path: Option<&Path>) -> bool {
+    eprint!("{}", report.summary());
+    if let Some(p) = path
+        && let Err(e) = report.write_json(p)
+    {
+        tracing::error!(path = %p.display(), error = %e, "writing the report failed");
+        return false;
+    }
+    true
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let plan = match Plan::new(&args.job, &args.command) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "starting the async runtime failed");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    ExitCode::from(rt.block_on(run_async(plan, &args)))
+}
+
+/// A job cgroup made and limited, with the slot and the ownership lock it
+/// holds; dropping it (after the job) kills, removes and releases all.
+pub struct Started {
+    // Field order is drop order: the cgroup goes before the lock and slot.
+    pub guard: JobGuard,
+    _lock: slots::JobLock,
+    _slot: slots::Slot,
+}
+
+/// Waits for a slot, takes the job's lock, cleans up orphans of dead
+/// enforcers, creates the job cgroup and applies the limits. Errors are
+/// logged and returned as the exit status.
+pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
+    let cfg = &plan.config;
+    let max = cfg.max_concurrent_jobs.get();
+    let slot = slots::acquire(&cfg.state_dir, max, no_wait, |pos, len| {
+        tracing::info!(job = %plan.name, position = pos + 1, queued = len, max, "waiting for slot");
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!("{e}");
+        EXIT_FAILURE
+    })?;
+    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(|e| {
+        tracing::error!("{e}");
+        exit_for_cgroup_error(&e)
+    })?;
+    for (name, lock) in slots::orphaned_jobs(&cfg.state_dir) {
+        if name == plan.name {
+            continue;
+        }
+        if let Ok(orphan) = subtree.open_job(&name) {
+            tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
+            drop(JobGuard(orphan));
+        }
+        drop(lock);
+    }
+    let lock = match slots::lock_job(&cfg.state_dir, &plan.name) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            tracing::error!(
+                "job name {:?} is already in use by a running enforcer",
+                plan.name
+            );
+            return Err(EXIT_USAGE);
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return Err(EXIT_FAILURE);
+        }
+    };
+    let guard = JobGuard(subtree.create_job(&plan.name).map_err(|e| {
+        tracing::error!("{e}");
+        exit_for_cgroup_error(&e)
+    })?);
+    if let Err(e) = guard.0.apply(&plan.limits) {
+        tracing::error!("applying the job's limits: {e}");
+        return Err(EXIT_FAILURE);
+    }
+    Ok(Started {
+        guard,
+        _lock: lock,
+        _slot: slot,
+    })
+}
+
+async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
+    let started_job = match start_job(&plan, args.job.no_wait).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let guard = &started_job.guard;
+    let started = Instant::now();
+    let started_wall = SystemTime::now();
+    let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
+    let child = match job::spawn_into(&guard.0, &args.command, &envs) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return match &e {
+                JobError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    127
+                }
+                JobError::Spawn { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    126
+                }
+                _ => EXIT_FAILURE,
+            };
+        }
+    };
+    let pid = child.id().map_or(0, |p| p as i32);
+    let (report, code) = job::supervise(
+        &guard.0,
+        &plan.supervision,
+        Some(child),
+        pid,
+        default_monitors(),
+        started,
+        started_wall,
+    )
+    .await;
+    drop(started_job);
+    if !finish_report(&report, args.job.report.as_deref()) {
+        return EXIT_FAILURE;
+    }
+    u8::try_from(code).unwrap_or(EXIT_FAILURE)
+}

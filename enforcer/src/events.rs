@@ -1,0 +1,128 @@
+//! Job events (the seed's async callbacks): each is a structured `tracing`
+//! event and, when `on_event` is configured, a shell command run with the
+//! event JSON on stdin. Hooks run on their own tasks with a timeout, so a
+//! slow or failing hook never delays enforcement; failures are logged.
+
+use std::{borrow::Cow, time::Duration};
+
+use serde::Serialize;
+use tokio::{io::AsyncWriteExt, task::JoinSet};
+
+pub const STARTED: &str = "started";
+pub const MEMORY_HIGH: &str = "memory_high";
+pub const OOM_KILL: &str = "oom_kill";
+pub const PIDS_MAX: &str = "pids_max";
+pub const DEADLINE_KILL: &str = "deadline_kill";
+pub const EXITED: &str = "exited";
+
+/// One event about a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// `started`, `memory_high`, `oom_kill`, `pids_max`, `deadline_kill`,
+    /// `exited`, or a monitor's own name for its events.
+    pub event: Cow<'static, str>,
+    /// Filled in by the sink.
+    pub job: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// Details, an object.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+impl Event {
+    pub fn new(event: impl Into<Cow<'static, str>>, detail: serde_json::Value) -> Self {
+        Event {
+            event: event.into(),
+            job: String::new(),
+            at: crate::report::rfc3339(std::time::SystemTime::now()),
+            detail,
+        }
+    }
+}
+
+/// Where a job's events go.
+pub struct EventSink {
+    job: String,
+    hook: Option<String>,
+    timeout: Duration,
+    running: JoinSet<()>,
+}
+
+impl EventSink {
+    pub fn new(job: &str, hook: Option<String>, timeout: Duration) -> Self {
+        EventSink {
+            job: job.to_owned(),
+            hook,
+            timeout,
+            running: JoinSet::new(),
+        }
+    }
+
+    /// Logs the event and starts its hook; returns at once. Must be called
+    /// inside the tokio runtime.
+    pub fn emit(&mut self, mut event: Event) {
+        event.job.clone_from(&self.job);
+        let json = serde_json::to_string(&event).unwrap_or_default();
+        tracing::info!(event = %event.event, job = %event.job, detail = %event.detail, "job event");
+        let Some(hook) = self.hook.clone() else {
+            return;
+        };
+        let timeout = self.timeout;
+        // Reap finished hooks so the set does not grow without bound.
+        while self.running.try_join_next().is_some() {}
+        self.running
+            .spawn(async move { run_hook(&hook, &json, timeout).await });
+    }
+
+    /// Waits for running hooks (each is bounded by its timeout): called once
+    /// the job is over and enforcement is done.
+    pub async fn drain(&mut self) {
+        while self.running.join_next().await.is_some() {}
+    }
+}
+
+async fn run_hook(hook: &str, json: &str, timeout: Duration) {
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(hook)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        // Its own process group, so a timeout kills what the hook started.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(hook, error = %e, "on_event hook could not start");
+            return;
+        }
+    };
+    let result = tokio::time::timeout(timeout, async {
+        if let Some(mut stdin) = child.stdin.take() {
+            // A hook that does not read its stdin is fine.
+            let _ = stdin.write_all(json.as_bytes()).await;
+            let _ = stdin.write_all(b"\n").await;
+        }
+        child.wait().await
+    })
+    .await;
+    match result {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => tracing::warn!(hook, %status, "on_event hook failed"),
+        Ok(Err(e)) => tracing::warn!(hook, error = %e, "on_event hook could not be waited for"),
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on the process group of a hook we started.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
+            let _ = child.kill().await;
+            tracing::warn!(
+                hook,
+                timeout_s = timeout.as_secs_f64(),
+                "on_event hook timed out and was killed"
+            );
+        }
+    }
+}

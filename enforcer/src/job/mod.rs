@@ -1,0 +1,420 @@
+//! Running one evaluation job (or game) under its cgroup: spawning the
+//! command so that it is inside the cgroup before its first instruction,
+//! the per-job supervisor loop (control tick, precise deadline, signal
+//! forwarding, monitors), the kill that empties the whole subtree, and the
+//! report.
+//!
+//! - [`monitor`]: the extension point other parts plug into;
+//! - [`watch`]: the limit-event monitor (`memory_high`, `oom_kill`, `pids_max`);
+//! - [`attach`]: the checks before moving a live process into a job.
+
+pub mod attach;
+pub mod monitor;
+pub mod watch;
+
+use std::{
+    ffi::CString,
+    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
+    process::ExitStatus,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+
+pub use monitor::{JobInfo, Monitor, MonitorError, TickContext};
+
+use crate::{
+    cgroup::{CgroupError, JobCgroup, Limits, Stats},
+    events::{self, Event, EventSink},
+    report::{Reason, Report, rfc3339},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("starting {command:?} inside job cgroup ({files}): {source}")]
+    Spawn {
+        command: String,
+        files: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("empty command")]
+    EmptyCommand,
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+}
+
+/// How a job is supervised.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    pub name: String,
+    pub command: Vec<String>,
+    pub limits: Limits,
+    pub timeout: Duration,
+    pub control_period: Duration,
+    pub on_event: Option<String>,
+    pub on_event_timeout: Duration,
+}
+
+/// Starts `argv` as a member of the job cgroup: the forked child writes
+/// itself into each `cgroup.procs` before `exec`, so the limits hold from
+/// the command's first instruction (never spawn-then-move). The child also
+/// asks for SIGKILL if the enforcer dies, so it cannot outlive it.
+pub fn spawn_into(
+    cgroup: &JobCgroup,
+    argv: &[String],
+    envs: &[(String, String)],
+) -> Result<tokio::process::Child, JobError> {
+    let (prog, args) = argv.split_first().ok_or(JobError::EmptyCommand)?;
+    let files = cgroup.join_files();
+    let c_files: Vec<CString> = files
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args);
+    cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+    // SAFETY: the closure runs between fork and exec; it only calls
+    // async-signal-safe functions (open, write, close, prctl, getppid) on
+    // memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &c_files {
+                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" means the writing process itself, in v1 and v2.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| JobError::Spawn {
+        command: argv.join(" "),
+        files: files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        source,
+    })
+}
+
+/// How the job's end was observed.
+enum End {
+    Exited(ExitStatus),
+    /// An attached job: its cgroup became empty (no exit status to read).
+    Empty,
+    Deadline {
+        latency: Duration,
+    },
+    Killed,
+}
+
+/// Runs the supervisor loop until the job ends, then empties the cgroup and
+/// builds the report. `child` is the spawned command; `None` for an attached
+/// process (`pid`), whose job ends when its cgroup is empty.
+pub async fn supervise(
+    cgroup: &JobCgroup,
+    spec: &Supervision,
+    mut child: Option<tokio::process::Child>,
+    pid: i32,
+    mut monitors: Vec<Box<dyn Monitor>>,
+    started: Instant,
+    started_wall: SystemTime,
+) -> (Report, i32) {
+    let mut sink = EventSink::new(&spec.name, spec.on_event.clone(), spec.on_event_timeout);
+    let mut event_counts = std::collections::BTreeMap::<String, u64>::new();
+    let mut emit = |sink: &mut EventSink, e: Event| {
+        *event_counts.entry(e.event.to_string()).or_default() += 1;
+        sink.emit(e);
+    };
+    emit(
+        &mut sink,
+        Event::new(
+            events::STARTED,
+            json!({ "pid": pid, "cgroup": cgroup.path(), "command": spec.command, "limits": spec.limits, "timeout_s": spec.timeout.as_secs_f64() }),
+        ),
+    );
+
+    let info = JobInfo {
+        name: spec.name.clone(),
+        cgroup: cgroup.path().to_owned(),
+        cgroup_mode: cgroup.mode_name().to_owned(),
+        v2_cgroup_id: cgroup.v2_cgroup_id(),
+        pid,
+        limits: spec.limits.clone(),
+        timeout: spec.timeout,
+        control_period: spec.control_period,
+        started,
+    };
+    monitors.retain_mut(|m| match m.start(&info) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(monitor = m.name(), error = %e, "monitor failed to start; disabled");
+            false
+        }
+    });
+
+    let deadline = tokio::time::Instant::from_std(started + spec.timeout);
+    let mut tick = tokio::time::interval(spec.control_period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigint = signal(SignalKind::interrupt()).ok();
+    let mut sigterm = signal(SignalKind::terminate()).ok();
+    let mut sighup = signal(SignalKind::hangup()).ok();
+    let mut signals_seen = 0u32;
+    let mut mem_peak_sampled = 0u64;
+    let mut pids_peak_sampled = 0u64;
+    let mut queued: Vec<Event> = Vec::new();
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(deadline) => {
+                let fired = Instant::now();
+                let result = cgroup.kill();
+                let latency = fired.duration_since(started + spec.timeout) + fired.elapsed();
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "deadline kill did not empty the job");
+                }
+                emit(&mut sink, Event::new(events::DEADLINE_KILL, json!({
+                    "timeout_s": spec.timeout.as_secs_f64(),
+                    "latency_ms": latency.as_secs_f64() * 1e3,
+                })));
+                break End::Deadline { latency };
+            }
+            status = async { child.as_mut().expect("guarded by the if").wait().await }, if child.is_some() => {
+                match status {
+                    Ok(s) if signals_seen > 0 && s.signal().is_some() => break End::Killed,
+                    Ok(s) => break End::Exited(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "waiting for the job's command failed");
+                        break End::Killed;
+                    }
+                }
+            }
+            Some(()) = recv(&mut sigint) => {
+                signals_seen += 1;
+                if forward(pid, libc::SIGINT, signals_seen, cgroup) { break End::Killed; }
+            }
+            Some(()) = recv(&mut sigterm) => {
+                signals_seen += 1;
+                if forward(pid, libc::SIGTERM, signals_seen, cgroup) { break End::Killed; }
+            }
+            Some(()) = recv(&mut sighup) => {
+                signals_seen += 1;
+                if forward(pid, libc::SIGHUP, signals_seen, cgroup) { break End::Killed; }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let stats = cgroup.stats();
+                mem_peak_sampled = mem_peak_sampled.max(stats.memory_current.unwrap_or(0));
+                pids_peak_sampled = pids_peak_sampled.max(stats.pids_current.unwrap_or(0));
+                run_monitors(&mut monitors, cgroup, &stats, now.duration_since(started), now, &mut queued);
+                for e in queued.drain(..) {
+                    emit(&mut sink, e);
+                }
+                if child.is_none() && cgroup.pids().is_empty() {
+                    break End::Empty;
+                }
+            }
+        }
+    };
+
+    // The job never outlives its command: kill what is left (daemons).
+    if !matches!(end, End::Deadline { .. })
+        && let Err(e) = cgroup.kill()
+    {
+        tracing::error!(error = %e, "emptying the job after its command ended failed");
+    }
+    let status = match (&end, child.as_mut()) {
+        (End::Exited(s), _) => Some(*s),
+        (_, Some(c)) => c.wait().await.ok(),
+        _ => None,
+    };
+
+    let stats = cgroup.stats();
+    // Late counters (an OOM kill seen only now) still become events.
+    run_monitors(
+        &mut monitors,
+        cgroup,
+        &stats,
+        started.elapsed(),
+        Instant::now(),
+        &mut queued,
+    );
+    for e in queued.drain(..) {
+        emit(&mut sink, e);
+    }
+
+    let signal = status.and_then(|s| s.signal());
+    let oom = stats.oom_kills.unwrap_or(0) > 0 && signal == Some(libc::SIGKILL);
+    let (reason, code) = match &end {
+        End::Deadline { .. } => (Reason::Deadline, 124),
+        _ if oom => (Reason::Oom, 137),
+        End::Killed => (Reason::Killed, status.map_or(130, exit_code_of)),
+        End::Exited(s) => (Reason::Exited, exit_code_of(*s)),
+        End::Empty => (
+            if stats.oom_kills.unwrap_or(0) > 0 {
+                Reason::Oom
+            } else {
+                Reason::Exited
+            },
+            if stats.oom_kills.unwrap_or(0) > 0 {
+                137
+            } else {
+                0
+            },
+        ),
+    };
+
+    let mut report = Report::new(&spec.name, &spec.command, started_wall);
+    report.ended_at = rfc3339(SystemTime::now());
+    report.wall_s = started.elapsed().as_secs_f64();
+    report.cgroup = cgroup.path().to_owned();
+    report.cgroup_mode = cgroup.mode_name().to_owned();
+    report.v2_cgroup_id = cgroup.v2_cgroup_id();
+    report.exit_code = Some(code);
+    report.signal = signal;
+    report.reason = reason;
+    report.timeout_s = spec.timeout.as_secs_f64();
+    if let End::Deadline { latency } = end {
+        report.deadline_kill_latency_ms = Some(latency.as_secs_f64() * 1e3);
+    }
+    fill_stats(
+        &mut report,
+        &stats,
+        spec,
+        mem_peak_sampled,
+        pids_peak_sampled,
+    );
+    for m in &mut monitors {
+        m.finish(&mut report);
+    }
+    emit(
+        &mut sink,
+        Event::new(
+            events::EXITED,
+            json!({ "reason": reason, "exit_code": code, "signal": signal, "wall_s": report.wall_s }),
+        ),
+    );
+    report.events = event_counts;
+    report.reconcile();
+    sink.drain().await;
+    (report, code)
+}
+
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forwards a signal to the job's main process; a second signal kills the
+/// whole job. Returns whether the job was killed.
+fn forward(pid: i32, sig: i32, seen: u32, cgroup: &JobCgroup) -> bool {
+    if seen >= 2 {
+        tracing::warn!("second signal: killing the job");
+        if let Err(e) = cgroup.kill() {
+            tracing::error!(error = %e, "killing the job failed");
+        }
+        return true;
+    }
+    tracing::info!(signal = sig, pid, "forwarding signal to the job");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+    false
+}
+
+fn run_monitors(
+    monitors: &mut Vec<Box<dyn Monitor>>,
+    cgroup: &JobCgroup,
+    stats: &Stats,
+    elapsed: Duration,
+    now: Instant,
+    queued: &mut Vec<Event>,
+) {
+    monitors.retain_mut(|m| {
+        let mut ctx = TickContext::new(cgroup, stats, elapsed, now, queued);
+        match m.tick(&mut ctx) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(monitor = m.name(), error = %e, "monitor failed; disabled");
+                false
+            }
+        }
+    });
+}
+
+fn exit_code_of(s: ExitStatus) -> i32 {
+    s.code()
+        .or_else(|| s.signal().map(|n| 128 + n))
+        .unwrap_or(125)
+}
+
+fn fill_stats(r: &mut Report, s: &Stats, spec: &Supervision, mem_sampled: u64, pids_sampled: u64) {
+    r.cpu_s = s.cpu_usage.map(|d| d.as_secs_f64());
+    if r.cpu_s.is_none() {
+        r.unavailable(
+            "cpu_s",
+            "no cpu usage counter (cpu.stat usage_usec / cpuacct.usage) for the job",
+        );
+    }
+    r.cpu_throttled_s = s.cpu_throttled.map(|d| d.as_secs_f64());
+    if r.cpu_throttled_s.is_none() {
+        r.unavailable(
+            "cpu_throttled_s",
+            "no throttling counter in cpu.stat (cpu controller missing)",
+        );
+    }
+    r.cpu_quota_cores = spec.limits.cpu;
+    match s.memory_peak {
+        Some(p) => r.memory_peak_bytes = Some(p),
+        None if mem_sampled > 0 => {
+            r.memory_peak_bytes = Some(mem_sampled);
+            r.memory_peak_sampled = true;
+        }
+        None => r.unavailable(
+            "memory_peak_bytes",
+            "no memory.peak on this kernel and no sample was taken",
+        ),
+    }
+    r.memory_limit_bytes = s.memory_limit.or(spec.limits.memory.map(|b| b.0));
+    r.memory_high_bytes = s.memory_high_limit;
+    r.oom_kills = s.oom_kills;
+    if r.oom_kills.is_none() {
+        r.unavailable(
+            "oom_kills",
+            "no oom_kill counter (memory.events / memory.oom_control)",
+        );
+    }
+    match s.pids_peak {
+        Some(p) => r.pids_peak = Some(p),
+        None if pids_sampled > 0 => {
+            r.pids_peak = Some(pids_sampled);
+            r.pids_peak_sampled = true;
+        }
+        None => r.unavailable(
+            "pids_peak",
+            "no pids.peak on this kernel and no sample was taken",
+        ),
+    }
+    r.pids_limit = s.pids_limit.or(spec.limits.pids);
+    if r.pids_limit.is_none() {
+        r.unavailable("pids_limit", "no pids limit set");
+    }
+    if r.memory_limit_bytes.is_none() {
+        r.unavailable("memory_limit_bytes", "no memory limit set");
+    }
+}

@@ -1,0 +1,279 @@
+//! The job report: JSON with `--report FILE`, a human summary on stderr.
+//! A metric this node cannot provide is `null` with the reason in
+//! `unavailable`; no metric is ever a crash.
+//!
+//! Fields filled by other parts of the agent (the steal meter, the budget
+//! controller, the GPU guard) are declared here as `null` with a default
+//! reason; their monitors overwrite them in `Monitor::finish`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::Serialize;
+
+/// Why the job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reason {
+    /// The command ended by itself (with any status or signal).
+    Exited,
+    /// A deadline killed the job.
+    Deadline,
+    /// The memory limit OOM-killed the command.
+    Oom,
+    /// The job was killed on request (a signal to the enforcer).
+    Killed,
+}
+
+pub const NO_TRAINING: &str = "no training workload to protect (use --protect PID)";
+pub const NO_GPU: &str = "GPU telemetry not collected";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub job: String,
+    pub command: Vec<String>,
+    pub cgroup: PathBuf,
+    pub cgroup_mode: String,
+    pub v2_cgroup_id: Option<u64>,
+    pub started_at: String,
+    pub ended_at: String,
+    /// `started_at` as Unix seconds, for arithmetic.
+    pub started_at_unix: f64,
+    pub wall_s: f64,
+    /// The status `enforcer` exits with: the command's own, 124 after a
+    /// deadline, 137 after an OOM kill, 128+N after signal N.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command, if one did.
+    pub signal: Option<i32>,
+    pub reason: Reason,
+    pub timeout_s: f64,
+    /// From the deadline to an empty cgroup, when a deadline fired.
+    pub deadline_kill_latency_ms: Option<f64>,
+    pub cpu_s: Option<f64>,
+    pub cpu_throttled_s: Option<f64>,
+    pub cpu_quota_cores: Option<f64>,
+    pub memory_peak_bytes: Option<u64>,
+    /// The peak was sampled each control tick, not the kernel's own.
+    pub memory_peak_sampled: bool,
+    pub memory_limit_bytes: Option<u64>,
+    pub memory_high_bytes: Option<u64>,
+    pub oom_kills: Option<u64>,
+    pub pids_peak: Option<u64>,
+    pub pids_peak_sampled: bool,
+    pub pids_limit: Option<u64>,
+    /// Counts of each event kind emitted.
+    pub events: BTreeMap<String, u64>,
+
+    // Filled by the steal meter / budget controller.
+    pub stolen_from_training_s: Option<f64>,
+    pub stolen_fraction: Option<f64>,
+    pub preemptions_of_training: Option<u64>,
+    pub training_runq_wait_s: Option<f64>,
+    pub budget_fraction: Option<f64>,
+    pub over_budget_s: Option<f64>,
+    pub training_slowdown: Option<f64>,
+    // Filled by the GPU guard.
+    pub gpu: Option<serde_json::Value>,
+
+    /// Metric name → why it is `null`.
+    pub unavailable: BTreeMap<String, String>,
+}
+
+impl Report {
+    pub fn new(job: &str, command: &[String], started: SystemTime) -> Self {
+        let mut unavailable = BTreeMap::new();
+        for k in [
+            "stolen_from_training_s",
+            "stolen_fraction",
+            "preemptions_of_training",
+            "training_runq_wait_s",
+            "budget_fraction",
+            "over_budget_s",
+            "training_slowdown",
+        ] {
+            unavailable.insert(k.to_owned(), NO_TRAINING.to_owned());
+        }
+        unavailable.insert("gpu".to_owned(), NO_GPU.to_owned());
+        Report {
+            job: job.to_owned(),
+            command: command.to_vec(),
+            cgroup: PathBuf::new(),
+            cgroup_mode: String::new(),
+            v2_cgroup_id: None,
+            started_at: rfc3339(started),
+            ended_at: String::new(),
+            started_at_unix: unix_s(started),
+            wall_s: 0.0,
+            exit_code: None,
+            signal: None,
+            reason: Reason::Exited,
+            timeout_s: 0.0,
+            deadline_kill_latency_ms: None,
+            cpu_s: None,
+            cpu_throttled_s: None,
+            cpu_quota_cores: None,
+            memory_peak_bytes: None,
+            memory_peak_sampled: false,
+            memory_limit_bytes: None,
+            memory_high_bytes: None,
+            oom_kills: None,
+            pids_peak: None,
+            pids_peak_sampled: false,
+            pids_limit: None,
+            events: BTreeMap::new(),
+            stolen_from_training_s: None,
+            stolen_fraction: None,
+            preemptions_of_training: None,
+            training_runq_wait_s: None,
+            budget_fraction: None,
+            over_budget_s: None,
+            training_slowdown: None,
+            gpu: None,
+            unavailable,
+        }
+    }
+
+    /// Marks `metric` unavailable for `reason` (kept only while it is null).
+    pub fn unavailable(&mut self, metric: &str, reason: impl Into<String>) {
+        self.unavailable.insert(metric.to_owned(), reason.into());
+    }
+
+    /// Drops reasons for metrics that a monitor filled after all, and makes
+    /// sure every null metric has a reason.
+    pub fn reconcile(&mut self) {
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&*self) else {
+            return;
+        };
+        self.unavailable
+            .retain(|k, _| map.get(k).is_some_and(serde_json::Value::is_null));
+        for (k, v) in &map {
+            if v.is_null()
+                && !self.unavailable.contains_key(k)
+                && k != "signal"
+                && k != "deadline_kill_latency_ms"
+                && k != "cpu_quota_cores"
+                && k != "memory_high_bytes"
+                && k != "v2_cgroup_id"
+            {
+                self.unavailable
+                    .insert(k.clone(), "not measured on this node".to_owned());
+            }
+        }
+    }
+
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::from)?;
+        std::fs::write(path, text + "\n")
+    }
+
+    /// The few lines a person reads at the end of a run.
+    pub fn summary(&self) -> String {
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.2}{unit}"));
+        let mib = |v: Option<u64>| {
+            v.map_or("n/a".to_owned(), |b| {
+                format!("{:.1}MiB", b as f64 / 1048576.0)
+            })
+        };
+        let mut s = format!(
+            "enforcer: job {} {} after {:.2}s (exit {}{})\n",
+            self.job,
+            serde_json::to_value(self.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            self.wall_s,
+            self.exit_code.map_or("?".to_owned(), |c| c.to_string()),
+            self.signal
+                .map_or(String::new(), |n| format!(", signal {n}")),
+        );
+        s += &format!(
+            "  cpu {} (throttled {}), memory peak {}{} of {}, oom kills {}, pids peak {} of {}\n",
+            opt(self.cpu_s, "s"),
+            opt(self.cpu_throttled_s, "s"),
+            mib(self.memory_peak_bytes),
+            if self.memory_peak_sampled {
+                " (sampled)"
+            } else {
+                ""
+            },
+            mib(self.memory_limit_bytes),
+            self.oom_kills.map_or("n/a".to_owned(), |n| n.to_string()),
+            self.pids_peak.map_or("n/a".to_owned(), |n| n.to_string()),
+            self.pids_limit.map_or("max".to_owned(), |n| n.to_string()),
+        );
+        if let Some(l) = self.deadline_kill_latency_ms {
+            s += &format!(
+                "  deadline {:.0}s: cgroup empty {l:.1}ms after it\n",
+                self.timeout_s
+            );
+        }
+        if let Some(f) = self.stolen_fraction {
+            s += &format!("  stolen from training {:.2}%\n", f * 100.0);
+        }
+        s
+    }
+}
+
+pub fn unix_s(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `2026-11-26T19:58:28.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_with_millis() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_723_108_123);
+        assert_eq!(rfc3339(t), "2026-11-26T19:58:28.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn null_metrics_have_reasons_and_filled_ones_lose_them() {
+        let mut r = Report::new("j", &["true".into()], SystemTime::now());
+        r.cpu_s = Some(1.0);
+        r.stolen_fraction = Some(0.01);
+        r.reconcile();
+        assert!(!r.unavailable.contains_key("stolen_fraction"));
+        assert_eq!(r.unavailable["stolen_from_training_s"], NO_TRAINING);
+        assert_eq!(r.unavailable["gpu"], NO_GPU);
+        assert!(r.unavailable.contains_key("memory_peak_bytes"));
+        assert!(!r.unavailable.contains_key("cpu_s"));
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v["stolen_from_training_s"].is_null());
+        assert_eq!(v["reason"], "exited");
+    }
+}

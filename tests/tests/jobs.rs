@@ -1,0 +1,1049 @@
+//! Evaluation jobs against the real kernel: limits, deadlines, games,
+//! concurrency, attach, refusals and the subtree guarantee. Each test runs
+//! the real `enforcer` binary with the `eval-workload` helper binary (set
+//! `EVAL_WORKLOAD_BIN` to its path in the VMs) and its own `state_dir`, so
+//! tests running in parallel do not queue on each other's slots.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+
+/// The `eval-workload` helper: `$EVAL_WORKLOAD_BIN`, else the one cargo
+/// built with these tests, else one next to the enforcer binary (the VM
+/// image puts both in /bin), else `eval-workload` on PATH.
+fn workload() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
+    if built.is_file() {
+        return built;
+    }
+    let sibling = enforcer_bin().with_file_name("eval-workload");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("eval-workload")
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name("enforcer-jobs"));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    /// A config with a private state_dir plus `extra` TOML lines.
+    fn config(&self, extra: &str) -> PathBuf {
+        let p = self.path("enforcer.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "state_dir = \"{}\"\n{extra}\n",
+                self.path("state").display()
+            ),
+        )
+        .unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child process the test started, by PID, if it is still running.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = enforcer().args(args).output().expect("starting enforcer");
+    eprintln!(
+        "enforcer {args:?} -> {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Cgroup mount points (v1 and v2) of this system.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
+        })
+        .collect()
+}
+
+/// This process's cgroup directory in each hierarchy: the subtree the
+/// enforcer it starts owns.
+fn own_cgroups() -> Vec<PathBuf> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+    {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let opts = r.nth(1).unwrap_or("");
+        let mount = PathBuf::from(left.split(' ').nth(4).unwrap());
+        for m in membership.lines() {
+            let mut parts = m.splitn(3, ':');
+            let (_, ctrls, path) = (
+                parts.next(),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            let matches = if fstype == "cgroup2" {
+                ctrls.is_empty()
+            } else if fstype == "cgroup" {
+                !ctrls.is_empty() && ctrls.split(',').all(|c| opts.split(',').any(|o| o == c))
+            } else {
+                false
+            };
+            if matches {
+                out.push(mount.join(path.trim_start_matches('/')));
+            }
+        }
+    }
+    out
+}
+
+/// Every cgroup directory named `name`, anywhere in any hierarchy.
+fn cgroups_named(name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
+    while let Some((dir, depth)) = stack.pop() {
+        if depth > 10 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if e.file_name() == name {
+                    found.push(e.path());
+                }
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
+fn assert_no_cgroup_left(name: &str) {
+    let left = cgroups_named(name);
+    assert!(
+        left.is_empty(),
+        "cgroups left behind for job {name}: {left:?}"
+    );
+}
+
+/// Whether `pid` is gone or a zombie (dead, waiting to be reaped).
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 2..].chars().next())
+            .is_none_or(|c| c == 'Z' || c == 'X'),
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn memory_hog_is_oom_killed_with_reason_oom_and_exit_137() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("oom");
+    let rep = s.path("report.json");
+    let w = workload();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--memory",
+        "300MiB",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        w.to_str().unwrap(),
+        "memhog",
+        "2000",
+        "100",
+    ]);
+    // The supervisor itself exits normally with 137: it was not the victim.
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let r = report(&rep);
+    assert_eq!(r["reason"], "oom", "{r}");
+    assert!(r["oom_kills"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert_eq!(r["memory_limit_bytes"], 300u64 << 20);
+    assert!(r["memory_peak_bytes"].as_u64().unwrap() <= 300 << 20, "{r}");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn fork_bomb_is_contained_by_pids_64_with_a_pids_max_event() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("forkbomb");
+    let rep = s.path("report.json");
+    let w = workload();
+    let t0 = Instant::now();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--pids",
+        "64",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        w.to_str().unwrap(),
+        "forkbomb",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = report(&rep);
+    assert!(r["pids_peak"].as_u64().unwrap() <= 64, "{r}");
+    assert!(
+        r["events"]["pids_max"].as_u64().unwrap_or(0) >= 1,
+        "no pids_max event: {r}"
+    );
+    let failed: u64 = stdout
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .expect("forkbomb prints its counts");
+    assert!(failed > 0, "no fork was refused: {stdout}");
+    // The machine stayed responsive: a fresh process starts promptly.
+    let probe = Instant::now();
+    assert!(Command::new("true").status().unwrap().success());
+    assert!(probe.elapsed() < Duration::from_secs(2));
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn cpu_quota_of_half_a_core_is_not_exceeded() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("cpu");
+    let rep = s.path("report.json");
+    let w = workload();
+    // --no-idle: the quota, not the idle class, is what is measured.
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--cpu",
+        "0.5",
+        "--no-idle",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        w.to_str().unwrap(),
+        "spin",
+        "2",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = report(&rep);
+    let cores = r["cpu_s"].as_f64().unwrap() / r["wall_s"].as_f64().unwrap();
+    eprintln!(
+        "measured {cores:.3} CPUs under a 0.5 CPU quota over {:.2}s (throttled {:.2}s)",
+        r["wall_s"], r["cpu_throttled_s"]
+    );
+    // The quota is an upper bound; other load on the node can only lower
+    // the usage, so the lower bound is loose.
+    assert!(cores <= 0.55, "quota exceeded: {cores:.3} CPUs");
+    assert!(cores >= 0.2, "the job barely ran: {cores:.3} CPUs");
+    assert!(r["cpu_throttled_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("deadline");
+    let rep = s.path("report.json");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let child = enforcer()
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--timeout",
+            "2s",
+            "--report",
+            rep.to_str().unwrap(),
+            "--",
+            w.to_str().unwrap(),
+            "daemon",
+            pidfile.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let start = Instant::now();
+    let daemon: i32 = loop {
+        if let Ok(t) = std::fs::read_to_string(&pidfile) {
+            break t.trim().parse().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Poll tightly for the daemon's death.
+    let died_at = loop {
+        if is_dead(daemon) {
+            break now_unix();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon {daemon} survived"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(124));
+    let r = report(&rep);
+    assert_eq!(r["reason"], "deadline");
+    let deadline = r["started_at_unix"].as_f64().unwrap() + 2.0;
+    let late = died_at - deadline;
+    eprintln!(
+        "daemon dead {:.1} ms after the deadline; enforcer says cgroup empty after {} ms",
+        late * 1e3,
+        r["deadline_kill_latency_ms"]
+    );
+    assert!(late > -0.05, "killed before the deadline: {late}");
+    assert!(late < 0.1, "killed {:.1} ms after the deadline", late * 1e3);
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn game_timeout_kills_the_game_and_the_job_goes_on() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("games");
+    let rep = s.path("report.json");
+    let w = workload();
+    let script = format!(
+        "{e} game --config {c} --timeout 1s -- {w} spin 1 30; echo game=$?; {e} game --config {c} -- true; echo second=$?",
+        e = enforcer_bin().display(),
+        c = cfg.display(),
+        w = w.display()
+    );
+    let t0 = Instant::now();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--timeout",
+        "60s",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("game=124"), "{stdout}");
+    assert!(stdout.contains("second=0"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the game outlived its 1s deadline"
+    );
+    assert_eq!(report(&rep)["reason"], "exited");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn two_jobs_with_one_slot_run_one_after_the_other() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("max_concurrent_jobs = 1");
+    let (a, b) = (unique_name("slot-a"), unique_name("slot-b"));
+    let (ra, rb) = (s.path("a.json"), s.path("b.json"));
+    let spawn = |name: &str, rep: &Path| {
+        enforcer()
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                name,
+                "--report",
+                rep.to_str().unwrap(),
+                "--",
+                "sleep",
+                "1",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = ChildGuard(spawn(&a, &ra));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = ChildGuard(spawn(&b, &rb));
+    // --no-wait fails fast while the slot is held.
+    let busy = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--no-wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(busy.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("--no-wait"));
+    assert!(first.0.wait().unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(second.0.wait().unwrap().success());
+    assert!(err.contains("waiting for slot"), "{err}");
+    let (ra, rb) = (report(&ra), report(&rb));
+    let first_end = ra["started_at_unix"].as_f64().unwrap() + ra["wall_s"].as_f64().unwrap();
+    let second_start = rb["started_at_unix"].as_f64().unwrap();
+    assert!(
+        second_start >= first_end - 0.01,
+        "second started at {second_start}, first ended at {first_end}"
+    );
+}
+
+#[test]
+fn attach_moves_every_thread_of_a_multithreaded_process() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("attach");
+    let rep = s.path("report.json");
+    let mut target = ChildGuard(
+        Command::new(workload())
+            .args(["threads", "8"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(target.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = target.0.id() as i32;
+    let mut attach = ChildGuard(
+        enforcer()
+            .args([
+                "attach",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--pid",
+                &pid.to_string(),
+                "--job",
+                &name,
+                "--timeout",
+                "3s",
+                "--report",
+                rep.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    let in_job = |tid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
+            .map(|c| c.lines().filter(|l| l.contains(&name)).count())
+            .unwrap_or(0)
+    };
+    let tids: Vec<String> = loop {
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if tids.iter().all(|t| in_job(t) > 0) {
+            break tids;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "threads not all moved"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(tids.len(), 9, "main thread + 8");
+    // Every thread is in the job in every hierarchy the job uses.
+    let per_thread: BTreeSet<usize> = tids.iter().map(|t| in_job(t)).collect();
+    assert_eq!(
+        per_thread.len(),
+        1,
+        "threads differ in membership: {per_thread:?}"
+    );
+    let status = attach.0.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(124),
+        "the 3s deadline ends the attached job"
+    );
+    assert_eq!(report(&rep)["reason"], "deadline");
+    let _ = target.0.wait();
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("max_concurrent_jobs = 4");
+    let c = cfg.to_str().unwrap();
+    let bad_cfg = |n: &str, text: &str| {
+        let p = s.path(n);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let unknown = bad_cfg("unknown.toml", "memory = \"1G\"\nmemroy_high = \"1G\"\n");
+    let budget = bad_cfg("budget.toml", "\nbudget = \"150%\"\n");
+    let zero_mem = bad_cfg("zero.toml", "\n\nmemory = \"0\"\n");
+    let mut training = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+    let tpid = training.0.id().to_string();
+    let training_cfg = bad_cfg(
+        "training.toml",
+        &format!(
+            "state_dir = \"{}\"\n[training]\npid = {tpid}\n",
+            s.path("state").display()
+        ),
+    );
+    let me = std::process::id().to_string();
+    let cases: Vec<(Vec<&str>, &str, i32)> = vec![
+        (
+            vec!["run", "--config", c, "--memory", "0", "--", "true"],
+            "greater than zero",
+            2,
+        ),
+        (
+            vec!["run", "--config", c, "--pids", "0", "--", "true"],
+            "--pids",
+            2,
+        ),
+        (
+            vec!["run", "--config", c, "--timeout", "0s", "--", "true"],
+            "greater than zero",
+            2,
+        ),
+        (
+            vec!["run", "--config", c, "--cpu=-1", "--", "true"],
+            "cores",
+            2,
+        ),
+        (
+            vec!["run", "--config", c, "--memory", "12X", "--", "true"],
+            "unknown unit",
+            2,
+        ),
+        (
+            vec!["run", "--config", unknown.to_str().unwrap(), "--", "true"],
+            "memroy_high",
+            2,
+        ),
+        (
+            vec!["run", "--config", budget.to_str().unwrap(), "--", "true"],
+            "150%",
+            2,
+        ),
+        (
+            vec!["run", "--config", zero_mem.to_str().unwrap(), "--", "true"],
+            "line 3",
+            2,
+        ),
+        (
+            vec!["run", "--config", c, "--job", "a/b", "--", "true"],
+            "invalid job name",
+            2,
+        ),
+        (
+            vec!["attach", "--config", c, "--pid", "999999999"],
+            "no process",
+            2,
+        ),
+        (vec!["attach", "--config", c, "--pid", "1"], "init", 2),
+        (
+            vec!["attach", "--config", c, "--pid", "2"],
+            "kernel thread",
+            2,
+        ),
+        (vec!["attach", "--config", c, "--pid", &me], "ancestor", 2),
+        (
+            vec![
+                "attach",
+                "--config",
+                training_cfg.to_str().unwrap(),
+                "--pid",
+                &tpid,
+            ],
+            "training",
+            2,
+        ),
+        (
+            vec!["config", "check", unknown.to_str().unwrap()],
+            "line 2",
+            2,
+        ),
+        (vec!["game", "--config", c, "--", "true"], "enforcer run", 2),
+    ];
+    for (i, (args, msg, code)) in cases.iter().enumerate() {
+        let name = unique_name(&format!("bad{i}"));
+        let mut args = args.clone();
+        if matches!(args[0], "run" | "attach") && !args.contains(&"--job") {
+            args.splice(1..1, ["--job", name.as_str()]);
+        }
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: expected {msg:?} in: {err}");
+        assert_no_cgroup_left(&name);
+    }
+    // The enforcer itself (the shell execs into it, keeping its PID).
+    let name = unique_name("self");
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {} attach --config {c} --job {name} --pid $$",
+            enforcer_bin().display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("enforcer itself"));
+    assert_no_cgroup_left(&name);
+    // A job name in use is refused, and the running job is untouched.
+    let name = unique_name("taken");
+    let mut holder = ChildGuard(
+        enforcer()
+            .args(["run", "--config", c, "--job", &name, "--", "sleep", "3"])
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while cgroups_named(&name).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run(&["run", "--config", c, "--job", &name, "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
+    assert!(
+        holder.0.wait().unwrap().success(),
+        "the first job was disturbed"
+    );
+    assert_no_cgroup_left(&name);
+    let _ = training.0.kill();
+}
+
+#[test]
+fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("subtree");
+    let audit = s.path("audit.log");
+    let before = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let script = format!(
+        "{e} game --config {c} --timeout 5s --memory 100M -- true",
+        e = enforcer_bin().display(),
+        c = cfg.display()
+    );
+    let out = enforcer()
+        .env("ENFORCER_AUDIT_CGROUP_WRITES", &audit)
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--cpu",
+            "0.5",
+            "--memory-high",
+            "200M",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owned = own_cgroups();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() > 10, "too few audited writes: {log}");
+    assert!(
+        lines.iter().any(|l| l.contains("game-")),
+        "the game wrote nothing: {log}"
+    );
+    for l in &lines {
+        let path = Path::new(l.split_once(' ').unwrap().1);
+        assert!(
+            owned
+                .iter()
+                .any(|o| path.starts_with(o) && path != o.as_path()
+                    || path == o.join("cgroup.subtree_control")),
+            "write outside the subtree {owned:?}: {l}"
+        );
+    }
+    // The test process (the enforcer's parent) was not moved anywhere.
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+        before
+    );
+    assert_no_cgroup_left(&name);
+}
+
+/// Waits for a pid file written by `eval-workload daemon`.
+fn wait_pidfile(path: &Path) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(t) = std::fs::read_to_string(path) {
+            return t.trim().parse().unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid file {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("fallback");
+    let rep = s.path("report.json");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let child = enforcer()
+        .env("ENFORCER_NO_CGROUP_KILL", "1")
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+            "--report",
+            rep.to_str().unwrap(),
+            "--",
+            w.to_str().unwrap(),
+            "daemon",
+            pidfile.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let daemon = wait_pidfile(&pidfile);
+    assert_eq!(child.0.wait().unwrap().code(), Some(124));
+    assert!(is_dead(daemon), "the daemon survived the fallback kill");
+    let r = report(&rep);
+    eprintln!(
+        "fallback kill: cgroup empty {} ms after the deadline",
+        r["deadline_kill_latency_ms"]
+    );
+    assert!(
+        r["deadline_kill_latency_ms"].as_f64().unwrap() < 100.0,
+        "{r}"
+    );
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("sigterm");
+    let rep = s.path("report.json");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let child = enforcer()
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--job",
+            &name,
+            "--report",
+            rep.to_str().unwrap(),
+            "--",
+            w.to_str().unwrap(),
+            "daemon",
+            pidfile.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let daemon = wait_pidfile(&pidfile);
+    // SAFETY: kill(2) on the enforcer this test started.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    let r = report(&rep);
+    assert_eq!(r["reason"], "killed", "{r}");
+    assert_eq!(r["signal"], libc::SIGTERM);
+    assert!(is_dead(daemon), "the job's daemon outlived the enforcer");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("max_concurrent_jobs = 2");
+    let name = unique_name("orphan");
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let mut child = ChildGuard(
+        enforcer()
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                &name,
+                "--",
+                w.to_str().unwrap(),
+                "daemon",
+                pidfile.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let daemon = wait_pidfile(&pidfile);
+    child.0.kill().unwrap();
+    let _ = child.0.wait();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !is_dead(daemon),
+        "the setsid daemon should survive a SIGKILLed enforcer"
+    );
+    assert!(!cgroups_named(&name).is_empty());
+    let out = run(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    assert!(out.status.success());
+    assert!(
+        is_dead(daemon),
+        "the next enforcer did not kill the orphaned job"
+    );
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn on_event_hook_gets_json_and_a_slow_hook_delays_nothing() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("on_event_timeout = \"1s\"");
+    let name = unique_name("hooks");
+    let log = s.path("events.jsonl");
+    let hook = format!("cat >> {}", log.display());
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--on-event",
+        &hook,
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's own status passes through"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["started", "exited"], "{lines:?}");
+    assert!(lines.iter().all(|e| e["job"] == name.as_str()));
+    assert_eq!(lines[1]["detail"]["exit_code"], 7);
+    // A hook that hangs is killed at its timeout and holds up no deadline.
+    let t0 = Instant::now();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--on-event",
+        "sleep 30",
+        "--timeout",
+        "1s",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "slow hooks delayed the job: {took:?}"
+    );
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--",
+        "/nonexistent/cmd",
+    ]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn memory_high_crossing_emits_a_memory_high_event() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let rep = s.path("report.json");
+    let w = workload();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--memory",
+        "300M",
+        "--memory-high",
+        "40M",
+        "--timeout",
+        "60s",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("{} memhog 80 10; sleep 0.5", w.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = report(&rep);
+    assert!(r["events"]["memory_high"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert_eq!(r["memory_high_bytes"], 40u64 << 20);
+}
+
+#[test]
+fn attach_tree_moves_existing_descendants_too() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("tree");
+    let mut target = ChildGuard(
+        Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30 & echo ready; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(target.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = target.0.id() as i32;
+    let kids: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    let out = run(&[
+        "attach",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--pid",
+        &pid.to_string(),
+        "--tree",
+        "--job",
+        &name,
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    // The deadline killed the whole tree: the shell and both children.
+    for p in std::iter::once(pid).chain(kids) {
+        assert!(
+            is_dead(p) || std::fs::read_to_string(format!("/proc/{p}/stat")).is_err(),
+            "{p} survived"
+        );
+    }
+    let _ = target.0.wait();
+    assert_no_cgroup_left(&name);
+}
