@@ -10,13 +10,16 @@
 //! evaluation's CPU time. Slowdown is against the training-alone run of the
 //! same round.
 //!
-//! Cgroup policies use a v1 `cpu` cgroup created under the bench's own cgroup
-//! and removed afterwards (the `jobs` branch's `enforcer run --cpu` replaces
-//! this once it is on main). The `budget loop` rows run the enforcer's own
-//! controller (`enforcer/src/budget/controller.rs`, included by path) in this
-//! process on that cgroup, fed with the training's schedstat wait instead of
-//! the eBPF steal meter: it counts waits behind any task, so it over-reports
-//! steal on a shared host, which errs on the training's side.
+//! The static quota and weight rows run the evaluation as a job of
+//! `enforcer run --cpu 0.5 --no-idle` / `--cpu-weight 1 --no-idle`; the
+//! enforcer row as `enforcer run --protect <training> --budget`, with the
+//! training's progress file in its config. The `budget loop` rows run the
+//! enforcer's own controller (`enforcer/src/budget/controller.rs`, included
+//! by path) in this process on a v1 `cpu` cgroup it creates under its own
+//! and removes afterwards, fed with the training's schedstat wait instead of
+//! the eBPF steal meter: that counts waits behind any task, so it
+//! over-reports steal on a shared host (erring on the training's side); they
+//! also compare a 100 ms and a 10 ms CFS period for the dynamic quota.
 
 use std::{
     fs,
@@ -82,8 +85,8 @@ impl Policy {
             Policy::Unlimited => "evaluation unlimited",
             Policy::Nice => "nice 19",
             Policy::Idle => "SCHED_IDLE",
-            Policy::Quota => "static quota 0.5 CPU",
-            Policy::Weight => "cpu.shares 2",
+            Policy::Quota => "enforcer run --cpu 0.5 --no-idle",
+            Policy::Weight => "enforcer run --cpu-weight 1 --no-idle",
             Policy::Loop => "budget loop, idle + quota/100ms",
             Policy::LoopShort => "budget loop, idle + quota/10ms",
             Policy::Enforcer => "enforcer run --budget",
@@ -193,6 +196,10 @@ struct Row {
 pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
     let enforcer = root.join(&args.enforcer);
     let enforcer_ok = supports_protect(&enforcer);
+    let run_ok = Command::new(&enforcer)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     let policies: Vec<Policy> = if args.policies.is_empty() {
         if !enforcer_ok {
             eprintln!(
@@ -200,9 +207,16 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                 enforcer.display()
             );
         }
+        if !run_ok {
+            eprintln!(
+                "bench contention: {} has no `run` (build it: cargo build -p enforcer): the static quota and weight rows are left out",
+                enforcer.display()
+            );
+        }
         Policy::ALL
             .into_iter()
             .filter(|p| *p != Policy::Enforcer || enforcer_ok)
+            .filter(|p| !p.via_enforcer() || run_ok)
             .collect()
     } else {
         let mut p = args.policies.clone();
@@ -261,7 +275,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
             let r = run_one(policy, round, &spec)
                 .with_context(|| format!("round {round}, policy {}", policy.label()))?;
             eprintln!(
-                "  round {round} {:<34} {:>7.1} steps/s  wait {:>5.1}%  eval {}",
+                "  round {round} {:<38} {:>7.1} steps/s  wait {:>5.1}%  eval {}",
                 policy.label(),
                 r.train_steps_per_s,
                 r.wait_fraction * 100.0,
@@ -344,11 +358,14 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
 }
 
 impl Policy {
+    /// The in-bench loops drive a v1 cgroup of their own.
     fn needs_cgroup(self) -> bool {
-        matches!(
-            self,
-            Policy::Quota | Policy::Weight | Policy::Loop | Policy::LoopShort
-        )
+        matches!(self, Policy::Loop | Policy::LoopShort)
+    }
+
+    /// The evaluation runs as a job of `enforcer run`.
+    fn via_enforcer(self) -> bool {
+        matches!(self, Policy::Quota | Policy::Weight | Policy::Enforcer)
     }
 }
 
@@ -489,6 +506,17 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 c.args(["-i", "0"]).arg(s.exe);
                 c
             }
+            Policy::Quota | Policy::Weight => {
+                let mut c = Command::new(s.enforcer);
+                c.args(["run", "--no-wait", "--no-idle"]);
+                if policy == Policy::Quota {
+                    c.args(["--cpu", "0.5"]);
+                } else {
+                    c.args(["--cpu-weight", "1"]);
+                }
+                c.arg("--report").arg(&report).arg("--").arg(s.exe);
+                c
+            }
             Policy::Enforcer => {
                 // The progress file lets the enforcer report true slowdown.
                 let config = s.scratch.join(format!("config-{tag}.toml"));
@@ -523,18 +551,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             } else {
                 Stdio::null()
             });
-        if let Some(cg) = &cgroup {
-            match policy {
-                Policy::Quota => {
-                    cg.set_quota(Some(0.5), 100_000)?;
-                }
-                Policy::Weight => cg.write("cpu.shares", "2")?,
-                Policy::Loop | Policy::LoopShort => {
-                    let cfg = ControllerConfig::new(s.budget, s.cpus);
-                    controller = Some(Controller::new(cfg));
-                }
-                _ => {}
-            }
+        if cgroup.is_some() {
+            controller = Some(Controller::new(ControllerConfig::new(s.budget, s.cpus)));
         }
         let now = Instant::now();
         if let (Some(cg), Some(c)) = (&cgroup, controller.as_mut()) {
@@ -555,7 +573,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         Some(eval)
     };
 
-    if policy == Policy::Enforcer
+    if policy.via_enforcer()
         && let Some(e) = &eval
     {
         // The enforcer loads its meter and learns the training's rate before
@@ -581,7 +599,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         let eval_cpu_s = match &eval {
             // The evaluation runs as the enforcer's child: its CPU is the
             // tree's minus the enforcer's own.
-            Some(e) if policy == Policy::Enforcer => {
+            Some(e) if policy.via_enforcer() => {
                 tree_cpu_secs(e.pid(), clk_tck) - process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0)
             }
             Some(e) => process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0),
@@ -670,7 +688,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let _ = fs::remove_file(&report);
-    if policy == Policy::Enforcer && reported.is_none() {
+    if policy.via_enforcer() && reported.is_none() {
         bail!("enforcer run wrote no report at {}", report.display());
     }
     let field = |k: &str| reported.as_ref().and_then(|r| r[k].as_f64());
@@ -843,7 +861,7 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
         "\ncontention bench: {cpus} CPUs, budget {budget_pct:.0}%, load {before} -> {after}; medians over rounds"
     );
     println!(
-        "{:<34} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
+        "{:<38} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
         "policy",
         "steps/s",
         "slowdown%",
@@ -864,7 +882,7 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
             _ => "-".to_owned(),
         };
         println!(
-            "{:<34} {:>8.1} {:>9} {:>10} {:>9} {:>9} {:>8.1} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
+            "{:<38} {:>8.1} {:>9} {:>10} {:>9} {:>9} {:>8.1} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
             r.label,
             r.train_steps_per_s,
             pct(r.slowdown),
