@@ -81,3 +81,43 @@ fn job_v2_dir(pid: i32, id: u64) -> Option<PathBuf> {
         }
     }
 }
+
+/// The budget loop for `enforcer run` / `attach`, when a training workload
+/// is given (`--protect PID`, else `training.pid` in the config): the eBPF
+/// meter is loaded now, before the job exists, and a configured
+/// `training.progress_file` is read for a few seconds, while no job runs, to
+/// learn the training's own step rate.
+pub fn budget_monitor(
+    config: &crate::config::Config,
+    protect: Option<u32>,
+    budget: Option<crate::units::Percent>,
+) -> Option<Box<dyn crate::job::Monitor>> {
+    use super::{ControllerConfig, ProgressConfig, ProgressTracker, monitor::BudgetMonitor};
+    let pid = protect.or(config.training.pid.and_then(|p| u32::try_from(p).ok()))?;
+    let budget = budget.unwrap_or(config.budget).fraction();
+    let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let source = MeterSource::start(TrainingSpec::Pid {
+        pid,
+        follow_children: config.training.follow_children,
+    });
+    let progress = config.training.progress_file.as_ref().map(|p| {
+        let progress_config = ProgressConfig::default();
+        let learn = progress_config.baseline_min + Duration::from_millis(500);
+        let mut tracker = ProgressTracker::for_file(p, progress_config);
+        tracing::info!(
+            file = %p.display(),
+            seconds = learn.as_secs_f64(),
+            "learning the training's step rate before the job"
+        );
+        tracker.learn(learn, config.control_period.0);
+        if tracker.baseline().is_none() {
+            tracing::warn!(file = %p.display(), "no baseline step rate: training slowdown will be null");
+        }
+        tracker
+    });
+    Some(Box::new(BudgetMonitor::new(
+        ControllerConfig::new(budget, cpus),
+        Box::new(source),
+        progress,
+    )))
+}
