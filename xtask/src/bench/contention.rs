@@ -661,6 +661,11 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 
+    if policy == Policy::Enforcer
+        && let Ok(st) = status.lock()
+    {
+        decisions.clone_from(&st.decisions);
+    }
     let eval_work_per_s = match eval {
         Some(e) => {
             // SAFETY: kill on our own child's pid; a frozen job must finish.
@@ -999,6 +1004,8 @@ pub(super) struct Status {
     pub frozen: bool,
     /// A status line has been seen.
     pub seen: bool,
+    /// Every `budget decision` line, in order.
+    pub decisions: Vec<String>,
 }
 
 /// Whether this enforcer binary has `run --protect` (the budget loop).
@@ -1024,16 +1031,23 @@ pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, 
         let fields = &v["fields"];
         if fields["message"].as_str() == Some("budget status") {
             if let Ok(mut s) = status.lock() {
-                *s = Status {
-                    stolen_fraction: fields["stolen_fraction"].as_f64(),
-                    training_slowdown: fields["training_slowdown"].as_f64(),
-                    quota_cores: fields["quota_cores"].as_f64(),
-                    job_cpu_cores: fields["job_cpu_cores"].as_f64(),
-                    frozen: fields["frozen"].as_bool().unwrap_or(false),
-                    seen: true,
-                };
+                s.stolen_fraction = fields["stolen_fraction"].as_f64();
+                s.training_slowdown = fields["training_slowdown"].as_f64();
+                s.quota_cores = fields["quota_cores"].as_f64();
+                s.job_cpu_cores = fields["job_cpu_cores"].as_f64();
+                s.frozen = fields["frozen"].as_bool().unwrap_or(false);
+                s.seen = true;
             }
-        } else if echo && !(fields["message"] == "job event" && fields["event"] == "budget") {
+            continue;
+        }
+        if fields["message"].as_str() == Some("budget decision")
+            && let Ok(mut s) = status.lock()
+        {
+            let at = v["timestamp"].as_str().unwrap_or("");
+            let d = fields["decision"].as_str().unwrap_or("");
+            s.decisions.push(format!("{at} {d}"));
+        }
+        if echo && !(fields["message"] == "job event" && fields["event"] == "budget") {
             // Budget events repeat the `budget decision` line: not echoed.
             let rest: serde_json::Map<String, serde_json::Value> = fields
                 .as_object()
