@@ -16,3 +16,119 @@ pub struct SwitchCount {
 #[cfg(feature = "user")]
 // SAFETY: plain `#[repr(C)]` integers, no padding, every bit pattern valid.
 unsafe impl aya::Pod for SwitchCount {}
+
+// ---------------------------------------------------------------------------
+// Steal meter (see `enforcer-ebpf/src/main.rs` for the accounting and
+// `enforcer/src/probe/steal.rs` for the reader).
+// ---------------------------------------------------------------------------
+
+/// Default bound of the per-CPU wait state array; user space resizes it to
+/// the number of possible CPUs before loading.
+pub const MAX_CPUS: u32 = 1024;
+/// Bound of the training thread table. A thread that does not fit is counted
+/// in [`TrainingTotals::threads_dropped`].
+pub const MAX_TRAINING_THREADS: u32 = 16384;
+/// Bound of the job table (cgroup id → slot) and of the per-job counters.
+pub const MAX_JOBS: u32 = 256;
+/// How many distinct cgroup depths job cgroups may sit at. A task in a child
+/// cgroup of a job (a game) is matched through its ancestor at that depth.
+pub const MAX_JOB_LEVELS: u32 = 4;
+
+/// Slots of the training TGID filter, a direct-mapped table (index
+/// `tgid % TGID_FILTER_SLOTS`) checked before the thread table so that the
+/// switches of other tasks cost two array reads instead of two hash lookups.
+/// The slot at index `TGID_FILTER_SLOTS` is a flag: non-zero when two
+/// training TGIDs collided and the filter must be bypassed.
+pub const TGID_FILTER_SLOTS: u32 = 4096;
+
+/// State of a training thread in [`TrainingTask::state`].
+pub const TASK_UNKNOWN: u32 = 0;
+pub const TASK_SLEEPING: u32 = 1;
+pub const TASK_RUNNING: u32 = 2;
+pub const TASK_WAITING: u32 = 3;
+
+/// One training thread, keyed by its kernel tid in the `TRAINING_TASKS` map.
+/// Threads seeded from user space start as [`TASK_UNKNOWN`]: their first
+/// switch-in or wake-up puts them in a known state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainingTask {
+    pub state: u32,
+    /// The CPU whose run queue it waits on (when waiting) or runs on.
+    pub cpu: u32,
+    /// When it started to wait (waiting) or to run (running), ktime ns.
+    pub since_ns: u64,
+}
+
+/// Wait state of one CPU, in the `CPU_WAIT` array indexed by CPU. Updated
+/// under that CPU's run-queue lock (sched_switch, sched_wakeup and
+/// sched_migrate_task all run with it held), except `arrivals`, which other
+/// CPUs bump atomically when they migrate a waiting training thread here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuWait {
+    /// Training threads waiting runnable on this CPU's run queue.
+    pub waiters: u64,
+    /// ∫ waiters dt since the probe started, ns (one ns per waiting thread).
+    pub wait_integral_ns: u64,
+    /// When `wait_integral_ns` was last advanced.
+    pub last_update_ns: u64,
+    /// `wait_integral_ns` when the running task was switched in.
+    pub segment_start_ns: u64,
+    /// Waiting training threads migrated here (monotonic, atomic adds).
+    pub arrivals: u64,
+    /// How many of `arrivals` this CPU has folded into `waiters`.
+    pub arrivals_seen: u64,
+    /// 1 when the running task was switched in by preempting a runnable
+    /// training thread: its owner is charged a preemption at switch-out.
+    pub preempted_training: u64,
+}
+
+/// Cumulative per-job counters, in the per-CPU `JOB_STEAL` array indexed by
+/// job slot; user space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobSteal {
+    /// Training thread run-queue wait while a task of the job ran, ns.
+    pub steal_ns: u64,
+    /// Times a task of the job preempted a runnable training thread.
+    pub preemptions: u64,
+}
+
+/// Cumulative training workload counters and overflow counters, in the
+/// per-CPU `TRAINING_TOTALS` array (one slot); user space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainingTotals {
+    /// Time training threads spent on a CPU, ns (closed at switch-out).
+    pub on_cpu_ns: u64,
+    /// Run-queue wait of training threads, whoever ran meanwhile, ns
+    /// (per thread, enqueue to switch-in).
+    pub runq_wait_ns: u64,
+    /// Run-queue wait attributed to some running task through the per-CPU
+    /// integral; differs from `runq_wait_ns` only by waits in flight and
+    /// the time a migrated waiter is in transit between run queues.
+    pub attributed_wait_ns: u64,
+    /// Training threads that did not fit in `TRAINING_TASKS` (overflow).
+    pub threads_dropped: u64,
+    /// Events on a CPU beyond the `CPU_WAIT` bound (overflow).
+    pub cpu_out_of_range: u64,
+    /// A waiter count that would have gone below zero (inconsistency).
+    pub waiter_underflow: u64,
+    /// Training threads added by the fork hook.
+    pub threads_forked: u64,
+    /// Training threads removed by the exit hook.
+    pub threads_exited: u64,
+    /// Waiting training threads moved to another CPU's run queue.
+    pub migrations: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all four): plain `#[repr(C)]` integers without padding (the
+    // u32 pair in TrainingTask fills 8 bytes), every bit pattern valid.
+    unsafe impl aya::Pod for super::TrainingTask {}
+    unsafe impl aya::Pod for super::CpuWait {}
+    unsafe impl aya::Pod for super::JobSteal {}
+    unsafe impl aya::Pod for super::TrainingTotals {}
+}

@@ -1,12 +1,18 @@
 //! Job events (the seed's async callbacks): each is a structured `tracing`
 //! event and, when `on_event` is configured, a shell command run with the
-//! event JSON on stdin. Hooks run on their own tasks with a timeout, so a
-//! slow or failing hook never delays enforcement; failures are logged.
+//! event JSON on stdin. Hooks run one at a time, in event order, on a task
+//! of their own with a timeout each, so a slow or failing hook never delays
+//! enforcement (only later hooks); failures are logged. At most
+//! [`MAX_QUEUED`] events wait for their hook; beyond that they are dropped
+//! with a warning.
 
 use std::{borrow::Cow, time::Duration};
 
 use serde::Serialize;
-use tokio::{io::AsyncWriteExt, task::JoinSet};
+use tokio::{io::AsyncWriteExt, sync::mpsc, task::JoinHandle};
+
+/// Events that may wait for the hook before new ones are dropped.
+pub const MAX_QUEUED: usize = 256;
 
 pub const STARTED: &str = "started";
 pub const MEMORY_HIGH: &str = "memory_high";
@@ -44,41 +50,46 @@ impl Event {
 /// Where a job's events go.
 pub struct EventSink {
     job: String,
-    hook: Option<String>,
-    timeout: Duration,
-    running: JoinSet<()>,
+    hooks: Option<(mpsc::Sender<String>, JoinHandle<()>)>,
 }
 
 impl EventSink {
+    /// Must be called inside the tokio runtime when `hook` is set.
     pub fn new(job: &str, hook: Option<String>, timeout: Duration) -> Self {
+        let hooks = hook.map(|hook| {
+            let (tx, mut rx) = mpsc::channel::<String>(MAX_QUEUED);
+            let worker = tokio::spawn(async move {
+                while let Some(json) = rx.recv().await {
+                    run_hook(&hook, &json, timeout).await;
+                }
+            });
+            (tx, worker)
+        });
         EventSink {
             job: job.to_owned(),
-            hook,
-            timeout,
-            running: JoinSet::new(),
+            hooks,
         }
     }
 
-    /// Logs the event and starts its hook; returns at once. Must be called
-    /// inside the tokio runtime.
+    /// Logs the event and queues its hook; returns at once.
     pub fn emit(&mut self, mut event: Event) {
         event.job.clone_from(&self.job);
-        let json = serde_json::to_string(&event).unwrap_or_default();
         tracing::info!(event = %event.event, job = %event.job, detail = %event.detail, "job event");
-        let Some(hook) = self.hook.clone() else {
-            return;
-        };
-        let timeout = self.timeout;
-        // Reap finished hooks so the set does not grow without bound.
-        while self.running.try_join_next().is_some() {}
-        self.running
-            .spawn(async move { run_hook(&hook, &json, timeout).await });
+        if let Some((tx, _)) = &self.hooks {
+            let json = serde_json::to_string(&event).unwrap_or_default();
+            if tx.try_send(json).is_err() {
+                tracing::warn!(event = %event.event, "on_event hook queue full; event not delivered to the hook");
+            }
+        }
     }
 
-    /// Waits for running hooks (each is bounded by its timeout): called once
+    /// Waits for the queued hooks (each bounded by its timeout): called once
     /// the job is over and enforcement is done.
     pub async fn drain(&mut self) {
-        while self.running.join_next().await.is_some() {}
+        if let Some((tx, worker)) = self.hooks.take() {
+            drop(tx);
+            let _ = worker.await;
+        }
     }
 }
 

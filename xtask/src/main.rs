@@ -21,16 +21,16 @@ enum Task {
     /// Build the eBPF object (enforcer-ebpf) with the nightly toolchain into
     /// target/ebpf. `cargo build -p enforcer` runs the same build.
     BuildEbpf,
+    /// Boot the Debian kernels of the VM matrix (5.10, 6.1, 6.12) under QEMU
+    /// (TCG) and run `enforcer doctor` and the root integration tests inside
+    /// each, on pure cgroup v2. Needs `scripts/setup` first.
+    VmTest(vm::VmTestArgs),
     /// Run a benchmark; prints side-by-side numbers and writes JSON under
     /// target/bench/.
     Bench {
         #[command(subcommand)]
         what: bench::BenchTask,
     },
-    /// Boot the Debian kernels of the VM matrix (5.10, 6.1, 6.12) under QEMU
-    /// (TCG) and run `enforcer doctor` and the root integration tests inside
-    /// each, on pure cgroup v2. Needs `scripts/setup` first.
-    VmTest(vm::VmTestArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -64,8 +64,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("built {} ({size} bytes)", object.display());
         }
-        Task::Bench { what } => bench::run(what, &workspace_root())?,
         Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
+        Task::Bench { what } => bench::run(what, &workspace_root())?,
     }
     Ok(())
 }

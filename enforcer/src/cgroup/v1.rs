@@ -276,7 +276,14 @@ impl Backend for V1Job {
         {
             return self.fs.write(&u.join("cgroup.kill"), "1");
         }
-        let can_freeze = self.freeze(true).is_ok();
+        // Freeze so nothing forks while we kill; v1-frozen tasks die only
+        // once thawed, so thaw right after. The caller repeats rounds until
+        // the job is empty, which catches a task that slipped through.
+        let can_freeze = if self.dir("freezer").is_some() {
+            self.write("freezer", "freezer.state", "FROZEN").is_ok()
+        } else {
+            self.freeze(true).is_ok()
+        };
         for pid in self.pids() {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }

@@ -176,13 +176,14 @@ impl Backend for V2Job {
         if self.has("cgroup.kill") && super::cgroup_kill_allowed() {
             return self.write("cgroup.kill", "1");
         }
-        // Before 5.14: freeze so nothing forks while we kill, then thaw so
-        // the SIGKILLs are delivered.
-        self.freeze(true)?;
+        // Before 5.14: freeze so nothing forks while we kill. No wait for
+        // `frozen 1`: a task forked after the write is born frozen and
+        // killed in the next round, and the v2 freezer lets SIGKILL through.
+        self.write("cgroup.freeze", "1")?;
         for pid in self.pids() {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        self.freeze(false)
+        self.write("cgroup.freeze", "0")
     }
 
     fn pids(&self) -> Vec<i32> {

@@ -12,7 +12,8 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, default_monitors, finish_report, runtime, start_job,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime,
+    start_or_interrupt,
 };
 use crate::{
     cgroup::CgroupError,
@@ -64,7 +65,8 @@ pub fn run(args: AttachArgs) -> ExitCode {
 }
 
 async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
-    let started_job = match start_job(&plan, args.job.no_wait).await {
+    let mut signals = job::Signals::install();
+    let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -96,9 +98,9 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        None,
-        args.pid,
-        default_monitors(),
+        job::Target::Attached(args.pid),
+        job_monitors(&plan, &args.job),
+        signals,
         started,
         SystemTime::now(),
     )

@@ -137,6 +137,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async {
+        let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();
         let child = match job::spawn_into(&guard.0, &args.command, &[]) {
@@ -146,13 +147,12 @@ pub fn run(args: GameArgs) -> ExitCode {
                 return 127;
             }
         };
-        let pid = child.id().map_or(0, |p| p as i32);
         let (report, code) = job::supervise(
             &guard.0,
             &spec,
-            Some(child),
-            pid,
-            default_monitors(),
+            job::Target::Spawned(child),
+            default_monitors(&config),
+            signals,
             started,
             wall,
         )

@@ -5,6 +5,7 @@ mod attach;
 mod config;
 mod doctor;
 mod game;
+pub mod meter;
 pub mod run;
 
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ pub enum Command {
     /// Check that this node can run the agent: kernel, cgroup mode and
     /// controllers, BTF, eBPF load and attach, privileges, NVML.
     Doctor(doctor::DoctorArgs),
+    /// Measure, without enforcing anything, how much the tasks of existing
+    /// cgroups steal from a training workload's scheduling (eBPF).
+    Meter(meter::MeterArgs),
     Run(run::RunArgs),
     Attach(attach::AttachArgs),
     Game(game::GameArgs),
@@ -52,6 +56,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log);
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Meter(args) => meter::run(args),
         Command::Run(args) => run::run(args),
         Command::Attach(args) => attach::run(args),
         Command::Game(args) => game::run(args),

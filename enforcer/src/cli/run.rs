@@ -14,9 +14,13 @@ use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Subtree},
     config::Config,
     job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
+    probe::{
+        monitor::{StealMonitor, training_cgroup_dir},
+        steal::TrainingSpec,
+    },
     report::Report,
     slots,
-    units::{ByteSize, Cores, Dur},
+    units::{ByteSize, Cores, Dur, Percent},
 };
 
 /// Exit status for usage and config errors.
@@ -67,6 +71,23 @@ pub struct JobArgs {
     /// Config file (default /etc/enforcer/enforcer.toml when it exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// PID of the training workload to protect: the job's steal from its
+    /// scheduling is measured with eBPF and held against the budget
+    /// (overrides `training.pid`).
+    #[arg(long, value_name = "PID")]
+    pub protect: Option<i32>,
+    /// Also protect the processes the training workload forks
+    /// (`training.follow_children`).
+    #[arg(long)]
+    pub follow_children: bool,
+    /// Steal budget: the share of the training workload's CPU time the job
+    /// may take, e.g. `5%` (overrides `budget`).
+    #[arg(long)]
+    pub budget: Option<Percent>,
+    /// Print a one-line live status on stderr once a second: stolen
+    /// fraction over 1 s, 10 s and the job, the budget, the job's CPU use.
+    #[arg(long)]
+    pub progress: bool,
 }
 
 /// Run CMD as an evaluation job under hard limits and a deadline.
@@ -94,8 +115,16 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(args: &JobArgs, command: &[String]) -> Result<Self, String> {
-        let (config, _) =
+        let (mut config, _) =
             Config::load_or_default(args.config.as_deref()).map_err(|e| e.to_string())?;
+        if let Some(pid) = args.protect {
+            config.training.pid = Some(pid);
+            config.training.cgroup = None;
+        }
+        config.training.follow_children |= args.follow_children;
+        if let Some(budget) = args.budget {
+            config.budget = budget;
+        }
         let name = match &args.job {
             Some(n) => n.clone(),
             None => format!(
@@ -166,9 +195,34 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The monitors every job gets.
-pub fn default_monitors() -> Vec<Box<dyn Monitor>> {
+/// The monitors a job gets. The steal meter, the budget controller and the
+/// GPU guard are added here, built from the config (`training`, `budget`,
+/// `gpu_*`); each one that cannot start is logged and left out by the
+/// supervisor, never failing the job.
+pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
     vec![Box::new(LimitEvents::default())]
+}
+
+/// The monitors of a `run` or `attach` job: the defaults plus the steal
+/// meter (null-safe: without a training workload or probes it only fills
+/// the report's `unavailable` reasons).
+pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
+    let t = &plan.config.training;
+    let training = match (t.pid, &t.cgroup) {
+        (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
+            pid,
+            follow_children: t.follow_children,
+        }),
+        (None, Some(dir)) => Some(TrainingSpec::Cgroup(training_cgroup_dir(dir))),
+        (None, None) => None,
+    };
+    let mut monitors = default_monitors(&plan.config);
+    monitors.push(Box::new(StealMonitor::new(
+        training,
+        plan.config.budget.fraction(),
+        args.progress,
+    )));
+    monitors
 }
 
 pub fn exit_for_cgroup_error(e: &CgroupError) -> u8 {
@@ -206,6 +260,22 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     ExitCode::from(rt.block_on(run_async(plan, &args)))
+}
+
+/// [`start_job`], abandoned (exit 128+N) if signal N arrives meanwhile,
+/// e.g. while waiting for a slot.
+pub async fn start_or_interrupt(
+    plan: &Plan,
+    no_wait: bool,
+    signals: &mut job::Signals,
+) -> Result<Started, u8> {
+    tokio::select! {
+        r = start_job(plan, no_wait) => r,
+        sig = signals.any() => {
+            tracing::warn!(signal = sig, job = %plan.name, "interrupted before the job started");
+            Err(u8::try_from(128 + sig).unwrap_or(EXIT_FAILURE))
+        }
+    }
 }
 
 /// A job cgroup made and limited, with the slot and the ownership lock it
@@ -275,7 +345,8 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
 }
 
 async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
-    let started_job = match start_job(&plan, args.job.no_wait).await {
+    let mut signals = job::Signals::install();
+    let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -300,13 +371,12 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
             };
         }
     };
-    let pid = child.id().map_or(0, |p| p as i32);
     let (report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
-        Some(child),
-        pid,
-        default_monitors(),
+        job::Target::Spawned(child),
+        job_monitors(&plan, &args.job),
+        signals,
         started,
         started_wall,
     )

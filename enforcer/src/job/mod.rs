@@ -110,6 +110,44 @@ pub fn spawn_into(
     })
 }
 
+/// SIGINT, SIGTERM and SIGHUP, caught from before the job exists (so that
+/// one arriving while the job starts is not fatal to the enforcer, which
+/// would orphan the job) and forwarded to it by [`supervise`].
+pub struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers; call inside the runtime, first thing.
+    pub fn install() -> Self {
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// The next of the three signals to arrive (before a job runs: to stop
+    /// waiting for a slot).
+    pub async fn any(&mut self) -> i32 {
+        tokio::select! {
+            Some(()) = recv(&mut self.int) => libc::SIGINT,
+            Some(()) = recv(&mut self.term) => libc::SIGTERM,
+            Some(()) = recv(&mut self.hup) => libc::SIGHUP,
+        }
+    }
+}
+
+/// What the supervisor watches.
+pub enum Target {
+    /// The command it spawned: the job ends when it exits.
+    Spawned(tokio::process::Child),
+    /// A process attached by PID: the job ends when its cgroup is empty.
+    Attached(i32),
+}
+
 /// How the job's end was observed.
 enum End {
     Exited(ExitStatus),
@@ -122,17 +160,23 @@ enum End {
 }
 
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
-/// builds the report. `child` is the spawned command; `None` for an attached
-/// process (`pid`), whose job ends when its cgroup is empty.
+/// builds the report.
 pub async fn supervise(
     cgroup: &JobCgroup,
     spec: &Supervision,
-    mut child: Option<tokio::process::Child>,
-    pid: i32,
+    target: Target,
     mut monitors: Vec<Box<dyn Monitor>>,
+    signals: Signals,
     started: Instant,
     started_wall: SystemTime,
 ) -> (Report, i32) {
+    let (mut child, pid) = match target {
+        Target::Spawned(c) => {
+            let pid = c.id().map_or(0, |p| p as i32);
+            (Some(c), pid)
+        }
+        Target::Attached(pid) => (None, pid),
+    };
     let mut sink = EventSink::new(&spec.name, spec.on_event.clone(), spec.on_event_timeout);
     let mut event_counts = std::collections::BTreeMap::<String, u64>::new();
     let mut emit = |sink: &mut EventSink, e: Event| {
@@ -169,9 +213,11 @@ pub async fn supervise(
     let deadline = tokio::time::Instant::from_std(started + spec.timeout);
     let mut tick = tokio::time::interval(spec.control_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt()).ok();
-    let mut sigterm = signal(SignalKind::terminate()).ok();
-    let mut sighup = signal(SignalKind::hangup()).ok();
+    let Signals {
+        int: mut sigint,
+        term: mut sigterm,
+        hup: mut sighup,
+    } = signals;
     let mut signals_seen = 0u32;
     let mut mem_peak_sampled = 0u64;
     let mut pids_peak_sampled = 0u64;

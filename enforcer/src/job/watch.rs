@@ -3,11 +3,21 @@
 //!
 //! v2 counts `memory.events` `high`; v1 has no soft-limit event, so there a
 //! `memory_high` event is emitted when usage crosses the soft limit upwards.
+//! A job sitting at `memory.high` or `pids.max` bumps its counter on every
+//! allocation or fork: those events are emitted on the first hit and then at
+//! most once per [`REPEAT_EVERY`], carrying the running count. OOM kills are
+//! rare and each matters, so every new one is reported.
+
+use std::time::Duration;
 
 use serde_json::json;
 
 use super::monitor::{JobInfo, Monitor, MonitorError, TickContext};
 use crate::{events, events::Event, report::Report};
+
+/// The shortest interval between two `memory_high` or two `pids_max`
+/// events of one job.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 pub struct LimitEvents {
@@ -15,6 +25,13 @@ pub struct LimitEvents {
     high_events: u64,
     pids_max: u64,
     above_high: bool,
+    last_high: Option<Duration>,
+    last_pids: Option<Duration>,
+}
+
+/// Whether an event last emitted at `last` may be emitted again at `now`.
+fn due(last: Option<Duration>, now: Duration) -> bool {
+    last.is_none_or(|t| now.saturating_sub(t) >= REPEAT_EVERY)
 }
 
 impl Monitor for LimitEvents {
@@ -37,33 +54,38 @@ impl Monitor for LimitEvents {
             ));
             self.oom_kills = n;
         }
+        let now = ctx.elapsed;
         if let Some(n) = s.pids_max_events
             && n > self.pids_max
+            && due(self.last_pids, now)
         {
             ctx.emit(Event::new(
                 events::PIDS_MAX,
                 json!({ "refused_forks": n, "new": n - self.pids_max, "pids_limit": s.pids_limit, "pids_current": s.pids_current }),
             ));
             self.pids_max = n;
+            self.last_pids = Some(now);
         }
         match s.memory_high_events {
             Some(n) => {
-                if n > self.high_events {
+                if n > self.high_events && due(self.last_high, now) {
                     ctx.emit(Event::new(
                         events::MEMORY_HIGH,
                         json!({ "throttle_events": n, "memory_high_bytes": s.memory_high_limit, "memory_current_bytes": s.memory_current }),
                     ));
                     self.high_events = n;
+                    self.last_high = Some(now);
                 }
             }
             None => {
                 if let (Some(cur), Some(high)) = (s.memory_current, s.memory_high_limit) {
                     let above = cur > high;
-                    if above && !self.above_high {
+                    if above && !self.above_high && due(self.last_high, now) {
                         ctx.emit(Event::new(
                             events::MEMORY_HIGH,
                             json!({ "memory_high_bytes": high, "memory_current_bytes": cur }),
                         ));
+                        self.last_high = Some(now);
                     }
                     self.above_high = above;
                 }
@@ -73,4 +95,60 @@ impl Monitor for LimitEvents {
     }
 
     fn finish(&mut self, _report: &mut Report) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::cgroup::{JobCgroup, Stats, fs::CgFs, v2::V2Job};
+
+    #[test]
+    fn repeated_limit_hits_are_rate_limited_and_oom_kills_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let cg = JobCgroup::V2(V2Job::open(
+            CgFs::new(vec![d.path().to_owned()]),
+            d.path().to_owned(),
+            d.path().join("main"),
+        ));
+        let mut m = LimitEvents::default();
+        let mut events = Vec::new();
+        let mut tick = |m: &mut LimitEvents, at_ms: u64, high: u64, pids: u64, oom: u64| {
+            let stats = Stats {
+                memory_high_events: Some(high),
+                pids_max_events: Some(pids),
+                oom_kills: Some(oom),
+                ..Stats::default()
+            };
+            let mut ctx = TickContext::new(
+                &cg,
+                &stats,
+                Duration::from_millis(at_ms),
+                Instant::now(),
+                &mut events,
+            );
+            m.tick(&mut ctx).unwrap();
+        };
+        tick(&mut m, 100, 5, 1, 0);
+        tick(&mut m, 200, 9, 2, 1);
+        tick(&mut m, 300, 12, 3, 2);
+        tick(&mut m, 5200, 20, 3, 2);
+        let kinds: Vec<&str> = events.iter().map(|e| &*e.event).collect();
+        assert_eq!(
+            kinds,
+            [
+                "pids_max",
+                "memory_high",
+                "oom_kill",
+                "oom_kill",
+                "pids_max",
+                "memory_high"
+            ],
+            "{events:?}"
+        );
+        // Hits between two events are carried in the next one.
+        assert_eq!(events[4].detail["refused_forks"], 3);
+        assert_eq!(events[5].detail["throttle_events"], 20);
+    }
 }

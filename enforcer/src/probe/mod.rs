@@ -1,5 +1,17 @@
 //! The embedded eBPF object: loading its programs, attaching them, and reading
 //! their maps.
+//!
+//! - [`btf`]: the running kernel's `task_struct` offsets, from its BTF;
+//! - [`steal`]: the steal meter (training threads, job cgroups, counters);
+//! - [`window`]: stolen fraction over windows and time over budget, from
+//!   successive snapshots (pure);
+//! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
+//!   --protect`).
+
+pub mod btf;
+pub mod monitor;
+pub mod steal;
+pub mod window;
 
 use std::time::Duration;
 
@@ -32,6 +44,18 @@ pub enum ProbeError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot count the possible CPUs: {0}")]
+    Cpus(String),
+    #[error("the training workload {0} has no threads (no such process or empty cgroup)")]
+    NoTraining(String),
+    #[error("at most {0} jobs can be metered at once")]
+    TooManyJobs(u32),
     #[error("the embedded object has no {kind} named {name}")]
     Missing {
         kind: &'static str,

@@ -8,7 +8,15 @@
 //! - `spin THREADS SECONDS`: burns THREADS CPUs for SECONDS;
 //! - `daemon PIDFILE`: double-forks a setsid daemon that writes its PID to
 //!   PIDFILE and sleeps forever, then sleeps forever itself;
-//! - `threads N`: starts N sleeping threads, prints `ready`, sleeps forever.
+//! - `threads N`: starts N sleeping threads, prints `ready`, sleeps forever;
+//! - `forker COUNT SPIN_MS`: forks COUNT short-lived processes one after the
+//!   other, each spinning SPIN_MS, then exits;
+//! - `churn SPIN_MS SECONDS`: for SECONDS, creates one short-lived thread
+//!   after the other, each spinning SPIN_MS.
+//!
+//! Options before the mode (for the steal tests, where busybox has no
+//! `taskset`): `--cpu K` pins the process (so every thread and child) to CPU
+//! K; `--cgroup DIR` first moves it into that cgroup.
 
 use std::{
     io::Write,
@@ -33,14 +41,29 @@ fn sleep_forever() -> ! {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    while args.len() >= 2 && args[0].starts_with("--") {
+        let (flag, value) = (args.remove(0), args.remove(0));
+        match flag.as_str() {
+            "--cpu" => pin(value.parse().unwrap_or_else(|_| die("bad --cpu"))),
+            "--cgroup" => {
+                if let Err(e) = std::fs::write(format!("{value}/cgroup.procs"), "0") {
+                    die(&format!("joining {value}: {e}"));
+                }
+            }
+            other => die(&format!("unknown option {other}")),
+        }
+    }
     match args.first().map(String::as_str) {
         Some("memhog") => memhog(arg(&args, 1, "TOTAL_MB"), arg(&args, 2, "STEP_MB")),
         Some("forkbomb") => forkbomb(arg(&args, 1, "SECONDS")),
         Some("spin") => spin(arg(&args, 1, "THREADS"), arg(&args, 2, "SECONDS")),
         Some("daemon") => daemon(args.get(1).unwrap_or_else(|| die("missing PIDFILE"))),
         Some("threads") => threads(arg(&args, 1, "N")),
-        _ => die("usage: eval-workload memhog|forkbomb|spin|daemon|threads ..."),
+        Some("forker") => forker(arg(&args, 1, "COUNT"), arg(&args, 2, "SPIN_MS")),
+        Some("churn") => churn(arg(&args, 1, "SPIN_MS"), arg(&args, 2, "SECONDS")),
+        _ => die("usage: eval-workload [--cpu K] [--cgroup DIR] \
+             memhog|forkbomb|spin|daemon|threads|forker|churn ..."),
     }
 }
 
@@ -131,4 +154,59 @@ fn threads(n: usize) {
     }
     let _ = writeln!(std::io::stdout(), "ready");
     sleep_forever();
+}
+
+fn pin(cpu: usize) {
+    if cpu >= 1024 {
+        die("--cpu beyond 1023");
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within
+    // it (bound checked above), and sched_setaffinity only reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        die(&format!(
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
+fn spin_for(d: Duration) {
+    let end = Instant::now() + d;
+    let mut x = 0u64;
+    while Instant::now() < end {
+        for _ in 0..1000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+}
+
+fn forker(count: u32, spin_ms: u64) {
+    for _ in 0..count {
+        // SAFETY: single-threaded here; the child only spins and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            spin_for(Duration::from_millis(spin_ms));
+            // SAFETY: leaving the child without running destructors.
+            unsafe { libc::_exit(0) };
+        }
+        if pid < 0 {
+            die(&format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+}
+
+fn churn(spin_ms: u64, seconds: f64) {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let spin = Duration::from_millis(spin_ms);
+    while Instant::now() < end {
+        let _ = std::thread::spawn(move || spin_for(spin)).join();
+    }
 }

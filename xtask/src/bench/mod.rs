@@ -9,6 +9,7 @@
 pub mod contention;
 pub mod demo;
 pub mod plot;
+pub mod probe;
 pub mod workload;
 
 // The enforcer's controller is std-only so that the bench drives the very
@@ -36,6 +37,9 @@ pub enum BenchTask {
         #[command(subcommand)]
         worker: workload::Worker,
     },
+    /// Cost of the steal probes: ns per event per program (bpf_stats) and a
+    /// context-switch storm's throughput with the probes attached vs detached.
+    Probe(probe::ProbeArgs),
 }
 
 pub fn run(task: BenchTask, workspace: &std::path::Path) -> anyhow::Result<()> {
@@ -43,5 +47,6 @@ pub fn run(task: BenchTask, workspace: &std::path::Path) -> anyhow::Result<()> {
         BenchTask::Contention(args) => contention::run(&args, workspace),
         BenchTask::Demo(args) => demo::run(&args, workspace),
         BenchTask::Worker { worker } => workload::run(worker),
+        BenchTask::Probe(args) => probe::run(&args, workspace),
     }
 }

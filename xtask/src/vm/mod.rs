@@ -194,26 +194,26 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         "building enforcer and the enforcer-tests binaries for {MUSL}"
     ));
     let enforcer = build_enforcer(root)?;
-    let mut tests = build_tests(root)?;
+    let (mut tests, helpers) = build_tests(root)?;
     if !args.tests.is_empty() {
         for wanted in &args.tests {
-            if !tests.iter().any(|(n, _)| n == wanted) {
+            if !tests.iter().any(|a| &a.name == wanted) {
                 bail!(
                     "no test binary {wanted}; there are: {}",
                     tests
                         .iter()
-                        .map(|(n, _)| n.as_str())
+                        .map(|a| a.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
             }
         }
-        tests.retain(|(n, _)| args.tests.contains(n));
+        tests.retain(|a| args.tests.contains(&a.name));
     }
     if tests.is_empty() {
         bail!("enforcer-tests has no test binaries to run");
     }
-    let names: Vec<String> = tests.iter().map(|(n, _)| n.clone()).collect();
+    let names: Vec<String> = tests.iter().map(|a| a.name.clone()).collect();
     progress(&format!(
         "built in {:.0} s; test binaries: {}",
         started.elapsed().as_secs_f64(),
@@ -226,6 +226,7 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         &initramfs,
         &enforcer,
         &tests,
+        &helpers,
         args.filter.as_deref(),
     )?;
     progress(&format!(
@@ -273,13 +274,22 @@ fn progress(msg: &str) {
     eprintln!("vm-test: {msg}");
 }
 
+/// An executable cargo built.
+struct Artifact {
+    /// The target's name (a test binary: its file name in `tests/tests/`).
+    name: String,
+    path: PathBuf,
+    /// Built as a test harness (`profile.test`).
+    test: bool,
+}
+
 /// Runs cargo with `--message-format=json` and returns the executables of the
-/// compiler artifacts that `keep` accepts, with their target names.
+/// compiler artifacts that `keep` accepts.
 fn cargo_executables(
     root: &Path,
     args: &[&str],
     keep: impl Fn(&serde_json::Value) -> bool,
-) -> Result<Vec<(String, PathBuf)>> {
+) -> Result<Vec<Artifact>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut child = Command::new(&cargo)
         .current_dir(root)
@@ -299,18 +309,21 @@ fn cargo_executables(
             && let Some(exe) = msg["executable"].as_str()
             && keep(&msg)
         {
-            let name = msg["target"]["name"]
-                .as_str()
-                .unwrap_or("unnamed")
-                .to_owned();
-            found.push((name, PathBuf::from(exe)));
+            found.push(Artifact {
+                name: msg["target"]["name"]
+                    .as_str()
+                    .unwrap_or("unnamed")
+                    .to_owned(),
+                path: PathBuf::from(exe),
+                test: msg["profile"]["test"] == true,
+            });
         }
     }
     let status = child.wait()?;
     if !status.success() {
         bail!("cargo {} --target {MUSL} failed ({status})", args.join(" "));
     }
-    found.sort();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(found)
 }
 
@@ -322,19 +335,27 @@ fn build_enforcer(root: &Path) -> Result<PathBuf> {
     )?;
     bins.into_iter()
         .next()
-        .map(|(_, p)| p)
+        .map(|a| a.path)
         .context("cargo built no enforcer executable")
 }
 
-/// The integration test binaries of `enforcer-tests`: one per file in
-/// `tests/tests/`, discovered from cargo's output so new files need no change.
-fn build_tests(root: &Path) -> Result<Vec<(String, PathBuf)>> {
-    cargo_executables(root, &["test", "-p", "enforcer-tests", "--no-run"], |m| {
-        m["target"]["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "test"))
-            && m["profile"]["test"] == true
-    })
+/// The integration test binaries of `enforcer-tests` (one per file in
+/// `tests/tests/`, discovered from cargo's output so new files need no
+/// change here), and the crate's own `[[bin]]` helpers, which its tests find
+/// through `env!("CARGO_BIN_EXE_<name>")`.
+fn build_tests(root: &Path) -> Result<(Vec<Artifact>, Vec<Artifact>)> {
+    let built = cargo_executables(root, &["test", "-p", "enforcer-tests", "--no-run"], |m| {
+        let kinds = m["target"]["kind"].as_array();
+        let is = |kind: &str| kinds.is_some_and(|k| k.iter().any(|k| k == kind));
+        let ours = m["package_id"]
+            .as_str()
+            .is_some_and(|id| id.contains("enforcer-tests"));
+        let test = m["profile"]["test"] == true;
+        // Integration tests, and the helpers built as programs (not the
+        // helpers' own unit-test harnesses).
+        (is("test") && test) || (is("bin") && ours && !test)
+    })?;
+    Ok(built.into_iter().partition(|a| a.test))
 }
 
 /// Copies an executable for the initramfs without its debug info (a debug
@@ -360,7 +381,8 @@ fn build_initramfs(
     out_dir: &Path,
     dest: &Path,
     enforcer: &Path,
-    tests: &[(String, PathBuf)],
+    tests: &[Artifact],
+    helpers: &[Artifact],
     filter: Option<&str>,
 ) -> Result<u64> {
     let busybox = Path::new("/bin/busybox");
@@ -409,12 +431,19 @@ fn build_initramfs(
         &stripped(enforcer, &staging, "enforcer")?,
         true,
     )?;
-    for (name, exe) in tests {
-        a.add_file(
-            &format!("tests/{name}"),
-            &stripped(exe, &staging, name)?,
-            true,
-        )?;
+    for t in tests {
+        let exe = stripped(&t.path, &staging, &format!("test-{}", t.name))?;
+        a.add_file(&format!("tests/{}", t.name), &exe, true)?;
+    }
+    // Helpers go where `env!("CARGO_BIN_EXE_<name>")` says they are, the
+    // host path of the musl build, so tests find them unchanged in the VM.
+    for h in helpers {
+        let path = h
+            .path
+            .to_str()
+            .with_context(|| format!("helper path {} is not UTF-8", h.path.display()))?;
+        let exe = stripped(&h.path, &staging, &format!("helper-{}", h.name))?;
+        a.add_file(path, &exe, true)?;
     }
     a.write_gz(dest)?;
     std::fs::remove_dir_all(&staging)?;

@@ -1,0 +1,287 @@
+//! The steal meter as a job supervisor [`Monitor`]: loads the probes when
+//! the job starts, reads them every control period, keeps the job's stolen
+//! fraction over 1 s, 10 s and the whole job against the budget, emits
+//! `budget_exceeded` / `budget_recovered`, prints a live status line with
+//! `--progress`, and fills the steal fields of the report.
+//!
+//! Null-safe: when the probes cannot run (no BTF, no privilege, a verifier
+//! refusal, no training workload), it says why once, the job is still
+//! enforced, and the steal fields stay `null` with the reason in
+//! `unavailable`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+use super::{
+    steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    window::{BudgetEvent, LONG_WINDOW, SHORT_WINDOW, StealWindow},
+};
+use crate::{
+    events::Event,
+    job::{JobInfo, Monitor, MonitorError, TickContext},
+    report::Report,
+};
+
+/// Event names this monitor emits.
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+pub const BUDGET_RECOVERED: &str = "budget_recovered";
+
+/// The report fields this monitor owns.
+const FIELDS: [&str; 6] = [
+    "stolen_from_training_s",
+    "stolen_fraction",
+    "preemptions_of_training",
+    "training_runq_wait_s",
+    "budget_fraction",
+    "over_budget_s",
+];
+
+const JOB_KEY: &str = "job";
+
+/// Resolves `training.cgroup` (absolute, or relative to the cgroup v2 root)
+/// into a directory.
+pub fn training_cgroup_dir(path: &Path) -> PathBuf {
+    if path.is_absolute() && path.is_dir() {
+        return path.to_owned();
+    }
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    cgroup2_mount().join(rel)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the unified one on hybrid
+/// hosts).
+fn cgroup2_mount() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|line| {
+                let (pre, post) = line.split_once(" - ")?;
+                (post.split_whitespace().next()? == "cgroup2")
+                    .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// Depth below the v2 root of the job cgroup `id`, found among the v2
+/// ancestors of its process `pid` (which may sit in a child of the job
+/// cgroup, e.g. its `main` leaf). `None` when it is not one of them.
+fn job_level(pid: i32, id: u64) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mount = cgroup2_mount();
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    (0..=parts.len()).rev().find_map(|depth| {
+        let dir = parts[..depth].iter().fold(mount.clone(), |d, c| d.join(c));
+        let ino = std::fs::metadata(&dir).ok()?.ino();
+        (ino == id).then_some(depth as u32)
+    })
+}
+
+struct Running {
+    meter: StealMeter,
+    window: StealWindow,
+    first: StealSnapshot,
+    last: StealSnapshot,
+    next_progress: Instant,
+    progress_from: (Instant, Option<Duration>),
+}
+
+enum State {
+    NotStarted,
+    Unavailable(String),
+    Running(Box<Running>),
+}
+
+/// See the module docs.
+pub struct StealMonitor {
+    training: Option<TrainingSpec>,
+    budget: f64,
+    progress: bool,
+    state: State,
+}
+
+impl StealMonitor {
+    /// `training`: the workload to protect (`None`: nothing to measure);
+    /// `budget`: a fraction (0.05 for 5 %); `progress`: print a status line
+    /// on stderr once a second.
+    pub fn new(training: Option<TrainingSpec>, budget: f64, progress: bool) -> Self {
+        Self {
+            training,
+            budget,
+            progress,
+            state: State::NotStarted,
+        }
+    }
+
+    fn unavailable(&mut self, reason: String) {
+        tracing::warn!("steal not measured: {reason}; the job's limits are still enforced");
+        self.state = State::Unavailable(reason);
+    }
+}
+
+fn steal_of(s: &StealSnapshot) -> (u64, u64) {
+    s.jobs
+        .get(JOB_KEY)
+        .map_or((0, 0), |j| (j.steal_ns, j.preemptions))
+}
+
+impl Monitor for StealMonitor {
+    fn name(&self) -> &'static str {
+        "steal"
+    }
+
+    fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
+        let Some(training) = self.training.clone() else {
+            // The report's default reason (no training workload) stands.
+            self.state = State::Unavailable(crate::report::NO_TRAINING.to_owned());
+            return Ok(());
+        };
+        let Some(id) = job.v2_cgroup_id else {
+            self.unavailable(format!(
+                "the job cgroup {} has no cgroup v2 twin to recognise its tasks by",
+                job.cgroup.display()
+            ));
+            return Ok(());
+        };
+        let mut meter = match StealMeter::start(training) {
+            Ok(m) => m,
+            Err(e) => {
+                self.unavailable(format!("the steal probes could not be loaded: {e}"));
+                return Ok(());
+            }
+        };
+        let cgroup = JobCgroup {
+            id,
+            level: job_level(job.pid, id),
+        };
+        tracing::debug!(?cgroup, job_cgroup = %job.cgroup.display(), "metering the job's v2 cgroup");
+        if let Err(e) = meter.add_job(JOB_KEY, cgroup) {
+            self.unavailable(format!("registering the job with the steal probes: {e}"));
+            return Ok(());
+        }
+        let first = match meter.read() {
+            Ok(s) => s,
+            Err(e) => {
+                self.unavailable(format!("reading the steal probes: {e}"));
+                return Ok(());
+            }
+        };
+        let mut window = StealWindow::new(self.budget);
+        let (steal, _) = steal_of(&first);
+        window.push(first.at, steal, first.training.on_cpu_ns);
+        tracing::info!(
+            budget = %format!("{:.1}%", self.budget * 100.0),
+            threads = first.training.threads,
+            "steal meter attached"
+        );
+        self.state = State::Running(Box::new(Running {
+            meter,
+            window,
+            last: first.clone(),
+            first,
+            next_progress: Instant::now() + Duration::from_secs(1),
+            progress_from: (Instant::now(), None),
+        }));
+        Ok(())
+    }
+
+    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+        let State::Running(run) = &mut self.state else {
+            return Ok(());
+        };
+        let snap = run
+            .meter
+            .read()
+            .map_err(|e| MonitorError::new(format!("reading the steal probes: {e}")))?;
+        let (steal, _) = steal_of(&snap);
+        match run.window.push(snap.at, steal, snap.training.on_cpu_ns) {
+            Some(BudgetEvent::Exceeded { fraction }) => ctx.emit(Event::new(
+                BUDGET_EXCEEDED,
+                json!({
+                    "stolen_fraction": fraction,
+                    "budget_fraction": self.budget,
+                    "window_s": SHORT_WINDOW.as_secs_f64(),
+                }),
+            )),
+            Some(BudgetEvent::Recovered { fraction, over_for }) => ctx.emit(Event::new(
+                BUDGET_RECOVERED,
+                json!({
+                    "stolen_fraction": fraction,
+                    "budget_fraction": self.budget,
+                    "over_for_s": over_for.as_secs_f64(),
+                }),
+            )),
+            None => {}
+        }
+        if snap.overflow.any() && !run.last.overflow.any() {
+            tracing::warn!(overflow = ?snap.overflow, "the steal meter lost events: steal is a lower bound");
+        }
+        if self.progress && ctx.now >= run.next_progress {
+            let (since, cpu_then) = run.progress_from;
+            let cpu_now = ctx.stats.cpu_usage;
+            let job_cpu = match (cpu_then, cpu_now) {
+                (Some(a), Some(b)) => format!(
+                    "{:.2} CPU",
+                    b.saturating_sub(a).as_secs_f64()
+                        / ctx.now.duration_since(since).as_secs_f64().max(1e-3)
+                ),
+                _ => "-".to_owned(),
+            };
+            let pct = |f: Option<f64>| f.map_or("-".to_owned(), |f| format!("{:.2}%", f * 100.0));
+            eprintln!(
+                "[{:6.1}s] steal {} (1s) {} (10s) {} (job), budget {:.1}%{} | job {job_cpu}",
+                ctx.elapsed.as_secs_f64(),
+                pct(run.window.fraction_over(SHORT_WINDOW)),
+                pct(run.window.fraction_over(LONG_WINDOW)),
+                pct(run.window.fraction_total()),
+                self.budget * 100.0,
+                if run.window.is_over() { " OVER" } else { "" },
+            );
+            run.next_progress = ctx.now + Duration::from_secs(1);
+            run.progress_from = (ctx.now, cpu_now);
+        }
+        run.last = snap;
+        Ok(())
+    }
+
+    fn finish(&mut self, report: &mut Report) {
+        match &mut self.state {
+            State::Running(run) => {
+                // A last reading, so that the report covers the whole job.
+                if let Ok(snap) = run.meter.read() {
+                    let (steal, _) = steal_of(&snap);
+                    run.window.push(snap.at, steal, snap.training.on_cpu_ns);
+                    run.last = snap;
+                }
+                let (steal0, pre0) = steal_of(&run.first);
+                let (steal1, pre1) = steal_of(&run.last);
+                let wait = run
+                    .last
+                    .training
+                    .runq_wait_ns
+                    .saturating_sub(run.first.training.runq_wait_ns);
+                report.stolen_from_training_s = Some(steal1.saturating_sub(steal0) as f64 / 1e9);
+                report.stolen_fraction = Some(run.window.fraction_total().unwrap_or(0.0));
+                report.preemptions_of_training = Some(pre1.saturating_sub(pre0));
+                report.training_runq_wait_s = Some(wait as f64 / 1e9);
+                report.budget_fraction = Some(self.budget);
+                report.over_budget_s = Some(run.window.over_budget().as_secs_f64());
+                for f in FIELDS {
+                    report.unavailable.remove(f);
+                }
+            }
+            State::Unavailable(reason) => {
+                for f in FIELDS {
+                    report.unavailable(f, reason.clone());
+                }
+            }
+            State::NotStarted => {}
+        }
+    }
+}

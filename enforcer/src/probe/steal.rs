@@ -1,0 +1,630 @@
+//! The steal meter: loads the scheduler programs of `enforcer-ebpf`, tells
+//! them which threads are training and which cgroups are jobs, and reads
+//! their cumulative counters back.
+//!
+//! Nothing here runs on the scheduler path: the kernel aggregates, and
+//! [`StealMeter::read`] is a poll (the supervisor calls it once per control
+//! period). Windows and budgets over successive snapshots live in
+//! [`super::window`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::BtfTracePoint,
+};
+use enforcer_common::{
+    JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_RUNNING, TASK_UNKNOWN, TGID_FILTER_SLOTS,
+    TrainingTask, TrainingTotals,
+};
+use serde::Serialize;
+
+use super::{EBPF_OBJECT, ProbeError, btf::TaskLayout, raise_memlock};
+
+/// `BPF_NOEXIST`: user-space seeding must never overwrite the state the
+/// kernel already keeps for a thread.
+const BPF_NOEXIST: u64 = 1;
+
+/// What the training workload is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainingSpec {
+    /// A process: all its threads, threads it creates later, and with
+    /// `follow_children` the processes it forks (and theirs).
+    Pid { pid: u32, follow_children: bool },
+    /// Every thread in a cgroup directory (v2 or v1) and its descendants.
+    Cgroup(PathBuf),
+}
+
+/// A job cgroup as the kernel programs see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobCgroup {
+    /// v2 cgroup id: the inode number of its directory in the unified
+    /// hierarchy.
+    pub id: u64,
+    /// Depth below the v2 root (the root is 0), so that tasks in its child
+    /// cgroups (games) are matched too. `None`: match the cgroup itself only.
+    pub level: Option<u32>,
+}
+
+impl JobCgroup {
+    /// Identifies the v2 cgroup at `path` (a directory of the cgroup2 mount).
+    pub fn from_path(path: &Path) -> Result<Self, ProbeError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|source| ProbeError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            id: meta.ino(),
+            level: v2_level(path),
+        })
+    }
+}
+
+/// Depth of `path` below the cgroup2 mount that holds it.
+pub fn v2_level(path: &Path) -> Option<u32> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then_some(())?;
+            pre.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .filter_map(|mount| {
+            path.strip_prefix(&mount)
+                .ok()
+                .map(|rest| rest.components().count() as u32)
+        })
+        .min()
+}
+
+/// Cumulative counters of one job since it was added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JobCounters {
+    /// Training run-queue wait while a task of the job ran, ns.
+    pub steal_ns: u64,
+    /// Times a task of the job preempted a runnable training thread.
+    pub preemptions: u64,
+}
+
+/// Cumulative training counters since the meter started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TrainingCounters {
+    /// On-CPU time of training threads, ns, including slices in progress.
+    pub on_cpu_ns: u64,
+    /// Completed run-queue waits of training threads, whoever ran, ns.
+    pub runq_wait_ns: u64,
+    /// Run-queue wait attributed to the tasks that ran meanwhile, ns.
+    pub attributed_wait_ns: u64,
+    /// Training threads known now.
+    pub threads: u64,
+    pub threads_forked: u64,
+    pub threads_exited: u64,
+    /// Waiting training threads moved between run queues.
+    pub migrations: u64,
+}
+
+/// What did not fit or did not add up: all zero on a healthy run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Overflow {
+    /// Training threads not tracked because the thread table was full.
+    pub threads_dropped: u64,
+    /// Events on CPUs beyond the per-CPU table.
+    pub cpu_out_of_range: u64,
+    /// Waiter counts that would have gone negative (a missed event).
+    pub waiter_underflow: u64,
+}
+
+impl Overflow {
+    pub fn any(&self) -> bool {
+        self.threads_dropped + self.cpu_out_of_range + self.waiter_underflow != 0
+    }
+}
+
+/// One poll of the meter. Counters are cumulative; `at` is CLOCK_MONOTONIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StealSnapshot {
+    #[serde(skip)]
+    pub at: Duration,
+    pub training: TrainingCounters,
+    pub jobs: BTreeMap<String, JobCounters>,
+    pub overflow: Overflow,
+}
+
+/// Cost of one program, from `kernel.bpf_stats_enabled` accounting.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    slot: u32,
+    cgroup: JobCgroup,
+    /// Slot counters when the job was added (slots are reused).
+    baseline: JobCounters,
+}
+
+/// The loaded and attached steal programs. Dropping it detaches them.
+pub struct StealMeter {
+    ebpf: Ebpf,
+    training: TrainingSpec,
+    programs: Vec<&'static str>,
+    jobs: BTreeMap<String, Job>,
+    nr_cpus: usize,
+}
+
+impl std::fmt::Debug for StealMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StealMeter")
+            .field("training", &self.training)
+            .field("jobs", &self.jobs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
+}
+
+fn missing(kind: &'static str, name: &'static str) -> ProbeError {
+    ProbeError::Missing { kind, name }
+}
+
+impl StealMeter {
+    /// Loads and attaches the steal programs for `training`. Fails with the
+    /// reason (no BTF, no privilege, verifier refusal, unknown PID) when the
+    /// kernel cannot run them; the caller reports that and carries on.
+    pub fn start(training: TrainingSpec) -> Result<Self, ProbeError> {
+        raise_memlock();
+        let layout = TaskLayout::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
+        let nr_cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
+        let follow = match &training {
+            TrainingSpec::Pid {
+                follow_children, ..
+            } => u32::from(*follow_children),
+            TrainingSpec::Cgroup(_) => 1,
+        };
+        tracing::debug!(?layout, nr_cpus, "kernel layout from BTF");
+        let ebpf = EbpfLoader::new()
+            .override_global("TASK_PID_OFFSET", &layout.pid, true)
+            .override_global("TASK_TGID_OFFSET", &layout.tgid, true)
+            .override_global("TASK_CPU_OFFSET", &layout.cpu, true)
+            .override_global("TASK_STATE_OFFSET", &layout.state, true)
+            .override_global("FOLLOW_CHILDREN", &follow, true)
+            .map_max_entries("CPU_WAIT", nr_cpus as u32)
+            .load(EBPF_OBJECT)?;
+        let switch = if layout.switch_has_prev_state {
+            "steal_sched_switch"
+        } else {
+            "steal_sched_switch_legacy"
+        };
+        let mut meter = Self {
+            ebpf,
+            training,
+            programs: Vec::new(),
+            jobs: BTreeMap::new(),
+            nr_cpus,
+        };
+        // Threads that exist now go in before any program runs, so that the
+        // fork hook sees their children from the first event on.
+        meter.refresh_training()?;
+        if meter.thread_count()? == 0 {
+            return Err(ProbeError::NoTraining(format!("{:?}", meter.training)));
+        }
+        // Verification is the slow part: do it for every program first, then
+        // attach them back to back, so the window in which only some are
+        // attached is a few system calls long. The order still matters
+        // within it: a wait must never start (wake-up, switch-out) unless the
+        // programs that end or move it (switch-in, migration) already run,
+        // or the waiter count would keep a waiter that left.
+        let programs = [
+            (switch, "sched_switch"),
+            ("steal_sched_migrate_task", "sched_migrate_task"),
+            ("steal_sched_wakeup", "sched_wakeup"),
+            ("steal_sched_wakeup_new", "sched_wakeup_new"),
+            ("steal_sched_process_fork", "sched_process_fork"),
+            ("steal_sched_process_exit", "sched_process_exit"),
+        ];
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
+        for (name, tracepoint) in programs {
+            meter
+                .tracepoint(name)?
+                .load(tracepoint, &btf)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        for (name, _) in programs {
+            meter
+                .tracepoint(name)?
+                .attach()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            meter.programs.push(name);
+        }
+        // Threads created before the fork hook was attached.
+        meter.refresh_training()?;
+        Ok(meter)
+    }
+
+    fn tracepoint(&mut self, name: &'static str) -> Result<&mut BtfTracePoint, ProbeError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(missing("program", name))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name, source })
+    }
+
+    /// The training workload this meter protects.
+    pub fn training(&self) -> &TrainingSpec {
+        &self.training
+    }
+
+    /// Adds the threads of the training workload that the kernel does not
+    /// know yet (the fork hook finds new ones at once; this catches threads
+    /// moved into a training cgroup). Existing entries are left untouched.
+    pub fn refresh_training(&mut self) -> Result<(), ProbeError> {
+        let tids = training_tids(&self.training);
+        let mut tasks: HashMap<&mut MapData, u32, TrainingTask> = HashMap::try_from(
+            self.ebpf
+                .map_mut("TRAINING_TASKS")
+                .ok_or(missing("map", "TRAINING_TASKS"))?,
+        )
+        .map_err(map_err("TRAINING_TASKS"))?;
+        let seed = TrainingTask {
+            state: TASK_UNKNOWN,
+            cpu: 0,
+            since_ns: 0,
+        };
+        let mut new_tgids = BTreeSet::new();
+        for tid in tids {
+            match tasks.insert(tid, seed, BPF_NOEXIST) {
+                Ok(()) => {
+                    if let Some(tgid) = tgid_of(tid) {
+                        new_tgids.insert(tgid);
+                    }
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    tracing::warn!(tid, "training thread table full; thread not tracked");
+                }
+                Err(e) => return Err(map_err("TRAINING_TASKS")(e)),
+            }
+        }
+        self.add_to_filter(new_tgids)
+    }
+
+    /// Enters training TGIDs in the kernel's direct-mapped filter; a slot
+    /// taken by another TGID switches the filter off (slower, never wrong).
+    fn add_to_filter(&mut self, tgids: BTreeSet<u32>) -> Result<(), ProbeError> {
+        if tgids.is_empty() {
+            return Ok(());
+        }
+        let mut filter: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("TGID_FILTER")
+                .ok_or(missing("map", "TGID_FILTER"))?,
+        )
+        .map_err(map_err("TGID_FILTER"))?;
+        for tgid in tgids {
+            let index = tgid % TGID_FILTER_SLOTS;
+            let current = filter.get(&index, 0).map_err(map_err("TGID_FILTER"))?;
+            if current == tgid {
+                continue;
+            }
+            if current == 0 {
+                filter.set(index, tgid, 0).map_err(map_err("TGID_FILTER"))?;
+            } else {
+                tracing::debug!(tgid, current, "TGID filter collision: filter bypassed");
+                filter
+                    .set(TGID_FILTER_SLOTS, 1, 0)
+                    .map_err(map_err("TGID_FILTER"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn thread_count(&self) -> Result<u64, ProbeError> {
+        let tasks: HashMap<&MapData, u32, TrainingTask> = HashMap::try_from(
+            self.ebpf
+                .map("TRAINING_TASKS")
+                .ok_or(missing("map", "TRAINING_TASKS"))?,
+        )
+        .map_err(map_err("TRAINING_TASKS"))?;
+        Ok(tasks.keys().filter(Result::is_ok).count() as u64)
+    }
+
+    /// Starts attributing steal to `key`: the tasks of `cgroup` (and, when
+    /// its level is known, of its descendants).
+    pub fn add_job(&mut self, key: &str, cgroup: JobCgroup) -> Result<(), ProbeError> {
+        if self.jobs.contains_key(key) {
+            self.remove_job(key)?;
+        }
+        let used: BTreeSet<u32> = self.jobs.values().map(|j| j.slot).collect();
+        let slot = (0..MAX_JOBS)
+            .find(|s| !used.contains(s))
+            .ok_or(ProbeError::TooManyJobs(MAX_JOBS))?;
+        let baseline = self.slot_counters(slot)?;
+        let mut jobs: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
+                .map_err(map_err("JOBS"))?;
+        jobs.insert(cgroup.id, slot, 0).map_err(map_err("JOBS"))?;
+        self.jobs.insert(
+            key.to_owned(),
+            Job {
+                slot,
+                cgroup,
+                baseline,
+            },
+        );
+        self.write_levels()
+    }
+
+    /// Stops attributing steal to `key`; its counters are gone.
+    pub fn remove_job(&mut self, key: &str) -> Result<(), ProbeError> {
+        let Some(job) = self.jobs.remove(key) else {
+            return Ok(());
+        };
+        let mut jobs: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
+                .map_err(map_err("JOBS"))?;
+        match jobs.remove(&job.cgroup.id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(map_err("JOBS")(e)),
+        }
+        self.write_levels()
+    }
+
+    fn write_levels(&mut self) -> Result<(), ProbeError> {
+        let levels: BTreeSet<u32> = self
+            .jobs
+            .values()
+            .filter_map(|j| j.cgroup.level)
+            .filter(|&l| l > 0)
+            .collect();
+        if levels.len() > MAX_JOB_LEVELS as usize {
+            tracing::warn!(
+                ?levels,
+                "job cgroups at more than {MAX_JOB_LEVELS} depths: tasks in child cgroups of the deepest ones are not matched"
+            );
+        }
+        let mut array: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("JOB_LEVELS")
+                .ok_or(missing("map", "JOB_LEVELS"))?,
+        )
+        .map_err(map_err("JOB_LEVELS"))?;
+        let mut it = levels.into_iter();
+        for i in 0..MAX_JOB_LEVELS {
+            array
+                .set(i, it.next().unwrap_or(0), 0)
+                .map_err(map_err("JOB_LEVELS"))?;
+        }
+        Ok(())
+    }
+
+    fn slot_counters(&self, slot: u32) -> Result<JobCounters, ProbeError> {
+        let array: PerCpuArray<&MapData, JobSteal> = PerCpuArray::try_from(
+            self.ebpf
+                .map("JOB_STEAL")
+                .ok_or(missing("map", "JOB_STEAL"))?,
+        )
+        .map_err(map_err("JOB_STEAL"))?;
+        let values = array.get(&slot, 0).map_err(map_err("JOB_STEAL"))?;
+        Ok(values
+            .iter()
+            .fold(JobCounters::default(), |acc, v| JobCounters {
+                steal_ns: acc.steal_ns + v.steal_ns,
+                preemptions: acc.preemptions + v.preemptions,
+            }))
+    }
+
+    /// Reads all counters (cumulative). Also picks up training threads that
+    /// appeared without a fork the kernel saw (moved into a training cgroup).
+    pub fn read(&mut self) -> Result<StealSnapshot, ProbeError> {
+        if matches!(self.training, TrainingSpec::Cgroup(_)) {
+            self.refresh_training()?;
+        }
+        let at = monotonic_now();
+        let totals: PerCpuArray<&MapData, TrainingTotals> = PerCpuArray::try_from(
+            self.ebpf
+                .map("TRAINING_TOTALS")
+                .ok_or(missing("map", "TRAINING_TOTALS"))?,
+        )
+        .map_err(map_err("TRAINING_TOTALS"))?;
+        let per_cpu = totals.get(&0, 0).map_err(map_err("TRAINING_TOTALS"))?;
+        let mut t = TrainingTotals::default();
+        for v in per_cpu.iter().take(self.nr_cpus) {
+            t.on_cpu_ns += v.on_cpu_ns;
+            t.runq_wait_ns += v.runq_wait_ns;
+            t.attributed_wait_ns += v.attributed_wait_ns;
+            t.threads_dropped += v.threads_dropped;
+            t.cpu_out_of_range += v.cpu_out_of_range;
+            t.waiter_underflow += v.waiter_underflow;
+            t.threads_forked += v.threads_forked;
+            t.threads_exited += v.threads_exited;
+            t.migrations += v.migrations;
+        }
+        // Slices in progress: a thread that spins alone on a CPU is switched
+        // out rarely, and its time must not show up only then.
+        let tasks: HashMap<&MapData, u32, TrainingTask> = HashMap::try_from(
+            self.ebpf
+                .map("TRAINING_TASKS")
+                .ok_or(missing("map", "TRAINING_TASKS"))?,
+        )
+        .map_err(map_err("TRAINING_TASKS"))?;
+        let now_ns = at.as_nanos() as u64;
+        let mut threads = 0;
+        let mut running_ns = 0;
+        for (_, task) in tasks.iter().flatten() {
+            threads += 1;
+            if task.state == TASK_RUNNING && task.since_ns != 0 {
+                running_ns += now_ns.saturating_sub(task.since_ns);
+            }
+        }
+        let mut jobs = BTreeMap::new();
+        for (key, job) in &self.jobs {
+            let c = self.slot_counters(job.slot)?;
+            jobs.insert(
+                key.clone(),
+                JobCounters {
+                    steal_ns: c.steal_ns.saturating_sub(job.baseline.steal_ns),
+                    preemptions: c.preemptions.saturating_sub(job.baseline.preemptions),
+                },
+            );
+        }
+        Ok(StealSnapshot {
+            at,
+            training: TrainingCounters {
+                on_cpu_ns: t.on_cpu_ns + running_ns,
+                runq_wait_ns: t.runq_wait_ns,
+                attributed_wait_ns: t.attributed_wait_ns,
+                threads,
+                threads_forked: t.threads_forked,
+                threads_exited: t.threads_exited,
+                migrations: t.migrations,
+            },
+            jobs,
+            overflow: Overflow {
+                threads_dropped: t.threads_dropped,
+                cpu_out_of_range: t.cpu_out_of_range,
+                waiter_underflow: t.waiter_underflow,
+            },
+        })
+    }
+
+    /// Per-program cost, meaningful while `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.programs
+            .iter()
+            .filter_map(|&name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The tids of the training workload as /proc and cgroupfs show them now.
+fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
+    match spec {
+        TrainingSpec::Pid {
+            pid,
+            follow_children,
+        } => {
+            let mut pids = vec![*pid];
+            if *follow_children {
+                pids.extend(descendants(*pid));
+            }
+            pids.into_iter().flat_map(threads_of).collect()
+        }
+        TrainingSpec::Cgroup(dir) => {
+            let mut tids = Vec::new();
+            collect_cgroup_threads(dir, &mut tids, 0);
+            tids
+        }
+    }
+}
+
+/// The thread group of thread `tid`, from /proc.
+fn tgid_of(tid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn threads_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// All processes below `pid` in the process tree.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // The fields after the parenthesised command: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+fn collect_cgroup_threads(dir: &Path, out: &mut Vec<u32>, depth: u32) {
+    // cgroup.threads in v2; `tasks` in v1.
+    let list = std::fs::read_to_string(dir.join("cgroup.threads"))
+        .or_else(|_| std::fs::read_to_string(dir.join("tasks")))
+        .unwrap_or_default();
+    out.extend(list.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    if depth >= 32 {
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_cgroup_threads(&entry.path(), out, depth + 1);
+        }
+    }
+}

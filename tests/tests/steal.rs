@@ -1,0 +1,463 @@
+//! The steal meter against the real kernel: `enforcer meter` with real
+//! spinning processes in a real cgroup, checked against the kernel's own
+//! accounting (per-thread schedstat run_delay, the job cgroup's cpu.stat).
+//!
+//! The workloads come from the `eval-workload` binary of this crate
+//! (`$EVAL_WORKLOAD_BIN` overrides its path; in the VMs it sits next to the
+//! enforcer binary).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+use serde_json::Value;
+
+fn workload_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
+    if built.is_file() {
+        return built;
+    }
+    let sibling = enforcer_bin().with_file_name("eval-workload");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("eval-workload")
+}
+
+/// A process this test started; killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Self {
+        let child = Command::new(workload_bin())
+            .args(args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", workload_bin().display()));
+        Self(child)
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn wait(&mut self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A v2 cgroup created under this process's own v2 cgroup (the unified
+/// hierarchy on hybrid hosts); removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new() -> Self {
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .lines()
+            .find_map(|line| {
+                let (pre, post) = line.split_once(" - ")?;
+                (post.split_whitespace().next()? == "cgroup2")
+                    .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .expect("a cgroup2 mount (the unified hierarchy on hybrid hosts)");
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .expect("/proc/self/cgroup")
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .expect("a v2 entry in /proc/self/cgroup");
+        let dir = mount
+            .join(own.trim_start_matches('/'))
+            .join(unique_name("steal-test"));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self(dir)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+    fn usage_ns(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.0.join("cpu.stat")).expect("cpu.stat");
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("usage_usec in cpu.stat")
+            * 1000
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Its processes are ours and are killed by their own guards first;
+        // an exiting process can linger for a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+/// Sum of schedstat run_delay (ns) over the threads of `pid`.
+fn run_delay_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+fn ncpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Waits until `pid` has `threads` threads (the workload is running).
+fn wait_threads(pid: u32, threads: usize) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        let n = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        if n >= threads {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("workload {pid} did not start {threads} threads");
+}
+
+/// What the test observed around one `enforcer meter --json` run.
+struct Metered {
+    summary: Value,
+    /// Growth of the training threads' run_delay between the meter's start
+    /// and summary lines.
+    run_delay_ns: u64,
+    /// Growth of the job cgroup's CPU usage over the same span.
+    job_usage_ns: u64,
+}
+
+/// Runs the meter; `during` runs once it has attached, and the meter is
+/// stopped with SIGINT once `during` returns and `min` has passed.
+fn meter(
+    training_pid: u32,
+    job: &TestCgroup,
+    extra: &[&str],
+    min: Duration,
+    during: impl FnOnce(),
+) -> Metered {
+    let mut child = enforcer()
+        .args(["meter", "--json", "--interval", "1s", "--protect"])
+        .arg(training_pid.to_string())
+        .args(["--cgroup", job.path()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting enforcer meter");
+    let guard_pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let start: Value = serde_json::from_str(
+        &lines
+            .next()
+            .expect("a start line")
+            .expect("reading the meter"),
+    )
+    .expect("JSON start line");
+    let (delay0, usage0) = (run_delay_ns(training_pid), job.usage_ns());
+    let started = Instant::now();
+    assert_eq!(start["event"], "start", "{start}");
+    during();
+    if let Some(rest) = min.checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    // SAFETY: signalling the meter this test started.
+    unsafe { libc::kill(guard_pid as i32, libc::SIGINT) };
+    let mut summary = Value::Null;
+    for line in lines {
+        let line = line.expect("reading the meter");
+        let v: Value = serde_json::from_str(&line).expect("JSON line");
+        if v["event"] == "summary" {
+            summary = v;
+            break;
+        }
+    }
+    let (delay1, usage1) = (run_delay_ns(training_pid), job.usage_ns());
+    let status = child.wait().expect("waiting for the meter");
+    assert!(status.success(), "enforcer meter failed: {status}");
+    assert_eq!(summary["event"], "summary", "no summary line");
+    Metered {
+        summary,
+        run_delay_ns: delay1 - delay0,
+        job_usage_ns: usage1 - usage0,
+    }
+}
+
+fn job_steal_ns(m: &Metered) -> u64 {
+    m.summary["jobs"][0]["steal_ns"].as_u64().expect("steal_ns")
+}
+
+fn assert_no_overflow(m: &Metered) {
+    assert_no_overflow_but(m, &[]);
+}
+
+/// As `assert_no_overflow`, tolerating the counters in `tolerated` (which
+/// must then be reported, never silent).
+fn assert_no_overflow_but(m: &Metered, tolerated: &[&str]) {
+    for key in ["threads_dropped", "cpu_out_of_range", "waiter_underflow"] {
+        if tolerated.contains(&key) {
+            assert!(m.summary["overflow"][key].is_u64(), "{key} reported");
+            continue;
+        }
+        assert_eq!(
+            m.summary["overflow"][key], 0,
+            "overflow counter {key}: {}",
+            m.summary
+        );
+    }
+}
+
+fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
+    (actual as f64 - expected as f64).abs() <= tolerance * expected as f64
+}
+
+#[test]
+fn steal_is_exactly_zero_without_evaluation() {
+    require_root!();
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["spin", "1", "60"]);
+    wait_threads(training.pid(), 2);
+    let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
+    assert_eq!(job_steal_ns(&m), 0, "{}", m.summary);
+    assert_eq!(m.summary["jobs"][0]["preemptions"], 0, "{}", m.summary);
+    assert!(
+        m.summary["training"]["on_cpu_ns"].as_u64().unwrap() > 100_000_000,
+        "the training spinner ran: {}",
+        m.summary
+    );
+    assert_no_overflow(&m);
+}
+
+/// Training and evaluation pinned to one CPU: every nanosecond the job runs
+/// there, training waits. The meter's training wait must match the kernel's
+/// run_delay, and the job's steal the job's own CPU time (so, on a CPU with
+/// nobody else, steal = run_delay growth, the criterion; on a busy
+/// host other tasks add waits that are, rightly, not this job's steal).
+#[test]
+fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
+    require_root!();
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    wait_threads(training.pid(), 2);
+    let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
+    let steal = job_steal_ns(&m);
+    let wait = m.summary["training"]["runq_wait_ns"].as_u64().unwrap();
+    eprintln!(
+        "steal {steal} ns, meter wait {wait} ns, schedstat run_delay +{} ns, job usage +{} ns",
+        m.run_delay_ns, m.job_usage_ns
+    );
+    assert!(
+        steal > 300_000_000,
+        "the job ran beside training: {}",
+        m.summary
+    );
+    assert!(
+        within(wait, m.run_delay_ns, 0.05),
+        "meter training wait {wait} vs schedstat run_delay growth {}",
+        m.run_delay_ns
+    );
+    assert!(
+        within(steal, m.job_usage_ns, 0.05),
+        "steal {steal} vs job CPU time {}",
+        m.job_usage_ns
+    );
+    assert!(steal <= wait + wait / 100, "steal {steal} > wait {wait}");
+    assert!(m.summary["jobs"][0]["preemptions"].as_u64().unwrap() > 0);
+    assert_no_overflow(&m);
+}
+
+#[test]
+fn evaluation_on_another_cpu_steals_under_1_percent() {
+    require_root!();
+    if ncpus() < 2 {
+        eprintln!("SKIPPED: needs 2 CPUs");
+        return;
+    }
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "1", "--cgroup", job.path(), "spin", "1", "60"]);
+    wait_threads(training.pid(), 2);
+    let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
+    let fraction = m.summary["jobs"][0]["stolen_fraction"].as_f64().unwrap();
+    assert!(fraction < 0.01, "stolen fraction {fraction}: {}", m.summary);
+    assert!(
+        m.job_usage_ns > 500_000_000,
+        "the job ran: {}",
+        m.job_usage_ns
+    );
+    assert_no_overflow(&m);
+}
+
+#[test]
+fn training_waiting_on_its_own_threads_is_not_steal() {
+    require_root!();
+    let job = TestCgroup::new();
+    let threads = 2 * ncpus() + 1;
+    let training = Proc::spawn(&["spin", &threads.to_string(), "60"]);
+    wait_threads(training.pid(), threads + 1);
+    let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
+    let wait = m.summary["training"]["runq_wait_ns"].as_u64().unwrap();
+    assert!(
+        wait > 100_000_000,
+        "more threads than CPUs wait: {}",
+        m.summary
+    );
+    assert_eq!(job_steal_ns(&m), 0, "{}", m.summary);
+    assert_no_overflow(&m);
+}
+
+#[test]
+fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
+    require_root!();
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "120"]);
+    wait_threads(training.pid(), 2);
+    let cg = job.path().to_owned();
+    let m = meter(
+        training.pid(),
+        &job,
+        &[],
+        Duration::from_secs(1),
+        move || {
+            let mut forker = Proc::spawn(&["--cpu", "0", "--cgroup", &cg, "forker", "200", "10"]);
+            assert!(
+                forker.wait(Duration::from_secs(120)),
+                "forker did not finish"
+            );
+        },
+    );
+    let steal = job_steal_ns(&m);
+    eprintln!("steal {steal} ns, job usage +{} ns", m.job_usage_ns);
+    assert!(steal > 200_000_000, "{}", m.summary);
+    assert!(
+        within(steal, m.job_usage_ns, 0.10),
+        "steal {steal} vs job CPU time {}",
+        m.job_usage_ns
+    );
+    assert_no_overflow(&m);
+}
+
+#[test]
+fn meter_refuses_a_training_pid_that_does_not_exist() {
+    require_root!();
+    let job = TestCgroup::new();
+    let out = enforcer()
+        .args([
+            "meter",
+            "--protect",
+            "999999999",
+            "--cgroup",
+            job.path(),
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .expect("running enforcer meter");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has no threads"), "{stderr}");
+}
+
+/// Training threads created and destroyed during the run (a new thread every
+/// 20 ms) are tracked from their first wake-up: the job's steal still matches
+/// its CPU time on the shared CPU, and the thread table balances.
+#[test]
+fn threads_created_and_destroyed_during_the_run_are_tracked() {
+    require_root!();
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["--cpu", "0", "churn", "20", "60"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    wait_threads(training.pid(), 2);
+    let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
+    let steal = job_steal_ns(&m);
+    let t = &m.summary["training"];
+    eprintln!(
+        "steal {steal} ns, job usage +{} ns, training {t}",
+        m.job_usage_ns
+    );
+    assert!(t["threads_forked"].as_u64().unwrap() > 10, "{t}");
+    assert!(t["threads_exited"].as_u64().unwrap() > 10, "{t}");
+    assert!(steal > 300_000_000, "{}", m.summary);
+    assert!(
+        within(steal, m.job_usage_ns, 0.10),
+        "steal {steal} vs job CPU time {}",
+        m.job_usage_ns
+    );
+    // Every wait was attributed to someone, and nothing more: the per-CPU
+    // waiter counts stayed balanced through thousands of thread lifetimes.
+    let (attributed, wait) = (
+        t["attributed_wait_ns"].as_u64().unwrap(),
+        t["runq_wait_ns"].as_u64().unwrap(),
+    );
+    assert!(
+        within(attributed, wait, 0.05),
+        "attributed {attributed} vs completed waits {wait}"
+    );
+    // A missed switch-in under thread churn is detected at exit, corrected
+    // and reported; the rest must be zero.
+    assert_no_overflow_but(&m, &["waiter_underflow"]);
+}
+
+/// With `--follow-children`, processes the training forks are training: a
+/// forking training's children lose CPU to the job and that is steal; without
+/// it, only the parent (asleep in waitpid) is protected and nothing is.
+#[test]
+fn follow_children_counts_the_training_children_and_only_then() {
+    require_root!();
+    let job = TestCgroup::new();
+    let training = Proc::spawn(&["--cpu", "0", "forker", "100000", "20"]);
+    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    wait_threads(training.pid(), 1);
+    let with = meter(
+        training.pid(),
+        &job,
+        &["--follow-children"],
+        Duration::from_secs(3),
+        || {},
+    );
+    let steal = job_steal_ns(&with);
+    eprintln!(
+        "following: steal {steal} ns, job usage +{} ns",
+        with.job_usage_ns
+    );
+    assert!(
+        within(steal, with.job_usage_ns, 0.10),
+        "steal {steal} vs job CPU time {}",
+        with.job_usage_ns
+    );
+    assert!(with.summary["training"]["threads_forked"].as_u64().unwrap() > 10);
+    assert_no_overflow(&with);
+    let without = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
+    assert!(
+        job_steal_ns(&without) < 20_000_000,
+        "not following children, the sleeping parent lost almost nothing: {}",
+        without.summary
+    );
+}

@@ -1,0 +1,171 @@
+//! `enforcer run --protect`: the supervisor loads the steal probes itself,
+//! reports the job's steal, emits budget events, and stays null-safe when
+//! the probes cannot measure anything.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::Duration,
+};
+
+use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+use serde_json::Value;
+
+fn workload_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
+    if built.is_file() {
+        return built;
+    }
+    let sibling = enforcer_bin().with_file_name("eval-workload");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("eval-workload")
+}
+
+/// A scratch directory with a private config (its own state_dir); removed
+/// on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name("enforcer-steal-run"));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn config(&self) -> PathBuf {
+        let p = self.path("enforcer.toml");
+        let text = format!("state_dir = \"{}\"\n", self.path("state").display());
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The training spinner; killed on drop.
+struct Training(Child);
+
+impl Training {
+    fn pinned_to_cpu0() -> Self {
+        let child = Command::new(workload_bin())
+            .args(["--cpu", "0", "spin", "1", "120"])
+            .spawn()
+            .expect("starting the training spinner");
+        Training(child)
+    }
+}
+
+impl Drop for Training {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_report(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading the report {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("JSON report")
+}
+
+/// A job spinning on the training's CPU, not in the idle class: the report
+/// carries its steal, a stolen fraction far over a 5 % budget, preemptions,
+/// time over budget, and a `budget_exceeded` event.
+#[test]
+fn run_protect_reports_the_jobs_steal_and_budget_events() {
+    require_root!();
+    let s = Scratch::new();
+    let training = Training::pinned_to_cpu0();
+    std::thread::sleep(Duration::from_millis(200));
+    let report = s.path("report.json");
+    let w = workload_bin();
+    let out = enforcer()
+        .args(["run", "--config"])
+        .arg(s.config())
+        .args(["--no-idle", "--protect"])
+        .arg(training.0.id().to_string())
+        .args(["--budget", "5%", "--progress", "--report"])
+        .arg(&report)
+        .arg("--")
+        .arg(&w)
+        .args(["--cpu", "0", "spin", "1", "4"])
+        .output()
+        .expect("running enforcer run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r = read_report(&report);
+    let steal = r["stolen_from_training_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{r}"));
+    let fraction = r["stolen_fraction"].as_f64().unwrap();
+    assert!(steal > 0.3, "the job ran on the training's CPU: {r}");
+    assert!(fraction > 0.05 && fraction < 1.0, "{r}");
+    assert!(r["preemptions_of_training"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["training_runq_wait_s"].as_f64().unwrap() >= steal, "{r}");
+    assert_eq!(r["budget_fraction"].as_f64(), Some(0.05), "{r}");
+    assert!(r["over_budget_s"].as_f64().unwrap() > 0.5, "{r}");
+    assert!(
+        r["events"]["budget_exceeded"].as_u64().unwrap_or(0) >= 1,
+        "{r}"
+    );
+    assert!(r["unavailable"].get("stolen_fraction").is_none(), "{r}");
+    assert!(
+        stderr.contains("steal ") && stderr.contains("budget 5.0%"),
+        "--progress line: {stderr}"
+    );
+}
+
+/// Probes that cannot measure (here: the training PID does not exist) do not
+/// stop the job: it runs and is reported, and the steal fields are null with
+/// the reason in `unavailable`.
+#[test]
+fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason() {
+    require_root!();
+    let s = Scratch::new();
+    let report = s.path("report.json");
+    let out = enforcer()
+        .args(["run", "--config"])
+        .arg(s.config())
+        .args(["--protect", "999999999", "--report"])
+        .arg(&report)
+        .arg("--")
+        .arg(workload_bin())
+        .args(["spin", "1", "0.2"])
+        .output()
+        .expect("running enforcer run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r = read_report(&report);
+    for field in [
+        "stolen_from_training_s",
+        "stolen_fraction",
+        "preemptions_of_training",
+        "training_runq_wait_s",
+        "budget_fraction",
+        "over_budget_s",
+    ] {
+        assert!(r[field].is_null(), "{field}: {r}");
+        let reason = r["unavailable"][field].as_str().unwrap_or_default();
+        assert!(reason.contains("has no threads"), "{field}: {reason}");
+    }
+    assert_eq!(
+        stderr.matches("steal not measured").count(),
+        1,
+        "one warning: {stderr}"
+    );
+    assert!(
+        r["cpu_s"].as_f64().is_some(),
+        "the job itself is reported: {r}"
+    );
+}
