@@ -18,4 +18,5 @@ pub use controller::{
     Controller, ControllerConfig, CpuControls, Decision, Observation, Quota, Reason, Signal,
     StealCounters,
 };
+pub use monitor::{BudgetMonitor, StealFeed, StealSource, learn_before_job};
 pub use progress::{ProgressConfig, ProgressReading, ProgressTracker, Unavailable};

@@ -133,7 +133,52 @@ pub struct BudgetMonitor {
     cap: Option<f64>,
 }
 
+/// Reads the training's progress file (`training.progress_file`) for a few
+/// seconds to learn its own step rate, while no job runs: call it before the
+/// job starts. `None` when no training workload or no file is configured.
+pub fn learn_before_job(config: &crate::config::Config) -> Option<ProgressTracker> {
+    let t = &config.training;
+    if t.pid.is_none() && t.cgroup.is_none() {
+        return None;
+    }
+    let path = t.progress_file.as_ref()?;
+    let progress = super::ProgressConfig::default();
+    let learn = progress.baseline_min + Duration::from_millis(500);
+    let mut tracker = ProgressTracker::for_file(path, progress);
+    tracing::info!(
+        file = %path.display(),
+        seconds = learn.as_secs_f64(),
+        "learning the training's step rate before the job"
+    );
+    let reading = tracker.learn(learn, config.control_period.0);
+    match (tracker.baseline(), reading.slowdown) {
+        (Some(rate), _) => tracing::info!(steps_per_s = rate, "training baseline learned"),
+        (None, Err(reason)) => tracing::warn!(
+            file = %path.display(),
+            %reason,
+            "no baseline step rate: training slowdown will be null"
+        ),
+        (None, Ok(_)) => {}
+    }
+    Some(tracker)
+}
+
 impl BudgetMonitor {
+    /// The loop for a job of `enforcer run`/`attach`, from the config's
+    /// budget, fed by the steal monitor through `feed`.
+    pub fn for_job(
+        config: &crate::config::Config,
+        feed: StealFeed,
+        progress: Option<ProgressTracker>,
+    ) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        Self::new(
+            ControllerConfig::new(config.budget.fraction(), cpus),
+            Box::new(feed),
+            progress,
+        )
+    }
+
     pub fn new(
         config: ControllerConfig,
         steal: Box<dyn StealSource>,
@@ -341,16 +386,19 @@ impl Monitor for BudgetMonitor {
                 report.stolen_from_training_s = Some(steal);
             }
         }
-        if self.last_tick.is_some() && self.steal_error.is_none() {
-            report.over_budget_s = Some(self.over_budget.as_secs_f64());
-        } else {
-            report.over_budget_s = None;
-            report.unavailable(
-                "over_budget_s",
-                self.steal_error
-                    .clone()
-                    .unwrap_or_else(|| "the budget loop never ran".to_owned()),
-            );
+        // The steal monitor's own over-budget time (same meter, same 1 s
+        // window) wins when it filled one.
+        if report.over_budget_s.is_none() {
+            if self.last_tick.is_some() && self.steal_error.is_none() {
+                report.over_budget_s = Some(self.over_budget.as_secs_f64());
+            } else {
+                report.unavailable(
+                    "over_budget_s",
+                    self.steal_error
+                        .clone()
+                        .unwrap_or_else(|| "the budget loop never ran".to_owned()),
+                );
+            }
         }
         if self.slowdowns.is_empty() {
             report.training_slowdown = None;

@@ -205,8 +205,14 @@ pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
 
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
-/// the report's `unavailable` reasons).
-pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
+/// the report's `unavailable` reasons) and, with a training workload, the
+/// budget loop fed by it; `progress` is the training's progress tracker
+/// learned before the job ([`crate::budget::learn_before_job`]).
+pub fn job_monitors(
+    plan: &Plan,
+    args: &JobArgs,
+    progress: Option<crate::budget::ProgressTracker>,
+) -> Vec<Box<dyn Monitor>> {
     let t = &plan.config.training;
     let training = match (t.pid, &t.cgroup) {
         (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
@@ -217,11 +223,20 @@ pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
         (None, None) => None,
     };
     let mut monitors = default_monitors(&plan.config);
-    monitors.push(Box::new(StealMonitor::new(
-        training,
-        plan.config.budget.fraction(),
-        args.progress,
-    )));
+    let feed = crate::budget::StealFeed::new();
+    let protect = training.is_some();
+    // The steal monitor ticks first: the loop reads this tick's counters.
+    monitors.push(Box::new(
+        StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
+            .with_feed(feed.clone()),
+    ));
+    if protect {
+        monitors.push(Box::new(crate::budget::BudgetMonitor::for_job(
+            &plan.config,
+            feed,
+            progress,
+        )));
+    }
     monitors
 }
 
@@ -351,6 +366,10 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         Err(code) => return code,
     };
     let guard = &started_job.guard;
+    // With a training progress file, its job-free step rate is learned now,
+    // before the command starts (a few seconds, blocking: nothing else runs
+    // yet).
+    let progress = crate::budget::learn_before_job(&plan.config);
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
@@ -375,7 +394,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         &guard.0,
         &plan.supervision,
         job::Target::Spawned(child),
-        job_monitors(&plan, &args.job),
+        job_monitors(&plan, &args.job, progress),
         signals,
         started,
         started_wall,
