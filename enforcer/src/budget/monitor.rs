@@ -370,7 +370,11 @@ impl Monitor for BudgetMonitor {
     }
 
     fn finish(&mut self, report: &mut Report) {
-        report.budget_fraction = Some(self.config.budget);
+        // Without a steal signal the budget was not held: the steal
+        // monitor's null and reason stand.
+        if self.first_steal.is_some() {
+            report.budget_fraction = Some(self.config.budget);
+        }
         // The steal meter's own monitor fills these when it runs; the loop
         // measured the same counters.
         if let (Some(a), Some(b)) = (self.first_steal, self.last_steal) {

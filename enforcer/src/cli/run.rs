@@ -84,6 +84,11 @@ pub struct JobArgs {
     /// may take, e.g. `5%` (overrides `budget`).
     #[arg(long)]
     pub budget: Option<Percent>,
+    /// With `--protect`: measure the job's steal against the budget but do
+    /// not hold it (no dynamic quota, no freeze; the job keeps its static
+    /// limits).
+    #[arg(long)]
+    pub measure_only: bool,
     /// Print a one-line live status on stderr once a second: stolen
     /// fraction over 1 s, 10 s and the job, the budget, the job's CPU use.
     #[arg(long)]
@@ -230,7 +235,7 @@ pub fn job_monitors(
         StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
             .with_feed(feed.clone()),
     ));
-    if protect {
+    if protect && !args.measure_only {
         monitors.push(Box::new(crate::budget::BudgetMonitor::for_job(
             &plan.config,
             feed,
