@@ -447,7 +447,12 @@ impl Controller {
             cfg.decrease
         };
         let lowest = current * cfg.decrease_far * cfg.decrease_far;
-        let next = (base * factor).max(lowest).max(cfg.floor_cores);
+        let mut next = (base * factor).max(lowest).max(cfg.floor_cores);
+        // A step that would stop just above the floor goes to it: no
+        // near-no-op change (0.105 -> 0.100) worth an event.
+        if next < cfg.floor_cores * 1.25 {
+            next = cfg.floor_cores;
+        }
         let at_floor = current <= cfg.floor_cores + 1e-9;
 
         if at_floor {
