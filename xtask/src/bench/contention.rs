@@ -125,7 +125,9 @@ pub struct ContentionArgs {
     /// Budget for the loop rows, percent.
     #[arg(long, default_value_t = 5.0)]
     pub budget_pct: f64,
-    /// Policies to run (comma separated); default: all.
+    /// Policies to run (comma separated); default: all but the in-bench
+    /// `loop` and `loop-short` rows (the controller on the unattributed
+    /// schedstat wait, to compare CFS periods on a quiet host).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub policies: Vec<Policy>,
     /// The enforcer binary for the `enforcer` row (relative to the
@@ -215,6 +217,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         }
         Policy::ALL
             .into_iter()
+            .filter(|p| !p.needs_cgroup())
             .filter(|p| *p != Policy::Enforcer || enforcer_ok)
             .filter(|p| !p.via_enforcer() || run_ok)
             .collect()
@@ -339,6 +342,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                         delay_ns: t.delay_ns,
                         eval_cpu_s: t.eval_cpu_s,
                         quota: t.quota_cores,
+                        stolen: t.judged,
                     })
                     .collect::<Vec<_>>(),
                 alone,

@@ -14,12 +14,15 @@ pub struct Point {
     pub delay_ns: u64,
     pub eval_cpu_s: f64,
     pub quota: Option<f64>,
+    /// The controller's (or the enforcer's) stolen fraction, when known.
+    pub stolen: Option<f64>,
 }
 
 /// Trailing-window series derived from the samples.
 pub struct Series {
     pub slowdown_pct: Vec<(f64, f64)>,
     pub wait_pct: Vec<(f64, f64)>,
+    pub stolen_pct: Vec<(f64, f64)>,
     pub eval_cores: Vec<(f64, f64)>,
     pub quota_cores: Vec<(f64, f64)>,
 }
@@ -30,6 +33,7 @@ impl Series {
         let mut s = Series {
             slowdown_pct: Vec::new(),
             wait_pct: Vec::new(),
+            stolen_pct: Vec::new(),
             eval_cores: Vec::new(),
             quota_cores: Vec::new(),
         };
@@ -53,6 +57,9 @@ impl Series {
             if let Some(q) = b.quota {
                 s.quota_cores.push((b.t, q));
             }
+            if let Some(f) = b.stolen {
+                s.stolen_pct.push((b.t, f * 100.0));
+            }
         }
         s
     }
@@ -73,6 +80,7 @@ pub fn draw(path: &Path, title: &str, s: &Series, budget_pct: f64, cpus: f64) ->
         .slowdown_pct
         .iter()
         .chain(&s.wait_pct)
+        .chain(&s.stolen_pct)
         .map(|p| p.1)
         .fold(budget_pct * 3.0, f64::max)
         .min(100.0);
@@ -101,8 +109,12 @@ pub fn draw(path: &Path, title: &str, s: &Series, budget_pct: f64, cpus: f64) ->
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
     c.draw_series(LineSeries::new(s.wait_pct.iter().copied(), &RED))
         .map_err(|e| err(&e))?
-        .label("training run-queue wait fraction (1 s)")
+        .label("training run-queue wait, any cause (schedstat, 1 s)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+    c.draw_series(LineSeries::new(s.stolen_pct.iter().copied(), &CYAN))
+        .map_err(|e| err(&e))?
+        .label("stolen fraction, as the loop measured it (1 s)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], CYAN));
     c.draw_series(LineSeries::new(
         [(0.0, budget_pct), (t_max, budget_pct)],
         BLACK.stroke_width(1),
