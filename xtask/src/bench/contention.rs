@@ -394,6 +394,11 @@ impl Reaped {
     fn pid(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)
     }
+    /// The exit status, if the child has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     fn wait_output(mut self) -> Result<std::process::Output> {
         let child = self.0.take().context("child already reaped")?;
         Ok(child.wait_with_output()?)
@@ -496,7 +501,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         format!("{:.3}", s.secs.as_secs_f64()),
     ];
     let mut controller = None;
-    let eval = if policy == Policy::Alone {
+    let mut eval = if policy == Policy::Alone {
         None
     } else {
         let mut cmd = match policy {
@@ -512,7 +517,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             }
             Policy::Quota | Policy::Weight => {
                 let mut c = Command::new(s.enforcer);
-                c.args(["run", "--no-wait", "--no-idle"]);
+                c.args(["run", "--no-wait", "--no-idle", "--config"])
+                    .arg(enforcer_config(s.scratch, &tag, None)?);
                 if policy == Policy::Quota {
                     c.args(["--cpu", "0.5"]);
                 } else {
@@ -523,15 +529,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             }
             Policy::Enforcer => {
                 // The progress file lets the enforcer report true slowdown.
-                let config = s.scratch.join(format!("config-{tag}.toml"));
-                fs::write(
-                    &config,
-                    format!(
-                        "[training]\nprogress_file = {:?}\n",
-                        progress.display().to_string()
-                    ),
-                )
-                .with_context(|| format!("writing {}", config.display()))?;
+                let config = enforcer_config(s.scratch, &tag, Some(&progress))?;
                 let mut c = Command::new(s.enforcer);
                 c.args(["--log-format", "json", "run", "--no-wait", "--config"])
                     .arg(&config)
@@ -578,12 +576,15 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     };
 
     if policy.via_enforcer()
-        && let Some(e) = &eval
+        && let Some(e) = &mut eval
     {
         // The enforcer loads its meter and learns the training's rate before
         // it starts the job: the run starts with the job.
         let deadline = Instant::now() + Duration::from_secs(60);
         while child_pids(e.pid()).is_empty() {
+            if let Some(status) = e.exited() {
+                bail!("enforcer run exited ({status}) before it started the evaluation");
+            }
             if Instant::now() > deadline {
                 bail!("enforcer run did not start the evaluation within 60 s");
             }
@@ -1069,6 +1070,23 @@ pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, 
             );
         }
     }
+}
+
+/// A config for one `enforcer run` of the bench: a private state directory
+/// (its job slots are not shared with other enforcers on the host) and, for
+/// the enforcer row, the training's progress file.
+fn enforcer_config(scratch: &Path, tag: &str, progress: Option<&Path>) -> Result<PathBuf> {
+    let path = scratch.join(format!("config-{tag}.toml"));
+    let state = scratch.join(format!("state-{tag}"));
+    let mut text = format!("state_dir = {:?}\n", state.display().to_string());
+    if let Some(p) = progress {
+        text.push_str(&format!(
+            "\n[training]\nprogress_file = {:?}\n",
+            p.display().to_string()
+        ));
+    }
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// The direct children of a process.
