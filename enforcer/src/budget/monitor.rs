@@ -131,6 +131,10 @@ pub struct BudgetMonitor {
     job: String,
     /// The user's static CPU limit, if any.
     cap: Option<f64>,
+    /// Put the job's threads in SCHED_IDLE too (with the idle class).
+    idle_tasks: bool,
+    /// Threads already made SCHED_IDLE.
+    idle_tids: std::collections::HashSet<i32>,
 }
 
 /// Reads the training's progress file (`training.progress_file`) for a few
@@ -202,6 +206,47 @@ impl BudgetMonitor {
             decisions: 0,
             job: String::new(),
             cap: None,
+            idle_tasks: false,
+            idle_tids: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Why per-thread SCHED_IDLE as well as the cgroup's `cpu.idle`: the
+    /// job's cgroup is idle only among its siblings inside the agent's
+    /// slice; at the level where the slice meets the training the slice
+    /// competes with its full weight, and a waking training thread does not
+    /// preempt it at once. SCHED_IDLE threads are preempted at once by any
+    /// normal thread on their CPU, whatever the hierarchy. Threads the job
+    /// creates later inherit the policy; each tick picks up the rest (a
+    /// thread that exited or changed meanwhile is skipped).
+    fn make_tasks_idle(&mut self, cgroup: &JobCgroup) {
+        for pid in cgroup.pids() {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for tid in tasks
+                .flatten()
+                .filter_map(|t| t.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            {
+                if !self.idle_tids.insert(tid) {
+                    continue;
+                }
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sched_setscheduler reads a valid sched_param; the
+                // tid belongs to the job's own cgroup.
+                let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+                if rc != 0 {
+                    tracing::debug!(
+                        tid,
+                        error = %std::io::Error::last_os_error(),
+                        "SCHED_IDLE for a job thread failed"
+                    );
+                }
+            }
+        }
+        // Bound the memory of the set on jobs that churn threads.
+        if self.idle_tids.len() > 65_536 {
+            self.idle_tids.clear();
         }
     }
 
@@ -236,6 +281,7 @@ impl Monitor for BudgetMonitor {
             config.start_cores = config.start_cores.map(|s| s.min(cap));
         }
         self.cap = job.limits.cpu;
+        self.idle_tasks = job.limits.cpu_idle;
         self.controller = Some(Controller::new(config));
         if let Err(e) = self.steal.start(job) {
             tracing::warn!(job = %job.name, reason = %e, "no steal signal: the budget loop holds");
@@ -245,6 +291,9 @@ impl Monitor for BudgetMonitor {
     }
 
     fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+        if self.idle_tasks && self.controller.is_some() {
+            self.make_tasks_idle(ctx.cgroup);
+        }
         let Some(controller) = self.controller.as_mut() else {
             return Ok(());
         };
