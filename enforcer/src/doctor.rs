@@ -26,6 +26,10 @@ pub struct Report {
     /// `None` (JSON `null`) when no GPU can be used; `gpu_unavailable` says why.
     pub gpu: Option<GpuAvailability>,
     pub gpu_unavailable: Option<String>,
+    /// Which case `gpu_unavailable` is: `no_library`, `driver_not_loaded`,
+    /// `no_device`, `old_driver`, `no_permission`, `not_supported`,
+    /// `foreign_pid_namespace` or `error`.
+    pub gpu_unavailable_case: Option<&'static str>,
     /// Everything that stops the agent from doing its job, with the fix.
     pub problems: Vec<String>,
     pub ok: bool,
@@ -91,9 +95,19 @@ pub fn check() -> Report {
         Err("not attempted: missing CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN".to_owned())
     };
 
-    let (gpu, gpu_unavailable) = match gpu::probe() {
-        GpuAvailability::Unavailable { reason } => (None, Some(reason)),
-        available => (Some(available), None),
+    let (gpu, gpu_unavailable, gpu_unavailable_case) = match gpu::probe() {
+        GpuAvailability::Unavailable { reason } => {
+            (None, Some(reason.to_string()), Some(reason.case()))
+        }
+        available => match gpu::pid_namespace_check() {
+            // NVML works, but its host PIDs cannot be attributed to jobs.
+            Err(reason) => (
+                Some(available),
+                Some(reason.to_string()),
+                Some(reason.case()),
+            ),
+            Ok(()) => (Some(available), None, None),
+        },
     };
 
     let ok = problems.is_empty();
@@ -105,6 +119,7 @@ pub fn check() -> Report {
         privileges,
         gpu,
         gpu_unavailable,
+        gpu_unavailable_case,
         problems,
         ok,
     }

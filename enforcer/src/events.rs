@@ -94,7 +94,17 @@ impl EventSink {
 }
 
 async fn run_hook(hook: &str, json: &str, timeout: Duration) {
-    let child = tokio::process::Command::new("/bin/sh")
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    // SAFETY: setpriority is async-signal-safe; the closure touches no
+    // memory shared with the parent.
+    unsafe {
+        // The supervisor runs at a raised priority; its hooks must not.
+        cmd.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            Ok(())
+        });
+    }
+    let child = cmd
         .arg("-c")
         .arg(hook)
         .stdin(std::process::Stdio::piped())

@@ -26,10 +26,24 @@ pub enum Reason {
     Oom,
     /// The job was killed on request (a signal to the enforcer).
     Killed,
+    /// The job stayed over its GPU memory limit past the grace period.
+    #[serde(rename = "gpu_memory")]
+    GpuMemory,
 }
 
 pub const NO_TRAINING: &str = "no training workload to protect (use --protect PID)";
 pub const NO_GPU: &str = "GPU telemetry not collected";
+
+/// Fields whose `null` means "none" (no signal, no deadline fired, no quota
+/// set), not a metric this node could not provide.
+const NULL_MEANS_NONE: [&str; 6] = [
+    "signal",
+    "deadline_kill_latency_ms",
+    "cpu_quota_cores",
+    "memory_high_bytes",
+    "v2_cgroup_id",
+    "exit_code",
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -152,11 +166,7 @@ impl Report {
         for (k, v) in &map {
             if v.is_null()
                 && !self.unavailable.contains_key(k)
-                && k != "signal"
-                && k != "deadline_kill_latency_ms"
-                && k != "cpu_quota_cores"
-                && k != "memory_high_bytes"
-                && k != "v2_cgroup_id"
+                && !NULL_MEANS_NONE.contains(&k.as_str())
             {
                 self.unavailable
                     .insert(k.clone(), "not measured on this node".to_owned());

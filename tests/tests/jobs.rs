@@ -541,6 +541,9 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
         1,
         "threads differ in membership: {per_thread:?}"
     );
+    // Reap the target once the deadline killed it, as any parent would: the
+    // kernel frees a zombie's cgroup only then.
+    let _ = target.0.wait();
     let status = attach.0.wait().unwrap();
     assert_eq!(
         status.code(),
@@ -1026,19 +1029,25 @@ fn attach_tree_moves_existing_descendants_too() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(kids.len(), 2);
-    let out = run(&[
-        "attach",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--pid",
-        &pid.to_string(),
-        "--tree",
-        "--job",
-        &name,
-        "--timeout",
-        "1s",
-    ]);
-    assert_eq!(out.status.code(), Some(124));
+    let attach = enforcer()
+        .args([
+            "attach",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--pid",
+            &pid.to_string(),
+            "--tree",
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+        ])
+        .spawn()
+        .unwrap();
+    let mut attach = ChildGuard(attach);
+    let _ = target.0.wait();
+    let out = attach.0.wait().unwrap();
+    assert_eq!(out.code(), Some(124));
     // The deadline killed the whole tree: the shell and both children.
     for p in std::iter::once(pid).chain(kids) {
         assert!(
@@ -1047,5 +1056,56 @@ fn attach_tree_moves_existing_descendants_too() {
         );
     }
     let _ = target.0.wait();
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn a_frozen_job_still_dies_at_its_deadline() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("");
+    let name = unique_name("frozen");
+    let rep = s.path("report.json");
+    // The job freezes itself (as a GPU duty cycle would) with a spinner in
+    // it: v1 frozen tasks die only once thawed, v2 ones at once.
+    let script = format!(
+        "{w} spin 1 30 & sleep 0.3
+if grep -q ':freezer:' /proc/self/cgroup; then
+  j=$(grep ':freezer:' /proc/self/cgroup | cut -d: -f3)
+  echo FROZEN > /sys/fs/cgroup/freezer${{j%/main}}/freezer.state
+else
+  j=$(grep '^0::' /proc/self/cgroup | cut -d: -f3)
+  echo 1 > /sys/fs/cgroup${{j%/main}}/cgroup.freeze
+fi
+wait",
+        w = workload().display()
+    );
+    let t0 = Instant::now();
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--timeout",
+        "2s",
+        "--report",
+        rep.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "the frozen job outlived its deadline"
+    );
+    let r = report(&rep);
+    eprintln!(
+        "frozen job: cgroup empty {} ms after the deadline",
+        r["deadline_kill_latency_ms"]
+    );
+    assert_eq!(r["reason"], "deadline");
     assert_no_cgroup_left(&name);
 }

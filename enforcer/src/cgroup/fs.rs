@@ -24,6 +24,9 @@ use super::CgroupError;
 /// use it to prove nothing is written outside the subtree.
 pub const AUDIT_ENV: &str = "ENFORCER_AUDIT_CGROUP_WRITES";
 
+/// How long removing a cgroup waits for zombies of its tasks to be reaped.
+pub const RMDIR_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A handle on cgroupfs that can only modify paths below its owned roots.
 #[derive(Debug, Clone)]
 pub struct CgFs {
@@ -106,13 +109,26 @@ impl CgFs {
     pub fn rmdir(&self, path: &Path) -> Result<(), CgroupError> {
         self.check(path, "")?;
         Self::audit("rmdir", path);
-        match fs::remove_dir(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(CgroupError::Remove {
-                path: path.to_owned(),
-                source,
-            }),
+        // EBUSY while a killed task is still a zombie: the kernel unlinks
+        // it from its cgroup only when its parent reaps it. Retry briefly.
+        let start = std::time::Instant::now();
+        loop {
+            match fs::remove_dir(path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && start.elapsed() < RMDIR_BUSY_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(source) => {
+                    return Err(CgroupError::Remove {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
         }
     }
 }

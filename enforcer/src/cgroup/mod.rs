@@ -271,18 +271,29 @@ impl JobCgroup {
     /// that left the process tree (setsid, double fork), and returns once
     /// the cgroup is empty.
     pub fn kill(&self) -> Result<(), CgroupError> {
+        // A new round only for a task not yet signalled (forked meanwhile)
+        // or when the signalled ones are slow to go: re-freezing dying
+        // tasks every few hundred µs only slows their exit.
+        const RESIGNAL_AFTER: Duration = Duration::from_millis(20);
         let start = Instant::now();
         let mut rounds = 0;
+        let mut signalled = std::collections::BTreeSet::new();
+        let mut last_round: Option<Instant> = None;
         loop {
-            if self.pids().is_empty() {
+            let pids = self.pids();
+            if pids.is_empty() {
                 return Ok(());
             }
-            if rounds < 1000 {
+            let fresh = pids.iter().any(|p| !signalled.contains(p));
+            let stale = last_round.is_some_and(|t| t.elapsed() >= RESIGNAL_AFTER);
+            if (fresh || stale) && rounds < 1000 {
                 dispatch!(self, b => b.kill_round())?;
+                signalled.extend(pids);
+                last_round = Some(Instant::now());
                 rounds += 1;
             }
             // Tasks leave the cgroup as they finish exiting: poll briefly.
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_micros(250));
             if start.elapsed() > Duration::from_secs(5) {
                 return Err(CgroupError::NotEmpty {
                     path: self.path().to_owned(),

@@ -274,7 +274,13 @@ impl Backend for V1Job {
             && u.join("cgroup.kill").exists()
             && super::cgroup_kill_allowed()
         {
-            return self.fs.write(&u.join("cgroup.kill"), "1");
+            self.fs.write(&u.join("cgroup.kill"), "1")?;
+            // Tasks frozen by the v1 freezer (e.g. by a GPU duty cycle) die
+            // only once thawed.
+            if self.dir("freezer").is_some() {
+                self.freezer_v1(false)?;
+            }
+            return Ok(());
         }
         // Freeze so nothing forks while we kill; v1-frozen tasks die only
         // once thawed, so thaw right after. The caller repeats rounds until

@@ -23,10 +23,13 @@ use crate::{
     },
 };
 
-/// Move a running process into a job and enforce its limits and deadline
-/// (which starts now). Exit status as for `run`, except that the exit code
-/// of a process that is not our child cannot be read: 0 when it ends by
-/// itself.
+/// Move a running process into a job and enforce its limits and deadline.
+///
+/// The deadline starts now. Exit status as for `run`, except that the exit
+/// code of a process that is not our child cannot be read: 0 when it ends
+/// by itself. Refused (exit 2, nothing left behind): unknown PID, PID 1,
+/// kernel threads, the enforcer itself or its ancestors, the protected
+/// training process.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// The process to attach (all its threads).

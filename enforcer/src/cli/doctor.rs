@@ -82,14 +82,21 @@ fn write_text(out: &mut impl Write, r: &doctor::Report) -> std::io::Result<()> {
         p.cap_perfmon
     )?;
     match (&r.gpu, &r.gpu_unavailable) {
-        (Some(g), _) => writeln!(
+        (Some(g), None) => writeln!(
             out,
             "gpu         {}",
             serde_json::to_string(g).unwrap_or_default()
         )?,
+        (Some(g), Some(reason)) => writeln!(
+            out,
+            "gpu         {} but per-job telemetry unavailable: {}: {reason}",
+            serde_json::to_string(g).unwrap_or_default(),
+            r.gpu_unavailable_case.unwrap_or("error")
+        )?,
         (None, reason) => writeln!(
             out,
-            "gpu         null ({})",
+            "gpu         null ({}: {})",
+            r.gpu_unavailable_case.unwrap_or("error"),
             reason.as_deref().unwrap_or("unknown")
         )?,
     }

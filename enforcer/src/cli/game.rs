@@ -19,8 +19,10 @@ use crate::{
     units::{ByteSize, Cores, Dur},
 };
 
-/// Run one game of the current job under its own deadline. Exit status:
-/// CMD's own; 124 when the game deadline killed it; 137 on OOM; 2 usage;
+/// Run one game of the current job under its own deadline.
+///
+/// Run it from inside `enforcer run`. Exit status: CMD's own; 124 when the
+/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job);
 /// 125 enforcer failure.
 #[derive(Debug, Args)]
 pub struct GameArgs {

@@ -5,6 +5,7 @@ mod attach;
 mod config;
 mod doctor;
 mod game;
+mod gpu;
 pub mod meter;
 pub mod run;
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Check that this node can run the agent: kernel, cgroup mode and
     /// controllers, BTF, eBPF load and attach, privileges, NVML.
     Doctor(doctor::DoctorArgs),
+    /// Show NVML's view of the GPUs and their processes (with their
+    /// cgroups), or why GPU telemetry is unavailable on this node.
+    Gpu(gpu::GpuArgs),
     /// Measure, without enforcing anything, how much the tasks of existing
     /// cgroups steal from a training workload's scheduling (eBPF).
     Meter(meter::MeterArgs),
@@ -56,6 +60,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log);
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Gpu(args) => gpu::run(args),
         Command::Meter(args) => meter::run(args),
         Command::Run(args) => run::run(args),
         Command::Attach(args) => attach::run(args),

@@ -13,6 +13,7 @@ use clap::Args;
 use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Subtree},
     config::Config,
+    gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
     job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
     probe::{
         monitor::{StealMonitor, training_cgroup_dir},
@@ -71,6 +72,22 @@ pub struct JobArgs {
     /// Config file (default /etc/enforcer/enforcer.toml when it exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Cap on the job's GPU SM utilisation (e.g. `50%`; config
+    /// `gpu_util_limit`, default 80%): enforced by freezing the job for part
+    /// of each 100 ms period. `100%` measures without capping. Without an
+    /// NVIDIA GPU the report's `gpu` is null with the reason.
+    #[arg(long)]
+    pub gpu_util_limit: Option<Percent>,
+    /// GPU memory the job's processes may hold (e.g. `8GiB`; config
+    /// `gpu_memory_limit`): over it an event, and after a 2 s grace the job
+    /// is killed with `reason: gpu_memory`.
+    #[arg(long)]
+    pub gpu_memory_limit: Option<ByteSize>,
+    /// Run the job only this fraction of each 100 ms period (e.g. `50%`),
+    /// freezing it for the rest: a hard share of wall time for any job, GPU
+    /// or not (the mechanism behind the GPU cap, which may lower it further).
+    #[arg(long)]
+    pub duty_cycle: Option<Percent>,
     /// PID of the training workload to protect: the job's steal from its
     /// scheduling is measured with eBPF and held against the budget
     /// (overrides `training.pid`).
@@ -116,6 +133,8 @@ pub struct Plan {
     pub name: String,
     pub limits: Limits,
     pub supervision: Supervision,
+    pub gpu: GpuLimits,
+    pub duty_cycle: Option<RunFraction>,
 }
 
 impl Plan {
@@ -167,11 +186,41 @@ impl Plan {
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
         };
+        let gpu_util = args
+            .gpu_util_limit
+            .unwrap_or(config.gpu_util_limit)
+            .fraction();
+        if !(gpu_util > 0.0 && gpu_util <= 1.0) {
+            return Err(format!(
+                "--gpu-util-limit must be above 0% and at most 100%, not {}",
+                Percent::from_fraction(gpu_util)
+            ));
+        }
+        let duty_cycle = match args.duty_cycle.map(Percent::fraction) {
+            Some(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(format!(
+                    "--duty-cycle must be above 0% and at most 100%, not {}",
+                    Percent::from_fraction(f)
+                ));
+            }
+            f => f.map(RunFraction::new),
+        };
+        let gpu = GpuLimits {
+            // At 100 % the cap can never bind: measure only.
+            util_limit_pct: (gpu_util < 1.0).then_some(gpu_util * 100.0),
+            memory_limit_bytes: args
+                .gpu_memory_limit
+                .or(config.gpu_memory_limit)
+                .map(|b| b.0),
+            ..GpuLimits::default()
+        };
         Ok(Plan {
             config,
             name,
             limits,
             supervision,
+            gpu,
+            duty_cycle,
         })
     }
 }
@@ -210,9 +259,10 @@ pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
 
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
-/// the report's `unavailable` reasons) and, with a training workload, the
-/// budget loop fed by it; `progress` is the training's progress tracker
-/// learned before the job ([`crate::budget::learn_before_job`]).
+/// the report's `unavailable` reasons), with a training workload the budget
+/// loop fed by it (`progress` is the training's progress tracker learned
+/// before the job, [`crate::budget::learn_before_job`]), and the GPU guard
+/// (null-safe too).
 pub fn job_monitors(
     plan: &Plan,
     args: &JobArgs,
@@ -242,6 +292,9 @@ pub fn job_monitors(
             progress,
         )));
     }
+    // The GPU guard and duty cycle (games run inside a job that already has
+    // them).
+    monitors.push(Box::new(GpuMonitor::new(plan.gpu, plan.duty_cycle)));
     monitors
 }
 

@@ -1,8 +1,114 @@
-//! GPU telemetry through NVML. A node without a GPU, without the NVML
-//! library, or with a driver too old for a call is a normal case: every
-//! reading is then `None` with the reason, never a panic.
+//! GPU guard: NVML telemetry per job, a utilisation cap enforced by
+//! duty-cycling the job's freezer, and a GPU memory limit.
+//!
+//! A node without a GPU, without the NVML library, with a driver too old for
+//! a call, or without permission is a normal case: every reading is then
+//! `None` with the reason ([`Unavailable`]), never a panic.
+//!
+//! - [`source`]: the [`GpuSource`] trait (devices, per-process memory and SM
+//!   samples) and its one production implementation over NVML;
+//! - [`synthetic`]: a scripted source for tests and for replaying recordings;
+//! - [`attribution`]: which NVML PIDs belong to a job (by cgroup membership)
+//!   and the per-device aggregate that goes into the job's report;
+//! - [`cap`]: the utilisation-cap controller and the GPU memory guard, pure
+//!   state machines;
+//! - [`duty`]: the generic freezer duty-cycle driver (not GPU specific: it
+//!   runs any cgroup for a fraction of each period);
+//! - [`guard`]: one job's GPU guard per control tick, tying the above together;
+//! - [`monitor`]: the guard as a job supervisor monitor (`enforcer run`);
+//! - [`metrics`]: Prometheus text exposition of the numbers.
+
+pub mod attribution;
+pub mod cap;
+pub mod duty;
+pub mod guard;
+pub mod metrics;
+pub mod monitor;
+pub mod source;
+pub mod synthetic;
 
 use serde::Serialize;
+
+pub use source::{DeviceSample, GpuError, GpuSource, NvmlSource, ProcessSample};
+
+/// Why GPU telemetry cannot be used, by case: doctor and reports name the
+/// case so an operator knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "case", rename_all = "snake_case")]
+pub enum Unavailable {
+    /// `libnvidia-ml.so.1` cannot be loaded: no NVIDIA driver installed.
+    #[error("NVML library (libnvidia-ml.so.1) not found: no NVIDIA driver on this node ({detail})")]
+    NoLibrary { detail: String },
+    /// The library is there but the kernel module is not loaded.
+    #[error("the NVIDIA kernel driver is not loaded")]
+    DriverNotLoaded,
+    /// NVML works and sees no device.
+    #[error("NVML loaded (driver {driver}) but reports no GPU")]
+    NoDevice { driver: String },
+    /// The installed driver's NVML lacks a function the guard calls.
+    #[error("the NVIDIA driver is too old: NVML lacks {symbol}")]
+    OldDriver { symbol: String },
+    /// The driver refused the call to this user.
+    #[error("no permission for NVML {call} (run as root or fix /dev/nvidia* permissions)")]
+    NoPermission { call: String },
+    /// The device does not support the call (e.g. per-process utilisation
+    /// on some consumer or MIG-partitioned GPUs).
+    #[error("the GPU does not support NVML {call}")]
+    NotSupported { call: String },
+    /// NVML reports host PIDs; from inside another PID namespace they name
+    /// different processes (or none), so they cannot be attributed to jobs.
+    #[error(
+        "the agent runs in a non-initial PID namespace ({namespace}): NVML reports host PIDs, \
+         which cannot be mapped to job processes from here"
+    )]
+    ForeignPidNamespace { namespace: String },
+    /// Anything else NVML said.
+    #[error("NVML {call} failed: {detail}")]
+    Other { call: String, detail: String },
+}
+
+impl Unavailable {
+    /// The short case name (`no_library`, `old_driver`, ...).
+    pub fn case(&self) -> &'static str {
+        match self {
+            Unavailable::NoLibrary { .. } => "no_library",
+            Unavailable::DriverNotLoaded => "driver_not_loaded",
+            Unavailable::NoDevice { .. } => "no_device",
+            Unavailable::OldDriver { .. } => "old_driver",
+            Unavailable::NoPermission { .. } => "no_permission",
+            Unavailable::NotSupported { .. } => "not_supported",
+            Unavailable::ForeignPidNamespace { .. } => "foreign_pid_namespace",
+            Unavailable::Other { .. } => "error",
+        }
+    }
+
+    /// Classifies an NVML error returned by `call`.
+    pub fn from_nvml(call: &str, e: &nvml_wrapper::error::NvmlError) -> Self {
+        use nvml_wrapper::error::NvmlError;
+        match e {
+            NvmlError::LibloadingError(inner) => Unavailable::NoLibrary {
+                detail: inner.to_string(),
+            },
+            NvmlError::DriverNotLoaded => Unavailable::DriverNotLoaded,
+            NvmlError::NoPermission => Unavailable::NoPermission {
+                call: call.to_owned(),
+            },
+            NvmlError::FailedToLoadSymbol(sym) => Unavailable::OldDriver {
+                symbol: format!("{call} ({sym})"),
+            },
+            NvmlError::FunctionNotFound => Unavailable::OldDriver {
+                symbol: call.to_owned(),
+            },
+            NvmlError::NotSupported => Unavailable::NotSupported {
+                call: call.to_owned(),
+            },
+            other => Unavailable::Other {
+                call: call.to_owned(),
+                detail: other.to_string(),
+            },
+        }
+    }
+}
 
 /// What NVML says about this node.
 #[derive(Debug, Clone, Serialize)]
@@ -13,7 +119,8 @@ pub enum GpuAvailability {
         devices: Vec<GpuDevice>,
     },
     Unavailable {
-        reason: String,
+        #[serde(flatten)]
+        reason: Unavailable,
     },
 }
 
@@ -24,56 +131,80 @@ pub struct GpuDevice {
     pub memory_total_bytes: u64,
 }
 
-/// Probes NVML once. Never panics: any failure becomes `Unavailable`.
+/// Probes NVML once, including every call the guard makes per tick on each
+/// device, so that a driver too old for one of them or a permission problem
+/// is found here rather than mid-job. Never panics: any failure becomes
+/// `Unavailable` with its case.
 pub fn probe() -> GpuAvailability {
-    let nvml = match nvml_wrapper::Nvml::init() {
-        Ok(n) => n,
-        Err(e) => {
-            return GpuAvailability::Unavailable {
-                reason: describe_init_error(&e),
-            };
-        }
-    };
-    let driver = nvml
-        .sys_driver_version()
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    let count = match nvml.device_count() {
-        Ok(0) => {
-            return GpuAvailability::Unavailable {
-                reason: format!("NVML loaded (driver {driver}) but reports no GPU"),
-            };
-        }
-        Ok(c) => c,
-        Err(e) => {
-            return GpuAvailability::Unavailable {
-                reason: format!("NVML could not count devices: {e}"),
-            };
-        }
-    };
-    let devices = (0..count)
-        .filter_map(|i| {
-            let d = nvml.device_by_index(i).ok()?;
-            Some(GpuDevice {
-                index: i,
-                name: d.name().unwrap_or_else(|e| format!("unknown ({e})")),
-                memory_total_bytes: d.memory_info().map(|m| m.total).unwrap_or(0),
-            })
-        })
-        .collect();
-    GpuAvailability::Available { driver, devices }
+    match NvmlSource::init() {
+        Ok(mut src) => match src.self_check() {
+            Ok((driver, devices)) => GpuAvailability::Available { driver, devices },
+            Err(e) => GpuAvailability::Unavailable { reason: e.reason },
+        },
+        Err(e) => GpuAvailability::Unavailable { reason: e.reason },
+    }
 }
 
-fn describe_init_error(e: &nvml_wrapper::error::NvmlError) -> String {
-    use nvml_wrapper::error::NvmlError;
-    match e {
-        NvmlError::LibloadingError(inner) => format!(
-            "NVML library (libnvidia-ml.so.1) not found: no NVIDIA driver on this node ({inner})"
-        ),
-        NvmlError::DriverNotLoaded => "the NVIDIA kernel driver is not loaded".to_owned(),
-        NvmlError::NoPermission => "no permission to talk to the NVIDIA driver".to_owned(),
-        NvmlError::FailedToLoadSymbol(sym) => {
-            format!("the NVIDIA driver is too old: NVML lacks symbol {sym}")
+/// Whether this process sees host PIDs, which is what NVML reports: true in
+/// the initial PID namespace, whose `/proc/self/ns/pid` inode is the kernel's
+/// fixed `PROC_PID_INIT_INO`.
+pub fn pid_namespace_check() -> Result<(), Unavailable> {
+    /// `PROC_PID_INIT_INO` in include/linux/proc_ns.h.
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    let link = std::fs::read_link("/proc/self/ns/pid");
+    match link {
+        Ok(target) => {
+            let text = target.to_string_lossy().into_owned();
+            if text == format!("pid:[{PROC_PID_INIT_INO}]") {
+                Ok(())
+            } else {
+                Err(Unavailable::ForeignPidNamespace { namespace: text })
+            }
         }
-        other => format!("NVML failed to initialise: {other}"),
+        // Without /proc/self/ns (very old kernels) there is no telling; the
+        // cgroup check in attribution still refuses PIDs of other jobs.
+        Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_without_libnvidia_ml_becomes_no_library_reason_not_a_panic() {
+        // This development machine has no NVIDIA driver: NVML cannot load.
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            eprintln!("SKIPPED: this machine has an NVIDIA driver");
+            return;
+        }
+        match probe() {
+            GpuAvailability::Unavailable { reason } => {
+                assert_eq!(reason.case(), "no_library", "{reason}");
+                assert!(reason.to_string().contains("libnvidia-ml.so.1"));
+                let json = serde_json::to_value(GpuAvailability::Unavailable { reason }).unwrap();
+                assert_eq!(json["status"], "unavailable");
+                assert_eq!(json["case"], "no_library");
+            }
+            GpuAvailability::Available { .. } => {
+                panic!("NVML loaded on a machine without a driver")
+            }
+        }
+    }
+
+    #[test]
+    fn nvml_errors_are_classified_by_case() {
+        use nvml_wrapper::error::NvmlError;
+        let c = |e: NvmlError| Unavailable::from_nvml("nvmlDeviceGetProcessUtilization", &e);
+        assert_eq!(
+            c(NvmlError::FailedToLoadSymbol("undefined symbol".into())).case(),
+            "old_driver"
+        );
+        assert_eq!(c(NvmlError::NoPermission).case(), "no_permission");
+        assert_eq!(c(NvmlError::DriverNotLoaded).case(), "driver_not_loaded");
+        assert_eq!(c(NvmlError::NotSupported).case(), "not_supported");
+        assert_eq!(c(NvmlError::GpuLost).case(), "error");
+        let old = c(NvmlError::FailedToLoadSymbol("x".into()));
+        assert!(old.to_string().contains("nvmlDeviceGetProcessUtilization"));
     }
 }

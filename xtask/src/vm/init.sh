@@ -15,7 +15,10 @@ must mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 must mount -t devpts devpts /dev/pts
 must mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-must mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays on the root filesystem (the initramfs is already a tmpfs): a
+# mount over it would hide the test helpers when the workspace, and so their
+# CARGO_BIN_EXE_* paths, lie under /tmp.
+chmod 1777 /tmp
 must mount -t tmpfs tmpfs /run
 must mount -t cgroup2 cgroup2 /sys/fs/cgroup
 must mount -t bpf bpf /sys/fs/bpf
@@ -40,7 +43,8 @@ mark "controllers $(cat /sys/fs/cgroup/cgroup.controllers)"
 mark "subtree_control $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 [ -e /sys/kernel/btf/vmlinux ] && mark "btf yes" || mark "btf no"
 
-export ENFORCER_BIN=/bin/enforcer RUST_BACKTRACE=1 HOME=/root TMPDIR=/tmp
+# NO_COLOR/TERM: the console log is read as text, not through a terminal.
+export ENFORCER_BIN=/bin/enforcer RUST_BACKTRACE=1 HOME=/root TMPDIR=/tmp NO_COLOR=1 TERM=dumb
 mkdir -p /root
 cd /tmp
 

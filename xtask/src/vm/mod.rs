@@ -442,8 +442,16 @@ fn build_initramfs(
             .path
             .to_str()
             .with_context(|| format!("helper path {} is not UTF-8", h.path.display()))?;
+        if ["/proc/", "/sys/", "/dev/", "/run/"]
+            .iter()
+            .any(|m| path.starts_with(m))
+        {
+            bail!("helper {path} lies under a filesystem the VM's init mounts over");
+        }
         let exe = stripped(&h.path, &staging, &format!("helper-{}", h.name))?;
         a.add_file(path, &exe, true)?;
+        // ...and on PATH, beside /bin/enforcer.
+        a.add(&format!("bin/{}", h.name), Node::Symlink(path.to_owned()))?;
     }
     a.write_gz(dest)?;
     std::fs::remove_dir_all(&staging)?;
