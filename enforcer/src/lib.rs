@@ -5,12 +5,14 @@
 //! The modules follow the architecture:
 //! - [`cgroup`]: the cgroup v2 and v1/hybrid backends behind one interface;
 //! - [`probe`]: loading the embedded eBPF programs and reading their maps;
+//! - [`budget`]: the steal-budget controller and the training progress reader;
 //! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
 //! - [`config`], [`units`]: the config file and typed units;
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
 //! - [`cli`]: the command line, one file per subcommand.
 
+pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

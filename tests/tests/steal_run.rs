@@ -94,7 +94,7 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
     let mut run = enforcer()
         .args(["run", "--config"])
         .arg(s.config())
-        .args(["--no-idle", "--protect"])
+        .args(["--no-idle", "--measure-only", "--protect"])
         .arg(training.0.id().to_string())
         .args([
             "--budget",

@@ -102,7 +102,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
         &guard.0,
         &plan.supervision,
         job::Target::Attached(args.pid),
-        job_monitors(&plan, &args.job),
+        job_monitors(&plan, &args.job, None),
         signals,
         started,
         SystemTime::now(),

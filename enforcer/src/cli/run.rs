@@ -101,6 +101,11 @@ pub struct JobArgs {
     /// may take, e.g. `5%` (overrides `budget`).
     #[arg(long)]
     pub budget: Option<Percent>,
+    /// With `--protect`: measure the job's steal against the budget but do
+    /// not hold it (no dynamic quota, no freeze; the job keeps its static
+    /// limits).
+    #[arg(long)]
+    pub measure_only: bool,
     /// Print a one-line live status on stderr once a second: stolen
     /// fraction over 1 s, 10 s and the job, the budget, the job's CPU use.
     #[arg(long)]
@@ -254,8 +259,15 @@ pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
 
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
-/// the report's `unavailable` reasons) and the GPU guard (null-safe too).
-pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
+/// the report's `unavailable` reasons), with a training workload the budget
+/// loop fed by it (`progress` is the training's progress tracker learned
+/// before the job, [`crate::budget::learn_before_job`]), and the GPU guard
+/// (null-safe too).
+pub fn job_monitors(
+    plan: &Plan,
+    args: &JobArgs,
+    progress: Option<crate::budget::ProgressTracker>,
+) -> Vec<Box<dyn Monitor>> {
     let t = &plan.config.training;
     let training = match (t.pid, &t.cgroup) {
         (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
@@ -266,11 +278,20 @@ pub fn job_monitors(plan: &Plan, args: &JobArgs) -> Vec<Box<dyn Monitor>> {
         (None, None) => None,
     };
     let mut monitors = default_monitors(&plan.config);
-    monitors.push(Box::new(StealMonitor::new(
-        training,
-        plan.config.budget.fraction(),
-        args.progress,
-    )));
+    let feed = crate::budget::StealFeed::new();
+    let protect = training.is_some();
+    // The steal monitor ticks first: the loop reads this tick's counters.
+    monitors.push(Box::new(
+        StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
+            .with_feed(feed.clone()),
+    ));
+    if protect && !args.measure_only {
+        monitors.push(Box::new(crate::budget::BudgetMonitor::for_job(
+            &plan.config,
+            feed,
+            progress,
+        )));
+    }
     // The GPU guard and duty cycle (games run inside a job that already has
     // them).
     monitors.push(Box::new(GpuMonitor::new(plan.gpu, plan.duty_cycle)));
@@ -403,6 +424,10 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         Err(code) => return code,
     };
     let guard = &started_job.guard;
+    // With a training progress file, its job-free step rate is learned now,
+    // before the command starts (a few seconds, blocking: nothing else runs
+    // yet).
+    let progress = crate::budget::learn_before_job(&plan.config);
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
@@ -427,7 +452,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         &guard.0,
         &plan.supervision,
         job::Target::Spawned(child),
-        job_monitors(&plan, &args.job),
+        job_monitors(&plan, &args.job, progress),
         signals,
         started,
         started_wall,

@@ -104,6 +104,8 @@ pub struct StealMonitor {
     budget: f64,
     progress: bool,
     state: State,
+    /// Hands each tick's counters to the budget loop (one meter for both).
+    feed: Option<crate::budget::StealFeed>,
 }
 
 impl StealMonitor {
@@ -116,12 +118,33 @@ impl StealMonitor {
             budget,
             progress,
             state: State::NotStarted,
+            feed: None,
         }
+    }
+
+    /// Publishes the job's cumulative counters to `feed` every tick (and
+    /// why there are none, when the meter is unavailable).
+    pub fn with_feed(mut self, feed: crate::budget::StealFeed) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     fn unavailable(&mut self, reason: String) {
         tracing::warn!("steal not measured: {reason}; the job's limits are still enforced");
+        if let Some(feed) = &self.feed {
+            feed.publish(Err(reason.clone()));
+        }
         self.state = State::Unavailable(reason);
+    }
+
+    fn publish(&self, snap: &StealSnapshot) {
+        if let Some(feed) = &self.feed {
+            let (steal, _) = steal_of(snap);
+            feed.publish(Ok(crate::budget::StealCounters {
+                steal: Duration::from_nanos(steal),
+                training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
+            }));
+        }
     }
 }
 
@@ -139,6 +162,9 @@ impl Monitor for StealMonitor {
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         let Some(training) = self.training.clone() else {
             // The report's default reason (no training workload) stands.
+            if let Some(feed) = &self.feed {
+                feed.publish(Err(crate::report::NO_TRAINING.to_owned()));
+            }
             self.state = State::Unavailable(crate::report::NO_TRAINING.to_owned());
             return Ok(());
         };
@@ -174,6 +200,7 @@ impl Monitor for StealMonitor {
                 return Ok(());
             }
         };
+        self.publish(&first);
         let mut window = StealWindow::new(self.budget);
         let (steal, _) = steal_of(&first);
         window.push(first.at, steal, first.training.on_cpu_ns);
@@ -197,10 +224,23 @@ impl Monitor for StealMonitor {
         let State::Running(run) = &mut self.state else {
             return Ok(());
         };
-        let snap = run
-            .meter
-            .read()
-            .map_err(|e| MonitorError::new(format!("reading the steal probes: {e}")))?;
+        let snap = match run.meter.read() {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("reading the steal probes: {e}");
+                if let Some(feed) = &self.feed {
+                    feed.publish(Err(reason.clone()));
+                }
+                return Err(MonitorError::new(reason));
+            }
+        };
+        if let Some(feed) = &self.feed {
+            let (steal, _) = steal_of(&snap);
+            feed.publish(Ok(crate::budget::StealCounters {
+                steal: Duration::from_nanos(steal),
+                training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
+            }));
+        }
         let (steal, _) = steal_of(&snap);
         match run.window.push(snap.at, steal, snap.training.on_cpu_ns) {
             Some(BudgetEvent::Exceeded { fraction }) => ctx.emit(Event::new(

@@ -1,0 +1,1005 @@
+//! The per-job budget controller: a pure state machine that turns what was
+//! measured about one evaluation job (the training's time stolen by it, the
+//! training's true slowdown, the job's own CPU use) into CPU controls for the
+//! job's cgroup.
+//!
+//! It owns no file, no clock and no cgroup: the supervisor feeds it
+//! [`Observation`]s with a timestamp and applies the [`Decision`]s it returns
+//! (see [`super::actuator`]). That keeps every rule testable on synthetic or
+//! recorded signals, and lets `cargo xtask bench contention` drive the very
+//! same code (this file depends on `std` only; xtask includes it by path).
+//!
+//! The policy, in the order it is applied each control period:
+//! - the job runs in the idle scheduling class (unless configured off) and
+//!   starts under a quota of [`ControllerConfig::start_cores`];
+//! - the signal is the stolen fraction over the recent window, but never over
+//!   samples older than the last change (a tightening is judged on what
+//!   happened after it, not before), and the true slowdown when the training
+//!   progress file gives one;
+//! - over budget: the quota shrinks multiplicatively (halved when far over),
+//!   from the job's measured use when that is below the quota, never below the
+//!   floor;
+//! - under the relax threshold and after a hold-off since the last tightening:
+//!   the quota grows by a fixed step; past the node's CPU count it is removed;
+//! - at the floor, still over budget on the job's own steal for a sustained
+//!   time (the last resort): the job is frozen, long enough that the steal
+//!   averaged over the run at the floor and the freeze lands at the relax
+//!   threshold (bounded), then thawed at the floor. Slowdown alone never
+//!   freezes: it is not attributed to this job.
+//!
+//! The training process is never touched: every output is a control on the
+//! job's cgroup.
+
+use std::{collections::VecDeque, fmt, time::Duration, time::Instant};
+
+/// Cumulative counters for one job, as read from the steal meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StealCounters {
+    /// Training run-queue wait attributed to this job, since the job started.
+    pub steal: Duration,
+    /// Training on-CPU time over the same span.
+    pub training_on_cpu: Duration,
+}
+
+/// What was measured at one control period.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Observation {
+    /// Cumulative steal counters; `None` when the meter gave nothing.
+    pub steal: Option<StealCounters>,
+    /// Cumulative CPU time used by the job's cgroup; lets a tightening start
+    /// from what the job really uses when the quota is not binding.
+    pub job_cpu: Option<Duration>,
+    /// True slowdown of the training (1 − rate ÷ baseline) from its progress
+    /// file; `None` when unavailable (no file, stale, no baseline yet).
+    pub training_slowdown: Option<f64>,
+}
+
+/// The CPU limit on the job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quota {
+    Unlimited,
+    /// CPU time per wall time, in cores (0.5 = half of one CPU).
+    Cores(f64),
+}
+
+impl Quota {
+    /// The quota in cores, `None` when unlimited (the form the cgroup handle
+    /// takes).
+    pub fn cores(self) -> Option<f64> {
+        match self {
+            Quota::Unlimited => None,
+            Quota::Cores(c) => Some(c),
+        }
+    }
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Quota::Unlimited => f.write_str("unlimited"),
+            Quota::Cores(c) => write!(f, "{c:.2} cores"),
+        }
+    }
+}
+
+/// The full set of CPU controls the controller wants on the job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuControls {
+    pub idle: bool,
+    pub quota: Quota,
+    pub frozen: bool,
+}
+
+/// Which measurement drove a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Steal,
+    Slowdown,
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signal::Steal => "stolen fraction",
+            Signal::Slowdown => "training slowdown",
+        })
+    }
+}
+
+/// Why the controls changed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason {
+    /// The job starts: idle class and the start quota.
+    Start,
+    /// Over budget: the quota shrank.
+    Tighten { signal: Signal, value: f64 },
+    /// Under the relax threshold after the hold-off: the quota grew.
+    Relax { signal: Signal, value: f64 },
+    /// The quota grew past the node's CPUs: removed.
+    Unlimit { signal: Signal, value: f64 },
+    /// At the floor, still over budget for a sustained time: frozen for
+    /// `length`.
+    Freeze {
+        value: f64,
+        over_for: Duration,
+        length: Duration,
+    },
+    /// The freeze ran its time; the job resumes at the floor.
+    Thaw { frozen_for: Duration },
+}
+
+/// A change of the job's CPU controls, with the reason, for the actuator, the
+/// event stream and the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub controls: CpuControls,
+    pub previous: CpuControls,
+    pub reason: Reason,
+    /// The budget the decision was taken against (fraction).
+    pub budget: f64,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (from, to) = (self.previous.quota, self.controls.quota);
+        let pct = |v: f64| v * 100.0;
+        let budget = pct(self.budget);
+        match self.reason {
+            Reason::Start => write!(
+                f,
+                "job starts in the {} class with quota {to}",
+                if self.controls.idle { "idle" } else { "normal" }
+            ),
+            Reason::Tighten { signal, value } => write!(
+                f,
+                "{signal} {:.1}% over budget {budget:.1}%: quota {from} -> {to}",
+                pct(value)
+            ),
+            Reason::Relax { signal, value } => write!(
+                f,
+                "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> {to}",
+                pct(value)
+            ),
+            Reason::Unlimit { signal, value } => write!(
+                f,
+                "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> unlimited",
+                pct(value)
+            ),
+            Reason::Freeze {
+                value,
+                over_for,
+                length,
+            } => write!(
+                f,
+                "stolen fraction {:.1}% still over budget {budget:.1}% at the floor quota {to} for {:.1}s: job frozen for {:.1}s",
+                pct(value),
+                over_for.as_secs_f64(),
+                length.as_secs_f64()
+            ),
+            Reason::Thaw { frozen_for } => write!(
+                f,
+                "job thawed after {:.1}s frozen, at quota {to}",
+                frozen_for.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// Tuning of the controller. The defaults come from measurements on a
+/// 2-vCPU node (BRIEF §3): idle class plus about one core of quota held
+/// training slowdown at 0–3 %, smaller quotas throttle in bursts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerConfig {
+    /// The budget on the stolen fraction and the slowdown, as a fraction.
+    pub budget: f64,
+    /// Put the job in the idle scheduling class.
+    pub idle: bool,
+    /// CPUs of the node: quotas at or above it mean unlimited.
+    pub max_cores: f64,
+    /// Quota the job starts with; `None` starts unlimited.
+    pub start_cores: Option<f64>,
+    /// The quota never goes below this, so evaluation always progresses.
+    pub floor_cores: f64,
+    /// The signal window: the stolen fraction is taken over at most this much
+    /// recent history.
+    pub window: Duration,
+    /// A fraction over less than this span (after a change) is not judged.
+    pub min_span: Duration,
+    /// Training on-CPU plus steal in the window below which the fraction
+    /// means nothing (the training was idle): no decision.
+    pub min_training_time: Duration,
+    /// Multiplicative decrease when over budget...
+    pub decrease: f64,
+    /// ...and when over `2 × budget`.
+    pub decrease_far: f64,
+    /// Relax only while the signal is below `relax_below × budget`; between
+    /// that and the budget the quota holds (a dead band against sawtooth).
+    pub relax_below: f64,
+    /// Additive increase per relax step, in cores.
+    pub increase_cores: f64,
+    /// Minimum time between two relax steps.
+    pub increase_interval: Duration,
+    /// No relax for this long after a tightening.
+    pub hold_off: Duration,
+    /// Slowdown is measured over seconds: it may tighten at most this often,
+    /// so that one slow reading does not drive the quota to the floor.
+    pub slowdown_interval: Duration,
+    /// Freeze when the stolen fraction at the floor stays above
+    /// `freeze_above × budget`...
+    pub freeze_above: f64,
+    /// ...for this long.
+    pub freeze_after: Duration,
+    /// A freeze lasts long enough that the steal averaged over the run at
+    /// the floor and the freeze lands at the relax threshold, within these
+    /// bounds; then the job is thawed at the floor.
+    pub freeze_min: Duration,
+    pub freeze_max: Duration,
+}
+
+impl ControllerConfig {
+    /// Defaults for a node with `cpus` CPUs and the given budget fraction.
+    pub fn new(budget: f64, cpus: f64) -> Self {
+        let cpus = cpus.max(1.0);
+        let floor = 0.1;
+        Self {
+            budget,
+            idle: true,
+            max_cores: cpus,
+            start_cores: Some((cpus / 2.0).max(1.0).min(cpus).max(floor)),
+            floor_cores: floor,
+            window: Duration::from_secs(1),
+            min_span: Duration::from_millis(200),
+            min_training_time: Duration::from_millis(20),
+            decrease: 0.75,
+            decrease_far: 0.5,
+            relax_below: 0.6,
+            increase_cores: 0.05,
+            increase_interval: Duration::from_millis(250),
+            hold_off: Duration::from_secs(1),
+            slowdown_interval: Duration::from_secs(2),
+            freeze_above: 1.0,
+            freeze_after: Duration::from_secs(2),
+            freeze_min: Duration::from_millis(500),
+            freeze_max: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    steal: Option<StealCounters>,
+    job_cpu: Option<Duration>,
+}
+
+/// The controller for one job. Create it when the job starts, apply
+/// [`Controller::start`], then call [`Controller::step`] every control period.
+#[derive(Debug)]
+pub struct Controller {
+    config: ControllerConfig,
+    controls: CpuControls,
+    samples: VecDeque<Sample>,
+    last_change: Option<Instant>,
+    last_tighten: Option<Instant>,
+    last_slowdown_tighten: Option<Instant>,
+    over_at_floor_since: Option<Instant>,
+    frozen_at: Option<Instant>,
+    freeze_for: Duration,
+    last_fraction: Option<f64>,
+}
+
+impl Controller {
+    pub fn new(config: ControllerConfig) -> Self {
+        let quota = match config.start_cores {
+            Some(c) if c < config.max_cores => Quota::Cores(c.max(config.floor_cores)),
+            _ => Quota::Unlimited,
+        };
+        let controls = CpuControls {
+            idle: config.idle,
+            quota,
+            frozen: false,
+        };
+        Self {
+            config,
+            controls,
+            samples: VecDeque::new(),
+            last_change: None,
+            last_tighten: None,
+            last_slowdown_tighten: None,
+            over_at_floor_since: None,
+            frozen_at: None,
+            freeze_for: Duration::ZERO,
+            last_fraction: None,
+        }
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// The controls currently asked for.
+    pub fn controls(&self) -> CpuControls {
+        self.controls
+    }
+
+    /// The stolen fraction the last step judged (over the recent window, not
+    /// older than the last change); `None` when there was no usable signal.
+    pub fn last_stolen_fraction(&self) -> Option<f64> {
+        self.last_fraction
+    }
+
+    /// The controls to apply when the job starts.
+    pub fn start(&mut self, now: Instant) -> Decision {
+        self.last_change = Some(now);
+        let unset = CpuControls {
+            idle: false,
+            quota: Quota::Unlimited,
+            frozen: false,
+        };
+        Decision {
+            controls: self.controls,
+            previous: unset,
+            reason: Reason::Start,
+            budget: self.config.budget,
+        }
+    }
+
+    /// One control period: record `obs` taken at `now`, return the change to
+    /// apply, if any.
+    pub fn step(&mut self, obs: Observation, now: Instant) -> Option<Decision> {
+        self.record(obs, now);
+        let fraction = self.stolen_fraction(now);
+        self.last_fraction = fraction;
+
+        if let Some(frozen_at) = self.frozen_at {
+            let frozen_for = now.saturating_duration_since(frozen_at);
+            if frozen_for < self.freeze_for {
+                return None;
+            }
+            self.frozen_at = None;
+            self.over_at_floor_since = None;
+            // The signal window must not judge the thawed job on the frozen
+            // span, and the relax hold-off starts again.
+            self.last_tighten = Some(now);
+            return Some(self.change(now, |c| c.frozen = false, Reason::Thaw { frozen_for }));
+        }
+
+        let slowdown = obs.training_slowdown.filter(|s| s.is_finite());
+        // The strongest of the two signals decides; slowdown may tighten only
+        // once per `slowdown_interval` because it lags by its own window.
+        let steal_over = fraction.is_some_and(|f| f > self.config.budget);
+        let slowdown_can_tighten = self
+            .last_slowdown_tighten
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
+        let slowdown_over = slowdown.is_some_and(|s| s > self.config.budget);
+
+        if steal_over || (slowdown_over && slowdown_can_tighten) {
+            let (signal, value) = match (fraction, slowdown) {
+                (Some(f), Some(s)) if slowdown_can_tighten && s > f => (Signal::Slowdown, s),
+                (Some(f), _) if steal_over => (Signal::Steal, f),
+                (_, Some(s)) => (Signal::Slowdown, s),
+                (Some(f), None) => (Signal::Steal, f),
+                (None, None) => return None,
+            };
+            return self.over_budget(now, signal, value, fraction);
+        }
+        self.over_at_floor_since = None;
+
+        // Under budget on every available signal: relax if comfortably under.
+        let (signal, value) = match (fraction, slowdown) {
+            (Some(f), Some(s)) if s > f => (Signal::Slowdown, s),
+            (Some(f), _) => (Signal::Steal, f),
+            // Without the steal signal the loop holds: slowdown alone is too
+            // slow and too noisy to grow the quota on.
+            (None, _) => return None,
+        };
+        if value >= self.config.relax_below * self.config.budget {
+            return None;
+        }
+        let held_off = self
+            .last_tighten
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.hold_off);
+        let spaced = self
+            .last_change
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.increase_interval);
+        if !held_off || !spaced {
+            return None;
+        }
+        match self.controls.quota {
+            Quota::Unlimited => None,
+            Quota::Cores(q) => {
+                let next = q + self.config.increase_cores;
+                if next >= self.config.max_cores {
+                    Some(self.change(
+                        now,
+                        |c| c.quota = Quota::Unlimited,
+                        Reason::Unlimit { signal, value },
+                    ))
+                } else {
+                    Some(self.change(
+                        now,
+                        |c| c.quota = Quota::Cores(next),
+                        Reason::Relax { signal, value },
+                    ))
+                }
+            }
+        }
+    }
+
+    fn over_budget(
+        &mut self,
+        now: Instant,
+        signal: Signal,
+        value: f64,
+        fraction: Option<f64>,
+    ) -> Option<Decision> {
+        let cfg = &self.config;
+        let current = match self.controls.quota {
+            Quota::Unlimited => cfg.max_cores,
+            Quota::Cores(q) => q,
+        };
+        // A quota above what the job uses does not bind: shrinking it would
+        // change nothing for several periods. Start from the use instead,
+        // but never more than two far steps at once: a job that is still
+        // starting up uses little and would land on the floor.
+        let base = self.job_cores(now).map_or(current, |u| u.min(current));
+        let factor = if value > 2.0 * cfg.budget {
+            cfg.decrease_far
+        } else {
+            cfg.decrease
+        };
+        let lowest = current * cfg.decrease_far * cfg.decrease_far;
+        let mut next = (base * factor).max(lowest).max(cfg.floor_cores);
+        // A step that would stop just above the floor goes to it: no
+        // near-no-op change (0.105 -> 0.100) worth an event.
+        if next < cfg.floor_cores * 1.25 {
+            next = cfg.floor_cores;
+        }
+        let at_floor = current <= cfg.floor_cores + 1e-9;
+
+        if at_floor {
+            // Slowdown is not attributed to this job: only its own steal may
+            // freeze it.
+            let Some(f) = fraction.filter(|f| *f > cfg.freeze_above * cfg.budget) else {
+                self.over_at_floor_since = None;
+                return None;
+            };
+            let since = *self.over_at_floor_since.get_or_insert(now);
+            let over_for = now.saturating_duration_since(since);
+            if over_for < cfg.freeze_after {
+                return None;
+            }
+            // Duty cycle: running `over_for` at `f`, then frozen for
+            // `length`, averages to the relax threshold.
+            let target = (cfg.relax_below * cfg.budget).max(1e-6);
+            let length = over_for
+                .mul_f64((f / target - 1.0).max(0.0))
+                .clamp(cfg.freeze_min, cfg.freeze_max);
+            self.frozen_at = Some(now);
+            self.freeze_for = length;
+            return Some(self.change(
+                now,
+                |c| c.frozen = true,
+                Reason::Freeze {
+                    value: f,
+                    over_for,
+                    length,
+                },
+            ));
+        }
+        self.last_tighten = Some(now);
+        if signal == Signal::Slowdown {
+            self.last_slowdown_tighten = Some(now);
+        }
+        Some(self.change(
+            now,
+            |c| c.quota = Quota::Cores(next),
+            Reason::Tighten { signal, value },
+        ))
+    }
+
+    fn change(
+        &mut self,
+        now: Instant,
+        apply: impl FnOnce(&mut CpuControls),
+        reason: Reason,
+    ) -> Decision {
+        let previous = self.controls;
+        apply(&mut self.controls);
+        self.last_change = Some(now);
+        Decision {
+            controls: self.controls,
+            previous,
+            reason,
+            budget: self.config.budget,
+        }
+    }
+
+    fn record(&mut self, obs: Observation, now: Instant) {
+        self.samples.push_back(Sample {
+            at: now,
+            steal: obs.steal,
+            job_cpu: obs.job_cpu,
+        });
+        // Keep one sample at or before the window's start as its anchor.
+        let horizon = now.checked_sub(self.config.window).unwrap_or(now);
+        while self.samples.len() > 2 && self.samples[1].at <= horizon {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The oldest sample of the judged span: within the window, not before
+    /// the last change.
+    fn anchor(&self, now: Instant) -> Option<&Sample> {
+        let horizon = now.checked_sub(self.config.window).unwrap_or(now);
+        let start = match self.last_change {
+            Some(c) if c > horizon => c,
+            _ => horizon,
+        };
+        self.samples.iter().find(|s| s.at >= start).or_else(|| {
+            // `horizon` itself may fall between samples: the last one before
+            // it still bounds a span no longer than the window plus a period.
+            self.samples.iter().rev().find(|s| s.at < start)
+        })
+    }
+
+    fn stolen_fraction(&self, now: Instant) -> Option<f64> {
+        let last = self.samples.back()?;
+        let first = self.anchor(now)?;
+        if last.at.saturating_duration_since(first.at) < self.config.min_span {
+            return None;
+        }
+        let (a, b) = (first.steal?, last.steal?);
+        let steal = b.steal.saturating_sub(a.steal);
+        let on_cpu = b.training_on_cpu.saturating_sub(a.training_on_cpu);
+        let total = steal + on_cpu;
+        if total < self.config.min_training_time {
+            return None;
+        }
+        Some(steal.as_secs_f64() / total.as_secs_f64())
+    }
+
+    /// The job's CPU use over the judged span, in cores; `None` over less
+    /// than half a window, too short for a use that ramps up or is sampled
+    /// in clock ticks.
+    fn job_cores(&self, now: Instant) -> Option<f64> {
+        let last = self.samples.back()?;
+        let first = self.anchor(now)?;
+        let span = last.at.saturating_duration_since(first.at);
+        if span < self.config.window / 2 {
+            return None;
+        }
+        let used = last.job_cpu?.saturating_sub(first.job_cpu?);
+        Some(used.as_secs_f64() / span.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_millis(100);
+
+    /// A synthetic job: the training runs on one CPU and loses `steal_rate`
+    /// of each period to the job; the job uses `job_rate` cores.
+    struct Sim {
+        t0: Instant,
+        now: Instant,
+        steal: Duration,
+        on_cpu: Duration,
+        job_cpu: Duration,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            let t0 = Instant::now();
+            Self {
+                t0,
+                now: t0,
+                steal: Duration::ZERO,
+                on_cpu: Duration::ZERO,
+                job_cpu: Duration::ZERO,
+            }
+        }
+
+        fn advance(&mut self, stolen_fraction: f64, job_cores: f64) -> Observation {
+            self.now += PERIOD;
+            self.steal += PERIOD.mul_f64(stolen_fraction);
+            self.on_cpu += PERIOD.mul_f64(1.0 - stolen_fraction);
+            self.job_cpu += PERIOD.mul_f64(job_cores);
+            Observation {
+                steal: Some(StealCounters {
+                    steal: self.steal,
+                    training_on_cpu: self.on_cpu,
+                }),
+                job_cpu: Some(self.job_cpu),
+                training_slowdown: None,
+            }
+        }
+
+        fn elapsed(&self) -> Duration {
+            self.now - self.t0
+        }
+    }
+
+    fn controller() -> (Controller, Sim) {
+        let sim = Sim::new();
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let d = c.start(sim.now);
+        assert_eq!(d.reason, Reason::Start);
+        (c, sim)
+    }
+
+    fn quota(c: &Controller) -> f64 {
+        c.controls().quota.cores().unwrap_or(f64::INFINITY)
+    }
+
+    /// A plant model: stolen fraction grows with the quota (what BRIEF §3
+    /// measured: ~0 at 0.25 core, ~5 % at 1 core, much more above).
+    fn plant(quota: f64) -> f64 {
+        (quota.min(2.0) * 0.08 - 0.02).max(0.0)
+    }
+
+    #[test]
+    fn starts_idle_with_half_the_cpus() {
+        let (c, _) = controller();
+        assert_eq!(
+            c.controls(),
+            CpuControls {
+                idle: true,
+                quota: Quota::Cores(1.0),
+                frozen: false
+            }
+        );
+    }
+
+    #[test]
+    fn over_budget_tightens_multiplicatively_within_a_second() {
+        let (mut c, mut sim) = controller();
+        let mut first = None;
+        while sim.elapsed() < Duration::from_secs(1) {
+            let obs = sim.advance(0.20, 1.0);
+            if let Some(d) = c.step(obs, sim.now) {
+                first.get_or_insert(d);
+            }
+        }
+        let d = first.expect("a tightening within a second");
+        assert!(matches!(
+            d.reason,
+            Reason::Tighten {
+                signal: Signal::Steal,
+                ..
+            }
+        ));
+        // Far over (20 % > 2 × 5 %): halved from the 1.0 core the job used.
+        assert_eq!(d.controls.quota, Quota::Cores(0.5));
+        assert!(quota(&c) <= 0.25 + 1e-9, "quota {}", quota(&c));
+    }
+
+    #[test]
+    fn tightens_from_measured_use_when_the_quota_does_not_bind() {
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        // Under budget for a second (dead band: no change), then over.
+        for _ in 0..10 {
+            let obs = sim.advance(0.04, 0.6);
+            assert_eq!(c.step(obs, sim.now), None);
+        }
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.6);
+            d = d.or(c.step(obs, sim.now));
+        }
+        // The first judgement sees 8.6 % over the 1 s window (over budget,
+        // under 2 × budget): × 0.75 of the 0.6 core used, not of the quota.
+        let d = d.expect("tightened");
+        match d.controls.quota {
+            Quota::Cores(q) => assert!((q - 0.45).abs() < 1e-6, "quota {q}"),
+            Quota::Unlimited => panic!("still unlimited"),
+        }
+    }
+
+    #[test]
+    fn a_starting_job_that_uses_little_is_not_sent_to_the_floor_at_once() {
+        let (mut c, mut sim) = controller();
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.01);
+            d = d.or(c.step(obs, sim.now));
+        }
+        assert_eq!(d.expect("tightened").controls.quota, Quota::Cores(0.5));
+        // Even with a trusted, tiny use, one step is at most two halvings.
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        for _ in 0..10 {
+            let obs = sim.advance(0.04, 0.01);
+            c.step(obs, sim.now);
+        }
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.5, 0.01);
+            d = d.or(c.step(obs, sim.now));
+        }
+        assert_eq!(d.expect("tightened").controls.quota, Quota::Cores(0.25));
+    }
+
+    #[test]
+    fn judges_a_tightening_on_samples_after_it_only() {
+        let (mut c, mut sim) = controller();
+        // Far over until the first tightening, then exactly at budget×0.8:
+        // the old samples must not cause a second tightening.
+        let mut tightenings = 0;
+        let mut after = false;
+        for _ in 0..20 {
+            let f = if after { 0.04 } else { 0.30 };
+            let obs = sim.advance(f, 1.0);
+            if let Some(d) = c.step(obs, sim.now)
+                && matches!(d.reason, Reason::Tighten { .. })
+            {
+                tightenings += 1;
+                after = true;
+            }
+        }
+        assert_eq!(tightenings, 1);
+    }
+
+    #[test]
+    fn relaxes_additively_only_after_the_hold_off() {
+        let (mut c, mut sim) = controller();
+        // Force one tightening.
+        let mut tightened_at = None;
+        while tightened_at.is_none() {
+            let obs = sim.advance(0.2, 1.0);
+            if c.step(obs, sim.now).is_some() {
+                tightened_at = Some(sim.now);
+            }
+        }
+        let tightened_at = tightened_at.expect("tightened");
+        let q0 = quota(&c);
+        let mut relaxes = Vec::new();
+        for _ in 0..40 {
+            let obs = sim.advance(0.0, q0);
+            if let Some(d) = c.step(obs, sim.now) {
+                assert!(matches!(d.reason, Reason::Relax { .. }), "{d}");
+                relaxes.push((sim.now - tightened_at, quota(&c)));
+            }
+        }
+        let (first_at, first_q) = relaxes[0];
+        assert!(
+            first_at >= Duration::from_secs(1),
+            "relaxed after {first_at:?}"
+        );
+        assert!((first_q - q0 - 0.05).abs() < 1e-9);
+        for w in relaxes.windows(2) {
+            assert!(w[1].0 - w[0].0 >= Duration::from_millis(250));
+            assert!((w[1].1 - w[0].1 - 0.05).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn holds_in_the_dead_band_between_relax_threshold_and_budget() {
+        let (mut c, mut sim) = controller();
+        for _ in 0..50 {
+            // 4 %: under the 5 % budget, above 0.6 × 5 % = 3 %.
+            let obs = sim.advance(0.04, 1.0);
+            assert_eq!(c.step(obs, sim.now), None);
+        }
+        assert_eq!(c.controls().quota, Quota::Cores(1.0));
+    }
+
+    #[test]
+    fn relaxing_past_the_node_cpus_removes_the_quota() {
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(1.9);
+        let mut c = Controller::new(cfg);
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        let mut last = None;
+        for _ in 0..20 {
+            let obs = sim.advance(0.0, 1.0);
+            if let Some(d) = c.step(obs, sim.now) {
+                last = Some(d);
+            }
+        }
+        let d = last.expect("relaxed");
+        assert!(matches!(d.reason, Reason::Unlimit { .. }));
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+    }
+
+    #[test]
+    fn never_goes_below_the_floor() {
+        let (mut c, mut sim) = controller();
+        for _ in 0..100 {
+            let obs = sim.advance(0.055, quota(&c).min(2.0));
+            c.step(obs, sim.now);
+            assert!(quota(&c) >= 0.1 - 1e-9);
+        }
+        assert_eq!(c.controls().quota, Quota::Cores(0.1));
+    }
+
+    #[test]
+    fn under_budget_at_the_floor_is_never_frozen() {
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(0.1);
+        let mut c = Controller::new(cfg);
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        for _ in 0..100 {
+            // 4.5 %: in the dead band, under budget.
+            let obs = sim.advance(0.045, 0.1);
+            assert_eq!(c.step(obs, sim.now), None);
+        }
+        assert!(!c.controls().frozen);
+    }
+
+    #[test]
+    fn freezes_at_the_floor_only_after_sustained_far_over_budget_and_thaws() {
+        let (mut c, mut sim) = controller();
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.40 };
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                events.push((sim.elapsed(), d));
+            }
+        }
+        let floor_at = events
+            .iter()
+            .find(|(_, d)| d.controls.quota == Quota::Cores(0.1))
+            .map(|(t, _)| *t)
+            .expect("reached the floor");
+        let (freeze_at, _) = events
+            .iter()
+            .find(|(_, d)| matches!(d.reason, Reason::Freeze { .. }))
+            .expect("froze");
+        assert!(*freeze_at >= floor_at + Duration::from_secs(2));
+        let (thaw_at, thaw) = events
+            .iter()
+            .find(|(_, d)| matches!(d.reason, Reason::Thaw { .. }))
+            .expect("thawed");
+        // 40 % at the floor against a 3 % target: the longest freeze.
+        assert_eq!(*thaw_at - *freeze_at, Duration::from_secs(10));
+        assert!(!thaw.controls.frozen);
+        assert_eq!(thaw.controls.quota, Quota::Cores(0.1));
+    }
+
+    #[test]
+    fn freeze_length_brings_the_average_to_the_relax_threshold() {
+        let (mut c, mut sim) = controller();
+        let mut freeze = None;
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.10 };
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            if let Some(d) = c.step(obs, sim.now)
+                && let Reason::Freeze {
+                    over_for, length, ..
+                } = d.reason
+            {
+                freeze = Some((over_for, length));
+                break;
+            }
+        }
+        let (run, length) = freeze.expect("froze at 2 × budget");
+        // 10 % while running, 0 while frozen: average = 3 % = 0.6 × 5 %.
+        let avg = 0.10 * run.as_secs_f64() / (run + length).as_secs_f64();
+        assert!((avg - 0.03).abs() < 1e-3, "average {avg}");
+    }
+
+    #[test]
+    fn slowdown_over_budget_tightens_although_steal_is_not() {
+        let (mut c, mut sim) = controller();
+        let mut decisions = Vec::new();
+        for _ in 0..30 {
+            let mut obs = sim.advance(0.01, 1.0);
+            obs.training_slowdown = Some(0.08);
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        assert!(!decisions.is_empty());
+        for (_, d) in &decisions {
+            assert!(matches!(
+                d.reason,
+                Reason::Tighten {
+                    signal: Signal::Slowdown,
+                    ..
+                }
+            ));
+        }
+        // Once per slowdown interval (2 s) over 3 s: at most two.
+        assert!(decisions.len() <= 2, "{} tightenings", decisions.len());
+    }
+
+    #[test]
+    fn slowdown_alone_never_freezes() {
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(0.1);
+        let mut c = Controller::new(cfg);
+        let mut sim = Sim::new();
+        c.start(sim.now);
+        for _ in 0..100 {
+            let mut obs = sim.advance(0.0, 0.1);
+            obs.training_slowdown = Some(0.5);
+            let d = c.step(obs, sim.now);
+            assert!(d.is_none_or(|d| !d.controls.frozen));
+        }
+    }
+
+    #[test]
+    fn stale_progress_file_means_steal_alone_decides() {
+        let (mut c, mut sim) = controller();
+        // The progress tracker reports `None` once the file is stale: the loop
+        // neither tightens on the last slowdown it saw nor stops.
+        for i in 0..30 {
+            let mut obs = sim.advance(0.04, 1.0);
+            obs.training_slowdown = if i < 1 { Some(0.02) } else { None };
+            assert_eq!(c.step(obs, sim.now), None);
+        }
+        let obs = sim.advance(0.3, 1.0);
+        let obs2 = sim.advance(0.3, 1.0);
+        let d = c.step(obs, sim.now).or(c.step(obs2, sim.now));
+        assert!(matches!(
+            d.map(|d| d.reason),
+            Some(Reason::Tighten {
+                signal: Signal::Steal,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn no_decision_without_training_activity_or_signal() {
+        let (mut c, mut sim) = controller();
+        for _ in 0..30 {
+            sim.now += PERIOD;
+            let obs = Observation {
+                steal: Some(StealCounters {
+                    steal: Duration::ZERO,
+                    training_on_cpu: Duration::ZERO,
+                }),
+                job_cpu: None,
+                training_slowdown: None,
+            };
+            assert_eq!(c.step(obs, sim.now), None);
+            assert_eq!(c.step(Observation::default(), sim.now), None);
+        }
+    }
+
+    #[test]
+    fn on_a_plant_model_settles_under_budget_with_small_swing() {
+        let (mut c, mut sim) = controller();
+        let mut fractions = Vec::new();
+        for _ in 0..600 {
+            let q = quota(&c);
+            let obs = sim.advance(plant(q), q.min(2.0));
+            c.step(obs, sim.now);
+            if sim.elapsed() >= Duration::from_secs(20)
+                && let Some(f) = c.last_stolen_fraction()
+            {
+                fractions.push(f);
+            }
+        }
+        let max = fractions.iter().copied().fold(0.0, f64::max);
+        let min = fractions.iter().copied().fold(1.0, f64::min);
+        assert!(max <= 0.05 + 1e-9, "max {max}");
+        assert!(max - min <= 0.04, "swing {min}..{max}");
+        // And it does not starve the job: the quota stays well above the floor.
+        assert!(quota(&c) > 0.5, "quota {}", quota(&c));
+    }
+
+    #[test]
+    fn every_decision_explains_itself() {
+        let (mut c, mut sim) = controller();
+        let mut d = None;
+        for _ in 0..3 {
+            let obs = sim.advance(0.3, 1.0);
+            d = d.or(c.step(obs, sim.now));
+        }
+        let d = d.expect("tightened");
+        let text = d.to_string();
+        assert!(text.contains("stolen fraction 30.0%"), "{text}");
+        assert!(text.contains("1.00 cores -> 0.50 cores"), "{text}");
+    }
+}

@@ -1,0 +1,22 @@
+//! The steal-budget controller: per evaluation job, a closed loop that holds
+//! the training's stolen fraction (and, when the training reports progress,
+//! its true slowdown) under the budget while leaving the job as much CPU as
+//! it can have.
+//!
+//! - [`controller`]: the pure state machine (observations in, decisions out);
+//! - [`progress`]: the training's progress file, baseline rate and slowdown;
+//! - [`actuator`]: what the controller needs from a job's cgroup;
+//! - [`monitor`]: the loop plugged into the job supervisor.
+
+pub mod actuator;
+pub mod controller;
+pub mod monitor;
+pub mod progress;
+
+pub use actuator::{CpuActuator, apply};
+pub use controller::{
+    Controller, ControllerConfig, CpuControls, Decision, Observation, Quota, Reason, Signal,
+    StealCounters,
+};
+pub use monitor::{BudgetMonitor, StealFeed, StealSource, learn_before_job};
+pub use progress::{ProgressConfig, ProgressReading, ProgressTracker, Unavailable};

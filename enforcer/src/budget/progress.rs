@@ -1,0 +1,544 @@
+//! The training's progress file, read as ground truth for slowdown.
+//!
+//! The training rewrites a file with a monotonically increasing step count
+//! (`training.progress_file`). This module learns the step rate while no
+//! evaluation job runs (the baseline) and, while jobs run, reports the true
+//! slowdown `1 − rate ÷ baseline`. A missing, garbled or stale file, or no
+//! baseline yet, gives `None` with a reason: the loop then runs on steal
+//! alone. The timestamps of steps come from the file's mtime, not from when
+//! it was polled, so a 100 ms poll does not blur a rate over a few seconds.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+/// Why the progress file gave no number.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProgressError {
+    #[error("progress file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("progress file {path}: {content:?} is not a step count")]
+    Garbled { path: PathBuf, content: String },
+}
+
+/// Why a slowdown is not available right now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unavailable {
+    /// The file could not be read or parsed.
+    File(ProgressError),
+    /// The step count has not changed for this long, more than the staleness
+    /// limit allowed by the training's own step interval.
+    Stale { since: Duration, limit: Duration },
+    /// Not enough job-free time yet to learn the training's step rate.
+    NoBaseline { have: Duration, need: Duration },
+    /// Not enough steps since the job started to measure a rate.
+    Warming,
+    /// The step count went backwards (training restarted): start over.
+    Reset { from: u64, to: u64 },
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::File(e) => e.fmt(f),
+            Unavailable::Stale { since, limit } => write!(
+                f,
+                "progress file stale: no new step for {:.1}s (limit {:.1}s)",
+                since.as_secs_f64(),
+                limit.as_secs_f64()
+            ),
+            Unavailable::NoBaseline { have, need } => write!(
+                f,
+                "no baseline step rate yet: {:.1}s without jobs of {:.1}s needed",
+                have.as_secs_f64(),
+                need.as_secs_f64()
+            ),
+            Unavailable::Warming => f.write_str("too few steps since the job started"),
+            Unavailable::Reset { from, to } => {
+                write!(f, "step count went back from {from} to {to}: relearning")
+            }
+        }
+    }
+}
+
+/// One read of the file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProgressSample {
+    pub step: u64,
+    /// When the file was last written, on the monotonic clock.
+    pub written: Instant,
+}
+
+/// What the tracker knows after a poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressReading {
+    /// Steps per second over the recent window.
+    pub rate: Option<f64>,
+    /// Job-free steps per second.
+    pub baseline: Option<f64>,
+    /// `1 − rate ÷ baseline` while a job runs.
+    pub slowdown: Result<f64, Unavailable>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressConfig {
+    /// Rate window.
+    pub window: Duration,
+    /// Job-free time needed before the baseline is trusted.
+    pub baseline_min: Duration,
+    /// After a job ends, wait this long before learning again (caches warm
+    /// back up, the job's cgroup drains).
+    pub settle: Duration,
+    /// Stale when no new step for `stale_intervals ×` the mean step interval
+    /// (and at least `stale_min`).
+    pub stale_intervals: f64,
+    pub stale_min: Duration,
+}
+
+impl Default for ProgressConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(2),
+            baseline_min: Duration::from_secs(3),
+            settle: Duration::from_secs(1),
+            stale_intervals: 5.0,
+            stale_min: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Learns the baseline and measures slowdown from successive samples.
+#[derive(Debug)]
+pub struct ProgressTracker {
+    path: Option<PathBuf>,
+    config: ProgressConfig,
+    /// Distinct (step, time) points of the current regime, oldest first.
+    points: VecDeque<ProgressSample>,
+    /// First point of the current job-free segment.
+    free_start: Option<ProgressSample>,
+    baseline: Option<f64>,
+    free_time: Duration,
+    job_running: bool,
+    job_started: Option<Instant>,
+    job_ended: Option<Instant>,
+}
+
+impl ProgressTracker {
+    pub fn new(config: ProgressConfig) -> Self {
+        Self {
+            path: None,
+            config,
+            points: VecDeque::new(),
+            free_start: None,
+            baseline: None,
+            free_time: Duration::ZERO,
+            job_running: false,
+            job_started: None,
+            job_ended: None,
+        }
+    }
+
+    /// A tracker reading `path` on every [`ProgressTracker::poll`].
+    pub fn for_file(path: impl Into<PathBuf>, config: ProgressConfig) -> Self {
+        let mut t = Self::new(config);
+        t.path = Some(path.into());
+        t
+    }
+
+    pub fn baseline(&self) -> Option<f64> {
+        self.baseline
+    }
+
+    /// Polls the file every `period` for `duration` with no job running,
+    /// sleeping in between: how a one-shot `enforcer run` learns the
+    /// baseline before it starts the job. Returns the last reading.
+    pub fn learn(&mut self, duration: Duration, period: Duration) -> ProgressReading {
+        let start = Instant::now();
+        loop {
+            let now = Instant::now();
+            let reading = self.poll(now, false);
+            if now.saturating_duration_since(start) >= duration {
+                return reading;
+            }
+            std::thread::sleep(period);
+        }
+    }
+
+    /// Reads the file and records the sample.
+    pub fn poll(&mut self, now: Instant, job_running: bool) -> ProgressReading {
+        let sample = match &self.path {
+            Some(p) => read_progress(p, now),
+            None => Err(ProgressError::Unreadable {
+                path: PathBuf::new(),
+                reason: "no progress file configured".into(),
+            }),
+        };
+        self.record(sample, now, job_running)
+    }
+
+    /// Records one read (or its failure) made at `now`.
+    pub fn record(
+        &mut self,
+        sample: Result<ProgressSample, ProgressError>,
+        now: Instant,
+        job_running: bool,
+    ) -> ProgressReading {
+        self.set_job(now, job_running);
+        let sample = match sample {
+            Ok(s) => s,
+            Err(e) => return self.reading(Err(Unavailable::File(e))),
+        };
+        if let Some(last) = self.points.back().copied() {
+            if sample.step < last.step {
+                let reset = Unavailable::Reset {
+                    from: last.step,
+                    to: sample.step,
+                };
+                self.points.clear();
+                self.free_start = None;
+                self.points.push_back(sample);
+                return self.reading(Err(reset));
+            }
+            if sample.step > last.step {
+                self.points.push_back(sample);
+            }
+        } else {
+            self.points.push_back(sample);
+        }
+        let horizon = now
+            .checked_sub(self.config.window.max(self.stale_limit()) * 4)
+            .unwrap_or(now);
+        while self.points.len() > 2 && self.points[1].written < horizon {
+            self.points.pop_front();
+        }
+
+        let last = *self.points.back().expect("just pushed");
+        let limit = self.stale_limit();
+        let since = now.saturating_duration_since(last.written);
+        if since > limit {
+            // A stale segment must not count as job-free progress either.
+            self.free_start = None;
+            return self.reading(Err(Unavailable::Stale { since, limit }));
+        }
+
+        if !self.job_running {
+            self.learn_from(last, now);
+            return self.reading(Err(self.no_baseline()));
+        }
+        let Some(baseline) = self.baseline else {
+            return self.reading(Err(self.no_baseline()));
+        };
+        match self.job_rate(now) {
+            Some(rate) => self.reading(Ok(1.0 - rate / baseline)),
+            None => self.reading(Err(Unavailable::Warming)),
+        }
+    }
+
+    fn set_job(&mut self, now: Instant, running: bool) {
+        if running && !self.job_running {
+            self.job_started = Some(now);
+            self.free_start = None;
+        }
+        if !running && self.job_running {
+            self.job_ended = Some(now);
+        }
+        self.job_running = running;
+    }
+
+    fn learn_from(&mut self, last: ProgressSample, now: Instant) {
+        let settled = self
+            .job_ended
+            .is_none_or(|e| now.saturating_duration_since(e) >= self.config.settle);
+        if !settled {
+            return;
+        }
+        let start = *self.free_start.get_or_insert(last);
+        let span = last.written.saturating_duration_since(start.written);
+        self.free_time = span;
+        if span >= self.config.baseline_min && last.step > start.step {
+            self.baseline = Some((last.step - start.step) as f64 / span.as_secs_f64());
+        }
+    }
+
+    fn no_baseline(&self) -> Unavailable {
+        Unavailable::NoBaseline {
+            have: self.free_time,
+            need: self.config.baseline_min,
+        }
+    }
+
+    /// Rate over the window, only from steps written while the job ran.
+    fn job_rate(&self, now: Instant) -> Option<f64> {
+        let started = self.job_started?;
+        let from = now
+            .checked_sub(self.config.window)
+            .map_or(started, |h| h.max(started));
+        let mut in_window = self.points.iter().filter(|p| p.written >= from);
+        let first = in_window.next()?;
+        let last = self.points.back()?;
+        let span = last.written.saturating_duration_since(first.written);
+        // Needs half a window of steps, else the rate is mostly noise.
+        if span < self.config.window / 2 || last.step <= first.step {
+            return None;
+        }
+        Some((last.step - first.step) as f64 / span.as_secs_f64())
+    }
+
+    fn recent_rate(&self) -> Option<f64> {
+        let first = self.points.front()?;
+        let last = self.points.back()?;
+        let span = last.written.saturating_duration_since(first.written);
+        (last.step > first.step && !span.is_zero())
+            .then(|| (last.step - first.step) as f64 / span.as_secs_f64())
+    }
+
+    fn stale_limit(&self) -> Duration {
+        let interval = self
+            .baseline
+            .or_else(|| self.recent_rate())
+            .filter(|r| *r > 0.0)
+            .map_or(Duration::ZERO, |r| {
+                Duration::from_secs_f64(self.config.stale_intervals / r)
+            });
+        interval.max(self.config.stale_min)
+    }
+
+    fn reading(&self, slowdown: Result<f64, Unavailable>) -> ProgressReading {
+        ProgressReading {
+            rate: self.recent_rate(),
+            baseline: self.baseline,
+            slowdown,
+        }
+    }
+}
+
+/// Reads the step count and the write time of `path`. `now` anchors the
+/// file's wall-clock mtime on the monotonic clock.
+pub fn read_progress(path: &Path, now: Instant) -> Result<ProgressSample, ProgressError> {
+    let unreadable = |e: std::io::Error| ProgressError::Unreadable {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    let mtime = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(unreadable)?;
+    let step = text
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| ProgressError::Garbled {
+            path: path.to_owned(),
+            content: text.chars().take(40).collect(),
+        })?;
+    let age = SystemTime::now().duration_since(mtime).unwrap_or_default();
+    Ok(ProgressSample {
+        step,
+        written: now.checked_sub(age).unwrap_or(now),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_millis(100);
+
+    struct Training {
+        t0: Instant,
+        now: Instant,
+        steps: f64,
+    }
+
+    impl Training {
+        fn new() -> Self {
+            let t0 = Instant::now();
+            Self {
+                t0,
+                now: t0,
+                steps: 0.0,
+            }
+        }
+        /// Advance one poll at `rate` steps/s; the file was written at the
+        /// last whole step.
+        fn tick(&mut self, rate: f64) -> Result<ProgressSample, ProgressError> {
+            self.now += POLL;
+            self.steps += rate * POLL.as_secs_f64();
+            let whole = self.steps.floor();
+            let behind = (self.steps - whole) / rate.max(1e-9);
+            Ok(ProgressSample {
+                step: whole as u64,
+                written: self.now - Duration::from_secs_f64(behind.min(POLL.as_secs_f64())),
+            })
+        }
+    }
+
+    fn run(
+        t: &mut ProgressTracker,
+        tr: &mut Training,
+        secs: f64,
+        rate: f64,
+        job: bool,
+    ) -> ProgressReading {
+        let mut last = None;
+        let n = (secs / POLL.as_secs_f64()).round() as usize;
+        for _ in 0..n {
+            let s = tr.tick(rate);
+            last = Some(t.record(s, tr.now, job));
+        }
+        last.expect("at least one poll")
+    }
+
+    #[test]
+    fn learns_the_baseline_without_jobs_then_measures_slowdown() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        let r = run(&mut t, &mut tr, 1.0, 400.0, false);
+        assert!(matches!(r.slowdown, Err(Unavailable::NoBaseline { .. })));
+        run(&mut t, &mut tr, 4.0, 400.0, false);
+        let b = t.baseline().expect("baseline");
+        assert!((b - 400.0).abs() < 4.0, "baseline {b}");
+        let r = run(&mut t, &mut tr, 3.0, 360.0, true);
+        let s = r.slowdown.expect("slowdown");
+        assert!((s - 0.10).abs() < 0.01, "slowdown {s}");
+        assert!(tr.now > tr.t0);
+    }
+
+    #[test]
+    fn job_rate_uses_only_steps_after_the_job_started() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        // Just long enough for half a window: the rate must be the slow one.
+        let r = run(&mut t, &mut tr, 1.2, 200.0, true);
+        let s = r.slowdown.expect("slowdown");
+        assert!((s - 0.5).abs() < 0.02, "slowdown {s}");
+    }
+
+    #[test]
+    fn warming_right_after_a_job_starts() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        let r = run(&mut t, &mut tr, 0.3, 400.0, true);
+        assert_eq!(r.slowdown, Err(Unavailable::Warming));
+    }
+
+    #[test]
+    fn stale_file_gives_no_slowdown_with_a_reason() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        run(&mut t, &mut tr, 3.0, 380.0, true);
+        // The training stops writing: the same sample comes back.
+        let frozen = tr.tick(400.0).expect("sample");
+        let mut r = None;
+        for i in 1..=15 {
+            r = Some(t.record(Ok(frozen), tr.now + POLL * i, true));
+        }
+        let r = r.expect("polled");
+        match r.slowdown {
+            Err(ref u @ Unavailable::Stale { since, limit }) => {
+                assert!(since > limit);
+                assert!(u.to_string().contains("stale"), "{u}");
+            }
+            other => panic!("expected stale, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn slow_training_is_not_stale_between_its_steps() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        // One step every 2 s: a 3 s gap is normal.
+        let r = run(&mut t, &mut tr, 20.0, 0.5, false);
+        assert!(
+            !matches!(r.slowdown, Err(Unavailable::Stale { .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn garbled_or_missing_file_is_unavailable_not_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("progress");
+        let mut t = ProgressTracker::for_file(&path, ProgressConfig::default());
+        let now = Instant::now();
+        let r = t.poll(now, true);
+        assert!(matches!(
+            r.slowdown,
+            Err(Unavailable::File(ProgressError::Unreadable { .. }))
+        ));
+        std::fs::write(&path, "step twelve\n").expect("write");
+        let r = t.poll(now + POLL, true);
+        match r.slowdown {
+            Err(Unavailable::File(ProgressError::Garbled { content, .. })) => {
+                assert_eq!(content, "step twelve\n");
+            }
+            other => panic!("expected garbled, got {other:?}"),
+        }
+        std::fs::write(&path, "12\n").expect("write");
+        let s = read_progress(&path, Instant::now()).expect("readable");
+        assert_eq!(s.step, 12);
+    }
+
+    #[test]
+    fn learns_a_baseline_from_a_real_file_before_a_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("progress");
+        std::fs::write(&path, "0\n").expect("write");
+        let writer_path = path.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_w = std::sync::Arc::clone(&stop);
+        // A training at ~100 steps/s.
+        let writer = std::thread::spawn(move || {
+            let mut step = 0_u64;
+            while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                step += 1;
+                let tmp = writer_path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{step}\n")).expect("write");
+                std::fs::rename(&tmp, &writer_path).expect("rename");
+            }
+        });
+        let config = ProgressConfig {
+            baseline_min: Duration::from_millis(800),
+            ..ProgressConfig::default()
+        };
+        let mut t = ProgressTracker::for_file(&path, config);
+        t.learn(Duration::from_millis(1200), Duration::from_millis(50));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer");
+        let b = t.baseline().expect("a baseline");
+        // Sleep granularity makes it at most 100/s; a loaded host slower.
+        assert!(b > 20.0 && b <= 101.0, "baseline {b}");
+    }
+
+    #[test]
+    fn a_step_count_going_back_restarts_learning() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        tr.steps = 0.0;
+        let r = run(&mut t, &mut tr, 0.1, 400.0, false);
+        assert!(
+            matches!(r.slowdown, Err(Unavailable::Reset { .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn baseline_is_not_learned_right_after_a_job() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        run(&mut t, &mut tr, 3.0, 100.0, true);
+        // The job ends; the training is still slow for the settle time; the
+        // old baseline must survive.
+        run(&mut t, &mut tr, 0.8, 100.0, false);
+        let b = t.baseline().expect("baseline");
+        assert!((b - 400.0).abs() < 4.0, "baseline {b}");
+    }
+}

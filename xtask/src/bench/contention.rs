@@ -1,0 +1,1120 @@
+//! `cargo xtask bench contention`: a synthetic training beside a synthetic
+//! evaluation under every CPU policy, side by side in one run, in alternating
+//! rounds, medians reported.
+//!
+//! Every run starts a fresh training (`bench worker train`), lets it run alone
+//! for the warm-up, then starts the evaluation (`bench worker eval`) under the
+//! policy and samples both every control period: the training's step count
+//! (its progress file), its threads' run time and run-queue wait (schedstat,
+//! the kernel's ground truth for how long it waited for a CPU), and the
+//! evaluation's CPU time. Slowdown is against the training-alone run of the
+//! same round.
+//!
+//! The static quota and weight rows run the evaluation as a job of
+//! `enforcer run --cpu 0.5 --no-idle` / `--cpu-weight 1 --no-idle`; the
+//! enforcer row as `enforcer run --protect <training> --budget`, with the
+//! training's progress file in its config. The `budget loop` rows run the
+//! enforcer's own controller (`enforcer/src/budget/controller.rs`, included
+//! by path) in this process on a v1 `cpu` cgroup it creates under its own
+//! and removes afterwards, fed with the training's schedstat wait instead of
+//! the eBPF steal meter: that counts waits behind any task, so it
+//! over-reports steal on a shared host (erring on the training's side); they
+//! also compare a 100 ms and a 10 ms CFS period for the dynamic quota.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use super::{
+    controller::{Controller, ControllerConfig, Observation, Quota, StealCounters},
+    plot, workload,
+};
+
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Training alone: the baseline.
+    Alone,
+    /// Evaluation with no limit.
+    Unlimited,
+    /// Evaluation at nice 19.
+    Nice,
+    /// Evaluation in SCHED_IDLE.
+    Idle,
+    /// Static quota: 50 % of one CPU (cfs_quota_us), normal class.
+    Quota,
+    /// Minimal cpu.shares (2), normal class.
+    Weight,
+    /// The budget controller, cfs period 100 ms.
+    Loop,
+    /// The budget controller, cfs period 10 ms.
+    LoopShort,
+    /// `enforcer run --protect <training> --budget`: the real agent, eBPF
+    /// steal meter and all.
+    Enforcer,
+}
+
+impl Policy {
+    const ALL: [Policy; 9] = [
+        Policy::Alone,
+        Policy::Unlimited,
+        Policy::Nice,
+        Policy::Idle,
+        Policy::Quota,
+        Policy::Weight,
+        Policy::Loop,
+        Policy::LoopShort,
+        Policy::Enforcer,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Policy::Alone => "training alone",
+            Policy::Unlimited => "evaluation unlimited",
+            Policy::Nice => "nice 19",
+            Policy::Idle => "SCHED_IDLE",
+            Policy::Quota => "enforcer run --cpu 0.5 --no-idle",
+            Policy::Weight => "enforcer run --cpu-weight 1 --no-idle",
+            Policy::Loop => "budget loop, idle + quota/100ms",
+            Policy::LoopShort => "budget loop, idle + quota/10ms",
+            Policy::Enforcer => "enforcer run --budget",
+        }
+    }
+
+    fn cfs_period_us(self) -> u64 {
+        if self == Policy::LoopShort {
+            10_000
+        } else {
+            100_000
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ContentionArgs {
+    /// Rounds; each round runs every policy once, in a rotated order.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds of each run with the evaluation in place.
+    #[arg(long, default_value_t = 8.0)]
+    pub round_secs: f64,
+    /// Seconds the training runs alone before the evaluation starts.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_secs: f64,
+    /// Evaluation threads (default: the number of CPUs).
+    #[arg(long)]
+    pub eval_threads: Option<usize>,
+    /// Evaluation buffer per thread, MiB.
+    #[arg(long, default_value_t = 32)]
+    pub eval_mem_mib: usize,
+    /// Training step length on an idle CPU, ms (calibrated once per bench).
+    #[arg(long, default_value_t = 2.4)]
+    pub step_ms: f64,
+    /// Budget for the loop rows, percent.
+    #[arg(long, default_value_t = 5.0)]
+    pub budget_pct: f64,
+    /// Policies to run (comma separated); default: all but the in-bench
+    /// `loop` and `loop-short` rows (the controller on the unattributed
+    /// schedstat wait, to compare CFS periods on a quiet host).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub policies: Vec<Policy>,
+    /// The enforcer binary for the `enforcer` row (relative to the
+    /// workspace).
+    #[arg(long, default_value = "target/debug/enforcer")]
+    pub enforcer: PathBuf,
+    /// Directory for the JSON and the plot (relative to the workspace).
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+/// One tick of one run.
+#[derive(Debug, Clone, Serialize)]
+struct Tick {
+    t: f64,
+    step: u64,
+    run_ns: u64,
+    delay_ns: u64,
+    eval_cpu_s: f64,
+    quota_cores: Option<f64>,
+    frozen: bool,
+    /// The controller's judged stolen fraction, loop rows only.
+    judged: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RunResult {
+    policy: Policy,
+    round: usize,
+    train_steps_per_s: f64,
+    wait_fraction: f64,
+    eval_work_per_s: Option<f64>,
+    eval_cpu_cores: Option<f64>,
+    decisions: Vec<String>,
+    /// Loop rows: seconds whose trailing 1 s wait fraction was over budget.
+    over_budget_s: Option<f64>,
+    /// Loop rows: first time the trailing 1 s fraction is under budget.
+    under_budget_after_s: Option<f64>,
+    /// Loop rows: range of the trailing 1 s fraction after 2 s.
+    steady_min: Option<f64>,
+    steady_max: Option<f64>,
+    /// Enforcer row: what its job report said.
+    reported_stolen_fraction: Option<f64>,
+    reported_slowdown: Option<f64>,
+    reported_over_budget_s: Option<f64>,
+    ticks: Vec<Tick>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    policy: Policy,
+    label: &'static str,
+    train_steps_per_s: f64,
+    slowdown: Option<f64>,
+    eval_work_per_s: Option<f64>,
+    eval_vs_idle: Option<f64>,
+    eval_cpu_cores: Option<f64>,
+    wait_fraction: f64,
+    over_budget_s: Option<f64>,
+    under_budget_after_s: Option<f64>,
+    steady_min: Option<f64>,
+    steady_max: Option<f64>,
+    reported_stolen_fraction: Option<f64>,
+    reported_slowdown: Option<f64>,
+    reported_over_budget_s: Option<f64>,
+}
+
+pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
+    let enforcer = root.join(&args.enforcer);
+    let enforcer_ok = supports_protect(&enforcer);
+    let run_ok = Command::new(&enforcer)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let policies: Vec<Policy> = if args.policies.is_empty() {
+        if !enforcer_ok {
+            eprintln!(
+                "bench contention: {} has no `run --protect` on this build: the enforcer row is left out",
+                enforcer.display()
+            );
+        }
+        if !run_ok {
+            eprintln!(
+                "bench contention: {} has no `run` (build it: cargo build -p enforcer): the static quota and weight rows are left out",
+                enforcer.display()
+            );
+        }
+        Policy::ALL
+            .into_iter()
+            .filter(|p| !p.needs_cgroup())
+            .filter(|p| *p != Policy::Enforcer || enforcer_ok)
+            .filter(|p| !p.via_enforcer() || run_ok)
+            .collect()
+    } else {
+        let mut p = args.policies.clone();
+        if !p.contains(&Policy::Alone) {
+            p.insert(0, Policy::Alone);
+        }
+        p
+    };
+    if policies.contains(&Policy::Enforcer) && !enforcer_ok {
+        bail!(
+            "{} has no `run --protect`: build the enforcer with the budget loop wired",
+            enforcer.display()
+        );
+    }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let eval_threads = args.eval_threads.unwrap_or(cpus);
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let cpu_root = own_v1_cpu_cgroup();
+    if let Err(e) = &cpu_root
+        && policies.iter().any(|p| p.needs_cgroup())
+    {
+        bail!("the cgroup policies need a v1 cpu hierarchy until `enforcer run` lands: {e}");
+    }
+    let step_work = workload::calibrate(Duration::from_secs_f64(args.step_ms / 1000.0));
+    let scratch = root.join(&args.out).join("contention-scratch");
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let load_before = loadavg();
+    eprintln!(
+        "bench contention: {} policies × {} rounds × {:.0}+{:.0} s, {cpus} CPUs, step work {step_work} (≈{} ms), eval {eval_threads} threads × {} MiB, load {load_before}",
+        policies.len(),
+        args.rounds,
+        args.warmup_secs,
+        args.round_secs,
+        args.step_ms,
+        args.eval_mem_mib
+    );
+
+    let mut runs = Vec::new();
+    for round in 0..args.rounds {
+        let n = policies.len();
+        for i in 0..n {
+            let policy = policies[(i + round) % n];
+            let spec = RunSpec {
+                exe: &exe,
+                scratch: &scratch,
+                step_work,
+                warmup: Duration::from_secs_f64(args.warmup_secs),
+                secs: Duration::from_secs_f64(args.round_secs),
+                eval_threads,
+                eval_mem_mib: args.eval_mem_mib,
+                budget: args.budget_pct / 100.0,
+                cpus: cpus as f64,
+                cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
+                enforcer: &enforcer,
+            };
+            let r = run_one(policy, round, &spec)
+                .with_context(|| format!("round {round}, policy {}", policy.label()))?;
+            eprintln!(
+                "  round {round} {:<38} {:>7.1} steps/s  wait {:>5.1}%  eval {}",
+                policy.label(),
+                r.train_steps_per_s,
+                r.wait_fraction * 100.0,
+                r.eval_work_per_s
+                    .map_or("-".to_owned(), |w| format!("{w:.0} units/s"))
+            );
+            runs.push(r);
+        }
+    }
+    let load_after = loadavg();
+    let rows = summarise(&policies, &runs, args.rounds);
+    print_table(&rows, args.budget_pct, cpus, &load_before, &load_after);
+
+    let out = root.join(&args.out);
+    let json_path = out.join("contention.json");
+    let json = serde_json::json!({
+        "machine": {
+            "cpus": cpus,
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "config": {
+            "rounds": args.rounds,
+            "round_secs": args.round_secs,
+            "warmup_secs": args.warmup_secs,
+            "eval_threads": eval_threads,
+            "eval_mem_mib": args.eval_mem_mib,
+            "step_ms": args.step_ms,
+            "step_work": step_work,
+            "budget_pct": args.budget_pct,
+        },
+        "rows": rows,
+        "runs": runs,
+    });
+    fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!("wrote {}", json_path.display());
+
+    let alone = median(
+        runs.iter()
+            .filter(|r| r.policy == Policy::Alone)
+            .map(|r| r.train_steps_per_s),
+    );
+    let shown = [Policy::Enforcer, Policy::LoopShort, Policy::Loop]
+        .into_iter()
+        .find(|p| policies.contains(p));
+    if let (Some(policy), Some(alone)) = (shown, alone) {
+        // The median round of that row, by slowdown, is the one plotted.
+        let mut of_row: Vec<&RunResult> = runs.iter().filter(|r| r.policy == policy).collect();
+        of_row.sort_by(|a, b| a.train_steps_per_s.total_cmp(&b.train_steps_per_s));
+        if let Some(r) = of_row.get(of_row.len() / 2) {
+            let svg = out.join("contention.svg");
+            let series = plot::Series::from_ticks(
+                &r.ticks
+                    .iter()
+                    .map(|t| plot::Point {
+                        t: t.t,
+                        step: t.step,
+                        run_ns: t.run_ns,
+                        delay_ns: t.delay_ns,
+                        eval_cpu_s: t.eval_cpu_s,
+                        quota: t.quota_cores,
+                        stolen: t.judged,
+                    })
+                    .collect::<Vec<_>>(),
+                alone,
+            );
+            plot::draw(
+                &svg,
+                &format!("{} (round {})", policy.label(), r.round),
+                &series,
+                args.budget_pct,
+                cpus as f64,
+            )?;
+            eprintln!("wrote {}", svg.display());
+        }
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+impl Policy {
+    /// The in-bench loops drive a v1 cgroup of their own.
+    fn needs_cgroup(self) -> bool {
+        matches!(self, Policy::Loop | Policy::LoopShort)
+    }
+
+    /// The evaluation runs as a job of `enforcer run`.
+    fn via_enforcer(self) -> bool {
+        matches!(self, Policy::Quota | Policy::Weight | Policy::Enforcer)
+    }
+}
+
+struct RunSpec<'a> {
+    exe: &'a Path,
+    scratch: &'a Path,
+    step_work: u64,
+    warmup: Duration,
+    secs: Duration,
+    eval_threads: usize,
+    eval_mem_mib: usize,
+    budget: f64,
+    cpus: f64,
+    cpu_root: Option<&'a Path>,
+    enforcer: &'a Path,
+}
+
+/// Kills and reaps a child on every exit path.
+struct Reaped(Option<Child>);
+
+impl Reaped {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+    /// The exit status, if the child has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn wait_output(mut self) -> Result<std::process::Output> {
+        let child = self.0.take().context("child already reaped")?;
+        Ok(child.wait_with_output()?)
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SIGCONT first: a frozen (stopped) child would not die of a
+            // pending SIGKILL any later, but a stopped one lingers oddly.
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A v1 cpu cgroup created for one run, removed on drop.
+struct BenchCgroup {
+    dir: PathBuf,
+}
+
+impl BenchCgroup {
+    fn create(parent: &Path, name: &str) -> Result<Self> {
+        let dir = parent.join(name);
+        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<()> {
+        let p = self.dir.join(file);
+        fs::write(&p, value).with_context(|| format!("writing {value:?} to {}", p.display()))
+    }
+
+    fn add(&self, pid: u32) -> Result<()> {
+        self.write("cgroup.procs", &pid.to_string())
+    }
+
+    fn set_quota(&self, cores: Option<f64>, period_us: u64) -> Result<()> {
+        self.write("cpu.cfs_period_us", &period_us.to_string())?;
+        let quota = cores.map_or(-1, |c| ((c * period_us as f64) as i64).max(1000));
+        self.write("cpu.cfs_quota_us", &quota.to_string())
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        // The killed processes leave the cgroup asynchronously.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.dir.display());
+    }
+}
+
+fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
+    let tag = format!("{}-{round}-{}", std::process::id(), policy_slug(policy));
+    let report = s.scratch.join(format!("report-{tag}.json"));
+    let status = Arc::new(Mutex::new(Status::default()));
+    let progress = s.scratch.join(format!("progress-{tag}"));
+    let schedstat = s.scratch.join(format!("schedstat-{tag}"));
+    // The training outlives the run (it is killed at the end): the enforcer
+    // row first loads its meter and learns the training's rate.
+    let total = s.warmup + s.secs + Duration::from_secs(60);
+    let train = Reaped(Some(
+        Command::new(s.exe)
+            .args(["bench", "worker", "train", "--progress"])
+            .arg(&progress)
+            .arg("--schedstat")
+            .arg(&schedstat)
+            .args(["--step-work", &s.step_work.to_string()])
+            .args(["--secs", &format!("{:.3}", total.as_secs_f64())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the training worker")?,
+    ));
+    thread::sleep(s.warmup);
+
+    let cgroup = match (policy.needs_cgroup(), s.cpu_root) {
+        (true, Some(root)) => Some(BenchCgroup::create(root, &format!("enforcer-bench-{tag}"))?),
+        (true, None) => bail!("no v1 cpu cgroup"),
+        (false, _) => None,
+    };
+    let eval_args = [
+        "bench".to_owned(),
+        "worker".to_owned(),
+        "eval".to_owned(),
+        "--threads".to_owned(),
+        s.eval_threads.to_string(),
+        "--mem-mib".to_owned(),
+        s.eval_mem_mib.to_string(),
+        "--secs".to_owned(),
+        format!("{:.3}", s.secs.as_secs_f64()),
+    ];
+    let mut controller = None;
+    let mut eval = if policy == Policy::Alone {
+        None
+    } else {
+        let mut cmd = match policy {
+            Policy::Nice => {
+                let mut c = Command::new("nice");
+                c.args(["-n", "19"]).arg(s.exe);
+                c
+            }
+            Policy::Idle => {
+                let mut c = Command::new("chrt");
+                c.args(["-i", "0"]).arg(s.exe);
+                c
+            }
+            Policy::Quota | Policy::Weight => {
+                let mut c = Command::new(s.enforcer);
+                c.args(["run", "--no-wait", "--no-idle", "--config"])
+                    .arg(enforcer_config(s.scratch, &tag, None)?);
+                if policy == Policy::Quota {
+                    c.args(["--cpu", "0.5"]);
+                } else {
+                    c.args(["--cpu-weight", "1"]);
+                }
+                c.arg("--report").arg(&report).arg("--").arg(s.exe);
+                c
+            }
+            Policy::Enforcer => {
+                // The progress file lets the enforcer report true slowdown.
+                let config = enforcer_config(s.scratch, &tag, Some(&progress))?;
+                let mut c = Command::new(s.enforcer);
+                c.args(["--log-format", "json", "run", "--no-wait", "--config"])
+                    .arg(&config)
+                    .arg("--protect")
+                    .arg(train.pid().to_string())
+                    .arg("--budget")
+                    .arg(format!("{}%", s.budget * 100.0))
+                    .arg("--report")
+                    .arg(&report)
+                    .arg("--")
+                    .arg(s.exe);
+                c
+            }
+            _ => Command::new(s.exe),
+        };
+        cmd.args(&eval_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if policy == Policy::Enforcer {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        if cgroup.is_some() {
+            controller = Some(Controller::new(ControllerConfig::new(s.budget, s.cpus)));
+        }
+        let now = Instant::now();
+        if let (Some(cg), Some(c)) = (&cgroup, controller.as_mut()) {
+            let d = c.start(now);
+            apply(cg, None, &d.controls, policy.cfs_period_us())?;
+        }
+        let mut child = cmd.spawn().context("starting the evaluation worker")?;
+        if let Some(stderr) = child.stderr.take() {
+            let status = Arc::clone(&status);
+            thread::spawn(move || follow_status(stderr, &status, false));
+        }
+        let eval = Reaped(Some(child));
+        if let Some(cg) = &cgroup {
+            // v1 moves every thread of the process; the worker has had no
+            // time to start its threads yet, and would be moved with them.
+            cg.add(eval.pid())?;
+        }
+        Some(eval)
+    };
+
+    if policy.via_enforcer()
+        && let Some(e) = &mut eval
+    {
+        // The enforcer loads its meter and learns the training's rate before
+        // it starts the job: the run starts with the job.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child_pids(e.pid()).is_empty() {
+            if let Some(status) = e.exited() {
+                bail!("enforcer run exited ({status}) before it started the evaluation");
+            }
+            if Instant::now() > deadline {
+                bail!("enforcer run did not start the evaluation within 60 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let t0 = Instant::now();
+    let base = read_schedstat(&schedstat);
+    let mut ticks = Vec::new();
+    let mut decisions = Vec::new();
+    let clk_tck = clock_ticks();
+    let mut next = t0;
+    loop {
+        let now = Instant::now();
+        let (run_ns, delay_ns) = read_schedstat(&schedstat);
+        let step = read_step(&progress);
+        let eval_cpu_s = match &eval {
+            // The evaluation runs as the enforcer's child: its CPU is the
+            // tree's minus the enforcer's own.
+            Some(e) if policy.via_enforcer() => {
+                tree_cpu_secs(e.pid(), clk_tck) - process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0)
+            }
+            Some(e) => process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0),
+            None => 0.0,
+        };
+        let mut judged = None;
+        if let (Some(c), Some(cg)) = (controller.as_mut(), &cgroup) {
+            let obs = Observation {
+                steal: Some(StealCounters {
+                    steal: Duration::from_nanos(delay_ns.saturating_sub(base.1)),
+                    training_on_cpu: Duration::from_nanos(run_ns.saturating_sub(base.0)),
+                }),
+                job_cpu: Some(Duration::from_secs_f64(eval_cpu_s)),
+                training_slowdown: None,
+            };
+            let before = c.controls();
+            if let Some(d) = c.step(obs, now) {
+                apply(cg, Some(&before), &d.controls, policy.cfs_period_us())?;
+                if d.controls.frozen != before.frozen
+                    && let Some(e) = &eval
+                {
+                    let sig = if d.controls.frozen {
+                        libc::SIGSTOP
+                    } else {
+                        libc::SIGCONT
+                    };
+                    // SAFETY: kill on our own child's pid.
+                    unsafe { libc::kill(e.pid() as i32, sig) };
+                }
+                decisions.push(format!("{:.1}s {d}", now.duration_since(t0).as_secs_f64()));
+            }
+            judged = c.last_stolen_fraction();
+        }
+        let controls = controller.as_ref().map(Controller::controls);
+        let (quota_cores, frozen) = if policy == Policy::Enforcer {
+            let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+            judged = st.stolen_fraction;
+            (st.quota_cores, st.frozen)
+        } else {
+            (
+                controls.and_then(|c| c.quota.cores()),
+                controls.is_some_and(|c| c.frozen),
+            )
+        };
+        ticks.push(Tick {
+            t: now.duration_since(t0).as_secs_f64(),
+            step,
+            run_ns,
+            delay_ns,
+            eval_cpu_s,
+            quota_cores,
+            frozen,
+            judged,
+        });
+        if now.duration_since(t0) >= s.secs {
+            break;
+        }
+        next += TICK;
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+
+    if policy == Policy::Enforcer
+        && let Ok(st) = status.lock()
+    {
+        decisions.clone_from(&st.decisions);
+    }
+    let eval_work_per_s = match eval {
+        Some(e) => {
+            // SAFETY: kill on our own child's pid; a frozen job must finish.
+            unsafe { libc::kill(e.pid() as i32, libc::SIGCONT) };
+            let out = e.wait_output()?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let line = line
+                .lines()
+                .rev()
+                .find(|l| l.contains("\"work\""))
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("evaluation output {:?} ({})", out.stdout, out.status))?;
+            let work = v["work"].as_f64().context("evaluation reported no work")?;
+            let secs = v["secs"].as_f64().context("evaluation reported no secs")?;
+            Some(work / secs)
+        }
+        None => None,
+    };
+    drop(train);
+    drop(cgroup);
+    let _ = fs::remove_file(&progress);
+    let _ = fs::remove_file(&schedstat);
+    let reported: Option<serde_json::Value> = fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let _ = fs::remove_file(&report);
+    if policy.via_enforcer() && reported.is_none() {
+        bail!("enforcer run wrote no report at {}", report.display());
+    }
+    let field = |k: &str| reported.as_ref().and_then(|r| r[k].as_f64());
+
+    let first = ticks.first().context("no ticks")?;
+    let last = ticks.last().context("no ticks")?;
+    let dt = (last.t - first.t).max(1e-3);
+    let train_steps_per_s = (last.step.saturating_sub(first.step)) as f64 / dt;
+    let wait_fraction = fraction(first, last);
+    let eval_cpu_cores =
+        (policy != Policy::Alone).then(|| (last.eval_cpu_s - first.eval_cpu_s) / dt);
+    let is_loop = controller.is_some() || policy == Policy::Enforcer;
+    // The enforcer row is judged on what the enforcer measured (its eBPF
+    // steal, a trailing 1 s window, logged once a second); the in-bench
+    // loops on the schedstat wait they ran on.
+    let trailing = if policy == Policy::Enforcer {
+        let mut v: Vec<(f64, f64)> = Vec::new();
+        for t in &ticks {
+            if let Some(j) = t.judged
+                && v.last().is_none_or(|(_, last)| *last != j)
+            {
+                v.push((t.t, j));
+            }
+        }
+        v
+    } else {
+        trailing_fractions(&ticks)
+    };
+    let trailing_step = if policy == Policy::Enforcer {
+        1.0
+    } else {
+        TICK.as_secs_f64()
+    };
+    let over_budget_s = is_loop
+        .then(|| trailing.iter().filter(|(_, f)| *f > s.budget).count() as f64 * trailing_step);
+    let under_budget_after_s = if is_loop {
+        trailing
+            .iter()
+            .find(|(_, f)| *f <= s.budget)
+            .map(|(t, _)| *t)
+    } else {
+        None
+    };
+    let steady: Vec<f64> = trailing
+        .iter()
+        .filter(|(t, _)| *t >= 2.0)
+        .map(|(_, f)| *f)
+        .collect();
+    let (steady_min, steady_max) = if is_loop && !steady.is_empty() {
+        (
+            Some(steady.iter().copied().fold(1.0, f64::min)),
+            Some(steady.iter().copied().fold(0.0, f64::max)),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(RunResult {
+        policy,
+        round,
+        train_steps_per_s,
+        wait_fraction,
+        eval_work_per_s,
+        eval_cpu_cores,
+        decisions,
+        over_budget_s,
+        under_budget_after_s,
+        steady_min,
+        steady_max,
+        reported_stolen_fraction: field("stolen_fraction"),
+        reported_slowdown: field("training_slowdown"),
+        reported_over_budget_s: field("over_budget_s"),
+        ticks,
+    })
+}
+
+fn apply(
+    cg: &BenchCgroup,
+    before: Option<&super::controller::CpuControls>,
+    to: &super::controller::CpuControls,
+    period_us: u64,
+) -> Result<()> {
+    if before.is_none_or(|b| b.idle != to.idle) {
+        cg.write("cpu.idle", if to.idle { "1" } else { "0" })?;
+    }
+    if before.is_none_or(|b| b.quota != to.quota) {
+        let cores = match to.quota {
+            Quota::Unlimited => None,
+            Quota::Cores(c) => Some(c),
+        };
+        cg.set_quota(cores, period_us)?;
+    }
+    Ok(())
+}
+
+fn policy_slug(p: Policy) -> String {
+    p.to_possible_value()
+        .map_or_else(|| format!("{p:?}"), |v| v.get_name().to_owned())
+}
+
+fn fraction(a: &Tick, b: &Tick) -> f64 {
+    let d = b.delay_ns.saturating_sub(a.delay_ns) as f64;
+    let r = b.run_ns.saturating_sub(a.run_ns) as f64;
+    if d + r > 0.0 { d / (d + r) } else { 0.0 }
+}
+
+/// `(t, fraction over [t − 1 s, t])` for every tick at least 1 s in.
+fn trailing_fractions(ticks: &[Tick]) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for (i, b) in ticks.iter().enumerate() {
+        while j < i && ticks[j + 1].t <= b.t - 1.0 {
+            j += 1;
+        }
+        if b.t - ticks[j].t >= 0.95 {
+            out.push((b.t, fraction(&ticks[j], b)));
+        }
+    }
+    out
+}
+
+fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row> {
+    let alone_by_round: Vec<Option<f64>> = (0..rounds)
+        .map(|r| {
+            runs.iter()
+                .find(|x| x.policy == Policy::Alone && x.round == r)
+                .map(|x| x.train_steps_per_s)
+        })
+        .collect();
+    let idle_work = median(
+        runs.iter()
+            .filter(|r| r.policy == Policy::Idle)
+            .filter_map(|r| r.eval_work_per_s),
+    );
+    policies
+        .iter()
+        .map(|&p| {
+            let of: Vec<&RunResult> = runs.iter().filter(|r| r.policy == p).collect();
+            let eval_work = median(of.iter().filter_map(|r| r.eval_work_per_s));
+            Row {
+                policy: p,
+                label: p.label(),
+                train_steps_per_s: median(of.iter().map(|r| r.train_steps_per_s)).unwrap_or(0.0),
+                slowdown: median(of.iter().filter_map(|r| {
+                    alone_by_round[r.round].map(|a| 1.0 - r.train_steps_per_s / a)
+                }))
+                .filter(|_| p != Policy::Alone),
+                eval_work_per_s: eval_work,
+                eval_vs_idle: eval_work.zip(idle_work).map(|(w, i)| w / i),
+                eval_cpu_cores: median(of.iter().filter_map(|r| r.eval_cpu_cores)),
+                wait_fraction: median(of.iter().map(|r| r.wait_fraction)).unwrap_or(0.0),
+                over_budget_s: median(of.iter().filter_map(|r| r.over_budget_s)),
+                under_budget_after_s: median(of.iter().filter_map(|r| r.under_budget_after_s)),
+                steady_min: median(of.iter().filter_map(|r| r.steady_min)),
+                steady_max: median(of.iter().filter_map(|r| r.steady_max)),
+                reported_stolen_fraction: median(
+                    of.iter().filter_map(|r| r.reported_stolen_fraction),
+                ),
+                reported_slowdown: median(of.iter().filter_map(|r| r.reported_slowdown)),
+                reported_over_budget_s: median(of.iter().filter_map(|r| r.reported_over_budget_s)),
+            }
+        })
+        .collect()
+}
+
+#[expect(clippy::print_stdout, reason = "the table is the bench's output")]
+fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: &str) {
+    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}", v * 100.0));
+    let num = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
+    println!(
+        "\ncontention bench: {cpus} CPUs, budget {budget_pct:.0}%, load {before} -> {after}; medians over rounds"
+    );
+    println!(
+        "{:<38} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
+        "policy",
+        "steps/s",
+        "slowdown%",
+        "eval u/s",
+        "eval/idle%",
+        "eval CPU",
+        "wait%",
+        "over s",
+        "under at s",
+        "steady wait%",
+        "rep.steal%",
+        "rep.slow%",
+        "rep.over"
+    );
+    for r in rows {
+        let steady = match (r.steady_min, r.steady_max) {
+            (Some(a), Some(b)) => format!("{:.1}-{:.1}", a * 100.0, b * 100.0),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{:<38} {:>8.1} {:>9} {:>10} {:>9} {:>9} {:>8.1} {:>8} {:>10} {:>12} {:>9} {:>9} {:>7}",
+            r.label,
+            r.train_steps_per_s,
+            pct(r.slowdown),
+            num(r.eval_work_per_s, 0),
+            pct(r.eval_vs_idle),
+            num(r.eval_cpu_cores, 2),
+            r.wait_fraction * 100.0,
+            num(r.over_budget_s, 1),
+            num(r.under_budget_after_s, 1),
+            steady,
+            pct(r.reported_stolen_fraction),
+            pct(r.reported_slowdown),
+            num(r.reported_over_budget_s, 1),
+        );
+    }
+    println!(
+        "wait% = training run-queue wait ÷ (run + wait) from its threads' schedstat (waits behind any task, not only the evaluation); \
+         over s / under at s / steady: trailing 1 s wait fraction vs the budget (loop and enforcer rows); rep.* = the enforcer's own job report"
+    );
+}
+
+pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+pub(super) fn read_step(path: &Path) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub(super) fn read_schedstat(path: &Path) -> (u64, u64) {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut f = text
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(0));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+pub(super) fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// utime + stime of a process (all its threads), in seconds.
+pub(super) fn process_cpu_secs(pid: u32, clk_tck: f64) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck)
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The bench's own cgroup in the v1 `cpu` hierarchy.
+fn own_v1_cpu_cgroup() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
+    let mount = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split_whitespace();
+            let fstype = post.next()?;
+            let _src = post.next()?;
+            let opts = post.next()?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "cpu"))
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .context("no v1 cgroup hierarchy with the cpu controller is mounted")?;
+    let own = fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let _id = p.next()?;
+            let ctrls = p.next()?;
+            let path = p.next()?;
+            ctrls
+                .split(',')
+                .any(|c| c == "cpu")
+                .then(|| path.to_owned())
+        })
+        .context("/proc/self/cgroup has no cpu line")?;
+    Ok(mount.join(rel.trim_start_matches('/')))
+}
+
+/// The latest `budget status` log line of an enforcer.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Status {
+    pub stolen_fraction: Option<f64>,
+    pub training_slowdown: Option<f64>,
+    pub quota_cores: Option<f64>,
+    pub job_cpu_cores: Option<f64>,
+    pub frozen: bool,
+    /// A status line has been seen.
+    pub seen: bool,
+    /// Every `budget decision` line, in order.
+    pub decisions: Vec<String>,
+}
+
+/// Whether this enforcer binary has `run --protect` (the budget loop).
+pub(super) fn supports_protect(enforcer: &Path) -> bool {
+    Command::new(enforcer)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--protect")
+        })
+}
+
+/// Reads an enforcer's JSON log lines and keeps the latest budget status;
+/// with `echo`, passes every other line through to stderr.
+pub(super) fn follow_status(stderr: impl std::io::Read, status: &Mutex<Status>, echo: bool) {
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            if echo {
+                eprintln!("{line}");
+            }
+            continue;
+        };
+        let fields = &v["fields"];
+        if fields["message"].as_str() == Some("budget status") {
+            if let Ok(mut s) = status.lock() {
+                s.stolen_fraction = fields["stolen_fraction"].as_f64();
+                s.training_slowdown = fields["training_slowdown"].as_f64();
+                s.quota_cores = fields["quota_cores"].as_f64();
+                s.job_cpu_cores = fields["job_cpu_cores"].as_f64();
+                s.frozen = fields["frozen"].as_bool().unwrap_or(false);
+                s.seen = true;
+            }
+            continue;
+        }
+        if fields["message"].as_str() == Some("budget decision")
+            && let Ok(mut s) = status.lock()
+        {
+            let at = v["timestamp"].as_str().unwrap_or("");
+            let d = fields["decision"].as_str().unwrap_or("");
+            s.decisions.push(format!("{at} {d}"));
+        }
+        if echo && !(fields["message"] == "job event" && fields["event"] == "budget") {
+            // Budget events repeat the `budget decision` line: not echoed.
+            let rest: serde_json::Map<String, serde_json::Value> = fields
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(k, _)| *k != "message")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "  [enforcer] {} {}",
+                fields["message"].as_str().unwrap_or(""),
+                serde_json::Value::Object(rest)
+            );
+        }
+    }
+}
+
+/// A config for one `enforcer run` of the bench: a private state directory
+/// (its job slots are not shared with other enforcers on the host) and, for
+/// the enforcer row, the training's progress file.
+fn enforcer_config(scratch: &Path, tag: &str, progress: Option<&Path>) -> Result<PathBuf> {
+    let path = scratch.join(format!("config-{tag}.toml"));
+    let state = scratch.join(format!("state-{tag}"));
+    let mut text = format!("state_dir = {:?}\n", state.display().to_string());
+    if let Some(p) = progress {
+        text.push_str(&format!(
+            "\n[training]\nprogress_file = {:?}\n",
+            p.display().to_string()
+        ));
+    }
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The direct children of a process.
+fn child_pids(pid: u32) -> Vec<u32> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
+    tasks
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// CPU seconds of a process and all its descendants.
+pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
+    let mut total = process_cpu_secs(pid, clk).unwrap_or(0.0);
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += tree_cpu_secs(c, clk);
+        }
+    }
+    total
+}
