@@ -80,3 +80,32 @@ pub fn kernel_release() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
+
+/// The `eval-workload` helper program: `$EVAL_WORKLOAD_BIN`, else the one
+/// cargo built with the tests, else one next to the enforcer binary (the VM
+/// image puts both in /bin), else `eval-workload` on PATH.
+///
+/// A macro because `CARGO_BIN_EXE_*` is only set when compiling the
+/// integration tests themselves, not this library.
+#[macro_export]
+macro_rules! eval_workload {
+    () => {
+        $crate::locate_workload(env!("CARGO_BIN_EXE_eval-workload"))
+    };
+}
+
+/// See [`eval_workload!`]; `built` is cargo's path of the helper.
+pub fn locate_workload(built: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(built);
+    if built.is_file() {
+        return built;
+    }
+    let sibling = enforcer_bin().with_file_name("eval-workload");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("eval-workload")
+}

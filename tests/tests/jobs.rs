@@ -14,22 +14,8 @@ use std::{
 
 use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
 
-/// The `eval-workload` helper: `$EVAL_WORKLOAD_BIN`, else the one cargo
-/// built with these tests, else one next to the enforcer binary (the VM
-/// image puts both in /bin), else `eval-workload` on PATH.
 fn workload() -> PathBuf {
-    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
-        return PathBuf::from(p);
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
-    if built.is_file() {
-        return built;
-    }
-    let sibling = enforcer_bin().with_file_name("eval-workload");
-    if sibling.is_file() {
-        return sibling;
-    }
-    PathBuf::from("eval-workload")
+    enforcer_tests::eval_workload!()
 }
 
 /// A scratch directory removed on drop.

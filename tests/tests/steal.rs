@@ -13,22 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+use enforcer_tests::{enforcer, require_root, unique_name};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("EVAL_WORKLOAD_BIN") {
-        return PathBuf::from(p);
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_eval-workload"));
-    if built.is_file() {
-        return built;
-    }
-    let sibling = enforcer_bin().with_file_name("eval-workload");
-    if sibling.is_file() {
-        return sibling;
-    }
-    PathBuf::from("eval-workload")
+    enforcer_tests::eval_workload!()
 }
 
 /// A process this test started; killed and reaped on drop.
