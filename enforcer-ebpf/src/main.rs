@@ -237,7 +237,7 @@ fn job_slot_of_current<const ANCESTORS: bool>() -> Option<u32> {
     // SAFETY: helpers without arguments to validate.
     let id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values of this map are plain u32.
-    if let Some(slot) = unsafe { JOBS.get(&id) } {
+    if let Some(slot) = unsafe { JOBS.get(id) } {
         return Some(*slot);
     }
     if !ANCESTORS {
@@ -251,7 +251,7 @@ fn job_slot_of_current<const ANCESTORS: bool>() -> Option<u32> {
         // SAFETY: the helper validates the level itself (0 when too deep).
         let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         // SAFETY: as above.
-        if let Some(slot) = unsafe { JOBS.get(&ancestor) } {
+        if let Some(slot) = unsafe { JOBS.get(ancestor) } {
             return Some(*slot);
         }
     }
@@ -560,7 +560,7 @@ pub fn steal_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if tgid != (pid_tgid >> 32) as u32 {
         add_to_filter(tgid);
     }
-    if TRAINING_TASKS.insert(&tid, &task, 0).is_ok() {
+    if TRAINING_TASKS.insert(tid, task, 0).is_ok() {
         totals.threads_forked += 1;
     } else {
         totals.threads_dropped += 1;
@@ -614,7 +614,7 @@ pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
             };
         }
     }
-    if TRAINING_TASKS.remove(&tid).is_ok() {
+    if TRAINING_TASKS.remove(tid).is_ok() {
         totals.threads_exited += 1;
     }
     0

@@ -25,6 +25,9 @@ pub struct LimitEvents {
     high_events: u64,
     pids_max: u64,
     above_high: bool,
+    /// v1: the peak usage seen at the last tick, to catch an excursion over
+    /// the soft limit that began and ended between two ticks.
+    last_peak: u64,
     last_high: Option<Duration>,
     last_pids: Option<Duration>,
 }
@@ -79,8 +82,14 @@ impl Monitor for LimitEvents {
             }
             None => {
                 if let (Some(cur), Some(high)) = (s.memory_current, s.memory_high_limit) {
+                    // A short-lived allocation can cross the soft limit and
+                    // be freed between two polls: the peak, which only
+                    // grows, still shows it.
+                    let peak = s.memory_peak.unwrap_or(0);
+                    let peak_crossed = peak > high && peak > self.last_peak;
+                    self.last_peak = self.last_peak.max(peak);
                     let above = cur > high;
-                    if above && !self.above_high && due(self.last_high, now) {
+                    if (above || peak_crossed) && !self.above_high && due(self.last_high, now) {
                         ctx.emit(Event::new(
                             events::MEMORY_HIGH,
                             json!({ "memory_high_bytes": high, "memory_current_bytes": cur }),
@@ -150,5 +159,38 @@ mod tests {
         // Hits between two events are carried in the next one.
         assert_eq!(events[4].detail["refused_forks"], 3);
         assert_eq!(events[5].detail["throttle_events"], 20);
+    }
+
+    #[test]
+    fn v1_soft_limit_excursion_between_two_polls_is_seen_through_the_peak() {
+        let d = tempfile::tempdir().unwrap();
+        let cg = JobCgroup::V2(V2Job::open(
+            CgFs::new(vec![d.path().to_owned()]),
+            d.path().to_owned(),
+            d.path().join("main"),
+        ));
+        let mut m = LimitEvents::default();
+        let mut events = Vec::new();
+        // v1: no high counter; usage is back under the soft limit at the
+        // poll, but the peak shows the job went over it meanwhile.
+        let stats = Stats {
+            memory_current: Some(10 << 20),
+            memory_peak: Some(60 << 20),
+            memory_high_limit: Some(40 << 20),
+            ..Stats::default()
+        };
+        for at_ms in [100, 200] {
+            let mut ctx = TickContext::new(
+                &cg,
+                &stats,
+                Duration::from_millis(at_ms),
+                Instant::now(),
+                &mut events,
+            );
+            m.tick(&mut ctx).unwrap();
+        }
+        // One event for the one excursion: the same peak is not a new one.
+        let kinds: Vec<&str> = events.iter().map(|e| &*e.event).collect();
+        assert_eq!(kinds, ["memory_high"], "{events:?}");
     }
 }
