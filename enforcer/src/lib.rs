@@ -23,5 +23,6 @@ pub mod job;
 pub mod privilege;
 pub mod probe;
 pub mod report;
+pub mod sched;
 pub mod slots;
 pub mod units;

@@ -231,16 +231,9 @@ impl BudgetMonitor {
                 if !self.idle_tids.insert(tid) {
                     continue;
                 }
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sched_setscheduler reads a valid sched_param; the
-                // tid belongs to the job's own cgroup.
-                let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
-                if rc != 0 {
-                    tracing::debug!(
-                        tid,
-                        error = %std::io::Error::last_os_error(),
-                        "SCHED_IDLE for a job thread failed"
-                    );
+                // The tid belongs to the job's own cgroup.
+                if let Err(error) = crate::sched::set_thread_policy(tid, libc::SCHED_IDLE, 0) {
+                    tracing::debug!(tid, %error, "SCHED_IDLE for a job thread failed");
                 }
             }
         }

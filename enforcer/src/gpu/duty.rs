@@ -254,29 +254,16 @@ fn wait_until(shared: &(Mutex<Shared>, Condvar), deadline: Instant) -> bool {
 /// its share. It runs a few microseconds per half-period, so the real-time
 /// class costs other tasks nothing measurable.
 fn realtime_if_allowed() -> bool {
-    // musl's sched_param has more fields than glibc's: start from zeroes.
-    // SAFETY: sched_param is plain integers, for which all-zero is valid.
-    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-    param.sched_priority = 1;
-    // The raw system call: musl's sched_setscheduler() is a stub that
-    // returns ENOSYS (the kernel's is per thread, unlike POSIX's), and the
-    // VM tests run a static musl build. tid 0 is the calling thread.
-    // SAFETY: the arguments are a tid, a policy and a valid sched_param.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setscheduler,
-            0,
-            libc::SCHED_FIFO,
-            &raw const param,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            error = %io::Error::last_os_error(),
-            "duty-cycle thread stays in the normal class (no SCHED_FIFO): timing may slip under load"
-        );
+    match crate::sched::set_thread_policy(0, libc::SCHED_FIFO, 1) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(
+                %error,
+                "duty-cycle thread stays in the normal class (no SCHED_FIFO): timing may slip under load"
+            );
+            false
+        }
     }
-    rc == 0
 }
 
 fn drive(freezer: &impl Freezer, period: Duration, shared: &(Mutex<Shared>, Condvar)) {

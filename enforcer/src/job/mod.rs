@@ -139,19 +139,13 @@ pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 /// thread sleeps in it, so it takes nothing from anyone. Failing (no
 /// CAP_SYS_NICE, no RT budget in our cgroup) only logs.
 fn realtime(on: bool) {
-    // musl's sched_param has more fields than glibc's: start from zeroes.
-    // SAFETY: sched_param is plain old data; all-zero is a valid value.
-    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-    param.sched_priority = i32::from(on);
     let policy = if on {
         libc::SCHED_FIFO
     } else {
         libc::SCHED_OTHER
     };
-    // SAFETY: sched_setscheduler on the calling thread with a valid param.
-    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if rc != 0 {
-        tracing::debug!(on, error = %std::io::Error::last_os_error(), "could not change the supervisor's scheduling class");
+    if let Err(error) = crate::sched::set_thread_policy(0, policy, i32::from(on)) {
+        tracing::debug!(on, %error, "could not change the supervisor's scheduling class");
     } else if !on {
         raise_priority();
     }
