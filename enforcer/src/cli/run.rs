@@ -410,6 +410,10 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
         tracing::error!("applying the job's limits: {e}");
         return Err(EXIT_FAILURE);
     }
+    if let Err(e) = subtree.set_slice_idle(plan.limits.cpu_idle) {
+        tracing::error!("setting the evaluation slice's CPU class: {e}");
+        return Err(EXIT_FAILURE);
+    }
     Ok(Started {
         guard,
         _lock: lock,
