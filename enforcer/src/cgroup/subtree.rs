@@ -337,8 +337,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn v2_agent_moves_itself_into_a_leaf_and_jobs_go_under_eval() {
+    /// A fake v2 service cgroup `svc` (with its `agent` leaf and `eval`
+    /// base; fake mkdir does not make the kernel's files, so they are
+    /// precreated) in a temporary cgroupfs.
+    fn fake_v2_service() -> (tempfile::TempDir, PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let own = d.path().join("svc");
         fs::create_dir(&own).unwrap();
@@ -347,10 +349,15 @@ mod tests {
         fs::write(own.join("cgroup.subtree_control"), "").unwrap();
         fs::create_dir(own.join(V2_AGENT)).unwrap();
         fs::write(own.join("agent/cgroup.procs"), "").unwrap();
-        // Fake mkdir does not make the kernel's files in eval/: precreate.
         fs::create_dir(own.join(V2_BASE)).unwrap();
         fs::write(own.join("eval/cgroup.controllers"), "cpu memory pids").unwrap();
         fs::write(own.join("eval/cgroup.subtree_control"), "").unwrap();
+        (d, own)
+    }
+
+    #[test]
+    fn v2_agent_moves_itself_into_a_leaf_and_jobs_go_under_eval() {
+        let (d, own) = fake_v2_service();
         let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
         assert_eq!(
             fs::read_to_string(own.join("agent/cgroup.procs")).unwrap(),
@@ -366,17 +373,7 @@ mod tests {
 
     #[test]
     fn slice_follows_the_job_into_the_idle_class_or_the_lowest_weight_without_cpu_idle() {
-        let d = tempfile::tempdir().unwrap();
-        let own = d.path().join("svc");
-        fs::create_dir(&own).unwrap();
-        fs::write(own.join("cgroup.controllers"), "cpu memory pids").unwrap();
-        fs::write(own.join("cgroup.procs"), "").unwrap();
-        fs::write(own.join("cgroup.subtree_control"), "").unwrap();
-        fs::create_dir(own.join(V2_AGENT)).unwrap();
-        fs::write(own.join("agent/cgroup.procs"), "").unwrap();
-        fs::create_dir(own.join(V2_BASE)).unwrap();
-        fs::write(own.join("eval/cgroup.controllers"), "cpu memory pids").unwrap();
-        fs::write(own.join("eval/cgroup.subtree_control"), "").unwrap();
+        let (d, own) = fake_v2_service();
         // A kernel before 5.15: no cpu.idle, only the weight.
         fs::write(own.join("eval/cpu.weight"), "100").unwrap();
         let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();

@@ -113,14 +113,21 @@ mod tests {
     use super::*;
     use crate::cgroup::{JobCgroup, Stats, fs::CgFs, v2::V2Job};
 
-    #[test]
-    fn repeated_limit_hits_are_rate_limited_and_oom_kills_are_not() {
+    /// A v2 job handle on an empty temporary directory: the monitor only
+    /// reads the stats it is handed.
+    fn fake_job() -> (tempfile::TempDir, JobCgroup) {
         let d = tempfile::tempdir().unwrap();
         let cg = JobCgroup::V2(V2Job::open(
             CgFs::new(vec![d.path().to_owned()]),
             d.path().to_owned(),
             d.path().join("main"),
         ));
+        (d, cg)
+    }
+
+    #[test]
+    fn repeated_limit_hits_are_rate_limited_and_oom_kills_are_not() {
+        let (_d, cg) = fake_job();
         let mut m = LimitEvents::default();
         let mut events = Vec::new();
         let mut tick = |m: &mut LimitEvents, at_ms: u64, high: u64, pids: u64, oom: u64| {
@@ -163,12 +170,7 @@ mod tests {
 
     #[test]
     fn v1_soft_limit_excursion_between_two_polls_is_seen_through_the_peak() {
-        let d = tempfile::tempdir().unwrap();
-        let cg = JobCgroup::V2(V2Job::open(
-            CgFs::new(vec![d.path().to_owned()]),
-            d.path().to_owned(),
-            d.path().join("main"),
-        ));
+        let (_d, cg) = fake_job();
         let mut m = LimitEvents::default();
         let mut events = Vec::new();
         // v1: no high counter; usage is back under the soft limit at the
