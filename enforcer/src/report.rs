@@ -34,6 +34,17 @@ pub enum Reason {
 pub const NO_TRAINING: &str = "no training workload to protect (use --protect PID)";
 pub const NO_GPU: &str = "GPU telemetry not collected";
 
+/// The report fields the steal meter fills (`probe::monitor`); null with
+/// [`NO_TRAINING`] until it does.
+pub const STEAL_FIELDS: [&str; 6] = [
+    "stolen_from_training_s",
+    "stolen_fraction",
+    "preemptions_of_training",
+    "training_runq_wait_s",
+    "budget_fraction",
+    "over_budget_s",
+];
+
 /// Fields whose `null` means "none" (no signal, no deadline fired, no quota
 /// set), not a metric this node could not provide.
 const NULL_MEANS_NONE: [&str; 6] = [
@@ -99,15 +110,7 @@ pub struct Report {
 impl Report {
     pub fn new(job: &str, command: &[String], started: SystemTime) -> Self {
         let mut unavailable = BTreeMap::new();
-        for k in [
-            "stolen_from_training_s",
-            "stolen_fraction",
-            "preemptions_of_training",
-            "training_runq_wait_s",
-            "budget_fraction",
-            "over_budget_s",
-            "training_slowdown",
-        ] {
+        for k in STEAL_FIELDS.into_iter().chain(["training_slowdown"]) {
             unavailable.insert(k.to_owned(), NO_TRAINING.to_owned());
         }
         unavailable.insert("gpu".to_owned(), NO_GPU.to_owned());

@@ -12,7 +12,7 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, finish_report, job_monitors, runtime,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, block_on, finish_report, job_monitors,
     start_or_interrupt,
 };
 use crate::{
@@ -57,14 +57,7 @@ pub fn run(args: AttachArgs) -> ExitCode {
         tracing::error!("refusing to attach: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "starting the async runtime failed");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    ExitCode::from(rt.block_on(attach_async(plan, &args)))
+    ExitCode::from(block_on(attach_async(plan, &args)))
 }
 
 async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {

@@ -11,7 +11,7 @@ use std::{
 
 use clap::Args;
 
-use super::run::{EXIT_FAILURE, EXIT_USAGE, JobGuard, default_monitors, finish_report, runtime};
+use super::run::{EXIT_FAILURE, EXIT_USAGE, JobGuard, block_on, default_monitors, finish_report};
 use crate::{
     cgroup::{CgroupError, Layout, Limits, subtree::current_job},
     config::Config,
@@ -131,14 +131,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "starting the async runtime failed");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let code = rt.block_on(async {
+    let code = block_on(async {
         let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();

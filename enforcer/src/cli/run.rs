@@ -241,12 +241,22 @@ impl Drop for JobGuard {
     }
 }
 
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    // One thread: the child's PR_SET_PDEATHSIG is tied to the thread that
-    // forked it, which must live as long as the job.
-    tokio::runtime::Builder::new_current_thread()
+/// Runs `job` to completion on a one-thread runtime and returns its exit
+/// status (EXIT_FAILURE when the runtime cannot start).
+///
+/// One thread: the child's PR_SET_PDEATHSIG is tied to the thread that
+/// forked it, which must live as long as the job.
+pub fn block_on<T: From<u8>>(job: impl std::future::Future<Output = T>) -> T {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+    {
+        Ok(rt) => rt.block_on(job),
+        Err(e) => {
+            tracing::error!(error = %e, "starting the async runtime failed");
+            T::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// The monitors a job gets. The steal meter, the budget controller and the
@@ -325,14 +335,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "starting the async runtime failed");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    ExitCode::from(rt.block_on(run_async(plan, &args)))
+    ExitCode::from(block_on(run_async(plan, &args)))
 }
 
 /// [`start_job`], abandoned (exit 128+N) if signal N arrives meanwhile,

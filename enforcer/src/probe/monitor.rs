@@ -30,16 +30,6 @@ use crate::{
 pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
 pub const BUDGET_RECOVERED: &str = "budget_recovered";
 
-/// The report fields this monitor owns.
-const FIELDS: [&str; 6] = [
-    "stolen_from_training_s",
-    "stolen_fraction",
-    "preemptions_of_training",
-    "training_runq_wait_s",
-    "budget_fraction",
-    "over_budget_s",
-];
-
 const JOB_KEY: &str = "job";
 
 /// Resolves `training.cgroup` (absolute, or relative to the cgroup v2 root)
@@ -314,12 +304,12 @@ impl Monitor for StealMonitor {
                 report.training_runq_wait_s = Some(wait as f64 / 1e9);
                 report.budget_fraction = Some(self.budget);
                 report.over_budget_s = Some(run.window.over_budget().as_secs_f64());
-                for f in FIELDS {
+                for f in crate::report::STEAL_FIELDS {
                     report.unavailable.remove(f);
                 }
             }
             State::Unavailable(reason) => {
-                for f in FIELDS {
+                for f in crate::report::STEAL_FIELDS {
                     report.unavailable(f, reason.clone());
                 }
             }
