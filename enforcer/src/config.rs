@@ -78,6 +78,9 @@ pub struct Config {
     /// How often the job supervisor ticks (monitors, budget controller).
     #[serde(deserialize_with = "nonzero_dur")]
     pub control_period: Dur,
+    /// Let the budget loop confine a protected job to the CPUs the training
+    /// leaves free (cpuset); `false` keeps every job on every CPU.
+    pub place_jobs: bool,
     /// GPU utilisation an evaluation may use.
     #[serde(deserialize_with = "budget_percent")]
     pub gpu_util_limit: Percent,
@@ -121,6 +124,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/enforcer"),
             budget: Percent::from_fraction(0.05),
             control_period: Dur::millis(100),
+            place_jobs: true,
             gpu_util_limit: Percent::from_fraction(0.80),
             gpu_memory_limit: None,
             training: Training::default(),

@@ -126,6 +126,9 @@ pub enum Reason {
     },
     /// The freeze ran its time; the job resumes at the floor.
     Thaw { frozen_for: Duration },
+    /// The job was moved to other CPUs (`cores` of them): the quota starts
+    /// again from the start value within them.
+    Placed { cores: f64 },
 }
 
 /// A change of the job's CPU controls, with the reason, for the actuator, the
@@ -181,6 +184,9 @@ impl fmt::Display for Decision {
                 "job thawed after {:.1}s frozen, at quota {to}",
                 frozen_for.as_secs_f64()
             ),
+            Reason::Placed { cores } => {
+                write!(f, "job placed on {cores:.0} CPUs: quota {from} -> {to}")
+            }
         }
     }
 }
@@ -277,6 +283,8 @@ struct Sample {
 #[derive(Debug)]
 pub struct Controller {
     config: ControllerConfig,
+    /// `config.max_cores` as configured: placements only lower it.
+    node_cores: f64,
     controls: CpuControls,
     samples: VecDeque<Sample>,
     last_change: Option<Instant>,
@@ -300,6 +308,7 @@ impl Controller {
             frozen: false,
         };
         Self {
+            node_cores: config.max_cores,
             config,
             controls,
             samples: VecDeque::new(),
@@ -342,6 +351,26 @@ impl Controller {
             reason: Reason::Start,
             budget: self.config.budget,
         }
+    }
+
+    /// The job now runs on `cores` CPUs (see `super::placement`): that is
+    /// its node from now on, the quota starts again from the start value
+    /// within it (the old one was found for other CPUs), and the signal is
+    /// judged only on what happens after the move. A frozen job stays
+    /// frozen until its thaw.
+    pub fn placed(&mut self, now: Instant, cores: f64) -> Option<Decision> {
+        self.config.max_cores = cores.min(self.node_cores).max(self.config.floor_cores);
+        self.last_change = Some(now);
+        self.over_at_floor_since = None;
+        if self.controls.frozen {
+            return None;
+        }
+        let quota = match self.config.start_cores {
+            Some(c) if c < self.config.max_cores => Quota::Cores(c.max(self.config.floor_cores)),
+            _ => Quota::Unlimited,
+        };
+        self.last_tighten = None;
+        Some(self.change(now, |c| c.quota = quota, Reason::Placed { cores }))
     }
 
     /// One control period: record `obs` taken at `now`, return the change to
@@ -632,6 +661,45 @@ mod tests {
 
     fn quota(c: &Controller) -> f64 {
         c.controls().quota.cores().unwrap_or(f64::INFINITY)
+    }
+
+    #[test]
+    fn a_placement_restarts_the_quota_within_the_new_cpus_and_judges_only_after_it() {
+        let (mut c, mut sim) = controller();
+        // Far over budget: the quota falls from the start value.
+        for _ in 0..10 {
+            let obs = sim.advance(0.3, 1.0);
+            c.step(obs, sim.now);
+        }
+        assert!(quota(&c) < 0.5, "quota {}", quota(&c));
+        // Placed on one CPU of two: the start quota (1 core) fills it.
+        let d = c.placed(sim.now, 1.0).expect("a decision");
+        assert_eq!(d.reason, Reason::Placed { cores: 1.0 });
+        assert_eq!(d.controls.quota, Quota::Unlimited);
+        assert_eq!(
+            d.to_string(),
+            format!(
+                "job placed on 1 CPUs: quota {} -> unlimited",
+                d.previous.quota
+            )
+        );
+        // The steal before the move is not judged: a clean period after it
+        // changes nothing.
+        let obs = sim.advance(0.0, 1.0);
+        assert_eq!(c.step(obs, sim.now), None);
+        // Over budget again: the tightening starts from the new CPUs (1 core).
+        let mut tightened = None;
+        for _ in 0..5 {
+            let obs = sim.advance(0.3, 1.0);
+            tightened = tightened.or(c.step(obs, sim.now));
+        }
+        let q = tightened
+            .expect("tightened")
+            .controls
+            .quota
+            .cores()
+            .expect("a quota");
+        assert!(q <= 0.5 + 1e-9, "quota {q}");
     }
 
     /// A plant model: stolen fraction grows with the quota (what BRIEF §3

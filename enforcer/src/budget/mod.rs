@@ -5,12 +5,15 @@
 //!
 //! - [`controller`]: the pure state machine (observations in, decisions out);
 //! - [`progress`]: the training's progress file, baseline rate and slowdown;
+//! - [`placement`]: which CPUs the job runs on (those the training leaves
+//!   free);
 //! - [`actuator`]: what the controller needs from a job's cgroup;
 //! - [`monitor`]: the loop plugged into the job supervisor.
 
 pub mod actuator;
 pub mod controller;
 pub mod monitor;
+pub mod placement;
 pub mod progress;
 
 pub use actuator::{CpuActuator, apply};

@@ -18,10 +18,11 @@ use serde_json::json;
 use super::{
     actuator::{CpuActuator, apply},
     controller::{Controller, ControllerConfig, Observation, Reason, StealCounters},
+    placement::{Placement, PlacementConfig},
     progress::{ProgressTracker, Unavailable},
 };
 use crate::{
-    cgroup::{CgroupError, JobCgroup},
+    cgroup::{CgroupError, JobCgroup, cpuset::CpuList},
     events::Event,
     job::{JobInfo, Monitor, MonitorError, TickContext},
     report::Report,
@@ -35,6 +36,11 @@ pub trait StealSource: Send {
         Ok(())
     }
     fn counters(&mut self) -> Result<StealCounters, String>;
+    /// The training's cumulative on-CPU time per CPU (index = CPU number),
+    /// when the source knows it: what job placement is decided on.
+    fn training_per_cpu(&mut self) -> Option<Vec<Duration>> {
+        None
+    }
 }
 
 /// The hand-over between the monitor that polls the steal meter and the
@@ -42,7 +48,13 @@ pub trait StealSource: Send {
 /// job (it ticks first), the budget loop reads the latest. One eBPF meter
 /// serves both.
 #[derive(Debug, Clone, Default)]
-pub struct StealFeed(Arc<Mutex<Option<Result<StealCounters, String>>>>);
+pub struct StealFeed(Arc<Mutex<FeedSlot>>);
+
+#[derive(Debug, Default)]
+struct FeedSlot {
+    counters: Option<Result<StealCounters, String>>,
+    per_cpu: Option<Vec<Duration>>,
+}
 
 impl StealFeed {
     pub fn new() -> Self {
@@ -53,7 +65,14 @@ impl StealFeed {
     /// meter has none.
     pub fn publish(&self, counters: Result<StealCounters, String>) {
         if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(counters);
+            slot.counters = Some(counters);
+        }
+    }
+
+    /// Publishes the training's cumulative on-CPU time per CPU.
+    pub fn publish_per_cpu(&self, per_cpu: Vec<Duration>) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.per_cpu = Some(per_cpu);
         }
     }
 }
@@ -62,10 +81,15 @@ impl StealSource for StealFeed {
     fn counters(&mut self) -> Result<StealCounters, String> {
         match self.0.lock() {
             Ok(slot) => slot
+                .counters
                 .clone()
                 .unwrap_or_else(|| Err("the steal meter has published nothing yet".to_owned())),
             Err(_) => Err("the steal meter's monitor panicked".to_owned()),
         }
+    }
+
+    fn training_per_cpu(&mut self) -> Option<Vec<Duration>> {
+        self.0.lock().ok()?.per_cpu.clone()
     }
 }
 
@@ -135,6 +159,10 @@ pub struct BudgetMonitor {
     idle_tasks: bool,
     /// Threads already made SCHED_IDLE.
     idle_tids: std::collections::HashSet<i32>,
+    /// Where the job runs; `None` when placement is off or impossible.
+    placement: Option<Placement>,
+    /// Place jobs at all (`place_jobs`).
+    place_jobs: bool,
 }
 
 /// Reads the training's progress file (`training.progress_file`) for a few
@@ -181,6 +209,14 @@ impl BudgetMonitor {
             Box::new(feed),
             progress,
         )
+        .with_placement(config.place_jobs)
+    }
+
+    /// Whether to place the job on the CPUs the training leaves free (see
+    /// [`super::placement`]); off by default for [`BudgetMonitor::new`].
+    pub fn with_placement(mut self, on: bool) -> Self {
+        self.place_jobs = on;
+        self
     }
 
     pub fn new(
@@ -208,7 +244,39 @@ impl BudgetMonitor {
             cap: None,
             idle_tasks: false,
             idle_tids: std::collections::HashSet::new(),
+            placement: None,
+            place_jobs: false,
         }
+    }
+
+    /// Steps the placement on the training's per-CPU time; a change is
+    /// written to the job's cpuset, then the controller restarts its quota
+    /// within the new CPUs. A host without a cpuset for jobs turns placement
+    /// off, once, with the reason.
+    fn place(&mut self, cgroup: &JobCgroup, now: Instant) -> Option<Event> {
+        let per_cpu = self.steal.training_per_cpu()?;
+        let placement = self.placement.as_mut()?;
+        let d = placement.observe(&per_cpu, now)?;
+        if let Err(error) = cgroup.set_cpus(d.cpus.as_ref()) {
+            tracing::warn!(job = %self.job, %error, "the job cannot be placed on CPUs: placement off");
+            self.placement = None;
+            return None;
+        }
+        let cores = d.job_cores(placement.all());
+        tracing::info!(job = %self.job, placement = %d, "budget decision");
+        self.decisions += 1;
+        Some(Event::new(
+            "budget",
+            json!({
+                "action": "place",
+                "message": d.to_string(),
+                "cpus": d.cpus.as_ref().map(ToString::to_string),
+                "previous_cpus": d.previous.as_ref().map(ToString::to_string),
+                "training_cpus": d.training_cpus.to_string(),
+                "training_cores": d.training_cores,
+                "job_cores": cores,
+            }),
+        ))
     }
 
     /// Why per-thread SCHED_IDLE as well as the cgroup's `cpu.idle`: the
@@ -276,6 +344,11 @@ impl Monitor for BudgetMonitor {
         self.cap = job.limits.cpu;
         self.idle_tasks = job.limits.cpu_idle;
         self.controller = Some(Controller::new(config));
+        if self.place_jobs {
+            self.placement = CpuList::online()
+                .filter(|all| all.len() > 1)
+                .map(|all| Placement::new(PlacementConfig::default(), all));
+        }
         if let Err(e) = self.steal.start(job) {
             tracing::warn!(job = %job.name, reason = %e, "no steal signal: the budget loop holds");
             self.steal_error = Some(e);
@@ -291,8 +364,9 @@ impl Monitor for BudgetMonitor {
             return Ok(());
         };
         let now = ctx.now;
+        let cgroup = ctx.cgroup;
         let capped = Capped {
-            cgroup: ctx.cgroup,
+            cgroup,
             cap: self.cap,
         };
         if self.last_tick.is_none() {
@@ -338,6 +412,25 @@ impl Monitor for BudgetMonitor {
                 }
             }
         });
+        if let Some(event) = self.place(cgroup, now) {
+            ctx.emit(event);
+            let cores = self.placement.as_ref().map_or(self.config.max_cores, |p| {
+                p.current().unwrap_or(p.all()).len() as f64
+            });
+            if let Some(controller) = self.controller.as_mut()
+                && let Some(d) = controller.placed(now, cores)
+            {
+                self.decisions += 1;
+                tracing::info!(job = %self.job, decision = %d, "budget decision");
+                if let Err(e) = apply(&capped, &d) {
+                    tracing::warn!(job = %self.job, error = %e, "applying a budget decision failed");
+                }
+                ctx.emit(Event::new("budget", decision_json(&d)));
+            }
+        }
+        let Some(controller) = self.controller.as_mut() else {
+            return Ok(());
+        };
         let job_cpu = ctx.stats.cpu_usage;
         let obs = Observation {
             steal,
@@ -471,6 +564,7 @@ fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
         Reason::Unlimit { .. } => "unlimit",
         Reason::Freeze { .. } => "freeze",
         Reason::Thaw { .. } => "thaw",
+        Reason::Placed { .. } => "placed",
     };
     json!({
         "action": reason,

@@ -6,8 +6,10 @@
 //! - [`subtree`]: which cgroups this agent owns and where jobs go;
 //! - [`v2`] and [`v1`]: one backend per mode behind [`Backend`];
 //! - [`JobCgroup`]: the enum that dispatches, the handle other code uses;
-//! - [`fs`]: the guarded reads and writes every backend goes through.
+//! - [`fs`]: the guarded reads and writes every backend goes through;
+//! - [`cpuset`]: CPU lists, for the CPUs a job may run on.
 
+pub mod cpuset;
 pub mod fs;
 mod mode;
 pub mod subtree;
@@ -155,6 +157,10 @@ pub trait Backend: Sized {
     fn set_cpu_weight(&self, weight: u64) -> Result<(), CgroupError>;
     fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError>;
     fn set_pids_max(&self, max: Option<u64>) -> Result<(), CgroupError>;
+    /// Confines the job (and its games) to `cpus` through the cpuset
+    /// controller; `None` gives back every CPU of the agent's subtree. An
+    /// error names the controller when the host has no cpuset for jobs.
+    fn set_cpus(&self, cpus: Option<&cpuset::CpuList>) -> Result<(), CgroupError>;
     /// Moves a process (all its threads) into the job.
     fn add_process(&self, pid: i32) -> Result<(), CgroupError>;
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError>;
@@ -234,6 +240,10 @@ impl JobCgroup {
     }
     pub fn set_pids_max(&self, max: Option<u64>) -> Result<(), CgroupError> {
         dispatch!(self, b => b.set_pids_max(max))
+    }
+    /// The CPUs the job may run on (cpuset); `None` = all of the subtree's.
+    pub fn set_cpus(&self, cpus: Option<&cpuset::CpuList>) -> Result<(), CgroupError> {
+        dispatch!(self, b => b.set_cpus(cpus))
     }
     pub fn set_memory_high(&self, limit: Option<ByteSize>) -> Result<(), CgroupError> {
         dispatch!(self, b => b.set_memory_high(limit))

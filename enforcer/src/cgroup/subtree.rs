@@ -78,7 +78,7 @@ impl Subtree {
                 })
             }
             CgroupMode::Hybrid | CgroupMode::Legacy => {
-                let mut per_controller = BTreeMap::new();
+                let mut per_controller: BTreeMap<String, PathBuf> = BTreeMap::new();
                 let mut owned = Vec::new();
                 for c in v1::CONTROLLERS {
                     let Some(info) = layout.controllers.get(c) else {
@@ -88,8 +88,9 @@ impl Subtree {
                         continue;
                     }
                     if !info.usable {
-                        // cpuacct is for statistics only; the rest enforce.
-                        if c == "cpuacct" {
+                        // cpuacct is for statistics, cpuset for placement;
+                        // the rest enforce.
+                        if v1::OPTIONAL.contains(&c) {
                             continue;
                         }
                         return Err(CgroupError::Controller {
@@ -120,6 +121,14 @@ impl Subtree {
                 let fs = CgFs::new(owned);
                 for base in per_controller.values().chain(unified.iter()) {
                     fs.mkdir(base)?;
+                }
+                if let Some(base) = per_controller.get("cpuset")
+                    && let Err(error) = v1::init_cpuset_base(&fs, base)
+                {
+                    // Jobs still run everywhere, just never placed on CPUs
+                    // (the empty base stays: it may hold other agents' jobs).
+                    tracing::warn!(%error, "the v1 cpuset cannot hold jobs: not used");
+                    per_controller.remove("cpuset");
                 }
                 Ok(Subtree {
                     layout,

@@ -1,6 +1,6 @@
 //! The cgroup v1 backend, for hybrid and legacy hosts: one directory per job
-//! in each controller hierarchy we use (cpu, cpuacct, memory, pids, freezer;
-//! cpu and cpuacct may share one), plus, on hybrid hosts, one in the unified
+//! in each controller hierarchy we use (cpu, cpuacct, memory, pids, freezer,
+//! cpuset; cpu and cpuacct may share one), plus, on hybrid hosts, one in the unified
 //! hierarchy so that eBPF can recognise the job's tasks by v2 cgroup id and
 //! so that `cgroup.kill` and `cgroup.freeze` can be used on kernels that
 //! have them.
@@ -14,11 +14,34 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use super::{Backend, CPU_PERIOD_US, CgroupError, MAIN_LEAF, Stats, fs, fs::CgFs, v2::quota_us};
+use super::{
+    Backend, CPU_PERIOD_US, CgroupError, MAIN_LEAF, Stats, cpuset::CpuList, fs, fs::CgFs,
+    v2::quota_us,
+};
 use crate::units::ByteSize;
 
 /// The v1 controllers a job gets a directory in.
-pub const CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+pub const CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "memory", "pids", "freezer", "cpuset"];
+
+/// Controllers a job can do without: statistics only (cpuacct), or only
+/// used to place the job on CPUs (cpuset).
+pub const OPTIONAL: [&str; 2] = ["cpuacct", "cpuset"];
+
+/// Prepares the agent's own v1 cpuset directory `base` (just made under a
+/// cgroup it does not own): a v1 cpuset starts with no CPUs and no memory
+/// nodes, and no task can join it then. It gets its parent's, and
+/// `cgroup.clone_children` so that every job, leaf and game made below it
+/// starts with a copy of its parent's.
+pub fn init_cpuset_base(fs: &CgFs, base: &Path) -> Result<(), CgroupError> {
+    let parent = base.parent().unwrap_or(base);
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        if fs::read(&base.join(file))?.trim().is_empty() {
+            let value = fs::read(&parent.join(file))?;
+            fs.write(&base.join(file), value.trim())?;
+        }
+    }
+    fs.write(&base.join("cgroup.clone_children"), "1")
+}
 
 #[derive(Debug)]
 pub struct V1Job {
@@ -243,6 +266,44 @@ impl Backend for V1Job {
         self.write("pids", "pids.max", &v)
     }
 
+    /// v1 cpusets must nest (a child's CPUs within its parent's), and the
+    /// job's leaf and games are cpusets of their own: first every directory
+    /// gets all of the agent's CPUs, top down, then the target, bottom up.
+    /// Both orders keep every write legal whatever the old and new sets.
+    fn set_cpus(&self, cpus: Option<&CpuList>) -> Result<(), CgroupError> {
+        let Some(job) = self.dir("cpuset") else {
+            return Err(CgroupError::Controller {
+                controller: "cpuset".into(),
+                reason: "no v1 cpuset hierarchy for jobs on this host".into(),
+            });
+        };
+        let base = job.parent().unwrap_or(job);
+        let all = fs::read(&base.join("cpuset.cpus"))?;
+        let mut dirs = vec![job.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                let mut children: Vec<PathBuf> = entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect();
+                children.sort();
+                dirs.extend(children);
+            }
+            i += 1;
+        }
+        for dir in &dirs {
+            self.fs.write(&dir.join("cpuset.cpus"), all.trim())?;
+        }
+        if let Some(cpus) = cpus {
+            for dir in dirs.iter().rev() {
+                self.fs.write(&dir.join("cpuset.cpus"), &cpus.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
         // v1 cgroup.procs moves the whole thread group, as v2 does.
         for d in self.all_dirs() {
@@ -414,7 +475,7 @@ mod tests {
     use super::*;
 
     fn parents(root: &Path) -> BTreeMap<String, PathBuf> {
-        ["cpu", "cpuacct", "memory", "pids", "freezer"]
+        CONTROLLERS
             .iter()
             .map(|c| {
                 let p = root.join(c).join("own/enforcer");
@@ -422,6 +483,40 @@ mod tests {
                 (c.to_string(), p)
             })
             .collect()
+    }
+
+    #[test]
+    fn set_cpus_confines_the_job_its_leaf_and_games_and_none_gives_the_base_cpus_back() {
+        let d = tempfile::tempdir().unwrap();
+        let parents = parents(d.path());
+        let cg = CgFs::new(vec![d.path().to_owned()]);
+        stdfs::write(parents["cpuset"].join("cpuset.cpus"), "0-3\n").unwrap();
+        let job = V1Job::create(cg.clone(), &parents, None, "j1").unwrap();
+        let dir = parents["cpuset"].join("j1");
+        stdfs::create_dir(dir.join("game-1")).unwrap();
+        let files = ["cpuset.cpus", "main/cpuset.cpus", "game-1/cpuset.cpus"];
+        for f in files {
+            stdfs::write(dir.join(f), "0-3\n").unwrap();
+        }
+        job.set_cpus(Some(&CpuList::new([2, 3]))).unwrap();
+        for f in files {
+            assert_eq!(stdfs::read_to_string(dir.join(f)).unwrap(), "2-3", "{f}");
+        }
+        job.set_cpus(None).unwrap();
+        for f in files {
+            assert_eq!(stdfs::read_to_string(dir.join(f)).unwrap(), "0-3", "{f}");
+        }
+    }
+
+    #[test]
+    fn without_a_cpuset_hierarchy_set_cpus_names_the_controller() {
+        let d = tempfile::tempdir().unwrap();
+        let mut parents = parents(d.path());
+        parents.remove("cpuset");
+        let job =
+            V1Job::create(CgFs::new(vec![d.path().to_owned()]), &parents, None, "j1").unwrap();
+        let e = job.set_cpus(Some(&CpuList::new([0]))).unwrap_err();
+        assert!(e.to_string().contains("cpuset"), "{e}");
     }
 
     #[test]
@@ -439,7 +534,7 @@ mod tests {
             );
         }
         assert!(unified.join("j1/main").is_dir());
-        assert_eq!(job.join_files().len(), 6);
+        assert_eq!(job.join_files().len(), CONTROLLERS.len() + 1);
         assert_eq!(job.v2_cgroup_id(), super::super::inode(&unified.join("j1")));
         assert_eq!(job.mode_name(), "hybrid");
         // The name is now taken in every hierarchy.

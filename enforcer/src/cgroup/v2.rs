@@ -13,7 +13,7 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use super::{Backend, CPU_PERIOD_US, CgroupError, MAIN_LEAF, Stats, fs, fs::CgFs};
+use super::{Backend, CPU_PERIOD_US, CgroupError, MAIN_LEAF, Stats, cpuset::CpuList, fs, fs::CgFs};
 use crate::units::ByteSize;
 
 #[derive(Debug)]
@@ -90,18 +90,26 @@ impl V2Job {
 }
 
 /// Enables, in `dir`'s `cgroup.subtree_control`, every controller of ours
-/// that `dir` has, so its children can be limited.
+/// that `dir` has, so its children can be limited. `cpuset` (only used to
+/// place a job on the CPUs the training leaves free) is enabled on its own
+/// afterwards and may fail without failing the rest.
 pub fn enable_controllers(fs: &CgFs, dir: &Path) -> Result<(), CgroupError> {
     let available = fs::read(&dir.join("cgroup.controllers"))?;
-    let wanted: Vec<String> = available
-        .split_whitespace()
-        .filter(|c| matches!(*c, "cpu" | "memory" | "pids"))
+    let has = |c: &str| available.split_whitespace().any(|a| a == c);
+    let wanted: Vec<String> = ["cpu", "memory", "pids"]
+        .into_iter()
+        .filter(|c| has(c))
         .map(|c| format!("+{c}"))
         .collect();
-    if wanted.is_empty() {
-        return Ok(());
+    if !wanted.is_empty() {
+        fs.write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))?;
     }
-    fs.write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))
+    if has("cpuset")
+        && let Err(error) = fs.write(&dir.join("cgroup.subtree_control"), "+cpuset")
+    {
+        tracing::debug!(%error, "cpuset not enabled: jobs will not be placed on CPUs");
+    }
+    Ok(())
 }
 
 impl Backend for V2Job {
@@ -159,6 +167,24 @@ impl Backend for V2Job {
     fn set_pids_max(&self, max: Option<u64>) -> Result<(), CgroupError> {
         let v = max.map_or("max".to_owned(), |n| n.to_string());
         self.write("pids.max", &v)
+    }
+
+    fn set_cpus(&self, cpus: Option<&CpuList>) -> Result<(), CgroupError> {
+        if !self.has("cpuset.cpus") {
+            return Err(CgroupError::Controller {
+                controller: "cpuset".into(),
+                reason: format!(
+                    "cpuset is not enabled for {} (not in its parent's cgroup.subtree_control)",
+                    self.dir.display()
+                ),
+            });
+        }
+        // An empty list means "the parent's CPUs"; the children (the main
+        // leaf, games) inherit whatever the job has.
+        self.write(
+            "cpuset.cpus",
+            &cpus.map_or("\n".to_owned(), |c| c.to_string()),
+        )
     }
 
     fn add_process(&self, pid: i32) -> Result<(), CgroupError> {

@@ -106,6 +106,10 @@ pub struct JobArgs {
     /// limits).
     #[arg(long)]
     pub measure_only: bool,
+    /// With `--protect`: keep the job on every CPU instead of confining it
+    /// to the CPUs the training leaves free (config `place_jobs = false`).
+    #[arg(long)]
+    pub no_placement: bool,
     /// Print a one-line live status on stderr once a second: stolen
     /// fraction over 1 s, 10 s and the job, the budget, the job's CPU use.
     #[arg(long)]
@@ -146,6 +150,9 @@ impl Plan {
             config.training.cgroup = None;
         }
         config.training.follow_children |= args.follow_children;
+        if args.no_placement {
+            config.place_jobs = false;
+        }
         if let Some(budget) = args.budget {
             config.budget = budget;
         }

@@ -127,13 +127,19 @@ impl StealMonitor {
         self.state = State::Unavailable(reason);
     }
 
-    fn publish(&self, snap: &StealSnapshot) {
-        if let Some(feed) = &self.feed {
+    fn publish(feed: Option<&crate::budget::StealFeed>, snap: &StealSnapshot) {
+        if let Some(feed) = feed {
             let (steal, _) = steal_of(snap);
             feed.publish(Ok(crate::budget::StealCounters {
                 steal: Duration::from_nanos(steal),
                 training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
             }));
+            feed.publish_per_cpu(
+                snap.training_on_cpu_per_cpu_ns
+                    .iter()
+                    .map(|&ns| Duration::from_nanos(ns))
+                    .collect(),
+            );
         }
     }
 }
@@ -190,7 +196,7 @@ impl Monitor for StealMonitor {
                 return Ok(());
             }
         };
-        self.publish(&first);
+        Self::publish(self.feed.as_ref(), &first);
         let mut window = StealWindow::new(self.budget);
         let (steal, _) = steal_of(&first);
         window.push(first.at, steal, first.training.on_cpu_ns);
@@ -224,13 +230,7 @@ impl Monitor for StealMonitor {
                 return Err(MonitorError::new(reason));
             }
         };
-        if let Some(feed) = &self.feed {
-            let (steal, _) = steal_of(&snap);
-            feed.publish(Ok(crate::budget::StealCounters {
-                steal: Duration::from_nanos(steal),
-                training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
-            }));
-        }
+        Self::publish(self.feed.as_ref(), &snap);
         let (steal, _) = steal_of(&snap);
         match run.window.push(snap.at, steal, snap.training.on_cpu_ns) {
             Some(BudgetEvent::Exceeded { fraction }) => ctx.emit(Event::new(

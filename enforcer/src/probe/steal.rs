@@ -146,6 +146,9 @@ pub struct StealSnapshot {
     #[serde(skip)]
     pub at: Duration,
     pub training: TrainingCounters,
+    /// Training on-CPU time per CPU (index = CPU number), ns, including
+    /// slices in progress: where the training runs, for placing jobs.
+    pub training_on_cpu_per_cpu_ns: Vec<u64>,
     pub jobs: BTreeMap<String, JobCounters>,
     pub overflow: Overflow,
 }
@@ -530,7 +533,9 @@ impl StealMeter {
         .map_err(map_err("TRAINING_TOTALS"))?;
         let per_cpu = totals.get(&0, 0).map_err(map_err("TRAINING_TOTALS"))?;
         let mut t = TrainingTotals::default();
+        let mut on_cpu_per_cpu: Vec<u64> = Vec::with_capacity(self.nr_cpus);
         for v in per_cpu.iter().take(self.nr_cpus) {
+            on_cpu_per_cpu.push(v.on_cpu_ns);
             t.on_cpu_ns += v.on_cpu_ns;
             t.runq_wait_ns += v.runq_wait_ns;
             t.attributed_wait_ns += v.attributed_wait_ns;
@@ -555,7 +560,11 @@ impl StealMeter {
         for (_, task) in tasks.iter().flatten() {
             threads += 1;
             if task.state == TASK_RUNNING && task.since_ns != 0 {
-                running_ns += now_ns.saturating_sub(task.since_ns);
+                let slice = now_ns.saturating_sub(task.since_ns);
+                running_ns += slice;
+                if let Some(c) = on_cpu_per_cpu.get_mut(task.cpu as usize) {
+                    *c += slice;
+                }
             }
         }
         let mut jobs = BTreeMap::new();
@@ -580,6 +589,7 @@ impl StealMeter {
                 threads_exited: t.threads_exited,
                 migrations: t.migrations,
             },
+            training_on_cpu_per_cpu_ns: on_cpu_per_cpu,
             jobs,
             overflow: Overflow {
                 threads_dropped: t.threads_dropped,
