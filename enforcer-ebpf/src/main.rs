@@ -598,7 +598,15 @@ pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     };
     let Some(totals) = totals() else { return 0 };
     // SAFETY: map value pointer of the current task.
-    let (state, cpu) = unsafe { ((*entry).state, (*entry).cpu) };
+    let (state, cpu, since) = unsafe { ((*entry).state, (*entry).cpu, (*entry).since_ns) };
+    // Its last slice ends here: the entry goes, so the switch-out that
+    // follows will not find it. Without this a thread that lives for one
+    // slice (a thread per training step) would add no on-CPU time at all.
+    if state == TASK_RUNNING && since != 0 {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        totals.on_cpu_ns += now.saturating_sub(since);
+    }
     // The exiting thread runs, so it cannot be waiting; if its entry says so,
     // a switch-in was missed and its CPU counts one waiter too many. That
     // CPU's lock is not held here: correct it like a migration, atomically.

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::{
     actuator::{CpuActuator, apply},
     controller::{Controller, ControllerConfig, Observation, Reason, StealCounters},
-    placement::{Placement, PlacementConfig},
+    placement::{Placement, PlacementConfig, PlacementDecision},
     progress::{ProgressTracker, Unavailable},
 };
 use crate::{
@@ -163,6 +163,10 @@ pub struct BudgetMonitor {
     placement: Option<Placement>,
     /// Place jobs at all (`place_jobs`).
     place_jobs: bool,
+    /// The training's per-CPU time watched before the job started...
+    history: Vec<(Instant, Vec<Duration>)>,
+    /// ...and the placement it gave, applied at the first tick.
+    pending_placement: Option<PlacementDecision>,
 }
 
 /// Reads the training's progress file (`training.progress_file`) for a few
@@ -246,7 +250,17 @@ impl BudgetMonitor {
             idle_tids: std::collections::HashSet::new(),
             placement: None,
             place_jobs: false,
+            history: Vec::new(),
+            pending_placement: None,
         }
+    }
+
+    /// Samples of the training's cumulative per-CPU on-CPU time taken before
+    /// the job started (`StealMonitor::watch_before_job`): the job is placed
+    /// at its first tick instead of after a window of its own.
+    pub fn with_training_history(mut self, samples: Vec<(Instant, Vec<Duration>)>) -> Self {
+        self.history = samples;
+        self
     }
 
     /// Steps the placement on the training's per-CPU time; a change is
@@ -254,9 +268,14 @@ impl BudgetMonitor {
     /// within the new CPUs. A host without a cpuset for jobs turns placement
     /// off, once, with the reason.
     fn place(&mut self, cgroup: &JobCgroup, now: Instant) -> Option<Event> {
-        let per_cpu = self.steal.training_per_cpu()?;
-        let placement = self.placement.as_mut()?;
-        let d = placement.observe(&per_cpu, now)?;
+        let d = match self.pending_placement.take() {
+            Some(d) => d,
+            None => {
+                let per_cpu = self.steal.training_per_cpu()?;
+                self.placement.as_mut()?.observe(&per_cpu, now)?
+            }
+        };
+        let placement = self.placement.as_ref()?;
         if let Err(error) = cgroup.set_cpus(d.cpus.as_ref()) {
             tracing::warn!(job = %self.job, %error, "the job cannot be placed on CPUs: placement off");
             self.placement = None;
@@ -348,6 +367,11 @@ impl Monitor for BudgetMonitor {
             self.placement = CpuList::online()
                 .filter(|all| all.len() > 1)
                 .map(|all| Placement::new(PlacementConfig::default(), all));
+            if let Some(p) = self.placement.as_mut() {
+                for (at, per_cpu) in std::mem::take(&mut self.history) {
+                    self.pending_placement = p.observe(&per_cpu, at).or(self.pending_placement.take());
+                }
+            }
         }
         if let Err(e) = self.steal.start(job) {
             tracing::warn!(job = %job.name, reason = %e, "no steal signal: the budget loop holds");

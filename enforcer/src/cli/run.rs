@@ -5,7 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use clap::Args;
@@ -274,6 +274,10 @@ pub fn default_monitors(_config: &Config) -> Vec<Box<dyn Monitor>> {
     vec![Box::new(LimitEvents::default())]
 }
 
+/// How long the training is watched before a protected job starts, to place
+/// the job on the CPUs it leaves free (see `budget::placement`).
+const PLACEMENT_WATCH: Duration = Duration::from_millis(400);
+
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
 /// the report's `unavailable` reasons), with a training workload the budget
@@ -297,17 +301,23 @@ pub fn job_monitors(
     let mut monitors = default_monitors(&plan.config);
     let feed = crate::budget::StealFeed::new();
     let protect = training.is_some();
+    let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
+        .with_feed(feed.clone());
+    let hold = protect && !args.measure_only;
+    // Where the training runs is watched before the job starts, so that the
+    // loop places the job at its first tick.
+    let history = if hold && plan.config.place_jobs {
+        steal.watch_before_job(PLACEMENT_WATCH)
+    } else {
+        Vec::new()
+    };
     // The steal monitor ticks first: the loop reads this tick's counters.
-    monitors.push(Box::new(
-        StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
-            .with_feed(feed.clone()),
-    ));
-    if protect && !args.measure_only {
-        monitors.push(Box::new(crate::budget::BudgetMonitor::for_job(
-            &plan.config,
-            feed,
-            progress,
-        )));
+    monitors.push(Box::new(steal));
+    if hold {
+        monitors.push(Box::new(
+            crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
+                .with_training_history(history),
+        ));
     }
     // The GPU guard and duty cycle (games run inside a job that already has
     // them).
@@ -442,6 +452,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     // before the command starts (a few seconds, blocking: nothing else runs
     // yet).
     let progress = crate::budget::learn_before_job(&plan.config);
+    let monitors = job_monitors(&plan, &args.job, progress);
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
@@ -466,7 +477,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         &guard.0,
         &plan.supervision,
         job::Target::Spawned(child),
-        job_monitors(&plan, &args.job, progress),
+        monitors,
         signals,
         started,
         started_wall,

@@ -96,6 +96,8 @@ pub struct StealMonitor {
     state: State,
     /// Hands each tick's counters to the budget loop (one meter for both).
     feed: Option<crate::budget::StealFeed>,
+    /// A meter loaded before the job existed ([`StealMonitor::watch_before_job`]).
+    early: Option<StealMeter>,
 }
 
 impl StealMonitor {
@@ -109,7 +111,41 @@ impl StealMonitor {
             progress,
             state: State::NotStarted,
             feed: None,
+            early: None,
         }
+    }
+
+    /// Loads the probes before the job exists and watches the training for
+    /// `span`: returns samples of its cumulative on-CPU time per CPU, so that
+    /// the job can be placed before its first instruction. The meter is kept
+    /// for the job. Nothing (and the reason at debug level, the job start
+    /// says it again) when there is no training or the probes cannot load.
+    pub fn watch_before_job(&mut self, span: Duration) -> Vec<(Instant, Vec<Duration>)> {
+        let Some(training) = self.training.clone() else {
+            return Vec::new();
+        };
+        let mut meter = match StealMeter::start(training) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "no early steal meter");
+                return Vec::new();
+            }
+        };
+        let sample = |meter: &mut StealMeter| {
+            meter.read().ok().map(|s| {
+                let per_cpu = s
+                    .training_on_cpu_per_cpu_ns
+                    .iter()
+                    .map(|&ns| Duration::from_nanos(ns))
+                    .collect();
+                (Instant::now(), per_cpu)
+            })
+        };
+        let mut samples: Vec<_> = sample(&mut meter).into_iter().collect();
+        std::thread::sleep(span);
+        samples.extend(sample(&mut meter));
+        self.early = Some(meter);
+        samples
     }
 
     /// Publishes the job's cumulative counters to `feed` every tick (and
@@ -171,7 +207,11 @@ impl Monitor for StealMonitor {
             ));
             return Ok(());
         };
-        let mut meter = match StealMeter::start(training) {
+        let started = match self.early.take() {
+            Some(m) => Ok(m),
+            None => StealMeter::start(training),
+        };
+        let mut meter = match started {
             Ok(m) => m,
             Err(e) => {
                 self.unavailable(format!("the steal probes could not be loaded: {e}"));
