@@ -425,6 +425,12 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
                 cw.waiters -= 1;
             } else {
                 totals.waiter_underflow += 1;
+                // It was counted waiting on another CPU (a move we did not
+                // see): take it off there, or that CPU would charge a
+                // phantom waiter to whatever runs on it from now on.
+                if next.cpu != cpu {
+                    uncount_waiter(next.cpu);
+                }
             }
         }
         next.state = TASK_RUNNING;
@@ -589,6 +595,21 @@ fn add_to_filter(tgid: u32) {
     }
 }
 
+/// Takes one waiter off CPU `cpu`, whose run-queue lock is not held: like a
+/// migration's arrival, an atomic -1 folded in at that CPU's next switch.
+#[inline(always)]
+fn uncount_waiter(cpu: u32) {
+    if let Some(cw) = CPU_WAIT.get_ptr_mut(cpu) {
+        // SAFETY: as in sched_migrate_task; adding u64::MAX is -1.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*cw).arrivals,
+                u64::MAX,
+            )
+        };
+    }
+}
+
 /// `sched_process_exit`, run by the exiting thread (`current`).
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
@@ -612,15 +633,7 @@ pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     // CPU's lock is not held here: correct it like a migration, atomically.
     if state == TASK_WAITING {
         totals.waiter_underflow += 1;
-        if let Some(cw) = CPU_WAIT.get_ptr_mut(cpu) {
-            // SAFETY: as in sched_migrate_task; adding u64::MAX is -1.
-            unsafe {
-                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*cw).arrivals,
-                    u64::MAX,
-                )
-            };
-        }
+        uncount_waiter(cpu);
     }
     if TRAINING_TASKS.remove(tid).is_ok() {
         totals.threads_exited += 1;

@@ -125,3 +125,105 @@ fn tempfile_dir() -> PathBuf {
     std::fs::create_dir_all(&d).expect("creating a temp dir");
     d
 }
+
+/// The job's main process, from the `started` event of a JSON log line.
+fn started_pid(line: &str) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["fields"]["event"] != "started" {
+        return None;
+    }
+    let detail: serde_json::Value = serde_json::from_str(v["fields"]["detail"].as_str()?).ok()?;
+    detail["pid"].as_i64().map(|p| p as i32)
+}
+
+/// The CPUs of a `place` budget event, `Some(None)` for "every CPU".
+fn placed_cpus(line: &str) -> Option<Option<String>> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["fields"]["event"] != "budget" {
+        return None;
+    }
+    let detail: serde_json::Value = serde_json::from_str(v["fields"]["detail"].as_str()?).ok()?;
+    (detail["action"] == "place").then(|| detail["cpus"].as_str().map(str::to_owned))
+}
+
+fn cpus_allowed(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|s| s.trim().to_owned())
+}
+
+#[test]
+fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
+    require_root!();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
+    assert_ne!(
+        online.trim(),
+        "0",
+        "placement needs two CPUs; this machine (and every test VM) has them"
+    );
+    // The training spins on CPU 0 only: every other CPU is free for the job.
+    let training = Training(
+        Command::new(workload())
+            .args(["--cpu", "0", "spin", "1", "600"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the training"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let name = unique_name("placed");
+    let mut run = enforcer()
+        .args(["--log-format", "json", "run", "--job", &name, "--protect"])
+        .arg(training.0.id().to_string())
+        .args(["--timeout", "300s", "--"])
+        .arg(workload())
+        .args(["spin", "2", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting enforcer run");
+    let stderr = run.stderr.take().expect("stderr");
+    let (mut pid, mut placed, mut affinity) = (None, None, None);
+    let mut log = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        pid = pid.or_else(|| started_pid(&line));
+        if placed.is_none()
+            && let Some(cpus) = placed_cpus(&line)
+        {
+            placed = Some(cpus);
+            // The cpuset is written before the event: the job's process
+            // must already be confined.
+            affinity = pid.and_then(cpus_allowed);
+            // SAFETY: kill on the pid of our own child.
+            unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+        }
+        // A meter that cannot load cannot place: stop rather than wait.
+        if line.contains("steal not measured") {
+            // SAFETY: as above.
+            unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+        }
+        log.push(line);
+    }
+    let _ = run.wait().expect("waiting for enforcer run");
+    let log = log.join("\n");
+    let Some(Some(cpus)) = placed else {
+        panic!("no placement away from the training's CPU: {placed:?}\n{log}");
+    };
+    let list: Vec<u32> = cpus
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap_or(0)..=b.parse().unwrap_or(0)).collect(),
+            None => vec![part.parse().unwrap_or(0)],
+        })
+        .collect();
+    assert!(
+        !list.is_empty() && !list.contains(&0),
+        "job placed on {cpus:?}, which includes the training's CPU 0\n{log}"
+    );
+    assert_eq!(
+        affinity.as_deref(),
+        Some(cpus.as_str()),
+        "the job's process may run on other CPUs than the placement says\n{log}"
+    );
+}

@@ -369,7 +369,8 @@ impl Monitor for BudgetMonitor {
                 .map(|all| Placement::new(PlacementConfig::default(), all));
             if let Some(p) = self.placement.as_mut() {
                 for (at, per_cpu) in std::mem::take(&mut self.history) {
-                    self.pending_placement = p.observe(&per_cpu, at).or(self.pending_placement.take());
+                    self.pending_placement =
+                        p.observe(&per_cpu, at).or(self.pending_placement.take());
                 }
             }
         }

@@ -734,11 +734,16 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     };
     let over_budget_s = is_loop
         .then(|| trailing.iter().filter(|(_, f)| *f > s.budget).count() as f64 * trailing_step);
+    // When the fraction first came back under budget after the evaluation
+    // started: 0 when no window was ever over it.
     let under_budget_after_s = if is_loop {
-        trailing
-            .iter()
-            .find(|(_, f)| *f <= s.budget)
-            .map(|(t, _)| *t)
+        match trailing.iter().position(|(_, f)| *f > s.budget) {
+            None => Some(0.0),
+            Some(i) => trailing[i..]
+                .iter()
+                .find(|(_, f)| *f <= s.budget)
+                .map(|(t, _)| *t),
+        }
     } else {
         None
     };
@@ -910,7 +915,8 @@ fn print_table(rows: &[Row], budget_pct: f64, cpus: usize, before: &str, after: 
     }
     println!(
         "wait% = training run-queue wait ÷ (run + wait) from its threads' schedstat (waits behind any task, not only the evaluation); \
-         over s / under at s / steady: trailing 1 s wait fraction vs the budget (loop and enforcer rows); rep.* = the enforcer's own job report"
+         over s / under at s (0 = never over) / steady (from 2 s on): trailing 1 s fraction vs the budget, s from the evaluation's start \
+         (loop rows: the schedstat wait; enforcer row: its eBPF stolen fraction, logged once a second); rep.* = the enforcer's own job report"
     );
 }
 
