@@ -25,9 +25,15 @@ unsafe impl aya::Pod for SwitchCount {}
 /// Default bound of the per-CPU wait state array; user space resizes it to
 /// the number of possible CPUs before loading.
 pub const MAX_CPUS: u32 = 1024;
-/// Bound of the training thread table. A thread that does not fit is counted
-/// in [`TrainingTotals::threads_dropped`].
+/// Bound of the training thread overflow table (threads whose slot in
+/// `TRAINING_SLOTS` is taken). A thread that fits in neither is counted in
+/// [`TrainingTotals::threads_dropped`].
 pub const MAX_TRAINING_THREADS: u32 = 16384;
+/// Slots of the direct-mapped training thread table (index
+/// `tid % TRAINING_SLOT_COUNT`): a training thread is found with one array read
+/// instead of a hash lookup; only a thread whose slot another one holds goes
+/// to the hash map.
+pub const TRAINING_SLOT_COUNT: u32 = 16384;
 /// Bound of the per-job counters (job slots).
 pub const MAX_JOBS: u32 = 256;
 /// Bound of the job cgroup table (cgroup id → slot): jobs and, on kernels
@@ -50,9 +56,10 @@ pub const TASK_SLEEPING: u32 = 1;
 pub const TASK_RUNNING: u32 = 2;
 pub const TASK_WAITING: u32 = 3;
 
-/// One training thread, keyed by its kernel tid in the `TRAINING_TASKS` map.
-/// Threads seeded from user space start as [`TASK_UNKNOWN`]: their first
-/// switch-in or wake-up puts them in a known state.
+/// One training thread: in its `TRAINING_SLOTS` slot, or keyed by its
+/// kernel tid in the `TRAINING_TASKS` map when the slot is taken. Threads
+/// seeded from user space start as [`TASK_UNKNOWN`]: their first switch-in
+/// or wake-up puts them in a known state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrainingTask {
@@ -61,6 +68,9 @@ pub struct TrainingTask {
     pub cpu: u32,
     /// When it started to wait (waiting) or to run (running), ktime ns.
     pub since_ns: u64,
+    /// The thread's tid; 0 marks a free slot.
+    pub tid: u32,
+    pub _pad: u32,
 }
 
 /// Wait state of one CPU, in the `CPU_WAIT` array indexed by CPU. Updated
@@ -85,6 +95,10 @@ pub struct CpuWait {
     /// 1 when the running task was switched in by preempting a runnable
     /// training thread: its owner is charged a preemption at switch-out.
     pub preempted_training: u64,
+    /// When the training thread running here was switched in, ktime ns; 0
+    /// when the running task is not training. User space adds the slice in
+    /// progress to the on-CPU time it reads.
+    pub training_since_ns: u64,
 }
 
 /// Cumulative per-job counters, in the per-CPU `JOB_STEAL` array indexed by
@@ -129,7 +143,7 @@ pub struct TrainingTotals {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all four): plain `#[repr(C)]` integers without padding (the
-    // u32 pair in TrainingTask fills 8 bytes), every bit pattern valid.
+    // u32 pairs in TrainingTask fill 8 bytes each), every bit pattern valid.
     unsafe impl aya::Pod for super::TrainingTask {}
     unsafe impl aya::Pod for super::CpuWait {}
     unsafe impl aya::Pod for super::JobSteal {}

@@ -34,7 +34,9 @@
 //!
 //! Cost: a switch between two tasks that are not training, on a CPU where no
 //! training thread waits, returns after two array reads (`TGID_FILTER`)
-//! without reading the clock or touching a hash map.
+//! without reading the clock or touching a hash map. A training thread is
+//! found in its direct-mapped slot (`TRAINING_SLOTS`), one more array read;
+//! the hash map only holds threads whose slot another thread has.
 //!
 //! Limits, all counted and reported by user space: threads seeded from /proc
 //! at start are in an unknown state until their first switch (a wait already
@@ -71,8 +73,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CpuWait, JobSteal, MAX_CPUS, MAX_JOB_CGROUPS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS,
-    SwitchCount, TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TGID_FILTER_SLOTS, TrainingTask,
-    TrainingTotals,
+    SwitchCount, TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TGID_FILTER_SLOTS, TRAINING_SLOT_COUNT,
+    TrainingTask, TrainingTotals,
 };
 
 /// One slot per CPU: context switches seen by `sched_switch_selftest`.
@@ -128,9 +130,18 @@ fn config(value: &u32) -> u32 {
 // Maps
 // ---------------------------------------------------------------------------
 
-/// Training threads by tid. Bound: `MAX_TRAINING_THREADS`; a thread that does
-/// not fit is counted in `threads_dropped`. Filled by user space (the threads
-/// that exist at start, and periodic rescans) and by `sched_process_fork`.
+/// Training threads, direct-mapped: slot `tid % TRAINING_SLOT_COUNT` holds the
+/// thread whose `tid` it names (0: free). One array read finds a training
+/// thread on the hot path. Filled by user space (the threads that exist at
+/// start, and periodic rescans) and by `sched_process_fork`; emptied by
+/// `sched_process_exit`. Bound: `TRAINING_SLOT_COUNT`; a thread whose slot is
+/// taken goes to `TRAINING_TASKS`.
+#[map]
+static TRAINING_SLOTS: Array<TrainingTask> = Array::with_max_entries(TRAINING_SLOT_COUNT, 0);
+
+/// Training threads whose slot was taken, by tid. Bound:
+/// `MAX_TRAINING_THREADS`; a thread that fits nowhere is counted in
+/// `threads_dropped`.
 #[map]
 static TRAINING_TASKS: HashMap<u32, TrainingTask> =
     HashMap::with_max_entries(MAX_TRAINING_THREADS, 0);
@@ -214,6 +225,18 @@ fn maybe_training(tgid: u32) -> bool {
 fn training_task(tid: u32, tgid: u32) -> Option<*mut TrainingTask> {
     if tid == 0 || !maybe_training(tgid) {
         return None;
+    }
+    lookup_training(tid)
+}
+
+/// The entry of training thread `tid`: its slot, else the overflow map.
+#[inline(always)]
+fn lookup_training(tid: u32) -> Option<*mut TrainingTask> {
+    if let Some(slot) = TRAINING_SLOTS.get_ptr_mut(tid % TRAINING_SLOT_COUNT)
+        // SAFETY: map value pointer; a u32 read.
+        && unsafe { (*slot).tid } == tid
+    {
+        return Some(slot);
     }
     TRAINING_TASKS.get_ptr_mut(tid)
 }
@@ -436,10 +459,14 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
         next.state = TASK_RUNNING;
         next.cpu = cpu;
         next.since_ns = now;
-    } else if prev_task.is_some() && still_runnable && next_tid != 0 {
-        // Whoever owns next is charged this preemption at its switch-out,
-        // when it is `current` and can be classified.
-        cw.preempted_training = 1;
+        cw.training_since_ns = now;
+    } else {
+        cw.training_since_ns = 0;
+        if prev_task.is_some() && still_runnable && next_tid != 0 {
+            // Whoever owns next is charged this preemption at its
+            // switch-out, when it is `current` and can be classified.
+            cw.preempted_training = 1;
+        }
     }
 }
 
@@ -549,7 +576,7 @@ pub fn steal_sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
 pub fn steal_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: *const u8 = ctx.arg(1);
     let pid_tgid = bpf_get_current_pid_tgid();
-    if TRAINING_TASKS.get_ptr_mut(pid_tgid as u32).is_none() {
+    if lookup_training(pid_tgid as u32).is_none() {
         return 0;
     }
     let tid = task_field(child, config(&TASK_PID_OFFSET));
@@ -562,9 +589,28 @@ pub fn steal_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         state: TASK_SLEEPING,
         cpu: 0,
         since_ns: 0,
+        tid,
+        _pad: 0,
     };
     if tgid != (pid_tgid >> 32) as u32 {
         add_to_filter(tgid);
+    }
+    // A free slot, or one left by an exited thread whose tid this one
+    // reuses; else the overflow map. (Two forks racing for one slot need
+    // tids equal modulo TRAINING_SLOT_COUNT at the same instant; the loser's
+    // entry would be overwritten, so it re-checks and falls back.)
+    if let Some(slot) = TRAINING_SLOTS.get_ptr_mut(tid % TRAINING_SLOT_COUNT) {
+        // SAFETY: map value pointer; plain stores of a Copy struct.
+        unsafe {
+            let held = (*slot).tid;
+            if held == 0 || held == tid {
+                core::ptr::write_volatile(slot, task);
+                if core::ptr::read_volatile(&(*slot).tid) == tid {
+                    totals.threads_forked += 1;
+                    return 0;
+                }
+            }
+        }
     }
     if TRAINING_TASKS.insert(tid, task, 0).is_ok() {
         totals.threads_forked += 1;
@@ -614,7 +660,12 @@ fn uncount_waiter(cpu: u32) {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(entry) = TRAINING_TASKS.get_ptr_mut(tid) else {
+    let slot = TRAINING_SLOTS
+        .get_ptr_mut(tid % TRAINING_SLOT_COUNT)
+        // SAFETY: map value pointer; a u32 read.
+        .filter(|slot| unsafe { (**slot).tid } == tid);
+    let in_slot = slot.is_some();
+    let Some(entry) = slot.or_else(|| TRAINING_TASKS.get_ptr_mut(tid)) else {
         return 0;
     };
     let Some(totals) = totals() else { return 0 };
@@ -627,6 +678,13 @@ pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         totals.on_cpu_ns += now.saturating_sub(since);
+        // SAFETY: helper without arguments.
+        let here = unsafe { bpf_get_smp_processor_id() };
+        if let Some(cw) = CPU_WAIT.get_ptr_mut(here) {
+            // SAFETY: this CPU's slot; a plain store (read by user space
+            // only, for the slice in progress).
+            unsafe { core::ptr::write_volatile(&raw mut (*cw).training_since_ns, 0) };
+        }
     }
     // The exiting thread runs, so it cannot be waiting; if its entry says so,
     // a switch-in was missed and its CPU counts one waiter too many. That
@@ -635,7 +693,11 @@ pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
         totals.waiter_underflow += 1;
         uncount_waiter(cpu);
     }
-    if TRAINING_TASKS.remove(tid).is_ok() {
+    if in_slot {
+        // SAFETY: map value pointer of the current task; freeing the slot.
+        unsafe { core::ptr::write_volatile(&raw mut (*entry).tid, 0) };
+        totals.threads_exited += 1;
+    } else if TRAINING_TASKS.remove(tid).is_ok() {
         totals.threads_exited += 1;
     }
     0

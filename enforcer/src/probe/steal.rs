@@ -19,8 +19,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use enforcer_common::{
-    JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_RUNNING, TASK_UNKNOWN, TGID_FILTER_SLOTS,
-    TrainingTask, TrainingTotals,
+    CpuWait, JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_UNKNOWN, TGID_FILTER_SLOTS,
+    TRAINING_SLOT_COUNT, TrainingTask, TrainingTotals,
 };
 use serde::Serialize;
 
@@ -182,6 +182,8 @@ pub struct StealMeter {
     /// job through `bpf_get_current_ancestor_cgroup_id`.
     ancestors: bool,
     job_cgroups_dropped: u64,
+    /// Training threads entered from user space (the rest came by fork).
+    seeded: u64,
 }
 
 impl std::fmt::Debug for StealMeter {
@@ -252,11 +254,11 @@ impl StealMeter {
             nr_cpus,
             ancestors: true,
             job_cgroups_dropped: 0,
+            seeded: 0,
         };
         // Threads that exist now go in before any program runs, so that the
         // fork hook sees their children from the first event on.
-        meter.refresh_training()?;
-        if meter.thread_count()? == 0 {
+        if meter.refresh_training()? == 0 {
             return Err(ProbeError::NoTraining(format!("{:?}", meter.training)));
         }
         // Verification is the slow part: do it for every program first, then
@@ -320,27 +322,55 @@ impl StealMeter {
 
     /// Adds the threads of the training workload that the kernel does not
     /// know yet (the fork hook finds new ones at once; this catches threads
-    /// moved into a training cgroup). Existing entries are left untouched.
-    pub fn refresh_training(&mut self) -> Result<(), ProbeError> {
+    /// moved into a training cgroup): into their slot when it is free, else
+    /// into the overflow map. Existing entries are left untouched. Returns
+    /// how many training threads there are now.
+    pub fn refresh_training(&mut self) -> Result<usize, ProbeError> {
         let tids = training_tids(&self.training);
+        let seed = |tid| TrainingTask {
+            state: TASK_UNKNOWN,
+            cpu: 0,
+            since_ns: 0,
+            tid,
+            _pad: 0,
+        };
+        let mut overflow = Vec::new();
+        let mut new_tgids = BTreeSet::new();
+        {
+            let mut slots: Array<&mut MapData, TrainingTask> = Array::try_from(
+                self.ebpf
+                    .map_mut("TRAINING_SLOTS")
+                    .ok_or(missing("map", "TRAINING_SLOTS"))?,
+            )
+            .map_err(map_err("TRAINING_SLOTS"))?;
+            for &tid in &tids {
+                let index = tid % TRAINING_SLOT_COUNT;
+                let held = slots.get(&index, 0).map_err(map_err("TRAINING_SLOTS"))?.tid;
+                if held == tid {
+                    continue;
+                }
+                if held != 0 {
+                    overflow.push(tid);
+                    continue;
+                }
+                slots
+                    .set(index, seed(tid), 0)
+                    .map_err(map_err("TRAINING_SLOTS"))?;
+                self.seeded += 1;
+                new_tgids.extend(tgid_of(tid));
+            }
+        }
         let mut tasks: HashMap<&mut MapData, u32, TrainingTask> = HashMap::try_from(
             self.ebpf
                 .map_mut("TRAINING_TASKS")
                 .ok_or(missing("map", "TRAINING_TASKS"))?,
         )
         .map_err(map_err("TRAINING_TASKS"))?;
-        let seed = TrainingTask {
-            state: TASK_UNKNOWN,
-            cpu: 0,
-            since_ns: 0,
-        };
-        let mut new_tgids = BTreeSet::new();
-        for tid in tids {
-            match tasks.insert(tid, seed, BPF_NOEXIST) {
+        for tid in overflow {
+            match tasks.insert(tid, seed(tid), BPF_NOEXIST) {
                 Ok(()) => {
-                    if let Some(tgid) = tgid_of(tid) {
-                        new_tgids.insert(tgid);
-                    }
+                    self.seeded += 1;
+                    new_tgids.extend(tgid_of(tid));
                 }
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -352,7 +382,8 @@ impl StealMeter {
                 Err(e) => return Err(map_err("TRAINING_TASKS")(e)),
             }
         }
-        self.add_to_filter(new_tgids)
+        self.add_to_filter(new_tgids)?;
+        Ok(tids.len())
     }
 
     /// Enters training TGIDs in the kernel's direct-mapped filter; a slot
@@ -383,16 +414,6 @@ impl StealMeter {
             }
         }
         Ok(())
-    }
-
-    fn thread_count(&self) -> Result<u64, ProbeError> {
-        let tasks: HashMap<&MapData, u32, TrainingTask> = HashMap::try_from(
-            self.ebpf
-                .map("TRAINING_TASKS")
-                .ok_or(missing("map", "TRAINING_TASKS"))?,
-        )
-        .map_err(map_err("TRAINING_TASKS"))?;
-        Ok(tasks.keys().filter(Result::is_ok).count() as u64)
     }
 
     /// Starts attributing steal to `key`: the tasks of `cgroup` (and, when
@@ -548,25 +569,27 @@ impl StealMeter {
         }
         // Slices in progress: a thread that spins alone on a CPU is switched
         // out rarely, and its time must not show up only then.
-        let tasks: HashMap<&MapData, u32, TrainingTask> = HashMap::try_from(
+        let cpu_wait: Array<&MapData, CpuWait> = Array::try_from(
             self.ebpf
-                .map("TRAINING_TASKS")
-                .ok_or(missing("map", "TRAINING_TASKS"))?,
+                .map("CPU_WAIT")
+                .ok_or(missing("map", "CPU_WAIT"))?,
         )
-        .map_err(map_err("TRAINING_TASKS"))?;
+        .map_err(map_err("CPU_WAIT"))?;
         let now_ns = at.as_nanos() as u64;
-        let mut threads = 0;
         let mut running_ns = 0;
-        for (_, task) in tasks.iter().flatten() {
-            threads += 1;
-            if task.state == TASK_RUNNING && task.since_ns != 0 {
-                let slice = now_ns.saturating_sub(task.since_ns);
+        for (cpu, total) in on_cpu_per_cpu.iter_mut().enumerate() {
+            let since = cpu_wait
+                .get(&(cpu as u32), 0)
+                .map_err(map_err("CPU_WAIT"))?
+                .training_since_ns;
+            if since != 0 {
+                let slice = now_ns.saturating_sub(since);
                 running_ns += slice;
-                if let Some(c) = on_cpu_per_cpu.get_mut(task.cpu as usize) {
-                    *c += slice;
-                }
+                *total += slice;
             }
         }
+        // Seeded threads join the kernel's forked ones; exits leave both.
+        let threads = (self.seeded + t.threads_forked).saturating_sub(t.threads_exited);
         let mut jobs = BTreeMap::new();
         for (key, job) in &self.jobs {
             let c = self.slot_counters(job.slot)?;
