@@ -99,6 +99,11 @@ pub struct CpuWait {
     /// when the running task is not training. User space adds the slice in
     /// progress to the on-CPU time it reads.
     pub training_since_ns: u64,
+    /// `bpf_ktime_get_ns` and the run queue's clock read together (at most
+    /// once a second, when timestamps are the run queue's clock): how user
+    /// space turns CLOCK_MONOTONIC into this CPU's clock.
+    pub calibrated_ktime_ns: u64,
+    pub calibrated_clock_ns: u64,
 }
 
 /// Cumulative per-job counters, in the per-CPU `JOB_STEAL` array indexed by

@@ -73,8 +73,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CpuWait, JobSteal, MAX_CPUS, MAX_JOB_CGROUPS, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAINING_THREADS,
-    SwitchCount, TASK_RUNNING, TASK_SLEEPING, TASK_WAITING, TGID_FILTER_SLOTS, TRAINING_SLOT_COUNT,
-    TrainingTask, TrainingTotals,
+    SwitchCount, TASK_RUNNING, TASK_SLEEPING, TASK_UNKNOWN, TASK_WAITING, TGID_FILTER_SLOTS,
+    TRAINING_SLOT_COUNT, TrainingTask, TrainingTotals,
 };
 
 /// One slot per CPU: context switches seen by `sched_switch_selftest`.
@@ -118,6 +118,28 @@ static TASK_STATE_OFFSET: u32 = 0;
 /// for a training cgroup); 0: only new threads of its thread groups.
 #[unsafe(no_mangle)]
 static FOLLOW_CHILDREN: u32 = 0;
+/// Timestamps are the run queue's clock (`rq->clock`, reached from a task
+/// as `task->se.cfs_rq->rq->clock`), which the scheduler has just updated
+/// at every event we trace: a memory read instead of a clock read (measured
+/// on the development VM: `bpf_ktime_get_ns` costs ~140 ns, most of a
+/// wake-up's accounting). User space refuses to load the programs on a
+/// kernel whose BTF lacks one of these fields (no `CONFIG_FAIR_GROUP_SCHED`).
+/// Byte offset of `task_struct.se.cfs_rq`, from BTF.
+#[unsafe(no_mangle)]
+static TASK_CFS_RQ_OFFSET: u32 = 0;
+/// Byte offset of `cfs_rq.rq`, from BTF.
+#[unsafe(no_mangle)]
+static CFS_RQ_RQ_OFFSET: u32 = 0;
+/// Byte offset of `rq.clock`, from BTF.
+#[unsafe(no_mangle)]
+static RQ_CLOCK_OFFSET: u32 = 0;
+
+/// `TASK_DEAD` in `__state`: the state of a thread's last switch-out.
+const TASK_DEAD: u32 = 0x80;
+
+/// Calibrate the run-queue clock against `bpf_ktime_get_ns` at most this
+/// often per CPU (user space converts its own clock with it).
+const CALIBRATE_EVERY_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn config(value: &u32) -> u32 {
@@ -194,6 +216,30 @@ fn task_field(task: *const u8, offset: u32) -> u32 {
     // SAFETY: see above; the verifier rejects the program rather than let a
     // wrong offset through.
     unsafe { core::ptr::read_volatile(task.wrapping_add(offset as usize) as *const u32) }
+}
+
+/// The time on the run queue of `task` (see `TASK_CFS_RQ_OFFSET`), ns. `task`
+/// must be a task whose run queue's lock is held and whose clock the
+/// scheduler updated for this event: `next` at a switch, the woken task at a
+/// wake-up, the migrating task at its source. Each CPU's wait state is only
+/// ever advanced with its own run queue's clock.
+///
+/// A subprogram of its own: inlined into `sched_switch`, the compiler kept
+/// values in registers across branches in a way the verifier, which checks
+/// each path alone, saw as reading an unset register (and refused).
+#[inline(never)]
+fn clock_of(task: *const u8) -> u64 {
+    // SAFETY: typed loads the verifier checks against the kernel's BTF
+    // (pointer fields give typed pointers; a fault reads 0).
+    unsafe {
+        let cfs_rq = core::ptr::read_volatile(
+            task.wrapping_add(config(&TASK_CFS_RQ_OFFSET) as usize) as *const *const u8,
+        );
+        let rq = core::ptr::read_volatile(
+            cfs_rq.wrapping_add(config(&CFS_RQ_RQ_OFFSET) as usize) as *const *const u8
+        );
+        core::ptr::read_volatile(rq.wrapping_add(config(&RQ_CLOCK_OFFSET) as usize) as *const u64)
+    }
 }
 
 /// Reads a `u32` field of a `task_struct` at a BTF-derived offset.
@@ -369,8 +415,12 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
     {
         return;
     }
-    // SAFETY: helper without arguments to validate.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_of(next);
+    if now.saturating_sub(cw.calibrated_clock_ns) >= CALIBRATE_EVERY_NS {
+        // SAFETY: helper without arguments.
+        cw.calibrated_ktime_ns = unsafe { bpf_ktime_get_ns() };
+        cw.calibrated_clock_ns = now;
+    }
 
     // Close the interval the outgoing task ran: advance the integral with the
     // waiters that held until now, then fold in those that migrated here
@@ -468,6 +518,15 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
             cw.preempted_training = 1;
         }
     }
+
+    // A thread's last switch-out: its slice is closed above, its entry goes.
+    if prev_state & TASK_DEAD != 0
+        && !still_runnable
+        && let Some(prev) = prev_task
+    {
+        forget_training(prev_tid, prev);
+        totals.threads_exited += 1;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -512,8 +571,7 @@ fn on_wakeup(task: *const u8) {
     };
     // SAFETY: that CPU's run-queue lock is held (see the module docs).
     let cw = unsafe { &mut *cw };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_of(task);
     advance(cw, now);
     cw.waiters += 1;
     entry.state = TASK_WAITING;
@@ -548,8 +606,7 @@ pub fn steal_sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY: the source CPU's run-queue lock is held.
     let src = unsafe { &mut *src };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_of(task);
     advance(src, now);
     if src.waiters > 0 {
         src.waiters -= 1;
@@ -656,51 +713,46 @@ fn uncount_waiter(cpu: u32) {
     }
 }
 
-/// `sched_process_exit`, run by the exiting thread (`current`).
+/// `sched_process_exit`, run by the exiting thread (`current`). The entry
+/// itself stays until the thread's last switch-out (`TASK_DEAD`), which
+/// closes its last slice on the run queue's clock and frees it.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn steal_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let slot = TRAINING_SLOTS
-        .get_ptr_mut(tid % TRAINING_SLOT_COUNT)
-        // SAFETY: map value pointer; a u32 read.
-        .filter(|slot| unsafe { (**slot).tid } == tid);
-    let in_slot = slot.is_some();
-    let Some(entry) = slot.or_else(|| TRAINING_TASKS.get_ptr_mut(tid)) else {
+    let Some(entry) = lookup_training(tid) else {
         return 0;
     };
     let Some(totals) = totals() else { return 0 };
     // SAFETY: map value pointer of the current task.
-    let (state, cpu, since) = unsafe { ((*entry).state, (*entry).cpu, (*entry).since_ns) };
-    // Its last slice ends here: the entry goes, so the switch-out that
-    // follows will not find it. Without this a thread that lives for one
-    // slice (a thread per training step) would add no on-CPU time at all.
-    if state == TASK_RUNNING && since != 0 {
-        // SAFETY: helper without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
-        totals.on_cpu_ns += now.saturating_sub(since);
-        // SAFETY: helper without arguments.
-        let here = unsafe { bpf_get_smp_processor_id() };
-        if let Some(cw) = CPU_WAIT.get_ptr_mut(here) {
-            // SAFETY: this CPU's slot; a plain store (read by user space
-            // only, for the slice in progress).
-            unsafe { core::ptr::write_volatile(&raw mut (*cw).training_since_ns, 0) };
-        }
-    }
+    let (state, cpu) = unsafe { ((*entry).state, (*entry).cpu) };
     // The exiting thread runs, so it cannot be waiting; if its entry says so,
     // a switch-in was missed and its CPU counts one waiter too many. That
     // CPU's lock is not held here: correct it like a migration, atomically.
     if state == TASK_WAITING {
         totals.waiter_underflow += 1;
         uncount_waiter(cpu);
-    }
-    if in_slot {
-        // SAFETY: map value pointer of the current task; freeing the slot.
-        unsafe { core::ptr::write_volatile(&raw mut (*entry).tid, 0) };
-        totals.threads_exited += 1;
-    } else if TRAINING_TASKS.remove(tid).is_ok() {
-        totals.threads_exited += 1;
+        // SAFETY: as above; a plain store.
+        unsafe { (*entry).state = TASK_UNKNOWN };
     }
     0
+}
+
+/// Frees the entry of training thread `tid` (its slot, or its overflow map
+/// entry). Once per thread, so a subprogram of its own: inlined into the
+/// switch, the compiler spilled a register that is undefined on this path,
+/// which the verifier refuses.
+#[inline(never)]
+fn forget_training(tid: u32, entry: *mut TrainingTask) {
+    if TRAINING_SLOTS
+        .get_ptr_mut(tid % TRAINING_SLOT_COUNT)
+        // SAFETY: map value pointer; a u32 read.
+        .is_some_and(|slot| unsafe { (*slot).tid } == tid)
+    {
+        // SAFETY: map value pointer of the slot.
+        unsafe { (*entry).tid = 0 };
+    } else {
+        let _ = TRAINING_TASKS.remove(tid);
+    }
 }
 
 #[cfg(not(test))]

@@ -184,6 +184,22 @@ fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
         .spawn()
         .expect("starting enforcer run");
     let stderr = run.stderr.take().expect("stderr");
+    // A placement that never comes must fail the test, not hang it.
+    let run_pid = run.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // SAFETY: kill on the pid of our own child.
+            unsafe { libc::kill(run_pid, libc::SIGTERM) };
+        })
+    };
     let (mut pid, mut placed, mut affinity) = (None, None, None);
     let mut log = Vec::new();
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -206,6 +222,8 @@ fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
         log.push(line);
     }
     let _ = run.wait().expect("waiting for enforcer run");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watchdog.join();
     let log = log.join("\n");
     let Some(Some(cpus)) = placed else {
         panic!("no placement away from the training's CPU: {placed:?}\n{log}");

@@ -42,6 +42,20 @@ pub struct TaskLayout {
     pub state: u32,
     /// Whether the `sched_switch` tracepoint passes `prev_state` (5.18+).
     pub switch_has_prev_state: bool,
+    /// The way from a task to its run queue's clock; `None` when the BTF
+    /// lacks a field of it (no `CONFIG_FAIR_GROUP_SCHED`).
+    pub clock: Option<RqClockPath>,
+}
+
+/// `task->se.cfs_rq->rq->clock`, as three byte offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RqClockPath {
+    /// `task_struct.se` + `sched_entity.cfs_rq`.
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`.
+    pub cfs_rq_rq: u32,
+    /// `rq.clock`.
+    pub rq_clock: u32,
 }
 
 impl TaskLayout {
@@ -74,7 +88,19 @@ impl TaskLayout {
         // typedef btf_trace_sched_switch → pointer → func proto
         // (void *__data, preempt, prev, next[, prev_state]).
         let params = btf.typedef_proto_params("btf_trace_sched_switch")?;
+        let clock = (|| {
+            let se = btf.member_offset(task, "se").ok()?;
+            let entity = btf.struct_by_name("sched_entity").ok()?;
+            let cfs_rq = btf.struct_by_name("cfs_rq").ok()?;
+            let rq = btf.struct_by_name("rq").ok()?;
+            Some(RqClockPath {
+                task_cfs_rq: se + btf.member_offset(entity, "cfs_rq").ok()?,
+                cfs_rq_rq: btf.member_offset(cfs_rq, "rq").ok()?,
+                rq_clock: btf.member_offset(rq, "clock").ok()?,
+            })
+        })();
         Ok(Self {
+            clock,
             pid: btf.member_offset(task, "pid")?,
             tgid: btf.member_offset(task, "tgid")?,
             cpu,
@@ -388,7 +414,8 @@ mod tests {
                 tgid: 1004,
                 cpu: 8,
                 state: 24,
-                switch_has_prev_state: true
+                switch_has_prev_state: true,
+                clock: None,
             }
         );
     }
@@ -402,7 +429,8 @@ mod tests {
                 tgid: 904,
                 cpu: 68,
                 state: 16,
-                switch_has_prev_state: false
+                switch_has_prev_state: false,
+                clock: None,
             }
         );
     }

@@ -230,12 +230,22 @@ impl StealMeter {
             TrainingSpec::Cgroup(_) => 1,
         };
         tracing::debug!(?layout, nr_cpus, "kernel layout from BTF");
+        let clock = layout.clock.ok_or_else(|| {
+            ProbeError::NoBtf(
+                "kernel BTF has no task_struct.se.cfs_rq -> cfs_rq.rq -> rq.clock \
+                 (a kernel without CONFIG_FAIR_GROUP_SCHED): the probes time events on the run queue's clock"
+                    .to_owned(),
+            )
+        })?;
         let ebpf = EbpfLoader::new()
             .override_global("TASK_PID_OFFSET", &layout.pid, true)
             .override_global("TASK_TGID_OFFSET", &layout.tgid, true)
             .override_global("TASK_CPU_OFFSET", &layout.cpu, true)
             .override_global("TASK_STATE_OFFSET", &layout.state, true)
             .override_global("FOLLOW_CHILDREN", &follow, true)
+            .override_global("TASK_CFS_RQ_OFFSET", &clock.task_cfs_rq, true)
+            .override_global("CFS_RQ_RQ_OFFSET", &clock.cfs_rq_rq, true)
+            .override_global("RQ_CLOCK_OFFSET", &clock.rq_clock, true)
             .map_max_entries("CPU_WAIT", nr_cpus as u32)
             .load(EBPF_OBJECT)?;
         let (switch, switch_flat) = if layout.switch_has_prev_state {
@@ -578,15 +588,18 @@ impl StealMeter {
         let now_ns = at.as_nanos() as u64;
         let mut running_ns = 0;
         for (cpu, total) in on_cpu_per_cpu.iter_mut().enumerate() {
-            let since = cpu_wait
+            let w = cpu_wait
                 .get(&(cpu as u32), 0)
-                .map_err(map_err("CPU_WAIT"))?
-                .training_since_ns;
-            if since != 0 {
-                let slice = now_ns.saturating_sub(since);
-                running_ns += slice;
-                *total += slice;
+                .map_err(map_err("CPU_WAIT"))?;
+            if w.training_since_ns == 0 {
+                continue;
             }
+            // The programs' timestamps are this CPU's run-queue clock, last
+            // calibrated against CLOCK_MONOTONIC (ktime) within a second.
+            let now = (now_ns + w.calibrated_clock_ns).saturating_sub(w.calibrated_ktime_ns);
+            let slice = now.saturating_sub(w.training_since_ns);
+            running_ns += slice;
+            *total += slice;
         }
         // Seeded threads join the kernel's forked ones; exits leave both.
         let threads = (self.seeded + t.threads_forked).saturating_sub(t.threads_exited);
