@@ -96,6 +96,20 @@ pub fn sched_switch_selftest(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Empty programs on the two hot tracepoints: what attaching anything there
+/// costs (the floor `cargo xtask bench probe` compares the meter with). Never
+/// loaded by the agent.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn floor_sched_switch(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// See `floor_sched_switch`.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn floor_sched_wakeup(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 // ---------------------------------------------------------------------------
 // Configuration, set by user space at load time (read-only data).
 // ---------------------------------------------------------------------------

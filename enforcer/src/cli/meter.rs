@@ -55,6 +55,12 @@ pub struct MeterArgs {
     /// of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Attach only empty programs on sched_switch and sched_wakeup (no
+    /// steal is measured), until interrupted: the floor `cargo xtask bench
+    /// probe` compares the meter's cost with.
+    #[arg(long, hide = true)]
+    pub floor: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -147,7 +153,52 @@ impl GroundTruth {
     }
 }
 
+/// `--floor`: empty programs attached until a signal, then their cost.
+fn floor(args: &MeterArgs) -> Result<()> {
+    let probes = crate::probe::floor::FloorProbes::attach()
+        .context("loading the empty programs (enforcer doctor says what this node lacks)")?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", json!({"event": "start", "floor": true}))?;
+    out.flush()?;
+    while !STOP.load(Ordering::Relaxed) && args.duration.is_none_or(|d| started.elapsed() < d.0) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let programs: Vec<Value> = probes
+        .program_stats()
+        .into_iter()
+        .map(program_json)
+        .collect();
+    writeln!(
+        out,
+        "{}",
+        json!({"event": "summary", "duration_s": started.elapsed().as_secs_f64(), "programs": programs})
+    )?;
+    Ok(())
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+fn program_json(p: crate::probe::steal::ProgramStats) -> Value {
+    json!({
+        "name": p.name,
+        "run_count": p.run_count,
+        "run_time_ns": p.run_time_ns,
+        "ns_per_event": (p.run_count > 0).then(|| p.run_time_ns as f64 / p.run_count as f64),
+    })
+}
+
 fn meter(args: &MeterArgs) -> Result<()> {
+    if args.floor {
+        return floor(args);
+    }
     let training = match (args.protect, &args.training_cgroup) {
         (Some(pid), _) => TrainingSpec::Pid {
             pid,
@@ -176,11 +227,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
     for job in &jobs {
         meter.add_job(&job.key, job.cgroup.clone())?;
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    install_signal_handlers();
     let first = meter.read()?;
     let truth_first = GroundTruth::read(&training, &jobs);
     let started = Instant::now();
@@ -362,14 +409,7 @@ fn summary_json(
     let programs: Vec<Value> = meter
         .program_stats()
         .into_iter()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "run_count": p.run_count,
-                "run_time_ns": p.run_time_ns,
-                "ns_per_event": (p.run_count > 0).then(|| p.run_time_ns as f64 / p.run_count as f64),
-            })
-        })
+        .map(program_json)
         .collect();
     json!({
         "event": "summary",

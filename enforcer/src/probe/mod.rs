@@ -3,12 +3,14 @@
 //!
 //! - [`btf`]: the running kernel's `task_struct` offsets, from its BTF;
 //! - [`steal`]: the steal meter (training threads, job cgroups, counters);
+//! - [`floor`]: empty programs on the same tracepoints, the benchmark's floor;
 //! - [`window`]: stolen fraction over windows and time over budget, from
 //!   successive snapshots (pure);
 //! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
 //!   --protect`).
 
 pub mod btf;
+pub mod floor;
 pub mod monitor;
 pub mod steal;
 pub mod window;

@@ -2,11 +2,13 @@
 //!
 //! A context-switch storm (pairs of threads ping-ponging one byte over pipes,
 //! each pair pinned to one CPU, so every message is a wake-up and a switch)
-//! runs in alternating rounds with the probes detached and attached, in two
+//! runs in alternating rounds with the probes detached and attached, in three
 //! attached modes: the storm itself is the protected training workload (the
 //! worst case: every switch and wake-up hits a training thread and moves its
-//! wait state), or the protected workload is an idle bystander (the common
-//! case on a node: most switches belong to tasks that are not training).
+//! wait state), the protected workload is an idle bystander (the common
+//! case on a node: most switches belong to tasks that are not training), and
+//! the floor: empty programs on sched_switch and sched_wakeup (`enforcer
+//! meter --floor`), what attaching anything to these tracepoints costs.
 //! Attached rounds run the real `enforcer meter`; per-program cost comes from
 //! the kernel's own accounting (`kernel.bpf_stats_enabled`: run_time_ns and
 //! run_cnt per program). That accounting reads the clock twice per program
@@ -166,19 +168,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One attached configuration of a round.
+struct Mode {
+    name: &'static str,
+    /// The PID `enforcer meter` protects.
+    protect: u32,
+    /// Attach the empty programs instead of the meter (`--floor`).
+    floor: bool,
+}
+
 /// Runs one attached round: starts `enforcer meter` protecting this process,
 /// measures the storm once it is attached, stops it and returns the storm
 /// rate and the meter's summary (with per-program stats).
 fn attached_round(
     enforcer: &Path,
-    protect: u32,
+    mode: &Mode,
     storm: &Storm,
     stats: &StatsGuard,
     d: Duration,
 ) -> Result<(f64, Value)> {
     let mut child = Command::new(enforcer)
         .args(["meter", "--json", "--interval", "1h", "--protect"])
-        .arg(protect.to_string())
+        .arg(mode.protect.to_string())
+        .args(mode.floor.then_some("--floor"))
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", enforcer.display()))?;
@@ -233,8 +245,21 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
         .spawn()
         .context("starting the bystander (sleep)")?;
     let modes = [
-        ("storm is training", std::process::id()),
-        ("storm is not training", bystander.id()),
+        Mode {
+            name: "storm is training",
+            protect: std::process::id(),
+            floor: false,
+        },
+        Mode {
+            name: "storm is not training",
+            protect: bystander.id(),
+            floor: false,
+        },
+        Mode {
+            name: "empty programs (floor)",
+            protect: bystander.id(),
+            floor: true,
+        },
     ];
     let mut detached = Vec::new();
     let mut attached: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
@@ -246,9 +271,9 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
             let off = storm.measure(d);
             detached.push(off);
             let mut line = format!("round {}: detached {off:.0}", round + 1);
-            for (m, (name, pid)) in modes.iter().enumerate() {
-                let (on, summary) = attached_round(&enforcer, *pid, &storm, &stats, d)?;
-                line += &format!(", {name} {on:.0}");
+            for (m, mode) in modes.iter().enumerate() {
+                let (on, summary) = attached_round(&enforcer, mode, &storm, &stats, d)?;
+                line += &format!(", {} {on:.0}", mode.name);
                 attached[m].push(on);
                 for p in summary["programs"].as_array().into_iter().flatten() {
                     let prog = p["name"].as_str().unwrap_or_default().to_owned();
@@ -277,34 +302,39 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<28} {:>22} {:>22}",
-        "median ns/event", modes[0].0, modes[1].0
+        "{:<28} {:>22} {:>22} {:>22}",
+        "median ns/event", modes[0].name, modes[1].name, modes[2].name
     )?;
     let names: std::collections::BTreeSet<&String> = per_program.keys().map(|(_, n)| n).collect();
     let mut programs = Vec::new();
     for name in names {
         let mut cells = Vec::new();
         let mut row = json!({"name": name});
-        for (m, (mode, _)) in modes.iter().enumerate() {
+        for (m, mode) in modes.iter().enumerate() {
             let (ns, count) = per_program
                 .get(&(m, name.clone()))
                 .cloned()
                 .unwrap_or_default();
             let med = median(ns.clone());
             cells.push(format!("{med:>10.1} ({count:>9})"));
-            row[*mode] =
+            row[mode.name] =
                 json!({"median_ns_per_event": med, "per_round_ns_per_event": ns, "events": count});
         }
-        writeln!(out, "{name:<28} {:>22} {:>22}", cells[0], cells[1])?;
+        writeln!(
+            out,
+            "{name:<28} {:>22} {:>22} {:>22}",
+            cells[0], cells[1], cells[2]
+        )?;
         programs.push(row);
     }
     let mut storm_json = json!({"detached_trips_per_s": detached, "median_detached": off});
     let mut line = format!("storm round trips/s: detached {off:.0}");
-    for (m, (mode, _)) in modes.iter().enumerate() {
+    for (m, mode) in modes.iter().enumerate() {
         let on = median(attached[m].clone());
         let loss = 100.0 * (1.0 - on / off);
-        line += &format!("; {mode}: {on:.0} (loss {loss:.2} %)");
-        storm_json[*mode] = json!({"trips_per_s": attached[m], "median": on, "loss_percent": loss});
+        line += &format!("; {}: {on:.0} (loss {loss:.2} %)", mode.name);
+        storm_json[mode.name] =
+            json!({"trips_per_s": attached[m], "median": on, "loss_percent": loss});
     }
     writeln!(out, "{line}")?;
     writeln!(out, "targets: <= 150 ns/event, <= 2 % throughput loss")?;
