@@ -304,10 +304,16 @@ pub fn job_monitors(
     let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), args.progress)
         .with_feed(feed.clone());
     let hold = protect && !args.measure_only;
-    // Where the training runs is watched before the job starts, so that the
+    // The probes load before the job starts, so that its first instruction
+    // is metered; where the training runs is watched meanwhile, so that the
     // loop places the job at its first tick.
-    let history = if hold && plan.config.place_jobs {
-        steal.watch_before_job(PLACEMENT_WATCH)
+    let history = if protect {
+        let watch = if hold && plan.config.place_jobs {
+            PLACEMENT_WATCH
+        } else {
+            Duration::ZERO
+        };
+        steal.watch_before_job(watch)
     } else {
         Vec::new()
     };

@@ -115,8 +115,8 @@ impl StealMonitor {
         }
     }
 
-    /// Loads the probes before the job exists and watches the training for
-    /// `span`: returns samples of its cumulative on-CPU time per CPU, so that
+    /// Loads the probes before the job exists (so that its first instruction
+    /// is metered) and watches the training for `span`: returns samples of its cumulative on-CPU time per CPU, so that
     /// the job can be placed before its first instruction. The meter is kept
     /// for the job. Nothing (and the reason at debug level, the job start
     /// says it again) when there is no training or the probes cannot load.
@@ -142,8 +142,10 @@ impl StealMonitor {
             })
         };
         let mut samples: Vec<_> = sample(&mut meter).into_iter().collect();
-        std::thread::sleep(span);
-        samples.extend(sample(&mut meter));
+        if !span.is_zero() {
+            std::thread::sleep(span);
+            samples.extend(sample(&mut meter));
+        }
         self.early = Some(meter);
         samples
     }

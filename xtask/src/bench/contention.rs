@@ -610,6 +610,11 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             Some(e) => process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0),
             None => 0.0,
         };
+        // Once the evaluation exits, its time leaves the tree (it becomes
+        // the enforcer's children time): never let the counter go back.
+        let eval_cpu_s = ticks
+            .last()
+            .map_or(eval_cpu_s, |t: &Tick| eval_cpu_s.max(t.eval_cpu_s));
         let mut judged = None;
         if let (Some(c), Some(cg)) = (controller.as_mut(), &cgroup) {
             let obs = Observation {
