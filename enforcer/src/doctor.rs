@@ -66,7 +66,27 @@ pub fn check() -> Report {
 
     let btf_path = Path::new("/sys/kernel/btf/vmlinux");
     let btf = match std::fs::metadata(btf_path) {
-        Ok(m) => Ok(format!("{} ({} bytes)", btf_path.display(), m.len())),
+        // The steal meter reads these fields through the BTF offsets.
+        Ok(m) => match probe::btf::TaskLayout::from_file(btf_path) {
+            Ok(layout) if layout.clock.is_some() => {
+                Ok(format!("{} ({} bytes)", btf_path.display(), m.len()))
+            }
+            Ok(_) => {
+                problems.push(
+                    "kernel BTF has no task_struct.se.cfs_rq -> rq -> clock (no CONFIG_FAIR_GROUP_SCHED): \
+                     the steal meter cannot time events; jobs are still enforced"
+                        .to_owned(),
+                );
+                Err("no run-queue clock path (CONFIG_FAIR_GROUP_SCHED)".to_owned())
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{}: {e}: the steal meter cannot load",
+                    btf_path.display()
+                ));
+                Err(e.to_string())
+            }
+        },
         Err(e) => {
             problems.push(format!(
                 "{} is missing ({e}): the kernel needs CONFIG_DEBUG_INFO_BTF=y for the probes",

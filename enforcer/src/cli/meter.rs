@@ -186,7 +186,7 @@ fn install_signal_handlers() {
     }
 }
 
-fn program_json(p: crate::probe::steal::ProgramStats) -> Value {
+fn program_json(p: crate::probe::ProgramStats) -> Value {
     json!({
         "name": p.name,
         "run_count": p.run_count,

@@ -5,7 +5,7 @@
 
 use aya::{Btf, Ebpf, EbpfLoader, programs::BtfTracePoint};
 
-use super::{EBPF_OBJECT, ProbeError, raise_memlock, steal::ProgramStats};
+use super::{EBPF_OBJECT, ProbeError, ProgramStats, program_stats, raise_memlock};
 
 const PROGRAMS: [(&str, &str); 2] = [
     ("floor_sched_switch", "sched_switch"),
@@ -43,16 +43,6 @@ impl FloorProbes {
 
     /// Per-program cost, meaningful while `kernel.bpf_stats_enabled` is 1.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        PROGRAMS
-            .iter()
-            .filter_map(|&(name, _)| {
-                let info = self.ebpf.program(name)?.info().ok()?;
-                Some(ProgramStats {
-                    name,
-                    run_count: info.run_count(),
-                    run_time_ns: info.run_time().as_nanos() as u64,
-                })
-            })
-            .collect()
+        program_stats(&self.ebpf, PROGRAMS.iter().map(|&(name, _)| name))
     }
 }

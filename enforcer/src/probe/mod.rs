@@ -74,6 +74,29 @@ pub struct SelfTest {
     pub attached_ms: u64,
 }
 
+/// Cost of one program, from `kernel.bpf_stats_enabled` accounting.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// The kernel's run count and run time of each loaded program of `names`
+/// (meaningful while `kernel.bpf_stats_enabled` is 1).
+pub fn program_stats(ebpf: &Ebpf, names: impl Iterator<Item = &'static str>) -> Vec<ProgramStats> {
+    names
+        .filter_map(|name| {
+            let info = ebpf.program(name)?.info().ok()?;
+            Some(ProgramStats {
+                name,
+                run_count: info.run_count(),
+                run_time_ns: info.run_time().as_nanos() as u64,
+            })
+        })
+        .collect()
+}
+
 /// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it.
 pub fn raise_memlock() {
     let unlimited = libc::rlimit {

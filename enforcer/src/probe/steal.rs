@@ -24,7 +24,7 @@ use enforcer_common::{
 };
 use serde::Serialize;
 
-use super::{EBPF_OBJECT, ProbeError, btf::TaskLayout, raise_memlock};
+use super::{EBPF_OBJECT, ProbeError, ProgramStats, btf::TaskLayout, program_stats, raise_memlock};
 
 /// `BPF_NOEXIST`: user-space seeding must never overwrite the state the
 /// kernel already keeps for a thread.
@@ -151,14 +151,6 @@ pub struct StealSnapshot {
     pub training_on_cpu_per_cpu_ns: Vec<u64>,
     pub jobs: BTreeMap<String, JobCounters>,
     pub overflow: Overflow,
-}
-
-/// Cost of one program, from `kernel.bpf_stats_enabled` accounting.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProgramStats {
-    pub name: &'static str,
-    pub run_count: u64,
-    pub run_time_ns: u64,
 }
 
 #[derive(Debug)]
@@ -638,17 +630,7 @@ impl StealMeter {
 
     /// Per-program cost, meaningful while `kernel.bpf_stats_enabled` is 1.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        self.programs
-            .iter()
-            .filter_map(|&name| {
-                let info = self.ebpf.program(name)?.info().ok()?;
-                Some(ProgramStats {
-                    name,
-                    run_count: info.run_count(),
-                    run_time_ns: info.run_time().as_nanos() as u64,
-                })
-            })
-            .collect()
+        program_stats(&self.ebpf, self.programs.iter().copied())
     }
 }
 
