@@ -129,6 +129,15 @@ pub enum Reason {
     /// The job was moved to other CPUs (`cores` of them): the quota starts
     /// again from the start value within them.
     Placed { cores: f64 },
+    /// The slowdown stayed over budget for `held` with the job at the floor
+    /// and its steal quiet: not the job's doing. Its quota goes back to what
+    /// it was before the slowdown tightened it, and the slowdown is ignored
+    /// for `ignore_for`.
+    NotTheJob {
+        value: f64,
+        held: Duration,
+        ignore_for: Duration,
+    },
 }
 
 /// A change of the job's CPU controls, with the reason, for the actuator, the
@@ -187,6 +196,17 @@ impl fmt::Display for Decision {
             Reason::Placed { cores } => {
                 write!(f, "job placed on {cores:.0} CPUs: quota {from} -> {to}")
             }
+            Reason::NotTheJob {
+                value,
+                held,
+                ignore_for,
+            } => write!(
+                f,
+                "training slowdown {:.1}% stayed over budget {budget:.1}% for {:.1}s with the job at the floor and its steal quiet: not the job's doing; quota {from} -> {to}, slowdown ignored for {:.0}s",
+                pct(value),
+                held.as_secs_f64(),
+                ignore_for.as_secs_f64()
+            ),
         }
     }
 }
@@ -235,6 +255,13 @@ pub struct ControllerConfig {
     /// to the next on a busy 2-vCPU node), so one high reading is not
     /// interference.
     pub slowdown_persist: Duration,
+    /// At the floor, with the job's stolen fraction under the relax
+    /// threshold, a slowdown still over budget after this long is not the
+    /// job's doing (other load on the node)...
+    pub slowdown_blame_after: Duration,
+    /// ...and is then ignored this long, with the job back at its quota from
+    /// before the slowdown tightened it.
+    pub slowdown_ignore_for: Duration,
     /// Freeze when the stolen fraction at the floor stays above
     /// `freeze_above × budget`...
     pub freeze_above: f64,
@@ -269,6 +296,8 @@ impl ControllerConfig {
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
             slowdown_persist: Duration::from_secs(2),
+            slowdown_blame_after: Duration::from_secs(5),
+            slowdown_ignore_for: Duration::from_secs(30),
             freeze_above: 1.0,
             freeze_after: Duration::from_secs(2),
             freeze_min: Duration::from_millis(500),
@@ -298,6 +327,13 @@ pub struct Controller {
     last_slowdown_tighten: Option<Instant>,
     /// Since when the slowdown has been over budget, unbroken.
     slowdown_over_since: Option<Instant>,
+    /// The quota before the first slowdown tightening of a series.
+    quota_before_slowdown: Option<Quota>,
+    /// Since when the job has sat at the floor with the slowdown over budget
+    /// and its own steal quiet.
+    floor_slowdown_since: Option<Instant>,
+    /// Slowdown readings are ignored until then (see `Reason::NotTheJob`).
+    slowdown_ignored_until: Option<Instant>,
     over_at_floor_since: Option<Instant>,
     frozen_at: Option<Instant>,
     freeze_for: Duration,
@@ -324,6 +360,9 @@ impl Controller {
             last_tighten: None,
             last_slowdown_tighten: None,
             slowdown_over_since: None,
+            quota_before_slowdown: None,
+            floor_slowdown_since: None,
+            slowdown_ignored_until: None,
             over_at_floor_since: None,
             frozen_at: None,
             freeze_for: Duration::ZERO,
@@ -379,6 +418,7 @@ impl Controller {
             _ => Quota::Unlimited,
         };
         self.last_tighten = None;
+        self.quota_before_slowdown = None;
         Some(self.change(now, |c| c.quota = quota, Reason::Placed { cores }))
     }
 
@@ -402,7 +442,10 @@ impl Controller {
             return Some(self.change(now, |c| c.frozen = false, Reason::Thaw { frozen_for }));
         }
 
-        let slowdown = obs.training_slowdown.filter(|s| s.is_finite());
+        let slowdown = obs
+            .training_slowdown
+            .filter(|s| s.is_finite())
+            .filter(|_| self.slowdown_ignored_until.is_none_or(|t| now >= t));
         // The strongest of the two signals decides; slowdown may tighten only
         // once per `slowdown_interval` because it lags by its own window.
         let steal_over = fraction.is_some_and(|f| f > self.config.budget);
@@ -416,6 +459,16 @@ impl Controller {
             self.slowdown_over_since = None;
             false
         };
+
+        if let Some(decision) =
+            self.blame_elsewhere(now, slowdown_over && !steal_over, fraction, slowdown)
+        {
+            return Some(decision);
+        }
+        if self.floor_slowdown_since.is_some() {
+            // Held at the floor while it is decided whose slowdown it is.
+            return None;
+        }
 
         if steal_over || (slowdown_over && slowdown_can_tighten) {
             let (signal, value) = match (fraction, slowdown) {
@@ -449,6 +502,8 @@ impl Controller {
         if !held_off || !spaced {
             return None;
         }
+        // Back on the normal path: a later slowdown series starts afresh.
+        self.quota_before_slowdown = None;
         match self.controls.quota {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
@@ -534,11 +589,58 @@ impl Controller {
         self.last_tighten = Some(now);
         if signal == Signal::Slowdown {
             self.last_slowdown_tighten = Some(now);
+            self.quota_before_slowdown
+                .get_or_insert(self.controls.quota);
         }
         Some(self.change(
             now,
             |c| c.quota = Quota::Cores(next),
             Reason::Tighten { signal, value },
+        ))
+    }
+
+    /// At the floor, a slowdown over budget while the job's own steal is
+    /// quiet: after `slowdown_blame_after` of that, it is not the job's (the
+    /// floor left it nowhere lower to go and nothing improved).
+    fn blame_elsewhere(
+        &mut self,
+        now: Instant,
+        slowdown_only: bool,
+        fraction: Option<f64>,
+        slowdown: Option<f64>,
+    ) -> Option<Decision> {
+        let cfg = &self.config;
+        let at_floor =
+            matches!(self.controls.quota, Quota::Cores(q) if q <= cfg.floor_cores + 1e-9);
+        let steal_quiet = fraction.is_some_and(|f| f < cfg.relax_below * cfg.budget);
+        if !(at_floor && slowdown_only && steal_quiet && !self.controls.frozen) {
+            self.floor_slowdown_since = None;
+            return None;
+        }
+        let since = *self.floor_slowdown_since.get_or_insert(now);
+        let held = now.saturating_duration_since(since);
+        if held < cfg.slowdown_blame_after {
+            return None;
+        }
+        let ignore_for = cfg.slowdown_ignore_for;
+        let back = self
+            .quota_before_slowdown
+            .take()
+            .unwrap_or(match cfg.start_cores {
+                Some(c) if c < cfg.max_cores => Quota::Cores(c),
+                _ => Quota::Unlimited,
+            });
+        self.floor_slowdown_since = None;
+        self.slowdown_over_since = None;
+        self.slowdown_ignored_until = Some(now + ignore_for);
+        Some(self.change(
+            now,
+            |c| c.quota = back,
+            Reason::NotTheJob {
+                value: slowdown.unwrap_or(0.0),
+                held,
+                ignore_for,
+            },
         ))
     }
 
@@ -1010,6 +1112,62 @@ mod tests {
                     "at {:?}: {d}",
                     sim.elapsed()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_slowdown_that_outlasts_the_floor_with_quiet_steal_is_not_the_jobs() {
+        let (mut c, mut sim) = controller();
+        let start = c.controls().quota;
+        let mut decisions = Vec::new();
+        // 60 s of a constant 12 % slowdown (other load on the node) while the
+        // job steals nothing.
+        for _ in 0..600 {
+            let mut obs = sim.advance(0.0, 0.1);
+            obs.training_slowdown = Some(0.12);
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        let (at, blamed) = decisions
+            .iter()
+            .find(|(_, d)| matches!(d.reason, Reason::NotTheJob { .. }))
+            .expect("the slowdown is found not to be the job's");
+        // Tightened to the floor first, then 5 s there.
+        assert_eq!(blamed.previous.quota, Quota::Cores(0.1), "{decisions:?}");
+        assert_eq!(
+            blamed.controls.quota, start,
+            "back to the quota before the slowdown"
+        );
+        // Ignored for 30 s afterwards: no slowdown tightening in that time.
+        assert!(
+            decisions.iter().all(|(t, d)| *t <= *at
+                || *t >= *at + Duration::from_secs(30)
+                || !matches!(
+                    d.reason,
+                    Reason::Tighten {
+                        signal: Signal::Slowdown,
+                        ..
+                    }
+                )),
+            "{decisions:?}"
+        );
+        assert!(
+            blamed.to_string().contains("not the job's doing"),
+            "{blamed}"
+        );
+    }
+
+    #[test]
+    fn a_slowdown_with_the_job_stealing_is_never_blamed_elsewhere() {
+        let (mut c, mut sim) = controller();
+        for _ in 0..600 {
+            // Steal right at the budget: not quiet.
+            let mut obs = sim.advance(0.05, 0.1);
+            obs.training_slowdown = Some(0.12);
+            if let Some(d) = c.step(obs, sim.now) {
+                assert!(!matches!(d.reason, Reason::NotTheJob { .. }), "{d}");
             }
         }
     }

@@ -590,6 +590,7 @@ fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
         Reason::Freeze { .. } => "freeze",
         Reason::Thaw { .. } => "thaw",
         Reason::Placed { .. } => "placed",
+        Reason::NotTheJob { .. } => "slowdown_not_from_job",
     };
     json!({
         "action": reason,
