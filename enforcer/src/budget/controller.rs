@@ -275,6 +275,15 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// The quota a job starts with (and starts again from after a move to
+    /// other CPUs): `start_cores` within the node, never under the floor.
+    pub fn start_quota(&self) -> Quota {
+        match self.start_cores {
+            Some(c) if c < self.max_cores => Quota::Cores(c.max(self.floor_cores)),
+            _ => Quota::Unlimited,
+        }
+    }
+
     /// Defaults for a node with `cpus` CPUs and the given budget fraction.
     pub fn new(budget: f64, cpus: f64) -> Self {
         let cpus = cpus.max(1.0);
@@ -342,10 +351,7 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(config: ControllerConfig) -> Self {
-        let quota = match config.start_cores {
-            Some(c) if c < config.max_cores => Quota::Cores(c.max(config.floor_cores)),
-            _ => Quota::Unlimited,
-        };
+        let quota = config.start_quota();
         let controls = CpuControls {
             idle: config.idle,
             quota,
@@ -413,10 +419,7 @@ impl Controller {
         if self.controls.frozen {
             return None;
         }
-        let quota = match self.config.start_cores {
-            Some(c) if c < self.config.max_cores => Quota::Cores(c.max(self.config.floor_cores)),
-            _ => Quota::Unlimited,
-        };
+        let quota = self.config.start_quota();
         self.last_tighten = None;
         self.quota_before_slowdown = None;
         Some(self.change(now, |c| c.quota = quota, Reason::Placed { cores }))
@@ -626,10 +629,7 @@ impl Controller {
         let back = self
             .quota_before_slowdown
             .take()
-            .unwrap_or(match cfg.start_cores {
-                Some(c) if c < cfg.max_cores => Quota::Cores(c),
-                _ => Quota::Unlimited,
-            });
+            .unwrap_or_else(|| cfg.start_quota());
         self.floor_slowdown_since = None;
         self.slowdown_over_since = None;
         self.slowdown_ignored_until = Some(now + ignore_for);

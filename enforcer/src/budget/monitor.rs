@@ -267,7 +267,8 @@ impl BudgetMonitor {
     /// written to the job's cpuset, then the controller restarts its quota
     /// within the new CPUs. A host without a cpuset for jobs turns placement
     /// off, once, with the reason.
-    fn place(&mut self, cgroup: &JobCgroup, now: Instant) -> Option<Event> {
+    /// Returns the event and how many CPUs the job has now.
+    fn place(&mut self, cgroup: &JobCgroup, now: Instant) -> Option<(Event, f64)> {
         let d = match self.pending_placement.take() {
             Some(d) => d,
             None => {
@@ -284,7 +285,7 @@ impl BudgetMonitor {
         let cores = d.job_cores(placement.all());
         tracing::info!(job = %self.job, placement = %d, "budget decision");
         self.decisions += 1;
-        Some(Event::new(
+        let event = Event::new(
             "budget",
             json!({
                 "action": "place",
@@ -295,7 +296,8 @@ impl BudgetMonitor {
                 "training_cores": d.training_cores,
                 "job_cores": cores,
             }),
-        ))
+        );
+        Some((event, cores))
     }
 
     /// Why per-thread SCHED_IDLE as well as the cgroup's `cpu.idle`: the
@@ -437,11 +439,8 @@ impl Monitor for BudgetMonitor {
                 }
             }
         });
-        if let Some(event) = self.place(cgroup, now) {
+        if let Some((event, cores)) = self.place(cgroup, now) {
             ctx.emit(event);
-            let cores = self.placement.as_ref().map_or(self.config.max_cores, |p| {
-                p.current().unwrap_or(p.all()).len() as f64
-            });
             if let Some(controller) = self.controller.as_mut()
                 && let Some(d) = controller.placed(now, cores)
             {

@@ -132,14 +132,10 @@ impl StealMonitor {
             }
         };
         let sample = |meter: &mut StealMeter| {
-            meter.read().ok().map(|s| {
-                let per_cpu = s
-                    .training_on_cpu_per_cpu_ns
-                    .iter()
-                    .map(|&ns| Duration::from_nanos(ns))
-                    .collect();
-                (Instant::now(), per_cpu)
-            })
+            meter
+                .read()
+                .ok()
+                .map(|s| (Instant::now(), s.training_on_cpu_per_cpu()))
         };
         let mut samples: Vec<_> = sample(&mut meter).into_iter().collect();
         if !span.is_zero() {
@@ -172,12 +168,7 @@ impl StealMonitor {
                 steal: Duration::from_nanos(steal),
                 training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
             }));
-            feed.publish_per_cpu(
-                snap.training_on_cpu_per_cpu_ns
-                    .iter()
-                    .map(|&ns| Duration::from_nanos(ns))
-                    .collect(),
-            );
+            feed.publish_per_cpu(snap.training_on_cpu_per_cpu());
         }
     }
 }

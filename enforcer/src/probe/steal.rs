@@ -153,6 +153,16 @@ pub struct StealSnapshot {
     pub overflow: Overflow,
 }
 
+impl StealSnapshot {
+    /// [`StealSnapshot::training_on_cpu_per_cpu_ns`] as durations.
+    pub fn training_on_cpu_per_cpu(&self) -> Vec<Duration> {
+        self.training_on_cpu_per_cpu_ns
+            .iter()
+            .map(|&ns| Duration::from_nanos(ns))
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 struct Job {
     slot: u32,
