@@ -11,9 +11,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::{Deserialize, Deserializer, Serialize, de};
+use serde::{Deserialize, Serialize};
 
-use crate::units::{ByteSize, Cores, Dur, Percent};
+use crate::{
+    units::{ByteSize, Cores, Dur, Percent},
+    validate::{self, Invalid, Node},
+};
+
+/// A config file larger than this is refused unread.
+const MAX_SIZE: u64 = 1 << 20;
 
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/enforcer/enforcer.toml";
@@ -29,6 +35,27 @@ pub enum ConfigError {
     /// `toml`'s message already shows the line, the column and the value.
     #[error("invalid config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// Values of the right type outside their bounds, one per line.
+    #[error("invalid config {path}: {}", .errors.join("\n  "))]
+    OutOfRange { path: PathBuf, errors: Vec<String> },
+    #[error("config {path} is not a regular file")]
+    NotRegular { path: PathBuf },
+    #[error("config {path} is larger than {MAX_SIZE} bytes")]
+    TooLarge { path: PathBuf },
+    #[error(
+        "refusing config {path}: {what} {at} is owned by uid {uid} with mode {mode:04o}; \
+         running as root, the enforcer reads only a config that root owns and that neither \
+         its group nor others can write, in a directory of the same kind (chown root, chmod go-w)"
+    )]
+    Untrusted {
+        path: PathBuf,
+        /// `file` or `directory`.
+        what: &'static str,
+        /// The real (symlink-free) path of what was refused.
+        at: PathBuf,
+        uid: u32,
+        mode: u32,
+    },
 }
 
 /// The effective configuration. Every default is the seed's SLA.
@@ -36,27 +63,21 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Hard memory limit per job (`memory.max` / `memory.limit_in_bytes`).
-    #[serde(deserialize_with = "nonzero_size")]
     pub memory: ByteSize,
     /// Soft memory limit per job (`memory.high` / `memory.soft_limit_in_bytes`).
-    #[serde(deserialize_with = "opt_nonzero_size")]
     pub memory_high: Option<ByteSize>,
     /// CPU quota per job in CPUs; unset = no quota.
     pub cpu: Option<Cores>,
     /// CPU weight (1–10000, v2 scale; v1 shares are derived) when the idle
     /// class is off.
-    #[serde(deserialize_with = "opt_weight")]
     pub cpu_weight: Option<u64>,
     /// Put jobs in the idle CPU class (`cpu.idle`, else the lowest weight).
     pub cpu_idle: bool,
     /// Maximum number of tasks per job.
-    #[serde(deserialize_with = "nonzero_u64")]
     pub pids: u64,
     /// Job deadline.
-    #[serde(deserialize_with = "nonzero_dur")]
     pub timeout: Dur,
     /// Default per-game deadline (`enforcer game`).
-    #[serde(deserialize_with = "nonzero_dur")]
     pub game_timeout: Dur,
     /// Jobs that may run at once on this node, across `enforcer` processes.
     pub max_concurrent_jobs: NonZeroU32,
@@ -67,25 +88,20 @@ pub struct Config {
     /// Shell command run for each event with the event JSON on stdin.
     pub on_event: Option<String>,
     /// How long an `on_event` hook may run before it is killed.
-    #[serde(deserialize_with = "nonzero_dur")]
     pub on_event_timeout: Dur,
     /// Directory for cross-process state (concurrency slots).
     pub state_dir: PathBuf,
     /// The steal budget: the share of the training workload's CPU time that
     /// evaluation may steal.
-    #[serde(deserialize_with = "budget_percent")]
     pub budget: Percent,
     /// How often the job supervisor ticks (monitors, budget controller).
-    #[serde(deserialize_with = "nonzero_dur")]
     pub control_period: Dur,
     /// Let the budget loop confine a protected job to the CPUs the training
     /// leaves free (cpuset); `false` keeps every job on every CPU.
     pub place_jobs: bool,
     /// GPU utilisation an evaluation may use.
-    #[serde(deserialize_with = "budget_percent")]
     pub gpu_util_limit: Percent,
     /// GPU memory an evaluation may use; unset = no limit.
-    #[serde(deserialize_with = "opt_nonzero_size")]
     pub gpu_memory_limit: Option<ByteSize>,
     /// The training workload to protect.
     pub training: Training,
@@ -133,20 +149,67 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses a config text; `path` only names the source in errors.
+    /// Parses a config text and holds every key against its bound
+    /// ([`validate`]); `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        Self::parse_on(text, path, Node::detect())
+    }
+
+    /// [`Config::parse`] with the facts of a given node.
+    pub fn parse_on(text: &str, path: &Path, node: Node) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
+        })?;
+        let errors = validate::config_errors(&config, node);
+        if errors.is_empty() {
+            return Ok(config);
+        }
+        Err(ConfigError::OutOfRange {
+            path: path.to_owned(),
+            errors: errors.iter().map(|e| locate(text, e)).collect(),
         })
     }
 
-    /// Reads `path`.
+    /// Reads `path`: a regular file (a symlink to one is fine: ConfigMaps
+    /// are made of them), at most [`MAX_SIZE`] bytes, opened non-blocking so
+    /// that a FIFO cannot stall the enforcer. As root, the file must be
+    /// trusted ([`crate::trust`]), judged on the opened file itself.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(ConfigError::NotRegular {
+                path: path.to_owned(),
+            });
+        }
+        if crate::trust::running_as_root() {
+            crate::trust::check_root_owned(&file).map_err(|u| ConfigError::Untrusted {
+                path: path.to_owned(),
+                what: u.what,
+                at: u.path,
+                uid: u.uid,
+                mode: u.mode,
+            })?;
+        }
+        let mut text = String::new();
+        file.take(MAX_SIZE + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_SIZE {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
         Self::parse(&text, path)
     }
 
@@ -169,60 +232,56 @@ impl Config {
     }
 }
 
-fn nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-    let v = ByteSize::deserialize(d)?;
-    if v.0 == 0 {
-        return Err(de::Error::custom("must be greater than zero (got 0)"));
+/// `key = value (line N): must be ...` for a refused key, with the value as
+/// written in the file; a key the file does not set shows its default.
+fn locate(text: &str, e: &Invalid) -> String {
+    match value_span(text, e.name) {
+        Some(span) => {
+            let line = text[..span.start].matches('\n').count() + 1;
+            format!(
+                "{} = {} (line {line}): must be {}",
+                e.name,
+                text[span].trim(),
+                e.allowed
+            )
+        }
+        None => format!(
+            "{} = {} (the default): must be {}",
+            e.name, e.value, e.allowed
+        ),
     }
-    Ok(v)
 }
 
-fn opt_nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
-    nonzero_size(d).map(Some)
-}
-
-fn nonzero_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = i64::deserialize(d)?;
-    if v <= 0 {
-        return Err(de::Error::custom(format!(
-            "must be greater than zero (got {v})"
-        )));
+/// Where the value of the dotted `key` is in `text`.
+fn value_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(value.span());
+        }
+        match value.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => return None,
+        }
     }
-    Ok(v as u64)
-}
-
-fn opt_weight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let v = i64::deserialize(d)?;
-    if !(1..=10_000).contains(&v) {
-        return Err(de::Error::custom(format!(
-            "must be between 1 and 10000 (got {v})"
-        )));
-    }
-    Ok(Some(v as u64))
-}
-
-fn nonzero_dur<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
-    let v = Dur::deserialize(d)?;
-    if v.0.is_zero() {
-        return Err(de::Error::custom("must be greater than zero (got 0)"));
-    }
-    Ok(v)
-}
-
-fn budget_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Percent, D::Error> {
-    let v = Percent::deserialize(d)?;
-    if v.fraction() > 1.0 {
-        return Err(de::Error::custom(format!("must be at most 100% (got {v})")));
-    }
-    Ok(v)
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn node() -> Node {
+        Node {
+            cpus: Cores::new(4.0).unwrap(),
+        }
+    }
+
     fn parse(text: &str) -> Result<Config, String> {
-        Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
+        Config::parse_on(text, Path::new("test.toml"), node()).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -287,5 +346,53 @@ follow_children = true
             assert!(e.contains("line 3"), "{text}: {e}");
             assert!(e.contains(key_or_value), "{text}: {e}");
         }
+    }
+
+    /// Each value of the right type but outside its bound: the message
+    /// names the file, the key, the value as written, its line and the
+    /// allowed range.
+    #[test]
+    fn out_of_range_keys_name_key_value_line_and_range() {
+        for (text, want) in [
+            ("budget = \"0%\"", "budget = \"0%\" (line 2): must be greater than zero: above 0% and at most 100%"),
+            ("budget = \"101%\"", "must be above 0% and at most 100%"),
+            ("gpu_util_limit = 0", "gpu_util_limit = 0 (line 2): must be greater than zero"),
+            ("cpu = 1e300", "cpu = 1e300 (line 2): must be from 0.01 to 4"),
+            ("cpu = 5", "cpu = 5 (line 2): must be from 0.01 to 4"),
+            ("memory = 1", "memory = 1 (line 2): must be from 1MiB to 1024TiB"),
+            ("memory_high = \"2G\"\nmemory = \"1G\"", "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1GiB"),
+            ("memory_high = \"2G\"", "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1000MiB"),
+            ("control_period = \"1us\"", "control_period = \"1us\" (line 2): must be from 10ms to 10s"),
+            ("control_period = \"11s\"", "must be from 10ms to 10s"),
+            ("timeout = \"366d\"", "timeout = \"366d\" (line 2): must be above 0ms and at most 365d"),
+            ("game_timeout = 0", "game_timeout = 0 (line 2): must be greater than zero"),
+            ("on_event_timeout = \"0s\"", "on_event_timeout"),
+            ("pids = 0", "pids = 0 (line 2): must be greater than zero: from 1 to 4194304"),
+            ("pids = 4194305", "must be from 1 to 4194304"),
+            ("cpu_weight = 0", "cpu_weight = 0 (line 2)"),
+            ("cpu_weight = 10001", "must be from 1 to 10000"),
+            ("max_concurrent_jobs = 5000", "max_concurrent_jobs = 5000 (line 2): must be from 1 to 1024"),
+            ("gpu_memory_limit = 5", "gpu_memory_limit = 5 (line 2)"),
+            ("state_dir = \"\"", "state_dir = \"\" (line 2): must be non-empty"),
+            ("state_dir = \"run/enforcer\"", "must be an absolute path"),
+            ("state_dir = \"/run/../tmp\"", "without `..` components"),
+            ("cgroup_root = \"/../../x\"", "cgroup_root = \"/../../x\" (line 2): must be a path without `..` components"),
+            ("cgroup_root = \"\"", "must be non-empty"),
+            ("on_event = \" \"", "on_event = \" \" (line 2): must be non-empty"),
+            ("[training]\npid = -5", "training.pid = -5 (line 3): must be from 2 to 4194304"),
+            ("[training]\npid = 1", "training.pid = 1 (line 3)"),
+            ("[training]\ncgroup = \"../x\"", "training.cgroup"),
+        ] {
+            let text = format!("# a comment\n{text}\n");
+            let e = parse(&text).unwrap_err();
+            assert!(e.starts_with("invalid config test.toml: "), "{text}: {e}");
+            assert!(e.contains(want), "{text}: expected {want:?} in: {e}");
+        }
+    }
+
+    #[test]
+    fn every_refused_key_is_reported_at_once() {
+        let e = parse("budget = \"0%\"\npids = 0\n").unwrap_err();
+        assert!(e.contains("budget") && e.contains("pids"), "{e}");
     }
 }

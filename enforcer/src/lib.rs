@@ -8,8 +8,10 @@
 //! - [`budget`]: the steal-budget controller and the training progress reader;
 //! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
-//! - [`config`], [`units`]: the config file and typed units;
+//! - [`config`], [`units`], [`validate`]: the config file, typed units and
+//!   the one validator of flags and keys;
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
+//! - [`trust`]: which files root may take instructions from;
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod budget;
@@ -25,4 +27,6 @@ pub mod probe;
 pub mod report;
 pub mod sched;
 pub mod slots;
+pub mod trust;
 pub mod units;
+pub mod validate;

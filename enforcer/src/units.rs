@@ -169,6 +169,11 @@ deserialize_via_from_str!(Cores, "a number of CPUs like 1.5");
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// The longest duration any parser accepts: ten years. Far below what
+    /// `Instant + Duration` can hold, so that no parsed value can overflow
+    /// a deadline computed from it; the validator's bounds are tighter.
+    pub const MAX: Dur = Dur::secs(10 * 365 * 86_400);
+
     pub const fn secs(s: u64) -> Self {
         Dur(Duration::from_secs(s))
     }
@@ -207,6 +212,13 @@ impl FromStr for Dur {
                 ));
             }
         };
+        if !(secs.is_finite() && secs <= Dur::MAX.0.as_secs_f64()) {
+            return Err(err(
+                "duration",
+                s,
+                format!("out of range: at most {}", Dur::MAX),
+            ));
+        }
         Duration::try_from_secs_f64(secs)
             .map(Dur)
             .map_err(|_| err("duration", s, "out of range"))
@@ -224,7 +236,9 @@ impl fmt::Display for Dur {
             return write!(f, "{}s", d.as_secs_f64());
         }
         let s = d.as_secs();
-        if s.is_multiple_of(3600) {
+        if s.is_multiple_of(86_400) {
+            write!(f, "{}d", s / 86_400)
+        } else if s.is_multiple_of(3600) {
             write!(f, "{}h", s / 3600)
         } else if s.is_multiple_of(60) {
             write!(f, "{}m", s / 60)
@@ -246,7 +260,7 @@ pub struct Percent(f64);
 
 impl Percent {
     /// A fraction in `[0, 1]`... or above 1 for shares like 150 %.
-    pub fn from_fraction(f: f64) -> Self {
+    pub const fn from_fraction(f: f64) -> Self {
         Percent(f)
     }
     pub fn fraction(self) -> f64 {
@@ -311,6 +325,10 @@ impl Cores {
     pub fn get(self) -> f64 {
         self.0
     }
+    /// The smallest quota the parser accepts: the kernel's smallest CFS
+    /// quota is 1 ms per 100 ms period.
+    pub const MIN: Cores = Cores(0.01);
+
     pub fn new(cores: f64) -> Option<Self> {
         (cores.is_finite() && cores > 0.0).then_some(Cores(cores))
     }
@@ -323,8 +341,7 @@ impl FromStr for Cores {
         let n: f64 = s
             .parse()
             .map_err(|_| err("cores", s, "expected a number of CPUs like 1.5"))?;
-        // The kernel's smallest CFS quota is 1 ms per 100 ms period.
-        if !(n.is_finite() && n >= 0.01) {
+        if !(n.is_finite() && n >= Cores::MIN.0) {
             return Err(err("cores", s, "must be at least 0.01"));
         }
         Ok(Cores(n))
@@ -333,7 +350,12 @@ impl FromStr for Cores {
 
 impl fmt::Display for Cores {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        // `1e300` would otherwise print as three hundred digits.
+        if self.0.abs() >= 1e6 {
+            write!(f, "{:e}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
     }
 }
 
@@ -372,8 +394,20 @@ mod tests {
         assert_eq!("2h".parse::<Dur>().unwrap().0, Duration::from_secs(7200));
         assert_eq!("1.5".parse::<Dur>().unwrap().0, Duration::from_millis(1500));
         assert!("5 parsecs".parse::<Dur>().is_err());
+        assert_eq!("1d".parse::<Dur>().unwrap().to_string(), "1d");
         assert_eq!(Dur::secs(1800).to_string(), "30m");
         assert_eq!(Dur::millis(100).to_string(), "100ms");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_by_the_parser_not_by_a_later_panic() {
+        for bad in ["200000000000000d", "3651d", "99999999999999999999"] {
+            let e = bad.parse::<Dur>().unwrap_err();
+            assert!(e.to_string().contains("at most 3650d"), "{bad}: {e}");
+        }
+        assert_eq!("3650d".parse::<Dur>().unwrap(), Dur::MAX);
+        let later = std::time::Instant::now().checked_add(Dur::MAX.0);
+        assert!(later.is_some(), "Dur::MAX must fit in an Instant");
     }
 
     #[test]

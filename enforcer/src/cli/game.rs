@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     job::{self, Supervision},
     units::{ByteSize, Cores, Dur},
+    validate::{self, Checker, Node, Source},
 };
 
 /// Run one game of the current job under its own deadline.
@@ -36,7 +37,7 @@ pub struct GameArgs {
     #[arg(long)]
     pub cpu: Option<Cores>,
     /// Task limit for the game (at most the job's).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long)]
     pub pids: Option<u64>,
     /// Write the game's JSON report to this file.
     #[arg(long)]
@@ -57,6 +58,15 @@ pub fn run(args: GameArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let mut v = Checker::new(Source::Flags, Node::detect());
+    v.check(&validate::GAME_TIMEOUT, args.timeout);
+    v.check(&validate::GAME_MEMORY, args.memory);
+    v.check(&validate::GAME_CPU, args.cpu);
+    v.check(&validate::GAME_PIDS, args.pids);
+    if let Err(e) = v.finish() {
+        tracing::error!("{e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let job = match Layout::detect()
         .map_err(CgroupError::from)
         .and_then(|l| current_job(&l))

@@ -22,6 +22,7 @@ use crate::{
     report::Report,
     slots,
     units::{ByteSize, Cores, Dur, Percent},
+    validate::{self, Checker, Node, Source},
 };
 
 /// Exit status for usage and config errors.
@@ -37,27 +38,30 @@ pub struct JobArgs {
     /// `run-<pid>-<ms>`.
     #[arg(long)]
     pub job: Option<String>,
-    /// Hard memory limit, swap disabled (e.g. `1000M`, `1GiB`).
+    /// Hard memory limit, swap disabled (e.g. `1000M`, `1GiB`; at least
+    /// `1MiB`).
     #[arg(long)]
     pub memory: Option<ByteSize>,
     /// Soft memory limit: `memory.high` (v2) / soft limit (v1).
     #[arg(long)]
     pub memory_high: Option<ByteSize>,
-    /// CPU quota in CPUs (e.g. `0.5`, `1.5`).
+    /// CPU quota in CPUs (e.g. `0.5`, `1.5`; at most the node's online
+    /// CPUs).
     #[arg(long)]
     pub cpu: Option<Cores>,
     /// CPU weight, 1–10000 (v2 scale, default 100); implies nothing about
     /// the idle class, see `--no-idle`.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    #[arg(long)]
     pub cpu_weight: Option<u64>,
     /// Do not put the job in the idle CPU class (the default is idle:
     /// `cpu.idle`, else the lowest weight).
     #[arg(long)]
     pub no_idle: bool,
-    /// Maximum number of tasks in the job.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Maximum number of tasks in the job (1 to 4194304).
+    #[arg(long)]
     pub pids: Option<u64>,
-    /// Job deadline (e.g. `300s`, `30m`); the whole job is killed then.
+    /// Job deadline (e.g. `300s`, `30m`, at most `365d`); the whole job is
+    /// killed then.
     #[arg(long)]
     pub timeout: Option<Dur>,
     /// Write the JSON report to this file.
@@ -145,6 +149,7 @@ impl Plan {
     pub fn new(args: &JobArgs, command: &[String]) -> Result<Self, String> {
         let (mut config, _) =
             Config::load_or_default(args.config.as_deref()).map_err(|e| e.to_string())?;
+        check_flags(args, &config).map_err(|e| e.to_string())?;
         if let Some(pid) = args.protect {
             config.training.pid = Some(pid);
             config.training.cgroup = None;
@@ -168,14 +173,6 @@ impl Plan {
             ),
         };
         crate::cgroup::validate_name(&name).map_err(|e| e.to_string())?;
-        if args.memory.is_some_and(|m| m.0 == 0) {
-            return Err("--memory must be greater than zero".into());
-        }
-        if let Some(t) = args.timeout
-            && t.0.is_zero()
-        {
-            return Err("--timeout must be greater than zero".into());
-        }
         let limits = Limits {
             memory: Some(args.memory.unwrap_or(config.memory)),
             memory_high: args.memory_high.or(config.memory_high),
@@ -197,21 +194,7 @@ impl Plan {
             .gpu_util_limit
             .unwrap_or(config.gpu_util_limit)
             .fraction();
-        if !(gpu_util > 0.0 && gpu_util <= 1.0) {
-            return Err(format!(
-                "--gpu-util-limit must be above 0% and at most 100%, not {}",
-                Percent::from_fraction(gpu_util)
-            ));
-        }
-        let duty_cycle = match args.duty_cycle.map(Percent::fraction) {
-            Some(f) if !(f > 0.0 && f <= 1.0) => {
-                return Err(format!(
-                    "--duty-cycle must be above 0% and at most 100%, not {}",
-                    Percent::from_fraction(f)
-                ));
-            }
-            f => f.map(RunFraction::new),
-        };
+        let duty_cycle = args.duty_cycle.map(|f| RunFraction::new(f.fraction()));
         let gpu = GpuLimits {
             // At 100 % the cap can never bind: measure only.
             util_limit_pct: (gpu_util < 1.0).then_some(gpu_util * 100.0),
@@ -230,6 +213,36 @@ impl Plan {
             duty_cycle,
         })
     }
+}
+
+/// Holds the flags against their bounds ([`crate::validate`]); the config
+/// was checked when it was read. Runs before anything is created.
+fn check_flags(args: &JobArgs, config: &Config) -> Result<(), validate::Refused> {
+    let mut v = Checker::new(Source::Flags, Node::detect());
+    v.check(&validate::MEMORY, args.memory);
+    v.check(&validate::MEMORY_HIGH, args.memory_high);
+    v.check(&validate::CPU, args.cpu);
+    v.check(&validate::CPU_WEIGHT, args.cpu_weight);
+    v.check(&validate::PIDS, args.pids);
+    v.check(&validate::JOB_TIMEOUT, args.timeout);
+    v.check(&validate::BUDGET, args.budget);
+    v.check(&validate::GPU_UTIL_LIMIT, args.gpu_util_limit);
+    v.check(&validate::GPU_MEMORY, args.gpu_memory_limit);
+    v.check(&validate::DUTY_CYCLE, args.duty_cycle);
+    v.check(&validate::TRAINING_PID, args.protect.map(i64::from));
+    v.non_empty(
+        validate::ON_EVENT,
+        args.on_event.as_deref(),
+        "leave the flag out to run no hook",
+    );
+    if args.memory.is_some() || args.memory_high.is_some() {
+        v.high_at_most_max(
+            args.memory_high.or(config.memory_high),
+            args.memory_high.is_some(),
+            Some(args.memory.unwrap_or(config.memory)),
+        );
+    }
+    v.finish()
 }
 
 /// Kills and removes the job cgroup however the command ends (also on an

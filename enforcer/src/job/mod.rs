@@ -252,8 +252,10 @@ pub async fn supervise(
         }
     });
 
-    let deadline = tokio::time::Instant::from_std(started + spec.timeout);
-    let mut tick = tokio::time::interval(spec.control_period);
+    let deadline_at = crate::validate::deadline(started, spec.timeout);
+    let deadline = tokio::time::Instant::from_std(deadline_at);
+    // A zero period would make `interval` panic; the validator refuses it.
+    let mut tick = tokio::time::interval(spec.control_period.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Signals {
         int: mut sigint,
@@ -277,7 +279,7 @@ pub async fn supervise(
             () = tokio::time::sleep_until(deadline) => {
                 let fired = Instant::now();
                 let result = cgroup.kill();
-                let late = fired.duration_since(started + spec.timeout);
+                let late = fired.duration_since(deadline_at);
                 let latency = late + fired.elapsed();
                 if let Err(e) = result {
                     tracing::error!(error = %e, "deadline kill did not empty the job");

@@ -1,0 +1,83 @@
+//! What root may trust: a file it reads instructions from (the config, and
+//! through it the `on_event` hook it runs as root) must be owned by root and
+//! not writable by group or others, and so must the directory holding it,
+//! or whoever can write there can swap it.
+//!
+//! The file is judged on the opened descriptor (`fstat`), never by looking
+//! the path up twice; its directory is the real parent of that open file
+//! (read back from `/proc/self/fd`), so a symlinked file (a Kubernetes
+//! ConfigMap) is judged where it really lives.
+
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
+
+/// Why a file or its directory is not trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Untrusted {
+    /// `file` or `directory`.
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub uid: u32,
+    /// The permission bits (with setuid/setgid/sticky).
+    pub mode: u32,
+}
+
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether owner `uid` and `mode` are ones root may trust.
+pub fn trusted(uid: u32, mode: u32) -> bool {
+    uid == 0 && mode & 0o022 == 0
+}
+
+/// Checks the open `file` and the directory that really holds it.
+pub fn check_root_owned(file: &File) -> Result<(), Untrusted> {
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+    let judge = |what, path: PathBuf, meta: std::io::Result<std::fs::Metadata>| match meta {
+        Ok(m) if trusted(m.uid(), m.mode()) => Ok(()),
+        Ok(m) => Err(Untrusted {
+            what,
+            path,
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        }),
+        // Unreadable metadata is not evidence of trust.
+        Err(_) => Err(Untrusted {
+            what,
+            path,
+            uid: u32::MAX,
+            mode: 0,
+        }),
+    };
+    let file_path = real.clone().unwrap_or_default();
+    judge("file", file_path, file.metadata())?;
+    let Some(dir) = real.as_deref().and_then(|p| p.parent()) else {
+        return judge(
+            "directory",
+            PathBuf::new(),
+            Err(std::io::ErrorKind::NotFound.into()),
+        );
+    };
+    judge("directory", dir.to_owned(), std::fs::metadata(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_owned_files_without_group_or_world_write_are_trusted() {
+        assert!(trusted(0, 0o100644));
+        assert!(trusted(0, 0o40755));
+        assert!(trusted(0, 0o100600));
+        assert!(!trusted(0, 0o100664), "group-writable");
+        assert!(!trusted(0, 0o100646), "world-writable");
+        assert!(!trusted(0, 0o41777), "no exception for sticky directories");
+        assert!(!trusted(65534, 0o100644), "another user's file");
+    }
+}

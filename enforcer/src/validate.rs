@@ -1,0 +1,373 @@
+//! The one validator for values from the command line and the config file:
+//! a table of bounds, one line each, and a [`Checker`] that holds values
+//! against them and names the flag (`--budget`) or the key (`budget`), the
+//! value and the allowed range of each one it refuses.
+//!
+//! The parsers in [`crate::units`] and `toml` only decide what a value *is*
+//! (and keep toml's line and column for type errors); what it *may be*
+//! is decided here, before anything (slot, cgroup, state file) is created.
+//! Callers: [`crate::config::Config::parse`] for every key, `Plan::new`
+//! (`run`, `attach`) and `enforcer game` for their flags.
+//!
+//! To add a bound: a `const` [`Bound`] below, and one `check` line where the
+//! key is read ([`config_errors`]) or the flag is merged.
+
+use std::{
+    fmt,
+    path::{Component, Path},
+    time::Duration,
+};
+
+use crate::units::{ByteSize, Cores, Dur, Percent};
+
+/// The kernel's `PID_MAX_LIMIT` on 64-bit: no pid, and no `pids.max` that
+/// means anything, is above it.
+pub const PID_MAX_LIMIT: u64 = 4_194_304;
+
+/// The longest deadline or timeout: a year.
+pub const MAX_TIMEOUT: Dur = Dur::secs(365 * 86_400);
+
+/// The largest memory limit: 1024 TiB, more than any node has and far
+/// below the `i64::MAX` bytes the kernel's page counter holds.
+pub const MAX_MEMORY: ByteSize = ByteSize(1 << 50);
+
+/// An interval, printed in messages as the allowed range.
+#[derive(Debug, Clone, Copy)]
+pub struct Range<T> {
+    pub lo: T,
+    /// `(lo, hi]` rather than `[lo, hi]`.
+    pub lo_open: bool,
+    pub hi: T,
+}
+
+impl<T> Range<T> {
+    /// `(lo, hi]`.
+    pub const fn above(lo: T, hi: T) -> Self {
+        Range {
+            lo,
+            lo_open: true,
+            hi,
+        }
+    }
+    /// `[lo, hi]`.
+    pub const fn from_to(lo: T, hi: T) -> Self {
+        Range {
+            lo,
+            lo_open: false,
+            hi,
+        }
+    }
+}
+
+/// A value a bound can hold.
+pub trait Value: PartialOrd + fmt::Display {
+    fn is_zero(&self) -> bool;
+}
+
+macro_rules! value {
+    ($($ty:ty => |$v:ident| $zero:expr;)*) => {$(
+        impl Value for $ty {
+            fn is_zero(&self) -> bool {
+                let $v = self;
+                $zero
+            }
+        }
+    )*};
+}
+
+value! {
+    u64 => |v| *v == 0;
+    i64 => |v| *v == 0;
+    ByteSize => |v| v.0 == 0;
+    Dur => |v| v.0.is_zero();
+    Percent => |v| v.fraction() == 0.0;
+    Cores => |v| v.get() == 0.0;
+}
+
+impl<T: Value> Range<T> {
+    pub fn contains(&self, v: &T) -> bool {
+        let lo_ok = if self.lo_open {
+            *v > self.lo
+        } else {
+            *v >= self.lo
+        };
+        lo_ok && *v <= self.hi
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Range<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo_open {
+            write!(f, "above {} and at most {}", self.lo, self.hi)
+        } else {
+            write!(f, "from {} to {}", self.lo, self.hi)
+        }
+    }
+}
+
+/// What a setting is called: its config key (dotted, `training.pid`) and
+/// its command-line flag; either may be absent.
+#[derive(Debug, Clone, Copy)]
+pub struct Name {
+    pub key: Option<&'static str>,
+    pub flag: Option<&'static str>,
+}
+
+/// The bound of one setting.
+pub struct Bound<T> {
+    pub name: Name,
+    /// A function of the node for the bounds that depend on it (CPUs).
+    pub range: fn(&Node) -> Range<T>,
+}
+
+const fn bound<T>(name: Name, range: fn(&Node) -> Range<T>) -> Bound<T> {
+    Bound { name, range }
+}
+const fn both(key: &'static str, flag: &'static str) -> Name {
+    Name {
+        key: Some(key),
+        flag: Some(flag),
+    }
+}
+/// `on_event` / `--on-event`, for [`Checker::non_empty`].
+pub const ON_EVENT: Name = both("on_event", "--on-event");
+
+const fn key(key: &'static str) -> Name {
+    Name {
+        key: Some(key),
+        flag: None,
+    }
+}
+const fn flag(flag: &'static str) -> Name {
+    Name {
+        key: None,
+        flag: Some(flag),
+    }
+}
+
+const PERCENT: Range<Percent> =
+    Range::above(Percent::from_fraction(0.0), Percent::from_fraction(1.0));
+const TIMEOUT: Range<Dur> = Range::above(Dur::secs(0), MAX_TIMEOUT);
+const MEMORY_RANGE: Range<ByteSize> = Range::from_to(ByteSize::mib(1), MAX_MEMORY);
+const CONTROL_PERIOD_RANGE: Range<Dur> = Range::from_to(Dur::millis(10), Dur::secs(10));
+const PID_RANGE: Range<i64> = Range::from_to(2, PID_MAX_LIMIT as i64);
+
+pub const MEMORY: Bound<ByteSize> = bound(both("memory", "--memory"), |_| MEMORY_RANGE);
+pub const MEMORY_HIGH: Bound<ByteSize> =
+    bound(both("memory_high", "--memory-high"), |_| MEMORY_RANGE);
+pub const GAME_MEMORY: Bound<ByteSize> = bound(flag("--memory"), |_| MEMORY_RANGE);
+pub const GPU_MEMORY: Bound<ByteSize> =
+    bound(both("gpu_memory_limit", "--gpu-memory-limit"), |_| MEMORY_RANGE);
+pub const CPU: Bound<Cores> = bound(both("cpu", "--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
+pub const GAME_CPU: Bound<Cores> = bound(flag("--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
+pub const CPU_WEIGHT: Bound<u64> = bound(both("cpu_weight", "--cpu-weight"), |_| Range::from_to(1, 10_000));
+pub const PIDS: Bound<u64> = bound(both("pids", "--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
+pub const GAME_PIDS: Bound<u64> = bound(flag("--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
+pub const JOB_TIMEOUT: Bound<Dur> = bound(both("timeout", "--timeout"), |_| TIMEOUT);
+pub const GAME_TIMEOUT: Bound<Dur> = bound(both("game_timeout", "--timeout"), |_| TIMEOUT);
+pub const ON_EVENT_TIMEOUT: Bound<Dur> = bound(key("on_event_timeout"), |_| TIMEOUT);
+pub const CONTROL_PERIOD: Bound<Dur> = bound(key("control_period"), |_| CONTROL_PERIOD_RANGE);
+pub const MAX_CONCURRENT_JOBS: Bound<u64> = bound(key("max_concurrent_jobs"), |_| Range::from_to(1, 1024));
+pub const BUDGET: Bound<Percent> = bound(both("budget", "--budget"), |_| PERCENT);
+pub const GPU_UTIL_LIMIT: Bound<Percent> = bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);
+pub const DUTY_CYCLE: Bound<Percent> = bound(flag("--duty-cycle"), |_| PERCENT);
+/// Pid 1 is refused: init is never the training, and following its
+/// children would meter the whole node.
+pub const TRAINING_PID: Bound<i64> = bound(both("training.pid", "--protect"), |_| PID_RANGE);
+
+/// Facts about this node that some bounds depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct Node {
+    /// The CPUs online (`/sys/devices/system/cpu/online`, else
+    /// `available_parallelism`): the affinity mask and cgroup quota the
+    /// enforcer itself runs under do not bound what a job may be given.
+    pub cpus: Cores,
+}
+
+impl Node {
+    pub fn detect() -> Self {
+        let n = crate::cgroup::cpuset::CpuList::online()
+            .map(|c| c.len())
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1);
+        Node {
+            cpus: Cores::new(n as f64).unwrap_or(Cores::MIN),
+        }
+    }
+}
+
+/// Where the values being checked come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Flags,
+    Config,
+}
+
+/// One refused value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name} {value}: must be {allowed}")]
+pub struct Invalid {
+    /// `--budget`, or the dotted key `training.pid`.
+    pub name: &'static str,
+    pub from: Source,
+    pub value: String,
+    pub allowed: String,
+}
+
+/// Several refused values, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct Refused(pub Vec<Invalid>);
+
+/// Holds values from one source against their bounds, collecting every
+/// refusal.
+pub struct Checker {
+    node: Node,
+    source: Source,
+    errors: Vec<Invalid>,
+}
+
+impl Checker {
+    pub fn new(source: Source, node: Node) -> Self {
+        Checker {
+            node,
+            source,
+            errors: Vec::new(),
+        }
+    }
+
+    fn name(&self, n: Name) -> &'static str {
+        match self.source {
+            Source::Flags => n.flag.or(n.key),
+            Source::Config => n.key.or(n.flag),
+        }
+        .unwrap_or("?")
+    }
+
+    /// Refuses `value` (if given) outside its bound's range.
+    pub fn check<T: Value>(&mut self, bound: &Bound<T>, value: Option<T>) {
+        let Some(v) = value else { return };
+        let range = (bound.range)(&self.node);
+        if range.contains(&v) {
+            return;
+        }
+        // Zero often means "unlimited" elsewhere: say plainly it is not.
+        let allowed = if v.is_zero() {
+            format!("greater than zero: {range}")
+        } else {
+            range.to_string()
+        };
+        self.refuse(bound.name, v.to_string(), allowed);
+    }
+
+    /// Refuses an empty path, a path with a `..` component, and (with
+    /// `absolute`) a relative one.
+    pub fn path(&mut self, name: Name, path: Option<&Path>, absolute: bool) {
+        let Some(p) = path else { return };
+        let why = if p.as_os_str().is_empty() {
+            Some("non-empty")
+        } else if p.components().any(|c| c == Component::ParentDir) {
+            Some("a path without `..` components")
+        } else if absolute && !p.is_absolute() {
+            Some("an absolute path")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.refuse(name, format!("{p:?}"), why.to_owned());
+        }
+    }
+
+    /// Refuses an empty string (e.g. a hook that would run nothing).
+    pub fn non_empty(&mut self, name: Name, value: Option<&str>, hint: &str) {
+        if value.is_some_and(|v| v.trim().is_empty()) {
+            self.refuse(name, "\"\"".to_owned(), format!("non-empty ({hint})"));
+        }
+    }
+
+    /// Refuses a soft memory limit above the hard one; blames the soft one
+    /// when it is from this source, else the hard one.
+    pub fn high_at_most_max(
+        &mut self,
+        high: Option<ByteSize>,
+        high_here: bool,
+        max: Option<ByteSize>,
+    ) {
+        let (Some(high), Some(max)) = (high, max) else {
+            return;
+        };
+        if high <= max {
+            return;
+        }
+        if high_here {
+            self.refuse(
+                MEMORY_HIGH.name,
+                high.to_string(),
+                format!("at most the hard limit memory = {max}"),
+            );
+        } else {
+            self.refuse(
+                MEMORY.name,
+                max.to_string(),
+                format!("at least the soft limit memory_high = {high}"),
+            );
+        }
+    }
+
+    pub fn refuse(&mut self, name: Name, value: String, allowed: String) {
+        let name = self.name(name);
+        self.errors.push(Invalid {
+            name,
+            from: self.source,
+            value,
+            allowed,
+        });
+    }
+
+    pub fn finish(self) -> Result<(), Refused> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Refused(self.errors))
+        }
+    }
+
+    pub fn into_errors(self) -> Vec<Invalid> {
+        self.errors
+    }
+}
+
+/// Holds every key of a parsed config against its bound.
+pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
+    let mut v = Checker::new(Source::Config, node);
+    v.check(&MEMORY, Some(c.memory));
+    v.check(&MEMORY_HIGH, c.memory_high);
+    v.high_at_most_max(c.memory_high, true, Some(c.memory));
+    v.check(&CPU, c.cpu);
+    v.check(&CPU_WEIGHT, c.cpu_weight);
+    v.check(&PIDS, Some(c.pids));
+    v.check(&JOB_TIMEOUT, Some(c.timeout));
+    v.check(&GAME_TIMEOUT, Some(c.game_timeout));
+    v.check(&ON_EVENT_TIMEOUT, Some(c.on_event_timeout));
+    v.check(&CONTROL_PERIOD, Some(c.control_period));
+    v.check(&MAX_CONCURRENT_JOBS, Some(u64::from(c.max_concurrent_jobs.get())));
+    v.check(&BUDGET, Some(c.budget));
+    v.check(&GPU_UTIL_LIMIT, Some(c.gpu_util_limit));
+    v.check(&GPU_MEMORY, c.gpu_memory_limit);
+    v.check(&TRAINING_PID, c.training.pid.map(i64::from));
+    // Relative to each hierarchy's root, as in /proc/self/cgroup; a leading
+    // `/` is optional (see cgroup::subtree).
+    v.path(key("cgroup_root"), c.cgroup_root.as_deref(), false);
+    v.path(key("training.cgroup"), c.training.cgroup.as_deref(), false);
+    v.path(key("state_dir"), Some(&c.state_dir), true);
+    v.non_empty(ON_EVENT, c.on_event.as_deref(), "remove the key to run no hook");
+    v.into_errors()
+}
+
+/// The deadline `after` from `start`, never overflowing (the validator
+/// keeps timeouts within [`MAX_TIMEOUT`]; this holds even without it).
+pub fn deadline(start: std::time::Instant, after: Duration) -> std::time::Instant {
+    start
+        .checked_add(after.min(MAX_TIMEOUT.0))
+        .unwrap_or(start)
+}
