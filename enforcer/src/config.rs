@@ -354,32 +354,77 @@ follow_children = true
     #[test]
     fn out_of_range_keys_name_key_value_line_and_range() {
         for (text, want) in [
-            ("budget = \"0%\"", "budget = \"0%\" (line 2): must be greater than zero: above 0% and at most 100%"),
+            (
+                "budget = \"0%\"",
+                "budget = \"0%\" (line 2): must be greater than zero: above 0% and at most 100%",
+            ),
             ("budget = \"101%\"", "must be above 0% and at most 100%"),
-            ("gpu_util_limit = 0", "gpu_util_limit = 0 (line 2): must be greater than zero"),
-            ("cpu = 1e300", "cpu = 1e300 (line 2): must be from 0.01 to 4"),
+            (
+                "gpu_util_limit = 0",
+                "gpu_util_limit = 0 (line 2): must be greater than zero",
+            ),
+            (
+                "cpu = 1e300",
+                "cpu = 1e300 (line 2): must be from 0.01 to 4",
+            ),
             ("cpu = 5", "cpu = 5 (line 2): must be from 0.01 to 4"),
-            ("memory = 1", "memory = 1 (line 2): must be from 1MiB to 1024TiB"),
-            ("memory_high = \"2G\"\nmemory = \"1G\"", "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1GiB"),
-            ("memory_high = \"2G\"", "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1000MiB"),
-            ("control_period = \"1us\"", "control_period = \"1us\" (line 2): must be from 10ms to 10s"),
+            (
+                "memory = 1",
+                "memory = 1 (line 2): must be from 1MiB to 1024TiB",
+            ),
+            (
+                "memory_high = \"2G\"\nmemory = \"1G\"",
+                "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1GiB",
+            ),
+            (
+                "memory_high = \"2G\"",
+                "memory_high = \"2G\" (line 2): must be at most the hard limit memory = 1000MiB",
+            ),
+            (
+                "control_period = \"1us\"",
+                "control_period = \"1us\" (line 2): must be from 10ms to 10s",
+            ),
             ("control_period = \"11s\"", "must be from 10ms to 10s"),
-            ("timeout = \"366d\"", "timeout = \"366d\" (line 2): must be above 0ms and at most 365d"),
-            ("game_timeout = 0", "game_timeout = 0 (line 2): must be greater than zero"),
+            (
+                "timeout = \"366d\"",
+                "timeout = \"366d\" (line 2): must be above 0ms and at most 365d",
+            ),
+            (
+                "game_timeout = 0",
+                "game_timeout = 0 (line 2): must be greater than zero",
+            ),
             ("on_event_timeout = \"0s\"", "on_event_timeout"),
-            ("pids = 0", "pids = 0 (line 2): must be greater than zero: from 1 to 4194304"),
+            (
+                "pids = 0",
+                "pids = 0 (line 2): must be greater than zero: from 1 to 4194304",
+            ),
             ("pids = 4194305", "must be from 1 to 4194304"),
             ("cpu_weight = 0", "cpu_weight = 0 (line 2)"),
             ("cpu_weight = 10001", "must be from 1 to 10000"),
-            ("max_concurrent_jobs = 5000", "max_concurrent_jobs = 5000 (line 2): must be from 1 to 1024"),
+            (
+                "max_concurrent_jobs = 5000",
+                "max_concurrent_jobs = 5000 (line 2): must be from 1 to 1024",
+            ),
             ("gpu_memory_limit = 5", "gpu_memory_limit = 5 (line 2)"),
-            ("state_dir = \"\"", "state_dir = \"\" (line 2): must be non-empty"),
+            (
+                "state_dir = \"\"",
+                "state_dir = \"\" (line 2): must be non-empty",
+            ),
             ("state_dir = \"run/enforcer\"", "must be an absolute path"),
             ("state_dir = \"/run/../tmp\"", "without `..` components"),
-            ("cgroup_root = \"/../../x\"", "cgroup_root = \"/../../x\" (line 2): must be a path without `..` components"),
+            (
+                "cgroup_root = \"/../../x\"",
+                "cgroup_root = \"/../../x\" (line 2): must be a path without `..` components",
+            ),
             ("cgroup_root = \"\"", "must be non-empty"),
-            ("on_event = \" \"", "on_event = \" \" (line 2): must be non-empty"),
-            ("[training]\npid = -5", "training.pid = -5 (line 3): must be from 2 to 4194304"),
+            (
+                "on_event = \" \"",
+                "on_event = \" \" (line 2): must be non-empty",
+            ),
+            (
+                "[training]\npid = -5",
+                "training.pid = -5 (line 3): must be from 2 to 4194304",
+            ),
             ("[training]\npid = 1", "training.pid = 1 (line 3)"),
             ("[training]\ncgroup = \"../x\"", "training.cgroup"),
         ] {

@@ -157,19 +157,25 @@ pub const MEMORY_HIGH: Bound<ByteSize> =
     bound(both("memory_high", "--memory-high"), |_| MEMORY_RANGE);
 pub const GAME_MEMORY: Bound<ByteSize> = bound(flag("--memory"), |_| MEMORY_RANGE);
 pub const GPU_MEMORY: Bound<ByteSize> =
-    bound(both("gpu_memory_limit", "--gpu-memory-limit"), |_| MEMORY_RANGE);
+    bound(both("gpu_memory_limit", "--gpu-memory-limit"), |_| {
+        MEMORY_RANGE
+    });
 pub const CPU: Bound<Cores> = bound(both("cpu", "--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
 pub const GAME_CPU: Bound<Cores> = bound(flag("--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
-pub const CPU_WEIGHT: Bound<u64> = bound(both("cpu_weight", "--cpu-weight"), |_| Range::from_to(1, 10_000));
+pub const CPU_WEIGHT: Bound<u64> = bound(both("cpu_weight", "--cpu-weight"), |_| {
+    Range::from_to(1, 10_000)
+});
 pub const PIDS: Bound<u64> = bound(both("pids", "--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
 pub const GAME_PIDS: Bound<u64> = bound(flag("--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
 pub const JOB_TIMEOUT: Bound<Dur> = bound(both("timeout", "--timeout"), |_| TIMEOUT);
 pub const GAME_TIMEOUT: Bound<Dur> = bound(both("game_timeout", "--timeout"), |_| TIMEOUT);
 pub const ON_EVENT_TIMEOUT: Bound<Dur> = bound(key("on_event_timeout"), |_| TIMEOUT);
 pub const CONTROL_PERIOD: Bound<Dur> = bound(key("control_period"), |_| CONTROL_PERIOD_RANGE);
-pub const MAX_CONCURRENT_JOBS: Bound<u64> = bound(key("max_concurrent_jobs"), |_| Range::from_to(1, 1024));
+pub const MAX_CONCURRENT_JOBS: Bound<u64> =
+    bound(key("max_concurrent_jobs"), |_| Range::from_to(1, 1024));
 pub const BUDGET: Bound<Percent> = bound(both("budget", "--budget"), |_| PERCENT);
-pub const GPU_UTIL_LIMIT: Bound<Percent> = bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);
+pub const GPU_UTIL_LIMIT: Bound<Percent> =
+    bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);
 pub const DUTY_CYCLE: Bound<Percent> = bound(flag("--duty-cycle"), |_| PERCENT);
 /// Pid 1 is refused: init is never the training, and following its
 /// children would meter the whole node.
@@ -350,7 +356,10 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.check(&GAME_TIMEOUT, Some(c.game_timeout));
     v.check(&ON_EVENT_TIMEOUT, Some(c.on_event_timeout));
     v.check(&CONTROL_PERIOD, Some(c.control_period));
-    v.check(&MAX_CONCURRENT_JOBS, Some(u64::from(c.max_concurrent_jobs.get())));
+    v.check(
+        &MAX_CONCURRENT_JOBS,
+        Some(u64::from(c.max_concurrent_jobs.get())),
+    );
     v.check(&BUDGET, Some(c.budget));
     v.check(&GPU_UTIL_LIMIT, Some(c.gpu_util_limit));
     v.check(&GPU_MEMORY, c.gpu_memory_limit);
@@ -360,14 +369,172 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.path(key("cgroup_root"), c.cgroup_root.as_deref(), false);
     v.path(key("training.cgroup"), c.training.cgroup.as_deref(), false);
     v.path(key("state_dir"), Some(&c.state_dir), true);
-    v.non_empty(ON_EVENT, c.on_event.as_deref(), "remove the key to run no hook");
+    v.non_empty(
+        ON_EVENT,
+        c.on_event.as_deref(),
+        "remove the key to run no hook",
+    );
     v.into_errors()
 }
 
 /// The deadline `after` from `start`, never overflowing (the validator
 /// keeps timeouts within [`MAX_TIMEOUT`]; this holds even without it).
 pub fn deadline(start: std::time::Instant, after: Duration) -> std::time::Instant {
-    start
-        .checked_add(after.min(MAX_TIMEOUT.0))
-        .unwrap_or(start)
+    start.checked_add(after.min(MAX_TIMEOUT.0)).unwrap_or(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Node {
+        Node {
+            cpus: Cores::new(2.0).unwrap(),
+        }
+    }
+
+    fn refused(f: impl FnOnce(&mut Checker)) -> String {
+        let mut v = Checker::new(Source::Flags, node());
+        f(&mut v);
+        v.finish().expect_err("should be refused").to_string()
+    }
+
+    fn p(s: &str) -> Percent {
+        s.parse().unwrap()
+    }
+
+    /// Each bad flag value: the message is `--flag value: must be range`.
+    #[test]
+    fn bad_flag_values_name_the_flag_the_value_and_the_range() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                refused(|v| v.check(&BUDGET, Some(p("0%")))),
+                "--budget 0%: must be greater than zero: above 0% and at most 100%",
+            ),
+            (
+                refused(|v| v.check(&BUDGET, Some(p("101%")))),
+                "--budget 101%: must be above 0% and at most 100%",
+            ),
+            (
+                refused(|v| v.check(&BUDGET, Some(p("1000%")))),
+                "--budget 1000%: must be above 0% and at most 100%",
+            ),
+            (
+                refused(|v| v.check(&DUTY_CYCLE, Some(p("0%")))),
+                "--duty-cycle 0%: must be greater than zero",
+            ),
+            (
+                refused(|v| v.check(&GPU_UTIL_LIMIT, Some(p("150%")))),
+                "--gpu-util-limit 150%: must be above 0% and at most 100%",
+            ),
+            (
+                refused(|v| v.check(&CPU, Some("1e300".parse().unwrap()))),
+                "--cpu 1e300: must be from 0.01 to 2",
+            ),
+            (
+                refused(|v| v.check(&CPU, Some("3".parse().unwrap()))),
+                "--cpu 3: must be from 0.01 to 2",
+            ),
+            (
+                refused(|v| v.check(&PIDS, Some(u64::MAX))),
+                "--pids 18446744073709551615: must be from 1 to 4194304",
+            ),
+            (
+                refused(|v| v.check(&PIDS, Some(0))),
+                "--pids 0: must be greater than zero",
+            ),
+            (
+                refused(|v| v.check(&CPU_WEIGHT, Some(0))),
+                "--cpu-weight 0: must be greater than zero: from 1 to 10000",
+            ),
+            (
+                refused(|v| v.check(&MEMORY, Some(ByteSize(1)))),
+                "--memory 1: must be from 1MiB to 1024TiB",
+            ),
+            (
+                refused(|v| v.check(&MEMORY, Some(ByteSize(0)))),
+                "--memory 0: must be greater than zero",
+            ),
+            (
+                refused(|v| v.check(&JOB_TIMEOUT, Some(Dur::secs(366 * 86_400)))),
+                "--timeout 366d: must be above 0ms and at most 365d",
+            ),
+            (
+                refused(|v| v.check(&JOB_TIMEOUT, Some(Dur::secs(0)))),
+                "--timeout 0ms: must be greater than zero",
+            ),
+            (
+                refused(|v| v.check(&GAME_TIMEOUT, Some(Dur::secs(0)))),
+                "--timeout 0ms",
+            ),
+            (
+                refused(|v| v.check(&TRAINING_PID, Some(-5))),
+                "--protect -5: must be from 2 to 4194304",
+            ),
+            (
+                refused(|v| v.check(&TRAINING_PID, Some(1))),
+                "--protect 1: must be from 2 to 4194304",
+            ),
+            (
+                refused(|v| v.non_empty(ON_EVENT, Some(""), "x")),
+                "--on-event \"\": must be non-empty",
+            ),
+            (
+                refused(|v| {
+                    v.high_at_most_max(Some(ByteSize::mib(2)), true, Some(ByteSize::mib(1)))
+                }),
+                "--memory-high 2MiB: must be at most the hard limit memory = 1MiB",
+            ),
+            (
+                refused(|v| {
+                    v.high_at_most_max(Some(ByteSize::mib(2)), false, Some(ByteSize::mib(1)))
+                }),
+                "--memory 1MiB: must be at least the soft limit memory_high = 2MiB",
+            ),
+        ];
+        for (got, want) in cases {
+            assert!(got.starts_with(want), "expected {want:?}, got {got:?}");
+        }
+    }
+
+    #[test]
+    fn values_at_the_edges_of_their_ranges_are_accepted() {
+        let mut v = Checker::new(Source::Flags, node());
+        v.check(&BUDGET, Some(p("100%")));
+        v.check(&BUDGET, Some(p("0.01%")));
+        v.check(&CPU, Some("2".parse().unwrap()));
+        v.check(&CPU, Some("0.01".parse().unwrap()));
+        v.check(&PIDS, Some(PID_MAX_LIMIT));
+        v.check(&MEMORY, Some(ByteSize::mib(1)));
+        v.check(&MEMORY, Some(MAX_MEMORY));
+        v.check(&JOB_TIMEOUT, Some(MAX_TIMEOUT));
+        v.check(&CONTROL_PERIOD, Some(Dur::millis(10)));
+        v.check(&TRAINING_PID, Some(2));
+        v.high_at_most_max(Some(ByteSize::mib(1)), true, Some(ByteSize::mib(1)));
+        v.path(key("state_dir"), Some(Path::new("/run/enforcer")), true);
+        v.path(key("cgroup_root"), Some(Path::new("eval.slice/x")), false);
+        v.path(key("cgroup_root"), Some(Path::new("/")), false);
+        assert_eq!(v.finish(), Ok(()));
+    }
+
+    #[test]
+    fn config_values_are_named_by_their_key() {
+        let mut v = Checker::new(Source::Config, node());
+        v.check(&BUDGET, Some(p("0%")));
+        v.check(&TRAINING_PID, Some(-5));
+        let e = v.into_errors();
+        assert_eq!(e[0].name, "budget");
+        assert_eq!(e[1].name, "training.pid");
+        assert_eq!(e[1].value, "-5");
+    }
+
+    #[test]
+    fn deadlines_never_overflow() {
+        let now = std::time::Instant::now();
+        assert_eq!(deadline(now, Duration::MAX), now + MAX_TIMEOUT.0);
+        assert_eq!(
+            deadline(now, Duration::from_secs(3)),
+            now + Duration::from_secs(3)
+        );
+    }
 }
