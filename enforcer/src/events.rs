@@ -5,8 +5,15 @@
 //! enforcement (only later hooks); failures are logged. At most
 //! [`MAX_QUEUED`] events wait for their hook; beyond that they are dropped
 //! with a warning.
+//!
+//! A hook runs as root (the enforcer's user) via `/bin/sh -c`, so it is only
+//! taken from the command line or from a config root may trust
+//! ([`crate::trust`]). It starts with the default scheduling (the
+//! supervisor's real-time window and raised priority are not inherited) and
+//! inside the hooks cgroup the caller made for it ([`Hook::cgroup`]), with
+//! limits of its own, never in the agent's cgroup or the job's.
 
-use std::{borrow::Cow, time::Duration};
+use std::{borrow::Cow, ffi::CString, os::unix::ffi::OsStrExt, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 use tokio::{io::AsyncWriteExt, sync::mpsc, task::JoinHandle};
@@ -53,14 +60,36 @@ pub struct EventSink {
     hooks: Option<(mpsc::Sender<String>, JoinHandle<()>)>,
 }
 
+/// The limits of a hooks cgroup: room for a shell, `logger` or `curl`,
+/// not for a workload.
+pub fn hook_limits() -> crate::cgroup::Limits {
+    crate::cgroup::Limits {
+        memory: Some(crate::units::ByteSize::mib(256)),
+        pids: Some(64),
+        ..Default::default()
+    }
+}
+
+/// The `on_event` hook of a job.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    /// The shell command.
+    pub command: String,
+    /// How long one run may take before it is killed.
+    pub timeout: Duration,
+    /// The `cgroup.procs` files (one per hierarchy) each hook process
+    /// writes itself into before `exec`.
+    pub cgroup: Vec<PathBuf>,
+}
+
 impl EventSink {
     /// Must be called inside the tokio runtime when `hook` is set.
-    pub fn new(job: &str, hook: Option<String>, timeout: Duration) -> Self {
+    pub fn new(job: &str, hook: Option<Hook>) -> Self {
         let hooks = hook.map(|hook| {
             let (tx, mut rx) = mpsc::channel::<String>(MAX_QUEUED);
             let worker = tokio::spawn(async move {
                 while let Some(json) = rx.recv().await {
-                    run_hook(&hook, &json, timeout).await;
+                    run_hook(&hook, &json).await;
                 }
             });
             (tx, worker)
@@ -93,14 +122,30 @@ impl EventSink {
     }
 }
 
-async fn run_hook(hook: &str, json: &str, timeout: Duration) {
+async fn run_hook(hook_spec: &Hook, json: &str) {
+    let (hook, timeout) = (hook_spec.command.as_str(), hook_spec.timeout);
+    let join: Vec<CString> = hook_spec
+        .cgroup
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
     let mut cmd = tokio::process::Command::new("/bin/sh");
-    // SAFETY: setpriority is async-signal-safe; the closure touches no
-    // memory shared with the parent.
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls (sched_setscheduler, setpriority, open,
+    // write, close) on memory allocated before the fork.
     unsafe {
-        // The supervisor runs at a raised priority; its hooks must not.
-        cmd.pre_exec(|| {
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        cmd.pre_exec(move || {
+            // The supervisor sets SCHED_RESET_ON_FORK with its real-time
+            // class, so a fork in that window is already SCHED_OTHER; this
+            // holds even if it did not. Before the cgroup move: a real-time
+            // task cannot enter a v1 cgroup without a real-time budget.
+            crate::sched::set_thread_policy(0, libc::SCHED_OTHER, 0)?;
+            if libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for f in &join {
+                crate::job::join_cgroup(f)?;
+            }
             Ok(())
         });
     }

@@ -259,6 +259,8 @@ impl Serialize for Dur {
 pub struct Percent(f64);
 
 impl Percent {
+    pub const ONE: Percent = Percent(1.0);
+
     /// A fraction in `[0, 1]`... or above 1 for shares like 150 %.
     pub const fn from_fraction(f: f64) -> Self {
         Percent(f)

@@ -129,9 +129,6 @@ const fn both(key: &'static str, flag: &'static str) -> Name {
         flag: Some(flag),
     }
 }
-/// `on_event` / `--on-event`, for [`Checker::non_empty`].
-pub const ON_EVENT: Name = both("on_event", "--on-event");
-
 const fn key(key: &'static str) -> Name {
     Name {
         key: Some(key),
@@ -145,12 +142,17 @@ const fn flag(flag: &'static str) -> Name {
     }
 }
 
-const PERCENT: Range<Percent> =
-    Range::above(Percent::from_fraction(0.0), Percent::from_fraction(1.0));
+const PERCENT: Range<Percent> = Range::above(Percent::from_fraction(0.0), Percent::ONE);
 const TIMEOUT: Range<Dur> = Range::above(Dur::secs(0), MAX_TIMEOUT);
 const MEMORY_RANGE: Range<ByteSize> = Range::from_to(ByteSize::mib(1), MAX_MEMORY);
 const CONTROL_PERIOD_RANGE: Range<Dur> = Range::from_to(Dur::millis(10), Dur::secs(10));
 const PID_RANGE: Range<i64> = Range::from_to(2, PID_MAX_LIMIT as i64);
+const PIDS_RANGE: Range<u64> = Range::from_to(1, PID_MAX_LIMIT);
+const WEIGHT_RANGE: Range<u64> = Range::from_to(1, 10_000);
+const JOBS_RANGE: Range<u64> = Range::from_to(1, 1024);
+
+/// `on_event` / `--on-event`, for [`Checker::non_empty`].
+pub const ON_EVENT: Name = both("on_event", "--on-event");
 
 pub const MEMORY: Bound<ByteSize> = bound(both("memory", "--memory"), |_| MEMORY_RANGE);
 pub const MEMORY_HIGH: Bound<ByteSize> =
@@ -162,17 +164,14 @@ pub const GPU_MEMORY: Bound<ByteSize> =
     });
 pub const CPU: Bound<Cores> = bound(both("cpu", "--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
 pub const GAME_CPU: Bound<Cores> = bound(flag("--cpu"), |n| Range::from_to(Cores::MIN, n.cpus));
-pub const CPU_WEIGHT: Bound<u64> = bound(both("cpu_weight", "--cpu-weight"), |_| {
-    Range::from_to(1, 10_000)
-});
-pub const PIDS: Bound<u64> = bound(both("pids", "--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
-pub const GAME_PIDS: Bound<u64> = bound(flag("--pids"), |_| Range::from_to(1, PID_MAX_LIMIT));
+pub const CPU_WEIGHT: Bound<u64> = bound(both("cpu_weight", "--cpu-weight"), |_| WEIGHT_RANGE);
+pub const PIDS: Bound<u64> = bound(both("pids", "--pids"), |_| PIDS_RANGE);
+pub const GAME_PIDS: Bound<u64> = bound(flag("--pids"), |_| PIDS_RANGE);
 pub const JOB_TIMEOUT: Bound<Dur> = bound(both("timeout", "--timeout"), |_| TIMEOUT);
 pub const GAME_TIMEOUT: Bound<Dur> = bound(both("game_timeout", "--timeout"), |_| TIMEOUT);
 pub const ON_EVENT_TIMEOUT: Bound<Dur> = bound(key("on_event_timeout"), |_| TIMEOUT);
 pub const CONTROL_PERIOD: Bound<Dur> = bound(key("control_period"), |_| CONTROL_PERIOD_RANGE);
-pub const MAX_CONCURRENT_JOBS: Bound<u64> =
-    bound(key("max_concurrent_jobs"), |_| Range::from_to(1, 1024));
+pub const MAX_CONCURRENT_JOBS: Bound<u64> = bound(key("max_concurrent_jobs"), |_| JOBS_RANGE);
 pub const BUDGET: Bound<Percent> = bound(both("budget", "--budget"), |_| PERCENT);
 pub const GPU_UTIL_LIMIT: Bound<Percent> =
     bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);

@@ -343,6 +343,9 @@ pub fn validate_name(name: &str) -> Result<(), CgroupError> {
     if name.starts_with("cgroup.") || name.starts_with('.') {
         return bad("must not start with a dot or 'cgroup.'");
     }
+    if name.ends_with(subtree::HOOKS_SUFFIX) {
+        return bad("must not end with '.hooks' (the cgroup of a job's hooks)");
+    }
     Ok(())
 }
 

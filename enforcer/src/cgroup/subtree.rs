@@ -150,6 +150,27 @@ impl Subtree {
     /// Creates the job cgroup `name` (refusing a name in use).
     pub fn create_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
         super::validate_name(name)?;
+        self.create(name)
+    }
+
+    /// Creates the cgroup that job `job`'s `on_event` hooks run in: a
+    /// sibling of the job named [`hooks_name`], which no job name can take.
+    pub fn create_hooks(&self, job: &str) -> Result<JobCgroup, CgroupError> {
+        super::validate_name(job)?;
+        self.create(&hooks_name(job))
+    }
+
+    /// The hooks cgroup of job `job` (an orphan's, to clean up), if it
+    /// exists.
+    pub fn open_hooks(&self, job: &str) -> Option<JobCgroup> {
+        super::validate_name(job).ok()?;
+        let name = hooks_name(job);
+        self.job_path(&name)
+            .is_dir()
+            .then(|| self.open_unchecked(&name))
+    }
+
+    fn create(&self, name: &str) -> Result<JobCgroup, CgroupError> {
         match &self.bases {
             Bases::V2(base) => Ok(JobCgroup::V2(V2Job::create(self.fs.clone(), base, name)?)),
             Bases::V1 {
@@ -198,7 +219,11 @@ impl Subtree {
     /// A handle on the existing job `name` (an orphan to clean up).
     pub fn open_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
         super::validate_name(name)?;
-        Ok(match &self.bases {
+        Ok(self.open_unchecked(name))
+    }
+
+    fn open_unchecked(&self, name: &str) -> JobCgroup {
+        match &self.bases {
             Bases::V2(base) => {
                 let dir = base.join(name);
                 JobCgroup::V2(V2Job::open(
@@ -219,7 +244,7 @@ impl Subtree {
                 unified.as_ref().map(|u| u.join(name)),
                 Some(MAIN_LEAF),
             )),
-        })
+        }
     }
 
     /// Where job `name` would live (for messages and tests).
@@ -232,6 +257,14 @@ impl Subtree {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// The suffix of hooks cgroups, refused at the end of job names.
+pub const HOOKS_SUFFIX: &str = ".hooks";
+
+/// The name of the cgroup job `job`'s hooks run in.
+pub fn hooks_name(job: &str) -> String {
+    format!("{job}{HOOKS_SUFFIX}")
 }
 
 /// On v2: moves this process out of `own` into `own/agent` (unless `own` is

@@ -93,7 +93,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
     tracing::info!(job = %plan.name, pid = args.pid, processes = pids.len(), threads, cgroup = %guard.0.path().display(), "attached");
     let (report, code) = job::supervise(
         &guard.0,
-        &plan.supervision,
+        &started_job.supervision(&plan),
         job::Target::Attached(args.pid),
         job_monitors(&plan, &args.job, None),
         signals,

@@ -132,6 +132,24 @@ pub fn run(args: GameArgs) -> ExitCode {
         tracing::error!("applying the game's limits: {e}");
         return ExitCode::from(EXIT_FAILURE);
     }
+    // The game's hooks run in a sibling of the game inside the job, limited
+    // like a job's hooks (the game supervisor is itself a job process).
+    let hooks = match &config.on_event {
+        None => None,
+        Some(_) => {
+            let made = job.create_child(&format!("game-{n}-hooks")).and_then(|h| {
+                let h = JobGuard(h);
+                h.0.apply(&crate::events::hook_limits()).map(|()| h)
+            });
+            match made {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::error!("creating the cgroup for the game's hooks: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+        }
+    };
     let spec = Supervision {
         name: format!("{job_name}/game-{n}"),
         command: args.command.clone(),
@@ -140,6 +158,10 @@ pub fn run(args: GameArgs) -> ExitCode {
         control_period: config.control_period.0,
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
+        hooks_cgroup: hooks
+            .as_ref()
+            .map(|h| h.0.join_files())
+            .unwrap_or_default(),
     };
     let code = block_on(async {
         let signals = job::Signals::install();
@@ -168,5 +190,6 @@ pub fn run(args: GameArgs) -> ExitCode {
         code
     });
     drop(guard);
+    drop(hooks);
     ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
 }

@@ -189,6 +189,7 @@ impl Plan {
             control_period: config.control_period.0,
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
+            hooks_cgroup: Vec::new(),
         };
         let gpu_util = args
             .gpu_util_limit
@@ -393,10 +394,25 @@ pub async fn start_or_interrupt(
 /// A job cgroup made and limited, with the slot and the ownership lock it
 /// holds; dropping it (after the job) kills, removes and releases all.
 pub struct Started {
-    // Field order is drop order: the cgroup goes before the lock and slot.
+    // Field order is drop order: the cgroups go before the lock and slot.
     pub guard: JobGuard,
+    /// The cgroup the job's `on_event` hooks run in, when it has a hook.
+    pub hooks: Option<JobGuard>,
     _lock: slots::JobLock,
     _slot: slots::Slot,
+}
+
+impl Started {
+    /// `plan`'s supervision, with the hooks put in the hooks cgroup.
+    pub fn supervision(&self, plan: &Plan) -> Supervision {
+        let mut s = plan.supervision.clone();
+        s.hooks_cgroup = self
+            .hooks
+            .as_ref()
+            .map(|h| h.0.join_files())
+            .unwrap_or_default();
+        s
+    }
 }
 
 /// Waits for a slot, takes the job's lock, cleans up orphans of dead
@@ -424,6 +440,9 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
         if let Ok(orphan) = subtree.open_job(&name) {
             tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
             drop(JobGuard(orphan));
+        }
+        if let Some(hooks) = subtree.open_hooks(&name) {
+            drop(JobGuard(hooks));
         }
         drop(lock);
     }
@@ -453,8 +472,24 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
         tracing::error!("setting the evaluation slice's CPU class: {e}");
         return Err(EXIT_FAILURE);
     }
+    // Hooks run as root: never unconfined, so no hooks cgroup, no job.
+    let hooks = match &plan.supervision.on_event {
+        None => None,
+        Some(_) => {
+            let hooks = JobGuard(subtree.create_hooks(&plan.name).map_err(|e| {
+                tracing::error!("creating the cgroup for the job's hooks: {e}");
+                exit_for_cgroup_error(&e)
+            })?);
+            if let Err(e) = hooks.0.apply(&crate::events::hook_limits()) {
+                tracing::error!("limiting the cgroup for the job's hooks: {e}");
+                return Err(EXIT_FAILURE);
+            }
+            Some(hooks)
+        }
+    };
     Ok(Started {
         guard,
+        hooks,
         _lock: lock,
         _slot: slot,
     })
@@ -494,7 +529,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     };
     let (report, code) = job::supervise(
         &guard.0,
-        &plan.supervision,
+        &started_job.supervision(&plan),
         job::Target::Spawned(child),
         monitors,
         signals,

@@ -55,6 +55,9 @@ pub struct Supervision {
     pub control_period: Duration,
     pub on_event: Option<String>,
     pub on_event_timeout: Duration,
+    /// The `cgroup.procs` files of the cgroup the hooks run in (see
+    /// [`events::Hook::cgroup`]).
+    pub hooks_cgroup: Vec<std::path::PathBuf>,
 }
 
 /// Starts `argv` as a member of the job cgroup: the forked child writes
@@ -110,6 +113,27 @@ pub fn spawn_into(
     })
 }
 
+/// Writes the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`. Async-signal-safe: for use between fork and exec.
+pub fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: open, write and close on a NUL-terminated path and a static
+    // buffer; no allocation.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // "0" means the writing process itself, in v1 and v2.
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// The nice value of the supervisor while it supervises.
 pub const SUPERVISOR_NICE: i32 = -10;
 
@@ -136,11 +160,13 @@ pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 /// is done), the supervisor runs `SCHED_FIFO` priority 1: even at nice -10 a
 /// node with a load of 13 on 2 CPUs woke it up to 15 ms late, and the
 /// deadline is a promise to the millisecond. The window is short and the
-/// thread sleeps in it, so it takes nothing from anyone. Failing (no
-/// CAP_SYS_NICE, no RT budget in our cgroup) only logs.
+/// thread sleeps in it, so it takes nothing from anyone. With
+/// `SCHED_RESET_ON_FORK`, so that nothing forked in the window (an
+/// `on_event` hook) starts real-time. Failing (no CAP_SYS_NICE, no RT
+/// budget in our cgroup) only logs.
 fn realtime(on: bool) {
     let policy = if on {
-        libc::SCHED_FIFO
+        libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK
     } else {
         libc::SCHED_OTHER
     };
@@ -219,7 +245,12 @@ pub async fn supervise(
         }
         Target::Attached(pid) => (None, pid),
     };
-    let mut sink = EventSink::new(&spec.name, spec.on_event.clone(), spec.on_event_timeout);
+    let hook = spec.on_event.clone().map(|command| events::Hook {
+        command,
+        timeout: spec.on_event_timeout,
+        cgroup: spec.hooks_cgroup.clone(),
+    });
+    let mut sink = EventSink::new(&spec.name, hook);
     let mut event_counts = std::collections::BTreeMap::<String, u64>::new();
     let mut emit = |sink: &mut EventSink, e: Event| {
         *event_counts.entry(e.event.to_string()).or_default() += 1;
