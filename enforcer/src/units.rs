@@ -216,7 +216,7 @@ impl FromStr for Dur {
             return Err(err(
                 "duration",
                 s,
-                format!("out of range: at most {}", Dur::MAX),
+                format!("out of range: must be at most {}", Dur::MAX),
             ));
         }
         Duration::try_from_secs_f64(secs)

@@ -158,10 +158,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         control_period: config.control_period.0,
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
-        hooks_cgroup: hooks
-            .as_ref()
-            .map(|h| h.0.join_files())
-            .unwrap_or_default(),
+        hooks_cgroup: hooks.as_ref().map(|h| h.0.join_files()).unwrap_or_default(),
     };
     let code = block_on(async {
         let signals = job::Signals::install();

@@ -1,0 +1,599 @@
+//! Input hardening against the real binary: every out-of-range flag or
+//! config key is refused (exit 2, naming it, its value and the range)
+//! before any cgroup or state file exists; as root, a config that others
+//! could have written is refused; `on_event` hooks start outside the
+//! supervisor's real-time window and run in a limited cgroup of their own.
+
+use std::{
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+
+fn workload() -> PathBuf {
+    enforcer_tests::eval_workload!()
+}
+
+/// A scratch directory (mode 0755, owned by the test's user) removed on
+/// drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name("enforcer-input"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+    /// Writes config `name`: a private state_dir (unless `extra` sets one)
+    /// plus `extra`.
+    fn config_named(&self, name: &str, extra: &str) -> PathBuf {
+        let p = self.path(name);
+        let state = if extra.contains("state_dir") {
+            String::new()
+        } else {
+            format!("state_dir = \"{}\"\n", self.state().display())
+        };
+        std::fs::write(&p, format!("{state}{extra}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child process the test started, by PID, if it still runs.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = enforcer().args(args).output().expect("starting enforcer");
+    eprintln!(
+        "enforcer {args:?} -> {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Cgroup mount points (v1 and v2) of this system.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
+        })
+        .collect()
+}
+
+/// Every cgroup directory whose name starts with `prefix`, anywhere in any
+/// hierarchy.
+fn cgroups_starting(prefix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
+    while let Some((dir, depth)) = stack.pop() {
+        if depth > 10 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if e.file_name().to_string_lossy().starts_with(prefix) {
+                    found.push(e.path());
+                }
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// The job's cgroup and its hooks cgroup (`<name>.hooks`) are gone.
+fn assert_no_cgroup_left(name: &str) {
+    let left = cgroups_starting(name);
+    assert!(
+        left.is_empty(),
+        "cgroups left behind for job {name}: {left:?}"
+    );
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat` text.
+fn stat_field(stat: &str, n: usize) -> i64 {
+    let after = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    after
+        .split_whitespace()
+        .nth(n - 3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+const STAT_NICE: usize = 19;
+const STAT_POLICY: usize = 41;
+
+#[test]
+fn every_out_of_range_flag_and_key_exits_2_naming_it_before_anything_is_created() {
+    require_root!();
+    let s = Scratch::new();
+    let good = s.config_named("good.toml", "");
+    let c = good.to_str().unwrap();
+    let mut target = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+    let target_pid = target.0.id().to_string();
+    // (arguments after the subcommand, what the message must name, the
+    // value it must echo)
+    let flags: Vec<(&str, Vec<&str>, &str, &str)> = vec![
+        (
+            "run",
+            vec!["--timeout", "200000000000000d"],
+            "--timeout",
+            "200000000000000d",
+        ),
+        ("run", vec!["--timeout", "366d"], "--timeout", "366d"),
+        ("run", vec!["--budget", "0%"], "--budget", "0%"),
+        ("run", vec!["--budget", "101%"], "--budget", "101%"),
+        ("run", vec!["--budget", "1000%"], "--budget", "1000%"),
+        ("run", vec!["--cpu", "1e300"], "--cpu", "1e300"),
+        (
+            "run",
+            vec!["--pids", "18446744073709551615"],
+            "--pids",
+            "18446744073709551615",
+        ),
+        ("run", vec!["--pids", "4194305"], "--pids", "4194305"),
+        ("run", vec!["--memory", "1"], "--memory", "1"),
+        (
+            "run",
+            vec!["--memory", "1G", "--memory-high", "2G"],
+            "--memory-high",
+            "2GiB",
+        ),
+        ("run", vec!["--cpu-weight", "0"], "--cpu-weight", "0"),
+        (
+            "run",
+            vec!["--gpu-util-limit", "0%"],
+            "--gpu-util-limit",
+            "0%",
+        ),
+        ("run", vec!["--duty-cycle", "150%"], "--duty-cycle", "150%"),
+        ("run", vec!["--protect=-5"], "--protect", "-5"),
+        ("run", vec!["--on-event", ""], "--on-event", "\"\""),
+        (
+            "attach",
+            vec!["--pid", &target_pid, "--budget", "0%"],
+            "--budget",
+            "0%",
+        ),
+        ("game", vec!["--timeout", "0s"], "--timeout", "0"),
+        ("game", vec!["--pids", "0"], "--pids", "0"),
+    ];
+    for (i, (sub, extra, flag, value)) in flags.iter().enumerate() {
+        let name = unique_name(&format!("badflag{i}"));
+        let mut args = vec![*sub, "--config", c];
+        if *sub != "game" {
+            args.extend(["--job", name.as_str()]);
+        }
+        args.extend(extra.iter().copied());
+        if *sub != "attach" {
+            args.extend(["--", "true"]);
+        }
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(value) && err.contains("must be"),
+            "{args:?}: expected {flag} {value} and the range in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_no_cgroup_left(&name);
+        assert!(!s.state().exists(), "{args:?} created the state dir");
+    }
+    // (config line, key, value as written)
+    let keys: Vec<(&str, &str, &str)> = vec![
+        ("gpu_util_limit = 0", "gpu_util_limit", "0"),
+        ("cpu = 1e300", "cpu", "1e300"),
+        ("memory = 1", "memory", "1"),
+        ("control_period = \"1us\"", "control_period", "\"1us\""),
+        ("budget = \"0%\"", "budget", "\"0%\""),
+        ("timeout = \"400d\"", "timeout", "\"400d\""),
+        ("pids = 5000000", "pids", "5000000"),
+        ("state_dir = \"\"", "state_dir", "\"\""),
+        (
+            "state_dir = \"relative/state\"",
+            "state_dir",
+            "\"relative/state\"",
+        ),
+        ("cgroup_root = \"/../../x\"", "cgroup_root", "\"/../../x\""),
+        ("[training]\npid = -5", "training.pid", "-5"),
+    ];
+    for (i, (line, key, value)) in keys.iter().enumerate() {
+        let cfg = s.config_named(&format!("bad{i}.toml"), line);
+        let cfg_s = cfg.to_str().unwrap();
+        let name = unique_name(&format!("badkey{i}"));
+        for args in [
+            vec!["run", "--config", cfg_s, "--job", &name, "--", "true"],
+            vec!["config", "check", cfg_s],
+            vec!["config", "show", "--config", cfg_s],
+        ] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            let named = format!("{key} = {value} (line ");
+            assert!(
+                err.contains(cfg_s) && err.contains(&named) && err.contains("must be"),
+                "{args:?}: expected {cfg_s} and {named:?} and the range in: {err}"
+            );
+            assert_no_cgroup_left(&name);
+            assert!(!s.state().exists(), "{args:?} created the state dir");
+            assert!(!Path::new("relative").exists());
+        }
+    }
+    let _ = target.0.kill();
+}
+
+/// Runs `enforcer config check FILE`; returns (exit code, stderr).
+fn check(file: &Path) -> (Option<i32>, String) {
+    let out = run(&["config", "check", file.to_str().unwrap()]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), None).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn as_root_a_config_others_could_write_is_refused_naming_file_owner_and_mode() {
+    require_root!();
+    let s = Scratch::new();
+    let ran = s.path("hook-ran");
+    let hook = format!("on_event = \"touch {}\"", ran.display());
+    let hook = hook.as_str();
+    // Another user's file.
+    let theirs = s.config_named("theirs.toml", hook);
+    chown(&theirs, 65534);
+    let (code, err) = check(&theirs);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(theirs.to_str().unwrap()) && err.contains("uid 65534") && err.contains("0644"),
+        "{err}"
+    );
+    // `run` refuses it before anything exists.
+    let name = unique_name("untrusted");
+    let out = run(&[
+        "run",
+        "--config",
+        theirs.to_str().unwrap(),
+        "--job",
+        &name,
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_no_cgroup_left(&name);
+    assert!(!s.state().exists());
+    // Root's file, but world- or group-writable.
+    for mode in [0o666, 0o664] {
+        let open = s.config_named(&format!("open{mode:o}.toml"), "");
+        chmod(&open, mode);
+        let (code, err) = check(&open);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("uid 0") && err.contains(&format!("0{mode:o}")),
+            "{err}"
+        );
+    }
+    // Root's 0644 file in a directory others can write to.
+    let dir = s.path("shared");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o777);
+    let in_shared = dir.join("enforcer.toml");
+    std::fs::write(&in_shared, "").unwrap();
+    chmod(&in_shared, 0o644);
+    let (code, err) = check(&in_shared);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("directory") && err.contains(dir.to_str().unwrap()) && err.contains("0777"),
+        "{err}"
+    );
+    // A symlink (as in a Kubernetes ConfigMap) is judged by what it points
+    // to: fine when that is root's, refused, naming the real file, when not.
+    let real_dir = s.path("..data");
+    std::fs::create_dir(&real_dir).unwrap();
+    chmod(&real_dir, 0o755);
+    let real = real_dir.join("enforcer.toml");
+    std::fs::write(&real, "").unwrap();
+    chmod(&real, 0o644);
+    let link = s.path("linked.toml");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (code, err) = check(&link);
+    assert_eq!(code, Some(0), "{err}");
+    chown(&real, 65534);
+    let (code, err) = check(&link);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(real.to_str().unwrap()), "{err}");
+    // A FIFO is refused at once instead of blocking the enforcer.
+    let fifo = s.path("fifo.toml");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let mut child = ChildGuard(
+        enforcer()
+            .args(["config", "check", fifo.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "config check blocked on a FIFO"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2));
+    assert!(!ran.exists(), "the untrusted config's hook ran");
+}
+
+#[test]
+fn a_user_checking_their_own_config_is_not_held_to_roots_rule() {
+    require_root!();
+    let s = Scratch::new();
+    let theirs = s.config_named("theirs.toml", "");
+    chown(&theirs, 65534);
+    chmod(&theirs, 0o666);
+    let out = enforcer()
+        .args(["config", "check", theirs.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: uid 65534 cannot run {}: {e}",
+                enforcer_bin().display()
+            );
+            return;
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") {
+        eprintln!("SKIPPED: uid 65534 cannot read the scratch config: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+/// Runs one job whose hooks record their own and their parent's (the
+/// supervisor's) `stat` line in `dir`; the first hook (`started`) is held
+/// until its timeout kills it just inside the real-time window, so the
+/// next one (`pids_max`, queued meanwhile) starts there. Returns the
+/// enforcer's stderr.
+fn run_with_recording_hooks(s: &Scratch, dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = s.config_named("hooks.toml", "on_event_timeout = \"960ms\"");
+    let hook = format!(
+        "read -r ev; case \"$ev\" in *'\"event\":\"started\"'*) exec sleep 30;; esac; \
+         printf '%s\\n%s\\n' \"$(cat /proc/$$/stat)\" \"$(cat /proc/$PPID/stat)\" > {}/$$.tmp; \
+         mv {}/$$.tmp {}/$$",
+        dir.display(),
+        dir.display(),
+        dir.display()
+    );
+    let w = workload();
+    let name = unique_name("rtwindow");
+    let out = run(&[
+        "--log",
+        "debug",
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--timeout",
+        "1s",
+        "--pids",
+        "16",
+        "--on-event",
+        &hook,
+        "--",
+        w.to_str().unwrap(),
+        "forkbomb",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(124));
+    assert_no_cgroup_left(&name);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_hook_started_in_the_realtime_window_runs_sched_other_at_nice_0() {
+    require_root!();
+    let s = Scratch::new();
+    for attempt in 0..5 {
+        let dir = s.path(&format!("hooks{attempt}"));
+        let err = run_with_recording_hooks(&s, &dir);
+        if err.contains("could not change the supervisor's scheduling class") {
+            eprintln!("SKIPPED: the supervisor cannot use SCHED_FIFO here: {err}");
+            return;
+        }
+        let mut in_window = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                continue;
+            }
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            let (own, parent) = text.split_once('\n').unwrap();
+            assert_eq!(
+                stat_field(own, STAT_POLICY),
+                i64::from(libc::SCHED_OTHER),
+                "a hook ran real-time: {own}"
+            );
+            assert_eq!(
+                stat_field(own, STAT_NICE),
+                0,
+                "a hook ran at the supervisor's nice: {own}"
+            );
+            if stat_field(parent, STAT_POLICY) == i64::from(libc::SCHED_FIFO) {
+                in_window += 1;
+            }
+        }
+        if in_window > 0 {
+            return;
+        }
+        eprintln!("attempt {attempt}: no hook started inside the window; again");
+    }
+    panic!("in 5 runs no hook started while the supervisor was SCHED_FIFO");
+}
+
+/// `path` of the line for hierarchy `key` (`""` for v2, else a controller
+/// list) in `/proc/<pid>/cgroup` text.
+fn cgroup_lines(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+            Some((ctrls.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+/// The mount of the hierarchy `ctrls` (`""` = cgroup2).
+fn mount_of(ctrls: &str) -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let opts = r.nth(1)?;
+            let ok = if ctrls.is_empty() {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup" && ctrls.split(',').all(|c| opts.split(',').any(|o| o == c))
+            };
+            ok.then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
+        })
+}
+
+#[test]
+fn hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config_named("hooks.toml", "on_event_timeout = \"5s\"");
+    let seen = s.path("hook-cgroup");
+    // The first hook records where it runs and stays alive a moment so
+    // that the test can read its cgroup's limits.
+    let hook = format!(
+        "cat /proc/self/cgroup > {0}.tmp; mv {0}.tmp {0}; exec sleep 3",
+        seen.display()
+    );
+    let name = unique_name("hookcg");
+    let mut enf = ChildGuard(
+        enforcer()
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                &name,
+                "--on-event",
+                &hook,
+                "--",
+                "sleep",
+                "1",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !seen.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let hook_cg = std::fs::read_to_string(&seen).unwrap();
+    let agent_cg = std::fs::read_to_string(format!("/proc/{}/cgroup", enf.0.id())).unwrap();
+    let hooks_dir = format!("{name}.hooks");
+    let mut checked_pids = false;
+    let mut checked_memory = false;
+    for ((ctrls, path), (_, agent_path)) in cgroup_lines(&hook_cg)
+        .into_iter()
+        .zip(cgroup_lines(&agent_cg))
+    {
+        let Some(mount) = mount_of(&ctrls) else {
+            continue;
+        };
+        let dir = mount.join(path.trim_start_matches('/'));
+        let enforced = ctrls.is_empty()
+            || ["pids", "memory", "cpu"]
+                .iter()
+                .any(|c| ctrls.split(',').any(|x| x == *c));
+        if !enforced {
+            continue;
+        }
+        assert_ne!(
+            path, agent_path,
+            "the hook runs in the agent's cgroup ({ctrls})"
+        );
+        let job_dir = dir.parent().unwrap();
+        assert_eq!(
+            job_dir.file_name().unwrap().to_string_lossy(),
+            hooks_dir,
+            "hook in {} ({ctrls}), not in the hooks cgroup",
+            dir.display()
+        );
+        for (file, want) in [
+            ("pids.max", "64"),
+            ("memory.max", "268435456"),
+            ("memory.limit_in_bytes", "268435456"),
+        ] {
+            if let Ok(v) = std::fs::read_to_string(job_dir.join(file)) {
+                assert_eq!(v.trim(), want, "{}", job_dir.join(file).display());
+                checked_pids |= file == "pids.max";
+                checked_memory |= file != "pids.max";
+            }
+        }
+    }
+    assert!(
+        checked_pids && checked_memory,
+        "no pids or memory limit found on the hooks cgroup: {hook_cg}"
+    );
+    assert!(enf.0.wait().unwrap().success());
+    assert_no_cgroup_left(&name);
+}
