@@ -61,6 +61,32 @@ impl Drop for ChildGuard {
     }
 }
 
+/// An `enforcer run` the test started: if it still runs when the test
+/// ends (a failed assertion), two SIGTERMs make it kill and remove its job
+/// (a SIGKILL would leave the job's cgroup behind); SIGKILL only if that
+/// takes more than 10 s.
+struct EnforcerGuard(Child);
+
+impl Drop for EnforcerGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let pid = self.0.id() as i32;
+            for _ in 0..2 {
+                // SAFETY: kill(2) on a child this test started and has not
+                // reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let t0 = Instant::now();
+            while matches!(self.0.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn run(args: &[&str]) -> Output {
     let out = enforcer().args(args).output().expect("starting enforcer");
     eprintln!(
@@ -455,7 +481,7 @@ fn sample_realtime_window(s: &Scratch, dir: &Path) -> (Vec<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = EnforcerGuard(child);
     let pid = child.0.id() as i32;
     let sampler = set_own_policy(libc::SCHED_FIFO, 1).then_some(RealtimeSampler);
     let mut seen = Vec::new();
@@ -567,7 +593,7 @@ fn hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents() {
         seen.display()
     );
     let name = unique_name("hookcg");
-    let mut enf = ChildGuard(
+    let mut enf = EnforcerGuard(
         enforcer()
             .args([
                 "run",
