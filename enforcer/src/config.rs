@@ -42,19 +42,10 @@ pub enum ConfigError {
     NotRegular { path: PathBuf },
     #[error("config {path} is larger than {MAX_SIZE} bytes")]
     TooLarge { path: PathBuf },
-    #[error(
-        "refusing config {path}: {what} {at} is owned by uid {uid} with mode {mode:04o}; \
-         running as root, the enforcer reads only a config that root owns and that neither \
-         its group nor others can write, in a directory of the same kind (chown root, chmod go-w)"
-    )]
+    #[error("refusing config {path}: {why}")]
     Untrusted {
         path: PathBuf,
-        /// `file` or `directory`.
-        what: &'static str,
-        /// The real (symlink-free) path of what was refused.
-        at: PathBuf,
-        uid: u32,
-        mode: u32,
+        why: crate::trust::Untrusted,
     },
 }
 
@@ -193,12 +184,9 @@ impl Config {
             });
         }
         if crate::trust::running_as_root() {
-            crate::trust::check_root_owned(&file).map_err(|u| ConfigError::Untrusted {
+            crate::trust::check_root_owned(&file).map_err(|why| ConfigError::Untrusted {
                 path: path.to_owned(),
-                what: u.what,
-                at: u.path,
-                uid: u.uid,
-                mode: u.mode,
+                why,
             })?;
         }
         let mut text = String::new();

@@ -7,6 +7,9 @@
 //! the path up twice; its directory is the real parent of that open file
 //! (read back from `/proc/self/fd`), so a symlinked file (a Kubernetes
 //! ConfigMap) is judged where it really lives.
+//!
+//! The same rule holds for the program an `on_event` hook names by path
+//! (`/usr/local/bin/notify --x`): root runs it.
 
 use std::{
     fs::File,
@@ -15,7 +18,11 @@ use std::{
 };
 
 /// Why a file or its directory is not trusted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} {path} is owned by uid {uid} with mode {mode:04o}; running as root, the enforcer \
+     only uses what root owns and neither group nor others can write (chown root, chmod go-w)"
+)]
 pub struct Untrusted {
     /// `file` or `directory`.
     pub what: &'static str,
@@ -64,6 +71,28 @@ pub fn check_root_owned(file: &File) -> Result<(), Untrusted> {
         );
     };
     judge("directory", dir.to_owned(), std::fs::metadata(dir))
+}
+
+/// Checks the program a hook command starts with, when it names one by
+/// path (a bare name is found through root's `PATH`; the shell is root's).
+/// A path that cannot be opened is left to fail when the hook runs.
+pub fn check_hook_program(command: &str) -> Result<(), Untrusted> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(program) = command
+        .split_whitespace()
+        .next()
+        .filter(|p| p.contains('/'))
+    else {
+        return Ok(());
+    };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(program)
+    else {
+        return Ok(());
+    };
+    check_root_owned(&file)
 }
 
 #[cfg(test)]

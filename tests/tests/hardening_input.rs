@@ -295,7 +295,7 @@ fn chmod(path: &Path, mode: u32) {
 }
 
 #[test]
-fn as_root_a_config_others_could_write_is_refused_naming_file_owner_and_mode() {
+fn as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_and_mode() {
     require_root!();
     let s = Scratch::new();
     let ran = s.path("hook-ran");
@@ -389,6 +389,32 @@ fn as_root_a_config_others_could_write_is_refused_naming_file_owner_and_mode() {
     };
     assert_eq!(status.code(), Some(2));
     assert!(!ran.exists(), "the untrusted config's hook ran");
+    // A hook program others could have written is refused too.
+    let script = s.path("notify.sh");
+    std::fs::write(&script, format!("#!/bin/sh\ntouch {}\n", ran.display())).unwrap();
+    chmod(&script, 0o777);
+    let good = s.config_named("good.toml", "");
+    let name = unique_name("hookprog");
+    let hook = format!("{} --quiet", script.display());
+    let out = run(&[
+        "run",
+        "--config",
+        good.to_str().unwrap(),
+        "--job",
+        &name,
+        "--on-event",
+        &hook,
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(script.to_str().unwrap()) && err.contains("0777"),
+        "{err}"
+    );
+    assert_no_cgroup_left(&name);
+    assert!(!ran.exists(), "the untrusted hook program ran");
 }
 
 #[test]

@@ -67,6 +67,13 @@ pub fn run(args: GameArgs) -> ExitCode {
         tracing::error!("{e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Some(hook) = &config.on_event
+        && crate::trust::running_as_root()
+        && let Err(e) = crate::trust::check_hook_program(hook)
+    {
+        tracing::error!("refusing the on_event hook {hook:?}: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let job = match Layout::detect()
         .map_err(CgroupError::from)
         .and_then(|l| current_job(&l))

@@ -191,6 +191,12 @@ impl Plan {
             on_event_timeout: config.on_event_timeout.0,
             hooks_cgroup: Vec::new(),
         };
+        if let Some(hook) = &supervision.on_event
+            && crate::trust::running_as_root()
+        {
+            crate::trust::check_hook_program(hook)
+                .map_err(|e| format!("refusing the on_event hook {hook:?}: {e}"))?;
+        }
         let gpu_util = args
             .gpu_util_limit
             .unwrap_or(config.gpu_util_limit)
