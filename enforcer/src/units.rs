@@ -169,10 +169,10 @@ deserialize_via_from_str!(Cores, "a number of CPUs like 1.5");
 pub struct Dur(pub Duration);
 
 impl Dur {
-    /// The longest duration any parser accepts: ten years. Far below what
-    /// `Instant + Duration` can hold, so that no parsed value can overflow
-    /// a deadline computed from it; the validator's bounds are tighter.
-    pub const MAX: Dur = Dur::secs(10 * 365 * 86_400);
+    /// The longest duration any parser accepts: a year, the longest
+    /// deadline. Far below what `Instant + Duration` can hold, so that no
+    /// parsed value can overflow a deadline computed from it.
+    pub const MAX: Dur = Dur::secs(365 * 86_400);
 
     pub const fn secs(s: u64) -> Self {
         Dur(Duration::from_secs(s))
@@ -403,11 +403,11 @@ mod tests {
 
     #[test]
     fn absurd_durations_are_refused_by_the_parser_not_by_a_later_panic() {
-        for bad in ["200000000000000d", "3651d", "99999999999999999999"] {
+        for bad in ["200000000000000d", "366d", "99999999999999999999"] {
             let e = bad.parse::<Dur>().unwrap_err();
-            assert!(e.to_string().contains("at most 3650d"), "{bad}: {e}");
+            assert!(e.to_string().contains("at most 365d"), "{bad}: {e}");
         }
-        assert_eq!("3650d".parse::<Dur>().unwrap(), Dur::MAX);
+        assert_eq!("365d".parse::<Dur>().unwrap(), Dur::MAX);
         let later = std::time::Instant::now().checked_add(Dur::MAX.0);
         assert!(later.is_some(), "Dur::MAX must fit in an Instant");
     }

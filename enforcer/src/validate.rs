@@ -24,8 +24,9 @@ use crate::units::{ByteSize, Cores, Dur, Percent};
 /// means anything, is above it.
 pub const PID_MAX_LIMIT: u64 = 4_194_304;
 
-/// The longest deadline or timeout: a year.
-pub const MAX_TIMEOUT: Dur = Dur::secs(365 * 86_400);
+/// The longest deadline or timeout: a year (also the longest duration the
+/// parser reads).
+pub const MAX_TIMEOUT: Dur = Dur::MAX;
 
 /// The largest memory limit: 1024 TiB, more than any node has and far
 /// below the `i64::MAX` bytes the kernel's page counter holds.
