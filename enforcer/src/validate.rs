@@ -3,9 +3,10 @@
 //! against them and names the flag (`--budget`) or the key (`budget`), the
 //! value and the allowed range of each one it refuses.
 //!
-//! The parsers in [`crate::units`] and `toml` only decide what a value *is*
-//! (and keep toml's line and column for type errors); what it *may be*
-//! is decided here, before anything (slot, cgroup, state file) is created.
+//! The parsers in [`crate::units`] and `toml` decide what a value *is* (and
+//! keep toml's line and column for type errors; a duration over a year is
+//! not one, so that nothing downstream can overflow); what it *may be* is
+//! decided here, before anything (slot, cgroup, state file) is created.
 //! Callers: [`crate::config::Config::parse`] for every key, `Plan::new`
 //! (`run`, `attach`) and `enforcer game` for their flags.
 //!
