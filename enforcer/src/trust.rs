@@ -109,4 +109,18 @@ mod tests {
         assert!(!trusted(0, 0o41777), "no exception for sticky directories");
         assert!(!trusted(65534, 0o100644), "another user's file");
     }
+
+    #[test]
+    fn a_hook_program_named_by_path_is_judged_and_a_bare_name_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(check_hook_program("logger -t enforcer"), Ok(()));
+        assert_eq!(check_hook_program("/nonexistent/notify --x"), Ok(()));
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("notify.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_hook_program(&format!("{} --x", script.display())).unwrap_err();
+        assert_eq!((e.what, e.mode), ("file", 0o777));
+        assert!(e.to_string().contains("0777"), "{e}");
+    }
 }
