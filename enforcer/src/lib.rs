@@ -10,6 +10,7 @@
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
 //! - [`config`], [`units`]: the config file and typed units;
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
+//! - [`safe_fs`]: files read or written on behalf of processes not trusted;
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod budget;
@@ -23,6 +24,7 @@ pub mod job;
 pub mod privilege;
 pub mod probe;
 pub mod report;
+pub mod safe_fs;
 pub mod sched;
 pub mod slots;
 pub mod units;
