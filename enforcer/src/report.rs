@@ -177,9 +177,14 @@ impl Report {
         }
     }
 
-    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::from)?;
-        std::fs::write(path, text + "\n")
+    /// Writes the JSON report to `path` (mode 0644) for the user who asked
+    /// for it: as the directory's owner, atomically, replacing whatever is
+    /// at the name rather than following it (see
+    /// [`crate::safe_fs::write_atomic_as_dir_owner`]).
+    pub fn write_json(&self, path: &Path) -> Result<(), crate::safe_fs::SafeFsError> {
+        let text = serde_json::to_string_pretty(self)
+            .expect("plain fields and string-keyed maps always serialise");
+        crate::safe_fs::write_atomic_as_dir_owner(path, (text + "\n").as_bytes(), 0o644)
     }
 
     /// The few lines a person reads at the end of a run.
