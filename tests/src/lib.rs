@@ -43,7 +43,7 @@ pub fn enforcer_bin() -> PathBuf {
     let bin = workspace.join("target/debug/enforcer");
     assert!(
         bin.is_file(),
-        "{} does not exist: build it first (cargo build -p enforcer) or set ENFORCER_BIN",
+        "{} does not exist: build it first (cargo build -p enforcer --features test-audit) or set ENFORCER_BIN",
         bin.display()
     );
     bin

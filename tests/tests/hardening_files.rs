@@ -319,7 +319,10 @@ fn run_with_report(s: &Scratch, report_path: &Path, job: &str) -> Output {
         .arg("--report")
         .arg(report_path)
         .args(["--", "/bin/sh", "-c"])
-        .arg(format!("cat /proc/self/cgroup > {}", s.path("ran").display()))
+        .arg(format!(
+            "cat /proc/self/cgroup > {}",
+            s.path("ran").display()
+        ))
         .output()
         .unwrap()
 }

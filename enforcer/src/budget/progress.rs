@@ -334,8 +334,8 @@ impl ProgressTracker {
 /// module](self) says. `now` anchors the file's wall-clock mtime on the
 /// monotonic clock: pass the time of the read.
 pub fn read_progress(path: &Path, now: Instant) -> Result<ProgressSample, ProgressError> {
-    let read = safe_fs::read_untrusted(path, PROGRESS_CAP).map_err(|e| {
-        ProgressError::Unreadable {
+    let read =
+        safe_fs::read_untrusted(path, PROGRESS_CAP).map_err(|e| ProgressError::Unreadable {
             path: path.to_owned(),
             reason: match e {
                 SafeFsError::Io { op, source, .. } => format!("{op}: {source}"),
@@ -347,8 +347,7 @@ pub fn read_progress(path: &Path, now: Instant) -> Result<ProgressSample, Progre
                 }
                 other => other.to_string(),
             },
-        }
-    })?;
+        })?;
     let step = std::str::from_utf8(&read.bytes)
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())

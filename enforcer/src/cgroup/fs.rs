@@ -315,7 +315,10 @@ mod tests {
         append_audit_line(&log, "write /a\n").unwrap();
         append_audit_line(&log, "write /b\n").unwrap();
         assert_eq!(fs::read_to_string(&log).unwrap(), "write /a\nwrite /b\n");
-        assert_eq!(fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let victim = dir.path().join("victim");
         fs::write(&victim, "root's\n").unwrap();
         let link = dir.path().join("link.log");
@@ -365,7 +368,10 @@ mod tests {
         );
         if cfg!(feature = "test-audit") {
             let text = fs::read_to_string(&log).unwrap();
-            assert!(text.starts_with("write ") && text.contains("cpu.max"), "{text}");
+            assert!(
+                text.starts_with("write ") && text.contains("cpu.max"),
+                "{text}"
+            );
         } else {
             assert!(
                 !log.exists(),
