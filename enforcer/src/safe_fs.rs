@@ -218,7 +218,8 @@ fn write_in_dir(
     let meta = File::from(dir_fd.try_clone().map_err(io_err("opening", dir))?)
         .metadata()
         .map_err(io_err("inspecting", dir))?;
-    if effective_uid() == 0 && meta.uid() != 0 {
+    let as_owner = effective_uid() == 0 && meta.uid() != 0;
+    if as_owner {
         // Group first: once the fsuid is not 0 the thread may lack the
         // capability. Both calls return the previous id, never an error.
         // SAFETY: plain system calls on this thread's credentials.
@@ -245,7 +246,13 @@ fn write_in_dir(
         )
     };
     if fd < 0 {
-        return Err(io_err("creating", &tmp_path)(io::Error::last_os_error()));
+        // Root could have; say why it did not.
+        let op = if as_owner {
+            "as the directory's owner, creating"
+        } else {
+            "creating"
+        };
+        return Err(io_err(op, &tmp_path)(io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
