@@ -411,7 +411,9 @@ impl PrivateDir {
     }
 
     /// Opens `name` for reading and writing, creating it with mode 0600 when
-    /// `create`; a link or anything but a regular file is refused.
+    /// `create`; a link or anything but a regular file is refused, and one
+    /// group or others could read (an older enforcer made it 0644) is closed
+    /// to 0600.
     pub fn open_file(&self, name: &str, create: bool) -> Result<File, SafeFsError> {
         let c = component(&self.path, name)?;
         let path = self.path.join(name);
@@ -440,7 +442,13 @@ impl PrivateDir {
         }
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        require_regular(&file, &path)?;
+        let meta = require_regular(&file, &path)?;
+        if meta.mode() & 0o077 != 0 {
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+                meta.mode() & 0o700,
+            ))
+            .map_err(io_err("changing the mode of", &path))?;
+        }
         Ok(file)
     }
 
@@ -685,6 +693,14 @@ mod tests {
         slots.open_file("counter", true).unwrap();
         let meta = std::fs::metadata(state.join("slots/counter")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
+        std::fs::set_permissions(
+            state.join("slots/counter"),
+            PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        slots.open_file("counter", false).unwrap();
+        let meta = std::fs::metadata(state.join("slots/counter")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "an older 0644 file is closed");
         symlink("/etc/passwd", state.join("slots/lock")).unwrap();
         let e = slots.open_file("lock", true).unwrap_err();
         assert!(matches!(e, SafeFsError::NotRegular { .. }), "{e}");
