@@ -58,6 +58,9 @@ pub enum SlotError {
     /// The configured state directory cannot be trusted or used.
     #[error("config key state_dir: {0}")]
     StateDir(#[source] SafeFsError),
+    /// The configured `state_dir` is not an absolute path.
+    #[error("{0}")]
+    StateDirPath(String),
     #[error(transparent)]
     Fs(#[from] SafeFsError),
     #[error("{op} {path}: {source}")]
@@ -83,7 +86,7 @@ impl SlotError {
     pub fn is_usage(&self) -> bool {
         match self {
             SlotError::StateDir(e) => !matches!(e, SafeFsError::Io { .. }),
-            SlotError::NameInUse { .. } => true,
+            SlotError::StateDirPath(_) | SlotError::NameInUse { .. } => true,
             _ => false,
         }
     }
@@ -97,13 +100,13 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sl
     }
 }
 
-/// The shape a `state_dir` value must have: an absolute path. Checked before
-/// anything is created; the directory itself is checked when it is opened.
+/// The shape a `state_dir` value must have: a non-empty absolute path.
+/// Checked before anything is created; the directory itself (owner, mode,
+/// no link) is checked when it is opened.
 pub fn check_state_dir_path(path: &Path) -> Result<(), String> {
     if path.as_os_str().is_empty() || !path.is_absolute() {
         return Err(format!(
-            "config key state_dir: {:?} must be an absolute path (e.g. /run/enforcer)",
-            path
+            "config key state_dir: {path:?} is not allowed: it must be an absolute path (e.g. \"/run/enforcer\")"
         ));
     }
     Ok(())
@@ -121,12 +124,7 @@ impl StateDir {
     /// (a [usage error](SlotError::is_usage)), one an older enforcer left
     /// 0755 is closed to 0700.
     pub fn open(path: &Path) -> Result<Self, SlotError> {
-        check_state_dir_path(path).map_err(|_| {
-            SlotError::StateDir(SafeFsError::BadPath {
-                path: path.to_owned(),
-                why: "the state directory must be an absolute path",
-            })
-        })?;
+        check_state_dir_path(path).map_err(SlotError::StateDirPath)?;
         let dir = PrivateDir::open(path).map_err(SlotError::StateDir)?;
         Ok(StateDir { dir })
     }
