@@ -328,13 +328,31 @@ impl PrivateDir {
     /// parents) with mode 0700 first when it does not exist. A directory
     /// owned by someone else, or writable by group or others, is refused;
     /// one that is merely readable by them (an older enforcer made it 0755)
-    /// is closed to 0700.
+    /// is closed to 0700. So is a path below a directory another user could
+    /// rename or replace things in (one not owned by root or the effective
+    /// user, or writable by group or others without the sticky bit).
     pub fn open(path: &Path) -> Result<Self, SafeFsError> {
         if !path.is_absolute() {
             return Err(SafeFsError::BadPath {
                 path: path.to_owned(),
                 why: "the state directory must be an absolute path",
             });
+        }
+        for above in path.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(above) else {
+                continue;
+            };
+            let mode = meta.mode() & 0o7777;
+            let owner_ok = meta.uid() == 0 || meta.uid() == effective_uid();
+            let sticky = mode & libc::S_ISVTX != 0;
+            if !owner_ok || (mode & 0o022 != 0 && !sticky) {
+                return Err(SafeFsError::Untrusted {
+                    path: above.to_owned(),
+                    uid: meta.uid(),
+                    mode,
+                    need: "a directory above a state directory must be owned by root (or the enforcer's user) and not writable by group or others unless sticky",
+                });
+            }
         }
         if !path.exists() {
             use std::os::unix::fs::DirBuilderExt;
@@ -681,6 +699,20 @@ mod tests {
         std::fs::set_permissions(&open, PermissionsExt::from_mode(0o777)).unwrap();
         let e = PrivateDir::open(&open).unwrap_err();
         assert!(e.to_string().contains("0777"), "{e}");
+
+        // Below a directory others may write (and not sticky), refused
+        // even though the directory itself would be fine.
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, PermissionsExt::from_mode(0o777)).unwrap();
+        let e = PrivateDir::open(&shared.join("state")).unwrap_err();
+        assert!(
+            e.to_string().contains("above") && e.to_string().contains("0777"),
+            "{e}"
+        );
+        assert!(!shared.join("state").exists(), "refused before creating it");
+        std::fs::set_permissions(&shared, PermissionsExt::from_mode(0o1777)).unwrap();
+        PrivateDir::open(&shared.join("state")).unwrap();
 
         let readable = d.path().join("readable");
         std::fs::create_dir(&readable).unwrap();

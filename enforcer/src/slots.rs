@@ -421,7 +421,7 @@ pub fn lock_job(state: &StateDir, record: &JobRecord) -> Result<JobLock, SlotErr
                 by: if live {
                     "a running enforcer"
                 } else {
-                    "the job of an enforcer that died, not cleaned up yet (its cgroups are outside this enforcer's subtree)"
+                    "the job of an enforcer that died, not cleaned up (see the warnings above)"
                 },
             })
         }
