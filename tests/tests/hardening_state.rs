@@ -266,6 +266,38 @@ fn a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup() 
 }
 
 #[test]
+fn a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup() {
+    require_root!();
+    let s = Scratch::new();
+    for value in ["", "state"] {
+        let cfg = s.path("enforcer.toml");
+        std::fs::write(&cfg, format!("state_dir = \"{value}\"\n")).unwrap();
+        let name = unique_name("relstate");
+        // From the scratch dir, so that a relative path taken as it is
+        // lands there.
+        let out = enforcer()
+            .current_dir(&s.0)
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                &name,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("state_dir = {value:?} -> {:?}\n{err}", out.status);
+        assert_eq!(out.status.code(), Some(2), "state_dir = {value:?}");
+        assert!(err.contains("state_dir"), "{err}");
+        assert_no_cgroup_left(&name);
+        assert!(!s.path("slots").exists() && !s.path("state").exists());
+    }
+}
+
+#[test]
 fn a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged() {
     require_root!();
     let s = Scratch::new();
