@@ -147,9 +147,9 @@ pub struct Slot {
 
 /// The queue mutex, held; dropping it releases it. Never held across an
 /// `.await`.
-struct Mutex<'f>(&'f File);
+struct QueueMutex<'f>(&'f File);
 
-impl Drop for Mutex<'_> {
+impl Drop for QueueMutex<'_> {
     fn drop(&mut self) {
         safe_fs::unlock(self.0);
     }
@@ -161,12 +161,12 @@ async fn lock_mutex<'f>(
     lock: &'f File,
     path: &Path,
     bound: Option<Duration>,
-) -> Result<Mutex<'f>, SlotError> {
+) -> Result<QueueMutex<'f>, SlotError> {
     let start = Instant::now();
     let mut warned = false;
     loop {
         if safe_fs::try_lock(lock).map_err(io("locking", path))? {
-            return Ok(Mutex(lock));
+            return Ok(QueueMutex(lock));
         }
         let waited = start.elapsed();
         if let Some(bound) = bound
