@@ -298,6 +298,30 @@ pub fn require_root_owned(path: &Path, meta: &std::fs::Metadata) -> Result<(), S
     Ok(())
 }
 
+/// Takes an exclusive `flock(2)` on `file` without waiting: `Ok(false)`
+/// when another open file holds it. Never blocks, so it is safe in async
+/// code; waiting is the caller's loop.
+pub fn try_lock(file: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock on a valid fd has no memory-safety preconditions.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Releases a lock taken with [`try_lock`] (closing the file does too).
+pub fn unlock(file: &File) {
+    // SAFETY: flock on a valid fd has no memory-safety preconditions.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
 /// A directory of the enforcer's own state, owned by the effective user and
 /// closed to group and others, with every file opened relative to it.
 #[derive(Debug)]
@@ -311,13 +335,31 @@ impl PrivateDir {
     /// parents) with mode 0700 first when it does not exist. A directory
     /// owned by someone else, or writable by group or others, is refused;
     /// one that is merely readable by them (an older enforcer made it 0755)
-    /// is closed to 0700.
+    /// is closed to 0700. So is a path below a directory another user could
+    /// rename or replace things in (one not owned by root or the effective
+    /// user, or writable by group or others without the sticky bit).
     pub fn open(path: &Path) -> Result<Self, SafeFsError> {
         if !path.is_absolute() {
             return Err(SafeFsError::BadPath {
                 path: path.to_owned(),
                 why: "the state directory must be an absolute path",
             });
+        }
+        for above in path.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(above) else {
+                continue;
+            };
+            let mode = meta.mode() & 0o7777;
+            let owner_ok = meta.uid() == 0 || meta.uid() == effective_uid();
+            let sticky = mode & libc::S_ISVTX != 0;
+            if !owner_ok || (mode & 0o022 != 0 && !sticky) {
+                return Err(SafeFsError::Untrusted {
+                    path: above.to_owned(),
+                    uid: meta.uid(),
+                    mode,
+                    need: "a directory above a state directory must be owned by root (or the enforcer's user) and not writable by group or others unless sticky",
+                });
+            }
         }
         if !path.exists() {
             use std::os::unix::fs::DirBuilderExt;
@@ -394,7 +436,9 @@ impl PrivateDir {
     }
 
     /// Opens `name` for reading and writing, creating it with mode 0600 when
-    /// `create`; a link or anything but a regular file is refused.
+    /// `create`; a link or anything but a regular file is refused, and one
+    /// group or others could read (an older enforcer made it 0644) is closed
+    /// to 0600.
     pub fn open_file(&self, name: &str, create: bool) -> Result<File, SafeFsError> {
         let c = component(&self.path, name)?;
         let path = self.path.join(name);
@@ -423,8 +467,98 @@ impl PrivateDir {
         }
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        require_regular(&file, &path)?;
+        let meta = require_regular(&file, &path)?;
+        if meta.mode() & 0o077 != 0 {
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+                meta.mode() & 0o700,
+            ))
+            .map_err(io_err("changing the mode of", &path))?;
+        }
         Ok(file)
+    }
+
+    /// Another handle on the same directory (a duplicated descriptor).
+    pub fn try_clone(&self) -> Result<PrivateDir, SafeFsError> {
+        Ok(PrivateDir {
+            fd: self.fd.try_clone().map_err(io_err("opening", &self.path))?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Creates `name` as a new regular file, mode 0600, open for reading
+    /// and writing; an existing name (file or link) is an error.
+    pub fn create_new(&self, name: &str) -> Result<File, SafeFsError> {
+        let c = component(&self.path, name)?;
+        let flags =
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid fd and NUL-terminated name; the mode is an integer.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                flags,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io_err("creating", &self.path.join(name))(
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Renames `from` to `to` unless `to` exists: `Ok(false)` then, and
+    /// `from` stays. A file made whole under a temporary name appears under
+    /// its real one in one step.
+    pub fn rename_noreplace(&self, from: &str, to: &str) -> Result<bool, SafeFsError> {
+        let c_from = component(&self.path, from)?;
+        let c_to = component(&self.path, to)?;
+        // The raw call: musl has no renameat2 wrapper on every version.
+        // SAFETY: valid fds and NUL-terminated names.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                self.fd.as_raw_fd(),
+                c_from.as_ptr(),
+                self.fd.as_raw_fd(),
+                c_to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(false);
+        }
+        Err(io_err("renaming into place", &self.path.join(to))(e))
+    }
+
+    /// Whether the entry `name` is still `file` (not removed or replaced
+    /// since `file` was opened): a lock taken on a file that was unlinked
+    /// meanwhile locks nothing anyone else can find.
+    pub fn is_entry(&self, name: &str, file: &File) -> bool {
+        let Ok(c) = component(&self.path, name) else {
+            return false;
+        };
+        let Ok(held) = file.metadata() else {
+            return false;
+        };
+        // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, NUL-terminated name and a writable stat buffer.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        rc == 0 && st.st_dev == held.dev() && st.st_ino == held.ino()
     }
 
     /// Removes the file `name`; a missing file is not an error.
@@ -573,6 +707,20 @@ mod tests {
         let e = PrivateDir::open(&open).unwrap_err();
         assert!(e.to_string().contains("0777"), "{e}");
 
+        // Below a directory others may write (and not sticky), refused
+        // even though the directory itself would be fine.
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, PermissionsExt::from_mode(0o777)).unwrap();
+        let e = PrivateDir::open(&shared.join("state")).unwrap_err();
+        assert!(
+            e.to_string().contains("above") && e.to_string().contains("0777"),
+            "{e}"
+        );
+        assert!(!shared.join("state").exists(), "refused before creating it");
+        std::fs::set_permissions(&shared, PermissionsExt::from_mode(0o1777)).unwrap();
+        PrivateDir::open(&shared.join("state")).unwrap();
+
         let readable = d.path().join("readable");
         std::fs::create_dir(&readable).unwrap();
         std::fs::set_permissions(&readable, PermissionsExt::from_mode(0o755)).unwrap();
@@ -584,6 +732,14 @@ mod tests {
         slots.open_file("counter", true).unwrap();
         let meta = std::fs::metadata(state.join("slots/counter")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
+        std::fs::set_permissions(
+            state.join("slots/counter"),
+            PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        slots.open_file("counter", false).unwrap();
+        let meta = std::fs::metadata(state.join("slots/counter")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "an older 0644 file is closed");
         symlink("/etc/passwd", state.join("slots/lock")).unwrap();
         let e = slots.open_file("lock", true).unwrap_err();
         assert!(matches!(e, SafeFsError::NotRegular { .. }), "{e}");
@@ -592,5 +748,37 @@ mod tests {
         slots.remove_file("lock").unwrap();
         slots.remove_file("lock").unwrap();
         assert_eq!(slots.names().unwrap(), vec!["counter"]);
+    }
+
+    #[test]
+    fn exclusive_rename_and_locks_on_replaced_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = PrivateDir::open(&d.path().join("state")).unwrap();
+        let tmp = dir.create_new("a.tmp").unwrap();
+        assert!(dir.create_new("a.tmp").is_err(), "create_new is exclusive");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("a.tmp")).unwrap().mode() & 0o777,
+            0o600
+        );
+        assert!(dir.rename_noreplace("a.tmp", "a").unwrap());
+        assert!(dir.is_entry("a", &tmp));
+        dir.create_new("b.tmp").unwrap();
+        assert!(!dir.rename_noreplace("b.tmp", "a").unwrap(), "no replacing");
+        assert!(dir.is_entry("a", &tmp), "the first file is still in place");
+
+        // flock is per open file: a second open of the same file conflicts.
+        assert!(try_lock(&tmp).unwrap());
+        let other = dir.open_file("a", false).unwrap();
+        assert!(!try_lock(&other).unwrap());
+        unlock(&tmp);
+        assert!(try_lock(&other).unwrap());
+
+        // A lock on a file unlinked meanwhile is not the lock of its name.
+        dir.remove_file("a").unwrap();
+        assert!(!dir.is_entry("a", &other));
+        let again = dir.create_new("a").unwrap();
+        assert!(dir.is_entry("a", &again) && !dir.is_entry("a", &other));
+        let clone = dir.try_clone().unwrap();
+        assert_eq!(clone.names().unwrap(), vec!["a", "b.tmp"]);
     }
 }

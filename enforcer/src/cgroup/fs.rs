@@ -59,14 +59,17 @@ impl CgFs {
         &self.owned
     }
 
-    fn check(&self, path: &Path, value: &str) -> Result<(), CgroupError> {
-        // Lexical check: job names are validated to one path component, so
-        // no `..` can reach here from user input.
-        let inside = path
-            .components()
+    /// Whether `path` is inside the owned roots (lexically: job names are
+    /// validated to one path component, and a path with `..` is never
+    /// inside).
+    pub fn contains(&self, path: &Path) -> bool {
+        path.components()
             .all(|c| c != std::path::Component::ParentDir)
-            && self.owned.iter().any(|root| path.starts_with(root));
-        if inside {
+            && self.owned.iter().any(|root| path.starts_with(root))
+    }
+
+    fn check(&self, path: &Path, value: &str) -> Result<(), CgroupError> {
+        if self.contains(path) {
             Ok(())
         } else {
             Err(CgroupError::OutsideSubtree {

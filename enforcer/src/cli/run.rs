@@ -386,52 +386,41 @@ pub struct Started {
     _slot: slots::Slot,
 }
 
-/// Waits for a slot, takes the job's lock, cleans up orphans of dead
-/// enforcers, creates the job cgroup and applies the limits. Errors are
-/// logged and returned as the exit status.
+/// Opens the state directory, waits for a slot, cleans up orphans of dead
+/// enforcers, takes the job's lock (recording where its cgroups go),
+/// creates the job cgroup and applies the limits. Errors are logged and
+/// returned as the exit status; a bad `state_dir` is one (exit 2) before
+/// any cgroup is touched.
 pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
     let cfg = &plan.config;
+    let slot_failed = |e: slots::SlotError| {
+        tracing::error!("{e}");
+        if e.is_usage() {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        }
+    };
+    let state = slots::StateDir::open(&cfg.state_dir).map_err(slot_failed)?;
     let max = cfg.max_concurrent_jobs.get();
-    let slot = slots::acquire(&cfg.state_dir, max, no_wait, |pos, len| {
+    let slot = slots::acquire(&state, max, no_wait, |pos, len| {
         tracing::info!(job = %plan.name, position = pos + 1, queued = len, max, "waiting for slot");
     })
     .await
-    .map_err(|e| {
-        tracing::error!("{e}");
-        EXIT_FAILURE
-    })?;
-    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(|e| {
+    .map_err(slot_failed)?;
+    let cgroup_failed = |e: CgroupError| {
         tracing::error!("{e}");
         exit_for_cgroup_error(&e)
-    })?;
-    for (name, lock) in slots::orphaned_jobs(&cfg.state_dir) {
-        if name == plan.name {
-            continue;
-        }
-        if let Ok(orphan) = subtree.open_job(&name) {
-            tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
-            drop(JobGuard(orphan));
-        }
-        drop(lock);
-    }
-    let lock = match slots::lock_job(&cfg.state_dir, &plan.name) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            tracing::error!(
-                "job name {:?} is already in use by a running enforcer",
-                plan.name
-            );
-            return Err(EXIT_USAGE);
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            return Err(EXIT_FAILURE);
-        }
     };
-    let guard = JobGuard(subtree.create_job(&plan.name).map_err(|e| {
-        tracing::error!("{e}");
-        exit_for_cgroup_error(&e)
-    })?);
+    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(cgroup_failed)?;
+    clean_orphans(&state, &subtree);
+    let record = slots::JobRecord {
+        job: plan.name.clone(),
+        enforcer_pid: std::process::id(),
+        cgroups: subtree.job_location(&plan.name).map_err(cgroup_failed)?,
+    };
+    let lock = slots::lock_job(&state, &record).map_err(slot_failed)?;
+    let guard = JobGuard(subtree.create_job(&plan.name).map_err(cgroup_failed)?);
     if let Err(e) = guard.0.apply(&plan.limits) {
         tracing::error!("applying the job's limits: {e}");
         return Err(EXIT_FAILURE);
@@ -445,6 +434,57 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
         _lock: lock,
         _slot: slot,
     })
+}
+
+/// Kills and removes the jobs of enforcers that died, exactly where their
+/// locks record them and only inside this enforcer's subtree; a lock goes
+/// once its job's cgroups are gone. The job of another subtree is left to an
+/// enforcer of that subtree, its lock kept (so the name stays taken).
+fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
+    let orphans = match slots::orphaned_jobs(state) {
+        Ok(o) => o,
+        Err(error) => {
+            tracing::warn!(%error, "looking for the jobs of enforcers that died failed");
+            return;
+        }
+    };
+    for orphan in orphans {
+        let name = orphan.name.clone();
+        let location = match &orphan.record {
+            Some(r) => r.cgroups.clone(),
+            // An older enforcer recorded nothing: its job can only be where
+            // this subtree would have put it.
+            None => match subtree.job_location(&name) {
+                Ok(l) if l.exists() => l,
+                _ => {
+                    tracing::warn!(job = %name, lock = %orphan.path().display(), "the lock of a dead enforcer's job does not record its cgroups, and this subtree has no job of that name: lock kept (remove it once the job is gone)");
+                    continue;
+                }
+            },
+        };
+        if !location.exists() {
+            orphan.clear();
+            continue;
+        }
+        let dirs: Vec<&Path> = location.dirs().collect();
+        let named = dirs
+            .iter()
+            .all(|d| d.file_name().and_then(|n| n.to_str()) == Some(name.as_str()));
+        match subtree.reopen_job(&location) {
+            Ok(job) if named => {
+                tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
+                drop(JobGuard(job));
+                if location.exists() {
+                    tracing::error!(job = %name, cgroups = ?dirs, "the cgroups of a dead enforcer's job could not all be removed: its lock is kept for a later run");
+                } else {
+                    orphan.clear();
+                }
+            }
+            _ => {
+                tracing::warn!(job = %name, cgroups = ?dirs, owned = ?subtree.owned(), lock = %orphan.path().display(), "the job of an enforcer that died is outside this enforcer's cgroup subtree: left alone, its lock kept for an enforcer of that subtree");
+            }
+        }
+    }
 }
 
 async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
