@@ -244,7 +244,10 @@ fn a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs() {
     }
     assert_eq!(field("NoNewPrivs:"), "1");
     let r = report(&rep);
-    assert_eq!((r["uid"].as_u64(), r["gid"].as_u64()), (Some(65534), Some(65534)));
+    assert_eq!(
+        (r["uid"].as_u64(), r["gid"].as_u64()),
+        (Some(65534), Some(65534))
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("can leave its cgroup"),
@@ -421,7 +424,15 @@ fn bad_user_group_and_kill_grace_values_are_usage_errors_before_any_cgroup() {
     let me = std::process::id().to_string();
     for (args, needle) in [
         (
-            vec!["run", "--config", c, "--user", "no-such-user-x", "--", "true"],
+            vec![
+                "run",
+                "--config",
+                c,
+                "--user",
+                "no-such-user-x",
+                "--",
+                "true",
+            ],
             "no-such-user-x",
         ),
         (
@@ -496,7 +507,10 @@ fn deadline_with_kill_grace_lets_a_job_that_traps_sigterm_save_its_results() {
     assert_eq!(r["kill_grace_s"], 2.0);
     let gap = gap_s(&r["deadline_term_at"], &r["deadline_kill_at"]);
     eprintln!("SIGTERM to empty cgroup: {gap:.3}s");
-    assert!(gap < 2.0, "the job emptied itself, no wait for the grace: {gap}");
+    assert!(
+        gap < 2.0,
+        "the job emptied itself, no wait for the grace: {gap}"
+    );
     assert!(r["events"]["deadline_term"] == 1, "{r}");
     assert_no_cgroup_left(&name);
 }
@@ -533,7 +547,10 @@ fn a_job_that_ignores_sigterm_is_killed_at_deadline_plus_grace() {
     eprintln!("SIGTERM to SIGKILL {gap:.3}s; start to SIGKILL {from_start:.3}s");
     assert!((1.9..2.5).contains(&gap), "grace {gap}");
     assert!((3.9..4.6).contains(&from_start), "killed at {from_start}");
-    assert!(r["deadline_kill_latency_ms"].as_f64().unwrap() < 100.0, "{r}");
+    assert!(
+        r["deadline_kill_latency_ms"].as_f64().unwrap() < 100.0,
+        "{r}"
+    );
     assert_no_cgroup_left(&name);
 }
 
@@ -652,7 +669,17 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     // A job holds the only slot, so attach waits after its check.
     let mut blocker = ChildGuard(
         enforcer()
-            .args(["run", "--config", c, "--job", &blocker_name, "--", w, "threads", "1"])
+            .args([
+                "run",
+                "--config",
+                c,
+                "--job",
+                &blocker_name,
+                "--",
+                w,
+                "threads",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -660,7 +687,13 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     );
     let blocker_lines = stderr_lines(blocker.0.stderr.take().unwrap());
     wait_for(&blocker_lines, "\"command\":");
-    let mut victim = ChildGuard(Command::new(w).args(["threads", "1"]).stdout(Stdio::null()).spawn().unwrap());
+    let mut victim = ChildGuard(
+        Command::new(w)
+            .args(["threads", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let pid = victim.0.id() as i32;
     let mut attach = ChildGuard(
         enforcer()
@@ -698,9 +731,15 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
         seen.iter().any(|l| l.contains(&format!("PID {pid}"))),
         "the refusal names the pid: {seen:#?}"
     );
-    assert!(!is_dead(impostor.0), "the newcomer with the same PID was killed");
+    assert!(
+        !is_dead(impostor.0),
+        "the newcomer with the same PID was killed"
+    );
     let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", impostor.0)).unwrap();
-    assert!(!cg.contains(&attach_name), "the newcomer was attached: {cg}");
+    assert!(
+        !cg.contains(&attach_name),
+        "the newcomer was attached: {cg}"
+    );
     assert_no_cgroup_left(&attach_name);
     let _ = blocker.0.wait();
     assert_no_cgroup_left(&blocker_name);

@@ -150,7 +150,11 @@ async fn attach_async(plan: Plan, args: &AttachArgs, held: checks::Held) -> u8 {
             let child = match checks::Held::take(proc_root, p) {
                 Ok(h) if h.identity.start_time == seen_start => h,
                 Ok(_) => {
-                    tracing::info!(pid = p, "not attaching a descendant: {}", AttachRefused::Replaced(p));
+                    tracing::info!(
+                        pid = p,
+                        "not attaching a descendant: {}",
+                        AttachRefused::Replaced(p)
+                    );
                     continue;
                 }
                 Err(_) => continue,

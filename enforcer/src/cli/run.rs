@@ -204,8 +204,9 @@ impl Plan {
             pids: Some(args.pids.unwrap_or(config.pids)),
         };
         let kill_grace = match args.kill_grace {
-            Some(g) => job::check_kill_grace(g.0)
-                .map_err(|why| format!("--kill-grace {g}: {why}"))?,
+            Some(g) => {
+                job::check_kill_grace(g.0).map_err(|why| format!("--kill-grace {g}: {why}"))?
+            }
             None => config.kill_grace.0,
         };
         let run_as = crate::job::identity::check_run_as(
@@ -423,7 +424,11 @@ impl Started {
     /// job's after all). The cgroup stays, with its limits, until it is
     /// empty and removed by hand.
     pub fn leave_unkilled(self) {
-        let Started { guard, _lock, _slot } = self;
+        let Started {
+            guard,
+            _lock,
+            _slot,
+        } = self;
         std::mem::forget(guard);
     }
 }

@@ -190,9 +190,7 @@ pub fn descendants(proc_root: &Path, pid: i32) -> Vec<(i32, u64)> {
             else {
                 continue;
             };
-            if let (Some((_, ppid, _)), Some(start)) =
-                (parse_stat(&text), stat_start_time(&text))
-            {
+            if let (Some((_, ppid, _)), Some(start)) = (parse_stat(&text), stat_start_time(&text)) {
                 children_of.entry(ppid).or_default().push((p, start));
             }
         }
@@ -235,7 +233,10 @@ mod tests {
     }
 
     /// A `/proc/<pid>` with `stat` (start time in field 22) and `status`.
-    #[expect(clippy::too_many_arguments, reason = "one column per stat field the tests vary")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one column per stat field the tests vary"
+    )]
     fn proc_entry_started(
         root: &Path,
         pid: i32,

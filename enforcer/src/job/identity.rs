@@ -207,7 +207,14 @@ pub unsafe fn become_user(who: &RunAs) -> std::io::Result<()> {
         }
         // The switch away from uid 0 cleared the permitted, effective and
         // ambient sets unless a securebit said otherwise; make it certain.
-        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             let e = last_err();
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(e);
@@ -282,7 +289,9 @@ mod tests {
             }
         );
         let d = etc();
-        let r = resolve_in(d.path(), Some("1500"), Some("7")).unwrap().unwrap();
+        let r = resolve_in(d.path(), Some("1500"), Some("7"))
+            .unwrap()
+            .unwrap();
         assert_eq!((r.uid, r.gid, r.groups), (1500, 7, vec![7]));
         let r = resolve_in(d.path(), Some("1500"), None).unwrap().unwrap();
         assert_eq!(r.gid, 1600);

@@ -77,9 +77,10 @@ pub fn spawn_into(
     run_as: Option<&RunAs>,
 ) -> Result<tokio::process::Child, JobError> {
     let run_as = run_as.cloned();
-    let user = run_as
-        .as_ref()
-        .map_or_else(|| "root".to_owned(), |r| format!("uid {} gid {}", r.uid, r.gid));
+    let user = run_as.as_ref().map_or_else(
+        || "root".to_owned(),
+        |r| format!("uid {} gid {}", r.uid, r.gid),
+    );
     let (prog, args) = argv.split_first().ok_or(JobError::EmptyCommand)?;
     let files = cgroup.join_files();
     let c_files: Vec<CString> = files
@@ -135,10 +136,7 @@ pub const MAX_KILL_GRACE: Duration = Duration::from_secs(3600);
 /// The one bound on a kill grace, for the flag and the config key.
 pub fn check_kill_grace(grace: Duration) -> Result<Duration, String> {
     if grace > MAX_KILL_GRACE {
-        return Err(format!(
-            "must be from 0s to {}s",
-            MAX_KILL_GRACE.as_secs()
-        ));
+        return Err(format!("must be from 0s to {}s", MAX_KILL_GRACE.as_secs()));
     }
     Ok(grace)
 }
@@ -438,7 +436,12 @@ pub async fn supervise(
             });
             if let Some(t) = term_at {
                 detail["kill_grace_s"] = json!(spec.kill_grace.as_secs_f64());
-                detail["after_term_s"] = json!(killed_at.duration_since(t).unwrap_or_default().as_secs_f64());
+                detail["after_term_s"] = json!(
+                    killed_at
+                        .duration_since(t)
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                );
             }
             emit(&mut sink, Event::new(events::DEADLINE_KILL, detail));
             realtime(false);
@@ -566,7 +569,13 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 /// Forwards a signal to the job's main process (through its pidfd when it
 /// was attached: our own child cannot be reused before we reap it); a second
 /// signal kills the whole job. Returns whether the job was killed.
-fn forward(pid: i32, attached: Option<&pidfd::PidFd>, sig: i32, seen: u32, cgroup: &JobCgroup) -> bool {
+fn forward(
+    pid: i32,
+    attached: Option<&pidfd::PidFd>,
+    sig: i32,
+    seen: u32,
+    cgroup: &JobCgroup,
+) -> bool {
     if seen >= 2 {
         tracing::warn!(signal = sig, "second signal: killing the job");
         if let Err(e) = cgroup.kill() {
