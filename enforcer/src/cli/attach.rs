@@ -107,8 +107,12 @@ fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &Path) -> Moved {
     }
     match held.verify(proc_root) {
         Ok(()) => Moved::Yes,
-        // It exited after the move: nothing of it is left in the job.
-        Err(e @ AttachRefused::ExitedMidway(_)) if !guard.0.pids().contains(&pid) => {
+        // It exited after the move and its number names no other process:
+        // what the job holds is its own (children, a zombie), safe to kill.
+        Err(e @ AttachRefused::ExitedMidway(_))
+            if checks::identity(proc_root, pid)
+                .is_none_or(|now| now.start_time == held.identity.start_time) =>
+        {
             Moved::Refused(e)
         }
         Err(e) => Moved::Impostor(e),
