@@ -288,6 +288,17 @@ follow_children = true
     }
 
     #[test]
+    fn kill_grace_user_and_group_keys() {
+        let c = parse("kill_grace = \"10s\"\nuser = \"eval\"\ngroup = \"44\"\n").unwrap();
+        assert_eq!(c.kill_grace, Dur::secs(10));
+        assert_eq!(c.user.as_deref(), Some("eval"));
+        assert_eq!(c.group.as_deref(), Some("44"));
+        assert_eq!(parse("").unwrap().kill_grace, Dur::secs(0));
+        let e = parse("\nkill_grace = \"2h\"").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("3600s"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_refused_naming_key_and_line() {
         let e = parse("memory = \"1G\"\nmemroy_high = \"1G\"\n").unwrap_err();
         assert!(e.contains("memroy_high"), "{e}");

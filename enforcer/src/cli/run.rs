@@ -136,7 +136,8 @@ pub struct JobArgs {
 /// Run CMD as an evaluation job under hard limits and a deadline.
 ///
 /// Exit status: CMD's own; 124 when a deadline killed it; 137 when the
-/// memory limit OOM-killed it; 128+N when signal N ended it; 2 for usage or
+/// memory limit OOM-killed it; 128+N when signal N ended it, or when a
+/// second signal N to the enforcer killed the whole job; 2 for usage or
 /// config errors; 125 when the enforcer itself failed; 126/127 when CMD
 /// cannot be executed / found.
 #[derive(Debug, Args)]
