@@ -509,7 +509,8 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     let monitors = job_monitors(&plan, &args.job, progress);
     let started = Instant::now();
     let started_wall = SystemTime::now();
-    let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
+    let mut envs = vec![("ENFORCER_JOB".to_owned(), plan.name.clone())];
+    envs.extend(plan.run_as.iter().flat_map(RunAs::env));
     if plan.run_as.is_none() {
         tracing::warn!(
             job = %plan.name,

@@ -18,6 +18,25 @@ pub struct RunAs {
     pub gid: u32,
     /// Supplementary groups (the primary group included).
     pub groups: Vec<u32>,
+    /// The passwd entry's name and home, when there is one: the job's
+    /// `USER`, `LOGNAME` and `HOME` (root's would be of no use to it).
+    pub name: Option<String>,
+    pub home: Option<PathBuf>,
+}
+
+impl RunAs {
+    /// The environment that says who the job is.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(n) = &self.name {
+            out.push(("USER".to_owned(), n.clone()));
+            out.push(("LOGNAME".to_owned(), n.clone()));
+        }
+        if let Some(h) = &self.home {
+            out.push(("HOME".to_owned(), h.display().to_string()));
+        }
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,23 +83,23 @@ pub fn resolve_in(
     let passwd = std::fs::read_to_string(&passwd_path).unwrap_or_default();
     let groups_text = std::fs::read_to_string(&group_path).unwrap_or_default();
 
-    let (uid, primary, name) = match parse_id(user, "user")? {
-        Some(uid) => {
-            let entry = passwd_entries(&passwd).find(|e| e.1 == uid);
-            // Given by number: the primary group only (the passwd entry's,
-            // else the number of the uid itself).
-            (uid, entry.map_or(uid, |e| e.2), None)
-        }
-        None => {
-            let (_, uid, gid) = passwd_entries(&passwd)
-                .find(|e| e.0 == user)
+    let by_number = parse_id(user, "user")?;
+    let entry = match by_number {
+        Some(uid) => passwd_entries(&passwd).find(|e| e.uid == uid),
+        None => Some(
+            passwd_entries(&passwd)
+                .find(|e| e.name == user)
                 .ok_or_else(|| IdentityError::UnknownUser {
                     name: user.to_owned(),
                     passwd: passwd_path.clone(),
-                })?;
-            (uid, gid, Some(user))
-        }
+                })?,
+        ),
     };
+    let uid = by_number
+        .or(entry.as_ref().map(|e| e.uid))
+        .unwrap_or_default();
+    // Without a passwd entry the primary group is the uid's own number.
+    let primary = entry.as_ref().map_or(uid, |e| e.gid);
     let gid = match group {
         None => primary,
         Some(g) => match parse_id(g, "group")? {
@@ -98,14 +117,25 @@ pub fn resolve_in(
         return Ok(None);
     }
     let mut groups = vec![gid];
-    if let Some(name) = name {
+    // Given by name: its groups from /etc/group too; by number: the primary
+    // group only.
+    if by_number.is_none() {
         for (_, g, members) in group_entries(&groups_text) {
-            if members.split(',').any(|m| m == name) && !groups.contains(&g) {
+            if members.split(',').any(|m| m == user) && !groups.contains(&g) {
                 groups.push(g);
             }
         }
     }
-    Ok(Some(RunAs { uid, gid, groups }))
+    Ok(Some(RunAs {
+        uid,
+        gid,
+        groups,
+        name: entry.as_ref().map(|e| e.name.to_owned()),
+        home: entry
+            .as_ref()
+            .filter(|e| !e.home.is_empty())
+            .map(|e| PathBuf::from(e.home)),
+    }))
 }
 
 /// `Some(id)` for a number, `None` for a name; `u32::MAX` is `-1` to the
@@ -130,14 +160,27 @@ fn parse_id(value: &str, key: &'static str) -> Result<Option<u32>, IdentityError
     Ok(None)
 }
 
-/// (name, uid, gid) of each well-formed `/etc/passwd` line.
-fn passwd_entries(text: &str) -> impl Iterator<Item = (&str, u32, u32)> {
+struct PasswdEntry<'a> {
+    name: &'a str,
+    uid: u32,
+    gid: u32,
+    home: &'a str,
+}
+
+/// Each well-formed `/etc/passwd` line.
+fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
     text.lines().filter_map(|l| {
         let mut f = l.split(':');
         let name = f.next()?;
         let uid = f.nth(1)?.parse().ok()?;
         let gid = f.next()?.parse().ok()?;
-        Some((name, uid, gid))
+        let home = f.nth(1).unwrap_or("");
+        Some(PasswdEntry {
+            name,
+            uid,
+            gid,
+            home,
+        })
     })
 }
 
@@ -267,8 +310,18 @@ mod tests {
             RunAs {
                 uid: 1500,
                 gid: 1600,
-                groups: vec![1600, 44]
+                groups: vec![1600, 44],
+                name: Some("eval".into()),
+                home: Some("/home/eval".into()),
             }
+        );
+        assert_eq!(
+            r.env(),
+            [
+                ("USER".to_owned(), "eval".to_owned()),
+                ("LOGNAME".to_owned(), "eval".to_owned()),
+                ("HOME".to_owned(), "/home/eval".to_owned()),
+            ]
         );
         let r = resolve_in(d.path(), Some("eval"), Some("gpu"))
             .unwrap()
@@ -285,9 +338,12 @@ mod tests {
             RunAs {
                 uid: 65534,
                 gid: 65534,
-                groups: vec![65534]
+                groups: vec![65534],
+                name: None,
+                home: None,
             }
         );
+        assert!(r.env().is_empty());
         let d = etc();
         let r = resolve_in(d.path(), Some("1500"), Some("7"))
             .unwrap()
