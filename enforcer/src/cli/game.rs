@@ -22,13 +22,19 @@ use crate::{
 /// Run one game of the current job under its own deadline.
 ///
 /// Run it from inside `enforcer run`. Exit status: CMD's own; 124 when the
-/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job);
-/// 125 enforcer failure.
+/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job, or
+/// inside a job run with `--user`, which may not make cgroups); 125
+/// enforcer failure.
 #[derive(Debug, Args)]
 pub struct GameArgs {
     /// Game deadline (default: config `game_timeout`, 300s).
     #[arg(long)]
     pub timeout: Option<Dur>,
+    /// At the game deadline, SIGTERM to the game's processes and SIGKILL
+    /// this long after, e.g. `10s`, at most 1h (default: config
+    /// `kill_grace`, 0s).
+    #[arg(long)]
+    pub kill_grace: Option<Dur>,
     /// Memory limit for the game (at most the job's).
     #[arg(long)]
     pub memory: Option<ByteSize>,
@@ -56,6 +62,16 @@ pub fn run(args: GameArgs) -> ExitCode {
             tracing::error!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
+    };
+    let kill_grace = match args.kill_grace {
+        Some(g) => match job::check_kill_grace(g.0) {
+            Ok(g) => g,
+            Err(why) => {
+                tracing::error!("--kill-grace {g}: {why}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => config.kill_grace.0,
     };
     let job = match Layout::detect()
         .map_err(CgroupError::from)
@@ -94,6 +110,16 @@ pub fn run(args: GameArgs) -> ExitCode {
                 break;
             }
             Err(CgroupError::NameInUse { .. }) => continue,
+            // The job's cgroup files belong to root on purpose, so that a
+            // job run as another user cannot raise its own limits: this is
+            // how it was started, not a failure of the enforcer.
+            Err(e) if is_permission_denied(&e) => {
+                tracing::error!(
+                    "enforcer game cannot make a game cgroup here: the job runs as uid {} without privileges (enforcer run --user), and only root may create cgroups in it: {e}",
+                    nix::unistd::geteuid()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
             Err(e) => {
                 tracing::error!("creating the game cgroup: {e}");
                 return ExitCode::from(EXIT_FAILURE);
@@ -127,6 +153,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         command: args.command.clone(),
         limits,
         timeout: args.timeout.unwrap_or(config.game_timeout).0,
+        kill_grace,
         control_period: config.control_period.0,
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
@@ -135,14 +162,14 @@ pub fn run(args: GameArgs) -> ExitCode {
         let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();
-        let child = match job::spawn_into(&guard.0, &args.command, &[]) {
+        let child = match job::spawn_into(&guard.0, &args.command, &[], None) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e}");
                 return 127;
             }
         };
-        let (report, code) = job::supervise(
+        let (mut report, code) = job::supervise(
             &guard.0,
             &spec,
             job::Target::Spawned(child),
@@ -152,6 +179,9 @@ pub fn run(args: GameArgs) -> ExitCode {
             wall,
         )
         .await;
+        // The game runs as whoever runs the game.
+        report.uid = Some(nix::unistd::geteuid().as_raw());
+        report.gid = Some(nix::unistd::getegid().as_raw());
         if !finish_report(&report, args.report.as_deref()) {
             return i32::from(EXIT_FAILURE);
         }
@@ -159,4 +189,11 @@ pub fn run(args: GameArgs) -> ExitCode {
     });
     drop(guard);
     ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
+}
+
+fn is_permission_denied(e: &CgroupError) -> bool {
+    let source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    source
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.raw_os_error(), Some(libc::EACCES | libc::EPERM)))
 }

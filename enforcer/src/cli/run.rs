@@ -14,7 +14,7 @@ use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Subtree},
     config::Config,
     gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
-    job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
+    job::{self, JobError, Monitor, RunAs, Supervision, watch::LimitEvents},
     probe::{
         monitor::{StealMonitor, training_cgroup_dir},
         steal::TrainingSpec,
@@ -60,6 +60,23 @@ pub struct JobArgs {
     /// Job deadline (e.g. `300s`, `30m`); the whole job is killed then.
     #[arg(long)]
     pub timeout: Option<Dur>,
+    /// At the deadline, send SIGTERM to every process of the job and
+    /// SIGKILL the whole job this long after (or as soon as it is empty),
+    /// e.g. `10s`, at most 1h (config `kill_grace`, default 0s: SIGKILL at
+    /// the deadline itself).
+    #[arg(long)]
+    pub kill_grace: Option<Dur>,
+    /// Run the command as this user (name or number; config `user`): with
+    /// its groups, no capabilities and `no_new_privs`, so that it can
+    /// neither leave its cgroup nor raise its limits. Without it the job
+    /// runs as root, and can. `run` only.
+    #[arg(long, value_name = "NAME|UID")]
+    pub user: Option<String>,
+    /// The command's group (name or number; config `group`; default: the
+    /// user's primary group, or the uid's number for a uid with no passwd
+    /// entry). Needs `--user`.
+    #[arg(long, value_name = "NAME|GID")]
+    pub group: Option<String>,
     /// Write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -119,7 +136,8 @@ pub struct JobArgs {
 /// Run CMD as an evaluation job under hard limits and a deadline.
 ///
 /// Exit status: CMD's own; 124 when a deadline killed it; 137 when the
-/// memory limit OOM-killed it; 128+N when signal N ended it; 2 for usage or
+/// memory limit OOM-killed it; 128+N when signal N ended it, or when a
+/// second signal N to the enforcer killed the whole job; 2 for usage or
 /// config errors; 125 when the enforcer itself failed; 126/127 when CMD
 /// cannot be executed / found.
 #[derive(Debug, Args)]
@@ -134,6 +152,8 @@ pub struct RunArgs {
 /// The configuration and flags, merged and checked.
 pub struct Plan {
     pub config: Config,
+    /// Who the command runs as; `None`: root.
+    pub run_as: Option<RunAs>,
     pub name: String,
     pub limits: Limits,
     pub supervision: Supervision,
@@ -184,11 +204,23 @@ impl Plan {
             cpu_idle: config.cpu_idle && !args.no_idle,
             pids: Some(args.pids.unwrap_or(config.pids)),
         };
+        let kill_grace = match args.kill_grace {
+            Some(g) => {
+                job::check_kill_grace(g.0).map_err(|why| format!("--kill-grace {g}: {why}"))?
+            }
+            None => config.kill_grace.0,
+        };
+        let run_as = crate::job::identity::check_run_as(
+            args.user.as_deref().or(config.user.as_deref()),
+            args.group.as_deref().or(config.group.as_deref()),
+        )
+        .map_err(|e| e.to_string())?;
         let supervision = Supervision {
             name: name.clone(),
             command: command.to_vec(),
             limits: limits.clone(),
             timeout: args.timeout.unwrap_or(config.timeout).0,
+            kill_grace,
             control_period: config.control_period.0,
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
@@ -223,6 +255,7 @@ impl Plan {
         };
         Ok(Plan {
             config,
+            run_as,
             name,
             limits,
             supervision,
@@ -386,6 +419,21 @@ pub struct Started {
     _slot: slots::Slot,
 }
 
+impl Started {
+    /// Releases the slot and the lock but neither kills nor removes the job
+    /// cgroup: for a process that must not be killed (one that is not the
+    /// job's after all). The cgroup stays, with its limits, until it is
+    /// empty and removed by hand.
+    pub fn leave_unkilled(self) {
+        let Started {
+            guard,
+            _lock,
+            _slot,
+        } = self;
+        std::mem::forget(guard);
+    }
+}
+
 /// Opens the state directory, waits for a slot, cleans up orphans of dead
 /// enforcers, takes the job's lock (recording where its cgroups go),
 /// creates the job cgroup and applies the limits. Errors are logged and
@@ -501,8 +549,15 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     let monitors = job_monitors(&plan, &args.job, progress);
     let started = Instant::now();
     let started_wall = SystemTime::now();
-    let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
-    let child = match job::spawn_into(&guard.0, &args.command, &envs) {
+    let mut envs = vec![("ENFORCER_JOB".to_owned(), plan.name.clone())];
+    envs.extend(plan.run_as.iter().flat_map(RunAs::env));
+    if plan.run_as.is_none() {
+        tracing::warn!(
+            job = %plan.name,
+            "the job runs as root: it can leave its cgroup and raise its own limits (run it with --user)"
+        );
+    }
+    let child = match job::spawn_into(&guard.0, &args.command, &envs, plan.run_as.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
@@ -519,7 +574,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
             };
         }
     };
-    let (report, code) = job::supervise(
+    let (mut report, code) = job::supervise(
         &guard.0,
         &plan.supervision,
         job::Target::Spawned(child),
@@ -529,6 +584,8 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         started_wall,
     )
     .await;
+    report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
+    report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
     drop(started_job);
     if !finish_report(&report, args.job.report.as_deref()) {
         return EXIT_FAILURE;
