@@ -68,6 +68,16 @@ pub struct Config {
     pub pids: u64,
     /// Job deadline.
     pub timeout: Dur,
+    /// At a deadline (job or game), SIGTERM to every process of the job,
+    /// then SIGKILL of the whole job this long after (or once it is empty);
+    /// 0s (the default) kills at the deadline itself. At most 1h.
+    pub kill_grace: Dur,
+    /// The user jobs' commands run as (name or number); unset: root, which
+    /// lets a job leave its cgroup and raise its limits. `--user` overrides.
+    pub user: Option<String>,
+    /// The group jobs' commands run as (name or number; needs `user`);
+    /// default: the user's primary group.
+    pub group: Option<String>,
     /// Default per-game deadline (`enforcer game`).
     pub game_timeout: Dur,
     /// Jobs that may run at once on this node, across `enforcer` processes.
@@ -123,6 +133,9 @@ impl Default for Config {
             cpu_idle: true,
             pids: 1024,
             timeout: Dur::secs(30 * 60),
+            kill_grace: Dur::secs(0),
+            user: None,
+            group: None,
             game_timeout: Dur::secs(300),
             max_concurrent_jobs: NonZeroU32::MIN,
             cgroup_root: None,
@@ -311,6 +324,17 @@ follow_children = true
         assert_eq!(c.cpu.unwrap().get(), 1.5);
         assert_eq!(c.training.pid, Some(1234));
         assert_eq!(c.max_concurrent_jobs.get(), 2);
+    }
+
+    #[test]
+    fn kill_grace_user_and_group_keys() {
+        let c = parse("kill_grace = \"10s\"\nuser = \"eval\"\ngroup = \"44\"\n").unwrap();
+        assert_eq!(c.kill_grace, Dur::secs(10));
+        assert_eq!(c.user.as_deref(), Some("eval"));
+        assert_eq!(c.group.as_deref(), Some("44"));
+        assert_eq!(parse("").unwrap().kill_grace, Dur::secs(0));
+        let e = parse("\nkill_grace = \"2h\"").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("from 0s to 1h"), "{e}");
     }
 
     #[test]

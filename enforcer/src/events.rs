@@ -25,13 +25,15 @@ pub const STARTED: &str = "started";
 pub const MEMORY_HIGH: &str = "memory_high";
 pub const OOM_KILL: &str = "oom_kill";
 pub const PIDS_MAX: &str = "pids_max";
+pub const DEADLINE_TERM: &str = "deadline_term";
 pub const DEADLINE_KILL: &str = "deadline_kill";
 pub const EXITED: &str = "exited";
 
 /// One event about a job.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
-    /// `started`, `memory_high`, `oom_kill`, `pids_max`, `deadline_kill`,
+    /// `started`, `memory_high`, `oom_kill`, `pids_max`, `deadline_term`,
+    /// `deadline_kill`,
     /// `exited`, or a monitor's own name for its events.
     pub event: Cow<'static, str>,
     /// Filled in by the sink.

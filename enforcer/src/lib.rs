@@ -11,6 +11,7 @@
 //! - [`config`], [`units`], [`validate`]: the config file, typed units and
 //!   the one validator of flags and keys;
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
+//! - [`safe_fs`]: files read or written on behalf of processes not trusted;
 //! - [`trust`]: which files root may take instructions from;
 //! - [`cli`]: the command line, one file per subcommand.
 
@@ -25,6 +26,7 @@ pub mod job;
 pub mod privilege;
 pub mod probe;
 pub mod report;
+pub mod safe_fs;
 pub mod sched;
 pub mod slots;
 pub mod trust;

@@ -24,8 +24,12 @@ pub enum Reason {
     Deadline,
     /// The memory limit OOM-killed the command.
     Oom,
-    /// The job was killed on request (a signal to the enforcer).
+    /// The job's command died of the signal forwarded to it (the first
+    /// signal to the enforcer).
     Killed,
+    /// A second signal to the enforcer killed the whole job (exit status
+    /// 128+N of that signal, never 137).
+    Interrupted,
     /// The job stayed over its GPU memory limit past the grace period.
     #[serde(rename = "gpu_memory")]
     GpuMemory,
@@ -47,9 +51,11 @@ pub const STEAL_FIELDS: [&str; 6] = [
 
 /// Fields whose `null` means "none" (no signal, no deadline fired, no quota
 /// set), not a metric this node could not provide.
-const NULL_MEANS_NONE: [&str; 6] = [
+const NULL_MEANS_NONE: [&str; 8] = [
     "signal",
     "deadline_kill_latency_ms",
+    "deadline_term_at",
+    "deadline_kill_at",
     "cpu_quota_cores",
     "memory_high_bytes",
     "v2_cgroup_id",
@@ -74,9 +80,20 @@ pub struct Report {
     /// The signal that ended the command, if one did.
     pub signal: Option<i32>,
     pub reason: Reason,
+    /// The uid and gid the job's command ran as (an attached process: its
+    /// own when it was attached).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     pub timeout_s: f64,
-    /// From the deadline to an empty cgroup, when a deadline fired.
+    /// From the moment the SIGKILL was due (the deadline, or the end of the
+    /// kill grace, or the job emptying itself within it) to an empty cgroup.
     pub deadline_kill_latency_ms: Option<f64>,
+    /// Between the SIGTERM at a deadline and the SIGKILL (0: none sent).
+    pub kill_grace_s: f64,
+    /// When the deadline's SIGTERM went out (only with a kill grace).
+    pub deadline_term_at: Option<String>,
+    /// When the deadline's kill left the cgroup empty.
+    pub deadline_kill_at: Option<String>,
     pub cpu_s: Option<f64>,
     pub cpu_throttled_s: Option<f64>,
     pub cpu_quota_cores: Option<f64>,
@@ -127,8 +144,13 @@ impl Report {
             exit_code: None,
             signal: None,
             reason: Reason::Exited,
+            uid: None,
+            gid: None,
             timeout_s: 0.0,
             deadline_kill_latency_ms: None,
+            kill_grace_s: 0.0,
+            deadline_term_at: None,
+            deadline_kill_at: None,
             cpu_s: None,
             cpu_throttled_s: None,
             cpu_quota_cores: None,
@@ -177,9 +199,14 @@ impl Report {
         }
     }
 
-    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::from)?;
-        std::fs::write(path, text + "\n")
+    /// Writes the JSON report to `path` (mode 0644) for the user who asked
+    /// for it: as the directory's owner, atomically, replacing whatever is
+    /// at the name rather than following it (see
+    /// [`crate::safe_fs::write_atomic_as_dir_owner`]).
+    pub fn write_json(&self, path: &Path) -> Result<(), crate::safe_fs::SafeFsError> {
+        let text = serde_json::to_string_pretty(self)
+            .expect("plain fields and string-keyed maps always serialise");
+        crate::safe_fs::write_atomic_as_dir_owner(path, (text + "\n").as_bytes(), 0o644)
     }
 
     /// The few lines a person reads at the end of a run.
@@ -219,10 +246,22 @@ impl Report {
             self.pids_limit.map_or("max".to_owned(), |n| n.to_string()),
         );
         if let Some(l) = self.deadline_kill_latency_ms {
-            s += &format!(
-                "  deadline {:.0}s: cgroup empty {l:.1}ms after it\n",
-                self.timeout_s
-            );
+            if let Some(t) = &self.deadline_term_at {
+                s += &format!(
+                    "  deadline {:.0}s: SIGTERM at {t}, grace {:.1}s, cgroup empty at {} ({l:.1}ms after the kill was due)\n",
+                    self.timeout_s,
+                    self.kill_grace_s,
+                    self.deadline_kill_at.as_deref().unwrap_or("?"),
+                );
+            } else {
+                s += &format!(
+                    "  deadline {:.0}s: cgroup empty {l:.1}ms after it\n",
+                    self.timeout_s
+                );
+            }
+        }
+        if self.reason == Reason::Interrupted {
+            s += "  a second signal to the enforcer killed the whole job\n";
         }
         if let Some(f) = self.stolen_fraction {
             s += &format!("  stolen from training {:.2}%\n", f * 100.0);

@@ -229,7 +229,10 @@ impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.0;
         let ms = d.as_millis();
-        if d.subsec_millis() != 0 || d.is_zero() {
+        if d.is_zero() {
+            return f.write_str("0s");
+        }
+        if d.subsec_millis() != 0 {
             if d.subsec_nanos().is_multiple_of(1_000_000) {
                 return write!(f, "{ms}ms");
             }

@@ -148,6 +148,7 @@ const PERCENT: Range<Percent> = Range::above(Percent::from_fraction(0.0), Percen
 const TIMEOUT: Range<Dur> = Range::above(Dur::secs(0), MAX_TIMEOUT);
 const MEMORY_RANGE: Range<ByteSize> = Range::from_to(ByteSize::mib(1), MAX_MEMORY);
 const CONTROL_PERIOD_RANGE: Range<Dur> = Range::from_to(Dur::millis(10), Dur::secs(10));
+const GRACE_RANGE: Range<Dur> = Range::from_to(Dur::secs(0), Dur(crate::job::MAX_KILL_GRACE));
 const PID_RANGE: Range<i64> = Range::from_to(2, PID_MAX_LIMIT as i64);
 const PIDS_RANGE: Range<u64> = Range::from_to(1, PID_MAX_LIMIT);
 const WEIGHT_RANGE: Range<u64> = Range::from_to(1, 10_000);
@@ -171,6 +172,7 @@ pub const PIDS: Bound<u64> = bound(both("pids", "--pids"), |_| PIDS_RANGE);
 pub const GAME_PIDS: Bound<u64> = bound(flag("--pids"), |_| PIDS_RANGE);
 pub const JOB_TIMEOUT: Bound<Dur> = bound(both("timeout", "--timeout"), |_| TIMEOUT);
 pub const GAME_TIMEOUT: Bound<Dur> = bound(both("game_timeout", "--timeout"), |_| TIMEOUT);
+pub const KILL_GRACE: Bound<Dur> = bound(both("kill_grace", "--kill-grace"), |_| GRACE_RANGE);
 pub const ON_EVENT_TIMEOUT: Bound<Dur> = bound(key("on_event_timeout"), |_| TIMEOUT);
 pub const CONTROL_PERIOD: Bound<Dur> = bound(key("control_period"), |_| CONTROL_PERIOD_RANGE);
 pub const MAX_CONCURRENT_JOBS: Bound<u64> = bound(key("max_concurrent_jobs"), |_| JOBS_RANGE);
@@ -355,6 +357,7 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.check(&PIDS, Some(c.pids));
     v.check(&JOB_TIMEOUT, Some(c.timeout));
     v.check(&GAME_TIMEOUT, Some(c.game_timeout));
+    v.check(&KILL_GRACE, Some(c.kill_grace));
     v.check(&ON_EVENT_TIMEOUT, Some(c.on_event_timeout));
     v.check(&CONTROL_PERIOD, Some(c.control_period));
     v.check(
@@ -458,15 +461,15 @@ mod tests {
             ),
             (
                 refused(|v| v.check(&JOB_TIMEOUT, Some(Dur::secs(366 * 86_400)))),
-                "--timeout 366d: must be above 0ms and at most 365d",
+                "--timeout 366d: must be above 0s and at most 365d",
             ),
             (
                 refused(|v| v.check(&JOB_TIMEOUT, Some(Dur::secs(0)))),
-                "--timeout 0ms: must be greater than zero",
+                "--timeout 0s: must be greater than zero",
             ),
             (
                 refused(|v| v.check(&GAME_TIMEOUT, Some(Dur::secs(0)))),
-                "--timeout 0ms",
+                "--timeout 0s",
             ),
             (
                 refused(|v| v.check(&TRAINING_PID, Some(-5))),

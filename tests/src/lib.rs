@@ -43,7 +43,7 @@ pub fn enforcer_bin() -> PathBuf {
     let bin = workspace.join("target/debug/enforcer");
     assert!(
         bin.is_file(),
-        "{} does not exist: build it first (cargo build -p enforcer) or set ENFORCER_BIN",
+        "{} does not exist: build it first (cargo build -p enforcer --features test-audit) or set ENFORCER_BIN",
         bin.display()
     );
     bin
@@ -108,4 +108,53 @@ pub fn locate_workload(built: &str) -> PathBuf {
         return sibling;
     }
     PathBuf::from("eval-workload")
+}
+
+/// Cgroup mount points (v1 and v2) of this system.
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let mount = left.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount))
+        })
+        .collect()
+}
+
+/// Every cgroup directory named `name`, anywhere in any hierarchy (to
+/// depth 12).
+pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
+    while let Some((dir, depth)) = stack.pop() {
+        if depth > 12 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if e.file_name() == name {
+                    found.push(e.path());
+                }
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// Whether `pid` is gone or a zombie (dead, waiting to be reaped).
+pub fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 2..)?.chars().next())
+            .is_none_or(|c| c == 'Z' || c == 'X'),
+    }
 }

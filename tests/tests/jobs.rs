@@ -728,7 +728,14 @@ fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     let owned = own_cgroups();
-    let log = std::fs::read_to_string(&audit).unwrap();
+    let log = std::fs::read_to_string(&audit).unwrap_or_else(|e| {
+        panic!(
+            "no audit log {} ({e}): {} was built without the test-audit feature \
+             (cargo build -p enforcer --features test-audit)",
+            audit.display(),
+            enforcer_bin().display()
+        )
+    });
     let lines: Vec<&str> = log.lines().collect();
     assert!(lines.len() > 10, "too few audited writes: {log}");
     assert!(

@@ -180,7 +180,7 @@ pub fn learn_before_job(config: &crate::config::Config) -> Option<ProgressTracke
     let path = t.progress_file.as_ref()?;
     let progress = super::ProgressConfig::default();
     let learn = progress.baseline_min + Duration::from_millis(500);
-    let mut tracker = ProgressTracker::for_file(path, progress);
+    let mut tracker = ProgressTracker::for_file(path, progress, config.control_period.0);
     tracing::info!(
         file = %path.display(),
         seconds = learn.as_secs_f64(),

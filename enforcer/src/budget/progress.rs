@@ -7,21 +7,35 @@
 //! baseline yet, gives `None` with a reason: the loop then runs on steal
 //! alone. The timestamps of steps come from the file's mtime, not from when
 //! it was polled, so a 100 ms poll does not blur a rate over a few seconds.
+//!
+//! The file belongs to the training's user, not to root: it is read as
+//! [`crate::safe_fs::read_untrusted`] says (no link, no FIFO, at most
+//! [`PROGRESS_CAP`] bytes, content never quoted), and only by a
+//! [`ProgressSampler`] thread, so a read that hangs (a hung network mount)
+//! holds that thread alone, never the supervisor's deadline.
 
 use std::{
     collections::VecDeque,
     fmt,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant, SystemTime},
 };
 
-/// Why the progress file gave no number.
+use crate::safe_fs::{self, SafeFsError};
+
+/// The most bytes read from the progress file: a step count is at most 20
+/// digits (`u64::MAX`), and the cap leaves room for whitespace around it.
+pub const PROGRESS_CAP: u64 = 64;
+
+/// Why the progress file gave no number. Never carries the file's content:
+/// root reads it, and a link could point it at a file only root may read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProgressError {
     #[error("progress file {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
-    #[error("progress file {path}: {content:?} is not a step count")]
-    Garbled { path: PathBuf, content: String },
+    #[error("progress file {path}: its {len} bytes are not a decimal step count")]
+    Garbled { path: PathBuf, len: usize },
 }
 
 /// Why a slowdown is not available right now.
@@ -113,7 +127,7 @@ impl Default for ProgressConfig {
 /// Learns the baseline and measures slowdown from successive samples.
 #[derive(Debug)]
 pub struct ProgressTracker {
-    path: Option<PathBuf>,
+    source: Option<ProgressSampler>,
     config: ProgressConfig,
     /// Distinct (step, time) points of the current regime, oldest first.
     points: VecDeque<ProgressSample>,
@@ -129,7 +143,7 @@ pub struct ProgressTracker {
 impl ProgressTracker {
     pub fn new(config: ProgressConfig) -> Self {
         Self {
-            path: None,
+            source: None,
             config,
             points: VecDeque::new(),
             free_start: None,
@@ -141,10 +155,11 @@ impl ProgressTracker {
         }
     }
 
-    /// A tracker reading `path` on every [`ProgressTracker::poll`].
-    pub fn for_file(path: impl Into<PathBuf>, config: ProgressConfig) -> Self {
+    /// A tracker of `path`, read every `period` by a [`ProgressSampler`];
+    /// each [`ProgressTracker::poll`] takes its latest sample.
+    pub fn for_file(path: impl Into<PathBuf>, config: ProgressConfig, period: Duration) -> Self {
         let mut t = Self::new(config);
-        t.path = Some(path.into());
+        t.source = Some(ProgressSampler::start(path.into(), period));
         t
     }
 
@@ -167,10 +182,10 @@ impl ProgressTracker {
         }
     }
 
-    /// Reads the file and records the sample.
+    /// Records the sampler's latest read; never waits for the file.
     pub fn poll(&mut self, now: Instant, job_running: bool) -> ProgressReading {
-        let sample = match &self.path {
-            Some(p) => read_progress(p, now),
+        let sample = match &self.source {
+            Some(s) => s.latest(now),
             None => Err(ProgressError::Unreadable {
                 path: PathBuf::new(),
                 reason: "no progress file configured".into(),
@@ -315,29 +330,144 @@ impl ProgressTracker {
     }
 }
 
-/// Reads the step count and the write time of `path`. `now` anchors the
-/// file's wall-clock mtime on the monotonic clock.
+/// Reads the step count and the write time of `path`, as [the
+/// module](self) says. `now` anchors the file's wall-clock mtime on the
+/// monotonic clock: pass the time of the read.
 pub fn read_progress(path: &Path, now: Instant) -> Result<ProgressSample, ProgressError> {
-    let unreadable = |e: std::io::Error| ProgressError::Unreadable {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    };
-    let text = std::fs::read_to_string(path).map_err(unreadable)?;
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .map_err(unreadable)?;
-    let step = text
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| ProgressError::Garbled {
+    let read =
+        safe_fs::read_untrusted(path, PROGRESS_CAP).map_err(|e| ProgressError::Unreadable {
             path: path.to_owned(),
-            content: text.chars().take(40).collect(),
+            reason: match e {
+                SafeFsError::Io { op, source, .. } => format!("{op}: {source}"),
+                SafeFsError::NotRegular { kind, .. } => {
+                    format!("is a {kind}, not a regular file: refused")
+                }
+                SafeFsError::TooLarge { cap, .. } => {
+                    format!("larger than {cap} bytes, too large for a step count: refused")
+                }
+                other => other.to_string(),
+            },
         })?;
-    let age = SystemTime::now().duration_since(mtime).unwrap_or_default();
+    let step = std::str::from_utf8(&read.bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .ok_or_else(|| ProgressError::Garbled {
+            path: path.to_owned(),
+            len: read.bytes.len(),
+        })?;
+    let age = SystemTime::now()
+        .duration_since(read.modified)
+        .unwrap_or_default();
     Ok(ProgressSample {
         step,
         written: now.checked_sub(age).unwrap_or(now),
     })
+}
+
+/// A read in flight longer than this is reported as hanging (the file
+/// gives no number meanwhile), whatever the sampling period.
+const HUNG_READ: Duration = Duration::from_secs(1);
+
+/// What the reader thread last saw.
+#[derive(Debug, Default)]
+struct SamplerSlot {
+    latest: Option<Result<ProgressSample, ProgressError>>,
+    /// When the read now in progress started.
+    reading_since: Option<Instant>,
+}
+
+/// Reads the progress file every period on a thread of its own and keeps
+/// the latest result for the supervisor's tick to take: the tick never
+/// opens the file. The thread ends at the first period after the sampler is
+/// dropped; one stuck in a read ends when the read returns.
+#[derive(Debug)]
+pub struct ProgressSampler {
+    path: PathBuf,
+    slot: Arc<Mutex<SamplerSlot>>,
+    /// Dropping it wakes the thread to end.
+    _stop: mpsc::Sender<()>,
+}
+
+impl ProgressSampler {
+    /// Starts reading `path` every `period` (the first read at once).
+    pub fn start(path: PathBuf, period: Duration) -> Self {
+        Self::with_reader(path, period, read_progress)
+    }
+
+    /// As [`ProgressSampler::start`], with `read` in place of
+    /// [`read_progress`] (tests stand in a read that hangs).
+    fn with_reader<R>(path: PathBuf, period: Duration, read: R) -> Self
+    where
+        R: Fn(&Path, Instant) -> Result<ProgressSample, ProgressError> + Send + 'static,
+    {
+        // The first read starts now: a hang counts from here.
+        let slot = Arc::new(Mutex::new(SamplerSlot {
+            latest: None,
+            reading_since: Some(Instant::now()),
+        }));
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread_slot = Arc::clone(&slot);
+        let thread_path = path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("progress-reader".into())
+            .spawn(move || {
+                let mut started = Instant::now();
+                loop {
+                    if let Ok(mut s) = thread_slot.lock() {
+                        s.reading_since.get_or_insert(started);
+                    }
+                    let sample = read(&thread_path, Instant::now());
+                    if let Ok(mut s) = thread_slot.lock() {
+                        s.latest = Some(sample);
+                        s.reading_since = None;
+                    }
+                    let rest = period.saturating_sub(started.elapsed());
+                    if !matches!(
+                        stopped.recv_timeout(rest),
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    ) {
+                        return;
+                    }
+                    started = Instant::now();
+                }
+            });
+        if let Err(e) = spawned
+            && let Ok(mut s) = slot.lock()
+        {
+            s.latest = Some(Err(ProgressError::Unreadable {
+                path: path.clone(),
+                reason: format!("starting the reader thread: {e}"),
+            }));
+        }
+        Self {
+            path,
+            slot,
+            _stop: stop,
+        }
+    }
+
+    /// The latest read, or why there is none at `now`.
+    pub fn latest(&self, now: Instant) -> Result<ProgressSample, ProgressError> {
+        let unreadable = |reason: String| ProgressError::Unreadable {
+            path: self.path.clone(),
+            reason,
+        };
+        let Ok(slot) = self.slot.lock() else {
+            return Err(unreadable("the reader thread panicked".into()));
+        };
+        if let Some(since) = slot.reading_since {
+            let hung = now.saturating_duration_since(since);
+            if hung >= HUNG_READ {
+                return Err(unreadable(format!(
+                    "a read has not returned for {:.1}s",
+                    hung.as_secs_f64()
+                )));
+            }
+        }
+        slot.latest
+            .clone()
+            .unwrap_or_else(|| Err(unreadable("not read yet".into())))
+    }
 }
 
 #[cfg(test)]
@@ -464,24 +594,104 @@ mod tests {
     fn garbled_or_missing_file_is_unavailable_not_a_crash() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("progress");
-        let mut t = ProgressTracker::for_file(&path, ProgressConfig::default());
-        let now = Instant::now();
-        let r = t.poll(now, true);
-        assert!(matches!(
-            r.slowdown,
-            Err(Unavailable::File(ProgressError::Unreadable { .. }))
-        ));
+        let e = read_progress(&path, Instant::now()).unwrap_err();
+        assert!(matches!(e, ProgressError::Unreadable { .. }), "{e}");
         std::fs::write(&path, "step twelve\n").expect("write");
-        let r = t.poll(now + POLL, true);
-        match r.slowdown {
-            Err(Unavailable::File(ProgressError::Garbled { content, .. })) => {
-                assert_eq!(content, "step twelve\n");
+        let e = read_progress(&path, Instant::now()).unwrap_err();
+        assert_eq!(
+            e,
+            ProgressError::Garbled {
+                path: path.clone(),
+                len: 12
             }
-            other => panic!("expected garbled, got {other:?}"),
-        }
+        );
         std::fs::write(&path, "12\n").expect("write");
         let s = read_progress(&path, Instant::now()).expect("readable");
         assert_eq!(s.step, 12);
+    }
+
+    #[test]
+    fn a_garbled_file_is_never_quoted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("progress");
+        std::fs::write(&path, "hunter2 is the password\n").expect("write");
+        let e = read_progress(&path, Instant::now()).unwrap_err();
+        let text = Unavailable::File(e).to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("not a decimal step count"), "{text}");
+    }
+
+    #[test]
+    fn a_fifo_a_link_to_dev_zero_and_a_huge_file_are_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // No writer: a blocking open would hang here.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let link = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
+        let huge = dir.path().join("huge");
+        std::fs::write(&huge, "7".repeat(1 << 20)).expect("write");
+        for (path, why) in [
+            (&fifo, "FIFO"),
+            (&link, "symbolic link"),
+            (&huge, "larger than 64 bytes"),
+        ] {
+            let t0 = Instant::now();
+            let e = read_progress(path, t0).unwrap_err();
+            assert!(t0.elapsed() < Duration::from_secs(1), "{e}");
+            let text = e.to_string();
+            assert!(text.contains(why), "{text}");
+            assert!(!text.contains("7777777"), "content quoted: {text}");
+        }
+    }
+
+    #[test]
+    fn a_read_that_hangs_holds_only_the_reader_thread() {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let hold = Mutex::new(hold);
+        let sampler =
+            ProgressSampler::with_reader(PathBuf::from("/hung/progress"), POLL, move |_, _| {
+                // A read on a hung mount: returns when the test lets it.
+                let _ = hold.lock().expect("lock").recv();
+                Err(ProgressError::Unreadable {
+                    path: PathBuf::new(),
+                    reason: "released".into(),
+                })
+            });
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        t.source = Some(sampler);
+        let t0 = Instant::now();
+        let r = t.poll(t0, true);
+        assert!(t0.elapsed() < Duration::from_millis(500), "poll waited");
+        assert!(matches!(r.slowdown, Err(Unavailable::File(_))), "{r:?}");
+        // Later polls (on the tick's clock) say the read hangs.
+        let later = t0 + HUNG_READ + POLL;
+        let r = t.poll(later, true);
+        assert!(t0.elapsed() < Duration::from_millis(500), "poll waited");
+        match r.slowdown {
+            Err(Unavailable::File(e)) => assert!(e.to_string().contains("not returned"), "{e}"),
+            other => panic!("expected a hung read, got {other:?}"),
+        }
+        drop(t);
+        let _ = release.send(());
+    }
+
+    #[test]
+    fn the_sampler_publishes_what_the_file_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("progress");
+        std::fs::write(&path, "41\n").expect("write");
+        let sampler = ProgressSampler::start(path.clone(), Duration::from_millis(10));
+        let t0 = Instant::now();
+        loop {
+            match sampler.latest(Instant::now()) {
+                Ok(s) if s.step == 41 => break,
+                other => assert!(t0.elapsed() < Duration::from_secs(5), "{other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
@@ -507,7 +717,7 @@ mod tests {
             baseline_min: Duration::from_millis(800),
             ..ProgressConfig::default()
         };
-        let mut t = ProgressTracker::for_file(&path, config);
+        let mut t = ProgressTracker::for_file(&path, config, Duration::from_millis(50));
         t.learn(Duration::from_millis(1200), Duration::from_millis(50));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().expect("writer");

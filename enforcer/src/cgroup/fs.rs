@@ -19,10 +19,25 @@ use std::{
 
 use super::CgroupError;
 
-/// Setting this variable to a file path makes every cgroupfs write, mkdir
-/// and rmdir append a line `<op> <path>` there: the root integration tests
-/// use it to prove nothing is written outside the subtree.
+/// In a build with the `test-audit` feature, setting this variable to a file
+/// path makes every cgroupfs write, mkdir and rmdir append a line
+/// `<op> <path>` there: the root integration tests use it to prove nothing
+/// is written outside the subtree. Other builds ignore it, so the
+/// environment of a root process never names a file it appends to.
 pub const AUDIT_ENV: &str = "ENFORCER_AUDIT_CGROUP_WRITES";
+
+/// Appends `line` to the audit file: created 0600, never through a link.
+#[cfg(any(test, feature = "test-audit"))]
+fn append_audit_line(file: &Path, line: &str) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(file)?
+        .write_all(line.as_bytes())
+}
 
 /// How long removing a cgroup waits for zombies of its tasks to be reaped.
 pub const RMDIR_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -44,14 +59,17 @@ impl CgFs {
         &self.owned
     }
 
-    fn check(&self, path: &Path, value: &str) -> Result<(), CgroupError> {
-        // Lexical check: job names are validated to one path component, so
-        // no `..` can reach here from user input.
-        let inside = path
-            .components()
+    /// Whether `path` is inside the owned roots (lexically: job names are
+    /// validated to one path component, and a path with `..` is never
+    /// inside).
+    pub fn contains(&self, path: &Path) -> bool {
+        path.components()
             .all(|c| c != std::path::Component::ParentDir)
-            && self.owned.iter().any(|root| path.starts_with(root));
-        if inside {
+            && self.owned.iter().any(|root| path.starts_with(root))
+    }
+
+    fn check(&self, path: &Path, value: &str) -> Result<(), CgroupError> {
+        if self.contains(path) {
             Ok(())
         } else {
             Err(CgroupError::OutsideSubtree {
@@ -62,16 +80,15 @@ impl CgFs {
         }
     }
 
+    #[cfg(feature = "test-audit")]
     fn audit(op: &str, path: &Path) {
         if let Some(file) = std::env::var_os(AUDIT_ENV) {
-            let line = format!("{op} {}\n", path.display());
-            let _ = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(file)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
+            let _ = append_audit_line(Path::new(&file), &format!("{op} {}\n", path.display()));
         }
     }
+
+    #[cfg(not(feature = "test-audit"))]
+    fn audit(_op: &str, _path: &Path) {}
 
     /// Writes `value` to `path` (one `write(2)`, as cgroupfs wants).
     pub fn write(&self, path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -291,5 +308,79 @@ mod tests {
         let m = read_keyed(&p).unwrap();
         assert_eq!(m["usage_usec"], 42);
         assert_eq!(m["throttled_usec"], 7);
+    }
+
+    #[test]
+    fn the_audit_file_is_created_0600_and_never_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.log");
+        append_audit_line(&log, "write /a\n").unwrap();
+        append_audit_line(&log, "write /b\n").unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "write /a\nwrite /b\n");
+        assert_eq!(
+            fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "root's\n").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = append_audit_line(&link, "write /c\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "root's\n");
+    }
+
+    /// Set by [`the_audit_variable_works_only_in_test_audit_builds`] for
+    /// the copy of this test binary it runs.
+    const AUDIT_CHILD: &str = "ENFORCER_AUDIT_TEST_CHILD";
+
+    /// Not a test of its own: one cgroupfs write in a child process whose
+    /// environment names an audit file.
+    #[test]
+    fn audit_child_writes_one_cgroup_file() {
+        let Some(dir) = std::env::var_os(AUDIT_CHILD) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let cg = CgFs::new(vec![dir.clone()]);
+        cg.write(&dir.join("cpu.max"), "max").unwrap();
+    }
+
+    #[test]
+    fn the_audit_variable_works_only_in_test_audit_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.log");
+        fs::write(dir.path().join("cpu.max"), "").unwrap();
+        // A child process: the environment is the process's, shared with
+        // every test thread here.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cgroup::fs::tests::audit_child_writes_one_cgroup_file",
+            ])
+            .env(AUDIT_CHILD, dir.path())
+            .env(AUDIT_ENV, &log)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cpu.max")).unwrap(),
+            "max",
+            "the child did not write: {out:?}"
+        );
+        if cfg!(feature = "test-audit") {
+            let text = fs::read_to_string(&log).unwrap();
+            assert!(
+                text.starts_with("write ") && text.contains("cpu.max"),
+                "{text}"
+            );
+        } else {
+            assert!(
+                !log.exists(),
+                "a build without the test-audit feature appended to {}",
+                log.display()
+            );
+        }
     }
 }

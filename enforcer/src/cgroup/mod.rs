@@ -17,12 +17,13 @@ pub mod v1;
 pub mod v2;
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 pub use mode::{CgroupMode, ControllerInfo, Layout, LayoutError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 pub use subtree::Subtree;
 
 use crate::units::ByteSize;
@@ -120,6 +121,47 @@ pub struct Limits {
     /// The idle scheduling class for the job.
     pub cpu_idle: bool,
     pub pids: Option<u64>,
+}
+
+/// Where one job's cgroups are, per hierarchy: what the job's lock records,
+/// so that the enforcer that finds the job orphaned knows exactly what to
+/// kill and remove, and whether that is inside its own subtree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLocation {
+    /// The job's directory in the unified hierarchy (v2, or hybrid hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unified: Option<PathBuf>,
+    /// v1 controller → the job's directory in that controller's hierarchy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub controllers: BTreeMap<String, PathBuf>,
+}
+
+impl JobLocation {
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.controllers
+            .values()
+            .chain(self.unified.iter())
+            .map(PathBuf::as_path)
+    }
+
+    /// Whether any of the job's directories still exists.
+    pub fn exists(&self) -> bool {
+        self.dirs().any(Path::exists)
+    }
+
+    /// Where the hooks cgroup of job `name` at this location is: the
+    /// sibling [`subtree::hooks_name`] of each directory.
+    pub fn hooks(&self, name: &str) -> JobLocation {
+        let sibling = |d: &PathBuf| d.with_file_name(subtree::hooks_name(name));
+        JobLocation {
+            unified: self.unified.as_ref().map(sibling),
+            controllers: self
+                .controllers
+                .iter()
+                .map(|(c, d)| (c.clone(), sibling(d)))
+                .collect(),
+        }
+    }
 }
 
 /// Counters read from a job cgroup; each is `None` where this kernel has no

@@ -18,7 +18,7 @@ use std::{
 };
 
 use super::{
-    CgroupError, CgroupMode, JobCgroup, Layout, MAIN_LEAF,
+    CgroupError, CgroupMode, JobCgroup, JobLocation, Layout, MAIN_LEAF,
     fs::CgFs,
     mode::parse_proc_cgroup,
     v1::{self, V1Job},
@@ -160,16 +160,6 @@ impl Subtree {
         self.create(&hooks_name(job))
     }
 
-    /// The hooks cgroup of job `job` (an orphan's, to clean up), if it
-    /// exists.
-    pub fn open_hooks(&self, job: &str) -> Option<JobCgroup> {
-        super::validate_name(job).ok()?;
-        let name = hooks_name(job);
-        self.job_path(&name)
-            .is_dir()
-            .then(|| self.open_unchecked(&name))
-    }
-
     fn create(&self, name: &str) -> Result<JobCgroup, CgroupError> {
         match &self.bases {
             Bases::V2(base) => Ok(JobCgroup::V2(V2Job::create(self.fs.clone(), base, name)?)),
@@ -216,34 +206,64 @@ impl Subtree {
         }
     }
 
-    /// A handle on the existing job `name` (an orphan to clean up).
-    pub fn open_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
+    /// Where the job `name` is (or would be) in each hierarchy: what
+    /// [`Subtree::create_job`] makes.
+    pub fn job_location(&self, name: &str) -> Result<JobLocation, CgroupError> {
         super::validate_name(name)?;
-        Ok(self.open_unchecked(name))
-    }
-
-    fn open_unchecked(&self, name: &str) -> JobCgroup {
-        match &self.bases {
-            Bases::V2(base) => {
-                let dir = base.join(name);
-                JobCgroup::V2(V2Job::open(
-                    self.fs.clone(),
-                    dir.clone(),
-                    dir.join(MAIN_LEAF),
-                ))
-            }
+        Ok(match &self.bases {
+            Bases::V2(base) => JobLocation {
+                unified: Some(base.join(name)),
+                controllers: BTreeMap::new(),
+            },
             Bases::V1 {
                 per_controller,
                 unified,
-            } => JobCgroup::V1(V1Job::open(
-                self.fs.clone(),
-                per_controller
+            } => JobLocation {
+                unified: unified.as_ref().map(|u| u.join(name)),
+                controllers: per_controller
                     .iter()
                     .map(|(c, b)| (c.clone(), b.join(name)))
                     .collect(),
-                unified.as_ref().map(|u| u.join(name)),
-                Some(MAIN_LEAF),
+            },
+        })
+    }
+
+    /// A handle on the existing job `name` of this subtree.
+    pub fn open_job(&self, name: &str) -> Result<JobCgroup, CgroupError> {
+        self.reopen_job(&self.job_location(name)?)
+    }
+
+    /// A handle on the job at `location` (an orphan to clean up), refused
+    /// unless every directory of it is inside this subtree and of this
+    /// subtree's cgroup mode: an enforcer never touches the jobs of another.
+    pub fn reopen_job(&self, location: &JobLocation) -> Result<JobCgroup, CgroupError> {
+        let outside = |path: &Path| CgroupError::OutsideSubtree {
+            path: path.to_owned(),
+            value: String::new(),
+            owned: self.owned().to_vec(),
+        };
+        if let Some(dir) = location.dirs().find(|d| !self.fs.contains(d)) {
+            return Err(outside(dir));
+        }
+        match &self.bases {
+            Bases::V2(_) => match (&location.unified, location.controllers.values().next()) {
+                (Some(dir), None) => Ok(JobCgroup::V2(V2Job::open(
+                    self.fs.clone(),
+                    dir.clone(),
+                    dir.join(MAIN_LEAF),
+                ))),
+                (_, Some(dir)) => Err(outside(dir)),
+                (None, None) => Err(outside(Path::new(""))),
+            },
+            Bases::V1 { .. } if location.controllers.is_empty() => Err(outside(
+                location.unified.as_deref().unwrap_or(Path::new("")),
             )),
+            Bases::V1 { .. } => Ok(JobCgroup::V1(V1Job::open(
+                self.fs.clone(),
+                location.controllers.clone(),
+                location.unified.clone(),
+                Some(MAIN_LEAF),
+            ))),
         }
     }
 
@@ -412,6 +432,35 @@ mod tests {
         );
         assert_eq!(st.job_path("j"), own.join("eval/j"));
         assert_eq!(st.owned(), std::slice::from_ref(&own));
+    }
+
+    #[test]
+    fn a_recorded_job_is_reopened_only_inside_this_subtree() {
+        let (d, own) = fake_v2_service();
+        let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
+        let here = st.job_location("j").unwrap();
+        assert_eq!(here.unified.as_deref(), Some(own.join("eval/j").as_path()));
+        assert!(here.controllers.is_empty());
+        assert_eq!(st.reopen_job(&here).unwrap().path(), own.join("eval/j"));
+
+        // A job of a sibling subtree, a path climbing out with `..`, and a
+        // v1 record on a v2 subtree are all refused.
+        let sibling = JobLocation {
+            unified: Some(d.path().join("other/eval/j")),
+            controllers: BTreeMap::new(),
+        };
+        let climbing = JobLocation {
+            unified: Some(own.join("eval/../../other/eval/j")),
+            controllers: BTreeMap::new(),
+        };
+        let v1 = JobLocation {
+            unified: None,
+            controllers: [("memory".to_owned(), own.join("enforcer/j"))].into(),
+        };
+        for loc in [sibling, climbing, v1] {
+            let e = st.reopen_job(&loc).unwrap_err();
+            assert!(matches!(e, CgroupError::OutsideSubtree { .. }), "{e}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 use clap::Args;
 
 use super::run::{
-    EXIT_FAILURE, EXIT_USAGE, JobArgs, Plan, block_on, finish_report, job_monitors,
+    EXIT_FAILURE, EXIT_USAGE, JobArgs, JobGuard, Plan, block_on, finish_report, job_monitors,
     start_or_interrupt,
 };
 use crate::{
@@ -29,7 +29,10 @@ use crate::{
 /// code of a process that is not our child cannot be read: 0 when it ends
 /// by itself. Refused (exit 2, nothing left behind): unknown PID, PID 1,
 /// kernel threads, the enforcer itself or its ancestors, the protected
-/// training process.
+/// training process, and a process that exited or whose number names
+/// another process (start time or owner changed) by the time it is moved:
+/// the process is held by a pidfd from the first check, and signals go
+/// through it.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// The process to attach (all its threads).
@@ -43,6 +46,12 @@ pub struct AttachArgs {
 }
 
 pub fn run(args: AttachArgs) -> ExitCode {
+    if args.job.user.is_some() || args.job.group.is_some() {
+        tracing::error!(
+            "--user / --group: an attached process keeps its own identity; they apply to `enforcer run`"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let command = vec![format!("attached pid {}", args.pid)];
     let plan = match Plan::new(&args.job, &command) {
         Ok(p) => p,
@@ -53,14 +62,64 @@ pub fn run(args: AttachArgs) -> ExitCode {
     };
     let proc_root = Path::new("/proc");
     let self_pid = std::process::id() as i32;
-    if let Err(e) = checks::check(proc_root, args.pid, self_pid, plan.config.training.pid) {
-        tracing::error!("refusing to attach: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
-    ExitCode::from(block_on(attach_async(plan, &args)))
+    // Held from the first check on, so that the process moved and signalled
+    // later is this one even if its number is reused meanwhile.
+    let held = checks::Held::take(proc_root, args.pid).and_then(|held| {
+        checks::check(proc_root, args.pid, self_pid, plan.config.training.pid)?;
+        held.verify(proc_root)?;
+        Ok(held)
+    });
+    let held = match held {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("refusing to attach: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    ExitCode::from(block_on(attach_async(plan, &args, held)))
 }
 
-async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
+/// Moves one held process into the job: verified just before the move (the
+/// slot wait may have been long) and again after it.
+enum Moved {
+    Yes,
+    /// Gone or replaced before the move: nothing was moved.
+    Refused(AttachRefused),
+    /// The process in the job is not the one checked: a newcomer that got
+    /// the number between the check and the move.
+    Impostor(AttachRefused),
+    Failed(CgroupError),
+}
+
+fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &Path) -> Moved {
+    if let Err(e) = held.verify(proc_root) {
+        return Moved::Refused(e);
+    }
+    let pid = held.pidfd.pid();
+    if let Err(e) = guard.0.add_process(pid) {
+        let gone = matches!(&e, CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+            || !held.pidfd.is_alive();
+        return if gone {
+            Moved::Refused(AttachRefused::ExitedMidway(pid))
+        } else {
+            Moved::Failed(e)
+        };
+    }
+    match held.verify(proc_root) {
+        Ok(()) => Moved::Yes,
+        // It exited after the move and its number names no other process:
+        // what the job holds is its own (children, a zombie), safe to kill.
+        Err(e @ AttachRefused::ExitedMidway(_))
+            if checks::identity(proc_root, pid)
+                .is_none_or(|now| now.start_time == held.identity.start_time) =>
+        {
+            Moved::Refused(e)
+        }
+        Err(e) => Moved::Impostor(e),
+    }
+}
+
+async fn attach_async(plan: Plan, args: &AttachArgs, held: checks::Held) -> u8 {
     let mut signals = job::Signals::install();
     let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
         Ok(s) => s,
@@ -68,39 +127,83 @@ async fn attach_async(plan: Plan, args: &AttachArgs) -> u8 {
     };
     let guard = &started_job.guard;
     let proc_root = Path::new("/proc");
-    let mut pids = vec![args.pid];
-    if args.tree {
-        pids.extend(checks::descendants(proc_root, args.pid));
-    }
-    for (i, &p) in pids.iter().enumerate() {
-        if let Err(e) = guard.0.add_process(p) {
-            let gone = matches!(&e, CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
-                || checks::stat_fields(proc_root, p).is_none_or(|(s, _, _)| s == 'Z');
-            if i > 0 && gone {
-                // A descendant that exited meanwhile needs no limits.
-                continue;
-            }
-            if gone {
-                tracing::error!("refusing to attach: {}", AttachRefused::ExitedMidway(p));
-                return EXIT_USAGE;
-            }
-            tracing::error!("attaching PID {p}: {e}");
+    match move_held(guard, &held, proc_root) {
+        Moved::Yes => {}
+        Moved::Refused(e) => {
+            tracing::error!("refusing to attach: {e}");
+            return EXIT_USAGE;
+        }
+        Moved::Impostor(e) => {
+            tracing::error!(
+                cgroup = %guard.0.path().display(),
+                "refusing to attach: {e}; the process now in the job cgroup is not killed, and the cgroup is left for it"
+            );
+            started_job.leave_unkilled();
+            return EXIT_USAGE;
+        }
+        Moved::Failed(e) => {
+            tracing::error!("attaching PID {}: {e}", args.pid);
             return EXIT_FAILURE;
+        }
+    }
+    let mut moved = 1;
+    if args.tree {
+        for (p, seen_start) in checks::descendants(proc_root, args.pid) {
+            // A descendant that exited meanwhile needs no limits; one whose
+            // number now names another process is not ours to move.
+            let child = match checks::Held::take(proc_root, p) {
+                Ok(h) if h.identity.start_time == seen_start => h,
+                Ok(_) => {
+                    tracing::info!(
+                        pid = p,
+                        "not attaching a descendant: {}",
+                        AttachRefused::Replaced(p)
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            match move_held(guard, &child, proc_root) {
+                Moved::Yes => moved += 1,
+                Moved::Refused(e) => tracing::info!(pid = p, "not attaching a descendant: {e}"),
+                Moved::Impostor(e) => {
+                    tracing::error!(
+                        cgroup = %guard.0.path().display(),
+                        "refusing to attach: {e}; the process now in the job cgroup is not killed, and the cgroup is left for it"
+                    );
+                    started_job.leave_unkilled();
+                    return EXIT_USAGE;
+                }
+                Moved::Failed(e) => {
+                    tracing::error!("attaching PID {p}: {e}");
+                    return EXIT_FAILURE;
+                }
+            }
         }
     }
     let started = Instant::now();
     let threads = checks::threads(proc_root, args.pid).len();
-    tracing::info!(job = %plan.name, pid = args.pid, processes = pids.len(), threads, cgroup = %guard.0.path().display(), "attached");
-    let (report, code) = job::supervise(
+    tracing::info!(job = %plan.name, pid = args.pid, processes = moved, threads, cgroup = %guard.0.path().display(), "attached");
+    if held.identity.uid == 0 {
+        tracing::warn!(
+            job = %plan.name,
+            pid = args.pid,
+            "the attached process runs as root: it can leave its cgroup and raise its own limits"
+        );
+    }
+    let identity = held.identity;
+    let (mut report, code) = job::supervise(
         &guard.0,
         &started_job.supervision(&plan),
-        job::Target::Attached(args.pid),
+        job::Target::Attached(held.pidfd),
         job_monitors(&plan, &args.job, None),
         signals,
         started,
         SystemTime::now(),
     )
     .await;
+    report.uid = Some(identity.uid);
+    report.gid = Some(identity.gid);
     drop(started_job);
     if !finish_report(&report, args.job.report.as_deref()) {
         return EXIT_FAILURE;

@@ -23,13 +23,19 @@ use crate::{
 /// Run one game of the current job under its own deadline.
 ///
 /// Run it from inside `enforcer run`. Exit status: CMD's own; 124 when the
-/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job);
-/// 125 enforcer failure.
+/// game deadline killed it; 137 on OOM; 2 usage (e.g. not inside a job, or
+/// inside a job run with `--user`, which may not make cgroups); 125
+/// enforcer failure.
 #[derive(Debug, Args)]
 pub struct GameArgs {
     /// Game deadline (default: config `game_timeout`, 300s).
     #[arg(long)]
     pub timeout: Option<Dur>,
+    /// At the game deadline, SIGTERM to the game's processes and SIGKILL
+    /// this long after, e.g. `10s`, at most 1h (default: config
+    /// `kill_grace`, 0s).
+    #[arg(long)]
+    pub kill_grace: Option<Dur>,
     /// Memory limit for the game (at most the job's).
     #[arg(long)]
     pub memory: Option<ByteSize>,
@@ -63,6 +69,7 @@ pub fn run(args: GameArgs) -> ExitCode {
     v.check(&validate::GAME_MEMORY, args.memory);
     v.check(&validate::GAME_CPU, args.cpu);
     v.check(&validate::GAME_PIDS, args.pids);
+    v.check(&validate::KILL_GRACE, args.kill_grace);
     if let Err(e) = v.finish() {
         tracing::error!("{e}");
         return ExitCode::from(EXIT_USAGE);
@@ -74,6 +81,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         tracing::error!("refusing the on_event hook {hook:?}: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    let kill_grace = args.kill_grace.unwrap_or(config.kill_grace).0;
     let job = match Layout::detect()
         .map_err(CgroupError::from)
         .and_then(|l| current_job(&l))
@@ -111,6 +119,16 @@ pub fn run(args: GameArgs) -> ExitCode {
                 break;
             }
             Err(CgroupError::NameInUse { .. }) => continue,
+            // The job's cgroup files belong to root on purpose, so that a
+            // job run as another user cannot raise its own limits: this is
+            // how it was started, not a failure of the enforcer.
+            Err(e) if is_permission_denied(&e) => {
+                tracing::error!(
+                    "enforcer game cannot make a game cgroup here: the job runs as uid {} without privileges (enforcer run --user), and only root may create cgroups in it: {e}",
+                    nix::unistd::geteuid()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
             Err(e) => {
                 tracing::error!("creating the game cgroup: {e}");
                 return ExitCode::from(EXIT_FAILURE);
@@ -162,6 +180,7 @@ pub fn run(args: GameArgs) -> ExitCode {
         command: args.command.clone(),
         limits,
         timeout: args.timeout.unwrap_or(config.game_timeout).0,
+        kill_grace,
         control_period: config.control_period.0,
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
@@ -171,14 +190,14 @@ pub fn run(args: GameArgs) -> ExitCode {
         let signals = job::Signals::install();
         let started = Instant::now();
         let wall = SystemTime::now();
-        let child = match job::spawn_into(&guard.0, &args.command, &[]) {
+        let child = match job::spawn_into(&guard.0, &args.command, &[], None) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e}");
                 return 127;
             }
         };
-        let (report, code) = job::supervise(
+        let (mut report, code) = job::supervise(
             &guard.0,
             &spec,
             job::Target::Spawned(child),
@@ -188,6 +207,9 @@ pub fn run(args: GameArgs) -> ExitCode {
             wall,
         )
         .await;
+        // The game runs as whoever runs the game.
+        report.uid = Some(nix::unistd::geteuid().as_raw());
+        report.gid = Some(nix::unistd::getegid().as_raw());
         if !finish_report(&report, args.report.as_deref()) {
             return i32::from(EXIT_FAILURE);
         }
@@ -196,4 +218,11 @@ pub fn run(args: GameArgs) -> ExitCode {
     drop(guard);
     drop(hooks);
     ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
+}
+
+fn is_permission_denied(e: &CgroupError) -> bool {
+    let source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    source
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.raw_os_error(), Some(libc::EACCES | libc::EPERM)))
 }

@@ -14,7 +14,7 @@ use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Subtree},
     config::Config,
     gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
-    job::{self, JobError, Monitor, Supervision, watch::LimitEvents},
+    job::{self, JobError, Monitor, RunAs, Supervision, watch::LimitEvents},
     probe::{
         monitor::{StealMonitor, training_cgroup_dir},
         steal::TrainingSpec,
@@ -64,6 +64,23 @@ pub struct JobArgs {
     /// killed then.
     #[arg(long)]
     pub timeout: Option<Dur>,
+    /// At the deadline, send SIGTERM to every process of the job and
+    /// SIGKILL the whole job this long after (or as soon as it is empty),
+    /// e.g. `10s`, at most 1h (config `kill_grace`, default 0s: SIGKILL at
+    /// the deadline itself).
+    #[arg(long)]
+    pub kill_grace: Option<Dur>,
+    /// Run the command as this user (name or number; config `user`): with
+    /// its groups, no capabilities and `no_new_privs`, so that it can
+    /// neither leave its cgroup nor raise its limits. Without it the job
+    /// runs as root, and can. `run` only.
+    #[arg(long, value_name = "NAME|UID")]
+    pub user: Option<String>,
+    /// The command's group (name or number; config `group`; default: the
+    /// user's primary group, or the uid's number for a uid with no passwd
+    /// entry). Needs `--user`.
+    #[arg(long, value_name = "NAME|GID")]
+    pub group: Option<String>,
     /// Write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -123,7 +140,8 @@ pub struct JobArgs {
 /// Run CMD as an evaluation job under hard limits and a deadline.
 ///
 /// Exit status: CMD's own; 124 when a deadline killed it; 137 when the
-/// memory limit OOM-killed it; 128+N when signal N ended it; 2 for usage or
+/// memory limit OOM-killed it; 128+N when signal N ended it, or when a
+/// second signal N to the enforcer killed the whole job; 2 for usage or
 /// config errors; 125 when the enforcer itself failed; 126/127 when CMD
 /// cannot be executed / found.
 #[derive(Debug, Args)]
@@ -138,6 +156,8 @@ pub struct RunArgs {
 /// The configuration and flags, merged and checked.
 pub struct Plan {
     pub config: Config,
+    /// Who the command runs as; `None`: root.
+    pub run_as: Option<RunAs>,
     pub name: String,
     pub limits: Limits,
     pub supervision: Supervision,
@@ -181,11 +201,18 @@ impl Plan {
             cpu_idle: config.cpu_idle && !args.no_idle,
             pids: Some(args.pids.unwrap_or(config.pids)),
         };
+        let kill_grace = args.kill_grace.unwrap_or(config.kill_grace).0;
+        let run_as = crate::job::identity::check_run_as(
+            args.user.as_deref().or(config.user.as_deref()),
+            args.group.as_deref().or(config.group.as_deref()),
+        )
+        .map_err(|e| e.to_string())?;
         let supervision = Supervision {
             name: name.clone(),
             command: command.to_vec(),
             limits: limits.clone(),
             timeout: args.timeout.unwrap_or(config.timeout).0,
+            kill_grace,
             control_period: config.control_period.0,
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
@@ -213,6 +240,7 @@ impl Plan {
         };
         Ok(Plan {
             config,
+            run_as,
             name,
             limits,
             supervision,
@@ -232,6 +260,7 @@ fn check_flags(args: &JobArgs, config: &Config) -> Result<(), validate::Refused>
     v.check(&validate::CPU_WEIGHT, args.cpu_weight);
     v.check(&validate::PIDS, args.pids);
     v.check(&validate::JOB_TIMEOUT, args.timeout);
+    v.check(&validate::KILL_GRACE, args.kill_grace);
     v.check(&validate::BUDGET, args.budget);
     v.check(&validate::GPU_UTIL_LIMIT, args.gpu_util_limit);
     v.check(&validate::GPU_MEMORY, args.gpu_memory_limit);
@@ -419,57 +448,58 @@ impl Started {
             .unwrap_or_default();
         s
     }
+
+    /// Releases the slot and the lock but neither kills nor removes the job
+    /// cgroup: for a process that must not be killed (one that is not the
+    /// job's after all). The cgroup stays, with its limits, until it is
+    /// empty and removed by hand.
+    pub fn leave_unkilled(self) {
+        let Started {
+            guard,
+            hooks,
+            _lock,
+            _slot,
+        } = self;
+        drop(hooks);
+        std::mem::forget(guard);
+    }
 }
 
-/// Waits for a slot, takes the job's lock, cleans up orphans of dead
-/// enforcers, creates the job cgroup and applies the limits. Errors are
-/// logged and returned as the exit status.
+/// Opens the state directory, waits for a slot, cleans up orphans of dead
+/// enforcers, takes the job's lock (recording where its cgroups go),
+/// creates the job cgroup and applies the limits. Errors are logged and
+/// returned as the exit status; a bad `state_dir` is one (exit 2) before
+/// any cgroup is touched.
 pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
     let cfg = &plan.config;
+    let slot_failed = |e: slots::SlotError| {
+        tracing::error!("{e}");
+        if e.is_usage() {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        }
+    };
+    let state = slots::StateDir::open(&cfg.state_dir).map_err(slot_failed)?;
     let max = cfg.max_concurrent_jobs.get();
-    let slot = slots::acquire(&cfg.state_dir, max, no_wait, |pos, len| {
+    let slot = slots::acquire(&state, max, no_wait, |pos, len| {
         tracing::info!(job = %plan.name, position = pos + 1, queued = len, max, "waiting for slot");
     })
     .await
-    .map_err(|e| {
-        tracing::error!("{e}");
-        EXIT_FAILURE
-    })?;
-    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(|e| {
+    .map_err(slot_failed)?;
+    let cgroup_failed = |e: CgroupError| {
         tracing::error!("{e}");
         exit_for_cgroup_error(&e)
-    })?;
-    for (name, lock) in slots::orphaned_jobs(&cfg.state_dir) {
-        if name == plan.name {
-            continue;
-        }
-        if let Ok(orphan) = subtree.open_job(&name) {
-            tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
-            drop(JobGuard(orphan));
-        }
-        if let Some(hooks) = subtree.open_hooks(&name) {
-            drop(JobGuard(hooks));
-        }
-        drop(lock);
-    }
-    let lock = match slots::lock_job(&cfg.state_dir, &plan.name) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            tracing::error!(
-                "job name {:?} is already in use by a running enforcer",
-                plan.name
-            );
-            return Err(EXIT_USAGE);
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            return Err(EXIT_FAILURE);
-        }
     };
-    let guard = JobGuard(subtree.create_job(&plan.name).map_err(|e| {
-        tracing::error!("{e}");
-        exit_for_cgroup_error(&e)
-    })?);
+    let subtree = Subtree::open(cfg.cgroup_root.as_deref()).map_err(cgroup_failed)?;
+    clean_orphans(&state, &subtree);
+    let record = slots::JobRecord {
+        job: plan.name.clone(),
+        enforcer_pid: std::process::id(),
+        cgroups: subtree.job_location(&plan.name).map_err(cgroup_failed)?,
+    };
+    let lock = slots::lock_job(&state, &record).map_err(slot_failed)?;
+    let guard = JobGuard(subtree.create_job(&plan.name).map_err(cgroup_failed)?);
     if let Err(e) = guard.0.apply(&plan.limits) {
         tracing::error!("applying the job's limits: {e}");
         return Err(EXIT_FAILURE);
@@ -501,6 +531,65 @@ pub async fn start_job(plan: &Plan, no_wait: bool) -> Result<Started, u8> {
     })
 }
 
+/// Kills and removes the jobs of enforcers that died, exactly where their
+/// locks record them and only inside this enforcer's subtree; a lock goes
+/// once its job's cgroups are gone. The job of another subtree is left to an
+/// enforcer of that subtree, its lock kept (so the name stays taken).
+fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
+    let orphans = match slots::orphaned_jobs(state) {
+        Ok(o) => o,
+        Err(error) => {
+            tracing::warn!(%error, "looking for the jobs of enforcers that died failed");
+            return;
+        }
+    };
+    for orphan in orphans {
+        let name = orphan.name.clone();
+        let location = match &orphan.record {
+            Some(r) => r.cgroups.clone(),
+            // An older enforcer recorded nothing: its job can only be where
+            // this subtree would have put it.
+            None => match subtree.job_location(&name) {
+                Ok(l) if l.exists() => l,
+                _ => {
+                    tracing::warn!(job = %name, lock = %orphan.path().display(), "the lock of a dead enforcer's job does not record its cgroups, and this subtree has no job of that name: lock kept (remove it once the job is gone)");
+                    continue;
+                }
+            },
+        };
+        let named = location
+            .dirs()
+            .all(|d| d.file_name().and_then(|n| n.to_str()) == Some(name.as_str()));
+        // Its hooks' cgroup, beside each of its directories.
+        let hooks = location.hooks(&name);
+        if named
+            && hooks.exists()
+            && let Ok(h) = subtree.reopen_job(&hooks)
+        {
+            drop(JobGuard(h));
+        }
+        if !location.exists() {
+            orphan.clear();
+            continue;
+        }
+        let dirs: Vec<&Path> = location.dirs().collect();
+        match subtree.reopen_job(&location) {
+            Ok(job) if named => {
+                tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
+                drop(JobGuard(job));
+                if location.exists() {
+                    tracing::error!(job = %name, cgroups = ?dirs, "the cgroups of a dead enforcer's job could not all be removed: its lock is kept for a later run");
+                } else {
+                    orphan.clear();
+                }
+            }
+            _ => {
+                tracing::warn!(job = %name, cgroups = ?dirs, owned = ?subtree.owned(), lock = %orphan.path().display(), "the job of an enforcer that died is outside this enforcer's cgroup subtree: left alone, its lock kept for an enforcer of that subtree");
+            }
+        }
+    }
+}
+
 async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     let mut signals = job::Signals::install();
     let started_job = match start_or_interrupt(&plan, args.job.no_wait, &mut signals).await {
@@ -515,8 +604,15 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
     let monitors = job_monitors(&plan, &args.job, progress);
     let started = Instant::now();
     let started_wall = SystemTime::now();
-    let envs = [("ENFORCER_JOB".to_owned(), plan.name.clone())];
-    let child = match job::spawn_into(&guard.0, &args.command, &envs) {
+    let mut envs = vec![("ENFORCER_JOB".to_owned(), plan.name.clone())];
+    envs.extend(plan.run_as.iter().flat_map(RunAs::env));
+    if plan.run_as.is_none() {
+        tracing::warn!(
+            job = %plan.name,
+            "the job runs as root: it can leave its cgroup and raise its own limits (run it with --user)"
+        );
+    }
+    let child = match job::spawn_into(&guard.0, &args.command, &envs, plan.run_as.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
@@ -533,7 +629,7 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
             };
         }
     };
-    let (report, code) = job::supervise(
+    let (mut report, code) = job::supervise(
         &guard.0,
         &started_job.supervision(&plan),
         job::Target::Spawned(child),
@@ -543,6 +639,8 @@ async fn run_async(plan: Plan, args: &RunArgs) -> u8 {
         started_wall,
     )
     .await;
+    report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
+    report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
     drop(started_job);
     if !finish_report(&report, args.job.report.as_deref()) {
         return EXIT_FAILURE;

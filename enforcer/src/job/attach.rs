@@ -1,8 +1,12 @@
 //! Checks before a live process is moved into a job (`enforcer attach`),
 //! each refusal with a message that says why, made before any cgroup exists
-//! so that a refusal leaves nothing behind.
+//! so that a refusal leaves nothing behind; and the identity checks that make
+//! sure the process moved is the one checked, not a later one that got its
+//! number while `attach` waited for a slot.
 
 use std::path::Path;
+
+use super::pidfd::PidFd;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttachRefused {
@@ -22,6 +26,97 @@ pub enum AttachRefused {
     Training(i32),
     #[error("PID {0} exited while it was being attached")]
     ExitedMidway(i32),
+    #[error(
+        "PID {0} is no longer the process that was checked (it exited and another process got its number, or changed owner)"
+    )]
+    Replaced(i32),
+    #[error("PID {pid}: cannot hold a pidfd on it: {error}")]
+    NoPidFd { pid: i32, error: String },
+}
+
+/// What tells one process from a later one with the same number: its start
+/// time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub start_time: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The identity of `pid` as `/proc` shows it now.
+pub fn identity(proc_root: &Path, pid: i32) -> Option<Identity> {
+    let dir = proc_root.join(pid.to_string());
+    let start_time = stat_start_time(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+    let status = std::fs::read_to_string(dir.join("status")).ok()?;
+    // The real id: the first of real, effective, saved and filesystem.
+    let first = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Identity {
+        start_time,
+        uid: first("Uid:")?,
+        gid: first("Gid:")?,
+    })
+}
+
+fn stat_start_time(stat: &str) -> Option<u64> {
+    // Fields after the command name start at field 3 (state).
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(22 - 3)?
+        .parse()
+        .ok()
+}
+
+/// A process held from the first check on: a pidfd, and the identity read
+/// while the pidfd already held it.
+#[derive(Debug)]
+pub struct Held {
+    pub pidfd: PidFd,
+    pub identity: Identity,
+}
+
+impl Held {
+    /// Takes a pidfd on `pid` and records who it is. The identity is read
+    /// after the pidfd is open and confirmed by a signal 0 through it after,
+    /// so it is that of the process the pidfd holds.
+    pub fn take(proc_root: &Path, pid: i32) -> Result<Self, AttachRefused> {
+        let pidfd = PidFd::open(pid).map_err(|e| match e.raw_os_error() {
+            Some(libc::ESRCH) => AttachRefused::NoSuchPid(pid),
+            _ => AttachRefused::NoPidFd {
+                pid,
+                error: e.to_string(),
+            },
+        })?;
+        let identity = identity(proc_root, pid).ok_or(AttachRefused::NoSuchPid(pid))?;
+        if !pidfd.is_alive() {
+            return Err(AttachRefused::NoSuchPid(pid));
+        }
+        Ok(Held { pidfd, identity })
+    }
+
+    /// Whether the number still names the held process: alive through the
+    /// pidfd (so the number cannot have been reused), not a zombie, and with
+    /// the start time and owner recorded at the check.
+    pub fn verify(&self, proc_root: &Path) -> Result<(), AttachRefused> {
+        let pid = self.pidfd.pid();
+        if !self.pidfd.is_alive() {
+            return Err(AttachRefused::ExitedMidway(pid));
+        }
+        if stat_fields(proc_root, pid).is_some_and(|(s, _, _)| s == 'Z' || s == 'X') {
+            return Err(AttachRefused::ExitedMidway(pid));
+        }
+        match identity(proc_root, pid) {
+            Some(now) if now == self.identity => Ok(()),
+            _ => Err(AttachRefused::Replaced(pid)),
+        }
+    }
 }
 
 /// `PF_KTHREAD` from `linux/sched.h`.
@@ -29,7 +124,10 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Fields of `/proc/<pid>/stat` after the command name: (state, ppid, flags).
 pub fn stat_fields(proc_root: &Path, pid: i32) -> Option<(char, i32, u64)> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?)
+}
+
+fn parse_stat(text: &str) -> Option<(char, i32, u64)> {
     // The command name is in parentheses and may contain spaces.
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -79,16 +177,21 @@ pub fn check(
     Ok(())
 }
 
-/// Every live descendant of `pid` (for `--tree`), parents first.
-pub fn descendants(proc_root: &Path, pid: i32) -> Vec<i32> {
-    let mut children_of: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+/// Every live descendant of `pid` (for `--tree`), parents first, each with
+/// its start time when it was seen.
+pub fn descendants(proc_root: &Path, pid: i32) -> Vec<(i32, u64)> {
+    let mut children_of: std::collections::BTreeMap<i32, Vec<(i32, u64)>> = Default::default();
     if let Ok(entries) = std::fs::read_dir(proc_root) {
         for e in entries.flatten() {
             let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            if let Some((_, ppid, _)) = stat_fields(proc_root, p) {
-                children_of.entry(ppid).or_default().push(p);
+            let Ok(text) = std::fs::read_to_string(proc_root.join(p.to_string()).join("stat"))
+            else {
+                continue;
+            };
+            if let (Some((_, ppid, _)), Some(start)) = (parse_stat(&text), stat_start_time(&text)) {
+                children_of.entry(ppid).or_default().push((p, start));
             }
         }
     }
@@ -98,8 +201,8 @@ pub fn descendants(proc_root: &Path, pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let mut queue = std::collections::VecDeque::from([pid]);
     while let Some(p) = queue.pop_front() {
-        for &c in children_of.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
-            out.push(c);
+        for &(c, start) in children_of.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            out.push((c, start));
             queue.push_back(c);
         }
     }
@@ -126,13 +229,97 @@ mod tests {
     use super::*;
 
     fn proc_entry(root: &Path, pid: i32, comm: &str, state: char, ppid: i32, flags: u64) {
+        proc_entry_started(root, pid, comm, state, ppid, flags, 1000 + pid as u64, 0);
+    }
+
+    /// A `/proc/<pid>` with `stat` (start time in field 22) and `status`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one column per stat field the tests vary"
+    )]
+    fn proc_entry_started(
+        root: &Path,
+        pid: i32,
+        comm: &str,
+        state: char,
+        ppid: i32,
+        flags: u64,
+        start: u64,
+        uid: u32,
+    ) {
         let d = root.join(pid.to_string());
         fs::create_dir_all(d.join("task").join(pid.to_string())).unwrap();
+        // Fields 10 to 21 are zeroes; 22 is the start time.
         fs::write(
             d.join("stat"),
-            format!("{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0\n"),
+            format!(
+                "{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} {} {start} 0 0 0\n",
+                "0 ".repeat(12).trim_end()
+            ),
         )
         .unwrap();
+        fs::write(
+            d.join("status"),
+            format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn identity_reads_start_time_and_owner() {
+        let d = tempfile::tempdir().unwrap();
+        proc_entry_started(d.path(), 42, "a) (b", 'S', 1, 0, 987_654, 1500);
+        assert_eq!(
+            identity(d.path(), 42),
+            Some(Identity {
+                start_time: 987_654,
+                uid: 1500,
+                gid: 1500
+            })
+        );
+        let real = identity(Path::new("/proc"), std::process::id() as i32).unwrap();
+        assert!(real.start_time > 0);
+    }
+
+    /// The seam for the PID-reuse race, which cannot be staged by timing: a
+    /// held process whose number now shows another start time or owner (a
+    /// newcomer) is refused, and so is one whose pidfd says it exited.
+    #[test]
+    fn a_held_process_that_changed_identity_or_exited_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let me = std::process::id() as i32;
+        let held = Held {
+            pidfd: PidFd::open(me).unwrap(),
+            identity: Identity {
+                start_time: 5000,
+                uid: 0,
+                gid: 0,
+            },
+        };
+        proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 0);
+        assert_eq!(held.verify(r), Ok(()));
+        proc_entry_started(r, me, "eval", 'S', 1, 0, 5001, 0);
+        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+        proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 1500);
+        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+        fs::remove_dir_all(r.join(me.to_string())).unwrap();
+        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let dead = Held {
+            pidfd: PidFd::open(pid).unwrap(),
+            identity: Identity {
+                start_time: 7000,
+                uid: 0,
+                gid: 0,
+            },
+        };
+        child.wait().unwrap();
+        // Even with /proc showing the recorded identity under its number.
+        proc_entry_started(r, pid, "true", 'S', 1, 0, 7000, 0);
+        assert_eq!(dead.verify(r), Err(AttachRefused::ExitedMidway(pid)));
     }
 
     #[test]
@@ -159,7 +346,10 @@ mod tests {
         assert_eq!(check(r, 999, 200, None), Err(AttachRefused::NoSuchPid(999)));
         assert_eq!(check(r, 301, 200, None), Err(AttachRefused::NoSuchPid(301)));
         assert_eq!(check(r, 300, 200, None), Ok(()));
-        assert_eq!(descendants(r, 100), vec![200, 300, 301]);
+        assert_eq!(
+            descendants(r, 100),
+            vec![(200, 1200), (300, 1300), (301, 1301)]
+        );
         assert_eq!(threads(r, 300), vec![300]);
     }
 }

@@ -9,7 +9,9 @@
 //! - [`attach`]: the checks before moving a live process into a job.
 
 pub mod attach;
+pub mod identity;
 pub mod monitor;
+pub mod pidfd;
 pub mod watch;
 
 use std::{
@@ -22,6 +24,7 @@ use std::{
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use identity::RunAs;
 pub use monitor::{JobInfo, Monitor, MonitorError, TickContext};
 
 use crate::{
@@ -32,9 +35,10 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("starting {command:?} inside job cgroup ({files}): {source}")]
+    #[error("starting {command:?} as {user} inside job cgroup ({files}): {source}")]
     Spawn {
         command: String,
+        user: String,
         files: String,
         #[source]
         source: std::io::Error,
@@ -52,6 +56,9 @@ pub struct Supervision {
     pub command: Vec<String>,
     pub limits: Limits,
     pub timeout: Duration,
+    /// Between the SIGTERM at the deadline and the SIGKILL of the whole
+    /// cgroup; zero kills at the deadline itself.
+    pub kill_grace: Duration,
     pub control_period: Duration,
     pub on_event: Option<String>,
     pub on_event_timeout: Duration,
@@ -63,12 +70,20 @@ pub struct Supervision {
 /// Starts `argv` as a member of the job cgroup: the forked child writes
 /// itself into each `cgroup.procs` before `exec`, so the limits hold from
 /// the command's first instruction (never spawn-then-move). The child also
-/// asks for SIGKILL if the enforcer dies, so it cannot outlive it.
+/// asks for SIGKILL if the enforcer dies, so it cannot outlive it. With
+/// `run_as`, the child then becomes that user with no capabilities and
+/// `no_new_privs` (joining needs root, so it comes first).
 pub fn spawn_into(
     cgroup: &JobCgroup,
     argv: &[String],
     envs: &[(String, String)],
+    run_as: Option<&RunAs>,
 ) -> Result<tokio::process::Child, JobError> {
+    let run_as = run_as.cloned();
+    let user = run_as.as_ref().map_or_else(
+        || "root".to_owned(),
+        |r| format!("uid {} gid {}", r.uid, r.gid),
+    );
     let (prog, args) = argv.split_first().ok_or(JobError::EmptyCommand)?;
     let files = cgroup.join_files();
     let c_files: Vec<CString> = files
@@ -79,23 +94,17 @@ pub fn spawn_into(
     cmd.args(args);
     cmd.envs(envs.iter().map(|(k, v)| (k, v)));
     // SAFETY: the closure runs between fork and exec; it only calls
-    // async-signal-safe functions (open, write, close, prctl, getppid) on
-    // memory allocated before the fork.
+    // async-signal-safe functions (open, write, close, prctl, raw id and
+    // capability system calls) on memory allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             for f in &c_files {
-                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" means the writing process itself, in v1 and v2.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
+                join_cgroup(f)?;
             }
+            if let Some(who) = &run_as {
+                identity::become_user(who)?;
+            }
+            // After the switch: a change of credentials clears it.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -104,6 +113,7 @@ pub fn spawn_into(
     }
     cmd.spawn().map_err(|source| JobError::Spawn {
         command: argv.join(" "),
+        user,
         files: files
             .iter()
             .map(|p| p.display().to_string())
@@ -133,6 +143,10 @@ pub fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The longest kill grace (`--kill-grace`, `kill_grace`; held by
+/// [`crate::validate::KILL_GRACE`]).
+pub const MAX_KILL_GRACE: Duration = Duration::from_secs(3600);
 
 /// The nice value of the supervisor while it supervises.
 pub const SUPERVISOR_NICE: i32 = -10;
@@ -211,8 +225,10 @@ impl Signals {
 pub enum Target {
     /// The command it spawned: the job ends when it exits.
     Spawned(tokio::process::Child),
-    /// A process attached by PID: the job ends when its cgroup is empty.
-    Attached(i32),
+    /// A process attached by PID, held by a pidfd so that forwarded signals
+    /// never reach a process that reused its number: the job ends when its
+    /// cgroup is empty.
+    Attached(pidfd::PidFd),
 }
 
 /// How the job's end was observed.
@@ -222,9 +238,30 @@ enum End {
     Empty,
     Deadline {
         latency: Duration,
+        /// When SIGTERM went out (only with a kill grace).
+        term_at: Option<SystemTime>,
+        killed_at: SystemTime,
     },
+    /// The first user signal was forwarded and ended the command.
     Killed,
+    /// A second user signal (this one) killed the whole job.
+    Interrupted(i32),
 }
+
+/// Where the job stands against its deadline.
+#[derive(Clone, Copy)]
+enum Phase {
+    Running,
+    /// SIGTERM went out at the deadline; the SIGKILL of the whole cgroup is
+    /// due at `kill_due`, or as soon as the cgroup is empty.
+    Terminating {
+        term_at: SystemTime,
+        kill_due: Instant,
+    },
+}
+
+/// How often an emptying job is looked at during its kill grace.
+const GRACE_POLL: Duration = Duration::from_millis(10);
 
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
 /// builds the report.
@@ -238,12 +275,15 @@ pub async fn supervise(
     started_wall: SystemTime,
 ) -> (Report, i32) {
     raise_priority();
-    let (mut child, pid) = match target {
+    let (mut child, attached, pid) = match target {
         Target::Spawned(c) => {
             let pid = c.id().map_or(0, |p| p as i32);
-            (Some(c), pid)
+            (Some(c), None, pid)
         }
-        Target::Attached(pid) => (None, pid),
+        Target::Attached(fd) => {
+            let pid = fd.pid();
+            (None, Some(fd), pid)
+        }
     };
     let hook = spec.on_event.clone().map(|command| events::Hook {
         command,
@@ -260,7 +300,7 @@ pub async fn supervise(
         &mut sink,
         Event::new(
             events::STARTED,
-            json!({ "pid": pid, "cgroup": cgroup.path(), "command": spec.command, "limits": spec.limits, "timeout_s": spec.timeout.as_secs_f64() }),
+            json!({ "pid": pid, "cgroup": cgroup.path(), "command": spec.command, "limits": spec.limits, "timeout_s": spec.timeout.as_secs_f64(), "kill_grace_s": spec.kill_grace.as_secs_f64() }),
         ),
     );
 
@@ -284,10 +324,14 @@ pub async fn supervise(
     });
 
     let deadline_at = crate::validate::deadline(started, spec.timeout);
-    let deadline = tokio::time::Instant::from_std(deadline_at);
+    // The next moment the supervisor must act to the millisecond: the
+    // deadline, then (with a kill grace) the SIGKILL.
+    let mut due = tokio::time::Instant::from_std(deadline_at);
     // A zero period would make `interval` panic; the validator refuses it.
     let mut tick = tokio::time::interval(spec.control_period.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut grace_poll = tokio::time::interval(GRACE_POLL);
+    grace_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Signals {
         int: mut sigint,
         term: mut sigterm,
@@ -297,36 +341,60 @@ pub async fn supervise(
     let mut mem_peak_sampled = 0u64;
     let mut pids_peak_sampled = 0u64;
     let mut queued: Vec<Event> = Vec::new();
-    let arm_at = deadline.checked_sub(DEADLINE_ARM).unwrap_or(deadline);
     let mut armed = false;
+    let mut phase = Phase::Running;
+    // The command's status when it ended during the kill grace.
+    let mut exited_in_grace: Option<ExitStatus> = None;
 
     let end = loop {
+        let arm_at = due.checked_sub(DEADLINE_ARM).unwrap_or(due);
+        let terminating = matches!(phase, Phase::Terminating { .. });
+        // Set by a branch when the whole cgroup must be killed now: the
+        // instant the kill was due.
+        let mut kill_now: Option<Instant> = None;
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(arm_at), if !armed => {
                 armed = true;
                 realtime(true);
             }
-            () = tokio::time::sleep_until(deadline) => {
-                let fired = Instant::now();
-                let result = cgroup.kill();
-                let late = fired.duration_since(deadline_at);
-                let latency = late + fired.elapsed();
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "deadline kill did not empty the job");
+            () = tokio::time::sleep_until(due) => {
+                match phase {
+                    Phase::Running if !spec.kill_grace.is_zero() => {
+                        let fired = Instant::now();
+                        // A job frozen by a monitor could not act on it.
+                        if let Err(e) = cgroup.freeze(false) {
+                            tracing::debug!(error = %e, "thawing the job for its kill grace");
+                        }
+                        let signalled = signal_all(cgroup, libc::SIGTERM);
+                        let term_at = SystemTime::now();
+                        let kill_due = deadline_at + spec.kill_grace;
+                        emit(&mut sink, Event::new(events::DEADLINE_TERM, json!({
+                            "timeout_s": spec.timeout.as_secs_f64(),
+                            "kill_grace_s": spec.kill_grace.as_secs_f64(),
+                            "processes": signalled,
+                            "timer_late_ms": fired.duration_since(deadline_at).as_secs_f64() * 1e3,
+                        })));
+                        tracing::info!(processes = signalled, grace_s = spec.kill_grace.as_secs_f64(), "deadline: SIGTERM sent, SIGKILL after the grace");
+                        realtime(false);
+                        armed = false;
+                        phase = Phase::Terminating { term_at, kill_due };
+                        due = tokio::time::Instant::from_std(kill_due);
+                    }
+                    Phase::Running => kill_now = Some(deadline_at),
+                    Phase::Terminating { kill_due, .. } => kill_now = Some(kill_due),
                 }
-                emit(&mut sink, Event::new(events::DEADLINE_KILL, json!({
-                    "timeout_s": spec.timeout.as_secs_f64(),
-                    "latency_ms": latency.as_secs_f64() * 1e3,
-                    // How late the timer woke us, and how long the kill took.
-                    "timer_late_ms": late.as_secs_f64() * 1e3,
-                    "kill_ms": (latency - late).as_secs_f64() * 1e3,
-                })));
-                realtime(false);
-                break End::Deadline { latency };
             }
-            status = async { child.as_mut().expect("guarded by the if").wait().await }, if child.is_some() => {
+            _ = grace_poll.tick(), if terminating => {
+                if cgroup.pids().is_empty() {
+                    kill_now = Some(Instant::now());
+                }
+            }
+            status = async { child.as_mut().expect("guarded by the if").wait().await }, if child.is_some() && exited_in_grace.is_none() => {
                 match status {
+                    // The grace is for the whole job: what the command left
+                    // behind gets the rest of it.
+                    Ok(s) if terminating => exited_in_grace = Some(s),
                     Ok(s) if signals_seen > 0 && s.signal().is_some() => break End::Killed,
                     Ok(s) => break End::Exited(s),
                     Err(e) => {
@@ -337,17 +405,17 @@ pub async fn supervise(
             }
             Some(()) = recv(&mut sigint) => {
                 signals_seen += 1;
-                if forward(pid, libc::SIGINT, signals_seen, cgroup) { break End::Killed; }
+                if forward(pid, attached.as_ref(), libc::SIGINT, signals_seen, cgroup) { break End::Interrupted(libc::SIGINT); }
             }
             Some(()) = recv(&mut sigterm) => {
                 signals_seen += 1;
-                if forward(pid, libc::SIGTERM, signals_seen, cgroup) { break End::Killed; }
+                if forward(pid, attached.as_ref(), libc::SIGTERM, signals_seen, cgroup) { break End::Interrupted(libc::SIGTERM); }
             }
             Some(()) = recv(&mut sighup) => {
                 signals_seen += 1;
-                if forward(pid, libc::SIGHUP, signals_seen, cgroup) { break End::Killed; }
+                if forward(pid, attached.as_ref(), libc::SIGHUP, signals_seen, cgroup) { break End::Interrupted(libc::SIGHUP); }
             }
-            _ = tick.tick() => {
+            _ = tick.tick(), if !terminating => {
                 let now = Instant::now();
                 let stats = cgroup.stats();
                 mem_peak_sampled = mem_peak_sampled.max(stats.memory_current.unwrap_or(0));
@@ -360,6 +428,44 @@ pub async fn supervise(
                     break End::Empty;
                 }
             }
+        }
+        if let Some(due_at) = kill_now {
+            let fired = Instant::now();
+            let result = cgroup.kill();
+            let late = fired.saturating_duration_since(due_at);
+            let latency = late + fired.elapsed();
+            let killed_at = SystemTime::now();
+            if let Err(e) = result {
+                tracing::error!(error = %e, "deadline kill did not empty the job");
+            }
+            let term_at = match phase {
+                Phase::Terminating { term_at, .. } => Some(term_at),
+                Phase::Running => None,
+            };
+            let mut detail = json!({
+                "timeout_s": spec.timeout.as_secs_f64(),
+                "latency_ms": latency.as_secs_f64() * 1e3,
+                // How late the timer woke us, and how long the kill took.
+                "timer_late_ms": late.as_secs_f64() * 1e3,
+                "kill_ms": (latency - late).as_secs_f64() * 1e3,
+            });
+            if let Some(t) = term_at {
+                detail["kill_grace_s"] = json!(spec.kill_grace.as_secs_f64());
+                detail["after_term_s"] = json!(
+                    killed_at
+                        .duration_since(t)
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                );
+            }
+            emit(&mut sink, Event::new(events::DEADLINE_KILL, detail));
+            realtime(false);
+            armed = false;
+            break End::Deadline {
+                latency,
+                term_at,
+                killed_at,
+            };
         }
     };
 
@@ -375,6 +481,7 @@ pub async fn supervise(
     }
     let status = match (&end, child.as_mut()) {
         (End::Exited(s), _) => Some(*s),
+        _ if exited_in_grace.is_some() => exited_in_grace,
         // Bounded: if the kill failed (tasks stuck), do not hang with them.
         (_, Some(c)) => match tokio::time::timeout(Duration::from_secs(5), c.wait()).await {
             Ok(r) => r.ok(),
@@ -404,6 +511,8 @@ pub async fn supervise(
     let oom = stats.oom_kills.unwrap_or(0) > 0 && signal == Some(libc::SIGKILL);
     let (reason, code) = match &end {
         End::Deadline { .. } => (Reason::Deadline, 124),
+        // Never 137: that status says OOM.
+        End::Interrupted(sig) => (Reason::Interrupted, 128 + sig),
         _ if oom => (Reason::Oom, 137),
         End::Killed => (Reason::Killed, status.map_or(130, exit_code_of)),
         End::Exited(s) => (Reason::Exited, exit_code_of(*s)),
@@ -431,8 +540,16 @@ pub async fn supervise(
     report.signal = signal;
     report.reason = reason;
     report.timeout_s = spec.timeout.as_secs_f64();
-    if let End::Deadline { latency } = end {
+    report.kill_grace_s = spec.kill_grace.as_secs_f64();
+    if let End::Deadline {
+        latency,
+        term_at,
+        killed_at,
+    } = end
+    {
         report.deadline_kill_latency_ms = Some(latency.as_secs_f64() * 1e3);
+        report.deadline_term_at = term_at.map(rfc3339);
+        report.deadline_kill_at = Some(rfc3339(killed_at));
     }
     fill_stats(
         &mut report,
@@ -464,20 +581,46 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     }
 }
 
-/// Forwards a signal to the job's main process; a second signal kills the
-/// whole job. Returns whether the job was killed.
-fn forward(pid: i32, sig: i32, seen: u32, cgroup: &JobCgroup) -> bool {
+/// Forwards a signal to the job's main process (through its pidfd when it
+/// was attached: our own child cannot be reused before we reap it); a second
+/// signal kills the whole job. Returns whether the job was killed.
+fn forward(
+    pid: i32,
+    attached: Option<&pidfd::PidFd>,
+    sig: i32,
+    seen: u32,
+    cgroup: &JobCgroup,
+) -> bool {
     if seen >= 2 {
-        tracing::warn!("second signal: killing the job");
+        tracing::warn!(signal = sig, "second signal: killing the job");
         if let Err(e) = cgroup.kill() {
             tracing::error!(error = %e, "killing the job failed");
         }
         return true;
     }
     tracing::info!(signal = sig, pid, "forwarding signal to the job");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid, sig) };
+    match attached {
+        Some(fd) => {
+            if let Err(e) = fd.send_signal(sig) {
+                tracing::info!(pid, error = %e, "the attached process is gone; signal not forwarded");
+            }
+        }
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        None => unsafe {
+            libc::kill(pid, sig);
+        },
+    }
     false
+}
+
+/// Sends `sig` to every process in the job; returns how many it reached.
+fn signal_all(cgroup: &JobCgroup, sig: i32) -> usize {
+    cgroup
+        .pids()
+        .into_iter()
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        .filter(|&p| unsafe { libc::kill(p, sig) } == 0)
+        .count()
 }
 
 fn run_monitors(

@@ -327,10 +327,20 @@ fn cargo_executables(
     Ok(found)
 }
 
+/// The enforcer under test: with `test-audit`, which the suite's write audit
+/// needs (release builds never have it).
 fn build_enforcer(root: &Path) -> Result<PathBuf> {
     let bins = cargo_executables(
         root,
-        &["build", "-p", "enforcer", "--bin", "enforcer"],
+        &[
+            "build",
+            "-p",
+            "enforcer",
+            "--bin",
+            "enforcer",
+            "--features",
+            "test-audit",
+        ],
         |m| m["target"]["name"] == "enforcer",
     )?;
     bins.into_iter()

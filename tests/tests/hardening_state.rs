@@ -1,0 +1,508 @@
+//! The state directory, the job queue and orphan cleanup against local
+//! attackers and crashes (issue 11, rows 5, 6 and 9): the state directory
+//! is root's own (absolute, root-owned, 0700, files 0600, no links
+//! followed); nobody holding the queue's mutex can make `enforcer run`
+//! ignore `--no-wait` or SIGTERM; the job of a dead enforcer is cleaned up
+//! only by an enforcer whose subtree holds it, and its lock lives until then.
+
+use std::{
+    fs::File,
+    io::Read,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, PermissionsExt},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{cgroups_named, enforcer, enforcer_bin, is_dead, require_root, unique_name};
+
+fn workload() -> PathBuf {
+    enforcer_tests::eval_workload!()
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name("enforcer-state"));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    /// A config file `file` whose state_dir is `state` (in the scratch dir).
+    fn config(&self, file: &str, state: &str, extra: &str) -> PathBuf {
+        let p = self.path(file);
+        std::fs::write(
+            &p,
+            format!("state_dir = \"{}\"\n{extra}\n", self.path(state).display()),
+        )
+        .unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child process the test started, by PID, if it is still running.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// The child's output once it exits, or `None` if it is still running
+    /// after `limit` (it is killed then).
+    fn output_within(mut self, limit: Duration) -> Option<Output> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                let mut stdout = Vec::new();
+                let mut stderr = Vec::new();
+                if let Some(mut o) = self.0.stdout.take() {
+                    o.read_to_end(&mut stdout).unwrap();
+                }
+                if let Some(mut e) = self.0.stderr.take() {
+                    e.read_to_end(&mut stderr).unwrap();
+                }
+                eprintln!(
+                    "enforcer -> {status:?}\n{}",
+                    String::from_utf8_lossy(&stderr)
+                );
+                return Some(Output {
+                    status,
+                    stdout,
+                    stderr,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = enforcer().args(args).output().expect("starting enforcer");
+    eprintln!(
+        "enforcer {args:?} -> {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn spawn(args: &[&str]) -> ChildGuard {
+    ChildGuard(
+        enforcer()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting enforcer"),
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+fn assert_no_cgroup_left(name: &str) {
+    let left = cgroups_named(name);
+    assert!(
+        left.is_empty(),
+        "cgroups left behind for job {name}: {left:?}"
+    );
+}
+
+/// Holds `flock` on the queue mutex of the state directory `state`, as a
+/// local user could on the 0644 file an older enforcer made.
+fn hold_queue_mutex(state: &Path) -> File {
+    let slots = state.join("slots");
+    std::fs::create_dir_all(&slots).unwrap();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(slots.join("lock"))
+        .unwrap();
+    // SAFETY: flock on a file this test opened.
+    assert_eq!(
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    f
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn no_wait_fails_fast_with_125_while_another_process_holds_the_queue_mutex() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "");
+    let _held = hold_queue_mutex(&s.path("state"));
+    let name = unique_name("nowait");
+    let t0 = Instant::now();
+    let out = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--no-wait",
+        "--",
+        "true",
+    ])
+    .output_within(Duration::from_secs(10))
+    .expect("--no-wait still blocked on the queue mutex after 10 s");
+    let took = t0.elapsed();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mutex") && err.contains("--no-wait"), "{err}");
+    // The bound is 1 s; a debug build starting on a loaded node adds some.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn sigterm_ends_a_run_waiting_for_the_queue_mutex_with_143_and_leaves_nothing() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "");
+    let state = s.path("state");
+    let _held = hold_queue_mutex(&state);
+    let name = unique_name("mutexwait");
+    let child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--",
+        "true",
+    ]);
+    // Once it has the mutex open it is about to wait for it.
+    let lock = state.join("slots/lock");
+    let t0 = Instant::now();
+    while !has_open(child.0.id(), &lock) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the enforcer never opened {}",
+            lock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill(2) on the enforcer this test started.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let out = child
+        .output_within(Duration::from_secs(5))
+        .expect("SIGTERM did not end an enforcer waiting for the queue mutex");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert_no_cgroup_left(&name);
+    let queue = state.join("slots/queue");
+    let tickets = std::fs::read_dir(&queue).map_or(0, |d| d.count());
+    assert_eq!(tickets, 0, "a ticket was left in {}", queue.display());
+    assert!(!state.join(format!("jobs/{name}.lock")).exists());
+}
+
+#[test]
+fn a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "");
+    let state = s.path("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&state, PermissionsExt::from_mode(0o700)).unwrap();
+    let name = unique_name("foreignstate");
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "state_dir",
+        state.to_str().unwrap(),
+        "uid 65534",
+        "mode 0700",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert_no_cgroup_left(&name);
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "nothing was created in the refused state dir"
+    );
+}
+
+#[test]
+fn a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup() {
+    require_root!();
+    let s = Scratch::new();
+    for value in ["", "state"] {
+        let cfg = s.path("enforcer.toml");
+        std::fs::write(&cfg, format!("state_dir = \"{value}\"\n")).unwrap();
+        let name = unique_name("relstate");
+        // From the scratch dir, so that a relative path taken as it is
+        // lands there.
+        let out = enforcer()
+            .current_dir(&s.0)
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--job",
+                &name,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("state_dir = {value:?} -> {:?}\n{err}", out.status);
+        assert_eq!(out.status.code(), Some(2), "state_dir = {value:?}");
+        assert!(err.contains("state_dir"), "{err}");
+        assert_no_cgroup_left(&name);
+        assert!(!s.path("slots").exists() && !s.path("state").exists());
+    }
+}
+
+#[test]
+fn a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "");
+    let state = s.path("state");
+    let slots = state.join("slots");
+    std::fs::create_dir_all(&slots).unwrap();
+    std::fs::set_permissions(&state, PermissionsExt::from_mode(0o700)).unwrap();
+    let victim = s.path("root-only");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::set_permissions(&victim, PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&victim, slots.join("counter")).unwrap();
+    let name = unique_name("linkedcounter");
+    let out = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "the enforcer wrote through the link"
+    );
+    // Refused (the enforcer's own directory was tampered with), naming the
+    // link, before any cgroup.
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("slots/counter") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_no_cgroup_left(&name);
+}
+
+#[test]
+fn a_0755_state_dir_of_an_older_enforcer_is_closed_to_0700_and_works() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "");
+    let state = s.path("state");
+    for dir in ["slots/queue", "jobs"] {
+        std::fs::create_dir_all(state.join(dir)).unwrap();
+    }
+    for dir in ["", "slots", "slots/queue", "jobs"] {
+        std::fs::set_permissions(state.join(dir), PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    for file in ["slots/lock", "slots/counter", "slots/slot-0"] {
+        std::fs::write(
+            state.join(file),
+            if file.ends_with("counter") { "7" } else { "" },
+        )
+        .unwrap();
+        std::fs::set_permissions(state.join(file), PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let out = run(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for dir in ["", "slots", "slots/queue", "jobs"] {
+        assert_eq!(
+            mode(&state.join(dir)),
+            0o700,
+            "{}",
+            state.join(dir).display()
+        );
+    }
+    for file in ["slots/lock", "slots/counter", "slots/slot-0"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(state.join("slots/counter")).unwrap(),
+        "8",
+        "the queue carried on from the old counter"
+    );
+}
+
+fn wait_pidfile(path: &Path) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid file {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// On drop: kills the orphan's daemon (a process this test started, by
+/// PID) and lets an enforcer of the test's own subtree remove the orphan's
+/// cgroups; whatever that leaves (when the orphan's lock was lost, as with
+/// the bug this file reproduces) is removed here, emptied by then.
+struct OrphanCleanup {
+    daemon: i32,
+    config: PathBuf,
+    job: String,
+}
+
+impl Drop for OrphanCleanup {
+    fn drop(&mut self) {
+        if !is_dead(self.daemon) {
+            // SAFETY: kill(2) on the daemon this test started.
+            unsafe { libc::kill(self.daemon, libc::SIGKILL) };
+        }
+        let _ = enforcer()
+            .args([
+                "run",
+                "--config",
+                self.config.to_str().unwrap(),
+                "--",
+                "true",
+            ])
+            .output();
+        for dir in cgroups_named(&self.job) {
+            let _ = std::fs::remove_dir(dir.join("main"));
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+#[test]
+fn an_orphan_outside_the_next_enforcers_subtree_keeps_its_lock_until_its_own_subtree_cleans_it() {
+    require_root!();
+    let s = Scratch::new();
+    let cfg = s.config("enforcer.toml", "state", "max_concurrent_jobs = 4");
+    // The outer enforcer only provides another subtree: a state dir of its
+    // own, so that it does not clean up the orphan itself.
+    let outer_cfg = s.config("outer.toml", "outer-state", "max_concurrent_jobs = 4");
+    let name = unique_name("orphan");
+    let lock = s.path(&format!("state/jobs/{name}.lock"));
+    let pidfile = s.path("daemon.pid");
+    let w = workload();
+    let mut first = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &name,
+        "--",
+        w.to_str().unwrap(),
+        "daemon",
+        pidfile.to_str().unwrap(),
+    ]);
+    let daemon = wait_pidfile(&pidfile);
+    let _cleanup = OrphanCleanup {
+        daemon,
+        config: cfg.clone(),
+        job: name.clone(),
+    };
+    first.0.kill().unwrap();
+    let _ = first.0.wait();
+    assert!(
+        !is_dead(daemon),
+        "the setsid daemon should survive a SIGKILLed enforcer"
+    );
+    let orphan_cgroups = cgroups_named(&name);
+    assert!(!orphan_cgroups.is_empty());
+    assert!(lock.exists(), "the dead enforcer's lock is there");
+
+    // The next run starts inside a job of another enforcer: its subtree is
+    // that job's cgroup, which does not hold the orphan.
+    let inner = unique_name("inner");
+    let bin = enforcer_bin();
+    let out = run(&[
+        "run",
+        "--config",
+        outer_cfg.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--job",
+        &inner,
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        lock.exists(),
+        "an enforcer of another subtree deleted the orphan's lock"
+    );
+    assert!(
+        !is_dead(daemon),
+        "the orphan was touched from another subtree"
+    );
+    assert_eq!(cgroups_named(&name), orphan_cgroups);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outside this enforcer's cgroup subtree"),
+        "{err}"
+    );
+
+    // An enforcer of the orphan's own subtree cleans it up, lock last.
+    let out = run(&["run", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(is_dead(daemon), "the orphan's daemon survived its cleanup");
+    assert_no_cgroup_left(&name);
+    assert!(!lock.exists(), "the cleaned-up orphan's lock was kept");
+}
