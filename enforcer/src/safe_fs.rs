@@ -287,7 +287,7 @@ fn write_in_dir(
 /// may write it.
 pub fn require_root_owned(path: &Path, meta: &std::fs::Metadata) -> Result<(), SafeFsError> {
     let mode = meta.mode() & 0o7777;
-    if meta.uid() != 0 || mode & 0o022 != 0 {
+    if !crate::trust::trusted(meta.uid(), mode) {
         return Err(SafeFsError::Untrusted {
             path: path.to_owned(),
             uid: meta.uid(),
