@@ -158,7 +158,7 @@ fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reas
     let out = enforcer()
         .args(["run", "--config"])
         .arg(s.config())
-        .args(["--protect", "999999999", "--report"])
+        .args(["--protect", "4194304", "--report"])
         .arg(&report)
         .arg("--")
         .arg(workload_bin())
