@@ -105,6 +105,11 @@ impl<T: Timestamp> StealWindow<T> {
         (span.elapsed() > Duration::ZERO).then(|| span.last.since(*span.first).fraction_or_zero())
     }
 
+    /// Whether no reading was taken yet.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
     /// Steal and training time since the first reading.
     pub fn total(&self) -> Option<StealDelta> {
         let (_, first) = self.first?;
