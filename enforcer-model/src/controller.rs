@@ -1087,6 +1087,64 @@ mod tests {
     }
 
     #[test]
+    fn phases_run_regulating_over_at_floor_frozen_and_back() {
+        let (mut c, mut sim) = controller();
+        assert_eq!(c.phase(), Phase::Regulating);
+        let mut phases = vec![c.phase()];
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.40 };
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            c.step(obs, sim.now);
+            let p = c.phase();
+            if std::mem::discriminant(&p) != std::mem::discriminant(phases.last().expect("one")) {
+                phases.push(p);
+            }
+        }
+        let names: Vec<_> = phases
+            .iter()
+            .map(|p| match p {
+                Phase::Regulating => "regulating",
+                Phase::OverAtFloor { .. } => "over at floor",
+                Phase::Blaming { .. } => "blaming",
+                Phase::Frozen { .. } => "frozen",
+            })
+            .collect();
+        assert_eq!(
+            &names[..4],
+            ["regulating", "over at floor", "frozen", "regulating"],
+            "{phases:?}"
+        );
+        let Some(Phase::Frozen { length, .. }) =
+            phases.iter().find(|p| matches!(p, Phase::Frozen { .. }))
+        else {
+            panic!("{phases:?}")
+        };
+        assert_eq!(*length, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_slowdown_at_the_floor_with_quiet_steal_is_held_while_blamed() {
+        let (mut c, mut sim) = controller();
+        let mut blaming_from = None;
+        for _ in 0..600 {
+            let mut obs = sim.advance(0.0, 0.1);
+            obs.training_slowdown = Some(0.12);
+            let d = c.step(obs, sim.now);
+            if let Phase::Blaming { since } = c.phase() {
+                blaming_from.get_or_insert(since);
+                assert_eq!(d, None, "the quota holds while blaming");
+            }
+            if d.is_some_and(|d| matches!(d.reason, Reason::NotTheJob { .. })) {
+                assert_eq!(c.phase(), Phase::Regulating);
+                let since = blaming_from.expect("blamed before deciding");
+                assert!(sim.now - since >= Duration::from_secs(5));
+                return;
+            }
+        }
+        panic!("never decided the slowdown was not the job's");
+    }
+
+    #[test]
     fn freeze_length_brings_the_average_to_the_relax_threshold() {
         let (mut c, mut sim) = controller();
         let mut freeze = None;
