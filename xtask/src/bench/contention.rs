@@ -1134,3 +1134,40 @@ pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(t: f64, delay_ms: u64, run_ms: u64) -> Tick {
+        Tick {
+            t,
+            step: 0,
+            run_ns: run_ms * 1_000_000,
+            delay_ns: delay_ms * 1_000_000,
+            eval_cpu_s: 0.0,
+            quota_cores: None,
+            frozen: false,
+            judged: None,
+        }
+    }
+
+    #[test]
+    fn trailing_fractions_start_a_second_in_and_cover_the_last_second() {
+        // 10 % wait for the first second, 30 % after, 100 ms ticks.
+        let mut ticks = Vec::new();
+        let (mut delay, mut run) = (0, 0);
+        for i in 0..=20u64 {
+            ticks.push(tick(i as f64 / 10.0, delay, run));
+            let d = if i < 10 { 10 } else { 30 };
+            delay += d;
+            run += 100 - d;
+        }
+        let out = trailing_fractions(&ticks);
+        assert_eq!(out.len(), 11, "{out:?}");
+        assert!((out[0].0 - 1.0).abs() < 1e-9 && (out[0].1 - 0.1).abs() < 1e-9);
+        let (t, f) = out[10];
+        assert!((t - 2.0).abs() < 1e-9 && (f - 0.3).abs() < 1e-9, "{t} {f}");
+        assert!((fraction(&ticks[0], &ticks[20]) - 0.2).abs() < 1e-9);
+    }
+}
