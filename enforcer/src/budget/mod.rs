@@ -3,7 +3,8 @@
 //! its true slowdown) under the budget while leaving the job as much CPU as
 //! it can have.
 //!
-//! - [`controller`]: the pure state machine (observations in, decisions out);
+//! - [`controller`]: the pure state machine (observations in, decisions out),
+//!   in `enforcer-model` so that the bench runs the very same code;
 //! - [`progress`]: the training's progress file, baseline rate and slowdown;
 //! - [`placement`]: which CPUs the job runs on (those the training leaves
 //!   free);
@@ -11,14 +12,14 @@
 //! - [`monitor`]: the loop plugged into the job supervisor.
 
 pub mod actuator;
-pub mod controller;
+pub use enforcer_model::controller;
 pub mod monitor;
 pub mod placement;
 pub mod progress;
 
 pub use actuator::{CpuActuator, apply};
 pub use controller::{
-    Controller, ControllerConfig, CpuControls, Decision, Observation, Quota, Reason, Signal,
+    Controller, ControllerConfig, CpuControls, Decision, Observation, Phase, Quota, Reason, Signal,
     StealCounters,
 };
 pub use monitor::{BudgetMonitor, StealFeed, StealSource, learn_before_job};

@@ -8,11 +8,11 @@
 //! and `training_slowdown` in the report (null with a reason when missing).
 
 use std::{
-    collections::VecDeque,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use enforcer_model::StealWindow;
 use serde_json::json;
 
 use super::{
@@ -142,15 +142,12 @@ pub struct BudgetMonitor {
     progress: Option<ProgressTracker>,
     slowdown_error: Option<String>,
     slowdowns: Vec<f64>,
-    /// Trailing samples for the reported 1 s fraction and over-budget time.
-    trail: VecDeque<(Instant, StealCounters)>,
-    over_budget: Duration,
+    /// The steal read so far: the reported 1 s fraction, the over-budget
+    /// time and the whole-job fraction.
+    window: StealWindow<Instant>,
     last_tick: Option<Instant>,
     last_status: Option<Instant>,
     last_cpu: Option<(Instant, Duration)>,
-    /// The first and latest counters, for the whole-job fraction.
-    first_steal: Option<StealCounters>,
-    last_steal: Option<StealCounters>,
     decisions: u64,
     job: String,
     /// The user's static CPU limit, if any.
@@ -229,6 +226,7 @@ impl BudgetMonitor {
         progress: Option<ProgressTracker>,
     ) -> Self {
         Self {
+            window: StealWindow::new(config.budget),
             config,
             controller: None,
             steal,
@@ -236,13 +234,9 @@ impl BudgetMonitor {
             progress,
             slowdown_error: None,
             slowdowns: Vec::new(),
-            trail: VecDeque::new(),
-            over_budget: Duration::ZERO,
             last_tick: None,
             last_status: None,
             last_cpu: None,
-            first_steal: None,
-            last_steal: None,
             decisions: 0,
             job: String::new(),
             cap: None,
@@ -333,17 +327,11 @@ impl BudgetMonitor {
     }
 
     fn trailing_fraction(&self) -> Option<f64> {
-        let (t1, b) = self.trail.back()?;
-        let (t0, a) = self.trail.front()?;
-        if t1.saturating_duration_since(*t0) < REPORT_WINDOW / 2 {
+        let span = self.window.span(REPORT_WINDOW)?;
+        if span.elapsed() < REPORT_WINDOW / 2 {
             return None;
         }
-        let steal = b.steal.saturating_sub(a.steal).as_secs_f64();
-        let ran = b
-            .training_on_cpu
-            .saturating_sub(a.training_on_cpu)
-            .as_secs_f64();
-        (steal + ran > 0.0).then(|| steal / (steal + ran))
+        span.last.since(*span.first).fraction()
     }
 }
 
@@ -477,21 +465,9 @@ impl Monitor for BudgetMonitor {
         }
 
         if let Some(c) = steal {
-            self.first_steal.get_or_insert(c);
-            self.last_steal = Some(c);
-            self.trail.push_back((now, c));
-            while self.trail.len() > 2
-                && now.saturating_duration_since(self.trail[1].0) >= REPORT_WINDOW
-            {
-                self.trail.pop_front();
-            }
+            self.window.record(now, c);
         }
         let fraction = self.trailing_fraction();
-        if let Some(prev) = self.last_tick
-            && fraction.is_some_and(|f| f > self.config.budget)
-        {
-            self.over_budget += now.saturating_duration_since(prev);
-        }
         self.last_tick = Some(now);
 
         let cores = match (self.last_cpu, job_cpu) {
@@ -531,29 +507,24 @@ impl Monitor for BudgetMonitor {
     fn finish(&mut self, report: &mut Report) {
         // Without a steal signal the budget was not held: the steal
         // monitor's null and reason stand.
-        if self.first_steal.is_some() {
+        if !self.window.is_empty() {
             report.budget_fraction = Some(self.config.budget);
         }
         // The steal meter's own monitor fills these when it runs; the loop
         // measured the same counters.
-        if let (Some(a), Some(b)) = (self.first_steal, self.last_steal) {
-            let steal = b.steal.saturating_sub(a.steal).as_secs_f64();
-            let ran = b
-                .training_on_cpu
-                .saturating_sub(a.training_on_cpu)
-                .as_secs_f64();
-            if report.stolen_fraction.is_none() && steal + ran > 0.0 {
-                report.stolen_fraction = Some(steal / (steal + ran));
+        if let Some(total) = self.window.total() {
+            if report.stolen_fraction.is_none() {
+                report.stolen_fraction = total.fraction();
             }
             if report.stolen_from_training_s.is_none() {
-                report.stolen_from_training_s = Some(steal);
+                report.stolen_from_training_s = Some(total.steal.as_secs_f64());
             }
         }
         // The steal monitor's own over-budget time (same meter, same 1 s
         // window) wins when it filled one.
         if report.over_budget_s.is_none() {
             if self.last_tick.is_some() && self.steal_error.is_none() {
-                report.over_budget_s = Some(self.over_budget.as_secs_f64());
+                report.over_budget_s = Some(self.window.over_budget().as_secs_f64());
             } else {
                 report.unavailable(
                     "over_budget_s",

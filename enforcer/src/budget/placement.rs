@@ -24,7 +24,9 @@
 //!
 //! Pure like the controller: observations in, decisions out.
 
-use std::{collections::VecDeque, fmt, time::Duration, time::Instant};
+use std::{fmt, time::Duration, time::Instant};
+
+use enforcer_model::{PerCpuTime, Window, counters::cores_on};
 
 use crate::cgroup::cpuset::CpuList;
 
@@ -102,7 +104,7 @@ pub struct Placement {
     /// Every CPU the job may be given.
     all: CpuList,
     current: Option<CpuList>,
-    samples: VecDeque<(Instant, Vec<Duration>)>,
+    samples: Window<Instant, PerCpuTime>,
     proposed: Option<(Option<CpuList>, Instant)>,
     last_change: Option<Instant>,
 }
@@ -111,10 +113,10 @@ impl Placement {
     /// `all`: the CPUs the job may run on at most (the node's online CPUs).
     pub fn new(config: PlacementConfig, all: CpuList) -> Self {
         Self {
+            samples: Window::new(config.window),
             config,
             all,
             current: None,
-            samples: VecDeque::new(),
             proposed: None,
             last_change: None,
         }
@@ -132,25 +134,16 @@ impl Placement {
     /// One control period: the training's cumulative on-CPU time per CPU
     /// (index = CPU number) at `now`. Returns the change to apply, if any.
     pub fn observe(&mut self, per_cpu: &[Duration], now: Instant) -> Option<PlacementDecision> {
-        self.samples.push_back((now, per_cpu.to_vec()));
-        let horizon = now.checked_sub(self.config.window).unwrap_or(now);
-        while self.samples.len() > 2 && self.samples[1].0 <= horizon {
-            self.samples.pop_front();
-        }
-        let (t0, first) = self.samples.front()?;
-        let span = now.saturating_duration_since(*t0);
-        if span < self.config.min_span {
+        self.samples.push(now, per_cpu.to_vec());
+        let span = self.samples.trailing(self.config.window)?;
+        let elapsed = span.elapsed();
+        if elapsed < self.config.min_span {
             return None;
         }
         let usage: Vec<(u32, f64)> = self
             .all
             .iter()
-            .map(|cpu| {
-                let i = cpu as usize;
-                let a = first.get(i).copied().unwrap_or_default();
-                let b = per_cpu.get(i).copied().unwrap_or_default();
-                (cpu, b.saturating_sub(a).as_secs_f64() / span.as_secs_f64())
-            })
+            .map(|cpu| (cpu, cores_on(span.first, span.last, cpu as usize, elapsed)))
             .collect();
         let total: f64 = usage.iter().map(|(_, u)| u).sum();
         if total < self.config.min_training_cores {

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use enforcer_model::{StealCounters, StealDelta};
 use serde_json::{Value, json};
 
 use crate::{
@@ -83,12 +84,13 @@ fn ns_to_s(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn fraction(steal: u64, on_cpu: u64) -> f64 {
-    if steal + on_cpu == 0 {
-        0.0
-    } else {
-        steal as f64 / (steal + on_cpu) as f64
-    }
+/// Job `key`'s steal and the training's on-CPU time from `from` to `to`.
+fn steal_between(from: &StealSnapshot, to: &StealSnapshot, key: &str) -> StealDelta {
+    let counters = |s: &StealSnapshot| {
+        let job = s.jobs.get(key).copied().unwrap_or_default();
+        StealCounters::from_ns(job.steal_ns, s.training.on_cpu_ns)
+    };
+    counters(to).since(counters(from))
 }
 
 struct Job {
@@ -334,14 +336,14 @@ fn print_interval(
         .training
         .runq_wait_ns
         .saturating_sub(from.training.runq_wait_ns);
-    let per_job: Vec<(&Job, u64, u64)> = jobs
+    let per_job: Vec<(&Job, StealDelta, u64)> = jobs
         .iter()
         .map(|j| {
             let a = from.jobs.get(&j.key).copied().unwrap_or_default();
             let b = to.jobs.get(&j.key).copied().unwrap_or_default();
             (
                 j,
-                b.steal_ns.saturating_sub(a.steal_ns),
+                steal_between(from, to, &j.key),
                 b.preemptions.saturating_sub(a.preemptions),
             )
         })
@@ -352,8 +354,8 @@ fn print_interval(
             "t_s": elapsed.as_secs_f64(),
             "training": {"on_cpu_s": ns_to_s(on_cpu), "runq_wait_s": ns_to_s(wait), "threads": to.training.threads},
             "jobs": per_job.iter().map(|(j, steal, pre)| json!({
-                "cgroup": j.path, "steal_s": ns_to_s(*steal),
-                "stolen_fraction": fraction(*steal, on_cpu), "preemptions": pre,
+                "cgroup": j.path, "steal_s": steal.steal.as_secs_f64(),
+                "stolen_fraction": steal.fraction_or_zero(), "preemptions": pre,
             })).collect::<Vec<_>>(),
         });
         writeln!(out, "{line}")?;
@@ -369,8 +371,8 @@ fn print_interval(
             line += &format!(
                 "  | {}: steal {:.3}s {:5.2}% preempt {}",
                 j.path.display(),
-                ns_to_s(steal),
-                100.0 * fraction(steal, on_cpu),
+                steal.steal.as_secs_f64(),
+                100.0 * steal.fraction_or_zero(),
                 pre
             );
         }
@@ -395,13 +397,13 @@ fn summary_json(
         .map(|j| {
             let a = first.jobs.get(&j.key).copied().unwrap_or_default();
             let b = last.jobs.get(&j.key).copied().unwrap_or_default();
-            let steal = b.steal_ns.saturating_sub(a.steal_ns);
+            let steal = steal_between(first, last, &j.key);
             json!({
                 "cgroup": j.path,
                 "cgroup_id": j.cgroup.id,
-                "steal_ns": steal,
-                "steal_s": ns_to_s(steal),
-                "stolen_fraction": fraction(steal, on_cpu),
+                "steal_ns": u64::try_from(steal.steal.as_nanos()).unwrap_or(u64::MAX),
+                "steal_s": steal.steal.as_secs_f64(),
+                "stolen_fraction": steal.fraction_or_zero(),
                 "preemptions": b.preemptions.saturating_sub(a.preemptions),
             })
         })

@@ -5,7 +5,7 @@
 //! - [`steal`]: the steal meter (training threads, job cgroups, counters);
 //! - [`floor`]: empty programs on the same tracepoints, the benchmark's floor;
 //! - [`window`]: stolen fraction over windows and time over budget, from
-//!   successive snapshots (pure);
+//!   successive snapshots (`enforcer_model::steal`);
 //! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
 //!   --protect`).
 
@@ -13,7 +13,7 @@ pub mod btf;
 pub mod floor;
 pub mod monitor;
 pub mod steal;
-pub mod window;
+pub use enforcer_model::steal as window;
 
 use std::time::Duration;
 

@@ -324,14 +324,14 @@ impl Monitor for StealMonitor {
                     run.window.push(snap.at, steal, snap.training.on_cpu_ns);
                     run.last = snap;
                 }
-                let (steal0, pre0) = steal_of(&run.first);
-                let (steal1, pre1) = steal_of(&run.last);
+                let (_, pre0) = steal_of(&run.first);
+                let (_, pre1) = steal_of(&run.last);
                 let wait = run
                     .last
                     .training
                     .runq_wait_ns
                     .saturating_sub(run.first.training.runq_wait_ns);
-                report.stolen_from_training_s = Some(steal1.saturating_sub(steal0) as f64 / 1e9);
+                report.stolen_from_training_s = Some(run.window.steal_ns() as f64 / 1e9);
                 report.stolen_fraction = Some(run.window.fraction_total().unwrap_or(0.0));
                 report.preemptions_of_training = Some(pre1.saturating_sub(pre0));
                 report.training_runq_wait_s = Some(wait as f64 / 1e9);

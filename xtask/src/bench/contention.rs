@@ -14,8 +14,8 @@
 //! `enforcer run --cpu 0.5 --no-idle` / `--cpu-weight 1 --no-idle`; the
 //! enforcer row as `enforcer run --protect <training> --budget`, with the
 //! training's progress file in its config. The `budget loop` rows run the
-//! enforcer's own controller (`enforcer/src/budget/controller.rs`, included
-//! by path) in this process on a v1 `cpu` cgroup it creates under its own
+//! enforcer's own controller (`enforcer_model::controller`, the crate the
+//! agent runs it from) in this process on a v1 `cpu` cgroup it creates under its own
 //! and removes afterwards, fed with the training's schedstat wait instead of
 //! the eBPF steal meter: that counts waits behind any task, so it
 //! over-reports steal on a shared host (erring on the training's side); they
@@ -35,10 +35,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use super::{
-    controller::{Controller, ControllerConfig, Observation, Quota, StealCounters},
-    plot, workload,
+use enforcer_model::{
+    StealCounters, Window,
+    controller::{Controller, ControllerConfig, CpuControls, Observation, Quota},
 };
+
+use super::{plot, workload};
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -786,8 +788,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
 
 fn apply(
     cg: &BenchCgroup,
-    before: Option<&super::controller::CpuControls>,
-    to: &super::controller::CpuControls,
+    before: Option<&CpuControls>,
+    to: &CpuControls,
     period_us: u64,
 ) -> Result<()> {
     if before.is_none_or(|b| b.idle != to.idle) {
@@ -808,25 +810,28 @@ fn policy_slug(p: Policy) -> String {
         .map_or_else(|| format!("{p:?}"), |v| v.get_name().to_owned())
 }
 
+/// The training's schedstat wait as the steal counters of the loop rows.
+fn counters(t: &Tick) -> StealCounters {
+    StealCounters::from_ns(t.delay_ns, t.run_ns)
+}
+
 fn fraction(a: &Tick, b: &Tick) -> f64 {
-    let d = b.delay_ns.saturating_sub(a.delay_ns) as f64;
-    let r = b.run_ns.saturating_sub(a.run_ns) as f64;
-    if d + r > 0.0 { d / (d + r) } else { 0.0 }
+    counters(b).since(counters(a)).fraction_or_zero()
 }
 
 /// `(t, fraction over [t − 1 s, t])` for every tick at least 1 s in.
 fn trailing_fractions(ticks: &[Tick]) -> Vec<(f64, f64)> {
-    let mut out = Vec::new();
-    let mut j = 0;
-    for (i, b) in ticks.iter().enumerate() {
-        while j < i && ticks[j + 1].t <= b.t - 1.0 {
-            j += 1;
-        }
-        if b.t - ticks[j].t >= 0.95 {
-            out.push((b.t, fraction(&ticks[j], b)));
-        }
-    }
-    out
+    const LENGTH: Duration = Duration::from_secs(1);
+    let mut window = Window::new(LENGTH);
+    ticks
+        .iter()
+        .filter_map(|tick| {
+            window.push(Duration::from_secs_f64(tick.t), counters(tick));
+            let span = window.trailing(LENGTH)?;
+            (span.elapsed() >= Duration::from_millis(950))
+                .then(|| (tick.t, span.last.since(*span.first).fraction_or_zero()))
+        })
+        .collect()
 }
 
 fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row> {
@@ -1128,4 +1133,41 @@ pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(t: f64, delay_ms: u64, run_ms: u64) -> Tick {
+        Tick {
+            t,
+            step: 0,
+            run_ns: run_ms * 1_000_000,
+            delay_ns: delay_ms * 1_000_000,
+            eval_cpu_s: 0.0,
+            quota_cores: None,
+            frozen: false,
+            judged: None,
+        }
+    }
+
+    #[test]
+    fn trailing_fractions_start_a_second_in_and_cover_the_last_second() {
+        // 10 % wait for the first second, 30 % after, 100 ms ticks.
+        let mut ticks = Vec::new();
+        let (mut delay, mut run) = (0, 0);
+        for i in 0..=20u64 {
+            ticks.push(tick(i as f64 / 10.0, delay, run));
+            let d = if i < 10 { 10 } else { 30 };
+            delay += d;
+            run += 100 - d;
+        }
+        let out = trailing_fractions(&ticks);
+        assert_eq!(out.len(), 11, "{out:?}");
+        assert!((out[0].0 - 1.0).abs() < 1e-9 && (out[0].1 - 0.1).abs() < 1e-9);
+        let (t, f) = out[10];
+        assert!((t - 2.0).abs() < 1e-9 && (f - 0.3).abs() < 1e-9, "{t} {f}");
+        assert!((fraction(&ticks[0], &ticks[20]) - 0.2).abs() < 1e-9);
+    }
 }

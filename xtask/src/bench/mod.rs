@@ -12,12 +12,6 @@ pub mod plot;
 pub mod probe;
 pub mod workload;
 
-// The enforcer's controller is std-only so that the bench drives the very
-// code the agent runs without building the agent (and its eBPF object).
-#[path = "../../../enforcer/src/budget/controller.rs"]
-#[expect(dead_code, reason = "the bench uses part of the controller's API")]
-pub mod controller;
-
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]

@@ -1,24 +1,22 @@
-//! Stolen fraction over sliding windows and time over budget, computed from
-//! successive cumulative readings of one job's steal and the training
-//! workload's on-CPU time. Pure: no kernel, no clock; fed by the caller.
+//! One job's stolen fraction over sliding windows, over the whole job, and
+//! its time over budget: the numbers the steal meter logs and reports, and
+//! the budget loop's report when the meter has none.
 //!
-//! stolen fraction = steal / (training on-CPU time + steal), over a window
-//! (brief §2). A window in which training neither ran nor waited has a
-//! fraction of 0: nothing was stolen.
+//! Time over budget: the interval between two readings counts as over when
+//! the short-window fraction was over the budget at the first of them (the
+//! state held since the previous reading decides that interval).
 
-use std::{collections::VecDeque, time::Duration};
+use std::time::Duration;
+
+use crate::{
+    counters::{StealCounters, StealDelta},
+    window::{Span, Timestamp, Window},
+};
 
 /// The short window, the one held against the budget.
 pub const SHORT_WINDOW: Duration = Duration::from_secs(1);
 /// The long window, for reports and a steadier view.
 pub const LONG_WINDOW: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Sample {
-    at: Duration,
-    steal_ns: u64,
-    training_on_cpu_ns: u64,
-}
 
 /// A change of the budget state, reported once per transition.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,35 +27,24 @@ pub enum BudgetEvent {
     Recovered { fraction: f64, over_for: Duration },
 }
 
-/// Accountant of one job's steal against a budget.
+/// Accountant of one job's steal against a budget. `T` is the clock of the
+/// readings (a kernel timestamp by default).
 #[derive(Debug, Clone)]
-pub struct StealWindow {
+pub struct StealWindow<T = Duration> {
     budget: f64,
-    first: Option<Sample>,
-    samples: VecDeque<Sample>,
-    over_since: Option<Duration>,
+    first: Option<(T, StealCounters)>,
+    window: Window<T, StealCounters>,
+    over_since: Option<T>,
     over_budget: Duration,
 }
 
-fn fraction(from: &Sample, to: &Sample) -> f64 {
-    let steal = to.steal_ns.saturating_sub(from.steal_ns) as f64;
-    let ran = to
-        .training_on_cpu_ns
-        .saturating_sub(from.training_on_cpu_ns) as f64;
-    if steal + ran == 0.0 {
-        0.0
-    } else {
-        steal / (steal + ran)
-    }
-}
-
-impl StealWindow {
+impl<T: Timestamp> StealWindow<T> {
     /// `budget` is a fraction (0.05 for 5 %).
     pub fn new(budget: f64) -> Self {
         Self {
             budget,
             first: None,
-            samples: VecDeque::new(),
+            window: Window::new(LONG_WINDOW),
             over_since: None,
             over_budget: Duration::ZERO,
         }
@@ -67,34 +54,25 @@ impl StealWindow {
         self.budget
     }
 
-    /// Adds a cumulative reading taken at `at` (a monotonic time). Returns
-    /// the budget transition it caused, if any.
-    pub fn push(
-        &mut self,
-        at: Duration,
-        steal_ns: u64,
-        training_on_cpu_ns: u64,
-    ) -> Option<BudgetEvent> {
-        let sample = Sample {
-            at,
-            steal_ns,
-            training_on_cpu_ns,
-        };
-        let previous = self.samples.back().copied();
-        if previous.is_some_and(|p| at <= p.at) {
+    /// Adds a cumulative reading in nanoseconds; see [`StealWindow::record`].
+    pub fn push(&mut self, at: T, steal_ns: u64, training_on_cpu_ns: u64) -> Option<BudgetEvent> {
+        self.record(at, StealCounters::from_ns(steal_ns, training_on_cpu_ns))
+    }
+
+    /// Adds a cumulative reading taken at `at`. Returns the budget
+    /// transition it caused, if any. A reading not after the previous one is
+    /// ignored.
+    pub fn record(&mut self, at: T, counters: StealCounters) -> Option<BudgetEvent> {
+        let previous = self.window.newest().map(|(t, _)| t);
+        if previous.is_some_and(|p| at <= p) {
             return None;
         }
-        self.first.get_or_insert(sample);
-        self.samples.push_back(sample);
-        // Keep one sample at or before the long window's start.
-        while self.samples.len() > 2 && at.saturating_sub(self.samples[1].at) >= LONG_WINDOW {
-            self.samples.pop_front();
-        }
+        self.first.get_or_insert((at, counters));
+        self.window.push(at, counters);
         let short = self.fraction_over(SHORT_WINDOW)?;
         let over = short > self.budget;
-        // The state held since the previous reading decides that interval.
         if let (Some(_), Some(prev)) = (self.over_since, previous) {
-            self.over_budget += at - prev.at;
+            self.over_budget += at.since(prev);
         }
         match (over, self.over_since) {
             (true, None) => {
@@ -105,40 +83,51 @@ impl StealWindow {
                 self.over_since = None;
                 Some(BudgetEvent::Recovered {
                     fraction: short,
-                    over_for: at - since,
+                    over_for: at.since(since),
                 })
             }
             _ => None,
         }
     }
 
-    /// Stolen fraction over the last `window` (or over what is known, when
-    /// the readings do not reach back that far); `None` before two readings.
-    pub fn fraction_over(&self, window: Duration) -> Option<f64> {
-        let last = self.samples.back()?;
-        let start = last.at.saturating_sub(window);
-        // The latest sample at or before the window's start, else the oldest.
-        let from = self
-            .samples
-            .iter()
-            .rev()
-            .find(|s| s.at <= start)
-            .or_else(|| self.samples.front())?;
-        (from.at < last.at).then(|| fraction(from, last))
+    /// The span of readings over the last `length` (or over what is known,
+    /// when the readings do not reach back that far).
+    pub fn span(&self, length: Duration) -> Option<Span<'_, T, StealCounters>> {
+        self.window.trailing(length)
     }
 
-    /// Stolen fraction since the first reading.
+    /// Stolen fraction over the last `window` (or over what is known, when
+    /// the readings do not reach back that far); `None` before two readings.
+    /// A span in which the training neither ran nor waited has a fraction
+    /// of 0: nothing was stolen.
+    pub fn fraction_over(&self, window: Duration) -> Option<f64> {
+        let span = self.span(window)?;
+        (span.elapsed() > Duration::ZERO).then(|| span.last.since(*span.first).fraction_or_zero())
+    }
+
+    /// Whether no reading was taken yet.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// Steal and training time since the first reading.
+    pub fn total(&self) -> Option<StealDelta> {
+        let (_, first) = self.first?;
+        let (_, last) = self.window.newest()?;
+        Some(last.since(first))
+    }
+
+    /// Stolen fraction since the first reading; `None` before two readings.
     pub fn fraction_total(&self) -> Option<f64> {
-        let (first, last) = (self.first?, self.samples.back()?);
-        (first.at < last.at).then(|| fraction(&first, last))
+        let (start, _) = self.first?;
+        let (end, _) = self.window.newest()?;
+        (start < end).then(|| self.total().unwrap_or_default().fraction_or_zero())
     }
 
     /// Steal since the first reading, ns.
     pub fn steal_ns(&self) -> u64 {
-        match (self.first, self.samples.back()) {
-            (Some(f), Some(l)) => l.steal_ns.saturating_sub(f.steal_ns),
-            _ => 0,
-        }
+        self.total()
+            .map_or(0, |d| u64::try_from(d.steal.as_nanos()).unwrap_or(u64::MAX))
     }
 
     /// Time the short-window fraction spent above the budget.
@@ -176,6 +165,8 @@ mod tests {
     fn no_reading_pair_means_no_fraction_and_idle_training_means_zero() {
         let mut w = StealWindow::new(0.05);
         assert_eq!(w.fraction_over(SHORT_WINDOW), None);
+        assert_eq!(w.fraction_total(), None);
+        assert_eq!(w.steal_ns(), 0);
         w.push(secs(0.0), 0, 0);
         assert_eq!(w.fraction_over(SHORT_WINDOW), None);
         w.push(secs(1.0), 0, 0);
@@ -235,10 +226,34 @@ mod tests {
     }
 
     #[test]
+    fn time_over_budget_counts_the_intervals_that_started_over() {
+        let mut w = StealWindow::new(0.10);
+        w.push(secs(0.0), 0, 0);
+        // Over from the first judged reading on: 0.1 → 0.3 counts, not 0 → 0.1.
+        w.push(secs(0.1), 50 * MS, 50 * MS);
+        assert_eq!(w.over_budget(), Duration::ZERO);
+        w.push(secs(0.3), 100 * MS, 100 * MS);
+        assert_eq!(w.over_budget(), secs(0.2));
+        assert!(w.is_over());
+    }
+
+    #[test]
+    fn a_meter_reset_reads_as_no_steal_not_as_a_jump() {
+        let mut w = StealWindow::new(0.05);
+        w.push(secs(0.0), 500 * MS, 500 * MS);
+        w.push(secs(0.5), 0, 0);
+        w.push(secs(1.0), 0, 100 * MS);
+        assert_eq!(w.fraction_over(SHORT_WINDOW), Some(0.0));
+        assert_eq!(w.steal_ns(), 0);
+        assert_eq!(w.over_budget(), Duration::ZERO);
+    }
+
+    #[test]
     fn out_of_order_readings_are_ignored() {
         let mut w = StealWindow::new(0.05);
         w.push(secs(1.0), 0, 0);
         w.push(secs(0.5), 10 * MS, 0);
+        w.push(secs(1.0), 10 * MS, 0);
         w.push(secs(2.0), 10 * MS, 90 * MS);
         assert_eq!(w.fraction_total(), Some(0.1));
     }

@@ -5,9 +5,9 @@
 //!
 //! It owns no file, no clock and no cgroup: the supervisor feeds it
 //! [`Observation`]s with a timestamp and applies the [`Decision`]s it returns
-//! (see [`super::actuator`]). That keeps every rule testable on synthetic or
-//! recorded signals, and lets `cargo xtask bench contention` drive the very
-//! same code (this file depends on `std` only; xtask includes it by path).
+//! (the agent's `budget::actuator`). That keeps every rule testable on
+//! synthetic or recorded signals, and lets `cargo xtask bench contention`
+//! drive the very same code.
 //!
 //! The policy, in the order it is applied each control period:
 //! - the job runs in the idle scheduling class (unless configured off) and
@@ -29,17 +29,14 @@
 //!
 //! The training process is never touched: every output is a control on the
 //! job's cgroup.
+//!
+//! Where the loop stands is one [`Phase`]; the slowdown signal's own state
+//! (heeded or ignored for a while) is a [`SlowdownHeed`].
 
-use std::{collections::VecDeque, fmt, time::Duration, time::Instant};
+use std::{fmt, time::Duration, time::Instant};
 
-/// Cumulative counters for one job, as read from the steal meter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StealCounters {
-    /// Training run-queue wait attributed to this job, since the job started.
-    pub steal: Duration,
-    /// Training on-CPU time over the same span.
-    pub training_on_cpu: Duration,
-}
+pub use crate::counters::StealCounters;
+use crate::{counters::cores, window::Window};
 
 /// What was measured at one control period.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -317,9 +314,34 @@ impl ControllerConfig {
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    at: Instant,
     steal: Option<StealCounters>,
     job_cpu: Option<Duration>,
+}
+
+/// Where the loop stands between two periods.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// Tightening and relaxing the quota on the signals.
+    Regulating,
+    /// At the floor with the job's own steal over the freeze threshold,
+    /// unbroken since `since`: frozen once that lasts `freeze_after`.
+    OverAtFloor { since: Instant },
+    /// At the floor with the slowdown over budget and the job's steal quiet
+    /// since `since`: the quota holds while it is decided whose slowdown it
+    /// is (see [`Reason::NotTheJob`]).
+    Blaming { since: Instant },
+    /// Frozen at `at` for `length`; thawed at the first period after.
+    Frozen { at: Instant, length: Duration },
+}
+
+/// Whether slowdown readings count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SlowdownHeed {
+    /// They count; `over_since`: since when the slowdown has been over
+    /// budget, unbroken.
+    Heeded { over_since: Option<Instant> },
+    /// Ignored until then (see [`Reason::NotTheJob`]).
+    Ignored { until: Instant },
 }
 
 /// The controller for one job. Create it when the job starts, apply
@@ -330,22 +352,17 @@ pub struct Controller {
     /// `config.max_cores` as configured: placements only lower it.
     node_cores: f64,
     controls: CpuControls,
-    samples: VecDeque<Sample>,
+    samples: Window<Instant, Sample>,
+    phase: Phase,
+    slowdown: SlowdownHeed,
+    /// When the controls last changed (the signal is judged only after it).
     last_change: Option<Instant>,
+    /// When the quota last shrank (relaxing waits `hold_off` after it).
     last_tighten: Option<Instant>,
+    /// When the slowdown last shrank it (at most once a `slowdown_interval`).
     last_slowdown_tighten: Option<Instant>,
-    /// Since when the slowdown has been over budget, unbroken.
-    slowdown_over_since: Option<Instant>,
     /// The quota before the first slowdown tightening of a series.
     quota_before_slowdown: Option<Quota>,
-    /// Since when the job has sat at the floor with the slowdown over budget
-    /// and its own steal quiet.
-    floor_slowdown_since: Option<Instant>,
-    /// Slowdown readings are ignored until then (see `Reason::NotTheJob`).
-    slowdown_ignored_until: Option<Instant>,
-    over_at_floor_since: Option<Instant>,
-    frozen_at: Option<Instant>,
-    freeze_for: Duration,
     last_fraction: Option<f64>,
 }
 
@@ -359,21 +376,22 @@ impl Controller {
         };
         Self {
             node_cores: config.max_cores,
+            samples: Window::new(config.window),
             config,
             controls,
-            samples: VecDeque::new(),
+            phase: Phase::Regulating,
+            slowdown: SlowdownHeed::Heeded { over_since: None },
             last_change: None,
             last_tighten: None,
             last_slowdown_tighten: None,
-            slowdown_over_since: None,
             quota_before_slowdown: None,
-            floor_slowdown_since: None,
-            slowdown_ignored_until: None,
-            over_at_floor_since: None,
-            frozen_at: None,
-            freeze_for: Duration::ZERO,
             last_fraction: None,
         }
+    }
+
+    /// Where the loop stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
     }
 
     pub fn config(&self) -> &ControllerConfig {
@@ -415,7 +433,9 @@ impl Controller {
     pub fn placed(&mut self, now: Instant, cores: f64) -> Option<Decision> {
         self.config.max_cores = cores.min(self.node_cores).max(self.config.floor_cores);
         self.last_change = Some(now);
-        self.over_at_floor_since = None;
+        if let Phase::OverAtFloor { .. } = self.phase {
+            self.phase = Phase::Regulating;
+        }
         if self.controls.frozen {
             return None;
         }
@@ -432,35 +452,45 @@ impl Controller {
         let fraction = self.stolen_fraction(now);
         self.last_fraction = fraction;
 
-        if let Some(frozen_at) = self.frozen_at {
-            let frozen_for = now.saturating_duration_since(frozen_at);
-            if frozen_for < self.freeze_for {
+        if let Phase::Frozen { at, length } = self.phase {
+            let frozen_for = now.saturating_duration_since(at);
+            if frozen_for < length {
                 return None;
             }
-            self.frozen_at = None;
-            self.over_at_floor_since = None;
+            self.phase = Phase::Regulating;
             // The signal window must not judge the thawed job on the frozen
             // span, and the relax hold-off starts again.
             self.last_tighten = Some(now);
             return Some(self.change(now, |c| c.frozen = false, Reason::Thaw { frozen_for }));
         }
 
+        if let SlowdownHeed::Ignored { until } = self.slowdown
+            && now >= until
+        {
+            self.slowdown = SlowdownHeed::Heeded { over_since: None };
+        }
         let slowdown = obs
             .training_slowdown
             .filter(|s| s.is_finite())
-            .filter(|_| self.slowdown_ignored_until.is_none_or(|t| now >= t));
+            .filter(|_| matches!(self.slowdown, SlowdownHeed::Heeded { .. }));
         // The strongest of the two signals decides; slowdown may tighten only
         // once per `slowdown_interval` because it lags by its own window.
         let steal_over = fraction.is_some_and(|f| f > self.config.budget);
         let slowdown_can_tighten = self
             .last_slowdown_tighten
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
-        let slowdown_over = if slowdown.is_some_and(|s| s > self.config.budget) {
-            let since = *self.slowdown_over_since.get_or_insert(now);
-            now.saturating_duration_since(since) >= self.config.slowdown_persist
-        } else {
-            self.slowdown_over_since = None;
-            false
+        let slowdown_over = match &mut self.slowdown {
+            SlowdownHeed::Heeded { over_since }
+                if slowdown.is_some_and(|s| s > self.config.budget) =>
+            {
+                let since = *over_since.get_or_insert(now);
+                now.saturating_duration_since(since) >= self.config.slowdown_persist
+            }
+            SlowdownHeed::Heeded { over_since } => {
+                *over_since = None;
+                false
+            }
+            SlowdownHeed::Ignored { .. } => false,
         };
 
         if let Some(decision) =
@@ -468,7 +498,7 @@ impl Controller {
         {
             return Some(decision);
         }
-        if self.floor_slowdown_since.is_some() {
+        if let Phase::Blaming { .. } = self.phase {
             // Held at the floor while it is decided whose slowdown it is.
             return None;
         }
@@ -483,7 +513,9 @@ impl Controller {
             };
             return self.over_budget(now, signal, value, fraction);
         }
-        self.over_at_floor_since = None;
+        if let Phase::OverAtFloor { .. } = self.phase {
+            self.phase = Phase::Regulating;
+        }
 
         // Under budget on every available signal: relax if comfortably under.
         let (signal, value) = match (fraction, slowdown) {
@@ -563,10 +595,18 @@ impl Controller {
             // Slowdown is not attributed to this job: only its own steal may
             // freeze it.
             let Some(f) = fraction.filter(|f| *f > cfg.freeze_above * cfg.budget) else {
-                self.over_at_floor_since = None;
+                if let Phase::OverAtFloor { .. } = self.phase {
+                    self.phase = Phase::Regulating;
+                }
                 return None;
             };
-            let since = *self.over_at_floor_since.get_or_insert(now);
+            let since = match self.phase {
+                Phase::OverAtFloor { since } => since,
+                _ => {
+                    self.phase = Phase::OverAtFloor { since: now };
+                    now
+                }
+            };
             let over_for = now.saturating_duration_since(since);
             if over_for < cfg.freeze_after {
                 return None;
@@ -577,8 +617,7 @@ impl Controller {
             let length = over_for
                 .mul_f64((f / target - 1.0).max(0.0))
                 .clamp(cfg.freeze_min, cfg.freeze_max);
-            self.frozen_at = Some(now);
-            self.freeze_for = length;
+            self.phase = Phase::Frozen { at: now, length };
             return Some(self.change(
                 now,
                 |c| c.frozen = true,
@@ -617,10 +656,18 @@ impl Controller {
             matches!(self.controls.quota, Quota::Cores(q) if q <= cfg.floor_cores + 1e-9);
         let steal_quiet = fraction.is_some_and(|f| f < cfg.relax_below * cfg.budget);
         if !(at_floor && slowdown_only && steal_quiet && !self.controls.frozen) {
-            self.floor_slowdown_since = None;
+            if let Phase::Blaming { .. } = self.phase {
+                self.phase = Phase::Regulating;
+            }
             return None;
         }
-        let since = *self.floor_slowdown_since.get_or_insert(now);
+        let since = match self.phase {
+            Phase::Blaming { since } => since,
+            _ => {
+                self.phase = Phase::Blaming { since: now };
+                now
+            }
+        };
         let held = now.saturating_duration_since(since);
         if held < cfg.slowdown_blame_after {
             return None;
@@ -630,9 +677,10 @@ impl Controller {
             .quota_before_slowdown
             .take()
             .unwrap_or_else(|| cfg.start_quota());
-        self.floor_slowdown_since = None;
-        self.slowdown_over_since = None;
-        self.slowdown_ignored_until = Some(now + ignore_for);
+        self.phase = Phase::Regulating;
+        self.slowdown = SlowdownHeed::Ignored {
+            until: now + ignore_for,
+        };
         Some(self.change(
             now,
             |c| c.quota = back,
@@ -662,61 +710,49 @@ impl Controller {
     }
 
     fn record(&mut self, obs: Observation, now: Instant) {
-        self.samples.push_back(Sample {
-            at: now,
-            steal: obs.steal,
-            job_cpu: obs.job_cpu,
-        });
-        // Keep one sample at or before the window's start as its anchor.
-        let horizon = now.checked_sub(self.config.window).unwrap_or(now);
-        while self.samples.len() > 2 && self.samples[1].at <= horizon {
-            self.samples.pop_front();
-        }
+        self.samples.push(
+            now,
+            Sample {
+                steal: obs.steal,
+                job_cpu: obs.job_cpu,
+            },
+        );
     }
 
-    /// The oldest sample of the judged span: within the window, not before
-    /// the last change.
-    fn anchor(&self, now: Instant) -> Option<&Sample> {
+    /// The judged span: within the window, not before the last change.
+    fn judged(&self, now: Instant) -> Option<crate::window::Span<'_, Instant, Sample>> {
         let horizon = now.checked_sub(self.config.window).unwrap_or(now);
         let start = match self.last_change {
             Some(c) if c > horizon => c,
             _ => horizon,
         };
-        self.samples.iter().find(|s| s.at >= start).or_else(|| {
-            // `horizon` itself may fall between samples: the last one before
-            // it still bounds a span no longer than the window plus a period.
-            self.samples.iter().rev().find(|s| s.at < start)
-        })
+        // `horizon` itself may fall between samples: the last one before it
+        // still bounds a span no longer than the window plus a period.
+        self.samples.since(start)
     }
 
     fn stolen_fraction(&self, now: Instant) -> Option<f64> {
-        let last = self.samples.back()?;
-        let first = self.anchor(now)?;
-        if last.at.saturating_duration_since(first.at) < self.config.min_span {
+        let span = self.judged(now)?;
+        if span.elapsed() < self.config.min_span {
             return None;
         }
-        let (a, b) = (first.steal?, last.steal?);
-        let steal = b.steal.saturating_sub(a.steal);
-        let on_cpu = b.training_on_cpu.saturating_sub(a.training_on_cpu);
-        let total = steal + on_cpu;
-        if total < self.config.min_training_time {
+        let delta = span.last.steal?.since(span.first.steal?);
+        if delta.training_time() < self.config.min_training_time {
             return None;
         }
-        Some(steal.as_secs_f64() / total.as_secs_f64())
+        delta.fraction()
     }
 
     /// The job's CPU use over the judged span, in cores; `None` over less
     /// than half a window, too short for a use that ramps up or is sampled
     /// in clock ticks.
     fn job_cores(&self, now: Instant) -> Option<f64> {
-        let last = self.samples.back()?;
-        let first = self.anchor(now)?;
-        let span = last.at.saturating_duration_since(first.at);
-        if span < self.config.window / 2 {
+        let span = self.judged(now)?;
+        if span.elapsed() < self.config.window / 2 {
             return None;
         }
-        let used = last.job_cpu?.saturating_sub(first.job_cpu?);
-        Some(used.as_secs_f64() / span.as_secs_f64())
+        let used = span.last.job_cpu?.saturating_sub(span.first.job_cpu?);
+        cores(used, span.elapsed())
     }
 }
 
@@ -1048,6 +1084,64 @@ mod tests {
         assert_eq!(*thaw_at - *freeze_at, Duration::from_secs(10));
         assert!(!thaw.controls.frozen);
         assert_eq!(thaw.controls.quota, Quota::Cores(0.1));
+    }
+
+    #[test]
+    fn phases_run_regulating_over_at_floor_frozen_and_back() {
+        let (mut c, mut sim) = controller();
+        assert_eq!(c.phase(), Phase::Regulating);
+        let mut phases = vec![c.phase()];
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.40 };
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            c.step(obs, sim.now);
+            let p = c.phase();
+            if std::mem::discriminant(&p) != std::mem::discriminant(phases.last().expect("one")) {
+                phases.push(p);
+            }
+        }
+        let names: Vec<_> = phases
+            .iter()
+            .map(|p| match p {
+                Phase::Regulating => "regulating",
+                Phase::OverAtFloor { .. } => "over at floor",
+                Phase::Blaming { .. } => "blaming",
+                Phase::Frozen { .. } => "frozen",
+            })
+            .collect();
+        assert_eq!(
+            &names[..4],
+            ["regulating", "over at floor", "frozen", "regulating"],
+            "{phases:?}"
+        );
+        let Some(Phase::Frozen { length, .. }) =
+            phases.iter().find(|p| matches!(p, Phase::Frozen { .. }))
+        else {
+            panic!("{phases:?}")
+        };
+        assert_eq!(*length, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_slowdown_at_the_floor_with_quiet_steal_is_held_while_blamed() {
+        let (mut c, mut sim) = controller();
+        let mut blaming_from = None;
+        for _ in 0..600 {
+            let mut obs = sim.advance(0.0, 0.1);
+            obs.training_slowdown = Some(0.12);
+            let d = c.step(obs, sim.now);
+            if let Phase::Blaming { since } = c.phase() {
+                blaming_from.get_or_insert(since);
+                assert_eq!(d, None, "the quota holds while blaming");
+            }
+            if d.is_some_and(|d| matches!(d.reason, Reason::NotTheJob { .. })) {
+                assert_eq!(c.phase(), Phase::Regulating);
+                let since = blaming_from.expect("blamed before deciding");
+                assert!(sim.now - since >= Duration::from_secs(5));
+                return;
+            }
+        }
+        panic!("never decided the slowdown was not the job's");
     }
 
     #[test]
