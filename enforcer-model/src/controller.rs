@@ -9,31 +9,46 @@
 //! synthetic or recorded signals, and lets `cargo xtask bench contention`
 //! drive the very same code.
 //!
-//! The policy, in the order it is applied each control period:
-//! - the job runs in the idle scheduling class (unless configured off) and
-//!   starts under a quota of [`ControllerConfig::start_cores`];
-//! - the signal is the stolen fraction over the recent window, but never over
-//!   samples older than the last change (a tightening is judged on what
-//!   happened after it, not before), and the true slowdown when the training
-//!   progress file gives one;
-//! - over budget: the quota shrinks multiplicatively (halved when far over),
-//!   from the job's measured use when that is below the quota, never below the
-//!   floor;
-//! - under the relax threshold and after a hold-off since the last tightening:
-//!   the quota grows by a fixed step; past the node's CPU count it is removed;
+//! **The budget, in one sentence:** the share of the training's CPU time
+//! stolen by the job, over every [`ControllerConfig::horizon`] (10 s) and
+//! over the whole job, stays under the budget; with a progress file, the
+//! training's slowdown averaged over the same horizon is held to it too.
+//!
+//! The loop spends that budget rather than fearing it:
+//! - the job starts in the idle scheduling class (unless configured off)
+//!   without a quota: the idle class alone is never second-guessed until a
+//!   measurement says it does not hold the budget;
+//! - the budget used is the stolen fraction over the horizon (the whole job
+//!   while it is shorter than that); the loop projects it
+//!   [`ControllerConfig::lookahead`] ahead at the current rate (the fraction
+//!   over the last second, judged only after the last change). A spike that
+//!   the horizon absorbs changes nothing; a rate that would spend the budget
+//!   before a correction takes effect tightens;
+//! - tightening cuts the quota in proportion to how far the current rate is
+//!   over the target (`spend × budget`), from the job's measured use when
+//!   that is below the quota, never below the floor;
+//! - relaxing, once the projection is under `relax_below × budget` and after
+//!   a hold-off since the last tightening, grows the quota geometrically;
+//!   past the node's CPU count it is removed (back to the idle class alone);
 //! - at the floor, still over budget on the job's own steal for a sustained
 //!   time (the last resort): the job is frozen, long enough that the steal
 //!   averaged over the run at the floor and the freeze lands at the relax
-//!   threshold (bounded), then thawed at the floor. Slowdown alone never
-//!   freezes: it is not attributed to this job.
+//!   threshold (bounded), then thawed at the floor;
+//! - a slowdown over budget that the steal does not explain (cache, memory
+//!   bandwidth, or load from outside the jobs) is blamed by experiment: the
+//!   job is paused for [`ControllerConfig::experiment_length`] and the
+//!   training's slowdown compared. If pausing helped, the job is the cause:
+//!   its quota is cut and the slowdown is heeded as its own for a while. If
+//!   not, the pause is undone and the slowdown ignored for a while.
 //!
 //! The training process is never touched: every output is a control on the
 //! job's cgroup.
 //!
 //! Where the loop stands is one [`Phase`]; the slowdown signal's own state
-//! (heeded or ignored for a while) is a [`SlowdownHeed`].
+//! (heeded, known to be the job's, or ignored for a while) is a
+//! [`SlowdownHeed`].
 
-use std::{fmt, time::Duration, time::Instant};
+use std::{collections::VecDeque, fmt, time::Duration, time::Instant};
 
 pub use crate::counters::StealCounters;
 use crate::{counters::cores, window::Window};
@@ -103,14 +118,40 @@ impl fmt::Display for Signal {
     }
 }
 
+/// Who a slowdown the steal does not explain was found to come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Pausing the job lowered the slowdown: the job (cache, memory
+    /// bandwidth, anything but CPU time).
+    Job,
+    /// Pausing the job changed nothing: load from outside the jobs.
+    Elsewhere,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Job => "job",
+            Cause::Elsewhere => "elsewhere",
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why the controls changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reason {
     /// The job starts: idle class and the start quota.
     Start,
-    /// Over budget: the quota shrank.
+    /// The budget would be spent: the quota shrank. `value` is the current
+    /// rate.
     Tighten { signal: Signal, value: f64 },
-    /// Under the relax threshold after the hold-off: the quota grew.
+    /// Well under budget after the hold-off: the quota grew.
     Relax { signal: Signal, value: f64 },
     /// The quota grew past the node's CPUs: removed.
     Unlimit { signal: Signal, value: f64 },
@@ -126,15 +167,57 @@ pub enum Reason {
     /// The job was moved to other CPUs (`cores` of them): the quota starts
     /// again from the start value within them.
     Placed { cores: f64 },
-    /// The slowdown stayed over budget for `held` with the job at the floor
-    /// and its steal quiet: not the job's doing. Its quota goes back to what
-    /// it was before the slowdown tightened it, and the slowdown is ignored
-    /// for `ignore_for`.
+    /// A slowdown of `value` over budget that the job's steal (`steal`) does
+    /// not explain: the job is paused for `length` to see whether it is the
+    /// cause.
+    Experiment {
+        value: f64,
+        steal: f64,
+        length: Duration,
+    },
+    /// The experiment answered: pausing the job for `held` did not lower
+    /// the slowdown (`value`): not the job's doing. Its controls go back to
+    /// what they were before, and the slowdown is ignored for `ignore_for`.
     NotTheJob {
         value: f64,
         held: Duration,
         ignore_for: Duration,
     },
+    /// The experiment answered: the slowdown fell from `value` to `paused`
+    /// while the job was paused: the job is the cause. Its quota is cut and
+    /// the slowdown counts as its own for `heed_for`.
+    TheJob {
+        value: f64,
+        paused: f64,
+        heed_for: Duration,
+    },
+}
+
+impl Reason {
+    /// A short name for events and reports.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Reason::Start => "start",
+            Reason::Tighten { .. } => "tighten",
+            Reason::Relax { .. } => "relax",
+            Reason::Unlimit { .. } => "unlimit",
+            Reason::Freeze { .. } => "freeze",
+            Reason::Thaw { .. } => "thaw",
+            Reason::Placed { .. } => "placed",
+            Reason::Experiment { .. } => "blame_experiment",
+            Reason::NotTheJob { .. } => "slowdown_not_from_job",
+            Reason::TheJob { .. } => "slowdown_from_job",
+        }
+    }
+
+    /// The answer of a blame experiment, when this is one.
+    pub fn blame(&self) -> Option<Cause> {
+        match self {
+            Reason::NotTheJob { .. } => Some(Cause::Elsewhere),
+            Reason::TheJob { .. } => Some(Cause::Job),
+            _ => None,
+        }
+    }
 }
 
 /// A change of the job's CPU controls, with the reason, for the actuator, the
@@ -161,7 +244,7 @@ impl fmt::Display for Decision {
             ),
             Reason::Tighten { signal, value } => write!(
                 f,
-                "{signal} {:.1}% over budget {budget:.1}%: quota {from} -> {to}",
+                "{signal} {:.1}% would spend budget {budget:.1}% over the horizon: quota {from} -> {to}",
                 pct(value)
             ),
             Reason::Relax { signal, value } => write!(
@@ -193,24 +276,46 @@ impl fmt::Display for Decision {
             Reason::Placed { cores } => {
                 write!(f, "job placed on {cores:.0} CPUs: quota {from} -> {to}")
             }
+            Reason::Experiment {
+                value,
+                steal,
+                length,
+            } => write!(
+                f,
+                "training slowdown {:.1}% over budget {budget:.1}% not explained by the job's stolen fraction {:.1}%: job paused {:.1}s to see whether it is the cause",
+                pct(value),
+                pct(steal),
+                length.as_secs_f64()
+            ),
             Reason::NotTheJob {
                 value,
                 held,
                 ignore_for,
             } => write!(
                 f,
-                "training slowdown {:.1}% stayed over budget {budget:.1}% for {:.1}s with the job at the floor and its steal quiet: not the job's doing; quota {from} -> {to}, slowdown ignored for {:.0}s",
+                "training slowdown {:.1}% did not fall while the job was paused {:.1}s: not the job's doing; controls back to quota {to}, slowdown ignored for {:.0}s",
                 pct(value),
                 held.as_secs_f64(),
                 ignore_for.as_secs_f64()
+            ),
+            Reason::TheJob {
+                value,
+                paused,
+                heed_for,
+            } => write!(
+                f,
+                "training slowdown fell from {:.1}% to {:.1}% while the job was paused: the job is the cause; quota {from} -> {to}, its slowdown heeded for {:.0}s",
+                pct(value),
+                pct(paused),
+                heed_for.as_secs_f64()
             ),
         }
     }
 }
 
 /// Tuning of the controller. The defaults come from measurements on a
-/// 2-vCPU node (BRIEF §3): idle class plus about one core of quota held
-/// training slowdown at 0–3 %, smaller quotas throttle in bursts.
+/// 2-vCPU node (BRIEF §3): the idle class alone often holds the budget;
+/// quotas well under one core throttle in bursts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerConfig {
     /// The budget on the stolen fraction and the slowdown, as a fraction.
@@ -219,27 +324,39 @@ pub struct ControllerConfig {
     pub idle: bool,
     /// CPUs of the node: quotas at or above it mean unlimited.
     pub max_cores: f64,
-    /// Quota the job starts with; `None` starts unlimited.
+    /// Quota the job starts with; `None` starts unlimited (the default: the
+    /// idle class alone until a measurement says otherwise).
     pub start_cores: Option<f64>,
     /// The quota never goes below this, so evaluation always progresses.
     pub floor_cores: f64,
-    /// The signal window: the stolen fraction is taken over at most this much
-    /// recent history.
+    /// The current rate: the stolen fraction over at most this much recent
+    /// history, never over samples older than the last change.
     pub window: Duration,
+    /// The budget holds over every span this long (and over the whole job).
+    pub horizon: Duration,
+    /// The budget used over the horizon is projected this far ahead at the
+    /// current rate: about the time a change takes to show in the rate.
+    pub lookahead: Duration,
+    /// Tighten when the projection is over `spend × budget` and the current
+    /// rate is too; the cut aims the rate at that target.
+    pub spend: f64,
     /// A fraction over less than this span (after a change) is not judged.
     pub min_span: Duration,
     /// Training on-CPU plus steal in the window below which the fraction
     /// means nothing (the training was idle): no decision.
     pub min_training_time: Duration,
-    /// Multiplicative decrease when over budget...
+    /// The mildest cut of a tightening (quota × this at most)...
     pub decrease: f64,
-    /// ...and when over `2 × budget`.
+    /// ...and the strongest.
     pub decrease_far: f64,
-    /// Relax only while the signal is below `relax_below × budget`; between
-    /// that and the budget the quota holds (a dead band against sawtooth).
+    /// Relax only while the projection is below `relax_below × budget`;
+    /// between that and `spend × budget` the quota holds (a dead band
+    /// against sawtooth).
     pub relax_below: f64,
-    /// Additive increase per relax step, in cores.
+    /// A relax step grows the quota by at least this, in cores...
     pub increase_cores: f64,
+    /// ...and at least by this factor.
+    pub increase_factor: f64,
     /// Minimum time between two relax steps.
     pub increase_interval: Duration,
     /// No relax for this long after a tightening.
@@ -252,13 +369,17 @@ pub struct ControllerConfig {
     /// to the next on a busy 2-vCPU node), so one high reading is not
     /// interference.
     pub slowdown_persist: Duration,
-    /// At the floor, with the job's stolen fraction under the relax
-    /// threshold, a slowdown still over budget after this long is not the
-    /// job's doing (other load on the node)...
+    /// A slowdown over budget that the steal does not explain for this long
+    /// starts a blame experiment.
     pub slowdown_blame_after: Duration,
-    /// ...and is then ignored this long, with the job back at its quota from
-    /// before the slowdown tightened it.
+    /// The experiment's answer holds this long: an outside slowdown is
+    /// ignored, the job's own is heeded without asking again.
     pub slowdown_ignore_for: Duration,
+    /// How long the job is paused to see whether it causes a slowdown.
+    pub experiment_length: Duration,
+    /// The pause must lower the slowdown by this × budget for the job to be
+    /// the cause (less is noise between rate windows).
+    pub experiment_effect: f64,
     /// Freeze when the stolen fraction at the floor stays above
     /// `freeze_above × budget`...
     pub freeze_above: f64,
@@ -284,26 +405,31 @@ impl ControllerConfig {
     /// Defaults for a node with `cpus` CPUs and the given budget fraction.
     pub fn new(budget: f64, cpus: f64) -> Self {
         let cpus = cpus.max(1.0);
-        let floor = 0.1;
         Self {
             budget,
             idle: true,
             max_cores: cpus,
-            start_cores: Some((cpus / 2.0).max(1.0).min(cpus).max(floor)),
-            floor_cores: floor,
+            start_cores: None,
+            floor_cores: 0.1,
             window: Duration::from_secs(1),
+            horizon: Duration::from_secs(10),
+            lookahead: Duration::from_secs(2),
+            spend: 0.9,
             min_span: Duration::from_millis(200),
             min_training_time: Duration::from_millis(20),
-            decrease: 0.75,
+            decrease: 0.9,
             decrease_far: 0.5,
-            relax_below: 0.6,
+            relax_below: 0.7,
             increase_cores: 0.05,
+            increase_factor: 1.15,
             increase_interval: Duration::from_millis(250),
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
             slowdown_persist: Duration::from_secs(2),
-            slowdown_blame_after: Duration::from_secs(5),
+            slowdown_blame_after: Duration::from_secs(3),
             slowdown_ignore_for: Duration::from_secs(30),
+            experiment_length: Duration::from_millis(1500),
+            experiment_effect: 0.5,
             freeze_above: 1.0,
             freeze_after: Duration::from_secs(2),
             freeze_min: Duration::from_millis(500),
@@ -326,10 +452,13 @@ pub enum Phase {
     /// At the floor with the job's own steal over the freeze threshold,
     /// unbroken since `since`: frozen once that lasts `freeze_after`.
     OverAtFloor { since: Instant },
-    /// At the floor with the slowdown over budget and the job's steal quiet
-    /// since `since`: the quota holds while it is decided whose slowdown it
-    /// is (see [`Reason::NotTheJob`]).
-    Blaming { since: Instant },
+    /// The job was paused at `at` to see whether it causes a slowdown of
+    /// `slowdown`; `before` are the controls to go back to.
+    Experimenting {
+        at: Instant,
+        before: CpuControls,
+        slowdown: f64,
+    },
     /// Frozen at `at` for `length`; thawed at the first period after.
     Frozen { at: Instant, length: Duration },
 }
@@ -338,10 +467,46 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SlowdownHeed {
     /// They count; `over_since`: since when the slowdown has been over
-    /// budget, unbroken.
+    /// budget, unbroken. One the steal does not explain is blamed by
+    /// experiment.
     Heeded { over_since: Option<Instant> },
+    /// An experiment found the job to be the cause: until then a slowdown
+    /// over budget tightens without another experiment.
+    TheJobs {
+        over_since: Option<Instant>,
+        until: Instant,
+    },
     /// Ignored until then (see [`Reason::NotTheJob`]).
     Ignored { until: Instant },
+}
+
+/// The budget used so far, as [`Controller::budget_used`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetUsed {
+    /// Stolen fraction over the horizon (the whole job while shorter).
+    pub steal: f64,
+    /// Mean slowdown over the horizon, when the progress file gives one.
+    pub slowdown: Option<f64>,
+    /// The budget (fraction).
+    pub budget: f64,
+}
+
+impl BudgetUsed {
+    /// The larger of the two signals: what is held against the budget.
+    pub fn used(&self) -> f64 {
+        self.slowdown.map_or(self.steal, |s| s.max(self.steal))
+    }
+}
+
+impl fmt::Display for BudgetUsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.1}% of {:.1}%",
+            self.used() * 100.0,
+            self.budget * 100.0
+        )
+    }
 }
 
 /// The controller for one job. Create it when the job starts, apply
@@ -353,6 +518,8 @@ pub struct Controller {
     node_cores: f64,
     controls: CpuControls,
     samples: Window<Instant, Sample>,
+    /// Slowdown readings over the horizon.
+    slowdowns: VecDeque<(Instant, f64)>,
     phase: Phase,
     slowdown: SlowdownHeed,
     /// When the controls last changed (the signal is judged only after it).
@@ -361,9 +528,9 @@ pub struct Controller {
     last_tighten: Option<Instant>,
     /// When the slowdown last shrank it (at most once a `slowdown_interval`).
     last_slowdown_tighten: Option<Instant>,
-    /// The quota before the first slowdown tightening of a series.
-    quota_before_slowdown: Option<Quota>,
     last_fraction: Option<f64>,
+    last_horizon: Option<f64>,
+    last_blame: Option<Cause>,
 }
 
 impl Controller {
@@ -376,7 +543,8 @@ impl Controller {
         };
         Self {
             node_cores: config.max_cores,
-            samples: Window::new(config.window),
+            samples: Window::new(config.horizon.max(config.window)),
+            slowdowns: VecDeque::new(),
             config,
             controls,
             phase: Phase::Regulating,
@@ -384,8 +552,9 @@ impl Controller {
             last_change: None,
             last_tighten: None,
             last_slowdown_tighten: None,
-            quota_before_slowdown: None,
             last_fraction: None,
+            last_horizon: None,
+            last_blame: None,
         }
     }
 
@@ -409,6 +578,21 @@ impl Controller {
         self.last_fraction
     }
 
+    /// The budget used over the horizon at the last step; `None` before
+    /// there was a usable steal signal.
+    pub fn budget_used(&self) -> Option<BudgetUsed> {
+        Some(BudgetUsed {
+            steal: self.last_horizon?,
+            slowdown: self.horizon_slowdown(),
+            budget: self.config.budget,
+        })
+    }
+
+    /// The answer of the last blame experiment, if one ran.
+    pub fn last_blame(&self) -> Option<Cause> {
+        self.last_blame
+    }
+
     /// The controls to apply when the job starts.
     pub fn start(&mut self, now: Instant) -> Decision {
         self.last_change = Some(now);
@@ -429,19 +613,21 @@ impl Controller {
     /// its node from now on, the quota starts again from the start value
     /// within it (the old one was found for other CPUs), and the signal is
     /// judged only on what happens after the move. A frozen job stays
-    /// frozen until its thaw.
+    /// frozen until its thaw (or the end of its experiment).
     pub fn placed(&mut self, now: Instant, cores: f64) -> Option<Decision> {
         self.config.max_cores = cores.min(self.node_cores).max(self.config.floor_cores);
         self.last_change = Some(now);
         if let Phase::OverAtFloor { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
+        let quota = self.config.start_quota();
+        if let Phase::Experimenting { before, .. } = &mut self.phase {
+            before.quota = quota;
+        }
         if self.controls.frozen {
             return None;
         }
-        let quota = self.config.start_quota();
         self.last_tighten = None;
-        self.quota_before_slowdown = None;
         Some(self.change(now, |c| c.quota = quota, Reason::Placed { cores }))
     }
 
@@ -451,59 +637,89 @@ impl Controller {
         self.record(obs, now);
         let fraction = self.stolen_fraction(now);
         self.last_fraction = fraction;
+        let horizon = self.horizon_fraction();
+        self.last_horizon = horizon;
+        let slowdown_reading = obs.training_slowdown.filter(|s| s.is_finite());
 
-        if let Phase::Frozen { at, length } = self.phase {
-            let frozen_for = now.saturating_duration_since(at);
-            if frozen_for < length {
-                return None;
+        match self.phase {
+            Phase::Frozen { at, length } => {
+                let frozen_for = now.saturating_duration_since(at);
+                if frozen_for < length {
+                    return None;
+                }
+                self.phase = Phase::Regulating;
+                // The signal window must not judge the thawed job on the
+                // frozen span, and the relax hold-off starts again.
+                self.last_tighten = Some(now);
+                return Some(self.change(now, |c| c.frozen = false, Reason::Thaw { frozen_for }));
             }
-            self.phase = Phase::Regulating;
-            // The signal window must not judge the thawed job on the frozen
-            // span, and the relax hold-off starts again.
-            self.last_tighten = Some(now);
-            return Some(self.change(now, |c| c.frozen = false, Reason::Thaw { frozen_for }));
+            Phase::Experimenting {
+                at,
+                before,
+                slowdown,
+            } => {
+                let held = now.saturating_duration_since(at);
+                if held < self.config.experiment_length {
+                    return None;
+                }
+                return Some(self.conclude(now, held, before, slowdown, slowdown_reading));
+            }
+            Phase::Regulating | Phase::OverAtFloor { .. } => {}
         }
 
-        if let SlowdownHeed::Ignored { until } = self.slowdown
-            && now >= until
-        {
+        let heed_until = match self.slowdown {
+            SlowdownHeed::Ignored { until } | SlowdownHeed::TheJobs { until, .. } => Some(until),
+            SlowdownHeed::Heeded { .. } => None,
+        };
+        if heed_until.is_some_and(|until| now >= until) {
             self.slowdown = SlowdownHeed::Heeded { over_since: None };
         }
-        let slowdown = obs
-            .training_slowdown
-            .filter(|s| s.is_finite())
-            .filter(|_| matches!(self.slowdown, SlowdownHeed::Heeded { .. }));
-        // The strongest of the two signals decides; slowdown may tighten only
-        // once per `slowdown_interval` because it lags by its own window.
-        let steal_over = fraction.is_some_and(|f| f > self.config.budget);
-        let slowdown_can_tighten = self
-            .last_slowdown_tighten
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
-        let slowdown_over = match &mut self.slowdown {
-            SlowdownHeed::Heeded { over_since }
-                if slowdown.is_some_and(|s| s > self.config.budget) =>
-            {
-                let since = *over_since.get_or_insert(now);
-                now.saturating_duration_since(since) >= self.config.slowdown_persist
+        let slowdown =
+            slowdown_reading.filter(|_| !matches!(self.slowdown, SlowdownHeed::Ignored { .. }));
+        let projected = self.projected(horizon, fraction, now);
+        let slowdown_projected = slowdown.and_then(|s| {
+            let mean = self.horizon_slowdown()?;
+            Some(self.project(mean, s, self.slowdown_span(now)))
+        });
+        let target = self.config.spend * self.config.budget;
+        // The budget would be spent: the horizon's projection and the
+        // current rate are both over the target.
+        let steal_over =
+            projected.is_some_and(|p| p > target) && fraction.is_some_and(|f| f > target);
+        let slowdown_over_now =
+            slowdown.is_some_and(|s| s > target) && slowdown_projected.is_some_and(|p| p > target);
+        let persisted = match &mut self.slowdown {
+            SlowdownHeed::Heeded { over_since } | SlowdownHeed::TheJobs { over_since, .. } => {
+                if slowdown_over_now {
+                    let since = *over_since.get_or_insert(now);
+                    Some(now.saturating_duration_since(since))
+                } else {
+                    *over_since = None;
+                    None
+                }
             }
-            SlowdownHeed::Heeded { over_since } => {
-                *over_since = None;
-                false
-            }
-            SlowdownHeed::Ignored { .. } => false,
+            SlowdownHeed::Ignored { .. } => None,
         };
+        let slowdown_over = persisted.is_some_and(|d| d >= self.config.slowdown_persist);
 
-        if let Some(decision) =
-            self.blame_elsewhere(now, slowdown_over && !steal_over, fraction, slowdown)
+        // A slowdown the steal does not explain: the job's steal would
+        // account for at most its own level of slowdown.
+        if let (Some(held), Some(s), SlowdownHeed::Heeded { .. }) =
+            (persisted, slowdown, self.slowdown)
         {
-            return Some(decision);
-        }
-        if let Phase::Blaming { .. } = self.phase {
-            // Held at the floor while it is decided whose slowdown it is.
-            return None;
+            let steal_level = horizon.unwrap_or(0.0).max(fraction.unwrap_or(0.0));
+            let explained = steal_level + self.config.experiment_effect * self.config.budget >= s;
+            if !explained && held >= self.config.slowdown_blame_after && !self.controls.frozen {
+                return Some(self.experiment(now, s, steal_level));
+            }
         }
 
-        if steal_over || (slowdown_over && slowdown_can_tighten) {
+        let slowdown_can_tighten = matches!(self.slowdown, SlowdownHeed::TheJobs { .. })
+            && slowdown_over
+            && self
+                .last_slowdown_tighten
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
+        if steal_over || slowdown_can_tighten {
             let (signal, value) = match (fraction, slowdown) {
                 (Some(f), Some(s)) if slowdown_can_tighten && s > f => (Signal::Slowdown, s),
                 (Some(f), _) if steal_over => (Signal::Steal, f),
@@ -511,23 +727,27 @@ impl Controller {
                 (Some(f), None) => (Signal::Steal, f),
                 (None, None) => return None,
             };
-            return self.over_budget(now, signal, value, fraction);
+            return self.over_budget(now, signal, value, fraction, projected);
         }
         if let Phase::OverAtFloor { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
 
-        // Under budget on every available signal: relax if comfortably under.
-        let (signal, value) = match (fraction, slowdown) {
-            (Some(f), Some(s)) if s > f => (Signal::Slowdown, s),
-            (Some(f), _) => (Signal::Steal, f),
+        // Comfortably under budget on every available signal: relax.
+        let relax_at = self.config.relax_below * self.config.budget;
+        let (Some(p), Some(f)) = (projected, fraction) else {
             // Without the steal signal the loop holds: slowdown alone is too
             // slow and too noisy to grow the quota on.
-            (None, _) => return None,
+            return None;
         };
-        if value >= self.config.relax_below * self.config.budget {
+        if p >= relax_at || f >= target {
             return None;
         }
+        let (signal, value) = match slowdown_projected {
+            Some(s) if s >= relax_at => return None,
+            Some(s) if s > p => (Signal::Slowdown, s),
+            _ => (Signal::Steal, p),
+        };
         let held_off = self
             .last_tighten
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.hold_off);
@@ -537,12 +757,10 @@ impl Controller {
         if !held_off || !spaced {
             return None;
         }
-        // Back on the normal path: a later slowdown series starts afresh.
-        self.quota_before_slowdown = None;
         match self.controls.quota {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
-                let next = q + self.config.increase_cores;
+                let next = (q + self.config.increase_cores).max(q * self.config.increase_factor);
                 if next >= self.config.max_cores {
                     Some(self.change(
                         now,
@@ -560,12 +778,92 @@ impl Controller {
         }
     }
 
+    /// Pauses the job to see whether it causes the slowdown `value`.
+    fn experiment(&mut self, now: Instant, value: f64, steal: f64) -> Decision {
+        let length = self.config.experiment_length;
+        self.phase = Phase::Experimenting {
+            at: now,
+            before: self.controls,
+            slowdown: value,
+        };
+        self.change(
+            now,
+            |c| c.frozen = true,
+            Reason::Experiment {
+                value,
+                steal,
+                length,
+            },
+        )
+    }
+
+    /// The experiment ran: compare the slowdown while paused with the one
+    /// before, act on the answer.
+    fn conclude(
+        &mut self,
+        now: Instant,
+        held: Duration,
+        before: CpuControls,
+        value: f64,
+        paused: Option<f64>,
+    ) -> Decision {
+        let cfg = &self.config;
+        let heed_for = cfg.slowdown_ignore_for;
+        self.phase = Phase::Regulating;
+        // The paused span must not count for or against the job.
+        self.slowdowns.clear();
+        self.last_tighten = Some(now);
+        let helped = paused.filter(|p| value - p >= cfg.experiment_effect * cfg.budget);
+        match helped {
+            Some(paused) => {
+                self.last_blame = Some(Cause::Job);
+                self.slowdown = SlowdownHeed::TheJobs {
+                    over_since: None,
+                    until: now + heed_for,
+                };
+                self.last_slowdown_tighten = Some(now);
+                let current = before.quota.cores().unwrap_or(cfg.max_cores);
+                let base = self.job_cores(now).map_or(current, |u| u.min(current));
+                let factor = (cfg.spend * cfg.budget / value).clamp(cfg.decrease_far, cfg.decrease);
+                let next = (base * factor).max(cfg.floor_cores);
+                self.change(
+                    now,
+                    |c| {
+                        *c = before;
+                        c.quota = Quota::Cores(next);
+                    },
+                    Reason::TheJob {
+                        value,
+                        paused,
+                        heed_for,
+                    },
+                )
+            }
+            None => {
+                self.last_blame = Some(Cause::Elsewhere);
+                self.slowdown = SlowdownHeed::Ignored {
+                    until: now + heed_for,
+                };
+                self.change(
+                    now,
+                    |c| *c = before,
+                    Reason::NotTheJob {
+                        value,
+                        held,
+                        ignore_for: heed_for,
+                    },
+                )
+            }
+        }
+    }
+
     fn over_budget(
         &mut self,
         now: Instant,
         signal: Signal,
         value: f64,
         fraction: Option<f64>,
+        projected: Option<f64>,
     ) -> Option<Decision> {
         let cfg = &self.config;
         let current = match self.controls.quota {
@@ -577,11 +875,10 @@ impl Controller {
         // but never more than two far steps at once: a job that is still
         // starting up uses little and would land on the floor.
         let base = self.job_cores(now).map_or(current, |u| u.min(current));
-        let factor = if value > 2.0 * cfg.budget {
-            cfg.decrease_far
-        } else {
-            cfg.decrease
-        };
+        // Aim the rate at the target, assuming steal in proportion to the
+        // job's CPU.
+        let target = cfg.spend * cfg.budget;
+        let factor = (target / value.max(1e-9)).clamp(cfg.decrease_far, cfg.decrease);
         let lowest = current * cfg.decrease_far * cfg.decrease_far;
         let mut next = (base * factor).max(lowest).max(cfg.floor_cores);
         // A step that would stop just above the floor goes to it: no
@@ -592,9 +889,12 @@ impl Controller {
         let at_floor = current <= cfg.floor_cores + 1e-9;
 
         if at_floor {
-            // Slowdown is not attributed to this job: only its own steal may
-            // freeze it.
-            let Some(f) = fraction.filter(|f| *f > cfg.freeze_above * cfg.budget) else {
+            // Only the job's own steal may freeze it, and only when the
+            // horizon is really being overspent.
+            let Some(f) = fraction
+                .filter(|f| *f > cfg.freeze_above * cfg.budget)
+                .filter(|_| projected.is_some_and(|p| p > cfg.budget))
+            else {
                 if let Phase::OverAtFloor { .. } = self.phase {
                     self.phase = Phase::Regulating;
                 }
@@ -631,64 +931,11 @@ impl Controller {
         self.last_tighten = Some(now);
         if signal == Signal::Slowdown {
             self.last_slowdown_tighten = Some(now);
-            self.quota_before_slowdown
-                .get_or_insert(self.controls.quota);
         }
         Some(self.change(
             now,
             |c| c.quota = Quota::Cores(next),
             Reason::Tighten { signal, value },
-        ))
-    }
-
-    /// At the floor, a slowdown over budget while the job's own steal is
-    /// quiet: after `slowdown_blame_after` of that, it is not the job's (the
-    /// floor left it nowhere lower to go and nothing improved).
-    fn blame_elsewhere(
-        &mut self,
-        now: Instant,
-        slowdown_only: bool,
-        fraction: Option<f64>,
-        slowdown: Option<f64>,
-    ) -> Option<Decision> {
-        let cfg = &self.config;
-        let at_floor =
-            matches!(self.controls.quota, Quota::Cores(q) if q <= cfg.floor_cores + 1e-9);
-        let steal_quiet = fraction.is_some_and(|f| f < cfg.relax_below * cfg.budget);
-        if !(at_floor && slowdown_only && steal_quiet && !self.controls.frozen) {
-            if let Phase::Blaming { .. } = self.phase {
-                self.phase = Phase::Regulating;
-            }
-            return None;
-        }
-        let since = match self.phase {
-            Phase::Blaming { since } => since,
-            _ => {
-                self.phase = Phase::Blaming { since: now };
-                now
-            }
-        };
-        let held = now.saturating_duration_since(since);
-        if held < cfg.slowdown_blame_after {
-            return None;
-        }
-        let ignore_for = cfg.slowdown_ignore_for;
-        let back = self
-            .quota_before_slowdown
-            .take()
-            .unwrap_or_else(|| cfg.start_quota());
-        self.phase = Phase::Regulating;
-        self.slowdown = SlowdownHeed::Ignored {
-            until: now + ignore_for,
-        };
-        Some(self.change(
-            now,
-            |c| c.quota = back,
-            Reason::NotTheJob {
-                value: slowdown.unwrap_or(0.0),
-                held,
-                ignore_for,
-            },
         ))
     }
 
@@ -717,6 +964,17 @@ impl Controller {
                 job_cpu: obs.job_cpu,
             },
         );
+        if let Some(s) = obs.training_slowdown.filter(|s| s.is_finite()) {
+            self.slowdowns.push_back((now, s));
+        }
+        let horizon = self.config.horizon;
+        while self
+            .slowdowns
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > horizon)
+        {
+            self.slowdowns.pop_front();
+        }
     }
 
     /// The judged span: within the window, not before the last change.
@@ -741,6 +999,57 @@ impl Controller {
             return None;
         }
         delta.fraction()
+    }
+
+    /// The stolen fraction over the horizon, whatever changed in it: the
+    /// budget spent stays spent.
+    fn horizon_fraction(&self) -> Option<f64> {
+        let span = self.samples.trailing(self.config.horizon)?;
+        if span.elapsed() < self.config.min_span {
+            return None;
+        }
+        let delta = span.last.steal?.since(span.first.steal?);
+        if delta.training_time() < self.config.min_training_time {
+            return None;
+        }
+        delta.fraction()
+    }
+
+    fn horizon_span(&self) -> Duration {
+        self.samples
+            .trailing(self.config.horizon)
+            .map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    fn horizon_slowdown(&self) -> Option<f64> {
+        if self.slowdowns.is_empty() {
+            return None;
+        }
+        Some(self.slowdowns.iter().map(|(_, s)| s).sum::<f64>() / self.slowdowns.len() as f64)
+    }
+
+    fn slowdown_span(&self, now: Instant) -> Duration {
+        self.slowdowns
+            .front()
+            .map_or(Duration::ZERO, |(t, _)| now.saturating_duration_since(*t))
+    }
+
+    /// What the mean `mean` over `span` becomes `lookahead` from now if the
+    /// rate stays at `current` (over a full horizon the oldest part drops
+    /// out; this assumes it was at the mean). A short history weighs little
+    /// against the current rate.
+    fn project(&self, mean: f64, current: f64, span: Duration) -> f64 {
+        let ahead = self.config.lookahead.as_secs_f64();
+        let weight = ahead / (span.as_secs_f64() + ahead).max(1e-9);
+        mean + (current - mean) * weight
+    }
+
+    fn projected(&self, horizon: Option<f64>, fraction: Option<f64>, _now: Instant) -> Option<f64> {
+        let h = horizon?;
+        Some(match fraction {
+            Some(f) => self.project(h, f, self.horizon_span()),
+            None => h,
+        })
     }
 
     /// The job's CPU use over the judged span, in cores; `None` over less
@@ -806,7 +1115,9 @@ mod tests {
 
     fn controller() -> (Controller, Sim) {
         let sim = Sim::new();
-        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(1.0);
+        let mut c = Controller::new(cfg);
         let d = c.start(sim.now);
         assert_eq!(d.reason, Reason::Start);
         (c, sim)
@@ -814,6 +1125,277 @@ mod tests {
 
     fn quota(c: &Controller) -> f64 {
         c.controls().quota.cores().unwrap_or(f64::INFINITY)
+    }
+
+    /// A controller with the defaults: idle class, no quota.
+    fn idle_only() -> (Controller, Sim) {
+        let sim = Sim::new();
+        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
+        c.start(sim.now);
+        (c, sim)
+    }
+
+    /// The stolen fraction of every full horizon (10 s) of a run, from the
+    /// per-period fractions.
+    fn horizon_fractions(per_period: &[f64]) -> Vec<f64> {
+        let n = (Duration::from_secs(10).as_millis() / PERIOD.as_millis()) as usize;
+        per_period
+            .windows(n)
+            .map(|w| w.iter().sum::<f64>() / n as f64)
+            .collect()
+    }
+
+    #[test]
+    fn starts_in_the_idle_class_without_a_quota() {
+        let (c, _) = idle_only();
+        assert_eq!(
+            c.controls(),
+            CpuControls {
+                idle: true,
+                quota: Quota::Unlimited,
+                frozen: false
+            }
+        );
+    }
+
+    #[test]
+    fn the_idle_class_alone_within_budget_is_left_alone() {
+        // The case: 2–3 % over the job, spikes of 6–11 % over a few
+        // hundred ms. The horizon absorbs them: the job keeps all its CPU.
+        let (mut c, mut sim) = idle_only();
+        for i in 0..600 {
+            let f = match i % 20 {
+                10..=12 => 0.11,
+                _ => 0.015,
+            };
+            let obs = sim.advance(f, 2.0);
+            assert_eq!(c.step(obs, sim.now), None, "at {:?}", sim.elapsed());
+        }
+        let used = c.budget_used().expect("budget used");
+        assert!(used.steal < 0.05, "{used}");
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+    }
+
+    #[test]
+    fn a_rate_that_would_spend_the_budget_tightens_in_proportion() {
+        let (mut c, mut sim) = idle_only();
+        let mut first = None;
+        while sim.elapsed() < Duration::from_secs(1) {
+            let obs = sim.advance(0.09, 2.0);
+            if let Some(d) = c.step(obs, sim.now) {
+                first.get_or_insert(d);
+            }
+        }
+        let d = first.expect("a tightening within a second");
+        assert!(matches!(
+            d.reason,
+            Reason::Tighten {
+                signal: Signal::Steal,
+                ..
+            }
+        ));
+        // 9 % against the 4.5 % target: half of the two cores.
+        let q = d.controls.quota.cores().expect("a quota");
+        assert!((q - 1.0).abs() < 1e-6, "quota {q}");
+        // 6 % against 4.5 %: × 0.75 — a proportional cut, not a halving.
+        let (mut c, mut sim) = idle_only();
+        let mut first = None;
+        for _ in 0..10 {
+            let obs = sim.advance(0.06, 2.0);
+            first = first.or(c.step(obs, sim.now));
+        }
+        let q = first
+            .expect("tightened")
+            .controls
+            .quota
+            .cores()
+            .expect("a quota");
+        assert!((q - 1.5).abs() < 1e-6, "quota {q}");
+    }
+
+    #[test]
+    fn a_spike_is_cut_only_when_the_horizon_cannot_absorb_it() {
+        // 1 % for 9 s, then 10 % : the horizon has room for a while.
+        let (mut c, mut sim) = idle_only();
+        for _ in 0..90 {
+            let obs = sim.advance(0.01, 2.0);
+            assert_eq!(c.step(obs, sim.now), None);
+        }
+        let mut cut_at = None;
+        for _ in 0..100 {
+            let obs = sim.advance(0.10, 2.0);
+            if c.step(obs, sim.now).is_some() {
+                cut_at = Some(sim.elapsed());
+                break;
+            }
+        }
+        let at = cut_at.expect("cut once the budget would be spent");
+        assert!(at > Duration::from_millis(9500), "cut at {at:?}");
+        // ...and before the horizon's fraction passed the budget.
+        assert!(c.budget_used().expect("used").steal < 0.05);
+    }
+
+    #[test]
+    fn relaxes_only_after_the_hold_off_and_back_to_unlimited() {
+        let (mut c, mut sim) = idle_only();
+        let mut tightened_at = None;
+        while tightened_at.is_none() {
+            let obs = sim.advance(0.2, 2.0);
+            if c.step(obs, sim.now).is_some() {
+                tightened_at = Some(sim.now);
+            }
+        }
+        let tightened_at = tightened_at.expect("tightened");
+        let mut relaxes = Vec::new();
+        for _ in 0..300 {
+            let obs = sim.advance(0.0, quota(&c).min(2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                assert!(
+                    matches!(d.reason, Reason::Relax { .. } | Reason::Unlimit { .. }),
+                    "{d}"
+                );
+                relaxes.push((sim.now - tightened_at, d));
+            }
+        }
+        assert!(relaxes[0].0 >= Duration::from_secs(1), "{:?}", relaxes[0]);
+        for w in relaxes.windows(2) {
+            assert!(w[1].0 - w[0].0 >= Duration::from_millis(250));
+        }
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+    }
+
+    /// A plant: the training loses `0.05 × cores` of the job to steal (10 %
+    /// at two cores, the idle class alone).
+    fn plant(quota: f64) -> f64 {
+        0.05 * quota.min(2.0)
+    }
+
+    #[test]
+    fn on_a_plant_the_budget_holds_over_every_horizon_and_is_spent() {
+        let (mut c, mut sim) = idle_only();
+        let mut per_period = Vec::new();
+        for _ in 0..1200 {
+            let q = quota(&c);
+            let f = if c.controls().frozen { 0.0 } else { plant(q) };
+            per_period.push(f);
+            let obs = sim.advance(f, q.min(2.0));
+            c.step(obs, sim.now);
+        }
+        let horizons = horizon_fractions(&per_period);
+        let worst = horizons.iter().copied().fold(0.0, f64::max);
+        let whole = per_period.iter().sum::<f64>() / per_period.len() as f64;
+        assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+        assert!(whole <= 0.05, "whole job {whole}");
+        // Spent, not feared: the last minute runs at 70–100 % of the budget.
+        let late = &horizons[horizons.len() - 500..];
+        let least = late.iter().copied().fold(1.0, f64::min);
+        assert!(least >= 0.7 * 0.05, "least 10 s window late {least}");
+        let used = c.budget_used().expect("used");
+        assert!(used.to_string().ends_with("of 5.0%"), "{used}");
+    }
+
+    #[test]
+    fn a_slowdown_the_steal_does_not_explain_is_blamed_by_a_pause_and_undone_when_it_did_not_help()
+    {
+        let (mut c, mut sim) = idle_only();
+        let mut decisions = Vec::new();
+        // 12 % slowdown from load outside the jobs; the job steals 1 %.
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.01 };
+            let mut obs = sim.advance(f, 2.0);
+            obs.training_slowdown = Some(0.12);
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        let reasons: Vec<_> = decisions.iter().map(|(_, d)| d.reason.action()).collect();
+        assert_eq!(
+            reasons,
+            ["blame_experiment", "slowdown_not_from_job"],
+            "{decisions:?}"
+        );
+        let (start, pause) = &decisions[0];
+        let (end, answer) = &decisions[1];
+        assert!(pause.controls.frozen);
+        assert!(*start >= Duration::from_secs(3), "{start:?}");
+        assert_eq!(*end - *start, Duration::from_millis(1500));
+        // Undone: the controls from before the pause.
+        assert_eq!(answer.controls, pause.previous);
+        assert_eq!(c.last_blame(), Some(Cause::Elsewhere));
+        assert!(
+            answer.to_string().contains("not the job's doing"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn a_slowdown_that_a_pause_lowers_is_the_jobs_and_tightens_without_asking_again() {
+        let (mut c, mut sim) = idle_only();
+        let mut decisions = Vec::new();
+        // Memory-bandwidth interference: a slowdown in proportion to the
+        // job's CPU (8 % at two cores), none while it is paused; hardly any
+        // steal.
+        for _ in 0..600 {
+            let q = quota(&c).min(2.0);
+            let running = !c.controls().frozen;
+            let f = if running { 0.005 } else { 0.0 };
+            let mut obs = sim.advance(f, q);
+            obs.training_slowdown = Some(if running { 0.04 * q } else { 0.0 });
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push(d);
+            }
+        }
+        let reasons: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert_eq!(
+            reasons[..2],
+            ["blame_experiment", "slowdown_from_job"],
+            "{reasons:?}"
+        );
+        assert_eq!(c.last_blame(), Some(Cause::Job));
+        assert!(
+            decisions[1].to_string().contains("the job is the cause"),
+            "{}",
+            decisions[1]
+        );
+        // The answer holds 30 s: one experiment in that time; the slowdown
+        // then tightens on its own and holds the budget over the horizon.
+        let experiments = reasons.iter().filter(|r| **r == "blame_experiment").count();
+        assert!(experiments <= 2, "{reasons:?}");
+        let used = c.budget_used().expect("used");
+        assert!(used.used() <= 0.05, "{used}: {reasons:?}");
+        assert!(quota(&c) < 1.25, "quota {}", quota(&c));
+    }
+
+    #[test]
+    fn a_slowdown_the_steal_explains_is_held_by_the_steal_not_blamed() {
+        let (mut c, mut sim) = idle_only();
+        for _ in 0..200 {
+            let q = quota(&c);
+            let f = if c.controls().frozen { 0.0 } else { plant(q) };
+            let mut obs = sim.advance(f, q.min(2.0));
+            obs.training_slowdown = Some(f);
+            if let Some(d) = c.step(obs, sim.now) {
+                assert!(d.reason.blame().is_none(), "{d}");
+                assert!(!matches!(d.reason, Reason::Experiment { .. }), "{d}");
+            }
+        }
+    }
+
+    #[test]
+    fn slowdown_alone_pauses_the_job_only_for_the_experiment() {
+        let (mut c, mut sim) = idle_only();
+        let mut frozen_for = Duration::ZERO;
+        for _ in 0..400 {
+            let mut obs = sim.advance(0.0, 0.1);
+            obs.training_slowdown = Some(0.5);
+            c.step(obs, sim.now);
+            if c.controls().frozen {
+                frozen_for += PERIOD;
+            }
+        }
+        // One experiment per answer's validity (30 s) at most.
+        assert!(frozen_for <= Duration::from_millis(3000), "{frozen_for:?}");
+        assert!(!c.controls().frozen);
     }
 
     #[test]
@@ -855,70 +1437,27 @@ mod tests {
         assert!(q <= 0.5 + 1e-9, "quota {q}");
     }
 
-    /// A plant model: stolen fraction grows with the quota (what BRIEF §3
-    /// measured: ~0 at 0.25 core, ~5 % at 1 core, much more above).
-    fn plant(quota: f64) -> f64 {
-        (quota.min(2.0) * 0.08 - 0.02).max(0.0)
-    }
-
-    #[test]
-    fn starts_idle_with_half_the_cpus() {
-        let (c, _) = controller();
-        assert_eq!(
-            c.controls(),
-            CpuControls {
-                idle: true,
-                quota: Quota::Cores(1.0),
-                frozen: false
-            }
-        );
-    }
-
-    #[test]
-    fn over_budget_tightens_multiplicatively_within_a_second() {
-        let (mut c, mut sim) = controller();
-        let mut first = None;
-        while sim.elapsed() < Duration::from_secs(1) {
-            let obs = sim.advance(0.20, 1.0);
-            if let Some(d) = c.step(obs, sim.now) {
-                first.get_or_insert(d);
-            }
-        }
-        let d = first.expect("a tightening within a second");
-        assert!(matches!(
-            d.reason,
-            Reason::Tighten {
-                signal: Signal::Steal,
-                ..
-            }
-        ));
-        // Far over (20 % > 2 × 5 %): halved from the 1.0 core the job used.
-        assert_eq!(d.controls.quota, Quota::Cores(0.5));
-        assert!(quota(&c) <= 0.25 + 1e-9, "quota {}", quota(&c));
-    }
-
     #[test]
     fn tightens_from_measured_use_when_the_quota_does_not_bind() {
-        let mut c = Controller::new(ControllerConfig::new(0.05, 2.0));
-        let mut sim = Sim::new();
-        c.start(sim.now);
+        let (mut c, mut sim) = controller();
         // Under budget for a second (dead band: no change), then over.
         for _ in 0..10 {
             let obs = sim.advance(0.04, 0.6);
             assert_eq!(c.step(obs, sim.now), None);
         }
         let mut d = None;
-        for _ in 0..3 {
+        for _ in 0..10 {
             let obs = sim.advance(0.5, 0.6);
             d = d.or(c.step(obs, sim.now));
         }
-        // The first judgement sees 8.6 % over the 1 s window (over budget,
-        // under 2 × budget): × 0.75 of the 0.6 core used, not of the quota.
-        let d = d.expect("tightened");
-        match d.controls.quota {
-            Quota::Cores(q) => assert!((q - 0.45).abs() < 1e-6, "quota {q}"),
-            Quota::Unlimited => panic!("still unlimited"),
-        }
+        // A cut of the 0.6 core used, not of the 1 core quota.
+        let q = d
+            .expect("tightened")
+            .controls
+            .quota
+            .cores()
+            .expect("a quota");
+        assert!((0.3 - 1e-9..=0.54 + 1e-9).contains(&q), "quota {q}");
     }
 
     #[test]
@@ -943,7 +1482,13 @@ mod tests {
             let obs = sim.advance(0.5, 0.01);
             d = d.or(c.step(obs, sim.now));
         }
-        assert_eq!(d.expect("tightened").controls.quota, Quota::Cores(0.25));
+        let q = d
+            .expect("tightened")
+            .controls
+            .quota
+            .cores()
+            .expect("a quota");
+        assert!(q >= 0.25 - 1e-9, "quota {q}");
     }
 
     #[test]
@@ -964,39 +1509,6 @@ mod tests {
             }
         }
         assert_eq!(tightenings, 1);
-    }
-
-    #[test]
-    fn relaxes_additively_only_after_the_hold_off() {
-        let (mut c, mut sim) = controller();
-        // Force one tightening.
-        let mut tightened_at = None;
-        while tightened_at.is_none() {
-            let obs = sim.advance(0.2, 1.0);
-            if c.step(obs, sim.now).is_some() {
-                tightened_at = Some(sim.now);
-            }
-        }
-        let tightened_at = tightened_at.expect("tightened");
-        let q0 = quota(&c);
-        let mut relaxes = Vec::new();
-        for _ in 0..40 {
-            let obs = sim.advance(0.0, q0);
-            if let Some(d) = c.step(obs, sim.now) {
-                assert!(matches!(d.reason, Reason::Relax { .. }), "{d}");
-                relaxes.push((sim.now - tightened_at, quota(&c)));
-            }
-        }
-        let (first_at, first_q) = relaxes[0];
-        assert!(
-            first_at >= Duration::from_secs(1),
-            "relaxed after {first_at:?}"
-        );
-        assert!((first_q - q0 - 0.05).abs() < 1e-9);
-        for w in relaxes.windows(2) {
-            assert!(w[1].0 - w[0].0 >= Duration::from_millis(250));
-            assert!((w[1].1 - w[0].1 - 0.05).abs() < 1e-9);
-        }
     }
 
     #[test]
@@ -1105,7 +1617,7 @@ mod tests {
             .map(|p| match p {
                 Phase::Regulating => "regulating",
                 Phase::OverAtFloor { .. } => "over at floor",
-                Phase::Blaming { .. } => "blaming",
+                Phase::Experimenting { .. } => "experimenting",
                 Phase::Frozen { .. } => "frozen",
             })
             .collect();
@@ -1120,28 +1632,6 @@ mod tests {
             panic!("{phases:?}")
         };
         assert_eq!(*length, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn a_slowdown_at_the_floor_with_quiet_steal_is_held_while_blamed() {
-        let (mut c, mut sim) = controller();
-        let mut blaming_from = None;
-        for _ in 0..600 {
-            let mut obs = sim.advance(0.0, 0.1);
-            obs.training_slowdown = Some(0.12);
-            let d = c.step(obs, sim.now);
-            if let Phase::Blaming { since } = c.phase() {
-                blaming_from.get_or_insert(since);
-                assert_eq!(d, None, "the quota holds while blaming");
-            }
-            if d.is_some_and(|d| matches!(d.reason, Reason::NotTheJob { .. })) {
-                assert_eq!(c.phase(), Phase::Regulating);
-                let since = blaming_from.expect("blamed before deciding");
-                assert!(sim.now - since >= Duration::from_secs(5));
-                return;
-            }
-        }
-        panic!("never decided the slowdown was not the job's");
     }
 
     #[test]
@@ -1161,36 +1651,9 @@ mod tests {
             }
         }
         let (run, length) = freeze.expect("froze at 2 × budget");
-        // 10 % while running, 0 while frozen: average = 3 % = 0.6 × 5 %.
+        // 10 % while running, 0 while frozen: average = 3.5 % = 0.7 × 5 %.
         let avg = 0.10 * run.as_secs_f64() / (run + length).as_secs_f64();
-        assert!((avg - 0.03).abs() < 1e-3, "average {avg}");
-    }
-
-    #[test]
-    fn slowdown_over_budget_tightens_although_steal_is_not() {
-        let (mut c, mut sim) = controller();
-        let mut decisions = Vec::new();
-        for _ in 0..30 {
-            let mut obs = sim.advance(0.01, 1.0);
-            obs.training_slowdown = Some(0.08);
-            if let Some(d) = c.step(obs, sim.now) {
-                decisions.push((sim.elapsed(), d));
-            }
-        }
-        assert!(!decisions.is_empty());
-        for (_, d) in &decisions {
-            assert!(matches!(
-                d.reason,
-                Reason::Tighten {
-                    signal: Signal::Slowdown,
-                    ..
-                }
-            ));
-        }
-        // Not before it has been over for 2 s, then once per slowdown
-        // interval (2 s): at 2.0 s only, within 3 s.
-        assert_eq!(decisions.len(), 1, "{decisions:?}");
-        assert!(decisions[0].0 >= Duration::from_secs(2), "{decisions:?}");
+        assert!((avg - 0.035).abs() < 1e-3, "average {avg}");
     }
 
     #[test]
@@ -1207,77 +1670,6 @@ mod tests {
                     sim.elapsed()
                 );
             }
-        }
-    }
-
-    #[test]
-    fn a_slowdown_that_outlasts_the_floor_with_quiet_steal_is_not_the_jobs() {
-        let (mut c, mut sim) = controller();
-        let start = c.controls().quota;
-        let mut decisions = Vec::new();
-        // 60 s of a constant 12 % slowdown (other load on the node) while the
-        // job steals nothing.
-        for _ in 0..600 {
-            let mut obs = sim.advance(0.0, 0.1);
-            obs.training_slowdown = Some(0.12);
-            if let Some(d) = c.step(obs, sim.now) {
-                decisions.push((sim.elapsed(), d));
-            }
-        }
-        let (at, blamed) = decisions
-            .iter()
-            .find(|(_, d)| matches!(d.reason, Reason::NotTheJob { .. }))
-            .expect("the slowdown is found not to be the job's");
-        // Tightened to the floor first, then 5 s there.
-        assert_eq!(blamed.previous.quota, Quota::Cores(0.1), "{decisions:?}");
-        assert_eq!(
-            blamed.controls.quota, start,
-            "back to the quota before the slowdown"
-        );
-        // Ignored for 30 s afterwards: no slowdown tightening in that time.
-        assert!(
-            decisions.iter().all(|(t, d)| *t <= *at
-                || *t >= *at + Duration::from_secs(30)
-                || !matches!(
-                    d.reason,
-                    Reason::Tighten {
-                        signal: Signal::Slowdown,
-                        ..
-                    }
-                )),
-            "{decisions:?}"
-        );
-        assert!(
-            blamed.to_string().contains("not the job's doing"),
-            "{blamed}"
-        );
-    }
-
-    #[test]
-    fn a_slowdown_with_the_job_stealing_is_never_blamed_elsewhere() {
-        let (mut c, mut sim) = controller();
-        for _ in 0..600 {
-            // Steal right at the budget: not quiet.
-            let mut obs = sim.advance(0.05, 0.1);
-            obs.training_slowdown = Some(0.12);
-            if let Some(d) = c.step(obs, sim.now) {
-                assert!(!matches!(d.reason, Reason::NotTheJob { .. }), "{d}");
-            }
-        }
-    }
-
-    #[test]
-    fn slowdown_alone_never_freezes() {
-        let mut cfg = ControllerConfig::new(0.05, 2.0);
-        cfg.start_cores = Some(0.1);
-        let mut c = Controller::new(cfg);
-        let mut sim = Sim::new();
-        c.start(sim.now);
-        for _ in 0..100 {
-            let mut obs = sim.advance(0.0, 0.1);
-            obs.training_slowdown = Some(0.5);
-            let d = c.step(obs, sim.now);
-            assert!(d.is_none_or(|d| !d.controls.frozen));
         }
     }
 
@@ -1319,28 +1711,6 @@ mod tests {
             assert_eq!(c.step(obs, sim.now), None);
             assert_eq!(c.step(Observation::default(), sim.now), None);
         }
-    }
-
-    #[test]
-    fn on_a_plant_model_settles_under_budget_with_small_swing() {
-        let (mut c, mut sim) = controller();
-        let mut fractions = Vec::new();
-        for _ in 0..600 {
-            let q = quota(&c);
-            let obs = sim.advance(plant(q), q.min(2.0));
-            c.step(obs, sim.now);
-            if sim.elapsed() >= Duration::from_secs(20)
-                && let Some(f) = c.last_stolen_fraction()
-            {
-                fractions.push(f);
-            }
-        }
-        let max = fractions.iter().copied().fold(0.0, f64::max);
-        let min = fractions.iter().copied().fold(1.0, f64::min);
-        assert!(max <= 0.05 + 1e-9, "max {max}");
-        assert!(max - min <= 0.04, "swing {min}..{max}");
-        // And it does not starve the job: the quota stays well above the floor.
-        assert!(quota(&c) > 0.5, "quota {}", quota(&c));
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub const STEAL_FIELDS: [&str; 6] = [
 
 /// Fields whose `null` means "none" (no signal, no deadline fired, no quota
 /// set), not a metric this node could not provide.
-const NULL_MEANS_NONE: [&str; 8] = [
+const NULL_MEANS_NONE: [&str; 9] = [
+    "slowdown_blame",
     "signal",
     "deadline_kill_latency_ms",
     "deadline_term_at",
@@ -116,7 +117,14 @@ pub struct Report {
     pub training_runq_wait_s: Option<f64>,
     pub budget_fraction: Option<f64>,
     pub over_budget_s: Option<f64>,
+    /// The budget the job used: its largest stolen fraction over any 10 s
+    /// window (the budget loop's horizon) or over the whole job, to read
+    /// against `budget_fraction`.
+    pub budget_used: Option<f64>,
     pub training_slowdown: Option<f64>,
+    /// Who a slowdown the steal did not explain came from, as the last blame
+    /// experiment found: `"job"` or `"elsewhere"`; null when none ran.
+    pub slowdown_blame: Option<String>,
     // Filled by the GPU guard.
     pub gpu: Option<serde_json::Value>,
 
@@ -127,7 +135,10 @@ pub struct Report {
 impl Report {
     pub fn new(job: &str, command: &[String], started: SystemTime) -> Self {
         let mut unavailable = BTreeMap::new();
-        for k in STEAL_FIELDS.into_iter().chain(["training_slowdown"]) {
+        for k in STEAL_FIELDS
+            .into_iter()
+            .chain(["training_slowdown", "budget_used"])
+        {
             unavailable.insert(k.to_owned(), NO_TRAINING.to_owned());
         }
         unavailable.insert("gpu".to_owned(), NO_GPU.to_owned());
@@ -169,7 +180,9 @@ impl Report {
             training_runq_wait_s: None,
             budget_fraction: None,
             over_budget_s: None,
+            budget_used: None,
             training_slowdown: None,
+            slowdown_blame: None,
             gpu: None,
             unavailable,
         }
@@ -265,6 +278,16 @@ impl Report {
         }
         if let Some(f) = self.stolen_fraction {
             s += &format!("  stolen from training {:.2}%\n", f * 100.0);
+        }
+        if let (Some(used), Some(budget)) = (self.budget_used, self.budget_fraction) {
+            s += &format!(
+                "  budget used {:.1}% of {:.1}% (worst 10 s window or whole job)\n",
+                used * 100.0,
+                budget * 100.0
+            );
+        }
+        if let Some(b) = &self.slowdown_blame {
+            s += &format!("  training slowdown not explained by steal: blamed on {b}\n");
         }
         s
     }

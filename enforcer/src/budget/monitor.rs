@@ -4,8 +4,11 @@
 //! training's progress file, steps the [`Controller`] and writes its
 //! decisions to the job's cgroup. Each decision is a `budget` event and a
 //! log line with its reason; once a second a `budget status` log line gives
-//! the live numbers. At the end it fills `budget_fraction`, `over_budget_s`
-//! and `training_slowdown` in the report (null with a reason when missing).
+//! the live numbers, with the budget used over the controller's horizon. At
+//! the end it fills `budget_fraction`, `over_budget_s`, `budget_used` (the
+//! worst 10 s window or the whole job), `training_slowdown` and
+//! `slowdown_blame` (the last blame experiment's answer) in the report (null
+//! with a reason when missing).
 
 use std::{
     sync::{Arc, Mutex},
@@ -17,7 +20,7 @@ use serde_json::json;
 
 use super::{
     actuator::{CpuActuator, apply},
-    controller::{Controller, ControllerConfig, Observation, Reason, StealCounters},
+    controller::{Cause, Controller, ControllerConfig, Observation, Reason, StealCounters},
     placement::{Placement, PlacementConfig, PlacementDecision},
     progress::{ProgressTracker, Unavailable},
 };
@@ -149,6 +152,10 @@ pub struct BudgetMonitor {
     last_status: Option<Instant>,
     last_cpu: Option<(Instant, Duration)>,
     decisions: u64,
+    /// The largest stolen fraction over a full horizon seen so far.
+    worst_horizon: Option<f64>,
+    /// The answer of the last blame experiment.
+    blame: Option<Cause>,
     job: String,
     /// The user's static CPU limit, if any.
     cap: Option<f64>,
@@ -238,6 +245,8 @@ impl BudgetMonitor {
             last_status: None,
             last_cpu: None,
             decisions: 0,
+            worst_horizon: None,
+            blame: None,
             job: String::new(),
             cap: None,
             idle_tasks: false,
@@ -462,10 +471,20 @@ impl Monitor for BudgetMonitor {
             if let Reason::Freeze { .. } = d.reason {
                 tracing::warn!(job = %self.job, "job frozen: last resort of the budget loop");
             }
+            if let Some(cause) = d.reason.blame() {
+                self.blame = Some(cause);
+            }
         }
 
         if let Some(c) = steal {
             self.window.record(now, c);
+        }
+        let horizon = self.config.horizon;
+        if let Some(span) = self.window.span(horizon)
+            && span.elapsed() >= horizon
+            && let Some(f) = span.last.since(*span.first).fraction()
+        {
+            self.worst_horizon = Some(self.worst_horizon.map_or(f, |w| w.max(f)));
         }
         let fraction = self.trailing_fraction();
         self.last_tick = Some(now);
@@ -481,8 +500,10 @@ impl Monitor for BudgetMonitor {
             .is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY)
         {
             let controls = self.controller.as_ref().map(Controller::controls);
+            let used = self.controller.as_ref().and_then(Controller::budget_used);
             tracing::info!(
                 job = %self.job,
+                budget_used = used.map(|u| u.to_string()),
                 stolen_fraction = fraction,
                 training_slowdown = slowdown,
                 quota_cores = controls.and_then(|c| c.quota.cores()),
@@ -534,6 +555,17 @@ impl Monitor for BudgetMonitor {
                 );
             }
         }
+        let whole = self.window.fraction_total();
+        match (self.worst_horizon, whole) {
+            (None, None) => report.unavailable(
+                "budget_used",
+                self.steal_error
+                    .clone()
+                    .unwrap_or_else(|| "the budget loop never ran".to_owned()),
+            ),
+            (w, j) => report.budget_used = Some(w.unwrap_or(0.0).max(j.unwrap_or(0.0))),
+        }
+        report.slowdown_blame = self.blame.map(|c| c.as_str().to_owned());
         if self.slowdowns.is_empty() {
             report.training_slowdown = None;
             report.unavailable(
@@ -552,18 +584,9 @@ impl Monitor for BudgetMonitor {
 }
 
 fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
-    let reason = match d.reason {
-        Reason::Start => "start",
-        Reason::Tighten { .. } => "tighten",
-        Reason::Relax { .. } => "relax",
-        Reason::Unlimit { .. } => "unlimit",
-        Reason::Freeze { .. } => "freeze",
-        Reason::Thaw { .. } => "thaw",
-        Reason::Placed { .. } => "placed",
-        Reason::NotTheJob { .. } => "slowdown_not_from_job",
-    };
     json!({
-        "action": reason,
+        "action": d.reason.action(),
+        "blame": d.reason.blame().map(|c| c.as_str()),
         "message": d.to_string(),
         "quota_cores": d.controls.quota.cores(),
         "previous_quota_cores": d.previous.quota.cores(),
@@ -682,6 +705,10 @@ mod tests {
         m.finish(&mut report);
         assert_eq!(report.budget_fraction, Some(0.05));
         assert!(report.over_budget_s.is_some_and(|s| s > 0.0));
+        // One second of 30 %: shorter than the horizon, the whole job counts.
+        let used = report.budget_used.expect("budget used");
+        assert!((used - 0.3).abs() < 0.01, "budget used {used}");
+        assert_eq!(report.slowdown_blame, None);
         assert_eq!(report.training_slowdown, None);
         assert!(
             report.unavailable["training_slowdown"].contains("progress_file"),

@@ -299,14 +299,27 @@ impl Monitor for StealMonitor {
                 _ => "-".to_owned(),
             };
             let pct = |f: Option<f64>| f.map_or("-".to_owned(), |f| format!("{:.2}%", f * 100.0));
+            // The budget holds over the last 10 s and the whole job: what
+            // is used of it is the larger of the two.
+            let used = run
+                .window
+                .fraction_over(LONG_WINDOW)
+                .into_iter()
+                .chain(run.window.fraction_total())
+                .reduce(f64::max);
             eprintln!(
-                "[{:6.1}s] steal {} (1s) {} (10s) {} (job), budget {:.1}%{} | job {job_cpu}",
+                "[{:6.1}s] steal {} (1s) {} (10s) {} (job), used {} of budget {:.1}%{} | job {job_cpu}",
                 ctx.elapsed.as_secs_f64(),
                 pct(run.window.fraction_over(SHORT_WINDOW)),
                 pct(run.window.fraction_over(LONG_WINDOW)),
                 pct(run.window.fraction_total()),
+                pct(used),
                 self.budget * 100.0,
-                if run.window.is_over() { " OVER" } else { "" },
+                if used.is_some_and(|u| u > self.budget) {
+                    " OVER"
+                } else {
+                    ""
+                },
             );
             run.next_progress = ctx.now + Duration::from_secs(1);
             run.progress_from = (ctx.now, cpu_now);
