@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{enforcer, unique_name};
 
 /// Kills and reaps the training on every exit path.
 struct Training(Child);
@@ -33,9 +33,7 @@ fn workload() -> PathBuf {
 /// job runs until the loop has been watched for this long.
 const CONTROLLED_SECONDS: usize = 10;
 
-#[test]
 fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
-    require_root!();
     // Not pinned: the scheduler places them, as on a real node; on a 2-CPU
     // host the job's two threads contend with the training.
     let training = Training(
@@ -154,9 +152,7 @@ fn cpus_allowed(pid: i32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-#[test]
 fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
-    require_root!();
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
     assert_ne!(
         online.trim(),
@@ -245,3 +241,8 @@ fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
         "the job's process may run on other CPUs than the placement says\n{log}"
     );
 }
+
+enforcer_tests::root_tests!(
+    budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal,
+    a_protected_job_is_placed_on_the_cpus_the_training_leaves_free,
+);

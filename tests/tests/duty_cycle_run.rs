@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{enforcer, unique_name};
 
 /// Runs a busy loop as a job for `timeout` at `duty` and returns its CPU
 /// time from the report.
@@ -73,9 +73,7 @@ fn burn(duty: &str, timeout: Duration) -> f64 {
     cpu
 }
 
-#[test]
 fn run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu() {
-    require_root!();
     // Long enough that the moments before the duty cycle starts (spawn,
     // monitor start: slow under TCG) weigh little.
     let window = Duration::from_millis(2500);
@@ -115,3 +113,5 @@ fn run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu() {
         eprintln!("  out of bounds: measuring once more");
     }
 }
+
+enforcer_tests::root_tests!(run_duty_cycle_half_gives_a_cpu_burner_half_its_free_running_cpu,);

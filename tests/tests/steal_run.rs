@@ -9,38 +9,11 @@ use std::{
     time::Duration,
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{Scratch, enforcer};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-/// A scratch directory with a private config (its own state_dir); removed
-/// on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-steal-run"));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn config(&self) -> PathBuf {
-        let p = self.path("enforcer.toml");
-        let text = format!("state_dir = \"{}\"\n", self.path("state").display());
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The training spinner; killed on drop.
@@ -72,17 +45,15 @@ fn read_report(path: &Path) -> Value {
 /// A job spinning on the training's CPU, not in the idle class: the report
 /// carries its steal, a stolen fraction far over a 5 % budget, preemptions,
 /// time over budget, and a `budget_exceeded` event.
-#[test]
 fn run_protect_reports_the_jobs_steal_and_budget_events() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-steal-run");
     let training = Training::pinned_to_cpu0();
     std::thread::sleep(Duration::from_millis(200));
     let report = s.path("report.json");
     let w = workload_bin();
     let mut run = enforcer()
         .args(["run", "--config"])
-        .arg(s.config())
+        .arg(s.config(""))
         .args(["--no-idle", "--measure-only", "--protect"])
         .arg(training.0.id().to_string())
         .args([
@@ -150,14 +121,12 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
 /// Probes that cannot measure (here: the training PID does not exist) do not
 /// stop the job: it runs and is reported, and the steal fields are null with
 /// the reason in `unavailable`.
-#[test]
 fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-steal-run");
     let report = s.path("report.json");
     let out = enforcer()
         .args(["run", "--config"])
-        .arg(s.config())
+        .arg(s.config(""))
         .args(["--protect", "999999999", "--report"])
         .arg(&report)
         .arg("--")
@@ -190,3 +159,8 @@ fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reas
         "the job itself is reported: {r}"
     );
 }
+
+enforcer_tests::root_tests!(
+    run_protect_reports_the_jobs_steal_and_budget_events,
+    run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason,
+);
