@@ -3,9 +3,9 @@
 //! `enforcer run --protect PID --budget 5%`. The job's stolen fraction over
 //! its last 5 s under control (from the enforcer's once-a-second `budget
 //! status` lines, each a trailing 1 s window measured by the eBPF steal
-//! meter) must be under the budget, the job must keep a share of the CPU
-//! (the quota floor is not a starvation), and the report's time over budget
-//! must agree with what the status lines showed.
+//! meter) must be under the budget, the job must not be kept off CPU the
+//! machine leaves idle, and the report's time over budget must agree with
+//! what the status lines showed.
 
 use std::{
     io::{BufRead, BufReader},
@@ -58,6 +58,9 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
     let mut log = Vec::new();
     let mut stopped = false;
     let mut unmeasured = None;
+    // CPU time the whole machine left idle while the status lines came:
+    // (window s, idle CPU s).
+    let (mut idle_from, mut idle) = (None, None);
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         // Without the meter the loop holds and can prove nothing: stop at
         // once rather than wait for the deadline.
@@ -71,12 +74,16 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
             && let Some(f) = v["fields"]["stolen_fraction"].as_f64()
         {
             status.push((f, v["fields"]["job_cpu_cores"].as_f64().unwrap_or(0.0)));
+            if status.len() == 1 {
+                idle_from = Some((Instant::now(), idle_cpu_s()));
+            }
         }
         log.push(line);
         if status.len() >= CONTROLLED_SECONDS && !stopped {
             // SAFETY: kill on the pid of our own child.
             unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
             stopped = true;
+            idle = idle_from.map(|(t, i)| (t.elapsed().as_secs_f64(), idle_cpu_s() - i));
         }
     }
     let _ = run.wait().expect("waiting for enforcer run");
@@ -96,14 +103,18 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
         "stolen fraction over the last 5 s {:.1}% (per second {last5:?})\n{log}",
         mean * 100.0
     );
-    // Not bought by starving the job: the quota never goes under the floor
-    // (0.1 core) and freezes are bounded, so over the controlled seconds
-    // the job keeps at least a third of the floor on average.
+    // Not bought by starving the job: the job runs in the idle class, so on
+    // a machine busy with other work it rightly gets little; but it must not
+    // be kept off CPU that nobody uses. Either it averaged a third of the
+    // quota floor (0.1 core), or the machine had under a fifth of a CPU idle
+    // for it to take.
     let cpu_mean = status.iter().map(|s| s.1).sum::<f64>() / status.len() as f64;
+    let (window_s, idle_s) = idle.expect("idle time sampled over the status lines");
+    let idle_cores = idle_s / window_s;
     assert!(
-        cpu_mean >= 0.033,
-        "the job averaged {cpu_mean:.3} cores under control, under a third of the 0.1-core floor: \
-         {status:?}\n{log}"
+        cpu_mean >= 0.033 || idle_cores < 0.2,
+        "the job averaged {cpu_mean:.3} cores under control while the machine left \
+         {idle_cores:.2} CPUs idle: {status:?}\n{log}"
     );
 
     let report: serde_json::Value =
@@ -126,6 +137,25 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
             "status lines went over the 5% budget ({status:?}) but over_budget_s is 0: {report}"
         );
     }
+}
+
+/// Idle and iowait time of all CPUs since boot, in CPU seconds (the `cpu`
+/// line of /proc/stat, in clock ticks).
+fn idle_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .expect("the cpu line of /proc/stat")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(|v| v.parse::<u64>().expect("a tick count"))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
 }
 
 /// The job's main process, from the `started` event of a JSON log line.
