@@ -8,8 +8,10 @@
 //! mounted (the hybrid host), and the v2 `cgroup.freeze` (the VMs, and the
 //! host's controller-less unified hierarchy, which has it too).
 //!
-//! Until `enforcer run --duty-cycle` exists this drives the library's
-//! `DutyCycle` directly on cgroups the test creates under its own.
+//! This drives the library's `DutyCycle` directly, on cgroups the test
+//! creates under its own, so that each freezer is tested whichever the
+//! enforcer would pick on this host; `duty_cycle_run.rs` tests
+//! `enforcer run --duty-cycle` through the binary.
 
 mod duty_support;
 
@@ -50,9 +52,8 @@ fn measure(duty: &DutyCycle, stat: &TestCgroup, window: Duration) -> (Duration, 
 }
 
 /// Up to two measurements: one that falls outside the bounds is repeated
-/// once, because a loaded shared host or a TCG VM descheduled by it skews a
-/// whole measurement now and then (seen: 1.06 once on 5.10 under TCG while
-/// the host ran at load 8). A freezer that does not work fails both.
+/// once, because a loaded shared host, or a TCG VM that host deschedules,
+/// can skew a whole measurement. A freezer that does not work fails both.
 const ATTEMPTS: u32 = 2;
 
 fn check(freezer: FsFreezer, stat: &TestCgroup, label: &str) {

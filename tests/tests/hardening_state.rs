@@ -1,5 +1,5 @@
 //! The state directory, the job queue and orphan cleanup against local
-//! attackers and crashes (issue 11, rows 5, 6 and 9): the state directory
+//! attackers and crashes: the state directory
 //! is root's own (absolute, root-owned, 0700, files 0600, no links
 //! followed); nobody holding the queue's mutex can make `enforcer run`
 //! ignore `--no-wait` or SIGTERM; the job of a dead enforcer is cleaned up

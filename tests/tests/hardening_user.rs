@@ -1,5 +1,4 @@
-//! Hardening against the job itself (issue 11 rows 4, 8 and 11), against
-//! the real kernel: a job run with `--user` can neither leave its cgroup nor
+//! Hardening against the job itself, against the real kernel: a job run with `--user` can neither leave its cgroup nor
 //! raise its limits; `attach` never moves a process that took the number of
 //! the one it checked; a deadline with a kill grace lets the job save its
 //! results; a second signal to the enforcer is `interrupted`, not OOM.
