@@ -5,35 +5,15 @@
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use enforcer_tests::{Scratch, enforcer};
+use enforcer_tests::{ChildGuard, EnforcerRun, Scratch, enforcer, unique_name};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-/// The training spinner; killed on drop.
-struct Training(Child);
-
-impl Training {
-    fn pinned_to_cpu0() -> Self {
-        let child = Command::new(workload_bin())
-            .args(["--cpu", "0", "spin", "1", "120"])
-            .spawn()
-            .expect("starting the training spinner");
-        Training(child)
-    }
-}
-
-impl Drop for Training {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A PID the validator accepts (2..=4194304) that names no process now.
@@ -42,6 +22,16 @@ fn unused_pid() -> u32 {
         .rev()
         .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
         .expect("a free PID")
+}
+
+/// The training spinner, pinned to CPU 0; killed on drop.
+fn training_pinned_to_cpu0() -> ChildGuard {
+    ChildGuard(
+        Command::new(workload_bin())
+            .args(["--cpu", "0", "spin", "1", "120"])
+            .spawn()
+            .expect("starting the training spinner"),
+    )
 }
 
 fn read_report(path: &Path) -> Value {
@@ -55,7 +45,7 @@ fn read_report(path: &Path) -> Value {
 /// time over budget, and a `budget_exceeded` event.
 fn run_protect_reports_the_jobs_steal_and_budget_events() {
     let s = Scratch::new("enforcer-steal-run");
-    let training = Training::pinned_to_cpu0();
+    let training = training_pinned_to_cpu0();
     std::thread::sleep(Duration::from_millis(200));
     let report = s.path("report.json");
     let w = workload_bin();
@@ -132,14 +122,15 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
 fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason() {
     let s = Scratch::new("enforcer-steal-run");
     let report = s.path("report.json");
-    let out = enforcer()
-        .args(["run", "--config"])
-        .arg(s.config(""))
-        .args(["--protect", &unused_pid().to_string(), "--report"])
-        .arg(&report)
-        .arg("--")
-        .arg(workload_bin())
-        .args(["spin", "1", "0.2"])
+    let out = EnforcerRun::new(&s.config(""), &unique_name("unmeasured"))
+        .flags(["--protect", &unused_pid().to_string(), "--report"])
+        .flags([&report])
+        .job([
+            workload_bin().as_os_str(),
+            "spin".as_ref(),
+            "1".as_ref(),
+            "0.2".as_ref(),
+        ])
         .output()
         .expect("running enforcer run");
     let stderr = String::from_utf8_lossy(&out.stderr);
