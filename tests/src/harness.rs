@@ -26,10 +26,21 @@ pub struct Skip(pub String);
 /// command line. Each runs only as root; see the module doc.
 pub fn run_root_tests(tests: &[(&'static str, fn())]) -> ExitCode {
     quiet_skips();
-    let args = Arguments::from_args();
+    let (args, filters) = arguments();
     let root = crate::is_root();
+    let wanted = |name: &str| {
+        filters.is_empty()
+            || filters.iter().any(|f| {
+                if args.exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            })
+    };
     let trials = tests
         .iter()
+        .filter(|(name, _)| wanted(name))
         .map(|&(name, f)| {
             Trial::ignorable_test(name, move || {
                 if !root {
@@ -40,6 +51,41 @@ pub fn run_root_tests(tests: &[(&'static str, fn())]) -> ExitCode {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// libtest's arguments. libtest takes any number of name filters
+/// (`-- a b`), libtest-mimic one: with more than one, they are taken out
+/// here and applied by [`run_root_tests`] (the summary then does not count
+/// the tests they left out).
+fn arguments() -> (Arguments, Vec<String>) {
+    /// Options of libtest-mimic that take a value as the next argument.
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--logfile",
+        "--skip",
+        "--color",
+        "--format",
+        "-Z",
+    ];
+    let all: Vec<String> = std::env::args().collect();
+    let mut rest = Vec::with_capacity(all.len());
+    let mut filters = Vec::new();
+    let mut iter = all.into_iter();
+    rest.extend(iter.next());
+    while let Some(arg) = iter.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            rest.push(arg);
+            rest.extend(iter.next());
+        } else if arg.starts_with('-') {
+            rest.push(arg);
+        } else {
+            filters.push(arg);
+        }
+    }
+    if filters.len() <= 1 {
+        rest.append(&mut filters);
+    }
+    (Arguments::from_iter(rest), filters)
 }
 
 fn run_one(f: fn()) -> Result<Completion, Failed> {
