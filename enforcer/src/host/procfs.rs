@@ -272,6 +272,10 @@ pub(crate) mod tests {
 
     /// Writes `/proc/<pid>/{stat,status,task/<pid>}` under `root` the way
     /// the kernel formats them, with the start time in field 22.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one column per field the tests vary"
+    )]
     pub(crate) fn fake_process(
         root: &Path,
         pid: i32,
