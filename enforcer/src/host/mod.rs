@@ -6,7 +6,7 @@
 pub mod mountinfo;
 mod pid;
 mod proc_cgroup;
-mod procfs;
+pub(crate) mod procfs;
 
 pub use mountinfo::{Mount, MountTable};
 pub use pid::{InvalidPid, Pid};
