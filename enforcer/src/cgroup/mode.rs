@@ -227,7 +227,10 @@ mod tests {
             layout.unified_mount,
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(layout.unified_own, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            layout.unified_own,
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::{
 
 use serde::Serialize;
 
-pub use crate::host::Hierarchy;
 use super::source::{DeviceSample, ProcessSample};
+pub use crate::host::Hierarchy;
 use crate::host::{MountTable, Pid, ProcCgroup, ProcError, ProcFs};
 
 /// The job's cgroup in one hierarchy, as a path relative to that

@@ -35,7 +35,11 @@ impl Mount {
     /// `name=systemd` and mount options are left out).
     pub fn v1_controllers(&self) -> impl Iterator<Item = &str> {
         self.is_cgroup_v1()
-            .then(|| self.super_options.split(',').filter(|o| is_v1_controller(o)))
+            .then(|| {
+                self.super_options
+                    .split(',')
+                    .filter(|o| is_v1_controller(o))
+            })
             .into_iter()
             .flatten()
     }
@@ -44,7 +48,9 @@ impl Mount {
     pub fn holds(&self, hierarchy: &Hierarchy) -> bool {
         match hierarchy {
             Hierarchy::Unified => self.is_cgroup2(),
-            Hierarchy::V1(c) => self.is_cgroup_v1() && self.super_options.split(',').any(|o| o == c),
+            Hierarchy::V1(c) => {
+                self.is_cgroup_v1() && self.super_options.split(',').any(|o| o == c)
+            }
         }
     }
 }

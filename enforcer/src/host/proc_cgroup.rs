@@ -100,7 +100,10 @@ mod tests {
         assert_eq!(c.v1("cpu"), Some("/a/b"));
         assert_eq!(c.v1("cpuacct"), Some("/a/b"));
         assert_eq!(c.v1("name=systemd"), Some("/user.slice"));
-        assert_eq!(c.path_in(&Hierarchy::V1("freezer".into())), Some("/eval/job-1"));
+        assert_eq!(
+            c.path_in(&Hierarchy::V1("freezer".into())),
+            Some("/eval/job-1")
+        );
         assert_eq!(c.unified(), Some("/user.slice/x.scope"));
         assert_eq!(c.v1("memory"), None);
         let m = c.by_controller();

@@ -108,7 +108,9 @@ impl ProcFs {
 
     /// `/proc/self/cgroup`: this process.
     pub fn self_cgroup(&self) -> Result<ProcCgroup, ProcError> {
-        self.parsed(self.root.join("self/cgroup"), |t| Some(ProcCgroup::parse(t)))
+        self.parsed(self.root.join("self/cgroup"), |t| {
+            Some(ProcCgroup::parse(t))
+        })
     }
 
     /// `/proc/self/mountinfo`: the mount table this process sees.
@@ -327,7 +329,10 @@ pub(crate) mod tests {
         assert!(k.is_kernel_thread());
         assert_eq!(k.ppid, None);
         let st = proc.status(pid(42)).unwrap();
-        assert_eq!((st.uid, st.gid, st.tgid), (Some(1500), Some(1500), Some(pid(42))));
+        assert_eq!(
+            (st.uid, st.gid, st.tgid),
+            (Some(1500), Some(1500), Some(pid(42)))
+        );
         assert_eq!(st.cap_eff, Some(0x1ff_ffff_ffff));
         let gone = proc.stat(pid(77)).unwrap_err();
         assert!(gone.is_gone(), "{gone}");
@@ -386,7 +391,11 @@ pub(crate) mod tests {
         fs::create_dir_all(r.join("7")).unwrap();
         fs::write(r.join("7/cgroup"), "0::/\n").unwrap();
         fs::write(r.join("self/cgroup"), "3:cpu:/a\n0::/b\n").unwrap();
-        fs::write(r.join("self/mountinfo"), crate::host::mountinfo::tests::HYBRID).unwrap();
+        fs::write(
+            r.join("self/mountinfo"),
+            crate::host::mountinfo::tests::HYBRID,
+        )
+        .unwrap();
         let proc = ProcFs::at(r);
         assert_eq!(proc.cgroup(pid(7)).unwrap().unified(), Some("/"));
         assert_eq!(proc.self_cgroup().unwrap().v1("cpu"), Some("/a"));
@@ -399,7 +408,11 @@ pub(crate) mod tests {
         let r = d.path();
         for (t, wait) in [(10, 5), (11, 7)] {
             fs::create_dir_all(r.join(format!("10/task/{t}"))).unwrap();
-            fs::write(r.join(format!("10/task/{t}/schedstat")), format!("1 {wait} 3\n")).unwrap();
+            fs::write(
+                r.join(format!("10/task/{t}/schedstat")),
+                format!("1 {wait} 3\n"),
+            )
+            .unwrap();
         }
         let proc = ProcFs::at(r);
         assert_eq!(proc.run_delay_ns(pid(10)), Some(12));

@@ -253,14 +253,26 @@ mod tests {
             check(&proc, 50, 200, None),
             Err(AttachRefused::KernelThread(50))
         );
-        assert_eq!(check(&proc, 200, 200, None), Err(AttachRefused::Itself(200)));
-        assert_eq!(check(&proc, 100, 200, None), Err(AttachRefused::Ancestor(100)));
+        assert_eq!(
+            check(&proc, 200, 200, None),
+            Err(AttachRefused::Itself(200))
+        );
+        assert_eq!(
+            check(&proc, 100, 200, None),
+            Err(AttachRefused::Ancestor(100))
+        );
         assert_eq!(
             check(&proc, 300, 200, Some(300)),
             Err(AttachRefused::Training(300))
         );
-        assert_eq!(check(&proc, 999, 200, None), Err(AttachRefused::NoSuchPid(999)));
-        assert_eq!(check(&proc, 301, 200, None), Err(AttachRefused::NoSuchPid(301)));
+        assert_eq!(
+            check(&proc, 999, 200, None),
+            Err(AttachRefused::NoSuchPid(999))
+        );
+        assert_eq!(
+            check(&proc, 301, 200, None),
+            Err(AttachRefused::NoSuchPid(301))
+        );
         assert_eq!(check(&proc, 300, 200, None), Ok(()));
         assert_eq!(
             descendants(&proc, 100),
