@@ -245,6 +245,21 @@ mod tests {
         assert_eq!(layout.controllers["memory"].version, 2);
     }
 
+    /// Escapes are undone byte by byte, so a mount point that is not ASCII
+    /// comes out as the directory it names.
+    #[test]
+    fn a_mount_point_with_escapes_and_non_ascii_names_the_real_directory() {
+        let dir = fake_proc(
+            "23 22 0:21 / /mnt/cgroup\\040\u{e9}t\u{e9} rw - cgroup2 cgroup2 rw\n",
+            "0::/job\n",
+        );
+        let layout = Layout::detect_in(&ProcFs::at(dir.path())).unwrap();
+        assert_eq!(
+            layout.unified_own,
+            Some(PathBuf::from("/mnt/cgroup \u{e9}t\u{e9}/job"))
+        );
+    }
+
     #[test]
     fn no_cgroup_mount_is_an_error_naming_the_file() {
         let dir = fake_proc("25 30 0:23 / / rw - ext4 /dev/vda rw\n", "0::/\n");

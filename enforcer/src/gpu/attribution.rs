@@ -354,6 +354,28 @@ mod tests {
         assert_eq!(m, (Hierarchy::Unified, "/eval/j".into()));
     }
 
+    /// The kernel writes a space in a mount point as `\040`; a job's
+    /// cgroup under such a mount is still found, by process and by
+    /// directory.
+    #[test]
+    fn freezer_and_membership_resolve_mount_points_written_with_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_proc(dir.path(), &[(100, "0::/eval/job-1\n")]);
+        std::fs::create_dir_all(dir.path().join("self")).unwrap();
+        std::fs::write(
+            dir.path().join("self/mountinfo"),
+            "30 1 0:26 / /run/cg\\040v2 rw - cgroup2 cgroup2 rw\n",
+        )
+        .unwrap();
+        let p = ProcCgroups::new(dir.path());
+        let f = p.freezer_of(100).unwrap();
+        assert_eq!(f.dir, Path::new("/run/cg v2/eval/job-1"));
+        let m = p
+            .membership_of_dir(Path::new("/run/cg v2/eval/job-1"))
+            .unwrap();
+        assert_eq!(m, job(Hierarchy::Unified, "/eval/job-1"));
+    }
+
     #[test]
     fn descendants_are_found_through_the_parent_chain_despite_odd_comm() {
         let dir = tempfile::tempdir().unwrap();
