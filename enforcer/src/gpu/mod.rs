@@ -153,10 +153,8 @@ fn availability(checked: Result<(String, Vec<GpuDevice>), GpuError>) -> GpuAvail
 pub fn pid_namespace_check() -> Result<(), Unavailable> {
     /// `PROC_PID_INIT_INO` in include/linux/proc_ns.h.
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
-    let link = std::fs::read_link("/proc/self/ns/pid");
-    match link {
-        Ok(target) => {
-            let text = target.to_string_lossy().into_owned();
+    match crate::host::ProcFs::new().pid_namespace() {
+        Ok(text) => {
             if text == format!("pid:[{PROC_PID_INIT_INO}]") {
                 Ok(())
             } else {

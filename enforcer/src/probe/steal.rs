@@ -25,6 +25,7 @@ use enforcer_common::{
 use serde::Serialize;
 
 use super::{EBPF_OBJECT, ProbeError, ProgramStats, btf::TaskLayout, program_stats, raise_memlock};
+use crate::host::{Pid, ProcFs};
 
 /// `BPF_NOEXIST`: user-space seeding must never overwrite the state the
 /// kernel already keeps for a thread.
@@ -74,20 +75,7 @@ impl JobCgroup {
 /// Depth of `path` below the cgroup2 mount that holds it.
 pub fn v2_level(path: &Path) -> Option<u32> {
     let path = std::fs::canonicalize(path).ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2").then_some(())?;
-            pre.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .filter_map(|mount| {
-            path.strip_prefix(&mount)
-                .ok()
-                .map(|rest| rest.components().count() as u32)
-        })
-        .min()
+    ProcFs::new().mountinfo().ok()?.v2_level(&path)
 }
 
 /// Cumulative counters of one job since it was added.
@@ -654,11 +642,17 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
             pid,
             follow_children,
         } => {
-            let mut pids = vec![*pid];
+            let proc = ProcFs::new();
+            let Ok(pid) = Pid::try_from(*pid) else {
+                return Vec::new();
+            };
+            let mut pids = vec![pid];
             if *follow_children {
-                pids.extend(descendants(*pid));
+                pids.extend(proc.descendants(pid).into_iter().map(|s| s.pid));
             }
-            pids.into_iter().flat_map(threads_of).collect()
+            pids.into_iter()
+                .flat_map(|p| threads_of(&proc, p))
+                .collect()
         }
         TrainingSpec::Cgroup(dir) => {
             let mut tids = Vec::new();
@@ -670,61 +664,12 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
 
 /// The thread group of thread `tid`, from /proc.
 fn tgid_of(tid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))?
-        .trim()
-        .parse()
-        .ok()
+    let status = ProcFs::new().status(Pid::try_from(tid).ok()?).ok()?;
+    status.tgid.map(u32::from)
 }
 
-fn threads_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// All processes below `pid` in the process tree.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent_of = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // The fields after the parenthesised command: state, ppid, ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u32>().ok());
-        if let Some(ppid) = ppid {
-            parent_of.push((p, ppid));
-        }
-    }
-    let mut found = vec![pid];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(
-            parent_of
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    found.remove(0);
-    found
+fn threads_of(proc: &ProcFs, pid: Pid) -> impl Iterator<Item = u32> {
+    proc.threads(pid).into_iter().map(u32::from)
 }
 
 /// The ids (inode numbers) of the cgroups below `dir`.
