@@ -7,6 +7,7 @@
 //! - [`probe`]: loading the embedded eBPF programs and reading their maps;
 //! - [`budget`]: the steal-budget controller and the training progress reader;
 //! - [`gpu`]: NVML telemetry, null-safe on nodes without a GPU;
+//! - [`host`]: the one reader of `/proc` and the mount table;
 //! - [`doctor`]: what this node can and cannot do, and how to fix it;
 //! - [`config`], [`units`], [`validate`]: the config file, typed units and
 //!   the one validator of flags and keys;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod doctor;
 pub mod events;
 pub mod gpu;
+pub mod host;
 pub mod job;
 pub mod privilege;
 pub mod probe;

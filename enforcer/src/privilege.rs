@@ -21,11 +21,10 @@ pub struct Privileges {
 
 impl Privileges {
     pub fn current() -> Self {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let cap_eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        let cap_eff = crate::host::ProcFs::new()
+            .self_status()
+            .ok()
+            .and_then(|s| s.cap_eff)
             .unwrap_or(0);
         let has = |cap: u32| cap_eff & (1u64 << cap) != 0;
         Privileges {

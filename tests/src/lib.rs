@@ -1,30 +1,36 @@
 //! Helpers shared by the root-only integration tests in `tests/tests/`.
 //!
 //! The tests run the real `enforcer` binary against the real kernel. On the
-//! host they run through `cargo test -p enforcer-tests` (as root; otherwise
-//! every test says it was skipped and why); in the VMs the harness runs the
-//! same test binaries with `ENFORCER_BIN` pointing at the binary in the
-//! initramfs.
+//! host they run through `cargo test -p enforcer-tests` (as root; as any
+//! other user every test is reported ignored, see [`harness`]); in the VMs
+//! the VM harness runs the same test binaries with `ENFORCER_BIN` pointing
+//! at the binary in the initramfs.
+//!
+//! Each test file declares its tests with [`root_tests!`] and takes what it
+//! needs from here: a [`Scratch`] directory for configs and reports, guards
+//! that end the processes a test starts ([`ChildGuard`], [`EnforcerGuard`],
+//! [`PidGuard`]), the test's own cgroups ([`TestCgroup`]) and where the
+//! hierarchies are, and [`EnforcerRun`] for `enforcer run` command lines.
+
+pub mod cgroup;
+pub mod guard;
+pub mod harness;
+pub mod scratch;
+
+pub use cgroup::{
+    TestCgroup, assert_no_cgroup_left, cgroup_mounts, cgroups_named, cpu_usage, is_dead,
+    job_cgroups, mount_of, own_cgroup, own_cgroups,
+};
+pub use guard::{ChildGuard, EnforcerGuard, PidGuard};
+pub use scratch::Scratch;
 
 use std::{
-    path::PathBuf,
+    ffi::OsStr,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
-/// Skips the calling test, visibly, unless it runs as root.
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !$crate::is_root() {
-            eprintln!(
-                "SKIPPED {}: needs root (run scripts/test, or cargo test -p enforcer-tests as root)",
-                module_path!()
-            );
-            return;
-        }
-    };
-}
-
+/// Whether this process runs as root (every test here needs it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -110,51 +116,30 @@ pub fn locate_workload(built: &str) -> PathBuf {
     PathBuf::from("eval-workload")
 }
 
-/// Cgroup mount points (v1 and v2) of this system.
-pub fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            let mount = left.split(' ').nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount))
-        })
-        .collect()
-}
+/// An `enforcer run` command line: `enforcer run --config <config> --job
+/// <job> [flags] -- <job command>`.
+pub struct EnforcerRun(Command);
 
-/// Every cgroup directory named `name`, anywhere in any hierarchy (to
-/// depth 12).
-pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
-    while let Some((dir, depth)) = stack.pop() {
-        if depth > 12 {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                if e.file_name() == name {
-                    found.push(e.path());
-                }
-                stack.push((e.path(), depth + 1));
-            }
-        }
+impl EnforcerRun {
+    pub fn new(config: &Path, job: &str) -> Self {
+        let mut cmd = enforcer();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--job", job]);
+        EnforcerRun(cmd)
     }
-    found
-}
 
-/// Whether `pid` is gone or a zombie (dead, waiting to be reaped).
-pub fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s.get(i + 2..)?.chars().next())
-            .is_none_or(|c| c == 'Z' || c == 'X'),
+    /// Adds flags of `enforcer run`.
+    pub fn flags<S: AsRef<OsStr>>(mut self, flags: impl IntoIterator<Item = S>) -> Self {
+        self.0.args(flags);
+        self
+    }
+
+    /// The command that runs `job` (program and arguments) under the flags
+    /// so far; set its stdio, then spawn or run it.
+    pub fn job<S: AsRef<OsStr>>(mut self, job: impl IntoIterator<Item = S>) -> Command {
+        self.0.arg("--").args(job);
+        self.0
     }
 }

@@ -1,10 +1,8 @@
 //! `enforcer doctor` against the real kernel.
 
-use enforcer_tests::{require_root, run_enforcer};
+use enforcer_tests::run_enforcer;
 
-#[test]
 fn doctor_json_reports_mode_loads_ebpf_and_gpu_null_with_reason() {
-    require_root!();
     let out = run_enforcer(&["doctor", "--json"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(&text)
@@ -43,3 +41,5 @@ fn doctor_json_reports_mode_loads_ebpf_and_gpu_null_with_reason() {
         "doctor failed on a capable node:\n{text}"
     );
 }
+
+enforcer_tests::root_tests!(doctor_json_reports_mode_loads_ebpf_and_gpu_null_with_reason,);

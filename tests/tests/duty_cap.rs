@@ -13,14 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use duty_support::{Burner, TestCgroup, cpu_usage, mount_of, own_cgroup};
+use duty_support::burner;
 use enforcer::gpu::{
     DeviceSample, GpuError, GpuSource, ProcessSample,
     attribution::{CgroupMembership, Hierarchy, ProcCgroups},
     duty::FsFreezer,
     guard::{GpuGuard, GpuLimits},
 };
-use enforcer_tests::{require_root, unique_name};
+use enforcer_tests::{TestCgroup, cpu_usage, mount_of, own_cgroup, unique_name};
 
 /// CPU share of the cgroup since the previous call, as SM utilisation of `pid`.
 struct CpuAsGpu {
@@ -61,24 +61,17 @@ impl GpuSource for CpuAsGpu {
     }
 }
 
-#[test]
 fn util_cap_holds_a_simulated_gpu_job_within_ten_points_of_the_cap_through_the_freezer() {
-    require_root!();
     let (Some(v2_mount), Some(own_v2)) = (mount_of("cgroup2", None), own_cgroup(None)) else {
-        eprintln!("SKIPPED: no cgroup2 hierarchy");
-        return;
+        enforcer_tests::skip!("no cgroup2 hierarchy");
     };
     let name = unique_name("duty-cap");
     let cg = TestCgroup::create(&v2_mount, &own_v2, &name);
-    let burner = Burner::start();
+    let burner = burner();
     let pid = burner.0.id();
     cg.add(pid);
     let Ok(freezer @ FsFreezer::V2 { .. }) = FsFreezer::for_dir(&cg.0) else {
-        eprintln!(
-            "SKIPPED: {} has no cgroup.freeze (kernel < 5.2)",
-            cg.0.display()
-        );
-        return;
+        enforcer_tests::skip!("{} has no cgroup.freeze (kernel < 5.2)", cg.0.display());
     };
     let stat = cg.0.clone();
 
@@ -157,3 +150,7 @@ fn util_cap_holds_a_simulated_gpu_job_within_ten_points_of_the_cap_through_the_f
         "capped at {limit:.1}%, the guard starved the job to {mean:.1}% and kept it there: {measured:?}"
     );
 }
+
+enforcer_tests::root_tests!(
+    util_cap_holds_a_simulated_gpu_job_within_ten_points_of_the_cap_through_the_freezer,
+);

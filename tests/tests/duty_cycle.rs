@@ -8,16 +8,18 @@
 //! mounted (the hybrid host), and the v2 `cgroup.freeze` (the VMs, and the
 //! host's controller-less unified hierarchy, which has it too).
 //!
-//! Until `enforcer run --duty-cycle` exists this drives the library's
-//! `DutyCycle` directly on cgroups the test creates under its own.
+//! This drives the library's `DutyCycle` directly, on cgroups the test
+//! creates under its own, so that each freezer is tested whichever the
+//! enforcer would pick on this host; `duty_cycle_run.rs` tests
+//! `enforcer run --duty-cycle` through the binary.
 
 mod duty_support;
 
 use std::time::{Duration, Instant};
 
-use duty_support::{Burner, TestCgroup, cpu_usage, mount_of, own_cgroup};
+use duty_support::burner;
 use enforcer::gpu::duty::{DutyCycle, FsFreezer, RunFraction};
-use enforcer_tests::{require_root, unique_name};
+use enforcer_tests::{TestCgroup, cpu_usage, mount_of, own_cgroup, unique_name};
 
 /// Alternates free-running and 50 % windows (A B B A, four times: short
 /// windows, many alternations, so load drift on a shared host cancels) and
@@ -50,9 +52,8 @@ fn measure(duty: &DutyCycle, stat: &TestCgroup, window: Duration) -> (Duration, 
 }
 
 /// Up to two measurements: one that falls outside the bounds is repeated
-/// once, because a loaded shared host or a TCG VM descheduled by it skews a
-/// whole measurement now and then (seen: 1.06 once on 5.10 under TCG while
-/// the host ran at load 8). A freezer that does not work fails both.
+/// once, because a loaded shared host, or a TCG VM that host deschedules,
+/// can skew a whole measurement. A freezer that does not work fails both.
 const ATTEMPTS: u32 = 2;
 
 fn check(freezer: FsFreezer, stat: &TestCgroup, label: &str) {
@@ -97,24 +98,22 @@ fn check(freezer: FsFreezer, stat: &TestCgroup, label: &str) {
     }
 }
 
-#[test]
 fn cpu_burner_duty_cycled_to_half_by_v1_freezer_gets_half_its_free_cpu() {
-    require_root!();
     let (Some(freezer_mount), Some(own_freezer)) = (
         mount_of("cgroup", Some("freezer")),
         own_cgroup(Some("freezer")),
     ) else {
-        eprintln!("SKIPPED: no v1 freezer hierarchy (pure cgroup v2: see the cgroup.freeze test)");
-        return;
+        enforcer_tests::skip!(
+            "no v1 freezer hierarchy (pure cgroup v2: see the cgroup.freeze test)"
+        );
     };
     let (Some(v2_mount), Some(own_v2)) = (mount_of("cgroup2", None), own_cgroup(None)) else {
-        eprintln!("SKIPPED: no cgroup2 hierarchy to measure CPU usage in");
-        return;
+        enforcer_tests::skip!("no cgroup2 hierarchy to measure CPU usage in");
     };
     let name = unique_name("duty-v1");
     let frz = TestCgroup::create(&freezer_mount, &own_freezer, &name);
     let stat = TestCgroup::create(&v2_mount, &own_v2, &name);
-    let burner = Burner::start();
+    let burner = burner();
     frz.add(burner.0.id());
     stat.add(burner.0.id());
     let freezer = FsFreezer::for_dir(&frz.0).expect("v1 freezer cgroup");
@@ -123,24 +122,22 @@ fn cpu_burner_duty_cycled_to_half_by_v1_freezer_gets_half_its_free_cpu() {
     drop(burner);
 }
 
-#[test]
 fn cpu_burner_duty_cycled_to_half_by_cgroup_freeze_gets_half_its_free_cpu() {
-    require_root!();
     let (Some(v2_mount), Some(own_v2)) = (mount_of("cgroup2", None), own_cgroup(None)) else {
-        eprintln!("SKIPPED: no cgroup2 hierarchy");
-        return;
+        enforcer_tests::skip!("no cgroup2 hierarchy");
     };
     let name = unique_name("duty-v2");
     let cg = TestCgroup::create(&v2_mount, &own_v2, &name);
-    let burner = Burner::start();
+    let burner = burner();
     cg.add(burner.0.id());
     let Ok(freezer @ FsFreezer::V2 { .. }) = FsFreezer::for_dir(&cg.0) else {
-        eprintln!(
-            "SKIPPED: {} has no cgroup.freeze (kernel < 5.2)",
-            cg.0.display()
-        );
-        return;
+        enforcer_tests::skip!("{} has no cgroup.freeze (kernel < 5.2)", cg.0.display());
     };
     check(freezer, &cg, "v2 cgroup.freeze");
     drop(burner);
 }
+
+enforcer_tests::root_tests!(
+    cpu_burner_duty_cycled_to_half_by_v1_freezer_gets_half_its_free_cpu,
+    cpu_burner_duty_cycled_to_half_by_cgroup_freeze_gets_half_its_free_cpu,
+);

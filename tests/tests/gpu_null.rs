@@ -1,17 +1,15 @@
 //! On a node without an NVIDIA GPU (every test machine here), GPU fields are
 //! `null` with the reason, and nothing fails because of it.
 
-use enforcer_tests::{enforcer, require_root, run_enforcer, unique_name};
+use enforcer_tests::{enforcer, run_enforcer, unique_name};
 
 fn has_nvidia_driver() -> bool {
     std::path::Path::new("/dev/nvidiactl").exists()
 }
 
-#[test]
 fn gpu_command_without_nvml_prints_null_with_the_case_and_exits_1() {
     if has_nvidia_driver() {
-        eprintln!("SKIPPED: this node has an NVIDIA driver");
-        return;
+        enforcer_tests::skip!("this node has an NVIDIA driver");
     }
     let out = run_enforcer(&["gpu", "--json"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -34,12 +32,9 @@ fn gpu_command_without_nvml_prints_null_with_the_case_and_exits_1() {
     );
 }
 
-#[test]
 fn run_with_a_gpu_cap_on_a_cpu_only_node_exits_0_with_gpu_null_and_a_reason() {
-    require_root!();
     if has_nvidia_driver() {
-        eprintln!("SKIPPED: this node has an NVIDIA driver");
-        return;
+        enforcer_tests::skip!("this node has an NVIDIA driver");
     }
     let report = std::env::temp_dir().join(format!("{}.json", unique_name("gpu-null")));
     let out = enforcer()
@@ -74,3 +69,8 @@ fn run_with_a_gpu_cap_on_a_cpu_only_node_exits_0_with_gpu_null_and_a_reason() {
     );
     assert_eq!(r["reason"], "exited", "{text}");
 }
+
+enforcer_tests::root_tests!(
+    gpu_command_without_nvml_prints_null_with_the_case_and_exits_1,
+    run_with_a_gpu_cap_on_a_cpu_only_node_exits_0_with_gpu_null_and_a_reason,
+);

@@ -14,55 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{ChildGuard, Scratch, enforcer, unique_name};
 
 /// The unprivileged user the tests hand directories to (`nobody`; numeric,
 /// so it needs no /etc/passwd in the VMs).
 const NOBODY: u32 = 65534;
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-files"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::set_permissions(&p, PermissionsExt::from_mode(0o755)).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    /// A config with a private state_dir plus `extra` TOML lines.
-    fn config(&self, extra: &str) -> PathBuf {
-        let p = self.path("enforcer.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "state_dir = \"{}\"\n{extra}\n",
-                self.path("state").display()
-            ),
-        )
-        .unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills a child process the test started, by PID, if it is still running.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A stand-in for the training: any live process will do for `--protect`.
 fn training() -> ChildGuard {
@@ -150,7 +106,7 @@ const RUN_SLACK: Duration = Duration::from_secs(25);
 /// FIFO without a writer: before the run when `from_start`, else once the
 /// job runs. The deadline must fire on time and the run must end.
 fn fifo_progress_file_run(from_start: bool) {
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-files");
     let progress = s.path("progress");
     let fifo = s.path("fifo");
     mkfifo(&fifo);
@@ -219,22 +175,16 @@ fn fifo_progress_file_run(from_start: bool) {
     let _ = std::fs::remove_file(&fifo);
 }
 
-#[test]
 fn a_progress_file_swapped_for_a_fifo_during_the_job_does_not_delay_its_deadline() {
-    require_root!();
     fifo_progress_file_run(false);
 }
 
-#[test]
 fn a_progress_file_that_is_a_fifo_before_the_job_does_not_stall_the_run() {
-    require_root!();
     fifo_progress_file_run(true);
 }
 
-#[test]
 fn a_progress_file_linked_to_a_root_only_file_does_not_leak_it() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-files");
     let secret_text = "root-only-secret-4b1d";
     let secret = s.path("secret");
     std::fs::write(&secret, format!("{secret_text}\n")).unwrap();
@@ -330,10 +280,8 @@ fn run_with_report(s: &Scratch, report_path: &Path, job: &str) -> Output {
         .unwrap()
 }
 
-#[test]
 fn a_report_link_planted_by_the_directory_owner_is_replaced_not_followed() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-files");
     let victim = s.path("victim");
     std::fs::write(&victim, "root's own data\n").unwrap();
     std::fs::set_permissions(&victim, PermissionsExt::from_mode(0o600)).unwrap();
@@ -359,10 +307,8 @@ fn a_report_link_planted_by_the_directory_owner_is_replaced_not_followed() {
     assert_eq!(report(&report_path)["reason"], "exited");
 }
 
-#[test]
 fn a_report_into_a_root_owned_directory_is_written_as_root() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-files");
     let report_path = s.path("report.json");
     let out = run_with_report(&s, &report_path, "report-root");
     assert_eq!(
@@ -376,10 +322,8 @@ fn a_report_into_a_root_owned_directory_is_written_as_root() {
     assert_eq!(report(&report_path)["reason"], "exited");
 }
 
-#[test]
 fn a_report_the_directory_owner_cannot_write_fails_with_125_after_the_job() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-files");
     let closed = nobody_dir(&s, "closed", 0o555);
     let report_path = closed.join("report.json");
     let out = run_with_report(&s, &report_path, "report-closed");
@@ -395,3 +339,12 @@ fn a_report_the_directory_owner_cannot_write_fails_with_125_after_the_job() {
         assert!(!dir.exists(), "the job's cgroup {} is left", dir.display());
     }
 }
+
+enforcer_tests::root_tests!(
+    a_progress_file_swapped_for_a_fifo_during_the_job_does_not_delay_its_deadline,
+    a_progress_file_that_is_a_fifo_before_the_job_does_not_stall_the_run,
+    a_progress_file_linked_to_a_root_only_file_does_not_leak_it,
+    a_report_link_planted_by_the_directory_owner_is_replaced_not_followed,
+    a_report_into_a_root_owned_directory_is_written_as_root,
+    a_report_the_directory_owner_cannot_write_fails_with_125_after_the_job,
+);

@@ -7,85 +7,13 @@
 use std::{
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
-
-/// A scratch directory (mode 0755, owned by the test's user) removed on
-/// drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-input"));
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn state(&self) -> PathBuf {
-        self.path("state")
-    }
-    /// Writes config `name`: a private state_dir (unless `extra` sets one)
-    /// plus `extra`.
-    fn config_named(&self, name: &str, extra: &str) -> PathBuf {
-        let p = self.path(name);
-        let state = if extra.contains("state_dir") {
-            String::new()
-        } else {
-            format!("state_dir = \"{}\"\n", self.state().display())
-        };
-        std::fs::write(&p, format!("{state}{extra}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills a child process the test started, by PID, if it still runs.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An `enforcer run` the test started: if it still runs when the test
-/// ends (a failed assertion), two SIGTERMs make it kill and remove its job
-/// (a SIGKILL would leave the job's cgroup behind); SIGKILL only if that
-/// takes more than 10 s.
-struct EnforcerGuard(Child);
-
-impl Drop for EnforcerGuard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let pid = self.0.id() as i32;
-            for _ in 0..2 {
-                // SAFETY: kill(2) on a child this test started and has not
-                // reaped.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let t0 = Instant::now();
-            while matches!(self.0.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use enforcer_tests::{
+    ChildGuard, EnforcerGuard, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin, unique_name,
+};
 
 fn run(args: &[&str]) -> Output {
     let out = enforcer().args(args).output().expect("starting enforcer");
@@ -95,53 +23,6 @@ fn run(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Cgroup mount points (v1 and v2) of this system.
-fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
-        })
-        .collect()
-}
-
-/// Every cgroup directory whose name starts with `prefix`, anywhere in any
-/// hierarchy.
-fn cgroups_starting(prefix: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
-    while let Some((dir, depth)) = stack.pop() {
-        if depth > 10 {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                if e.file_name().to_string_lossy().starts_with(prefix) {
-                    found.push(e.path());
-                }
-                stack.push((e.path(), depth + 1));
-            }
-        }
-    }
-    found
-}
-
-/// The job's cgroup and its hooks cgroup (`<name>.hooks`) are gone.
-fn assert_no_cgroup_left(name: &str) {
-    let left = cgroups_starting(name);
-    assert!(
-        left.is_empty(),
-        "cgroups left behind for job {name}: {left:?}"
-    );
 }
 
 /// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat` text.
@@ -158,10 +39,8 @@ fn stat_field(stat: &str, n: usize) -> i64 {
 const STAT_NICE: usize = 19;
 const STAT_POLICY: usize = 41;
 
-#[test]
 fn every_out_of_range_flag_and_key_exits_2_naming_it_before_anything_is_created() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-input");
     let good = s.config_named("good.toml", "");
     let c = good.to_str().unwrap();
     let mut target = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
@@ -299,10 +178,8 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-#[test]
 fn as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_and_mode() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-input");
     let ran = s.path("hook-ran");
     let hook = format!("on_event = \"touch {}\"", ran.display());
     let hook = hook.as_str();
@@ -422,10 +299,8 @@ fn as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_a
     assert!(!ran.exists(), "the untrusted hook program ran");
 }
 
-#[test]
 fn a_user_checking_their_own_config_is_not_held_to_roots_rule() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-input");
     let theirs = s.config_named("theirs.toml", "");
     chown(&theirs, 65534);
     chmod(&theirs, 0o666);
@@ -437,17 +312,12 @@ fn a_user_checking_their_own_config_is_not_held_to_roots_rule() {
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            eprintln!(
-                "SKIPPED: uid 65534 cannot run {}: {e}",
-                enforcer_bin().display()
-            );
-            return;
+            enforcer_tests::skip!("uid 65534 cannot run {}: {e}", enforcer_bin().display());
         }
     };
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains("Permission denied") {
-        eprintln!("SKIPPED: uid 65534 cannot read the scratch config: {err}");
-        return;
+        enforcer_tests::skip!("uid 65534 cannot read the scratch config: {err}");
     }
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
@@ -533,16 +403,13 @@ fn sample_realtime_window(s: &Scratch, dir: &Path) -> (Vec<i32>, String) {
     (seen, err)
 }
 
-#[test]
 fn hooks_never_inherit_the_supervisors_realtime_window_or_priority() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-input");
     for attempt in 0..3 {
         let dir = s.path(&format!("hooks{attempt}"));
         let (seen, err) = sample_realtime_window(&s, &dir);
         if err.contains("could not change the supervisor's scheduling class") {
-            eprintln!("SKIPPED: the supervisor cannot use SCHED_FIFO here: {err}");
-            return;
+            enforcer_tests::skip!("the supervisor cannot use SCHED_FIFO here: {err}");
         }
         let mut hooks = 0;
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
@@ -611,10 +478,8 @@ fn mount_of(ctrls: &str) -> Option<PathBuf> {
         })
 }
 
-#[test]
 fn hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-input");
     let cfg = s.config_named("hooks.toml", "on_event_timeout = \"5s\"");
     let seen = s.path("hook-cgroup");
     // The first hook records where it runs and stays alive a moment so
@@ -696,3 +561,11 @@ fn hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents() {
     assert!(enf.0.wait().unwrap().success());
     assert_no_cgroup_left(&name);
 }
+
+enforcer_tests::root_tests!(
+    every_out_of_range_flag_and_key_exits_2_naming_it_before_anything_is_created,
+    as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_and_mode,
+    a_user_checking_their_own_config_is_not_held_to_roots_rule,
+    hooks_never_inherit_the_supervisors_realtime_window_or_priority,
+    hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents,
+);

@@ -1,5 +1,5 @@
 //! The state directory, the job queue and orphan cleanup against local
-//! attackers and crashes (issue 11, rows 5, 6 and 9): the state directory
+//! attackers and crashes: the state directory
 //! is root's own (absolute, root-owned, 0700, files 0600, no links
 //! followed); nobody holding the queue's mutex can make `enforcer run`
 //! ignore `--no-wait` or SIGTERM; the job of a dead enforcer is cleaned up
@@ -7,91 +7,22 @@
 
 use std::{
     fs::File,
-    io::Read,
     os::{
         fd::AsRawFd,
         unix::fs::{MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
-    process::{Child, Output, Stdio},
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{cgroups_named, enforcer, enforcer_bin, is_dead, require_root, unique_name};
+use enforcer_tests::{
+    ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
+    unique_name,
+};
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-state"));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    /// A config file `file` whose state_dir is `state` (in the scratch dir).
-    fn config(&self, file: &str, state: &str, extra: &str) -> PathBuf {
-        let p = self.path(file);
-        std::fs::write(
-            &p,
-            format!("state_dir = \"{}\"\n{extra}\n", self.path(state).display()),
-        )
-        .unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills a child process the test started, by PID, if it is still running.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl ChildGuard {
-    /// The child's output once it exits, or `None` if it is still running
-    /// after `limit` (it is killed then).
-    fn output_within(mut self, limit: Duration) -> Option<Output> {
-        let t0 = Instant::now();
-        while t0.elapsed() < limit {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                let mut stdout = Vec::new();
-                let mut stderr = Vec::new();
-                if let Some(mut o) = self.0.stdout.take() {
-                    o.read_to_end(&mut stdout).unwrap();
-                }
-                if let Some(mut e) = self.0.stderr.take() {
-                    e.read_to_end(&mut stderr).unwrap();
-                }
-                eprintln!(
-                    "enforcer -> {status:?}\n{}",
-                    String::from_utf8_lossy(&stderr)
-                );
-                return Some(Output {
-                    status,
-                    stdout,
-                    stderr,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
 }
 
 fn run(args: &[&str]) -> Output {
@@ -117,14 +48,6 @@ fn spawn(args: &[&str]) -> ChildGuard {
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().mode() & 0o7777
-}
-
-fn assert_no_cgroup_left(name: &str) {
-    let left = cgroups_named(name);
-    assert!(
-        left.is_empty(),
-        "cgroups left behind for job {name}: {left:?}"
-    );
 }
 
 /// Holds `flock` on the queue mutex of the state directory `state`, as a
@@ -157,11 +80,9 @@ fn has_open(pid: u32, path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-#[test]
 fn no_wait_fails_fast_with_125_while_another_process_holds_the_queue_mutex() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("");
     let _held = hold_queue_mutex(&s.path("state"));
     let name = unique_name("nowait");
     let t0 = Instant::now();
@@ -186,11 +107,9 @@ fn no_wait_fails_fast_with_125_while_another_process_holds_the_queue_mutex() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn sigterm_ends_a_run_waiting_for_the_queue_mutex_with_143_and_leaves_nothing() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("");
     let state = s.path("state");
     let _held = hold_queue_mutex(&state);
     let name = unique_name("mutexwait");
@@ -228,11 +147,9 @@ fn sigterm_ends_a_run_waiting_for_the_queue_mutex_with_143_and_leaves_nothing() 
     assert!(!state.join(format!("jobs/{name}.lock")).exists());
 }
 
-#[test]
 fn a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("");
     let state = s.path("state");
     std::fs::create_dir(&state).unwrap();
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
@@ -265,10 +182,8 @@ fn a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup() 
     );
 }
 
-#[test]
 fn a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-state");
     for value in ["", "state"] {
         let cfg = s.path("enforcer.toml");
         std::fs::write(&cfg, format!("state_dir = \"{value}\"\n")).unwrap();
@@ -276,7 +191,7 @@ fn a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup() {
         // From the scratch dir, so that a relative path taken as it is
         // lands there.
         let out = enforcer()
-            .current_dir(&s.0)
+            .current_dir(s.dir())
             .args([
                 "run",
                 "--config",
@@ -297,11 +212,9 @@ fn a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup() {
     }
 }
 
-#[test]
 fn a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("");
     let state = s.path("state");
     let slots = state.join("slots");
     std::fs::create_dir_all(&slots).unwrap();
@@ -336,11 +249,9 @@ fn a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn a_0755_state_dir_of_an_older_enforcer_is_closed_to_0700_and_works() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("");
     let state = s.path("state");
     for dir in ["slots/queue", "jobs"] {
         std::fs::create_dir_all(state.join(dir)).unwrap();
@@ -426,14 +337,18 @@ impl Drop for OrphanCleanup {
     }
 }
 
-#[test]
 fn an_orphan_outside_the_next_enforcers_subtree_keeps_its_lock_until_its_own_subtree_cleans_it() {
-    require_root!();
-    let s = Scratch::new();
-    let cfg = s.config("enforcer.toml", "state", "max_concurrent_jobs = 4");
+    let s = Scratch::new("enforcer-state");
+    let cfg = s.config("max_concurrent_jobs = 4");
     // The outer enforcer only provides another subtree: a state dir of its
     // own, so that it does not clean up the orphan itself.
-    let outer_cfg = s.config("outer.toml", "outer-state", "max_concurrent_jobs = 4");
+    let outer_cfg = s.config_named(
+        "outer.toml",
+        &format!(
+            "state_dir = \"{}\"\nmax_concurrent_jobs = 4",
+            s.path("outer-state").display()
+        ),
+    );
     let name = unique_name("orphan");
     let lock = s.path(&format!("state/jobs/{name}.lock"));
     let pidfile = s.path("daemon.pid");
@@ -506,3 +421,13 @@ fn an_orphan_outside_the_next_enforcers_subtree_keeps_its_lock_until_its_own_sub
     assert_no_cgroup_left(&name);
     assert!(!lock.exists(), "the cleaned-up orphan's lock was kept");
 }
+
+enforcer_tests::root_tests!(
+    no_wait_fails_fast_with_125_while_another_process_holds_the_queue_mutex,
+    sigterm_ends_a_run_waiting_for_the_queue_mutex_with_143_and_leaves_nothing,
+    a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup,
+    a_relative_or_empty_state_dir_is_refused_with_exit_2_before_any_cgroup,
+    a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged,
+    a_0755_state_dir_of_an_older_enforcer_is_closed_to_0700_and_works,
+    an_orphan_outside_the_next_enforcers_subtree_keeps_its_lock_until_its_own_subtree_cleans_it,
+);

@@ -1,5 +1,4 @@
-//! Hardening against the job itself (issue 11 rows 4, 8 and 11), against
-//! the real kernel: a job run with `--user` can neither leave its cgroup nor
+//! Hardening against the job itself, against the real kernel: a job run with `--user` can neither leave its cgroup nor
 //! raise its limits; `attach` never moves a process that took the number of
 //! the one it checked; a deadline with a kill grace lets the job save its
 //! results; a second signal to the enforcer is `interrupted`, not OOM.
@@ -8,12 +7,15 @@ use std::{
     ffi::CString,
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
-    process::{Child, ChildStderr, Command, Output, Stdio},
+    process::{ChildStderr, Command, Output, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{
+    ChildGuard, PidGuard, Scratch, assert_no_cgroup_left, cgroup_mounts, cgroups_named, enforcer,
+    is_dead, unique_name,
+};
 
 /// The unprivileged user the jobs run as: `nobody` on most systems, and a
 /// number needs no passwd entry (the VM initramfs has none).
@@ -21,62 +23,6 @@ const NOBODY: &str = "65534";
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-/// A scratch directory removed on drop; readable (not writable) by the
-/// unprivileged job.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-user"));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn config(&self, extra: &str) -> PathBuf {
-        let p = self.path("enforcer.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "state_dir = \"{}\"\n{extra}\n",
-                self.path("state").display()
-            ),
-        )
-        .unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills a child process the test started, by PID, if it is still running.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A process the test made with a chosen PID: killed and reaped on drop.
-struct PidGuard(i32);
-
-impl Drop for PidGuard {
-    fn drop(&mut self) {
-        // SAFETY: kill and waitpid on a child this test created.
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-            libc::waitpid(self.0, std::ptr::null_mut(), 0);
-        }
-    }
 }
 
 fn run(args: &[&str]) -> Output {
@@ -94,63 +40,6 @@ fn report(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-/// Cgroup mount points (v1 and v2) of this system.
-fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
-        })
-        .collect()
-}
-
-/// Every cgroup directory named `name`, anywhere in any hierarchy.
-fn cgroups_named(name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
-    while let Some((dir, depth)) = stack.pop() {
-        if depth > 10 {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                let p = e.path();
-                if p.file_name().is_some_and(|n| n == name) {
-                    found.push(p.clone());
-                }
-                stack.push((p, depth + 1));
-            }
-        }
-    }
-    found
-}
-
-fn assert_no_cgroup_left(name: &str) {
-    let left = cgroups_named(name);
-    assert!(
-        left.is_empty(),
-        "cgroups left behind for job {name}: {left:?}"
-    );
-}
-
-/// Whether `pid` is gone or a zombie.
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 2..].chars().next())
-            .is_none_or(|c| c == 'Z' || c == 'X'),
-    }
 }
 
 /// Reads the enforcer's stderr on a thread: lines arrive on the channel,
@@ -204,10 +93,8 @@ fn gap_s(from: &serde_json::Value, to: &serde_json::Value) -> f64 {
     if d < 0.0 { d + 86_400.0 } else { d }
 }
 
-#[test]
 fn a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("user-ids");
     let rep = s.path("report.json");
@@ -256,10 +143,8 @@ fn a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn a_job_run_as_65534_cannot_leave_its_cgroup_or_raise_its_limits() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("user-escape");
     let targets = s.path("targets");
@@ -359,10 +244,8 @@ echo AFTER; cat /proc/self/cgroup; echo END
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn a_root_job_is_warned_once_that_it_can_leave_its_cgroup() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("root-warn");
     let out = run(&[
@@ -384,10 +267,8 @@ fn a_root_job_is_warned_once_that_it_can_leave_its_cgroup() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn game_inside_a_job_run_as_another_user_is_a_usage_error() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("user-game");
     let bin = enforcer_tests::enforcer_bin();
@@ -413,10 +294,8 @@ fn game_inside_a_job_run_as_another_user_is_a_usage_error() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn bad_user_group_and_kill_grace_values_are_usage_errors_before_any_cgroup() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let c = cfg.to_str().unwrap();
     let bad_cfg = s.path("bad.toml");
@@ -467,10 +346,8 @@ fn bad_user_group_and_kill_grace_values_are_usage_errors_before_any_cgroup() {
     }
 }
 
-#[test]
 fn deadline_with_kill_grace_lets_a_job_that_traps_sigterm_save_its_results() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("grace-save");
     let rep = s.path("report.json");
@@ -515,10 +392,8 @@ fn deadline_with_kill_grace_lets_a_job_that_traps_sigterm_save_its_results() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn a_job_that_ignores_sigterm_is_killed_at_deadline_plus_grace() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("grace-ignore");
     let rep = s.path("report.json");
@@ -554,10 +429,8 @@ fn a_job_that_ignores_sigterm_is_killed_at_deadline_plus_grace() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn second_sigterm_to_enforcer_is_reason_interrupted_and_exit_143_not_137() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("interrupted");
     let rep = s.path("report.json");
@@ -656,10 +529,8 @@ fn spawn_with_pid(pid: i32, argv: &[&str]) -> Option<PidGuard> {
     Some(PidGuard(rc as i32))
 }
 
-#[test]
 fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-user");
     let cfg = s.config("max_concurrent_jobs = 1");
     let c = cfg.to_str().unwrap();
     let blocker_name = unique_name("slot-holder");
@@ -718,8 +589,7 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     victim.0.kill().unwrap();
     victim.0.wait().unwrap();
     let Some(impostor) = spawn_with_pid(pid, &[w, "threads", "1"]) else {
-        eprintln!("SKIPPED: this kernel does not let us choose a PID (clone3 set_tid)");
-        return;
+        enforcer_tests::skip!("this kernel does not let us choose a PID (clone3 set_tid)");
     };
     assert!(!is_dead(impostor.0));
     // SAFETY: kill(2) on the enforcer this test started: frees the slot.
@@ -744,3 +614,15 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     let _ = blocker.0.wait();
     assert_no_cgroup_left(&blocker_name);
 }
+
+enforcer_tests::root_tests!(
+    a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs,
+    a_job_run_as_65534_cannot_leave_its_cgroup_or_raise_its_limits,
+    a_root_job_is_warned_once_that_it_can_leave_its_cgroup,
+    game_inside_a_job_run_as_another_user_is_a_usage_error,
+    bad_user_group_and_kill_grace_values_are_usage_errors_before_any_cgroup,
+    deadline_with_kill_grace_lets_a_job_that_traps_sigterm_save_its_results,
+    a_job_that_ignores_sigterm_is_killed_at_deadline_plus_grace,
+    second_sigterm_to_enforcer_is_reason_interrupted_and_exit_143_not_137,
+    attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot,
+);

@@ -8,57 +8,17 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
-use enforcer_tests::{enforcer, enforcer_bin, require_root, unique_name};
+use enforcer_tests::{
+    ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
+    own_cgroups, unique_name,
+};
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-jobs"));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    /// A config with a private state_dir plus `extra` TOML lines.
-    fn config(&self, extra: &str) -> PathBuf {
-        let p = self.path("enforcer.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "state_dir = \"{}\"\n{extra}\n",
-                self.path("state").display()
-            ),
-        )
-        .unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills a child process the test started, by PID, if it is still running.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn run(args: &[&str]) -> Output {
@@ -77,100 +37,6 @@ fn report(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Cgroup mount points (v1 and v2) of this system.
-fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split(' ').next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(left.split(' ').nth(4).unwrap()))
-        })
-        .collect()
-}
-
-/// This process's cgroup directory in each hierarchy: the subtree the
-/// enforcer it starts owns.
-fn own_cgroups() -> Vec<PathBuf> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let mut out = Vec::new();
-    for line in std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-    {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut r = right.split(' ');
-        let fstype = r.next().unwrap_or("");
-        let opts = r.nth(1).unwrap_or("");
-        let mount = PathBuf::from(left.split(' ').nth(4).unwrap());
-        for m in membership.lines() {
-            let mut parts = m.splitn(3, ':');
-            let (_, ctrls, path) = (
-                parts.next(),
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-            );
-            let matches = if fstype == "cgroup2" {
-                ctrls.is_empty()
-            } else if fstype == "cgroup" {
-                !ctrls.is_empty() && ctrls.split(',').all(|c| opts.split(',').any(|o| o == c))
-            } else {
-                false
-            };
-            if matches {
-                out.push(mount.join(path.trim_start_matches('/')));
-            }
-        }
-    }
-    out
-}
-
-/// Every cgroup directory named `name`, anywhere in any hierarchy.
-fn cgroups_named(name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack: Vec<(PathBuf, u32)> = cgroup_mounts().into_iter().map(|m| (m, 0)).collect();
-    while let Some((dir, depth)) = stack.pop() {
-        if depth > 10 {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                if e.file_name() == name {
-                    found.push(e.path());
-                }
-                stack.push((e.path(), depth + 1));
-            }
-        }
-    }
-    found
-}
-
-fn assert_no_cgroup_left(name: &str) {
-    let left = cgroups_named(name);
-    assert!(
-        left.is_empty(),
-        "cgroups left behind for job {name}: {left:?}"
-    );
-}
-
-/// Whether `pid` is gone or a zombie (dead, waiting to be reaped).
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 2..].chars().next())
-            .is_none_or(|c| c == 'Z' || c == 'X'),
-    }
-}
-
 fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -178,10 +44,8 @@ fn now_unix() -> f64 {
         .as_secs_f64()
 }
 
-#[test]
 fn memory_hog_is_oom_killed_with_reason_oom_and_exit_137() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("oom");
     let rep = s.path("report.json");
@@ -212,10 +76,8 @@ fn memory_hog_is_oom_killed_with_reason_oom_and_exit_137() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn fork_bomb_is_contained_by_pids_64_with_a_pids_max_event() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("forkbomb");
     let rep = s.path("report.json");
@@ -259,10 +121,8 @@ fn fork_bomb_is_contained_by_pids_64_with_a_pids_max_event() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn cpu_quota_of_half_a_core_is_not_exceeded() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("cpu");
     let rep = s.path("report.json");
@@ -299,10 +159,8 @@ fn cpu_quota_of_half_a_core_is_not_exceeded() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("deadline");
     let rep = s.path("report.json");
@@ -365,10 +223,8 @@ fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn game_timeout_kills_the_game_and_the_job_goes_on() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("games");
     let rep = s.path("report.json");
@@ -407,10 +263,8 @@ fn game_timeout_kills_the_game_and_the_job_goes_on() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn two_jobs_with_one_slot_run_one_after_the_other() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("max_concurrent_jobs = 1");
     let (a, b) = (unique_name("slot-a"), unique_name("slot-b"));
     let (ra, rb) = (s.path("a.json"), s.path("b.json"));
@@ -460,10 +314,8 @@ fn two_jobs_with_one_slot_run_one_after_the_other() {
     );
 }
 
-#[test]
 fn attach_moves_every_thread_of_a_multithreaded_process() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("attach");
     let rep = s.path("report.json");
@@ -541,10 +393,8 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("max_concurrent_jobs = 4");
     let c = cfg.to_str().unwrap();
     let bad_cfg = |n: &str, text: &str| {
@@ -690,10 +540,8 @@ fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
     let _ = training.0.kill();
 }
 
-#[test]
 fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("subtree");
     let audit = s.path("audit.log");
@@ -776,10 +624,8 @@ fn wait_pidfile(path: &Path) -> i32 {
     }
 }
 
-#[test]
 fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("fallback");
     let rep = s.path("report.json");
@@ -820,10 +666,8 @@ fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("sigterm");
     let rep = s.path("report.json");
@@ -858,10 +702,8 @@ fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("max_concurrent_jobs = 2");
     let name = unique_name("orphan");
     let pidfile = s.path("daemon.pid");
@@ -900,10 +742,8 @@ fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn on_event_hook_gets_json_and_a_slow_hook_delays_nothing() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("on_event_timeout = \"1s\"");
     let name = unique_name("hooks");
     let log = s.path("events.jsonl");
@@ -965,10 +805,8 @@ fn on_event_hook_gets_json_and_a_slow_hook_delays_nothing() {
     assert_eq!(out.status.code(), Some(127));
 }
 
-#[test]
 fn memory_high_crossing_emits_a_memory_high_event() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let rep = s.path("report.json");
     let w = workload();
@@ -998,10 +836,8 @@ fn memory_high_crossing_emits_a_memory_high_event() {
     assert_eq!(r["memory_high_bytes"], 40u64 << 20);
 }
 
-#[test]
 fn attach_tree_moves_existing_descendants_too() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("tree");
     let mut target = ChildGuard(
@@ -1052,10 +888,8 @@ fn attach_tree_moves_existing_descendants_too() {
     assert_no_cgroup_left(&name);
 }
 
-#[test]
 fn a_frozen_job_still_dies_at_its_deadline() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("frozen");
     let rep = s.path("report.json");
@@ -1102,3 +936,22 @@ wait",
     assert_eq!(r["reason"], "deadline");
     assert_no_cgroup_left(&name);
 }
+
+enforcer_tests::root_tests!(
+    memory_hog_is_oom_killed_with_reason_oom_and_exit_137,
+    fork_bomb_is_contained_by_pids_64_with_a_pids_max_event,
+    cpu_quota_of_half_a_core_is_not_exceeded,
+    setsid_daemon_dies_within_100ms_of_a_2s_deadline,
+    game_timeout_kills_the_game_and_the_job_goes_on,
+    two_jobs_with_one_slot_run_one_after_the_other,
+    attach_moves_every_thread_of_a_multithreaded_process,
+    each_bad_input_gives_its_message_and_leaves_no_cgroup,
+    no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up,
+    kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill,
+    sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it,
+    job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one,
+    on_event_hook_gets_json_and_a_slow_hook_delays_nothing,
+    memory_high_crossing_emits_a_memory_high_event,
+    attach_tree_moves_existing_descendants_too,
+    a_frozen_job_still_dies_at_its_deadline,
+);

@@ -9,101 +9,29 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{ChildGuard, TestCgroup, enforcer};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
     enforcer_tests::eval_workload!()
 }
 
-/// A process this test started; killed and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Self {
-        let child = Command::new(workload_bin())
-            .args(args)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", workload_bin().display()));
-        Self(child)
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn wait(&mut self, limit: Duration) -> bool {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
+/// The workload helper with `args`, killed on drop.
+fn spawn(args: &[&str]) -> ChildGuard {
+    let child = Command::new(workload_bin())
+        .args(args)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", workload_bin().display()));
+    ChildGuard(child)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A v2 cgroup created under this process's own v2 cgroup (the unified
-/// hierarchy on hybrid hosts); removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new() -> Self {
-        let mount = std::fs::read_to_string("/proc/self/mountinfo")
-            .expect("mountinfo")
-            .lines()
-            .find_map(|line| {
-                let (pre, post) = line.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2")
-                    .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-            })
-            .expect("a cgroup2 mount (the unified hierarchy on hybrid hosts)");
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .expect("/proc/self/cgroup")
-            .lines()
-            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-            .expect("a v2 entry in /proc/self/cgroup");
-        let dir = mount
-            .join(own.trim_start_matches('/'))
-            .join(unique_name("steal-test"));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self(dir)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().expect("utf-8 path")
-    }
-    fn usage_ns(&self) -> u64 {
-        let stat = std::fs::read_to_string(self.0.join("cpu.stat")).expect("cpu.stat");
-        stat.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("usage_usec in cpu.stat")
-            * 1000
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Its processes are ours and are killed by their own guards first;
-        // an exiting process can linger for a moment.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("could not remove {}", self.0.display());
-    }
+/// CPU time of the job's cgroup so far, in ns.
+fn usage_ns(job: &TestCgroup) -> u64 {
+    job.cpu_usage().as_nanos() as u64
 }
 
 /// Sum of schedstat run_delay (ns) over the threads of `pid`.
@@ -155,7 +83,7 @@ fn meter(
     let mut child = enforcer()
         .args(["meter", "--json", "--interval", "1s", "--protect"])
         .arg(training_pid.to_string())
-        .args(["--cgroup", job.path()])
+        .args(["--cgroup", job.path_str()])
         .args(extra)
         .stdout(Stdio::piped())
         .spawn()
@@ -169,7 +97,7 @@ fn meter(
             .expect("reading the meter"),
     )
     .expect("JSON start line");
-    let (delay0, usage0) = (run_delay_ns(training_pid), job.usage_ns());
+    let (delay0, usage0) = (run_delay_ns(training_pid), usage_ns(job));
     let started = Instant::now();
     assert_eq!(start["event"], "start", "{start}");
     during();
@@ -187,7 +115,7 @@ fn meter(
             break;
         }
     }
-    let (delay1, usage1) = (run_delay_ns(training_pid), job.usage_ns());
+    let (delay1, usage1) = (run_delay_ns(training_pid), usage_ns(job));
     let status = child.wait().expect("waiting for the meter");
     assert!(status.success(), "enforcer meter failed: {status}");
     assert_eq!(summary["event"], "summary", "no summary line");
@@ -242,11 +170,9 @@ fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
     (actual as f64 - expected as f64).abs() <= tolerance * expected as f64
 }
 
-#[test]
 fn steal_is_exactly_zero_without_evaluation() {
-    require_root!();
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["spin", "1", "60"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     assert_eq!(job_steal_ns(&m), 0, "{}", m.summary);
@@ -264,12 +190,10 @@ fn steal_is_exactly_zero_without_evaluation() {
 /// run_delay, and the job's steal the job's own CPU time (so, on a CPU with
 /// nobody else, steal = run_delay growth, the criterion; on a busy
 /// host other tasks add waits that are, rightly, not this job's steal).
-#[test]
 fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
-    require_root!();
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
-    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = spawn(&["--cpu", "0", "--cgroup", job.path_str(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let steal = job_steal_ns(&m);
@@ -298,16 +222,13 @@ fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
     assert_no_overflow(&m);
 }
 
-#[test]
 fn evaluation_on_another_cpu_steals_under_1_percent() {
-    require_root!();
     if ncpus() < 2 {
-        eprintln!("SKIPPED: needs 2 CPUs");
-        return;
+        enforcer_tests::skip!("needs 2 CPUs");
     }
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "60"]);
-    let _evaluation = Proc::spawn(&["--cpu", "1", "--cgroup", job.path(), "spin", "1", "60"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["--cpu", "0", "spin", "1", "60"]);
+    let _evaluation = spawn(&["--cpu", "1", "--cgroup", job.path_str(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let fraction = m.summary["jobs"][0]["stolen_fraction"].as_f64().unwrap();
@@ -320,12 +241,10 @@ fn evaluation_on_another_cpu_steals_under_1_percent() {
     assert_no_overflow(&m);
 }
 
-#[test]
 fn training_waiting_on_its_own_threads_is_not_steal() {
-    require_root!();
-    let job = TestCgroup::new();
+    let job = TestCgroup::unified("steal-test");
     let threads = 2 * ncpus() + 1;
-    let training = Proc::spawn(&["spin", &threads.to_string(), "60"]);
+    let training = spawn(&["spin", &threads.to_string(), "60"]);
     wait_threads(training.pid(), threads + 1);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(2), || {});
     let wait = m.summary["training"]["runq_wait_ns"].as_u64().unwrap();
@@ -338,22 +257,20 @@ fn training_waiting_on_its_own_threads_is_not_steal() {
     assert_no_overflow(&m);
 }
 
-#[test]
 fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
-    require_root!();
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["--cpu", "0", "spin", "1", "120"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["--cpu", "0", "spin", "1", "120"]);
     wait_threads(training.pid(), 2);
-    let cg = job.path().to_owned();
+    let cg = job.path_str().to_owned();
     let m = meter(
         training.pid(),
         &job,
         &[],
         Duration::from_secs(1),
         move || {
-            let mut forker = Proc::spawn(&["--cpu", "0", "--cgroup", &cg, "forker", "200", "10"]);
+            let mut forker = spawn(&["--cpu", "0", "--cgroup", &cg, "forker", "200", "10"]);
             assert!(
-                forker.wait(Duration::from_secs(120)),
+                forker.exits_within(Duration::from_secs(120)),
                 "forker did not finish"
             );
         },
@@ -369,17 +286,15 @@ fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
     assert_no_overflow(&m);
 }
 
-#[test]
 fn meter_refuses_a_training_pid_that_does_not_exist() {
-    require_root!();
-    let job = TestCgroup::new();
+    let job = TestCgroup::unified("steal-test");
     let out = enforcer()
         .args([
             "meter",
             "--protect",
             "999999999",
             "--cgroup",
-            job.path(),
+            job.path_str(),
             "--duration",
             "1s",
         ])
@@ -393,12 +308,10 @@ fn meter_refuses_a_training_pid_that_does_not_exist() {
 /// Training threads created and destroyed during the run (a new thread every
 /// 20 ms) are tracked from their first wake-up: the job's steal still matches
 /// its CPU time on the shared CPU, and the thread table balances.
-#[test]
 fn threads_created_and_destroyed_during_the_run_are_tracked() {
-    require_root!();
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["--cpu", "0", "churn", "20", "60"]);
-    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["--cpu", "0", "churn", "20", "60"]);
+    let _evaluation = spawn(&["--cpu", "0", "--cgroup", job.path_str(), "spin", "1", "60"]);
     wait_threads(training.pid(), 2);
     let m = meter(training.pid(), &job, &[], Duration::from_secs(3), || {});
     let steal = job_steal_ns(&m);
@@ -433,12 +346,10 @@ fn threads_created_and_destroyed_during_the_run_are_tracked() {
 /// With `--follow-children`, processes the training forks are training: a
 /// forking training's children lose CPU to the job and that is steal; without
 /// it, only the parent (asleep in waitpid) is protected and nothing is.
-#[test]
 fn follow_children_counts_the_training_children_and_only_then() {
-    require_root!();
-    let job = TestCgroup::new();
-    let training = Proc::spawn(&["--cpu", "0", "forker", "100000", "20"]);
-    let _evaluation = Proc::spawn(&["--cpu", "0", "--cgroup", job.path(), "spin", "1", "60"]);
+    let job = TestCgroup::unified("steal-test");
+    let training = spawn(&["--cpu", "0", "forker", "100000", "20"]);
+    let _evaluation = spawn(&["--cpu", "0", "--cgroup", job.path_str(), "spin", "1", "60"]);
     wait_threads(training.pid(), 1);
     let with = meter(
         training.pid(),
@@ -472,3 +383,14 @@ fn follow_children_counts_the_training_children_and_only_then() {
         without.summary
     );
 }
+
+enforcer_tests::root_tests!(
+    steal_is_exactly_zero_without_evaluation,
+    same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent,
+    evaluation_on_another_cpu_steals_under_1_percent,
+    training_waiting_on_its_own_threads_is_not_steal,
+    a_job_forking_200_short_processes_is_charged_its_steal_without_overflow,
+    meter_refuses_a_training_pid_that_does_not_exist,
+    threads_created_and_destroyed_during_the_run_are_tracked,
+    follow_children_counts_the_training_children_and_only_then,
+);

@@ -5,62 +5,33 @@
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use enforcer_tests::{enforcer, require_root, unique_name};
+use enforcer_tests::{ChildGuard, EnforcerRun, Scratch, enforcer, unique_name};
 use serde_json::Value;
 
 fn workload_bin() -> PathBuf {
     enforcer_tests::eval_workload!()
 }
 
-/// A scratch directory with a private config (its own state_dir); removed
-/// on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique_name("enforcer-steal-run"));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn config(&self) -> PathBuf {
-        let p = self.path("enforcer.toml");
-        let text = format!("state_dir = \"{}\"\n", self.path("state").display());
-        std::fs::write(&p, text).unwrap();
-        p
-    }
+/// A PID the validator accepts (2..=4194304) that names no process now.
+fn unused_pid() -> u32 {
+    (2..=4_194_304u32)
+        .rev()
+        .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .expect("a free PID")
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The training spinner; killed on drop.
-struct Training(Child);
-
-impl Training {
-    fn pinned_to_cpu0() -> Self {
-        let child = Command::new(workload_bin())
+/// The training spinner, pinned to CPU 0; killed on drop.
+fn training_pinned_to_cpu0() -> ChildGuard {
+    ChildGuard(
+        Command::new(workload_bin())
             .args(["--cpu", "0", "spin", "1", "120"])
             .spawn()
-            .expect("starting the training spinner");
-        Training(child)
-    }
-}
-
-impl Drop for Training {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+            .expect("starting the training spinner"),
+    )
 }
 
 fn read_report(path: &Path) -> Value {
@@ -72,17 +43,15 @@ fn read_report(path: &Path) -> Value {
 /// A job spinning on the training's CPU, not in the idle class: the report
 /// carries its steal, a stolen fraction far over a 5 % budget, preemptions,
 /// time over budget, and a `budget_exceeded` event.
-#[test]
 fn run_protect_reports_the_jobs_steal_and_budget_events() {
-    require_root!();
-    let s = Scratch::new();
-    let training = Training::pinned_to_cpu0();
+    let s = Scratch::new("enforcer-steal-run");
+    let training = training_pinned_to_cpu0();
     std::thread::sleep(Duration::from_millis(200));
     let report = s.path("report.json");
     let w = workload_bin();
     let mut run = enforcer()
         .args(["run", "--config"])
-        .arg(s.config())
+        .arg(s.config(""))
         .args(["--no-idle", "--measure-only", "--protect"])
         .arg(training.0.id().to_string())
         .args([
@@ -150,19 +119,18 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
 /// Probes that cannot measure (here: the training PID does not exist) do not
 /// stop the job: it runs and is reported, and the steal fields are null with
 /// the reason in `unavailable`.
-#[test]
 fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason() {
-    require_root!();
-    let s = Scratch::new();
+    let s = Scratch::new("enforcer-steal-run");
     let report = s.path("report.json");
-    let out = enforcer()
-        .args(["run", "--config"])
-        .arg(s.config())
-        .args(["--protect", "4194304", "--report"])
-        .arg(&report)
-        .arg("--")
-        .arg(workload_bin())
-        .args(["spin", "1", "0.2"])
+    let out = EnforcerRun::new(&s.config(""), &unique_name("unmeasured"))
+        .flags(["--protect", &unused_pid().to_string(), "--report"])
+        .flags([&report])
+        .job([
+            workload_bin().as_os_str(),
+            "spin".as_ref(),
+            "1".as_ref(),
+            "0.2".as_ref(),
+        ])
         .output()
         .expect("running enforcer run");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -190,3 +158,8 @@ fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reas
         "the job itself is reported: {r}"
     );
 }
+
+enforcer_tests::root_tests!(
+    run_protect_reports_the_jobs_steal_and_budget_events,
+    run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason,
+);

@@ -312,14 +312,9 @@ impl BudgetMonitor {
     /// creates later inherit the policy; each tick picks up the rest (a
     /// thread that exited or changed meanwhile is skipped).
     fn make_tasks_idle(&mut self, cgroup: &JobCgroup) {
-        for pid in cgroup.pids() {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                continue;
-            };
-            for tid in tasks
-                .flatten()
-                .filter_map(|t| t.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-            {
+        let proc = crate::host::ProcFs::new();
+        for pid in cgroup.pids().into_iter().filter_map(crate::host::Pid::new) {
+            for tid in proc.threads(pid).into_iter().map(crate::host::Pid::as_raw) {
                 if !self.idle_tids.insert(tid) {
                     continue;
                 }

@@ -1,6 +1,6 @@
 //! Which cgroup mode this node runs, where each controller is mounted, and
 //! where this process sits in each hierarchy. Read once from
-//! `/proc/self/mountinfo` and `/proc/self/cgroup`.
+//! `/proc/self/mountinfo` and `/proc/self/cgroup` through [`crate::host`].
 
 use std::{
     collections::BTreeMap,
@@ -9,6 +9,8 @@ use std::{
 };
 
 use serde::Serialize;
+
+use crate::host::{Mount, MountTable, ProcCgroup, ProcError, ProcFs};
 
 /// The three ways a Linux node mounts cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,12 +65,8 @@ pub struct Layout {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] ProcError),
     #[error("no cgroup filesystem is mounted (looked in {0})")]
     NoCgroups(PathBuf),
 }
@@ -79,34 +77,28 @@ pub const WANTED: [&str; 4] = ["cpu", "memory", "pids", "freezer"];
 impl Layout {
     /// Detects the layout of the running system for this process.
     pub fn detect() -> Result<Self, LayoutError> {
-        Self::detect_from(
-            Path::new("/proc/self/mountinfo"),
-            Path::new("/proc/self/cgroup"),
-        )
+        Self::detect_in(&ProcFs::new())
     }
 
-    /// Detects the layout from the given `mountinfo` and `cgroup` files; the
-    /// mount points they name are then read from the real filesystem.
-    pub fn detect_from(mountinfo: &Path, proc_cgroup: &Path) -> Result<Self, LayoutError> {
-        let read = |p: &Path| {
-            fs::read_to_string(p).map_err(|source| LayoutError::Read {
-                path: p.to_owned(),
-                source,
-            })
-        };
-        let mounts = parse_mountinfo(&read(mountinfo)?);
-        let membership = parse_proc_cgroup(&read(proc_cgroup)?);
+    /// Detects the layout from `proc`'s `self/mountinfo` and `self/cgroup`;
+    /// the mount points they name are then read from the real filesystem.
+    pub fn detect_in(proc: &ProcFs) -> Result<Self, LayoutError> {
+        let mounts = proc.mountinfo()?;
+        let membership = proc.self_cgroup()?;
+        Self::from_tables(&mounts, &membership)
+            .ok_or_else(|| LayoutError::NoCgroups(proc.root().join("self/mountinfo")))
+    }
 
-        let unified_mount = mounts
-            .iter()
-            .find(|m| m.fstype == "cgroup2")
-            .map(|m| m.mount_point.clone());
-        let v1: Vec<&Mount> = mounts.iter().filter(|m| m.fstype == "cgroup").collect();
+    /// `None` when no cgroup filesystem is mounted.
+    fn from_tables(mounts: &MountTable, membership: &ProcCgroup) -> Option<Self> {
+        let membership = membership.by_controller();
+        let unified_mount = mounts.cgroup2().map(|m| m.mount_point.clone());
+        let v1: Vec<&Mount> = mounts.cgroup_v1().collect();
         let mode = match (&unified_mount, v1.is_empty()) {
             (Some(_), true) => CgroupMode::Unified,
             (Some(_), false) => CgroupMode::Hybrid,
             (None, false) => CgroupMode::Legacy,
-            (None, true) => return Err(LayoutError::NoCgroups(mountinfo.to_owned())),
+            (None, true) => return None,
         };
 
         let unified_own = unified_mount.as_ref().map(|mnt| {
@@ -116,7 +108,7 @@ impl Layout {
 
         let mut controllers = BTreeMap::new();
         for m in &v1 {
-            for ctrl in m.super_options.split(',').filter(|o| is_v1_controller(o)) {
+            for ctrl in m.v1_controllers() {
                 let rel = membership.get(ctrl).map(String::as_str).unwrap_or("/");
                 let own = join_cgroup(&m.mount_point, rel);
                 let (usable, reason) = writable_dir(&own);
@@ -176,7 +168,7 @@ impl Layout {
                     )),
                 });
         }
-        Ok(Layout {
+        Some(Layout {
             mode,
             unified_mount,
             unified_own,
@@ -194,27 +186,6 @@ impl Layout {
     }
 }
 
-fn is_v1_controller(option: &str) -> bool {
-    matches!(
-        option,
-        "cpu"
-            | "cpuacct"
-            | "cpuset"
-            | "memory"
-            | "pids"
-            | "freezer"
-            | "devices"
-            | "blkio"
-            | "io"
-            | "net_cls"
-            | "net_prio"
-            | "perf_event"
-            | "hugetlb"
-            | "rdma"
-            | "misc"
-    )
-}
-
 fn writable_dir(dir: &Path) -> (bool, Option<String>) {
     match nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
         Ok(()) => (true, None),
@@ -229,113 +200,23 @@ fn join_cgroup(mount: &Path, rel: &str) -> PathBuf {
     mount.join(rel.trim_start_matches('/'))
 }
 
-#[derive(Debug)]
-struct Mount {
-    mount_point: PathBuf,
-    fstype: String,
-    super_options: String,
-}
-
-/// Parses `/proc/self/mountinfo` (see proc(5)): the fields after the ` - `
-/// separator are the filesystem type, the source and the super options.
-fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let mut right = right.split(' ');
-            let fstype = right.next()?;
-            let _source = right.next();
-            let super_options = right.next().unwrap_or("");
-            Some(Mount {
-                mount_point: PathBuf::from(unescape_octal(mount_point)),
-                fstype: fstype.to_owned(),
-                super_options: super_options.to_owned(),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 4 <= bytes.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v as char);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    out
-}
-
-/// Parses `/proc/<pid>/cgroup` into controller → path. The v2 entry
-/// (`0::/path`) is stored under the empty name; a v1 line naming several
-/// controllers (`4:cpu,cpuacct:/x`) yields one entry per controller.
-pub(crate) fn parse_proc_cgroup(text: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_id, ctrls, path) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), Some(c)) => (a, b, c),
-            _ => continue,
-        };
-        if ctrls.is_empty() {
-            out.insert(String::new(), path.to_owned());
-        } else {
-            for c in ctrls.split(',') {
-                out.insert(c.to_owned(), path.to_owned());
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::mountinfo::tests::HYBRID;
 
-    const HYBRID_MOUNTINFO: &str = "\
-25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
-27 25 0:25 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-28 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-29 25 0:27 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
-";
-
-    #[test]
-    fn mountinfo_yields_fstype_and_controllers() {
-        let mounts = parse_mountinfo(HYBRID_MOUNTINFO);
-        assert_eq!(mounts.len(), 5);
-        assert_eq!(mounts[1].fstype, "cgroup2");
-        assert_eq!(mounts[2].super_options, "rw,cpu");
-        assert_eq!(mounts[2].mount_point, PathBuf::from("/sys/fs/cgroup/cpu"));
-    }
-
-    #[test]
-    fn proc_cgroup_splits_comma_joined_v1_controllers_and_keeps_v2_path() {
-        let m = parse_proc_cgroup("4:cpu,cpuacct:/a/b\n0::/user.slice/x.scope\n1:name=systemd:/\n");
-        assert_eq!(m["cpu"], "/a/b");
-        assert_eq!(m["cpuacct"], "/a/b");
-        assert_eq!(m[""], "/user.slice/x.scope");
-        assert_eq!(m["name=systemd"], "/");
+    fn fake_proc(mountinfo: &str, cgroup: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("self")).unwrap();
+        fs::write(dir.path().join("self/mountinfo"), mountinfo).unwrap();
+        fs::write(dir.path().join("self/cgroup"), cgroup).unwrap();
+        dir
     }
 
     #[test]
     fn hybrid_mount_set_is_detected_as_hybrid_with_v1_controllers() {
-        let dir = tempfile::tempdir().unwrap();
-        let mi = dir.path().join("mountinfo");
-        let pc = dir.path().join("cgroup");
-        fs::write(&mi, HYBRID_MOUNTINFO).unwrap();
-        fs::write(&pc, "4:memory:/job\n3:cpu:/\n0::/\n").unwrap();
-        let layout = Layout::detect_from(&mi, &pc).unwrap();
+        let dir = fake_proc(HYBRID, "4:memory:/job\n3:cpu,cpuacct:/\n0::/\n");
+        let layout = Layout::detect_in(&ProcFs::at(dir.path())).unwrap();
         assert_eq!(layout.mode, CgroupMode::Hybrid);
         assert_eq!(layout.controllers["cpu"].version, 1);
         assert_eq!(
@@ -346,16 +227,50 @@ mod tests {
             layout.unified_mount,
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
+        assert_eq!(
+            layout.unified_own,
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn unified_mount_set_is_detected_as_unified() {
+        let dir = fake_proc(
+            "23 22 0:21 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+            "0::/\n",
+        );
+        let layout = Layout::detect_in(&ProcFs::at(dir.path())).unwrap();
+        assert_eq!(layout.mode, CgroupMode::Unified);
+        assert_eq!(layout.unified_own, Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(layout.controllers["memory"].version, 2);
+    }
+
+    /// Escapes are undone byte by byte, so a mount point that is not ASCII
+    /// comes out as the directory it names.
+    #[test]
+    fn a_mount_point_with_escapes_and_non_ascii_names_the_real_directory() {
+        let dir = fake_proc(
+            "23 22 0:21 / /mnt/cgroup\\040\u{e9}t\u{e9} rw - cgroup2 cgroup2 rw\n",
+            "0::/job\n",
+        );
+        let layout = Layout::detect_in(&ProcFs::at(dir.path())).unwrap();
+        assert_eq!(
+            layout.unified_own,
+            Some(PathBuf::from("/mnt/cgroup \u{e9}t\u{e9}/job"))
+        );
     }
 
     #[test]
     fn no_cgroup_mount_is_an_error_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let mi = dir.path().join("mountinfo");
-        let pc = dir.path().join("cgroup");
-        fs::write(&mi, "25 30 0:23 / / rw - ext4 /dev/vda rw\n").unwrap();
-        fs::write(&pc, "0::/\n").unwrap();
-        let err = Layout::detect_from(&mi, &pc).unwrap_err();
+        let dir = fake_proc("25 30 0:23 / / rw - ext4 /dev/vda rw\n", "0::/\n");
+        let err = Layout::detect_in(&ProcFs::at(dir.path())).unwrap_err();
         assert!(err.to_string().contains("mountinfo"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_table_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Layout::detect_in(&ProcFs::at(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("self/mountinfo"), "{err}");
     }
 }

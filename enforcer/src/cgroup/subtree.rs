@@ -20,10 +20,10 @@ use std::{
 use super::{
     CgroupError, CgroupMode, JobCgroup, JobLocation, Layout, MAIN_LEAF,
     fs::CgFs,
-    mode::parse_proc_cgroup,
     v1::{self, V1Job},
     v2::{self, V2Job},
 };
+use crate::host::{ProcCgroup, ProcFs};
 
 /// The v1 directory under `<own>` that holds the jobs.
 pub const V1_BASE: &str = "enforcer";
@@ -328,12 +328,19 @@ fn prepare_v2(
 /// The job cgroup the calling process runs in (its `main` leaf), for
 /// `enforcer game`. Writes are confined to that job's directories.
 pub fn current_job(layout: &Layout) -> Result<JobCgroup, CgroupError> {
-    let text = super::fs::read(Path::new("/proc/self/cgroup"))?;
-    current_job_from(layout, &text)
+    let proc = ProcFs::new();
+    let membership = proc.self_cgroup().map_err(|e| CgroupError::Read {
+        path: e.path,
+        source: e.source,
+    })?;
+    current_job_from(layout, &membership)
 }
 
-pub fn current_job_from(layout: &Layout, proc_cgroup: &str) -> Result<JobCgroup, CgroupError> {
-    let membership = parse_proc_cgroup(proc_cgroup);
+pub fn current_job_from(
+    layout: &Layout,
+    membership: &ProcCgroup,
+) -> Result<JobCgroup, CgroupError> {
+    let membership = membership.by_controller();
     let job_dir = |mount: &Path, key: &str| -> Result<PathBuf, CgroupError> {
         let rel = membership.get(key).ok_or_else(|| {
             CgroupError::NotInJob(format!("no {key:?} line in /proc/self/cgroup"))
@@ -529,12 +536,16 @@ mod tests {
         };
         let job = current_job_from(
             &layout,
-            "3:cpu:/enforcer/j/main\n2:memory:/x/enforcer/j/main\n1:pids:/enforcer/j/main\n0::/enforcer/j/main\n",
+            &ProcCgroup::parse("3:cpu:/enforcer/j/main\n2:memory:/x/enforcer/j/main\n1:pids:/enforcer/j/main\n0::/enforcer/j/main\n"),
         )
         .unwrap();
         assert_eq!(job.path(), d.path().join("memory/x/enforcer/j"));
         assert_eq!(job.join_files().len(), 4);
-        let e = current_job_from(&layout, "3:cpu:/\n2:memory:/\n1:pids:/\n0::/\n").unwrap_err();
+        let e = current_job_from(
+            &layout,
+            &ProcCgroup::parse("3:cpu:/\n2:memory:/\n1:pids:/\n0::/\n"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("enforcer run"), "{e}");
     }
 }

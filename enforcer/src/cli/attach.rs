@@ -4,7 +4,6 @@
 //! removes it, so a refusal leaves nothing behind.
 
 use std::{
-    path::Path,
     process::ExitCode,
     time::{Instant, SystemTime},
 };
@@ -17,6 +16,7 @@ use super::run::{
 };
 use crate::{
     cgroup::CgroupError,
+    host::ProcFs,
     job::{
         self,
         attach::{self as checks, AttachRefused},
@@ -60,7 +60,7 @@ pub fn run(args: AttachArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let proc_root = Path::new("/proc");
+    let proc_root = &ProcFs::new();
     let self_pid = std::process::id() as i32;
     // Held from the first check on, so that the process moved and signalled
     // later is this one even if its number is reused meanwhile.
@@ -91,7 +91,7 @@ enum Moved {
     Failed(CgroupError),
 }
 
-fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &Path) -> Moved {
+fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &ProcFs) -> Moved {
     if let Err(e) = held.verify(proc_root) {
         return Moved::Refused(e);
     }
@@ -126,7 +126,7 @@ async fn attach_async(plan: Plan, args: &AttachArgs, held: checks::Held) -> u8 {
         Err(code) => return code,
     };
     let guard = &started_job.guard;
-    let proc_root = Path::new("/proc");
+    let proc_root = &ProcFs::new();
     match move_held(guard, &held, proc_root) {
         Moved::Yes => {}
         Moved::Refused(e) => {

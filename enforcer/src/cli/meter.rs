@@ -112,14 +112,9 @@ struct GroundTruth {
 impl GroundTruth {
     fn read(training: &TrainingSpec, jobs: &[Job]) -> Self {
         let run_delay_ns = match training {
-            TrainingSpec::Pid { pid, .. } => std::fs::read_dir(format!("/proc/{pid}/task"))
+            TrainingSpec::Pid { pid, .. } => crate::host::Pid::try_from(*pid)
                 .ok()
-                .map(|dir| {
-                    dir.flatten()
-                        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-                        .sum()
-                }),
+                .and_then(|pid| crate::host::ProcFs::new().run_delay_ns(pid)),
             TrainingSpec::Cgroup(_) => None,
         };
         let job_usage_ns = jobs

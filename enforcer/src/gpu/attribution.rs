@@ -10,22 +10,14 @@
 
 use std::{
     collections::BTreeMap,
-    io,
     path::{Path, PathBuf},
 };
 
 use serde::Serialize;
 
 use super::source::{DeviceSample, ProcessSample};
-
-/// A cgroup hierarchy as `/proc/<pid>/cgroup` names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// The v2 hierarchy: the `0::/path` line.
-    Unified,
-    /// A v1 hierarchy holding this controller (`N:cpu,cpuacct:/path`).
-    V1(String),
-}
+pub use crate::host::Hierarchy;
+use crate::host::{MountTable, Pid, ProcCgroup, ProcError, ProcFs};
 
 /// The job's cgroup in one hierarchy, as a path relative to that
 /// hierarchy's root (what `/proc/<pid>/cgroup` prints, e.g. `/eval/job-1`).
@@ -37,8 +29,8 @@ pub struct CgroupMembership {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttributionError {
-    #[error("reading {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Read(#[from] ProcError),
     #[error(
         "process {pid} is in no freezer hierarchy (neither a v1 freezer nor cgroup2 is mounted)"
     )]
@@ -49,36 +41,34 @@ pub enum AttributionError {
 
 /// Reads process cgroup membership from a procfs (the real `/proc`, or a
 /// fake tree in tests).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ProcCgroups {
-    proc_root: PathBuf,
-}
-
-impl Default for ProcCgroups {
-    fn default() -> Self {
-        ProcCgroups::new("/proc")
-    }
+    proc: ProcFs,
 }
 
 impl ProcCgroups {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
         ProcCgroups {
-            proc_root: proc_root.into(),
+            proc: ProcFs::at(proc_root),
         }
+    }
+
+    /// `None` for a number NVML should never report (0, or beyond `i32`).
+    fn membership(&self, pid: u32) -> Option<Result<ProcCgroup, ProcError>> {
+        Some(self.proc.cgroup(Pid::try_from(pid).ok()?))
     }
 
     /// Whether `pid` is in `job`'s cgroup or below it. A PID that no longer
     /// exists is not the job's (it exited between NVML's answer and now).
     pub fn belongs(&self, pid: u32, job: &CgroupMembership) -> Result<bool, AttributionError> {
-        let path = self.proc_root.join(pid.to_string()).join("cgroup");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
-                return Ok(false);
-            }
-            Err(source) => return Err(AttributionError::Read { path, source }),
+        let membership = match self.membership(pid) {
+            None => return Ok(false),
+            Some(Err(e)) if e.is_gone() => return Ok(false),
+            Some(m) => m?,
         };
-        Ok(cgroup_of(&text, &job.hierarchy).is_some_and(|p| is_within(p, &job.path)))
+        Ok(membership
+            .path_in(&job.hierarchy)
+            .is_some_and(|p| is_within(p, &job.path)))
     }
 }
 
@@ -86,9 +76,8 @@ impl ProcCgroups {
     /// The process's path in `hierarchy`, `None` when it has exited or is
     /// not in that hierarchy.
     pub fn cgroup_of(&self, pid: u32, hierarchy: &Hierarchy) -> Option<String> {
-        let text =
-            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-        cgroup_of(&text, hierarchy).map(str::to_owned)
+        let membership = self.membership(pid)?.ok()?;
+        membership.path_in(hierarchy).map(str::to_owned)
     }
 
     /// Whether `pid` is one of `roots` or a descendant of one (by the parent
@@ -102,7 +91,7 @@ impl ProcCgroups {
                 return true;
             }
             match self.parent_of(cur) {
-                Some(p) if p != 0 && p != cur => cur = p,
+                Some(p) if p != cur => cur = p,
                 _ => return false,
             }
         }
@@ -110,11 +99,8 @@ impl ProcCgroups {
     }
 
     fn parent_of(&self, pid: u32) -> Option<u32> {
-        let stat =
-            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
-        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        rest.split_whitespace().nth(1)?.parse().ok()
+        let stat = self.proc.stat(Pid::try_from(pid).ok()?).ok()?;
+        stat.ppid.map(u32::from)
     }
 }
 
@@ -132,11 +118,10 @@ impl ProcCgroups {
     /// The freezer cgroup of `pid`, from `/proc/<pid>/cgroup` and this
     /// process's mount table.
     pub fn freezer_of(&self, pid: u32) -> Result<FreezerCgroup, AttributionError> {
-        let read = |path: PathBuf| {
-            std::fs::read_to_string(&path).map_err(|source| AttributionError::Read { path, source })
-        };
-        let cgroup = read(self.proc_root.join(pid.to_string()).join("cgroup"))?;
-        let mounts = read(self.proc_root.join("self/mountinfo"))?;
+        let cgroup = self
+            .membership(pid)
+            .ok_or(AttributionError::NoFreezer { pid })??;
+        let mounts = self.proc.mountinfo()?;
         resolve_freezer(&cgroup, &mounts).ok_or(AttributionError::NoFreezer { pid })
     }
 }
@@ -146,75 +131,25 @@ impl ProcCgroups {
     /// path as `/proc/<pid>/cgroup` prints it), from this process's mount
     /// table: for when the job's process is already gone.
     pub fn membership_of_dir(&self, dir: &Path) -> Result<CgroupMembership, AttributionError> {
-        let path = self.proc_root.join("self/mountinfo");
-        let mounts = std::fs::read_to_string(&path)
-            .map_err(|source| AttributionError::Read { path, source })?;
-        membership_of_dir(dir, &mounts).ok_or_else(|| AttributionError::NotACgroup {
-            dir: dir.to_owned(),
-        })
+        let (hierarchy, path) = self
+            .proc
+            .mountinfo()?
+            .membership_of_dir(dir)
+            .ok_or_else(|| AttributionError::NotACgroup {
+                dir: dir.to_owned(),
+            })?;
+        Ok(CgroupMembership { hierarchy, path })
     }
-}
-
-fn membership_of_dir(dir: &Path, mountinfo: &str) -> Option<CgroupMembership> {
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let mut r = right.split(' ');
-            let (fs, _src, opts) = (r.next()?, r.next()?, r.next().unwrap_or(""));
-            let (root, point) = (*f.get(3)?, Path::new(*f.get(4)?));
-            let rel = dir.strip_prefix(point).ok()?;
-            let hierarchy = match fs {
-                "cgroup2" => Hierarchy::Unified,
-                "cgroup" => Hierarchy::V1(
-                    opts.split(',')
-                        .find(|o| !matches!(*o, "rw" | "ro") && !o.contains('='))?
-                        .to_owned(),
-                ),
-                _ => return None,
-            };
-            let base = root.trim_end_matches('/');
-            let path = format!("{base}/{}", rel.display());
-            Some((
-                point.as_os_str().len(),
-                CgroupMembership { hierarchy, path },
-            ))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, m)| m)
 }
 
 /// Picks the freezer hierarchy (v1 `freezer`, else cgroup2) and maps the
 /// process's path in it to a directory through the mount's root.
-fn resolve_freezer(cgroup: &str, mountinfo: &str) -> Option<FreezerCgroup> {
-    let mounts: Vec<(&str, &str, &str, &str)> = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let mut r = right.split(' ');
-            let (fs, _src, opts) = (r.next()?, r.next()?, r.next().unwrap_or(""));
-            Some((fs, *f.get(3)?, *f.get(4)?, opts))
-        })
-        .collect();
-    let dir_of = |h: &Hierarchy, path: &str| -> Option<PathBuf> {
-        let (_, root, point, _) = mounts.iter().find(|(fs, _, _, opts)| match h {
-            Hierarchy::Unified => *fs == "cgroup2",
-            Hierarchy::V1(c) => *fs == "cgroup" && opts.split(',').any(|o| o == c),
-        })?;
-        let rel = if *root == "/" {
-            path
-        } else {
-            path.strip_prefix(root)?
-        };
-        Some(Path::new(point).join(rel.trim_start_matches('/')))
-    };
+fn resolve_freezer(cgroup: &ProcCgroup, mounts: &MountTable) -> Option<FreezerCgroup> {
     [Hierarchy::V1("freezer".to_owned()), Hierarchy::Unified]
         .into_iter()
         .find_map(|h| {
-            let path = cgroup_of(cgroup, &h)?;
-            let dir = dir_of(&h, path)?;
+            let path = cgroup.path_in(&h)?;
+            let dir = mounts.dir_of(&h, path)?;
             Some(FreezerCgroup {
                 membership: CgroupMembership {
                     hierarchy: h,
@@ -223,19 +158,6 @@ fn resolve_freezer(cgroup: &str, mountinfo: &str) -> Option<FreezerCgroup> {
                 dir,
             })
         })
-}
-
-/// The path of the process in `hierarchy`, from `/proc/<pid>/cgroup` text.
-fn cgroup_of<'a>(text: &'a str, hierarchy: &Hierarchy) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let hit = match hierarchy {
-            Hierarchy::Unified => id == "0" && controllers.is_empty(),
-            Hierarchy::V1(c) => controllers.split(',').any(|x| x == c),
-        };
-        hit.then_some(path)
-    })
 }
 
 fn is_within(path: &str, root: &str) -> bool {
@@ -405,7 +327,8 @@ mod tests {
         let hybrid_mounts = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n\
             40 25 0:35 / /sys/fs/cgroup/freezer rw,nosuid - cgroup cgroup rw,freezer\n\
             41 25 0:36 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
-        let f = resolve_freezer(HYBRID_IN_JOB, hybrid_mounts).unwrap();
+        let hybrid_mounts = MountTable::parse(hybrid_mounts);
+        let f = resolve_freezer(&ProcCgroup::parse(HYBRID_IN_JOB), &hybrid_mounts).unwrap();
         assert_eq!(
             f.membership,
             job(Hierarchy::V1("freezer".into()), "/agent/eval/job-1")
@@ -413,33 +336,60 @@ mod tests {
         assert_eq!(f.dir, Path::new("/sys/fs/cgroup/freezer/agent/eval/job-1"));
         // Pure v2, inside a cgroup namespace whose root is /ns: the mount's
         // root is stripped.
-        let v2_mounts = "30 1 0:26 /ns /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        let f = resolve_freezer("0::/ns/eval/job-1\n", v2_mounts).unwrap();
+        let v2_mounts = MountTable::parse("30 1 0:26 /ns /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let f = resolve_freezer(&ProcCgroup::parse("0::/ns/eval/job-1\n"), &v2_mounts).unwrap();
         assert_eq!(f.membership.hierarchy, Hierarchy::Unified);
         assert_eq!(f.dir, Path::new("/sys/fs/cgroup/eval/job-1"));
-        assert_eq!(resolve_freezer("0::/x\n", ""), None);
-        let m = membership_of_dir(
-            Path::new("/sys/fs/cgroup/cpu,cpuacct/agent/eval/job-1"),
-            hybrid_mounts,
+        assert_eq!(
+            resolve_freezer(&ProcCgroup::parse("0::/x\n"), &MountTable::default()),
+            None
+        );
+        let m = hybrid_mounts
+            .membership_of_dir(Path::new("/sys/fs/cgroup/cpu,cpuacct/agent/eval/job-1"))
+            .unwrap();
+        assert_eq!(m, (Hierarchy::V1("cpu".into()), "/agent/eval/job-1".into()));
+        let m = hybrid_mounts
+            .membership_of_dir(Path::new("/sys/fs/cgroup/unified/eval/j"))
+            .unwrap();
+        assert_eq!(m, (Hierarchy::Unified, "/eval/j".into()));
+    }
+
+    /// The kernel writes a space in a mount point as `\040`; a job's
+    /// cgroup under such a mount is still found, by process and by
+    /// directory.
+    #[test]
+    fn freezer_and_membership_resolve_mount_points_written_with_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_proc(dir.path(), &[(100, "0::/eval/job-1\n")]);
+        std::fs::create_dir_all(dir.path().join("self")).unwrap();
+        std::fs::write(
+            dir.path().join("self/mountinfo"),
+            "30 1 0:26 / /run/cg\\040v2 rw - cgroup2 cgroup2 rw\n",
         )
         .unwrap();
-        assert_eq!(m, job(Hierarchy::V1("cpu".into()), "/agent/eval/job-1"));
-        let m =
-            membership_of_dir(Path::new("/sys/fs/cgroup/unified/eval/j"), hybrid_mounts).unwrap();
-        assert_eq!(m, job(Hierarchy::Unified, "/eval/j"));
+        let p = ProcCgroups::new(dir.path());
+        let f = p.freezer_of(100).unwrap();
+        assert_eq!(f.dir, Path::new("/run/cg v2/eval/job-1"));
+        let m = p
+            .membership_of_dir(Path::new("/run/cg v2/eval/job-1"))
+            .unwrap();
+        assert_eq!(m, job(Hierarchy::Unified, "/eval/job-1"));
     }
 
     #[test]
     fn descendants_are_found_through_the_parent_chain_despite_odd_comm() {
         let dir = tempfile::tempdir().unwrap();
         for (pid, ppid) in [(10, 1), (11, 10), (12, 11), (20, 1)] {
-            let d = dir.path().join(pid.to_string());
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("stat"),
-                format!("{pid} (py thon) (x) R {ppid} 1 1 0\n"),
-            )
-            .unwrap();
+            crate::host::procfs::tests::fake_process(
+                dir.path(),
+                pid,
+                "py thon) (x",
+                'R',
+                ppid,
+                0,
+                1,
+                0,
+            );
         }
         let p = ProcCgroups::new(dir.path());
         assert!(p.descends_from(12, &[10]));

@@ -136,11 +136,13 @@ pub struct GpuDevice {
 /// is found here rather than mid-job. Never panics: any failure becomes
 /// `Unavailable` with its case.
 pub fn probe() -> GpuAvailability {
-    match NvmlSource::init() {
-        Ok(mut src) => match src.self_check() {
-            Ok((driver, devices)) => GpuAvailability::Available { driver, devices },
-            Err(e) => GpuAvailability::Unavailable { reason: e.reason },
-        },
+    availability(NvmlSource::init().and_then(|mut src| src.self_check()))
+}
+
+/// The verdict on what loading NVML and its self-check gave.
+fn availability(checked: Result<(String, Vec<GpuDevice>), GpuError>) -> GpuAvailability {
+    match checked {
+        Ok((driver, devices)) => GpuAvailability::Available { driver, devices },
         Err(e) => GpuAvailability::Unavailable { reason: e.reason },
     }
 }
@@ -151,10 +153,8 @@ pub fn probe() -> GpuAvailability {
 pub fn pid_namespace_check() -> Result<(), Unavailable> {
     /// `PROC_PID_INIT_INO` in include/linux/proc_ns.h.
     const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
-    let link = std::fs::read_link("/proc/self/ns/pid");
-    match link {
-        Ok(target) => {
-            let text = target.to_string_lossy().into_owned();
+    match crate::host::ProcFs::new().pid_namespace() {
+        Ok(text) => {
             if text == format!("pid:[{PROC_PID_INIT_INO}]") {
                 Ok(())
             } else {
@@ -172,24 +172,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn init_without_libnvidia_ml_becomes_no_library_reason_not_a_panic() {
-        // This development machine has no NVIDIA driver: NVML cannot load.
-        if std::path::Path::new("/dev/nvidiactl").exists() {
-            eprintln!("SKIPPED: this machine has an NVIDIA driver");
-            return;
-        }
-        match probe() {
-            GpuAvailability::Unavailable { reason } => {
-                assert_eq!(reason.case(), "no_library", "{reason}");
-                assert!(reason.to_string().contains("libnvidia-ml.so.1"));
-                let json = serde_json::to_value(GpuAvailability::Unavailable { reason }).unwrap();
-                assert_eq!(json["status"], "unavailable");
-                assert_eq!(json["case"], "no_library");
-            }
-            GpuAvailability::Available { .. } => {
-                panic!("NVML loaded on a machine without a driver")
-            }
-        }
+    fn nvml_that_cannot_load_becomes_the_no_library_reason_not_a_panic() {
+        use nvml_wrapper::error::NvmlError;
+        // What `Nvml::init` returns when dlopen finds no libnvidia-ml.so.1.
+        let no_library = NvmlError::LibloadingError(libloading::Error::DlOpenUnknown);
+        let verdict = availability(Err(GpuError {
+            call: "nvmlInit",
+            device: None,
+            reason: Unavailable::from_nvml("nvmlInit", &no_library),
+        }));
+        let GpuAvailability::Unavailable { reason } = verdict else {
+            panic!("available without a library: {verdict:?}");
+        };
+        assert_eq!(reason.case(), "no_library", "{reason}");
+        assert!(reason.to_string().contains("libnvidia-ml.so.1"));
+        let json = serde_json::to_value(GpuAvailability::Unavailable { reason }).unwrap();
+        assert_eq!(json["status"], "unavailable");
+        assert_eq!(json["case"], "no_library");
     }
 
     #[test]

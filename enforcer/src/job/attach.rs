@@ -4,9 +4,8 @@
 //! sure the process moved is the one checked, not a later one that got its
 //! number while `attach` waited for a slot.
 
-use std::path::Path;
-
 use super::pidfd::PidFd;
+use crate::host::{Pid, ProcFs, Stat};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttachRefused {
@@ -44,34 +43,15 @@ pub struct Identity {
 }
 
 /// The identity of `pid` as `/proc` shows it now.
-pub fn identity(proc_root: &Path, pid: i32) -> Option<Identity> {
-    let dir = proc_root.join(pid.to_string());
-    let start_time = stat_start_time(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
-    let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    // The real id: the first of real, effective, saved and filesystem.
-    let first = |key: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
+pub fn identity(proc: &ProcFs, pid: i32) -> Option<Identity> {
+    let pid = Pid::new(pid)?;
+    let start_time = proc.stat(pid).ok()?.start_time;
+    let status = proc.status(pid).ok()?;
     Some(Identity {
         start_time,
-        uid: first("Uid:")?,
-        gid: first("Gid:")?,
+        uid: status.uid?,
+        gid: status.gid?,
     })
-}
-
-fn stat_start_time(stat: &str) -> Option<u64> {
-    // Fields after the command name start at field 3 (state).
-    stat[stat.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(22 - 3)?
-        .parse()
-        .ok()
 }
 
 /// A process held from the first check on: a pidfd, and the identity read
@@ -86,7 +66,7 @@ impl Held {
     /// Takes a pidfd on `pid` and records who it is. The identity is read
     /// after the pidfd is open and confirmed by a signal 0 through it after,
     /// so it is that of the process the pidfd holds.
-    pub fn take(proc_root: &Path, pid: i32) -> Result<Self, AttachRefused> {
+    pub fn take(proc: &ProcFs, pid: i32) -> Result<Self, AttachRefused> {
         let pidfd = PidFd::open(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ESRCH) => AttachRefused::NoSuchPid(pid),
             _ => AttachRefused::NoPidFd {
@@ -94,7 +74,7 @@ impl Held {
                 error: e.to_string(),
             },
         })?;
-        let identity = identity(proc_root, pid).ok_or(AttachRefused::NoSuchPid(pid))?;
+        let identity = identity(proc, pid).ok_or(AttachRefused::NoSuchPid(pid))?;
         if !pidfd.is_alive() {
             return Err(AttachRefused::NoSuchPid(pid));
         }
@@ -104,42 +84,28 @@ impl Held {
     /// Whether the number still names the held process: alive through the
     /// pidfd (so the number cannot have been reused), not a zombie, and with
     /// the start time and owner recorded at the check.
-    pub fn verify(&self, proc_root: &Path) -> Result<(), AttachRefused> {
+    pub fn verify(&self, proc: &ProcFs) -> Result<(), AttachRefused> {
         let pid = self.pidfd.pid();
         if !self.pidfd.is_alive() {
             return Err(AttachRefused::ExitedMidway(pid));
         }
-        if stat_fields(proc_root, pid).is_some_and(|(s, _, _)| s == 'Z' || s == 'X') {
+        if stat(proc, pid).is_some_and(|s| s.is_zombie()) {
             return Err(AttachRefused::ExitedMidway(pid));
         }
-        match identity(proc_root, pid) {
+        match identity(proc, pid) {
             Some(now) if now == self.identity => Ok(()),
             _ => Err(AttachRefused::Replaced(pid)),
         }
     }
 }
 
-/// `PF_KTHREAD` from `linux/sched.h`.
-const PF_KTHREAD: u64 = 0x0020_0000;
-
-/// Fields of `/proc/<pid>/stat` after the command name: (state, ppid, flags).
-pub fn stat_fields(proc_root: &Path, pid: i32) -> Option<(char, i32, u64)> {
-    parse_stat(&std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?)
-}
-
-fn parse_stat(text: &str) -> Option<(char, i32, u64)> {
-    // The command name is in parentheses and may contain spaces.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let state = f.first()?.chars().next()?;
-    let ppid = f.get(1)?.parse().ok()?;
-    let flags = f.get(6)?.parse().ok()?;
-    Some((state, ppid, flags))
+fn stat(proc: &ProcFs, pid: i32) -> Option<Stat> {
+    proc.stat(Pid::new(pid)?).ok()
 }
 
 /// Refuses PIDs that must never be attached.
 pub fn check(
-    proc_root: &Path,
+    proc: &ProcFs,
     pid: i32,
     self_pid: i32,
     training: Option<i32>,
@@ -153,23 +119,23 @@ pub fn check(
     if training == Some(pid) {
         return Err(AttachRefused::Training(pid));
     }
-    let Some((state, _ppid, flags)) = stat_fields(proc_root, pid) else {
+    let Some(target) = stat(proc, pid) else {
         return Err(AttachRefused::NoSuchPid(pid));
     };
-    if flags & PF_KTHREAD != 0 || pid == 2 {
+    if target.is_kernel_thread() || pid == 2 {
         return Err(AttachRefused::KernelThread(pid));
     }
-    if state == 'Z' || state == 'X' {
+    if target.is_zombie() {
         return Err(AttachRefused::NoSuchPid(pid));
     }
     let mut p = self_pid;
     for _ in 0..64 {
-        match stat_fields(proc_root, p) {
-            Some((_, ppid, _)) if ppid > 1 => {
-                if ppid == pid {
+        match stat(proc, p).and_then(|s| s.ppid) {
+            Some(ppid) if ppid.as_raw() > 1 => {
+                if ppid.as_raw() == pid {
                     return Err(AttachRefused::Ancestor(pid));
                 }
-                p = ppid;
+                p = ppid.as_raw();
             }
             _ => break,
         }
@@ -179,47 +145,21 @@ pub fn check(
 
 /// Every live descendant of `pid` (for `--tree`), parents first, each with
 /// its start time when it was seen.
-pub fn descendants(proc_root: &Path, pid: i32) -> Vec<(i32, u64)> {
-    let mut children_of: std::collections::BTreeMap<i32, Vec<(i32, u64)>> = Default::default();
-    if let Ok(entries) = std::fs::read_dir(proc_root) {
-        for e in entries.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(text) = std::fs::read_to_string(proc_root.join(p.to_string()).join("stat"))
-            else {
-                continue;
-            };
-            if let (Some((_, ppid, _)), Some(start)) = (parse_stat(&text), stat_start_time(&text)) {
-                children_of.entry(ppid).or_default().push((p, start));
-            }
-        }
-    }
-    for v in children_of.values_mut() {
-        v.sort_unstable();
-    }
-    let mut out = Vec::new();
-    let mut queue = std::collections::VecDeque::from([pid]);
-    while let Some(p) = queue.pop_front() {
-        for &(c, start) in children_of.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
-            out.push((c, start));
-            queue.push_back(c);
-        }
-    }
-    out
+pub fn descendants(proc: &ProcFs, pid: i32) -> Vec<(i32, u64)> {
+    let Some(pid) = Pid::new(pid) else {
+        return Vec::new();
+    };
+    proc.descendants(pid)
+        .into_iter()
+        .map(|s| (s.pid.as_raw(), s.start_time))
+        .collect()
 }
 
 /// The thread ids of `pid`.
-pub fn threads(proc_root: &Path, pid: i32) -> Vec<i32> {
-    let mut v: Vec<i32> = std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
+pub fn threads(proc: &ProcFs, pid: i32) -> Vec<i32> {
+    Pid::new(pid)
+        .map(|p| proc.threads(p).into_iter().map(Pid::as_raw).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -228,41 +168,15 @@ mod tests {
 
     use super::*;
 
+    use std::path::Path;
+
+    use crate::host::procfs::tests::fake_process as proc_entry_started;
+
+    /// `PF_KTHREAD` from `linux/sched.h`.
+    const PF_KTHREAD: u64 = 0x0020_0000;
+
     fn proc_entry(root: &Path, pid: i32, comm: &str, state: char, ppid: i32, flags: u64) {
         proc_entry_started(root, pid, comm, state, ppid, flags, 1000 + pid as u64, 0);
-    }
-
-    /// A `/proc/<pid>` with `stat` (start time in field 22) and `status`.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one column per stat field the tests vary"
-    )]
-    fn proc_entry_started(
-        root: &Path,
-        pid: i32,
-        comm: &str,
-        state: char,
-        ppid: i32,
-        flags: u64,
-        start: u64,
-        uid: u32,
-    ) {
-        let d = root.join(pid.to_string());
-        fs::create_dir_all(d.join("task").join(pid.to_string())).unwrap();
-        // Fields 10 to 21 are zeroes; 22 is the start time.
-        fs::write(
-            d.join("stat"),
-            format!(
-                "{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} {} {start} 0 0 0\n",
-                "0 ".repeat(12).trim_end()
-            ),
-        )
-        .unwrap();
-        fs::write(
-            d.join("status"),
-            format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
-        )
-        .unwrap();
     }
 
     #[test]
@@ -270,14 +184,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         proc_entry_started(d.path(), 42, "a) (b", 'S', 1, 0, 987_654, 1500);
         assert_eq!(
-            identity(d.path(), 42),
+            identity(&ProcFs::at(d.path()), 42),
             Some(Identity {
                 start_time: 987_654,
                 uid: 1500,
                 gid: 1500
             })
         );
-        let real = identity(Path::new("/proc"), std::process::id() as i32).unwrap();
+        let real = identity(&ProcFs::new(), std::process::id() as i32).unwrap();
         assert!(real.start_time > 0);
     }
 
@@ -288,6 +202,7 @@ mod tests {
     fn a_held_process_that_changed_identity_or_exited_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
+        let proc = ProcFs::at(r);
         let me = std::process::id() as i32;
         let held = Held {
             pidfd: PidFd::open(me).unwrap(),
@@ -298,13 +213,13 @@ mod tests {
             },
         };
         proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 0);
-        assert_eq!(held.verify(r), Ok(()));
+        assert_eq!(held.verify(&proc), Ok(()));
         proc_entry_started(r, me, "eval", 'S', 1, 0, 5001, 0);
-        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+        assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
         proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 1500);
-        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+        assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
         fs::remove_dir_all(r.join(me.to_string())).unwrap();
-        assert_eq!(held.verify(r), Err(AttachRefused::Replaced(me)));
+        assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
 
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id() as i32;
@@ -319,37 +234,50 @@ mod tests {
         child.wait().unwrap();
         // Even with /proc showing the recorded identity under its number.
         proc_entry_started(r, pid, "true", 'S', 1, 0, 7000, 0);
-        assert_eq!(dead.verify(r), Err(AttachRefused::ExitedMidway(pid)));
+        assert_eq!(dead.verify(&proc), Err(AttachRefused::ExitedMidway(pid)));
     }
 
     #[test]
     fn refusals_name_the_reason() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
+        let proc = ProcFs::at(r);
         proc_entry(r, 2, "kthreadd", 'S', 0, PF_KTHREAD);
         proc_entry(r, 50, "kworker/0:1 x", 'I', 2, PF_KTHREAD | 0x40);
         proc_entry(r, 100, "shell", 'S', 1, 0);
         proc_entry(r, 200, "enforcer", 'S', 100, 0);
         proc_entry(r, 300, "eval (x)", 'R', 100, 0);
         proc_entry(r, 301, "zombie", 'Z', 100, 0);
-        assert_eq!(check(r, 1, 200, None), Err(AttachRefused::Init));
+        assert_eq!(check(&proc, 1, 200, None), Err(AttachRefused::Init));
         assert_eq!(
-            check(r, 50, 200, None),
+            check(&proc, 50, 200, None),
             Err(AttachRefused::KernelThread(50))
         );
-        assert_eq!(check(r, 200, 200, None), Err(AttachRefused::Itself(200)));
-        assert_eq!(check(r, 100, 200, None), Err(AttachRefused::Ancestor(100)));
         assert_eq!(
-            check(r, 300, 200, Some(300)),
+            check(&proc, 200, 200, None),
+            Err(AttachRefused::Itself(200))
+        );
+        assert_eq!(
+            check(&proc, 100, 200, None),
+            Err(AttachRefused::Ancestor(100))
+        );
+        assert_eq!(
+            check(&proc, 300, 200, Some(300)),
             Err(AttachRefused::Training(300))
         );
-        assert_eq!(check(r, 999, 200, None), Err(AttachRefused::NoSuchPid(999)));
-        assert_eq!(check(r, 301, 200, None), Err(AttachRefused::NoSuchPid(301)));
-        assert_eq!(check(r, 300, 200, None), Ok(()));
         assert_eq!(
-            descendants(r, 100),
+            check(&proc, 999, 200, None),
+            Err(AttachRefused::NoSuchPid(999))
+        );
+        assert_eq!(
+            check(&proc, 301, 200, None),
+            Err(AttachRefused::NoSuchPid(301))
+        );
+        assert_eq!(check(&proc, 300, 200, None), Ok(()));
+        assert_eq!(
+            descendants(&proc, 100),
             vec![(200, 1200), (300, 1300), (301, 1301)]
         );
-        assert_eq!(threads(r, 300), vec![300]);
+        assert_eq!(threads(&proc, 300), vec![300]);
     }
 }

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     events::Event,
+    host::{Pid, ProcFs},
     job::{JobInfo, Monitor, MonitorError, TickContext},
     report::Report,
 };
@@ -45,15 +46,10 @@ pub fn training_cgroup_dir(path: &Path) -> PathBuf {
 /// Where the cgroup v2 hierarchy is mounted (the unified one on hybrid
 /// hosts).
 fn cgroup2_mount() -> PathBuf {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    ProcFs::new()
+        .mountinfo()
         .ok()
-        .and_then(|m| {
-            m.lines().find_map(|line| {
-                let (pre, post) = line.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2")
-                    .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-            })
-        })
+        .and_then(|t| t.cgroup2().map(|m| m.mount_point.clone()))
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
@@ -62,8 +58,8 @@ fn cgroup2_mount() -> PathBuf {
 /// cgroup, e.g. its `main` leaf). `None` when it is not one of them.
 fn job_dir(pid: i32, id: u64) -> Option<(u32, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let membership = ProcFs::new().cgroup(Pid::new(pid)?).ok()?;
+    let path = membership.unified()?;
     let mount = cgroup2_mount();
     let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     (0..=parts.len()).rev().find_map(|depth| {

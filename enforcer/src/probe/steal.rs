@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::BtfTracePoint,
 };
 use enforcer_common::{
@@ -25,6 +25,7 @@ use enforcer_common::{
 use serde::Serialize;
 
 use super::{EBPF_OBJECT, ProbeError, ProgramStats, btf::TaskLayout, program_stats, raise_memlock};
+use crate::host::{Pid, ProcFs};
 
 /// `BPF_NOEXIST`: user-space seeding must never overwrite the state the
 /// kernel already keeps for a thread.
@@ -74,20 +75,7 @@ impl JobCgroup {
 /// Depth of `path` below the cgroup2 mount that holds it.
 pub fn v2_level(path: &Path) -> Option<u32> {
     let path = std::fs::canonicalize(path).ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2").then_some(())?;
-            pre.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .filter_map(|mount| {
-            path.strip_prefix(&mount)
-                .ok()
-                .map(|rest| rest.components().count() as u32)
-        })
-        .min()
+    ProcFs::new().mountinfo().ok()?.v2_level(&path)
 }
 
 /// Cumulative counters of one job since it was added.
@@ -173,9 +161,44 @@ struct Job {
     ids: BTreeSet<u64>,
 }
 
+/// The steal programs' maps, taken out of the loaded object once, typed.
+struct StealMaps {
+    training_slots: Array<MapData, TrainingTask>,
+    training_tasks: HashMap<MapData, u32, TrainingTask>,
+    tgid_filter: Array<MapData, u32>,
+    jobs: HashMap<MapData, u64, u32>,
+    job_levels: Array<MapData, u32>,
+    job_steal: PerCpuArray<MapData, JobSteal>,
+    training_totals: PerCpuArray<MapData, TrainingTotals>,
+    cpu_wait: Array<MapData, CpuWait>,
+}
+
+impl StealMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        fn take<M: TryFrom<Map, Error = aya::maps::MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<M, ProbeError> {
+            let map = ebpf.take_map(name).ok_or(missing("map", name))?;
+            M::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            training_slots: take(ebpf, "TRAINING_SLOTS")?,
+            training_tasks: take(ebpf, "TRAINING_TASKS")?,
+            tgid_filter: take(ebpf, "TGID_FILTER")?,
+            jobs: take(ebpf, "JOBS")?,
+            job_levels: take(ebpf, "JOB_LEVELS")?,
+            job_steal: take(ebpf, "JOB_STEAL")?,
+            training_totals: take(ebpf, "TRAINING_TOTALS")?,
+            cpu_wait: take(ebpf, "CPU_WAIT")?,
+        })
+    }
+}
+
 /// The loaded and attached steal programs. Dropping it detaches them.
 pub struct StealMeter {
     ebpf: Ebpf,
+    maps: StealMaps,
     training: TrainingSpec,
     programs: Vec<&'static str>,
     jobs: BTreeMap<String, Job>,
@@ -239,7 +262,7 @@ impl StealMeter {
                     .to_owned(),
             )
         })?;
-        let ebpf = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .override_global("TASK_PID_OFFSET", &layout.pid, true)
             .override_global("TASK_TGID_OFFSET", &layout.tgid, true)
             .override_global("TASK_CPU_OFFSET", &layout.cpu, true)
@@ -250,6 +273,7 @@ impl StealMeter {
             .override_global("RQ_CLOCK_OFFSET", &clock.rq_clock, true)
             .map_max_entries("CPU_WAIT", nr_cpus as u32)
             .load(EBPF_OBJECT)?;
+        let maps = StealMaps::take(&mut ebpf)?;
         let (switch, switch_flat) = if layout.switch_has_prev_state {
             ("steal_sched_switch", "steal_sched_switch_flat")
         } else {
@@ -260,6 +284,7 @@ impl StealMeter {
         };
         let mut meter = Self {
             ebpf,
+            maps,
             training,
             programs: Vec::new(),
             jobs: BTreeMap::new(),
@@ -349,12 +374,7 @@ impl StealMeter {
         let mut overflow = Vec::new();
         let mut new_tgids = BTreeSet::new();
         {
-            let mut slots: Array<&mut MapData, TrainingTask> = Array::try_from(
-                self.ebpf
-                    .map_mut("TRAINING_SLOTS")
-                    .ok_or(missing("map", "TRAINING_SLOTS"))?,
-            )
-            .map_err(map_err("TRAINING_SLOTS"))?;
+            let slots = &mut self.maps.training_slots;
             for &tid in &tids {
                 let index = tid % TRAINING_SLOT_COUNT;
                 let held = slots.get(&index, 0).map_err(map_err("TRAINING_SLOTS"))?.tid;
@@ -372,12 +392,7 @@ impl StealMeter {
                 new_tgids.extend(tgid_of(tid));
             }
         }
-        let mut tasks: HashMap<&mut MapData, u32, TrainingTask> = HashMap::try_from(
-            self.ebpf
-                .map_mut("TRAINING_TASKS")
-                .ok_or(missing("map", "TRAINING_TASKS"))?,
-        )
-        .map_err(map_err("TRAINING_TASKS"))?;
+        let tasks = &mut self.maps.training_tasks;
         for tid in overflow {
             match tasks.insert(tid, seed(tid), BPF_NOEXIST) {
                 Ok(()) => {
@@ -404,12 +419,7 @@ impl StealMeter {
         if tgids.is_empty() {
             return Ok(());
         }
-        let mut filter: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut("TGID_FILTER")
-                .ok_or(missing("map", "TGID_FILTER"))?,
-        )
-        .map_err(map_err("TGID_FILTER"))?;
+        let filter = &mut self.maps.tgid_filter;
         for tgid in tgids {
             let index = tgid % TGID_FILTER_SLOTS;
             let current = filter.get(&index, 0).map_err(map_err("TGID_FILTER"))?;
@@ -439,10 +449,10 @@ impl StealMeter {
             .find(|s| !used.contains(s))
             .ok_or(ProbeError::TooManyJobs(MAX_JOBS))?;
         let baseline = self.slot_counters(slot)?;
-        let mut jobs: HashMap<&mut MapData, u64, u32> =
-            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
-                .map_err(map_err("JOBS"))?;
-        jobs.insert(cgroup.id, slot, 0).map_err(map_err("JOBS"))?;
+        self.maps
+            .jobs
+            .insert(cgroup.id, slot, 0)
+            .map_err(map_err("JOBS"))?;
         self.jobs.insert(
             key.to_owned(),
             Job {
@@ -462,9 +472,7 @@ impl StealMeter {
         if self.ancestors {
             return Ok(());
         }
-        let mut jobs_map: HashMap<&mut MapData, u64, u32> =
-            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
-                .map_err(map_err("JOBS"))?;
+        let jobs_map = &mut self.maps.jobs;
         for job in self.jobs.values_mut() {
             let Some(dir) = &job.cgroup.dir else { continue };
             let mut found = Vec::new();
@@ -492,11 +500,8 @@ impl StealMeter {
         let Some(job) = self.jobs.remove(key) else {
             return Ok(());
         };
-        let mut jobs: HashMap<&mut MapData, u64, u32> =
-            HashMap::try_from(self.ebpf.map_mut("JOBS").ok_or(missing("map", "JOBS"))?)
-                .map_err(map_err("JOBS"))?;
         for id in &job.ids {
-            match jobs.remove(id) {
+            match self.maps.jobs.remove(id) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -519,12 +524,7 @@ impl StealMeter {
                 "job cgroups at more than {MAX_JOB_LEVELS} depths: tasks in child cgroups of the deepest ones are not matched"
             );
         }
-        let mut array: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut("JOB_LEVELS")
-                .ok_or(missing("map", "JOB_LEVELS"))?,
-        )
-        .map_err(map_err("JOB_LEVELS"))?;
+        let array = &mut self.maps.job_levels;
         let mut it = levels.into_iter();
         for i in 0..MAX_JOB_LEVELS {
             array
@@ -535,13 +535,11 @@ impl StealMeter {
     }
 
     fn slot_counters(&self, slot: u32) -> Result<JobCounters, ProbeError> {
-        let array: PerCpuArray<&MapData, JobSteal> = PerCpuArray::try_from(
-            self.ebpf
-                .map("JOB_STEAL")
-                .ok_or(missing("map", "JOB_STEAL"))?,
-        )
-        .map_err(map_err("JOB_STEAL"))?;
-        let values = array.get(&slot, 0).map_err(map_err("JOB_STEAL"))?;
+        let values = self
+            .maps
+            .job_steal
+            .get(&slot, 0)
+            .map_err(map_err("JOB_STEAL"))?;
         Ok(values
             .iter()
             .fold(JobCounters::default(), |acc, v| JobCounters {
@@ -558,13 +556,11 @@ impl StealMeter {
         }
         self.refresh_job_cgroups()?;
         let at = monotonic_now();
-        let totals: PerCpuArray<&MapData, TrainingTotals> = PerCpuArray::try_from(
-            self.ebpf
-                .map("TRAINING_TOTALS")
-                .ok_or(missing("map", "TRAINING_TOTALS"))?,
-        )
-        .map_err(map_err("TRAINING_TOTALS"))?;
-        let per_cpu = totals.get(&0, 0).map_err(map_err("TRAINING_TOTALS"))?;
+        let per_cpu = self
+            .maps
+            .training_totals
+            .get(&0, 0)
+            .map_err(map_err("TRAINING_TOTALS"))?;
         let mut t = TrainingTotals::default();
         let mut on_cpu_per_cpu: Vec<u64> = Vec::with_capacity(self.nr_cpus);
         for v in per_cpu.iter().take(self.nr_cpus) {
@@ -581,12 +577,7 @@ impl StealMeter {
         }
         // Slices in progress: a thread that spins alone on a CPU is switched
         // out rarely, and its time must not show up only then.
-        let cpu_wait: Array<&MapData, CpuWait> = Array::try_from(
-            self.ebpf
-                .map("CPU_WAIT")
-                .ok_or(missing("map", "CPU_WAIT"))?,
-        )
-        .map_err(map_err("CPU_WAIT"))?;
+        let cpu_wait = &self.maps.cpu_wait;
         let now_ns = at.as_nanos() as u64;
         let mut running_ns = 0;
         for (cpu, total) in on_cpu_per_cpu.iter_mut().enumerate() {
@@ -651,11 +642,17 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
             pid,
             follow_children,
         } => {
-            let mut pids = vec![*pid];
+            let proc = ProcFs::new();
+            let Ok(pid) = Pid::try_from(*pid) else {
+                return Vec::new();
+            };
+            let mut pids = vec![pid];
             if *follow_children {
-                pids.extend(descendants(*pid));
+                pids.extend(proc.descendants(pid).into_iter().map(|s| s.pid));
             }
-            pids.into_iter().flat_map(threads_of).collect()
+            pids.into_iter()
+                .flat_map(|p| threads_of(&proc, p))
+                .collect()
         }
         TrainingSpec::Cgroup(dir) => {
             let mut tids = Vec::new();
@@ -667,61 +664,12 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
 
 /// The thread group of thread `tid`, from /proc.
 fn tgid_of(tid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))?
-        .trim()
-        .parse()
-        .ok()
+    let status = ProcFs::new().status(Pid::try_from(tid).ok()?).ok()?;
+    status.tgid.map(u32::from)
 }
 
-fn threads_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// All processes below `pid` in the process tree.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent_of = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // The fields after the parenthesised command: state, ppid, ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u32>().ok());
-        if let Some(ppid) = ppid {
-            parent_of.push((p, ppid));
-        }
-    }
-    let mut found = vec![pid];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(
-            parent_of
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    found.remove(0);
-    found
+fn threads_of(proc: &ProcFs, pid: Pid) -> impl Iterator<Item = u32> {
+    proc.threads(pid).into_iter().map(u32::from)
 }
 
 /// The ids (inode numbers) of the cgroups below `dir`.

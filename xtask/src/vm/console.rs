@@ -254,8 +254,10 @@ impl Console {
         let binary = self.binaries.last_mut()?;
         binary.output.push(line.to_owned());
         let mut text = line;
+        // The test binaries pad names to a common width (`test a   ... ok`).
         if let Some(rest) = line.strip_prefix("test ")
             && let Some((name, verdict)) = rest.split_once(" ... ")
+            && let name = name.trim_end()
             && !name.contains(' ')
         {
             self.pending_test = Some(name.to_owned());
@@ -383,6 +385,37 @@ test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out
             test: "b::fails".into(),
             outcome: "FAILED"
         }));
+    }
+
+    /// What `enforcer_tests::harness` prints (libtest-mimic): names padded
+    /// to one width, a reason after `ignored`, and `---- name ----` headings.
+    const PADDED: &str = "@@vmtest begin jobs
+running 3 tests
+test a_long_test_name ... ok
+test short            ... ignored (needs root)
+test mid_name         ... FAILED
+
+failures:
+
+---- mid_name ----
+boom
+
+
+failures:
+    mid_name
+
+test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+@@vmtest end jobs rc=101
+";
+
+    #[test]
+    fn padded_names_and_ignore_reasons_of_the_test_harness_are_read() {
+        let (c, _) = feed_all(PADDED);
+        let b = &c.binaries[0];
+        assert_eq!(b.passed, ["a_long_test_name"]);
+        assert_eq!(b.failed, ["mid_name"]);
+        assert_eq!(b.ignored, 1);
+        assert_eq!(b.failure_output()[0], "---- mid_name ----");
     }
 
     #[test]
