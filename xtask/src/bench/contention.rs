@@ -40,7 +40,10 @@ use enforcer_model::{
     controller::{Controller, ControllerConfig, CpuControls, Observation, Quota},
 };
 
-use super::{plot, workload};
+use super::{
+    plot,
+    workload::{self, EvalShape, TrainShape},
+};
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -139,6 +142,27 @@ pub struct ContentionArgs {
     /// Directory for the JSON and the plot (relative to the workspace).
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
+    /// The training's shape (`python` needs `python3`).
+    #[arg(long, value_enum, default_value_t = TrainShape::ThreadPerStep)]
+    pub training: TrainShape,
+    /// The evaluation's shape.
+    #[arg(long = "eval", value_enum, default_value_t = EvalShape::Threads)]
+    pub eval_shape: EvalShape,
+    /// Run every pair of training and evaluation shapes (the Python
+    /// training only where `python3` runs), each with every policy; writes
+    /// target/bench/contention-matrix.json and prints one table.
+    #[arg(long, conflicts_with_all = ["training", "eval_shape"])]
+    pub matrix: bool,
+}
+
+/// The rows of one training × evaluation pair.
+#[derive(Debug, Clone, Serialize)]
+struct PairResult {
+    training: TrainShape,
+    eval: EvalShape,
+    /// Spread of the training-alone rate between rounds: the noise floor.
+    alone_spread: Option<f64>,
+    rows: Vec<Row>,
 }
 
 /// One tick of one run.
@@ -259,23 +283,119 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         args.eval_mem_mib
     );
 
+    let pairs: Vec<(TrainShape, EvalShape)> = if args.matrix {
+        let python = python_ok();
+        if !python {
+            eprintln!(
+                "bench contention: no python3: the python training is left out of the matrix"
+            );
+        }
+        TrainShape::ALL
+            .into_iter()
+            .filter(|t| *t != TrainShape::Python || python)
+            .flat_map(|t| EvalShape::ALL.into_iter().map(move |e| (t, e)))
+            .collect()
+    } else {
+        if args.training == TrainShape::Python && !python_ok() {
+            bail!("--training python needs python3 on the PATH");
+        }
+        vec![(args.training, args.eval_shape)]
+    };
+    let ctx = BenchContext {
+        policies: &policies,
+        cpus,
+        eval_threads,
+        exe: &exe,
+        cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
+        step_work,
+        scratch: &scratch,
+        enforcer: &enforcer,
+        load_before: &load_before,
+    };
+    let mut matrix = Vec::new();
+    for (training, eval) in pairs {
+        eprintln!("bench contention: training {training:?} × evaluation {eval:?}");
+        matrix.push(run_pair(args, root, &ctx, training, eval, !args.matrix)?);
+    }
+    if args.matrix {
+        print_matrix(&matrix, args.budget_pct);
+        let path = root.join(&args.out).join("contention-matrix.json");
+        let json = serde_json::json!({
+            "machine": {
+                "cpus": cpus,
+                "loadavg_before": load_before,
+                "loadavg_after": loadavg(),
+            },
+            "config": {
+                "rounds": args.rounds,
+                "round_secs": args.round_secs,
+                "budget_pct": args.budget_pct,
+            },
+            "pairs": matrix,
+        });
+        fs::write(&path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// What every pair of a bench run shares.
+struct BenchContext<'a> {
+    policies: &'a [Policy],
+    cpus: usize,
+    eval_threads: usize,
+    exe: &'a Path,
+    cpu_root: Option<&'a Path>,
+    step_work: u64,
+    scratch: &'a Path,
+    enforcer: &'a Path,
+    load_before: &'a str,
+}
+
+/// Whether `python3` runs here (for the Python training).
+fn python_ok() -> bool {
+    Command::new("python3")
+        .args(["-c", "import os"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Every policy in alternating rounds on one pair of shapes; with `single`
+/// also the pair's JSON and plot.
+fn run_pair(
+    args: &ContentionArgs,
+    root: &Path,
+    ctx: &BenchContext<'_>,
+    training: TrainShape,
+    eval: EvalShape,
+    single: bool,
+) -> Result<PairResult> {
+    let policies = ctx.policies;
+    let cpus = ctx.cpus;
     let mut runs = Vec::new();
     for round in 0..args.rounds {
         let n = policies.len();
         for i in 0..n {
             let policy = policies[(i + round) % n];
             let spec = RunSpec {
-                exe: &exe,
-                scratch: &scratch,
-                step_work,
+                exe: ctx.exe,
+                scratch: ctx.scratch,
+                step_work: ctx.step_work,
+                step_ms: args.step_ms,
+                training,
+                eval,
                 warmup: Duration::from_secs_f64(args.warmup_secs),
                 secs: Duration::from_secs_f64(args.round_secs),
-                eval_threads,
+                eval_threads: ctx.eval_threads,
                 eval_mem_mib: args.eval_mem_mib,
                 budget: args.budget_pct / 100.0,
-                cpus: cpus as f64,
-                cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
-                enforcer: &enforcer,
+                cpus: ctx.cpus as f64,
+                cpu_root: ctx.cpu_root,
+                enforcer: ctx.enforcer,
             };
             let r = run_one(policy, round, &spec)
                 .with_context(|| format!("round {round}, policy {}", policy.label()))?;
@@ -291,8 +411,27 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         }
     }
     let load_after = loadavg();
-    let rows = summarise(&policies, &runs, args.rounds);
-    print_table(&rows, args.budget_pct, cpus, &load_before, &load_after);
+    let rows = summarise(policies, &runs, args.rounds);
+    print_table(&rows, args.budget_pct, cpus, ctx.load_before, &load_after);
+    let alone_rates: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.policy == Policy::Alone)
+        .map(|r| r.train_steps_per_s)
+        .collect();
+    let alone_spread = median(alone_rates.iter().copied()).map(|m| {
+        let hi = alone_rates.iter().copied().fold(f64::MIN, f64::max);
+        let lo = alone_rates.iter().copied().fold(f64::MAX, f64::min);
+        (hi - lo) / m.max(1e-9)
+    });
+    let result = PairResult {
+        training,
+        eval,
+        alone_spread,
+        rows: rows.clone(),
+    };
+    if !single {
+        return Ok(result);
+    }
 
     let out = root.join(&args.out);
     let json_path = out.join("contention.json");
@@ -300,19 +439,21 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         "machine": {
             "cpus": cpus,
             "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "loadavg_before": load_before,
+            "loadavg_before": ctx.load_before,
             "loadavg_after": load_after,
         },
         "config": {
             "rounds": args.rounds,
             "round_secs": args.round_secs,
             "warmup_secs": args.warmup_secs,
-            "eval_threads": eval_threads,
+            "eval_threads": ctx.eval_threads,
             "eval_mem_mib": args.eval_mem_mib,
             "step_ms": args.step_ms,
-            "step_work": step_work,
+            "step_work": ctx.step_work,
             "budget_pct": args.budget_pct,
         },
+        "training": training,
+        "eval": eval,
         "rows": rows,
         "runs": runs,
     });
@@ -359,8 +500,54 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
             eprintln!("wrote {}", svg.display());
         }
     }
-    let _ = fs::remove_dir_all(&scratch);
-    Ok(())
+    Ok(result)
+}
+
+#[expect(clippy::print_stdout, reason = "the table is the bench's output")]
+fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
+    println!(
+        "\ncontention matrix, budget {budget_pct:.0}%: slowdown % / evaluation work vs SCHED_IDLE %, medians over rounds"
+    );
+    let Some(first) = pairs.first() else {
+        return;
+    };
+    let shown: Vec<&Row> = first
+        .rows
+        .iter()
+        .filter(|r| r.policy != Policy::Alone)
+        .collect();
+    print!("{:<30} {:>7}", "training × evaluation", "noise%");
+    for r in &shown {
+        print!(" {:>14}", policy_slug(r.policy));
+    }
+    println!();
+    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}", v * 100.0));
+    for p in pairs {
+        print!(
+            "{:<30} {:>7}",
+            format!("{} × {}", slug(p.training), slug(p.eval)),
+            pct(p.alone_spread)
+        );
+        for shown_row in &shown {
+            let cell = p
+                .rows
+                .iter()
+                .find(|r| r.policy == shown_row.policy)
+                .map_or("-".to_owned(), |r| {
+                    format!("{}/{}", pct(r.slowdown), pct(r.eval_vs_idle))
+                });
+            print!(" {cell:>14}");
+        }
+        println!();
+    }
+    println!(
+        "noise% = spread of the training-alone rate between rounds (max − min over the median)"
+    );
+}
+
+fn slug(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned())
 }
 
 impl Policy {
@@ -379,6 +566,9 @@ struct RunSpec<'a> {
     exe: &'a Path,
     scratch: &'a Path,
     step_work: u64,
+    step_ms: f64,
+    training: TrainShape,
+    eval: EvalShape,
     warmup: Duration,
     secs: Duration,
     eval_threads: usize,
@@ -470,14 +660,27 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     // The training outlives the run (it is killed at the end): the enforcer
     // row first loads its meter and learns the training's rate.
     let total = s.warmup + s.secs + Duration::from_secs(60);
-    let train = Reaped(Some(
-        Command::new(s.exe)
-            .args(["bench", "worker", "train", "--progress"])
+    let mut train_cmd = if s.training == TrainShape::Python {
+        let mut c = Command::new("python3");
+        c.args(["-c", workload::PYTHON_TRAINING])
+            .arg(&progress)
+            .arg(&schedstat)
+            .arg(format!("{}", s.step_ms))
+            .arg(format!("{:.3}", total.as_secs_f64()));
+        c
+    } else {
+        let mut c = Command::new(s.exe);
+        c.args(["bench", "worker", "train", "--progress"])
             .arg(&progress)
             .arg("--schedstat")
             .arg(&schedstat)
             .args(["--step-work", &s.step_work.to_string()])
             .args(["--secs", &format!("{:.3}", total.as_secs_f64())])
+            .args(["--shape", &slug(s.training)]);
+        c
+    };
+    let train = Reaped(Some(
+        train_cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -501,6 +704,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         s.eval_mem_mib.to_string(),
         "--secs".to_owned(),
         format!("{:.3}", s.secs.as_secs_f64()),
+        "--shape".to_owned(),
+        slug(s.eval),
     ];
     let mut controller = None;
     let mut eval = if policy == Policy::Alone {

@@ -2,13 +2,18 @@
 //! `xtask bench worker train|eval` child processes so that each can be given
 //! its own scheduling policy and cgroup.
 //!
-//! - training: CPU-bound steps of fixed work, each on a fresh thread (like a
-//!   data loader handing a batch to a step), rewriting a progress file with
-//!   the step count after every step; it also keeps the schedstat of its
-//!   threads (run time and run-queue wait) in a second file, the bench's
-//!   kernel ground truth for how long the training waited for a CPU;
-//! - evaluation: N threads that sweep a private buffer (CPU and memory
-//!   bandwidth hungry) and report the work they did.
+//! - training ([`TrainShape`]): CPU-bound steps of fixed work, rewriting a
+//!   progress file with the step count after every step; it also keeps the
+//!   schedstat of its threads (run time and run-queue wait) in a second
+//!   file, the bench's kernel ground truth for how long the training waited
+//!   for a CPU. Shapes: a fresh thread per step; a long-lived compute thread
+//!   fed by data-loader threads through a bounded queue; one compute thread
+//!   per CPU meeting at a barrier each step (data parallel). The Python
+//!   shape is a script the bench runs with `python3` ([`PYTHON_TRAINING`]);
+//! - evaluation ([`EvalShape`]): N threads that sweep a private buffer (CPU
+//!   and memory bandwidth hungry), a pool of worker processes, bursty games,
+//!   cache-thrashing random reads, or pure streaming memory bandwidth; each
+//!   reports the work it did.
 
 use std::{
     fs,
@@ -24,7 +29,101 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+/// How the synthetic training spends its CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainShape {
+    /// A fresh thread per step (placement can keep the job off its CPU).
+    ThreadPerStep,
+    /// A long-lived compute thread fed batches by data-loader threads
+    /// through a bounded queue: threads on every CPU.
+    Loader,
+    /// One compute thread per CPU, meeting at a barrier every step.
+    AllCpus,
+    /// A Python loop (standard library only), when `python3` exists.
+    Python,
+}
+
+impl TrainShape {
+    pub const ALL: [TrainShape; 4] = [
+        TrainShape::ThreadPerStep,
+        TrainShape::Loader,
+        TrainShape::AllCpus,
+        TrainShape::Python,
+    ];
+}
+
+/// How the synthetic evaluation spends its CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalShape {
+    /// N threads sweeping a private buffer.
+    Threads,
+    /// A pool of N single-threaded worker processes (how Python evaluations
+    /// run games in parallel).
+    Procs,
+    /// Short CPU bursts with pauses between them (games).
+    Bursty,
+    /// Random reads over a buffer about the size of a last-level cache.
+    Cache,
+    /// Streaming reads and writes over a large buffer: memory bandwidth.
+    Membw,
+}
+
+impl EvalShape {
+    pub const ALL: [EvalShape; 5] = [
+        EvalShape::Threads,
+        EvalShape::Procs,
+        EvalShape::Bursty,
+        EvalShape::Cache,
+        EvalShape::Membw,
+    ];
+}
+
+/// The Python training: `python3 -c PYTHON_TRAINING PROGRESS SCHEDSTAT
+/// STEP_MS SECS`. It calibrates a pure-Python step to `STEP_MS` on start,
+/// then rewrites the progress file with the step count and the schedstat
+/// file with its threads' `run_ns delay_ns` after every step.
+pub const PYTHON_TRAINING: &str = r#"
+import os, sys, time
+progress, schedstat, step_ms, secs = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+def work(n):
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) & 0xFFFFFFFF
+    return x
+n = 1000
+while True:
+    t = time.perf_counter(); work(n); dt = time.perf_counter() - t
+    if dt > 0.02: break
+    n *= 2
+n = max(1, int(n * step_ms / 1000.0 / dt))
+def write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f: f.write(text)
+    os.replace(tmp, path)
+def sched():
+    run = delay = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/schedstat" % t) as f:
+                r, d, _ = f.read().split()
+            run += int(r); delay += int(d)
+        except (OSError, ValueError):
+            pass
+    return run, delay
+write(progress, "0\n")
+end = time.monotonic() + secs
+steps = 0
+while time.monotonic() < end:
+    work(n)
+    steps += 1
+    write(progress, "%d\n" % steps)
+    write(schedstat, "%d %d\n" % sched())
+"#;
 
 #[derive(Debug, Subcommand)]
 pub enum Worker {
@@ -48,6 +147,10 @@ pub struct TrainArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     pub secs: f64,
+    /// How the training spends its CPU (the Python shape is not run by
+    /// this worker).
+    #[arg(long, value_enum, default_value_t = TrainShape::ThreadPerStep)]
+    pub shape: TrainShape,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +164,9 @@ pub struct EvalArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     pub secs: f64,
+    /// How the evaluation spends its CPU.
+    #[arg(long, value_enum, default_value_t = EvalShape::Threads)]
+    pub shape: EvalShape,
 }
 
 pub fn run(worker: Worker) -> Result<()> {
@@ -116,6 +222,145 @@ fn write_atomic(path: &Path, tmp: &Path, text: &str) -> Result<()> {
 }
 
 fn train(a: &TrainArgs) -> Result<()> {
+    match a.shape {
+        TrainShape::ThreadPerStep => train_thread_per_step(a),
+        TrainShape::Loader => train_loader(a),
+        TrainShape::AllCpus => train_all_cpus(a),
+        TrainShape::Python => anyhow::bail!("the Python training runs as python3 -c, not here"),
+    }
+}
+
+/// `(run_ns, delay_ns)` summed over the live threads of this process: the
+/// long-lived shapes keep their threads, so nothing is lost.
+fn process_schedstat() -> (u64, u64) {
+    let mut total = (0, 0);
+    for t in fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut f = text
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        total.0 += f.next().unwrap_or(0);
+        total.1 += f.next().unwrap_or(0);
+    }
+    total
+}
+
+/// Rewrites the progress and schedstat files after a step.
+struct Recorder<'a> {
+    a: &'a TrainArgs,
+    progress_tmp: PathBuf,
+    sched_tmp: PathBuf,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(a: &'a TrainArgs) -> Result<Self> {
+        let r = Self {
+            a,
+            progress_tmp: a.progress.with_extension("tmp"),
+            sched_tmp: a.schedstat.with_extension("tmp"),
+        };
+        write_atomic(&a.progress, &r.progress_tmp, "0\n")?;
+        Ok(r)
+    }
+
+    fn step(&self, steps: u64) -> Result<()> {
+        write_atomic(&self.a.progress, &self.progress_tmp, &format!("{steps}\n"))?;
+        let (run, delay) = process_schedstat();
+        write_atomic(
+            &self.a.schedstat,
+            &self.sched_tmp,
+            &format!("{run} {delay}\n"),
+        )
+    }
+}
+
+fn train_loader(a: &TrainArgs) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(a.secs);
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let loaders = cpus.saturating_sub(1).max(1);
+    // A batch costs a loader a quarter of a step per loader thread: the
+    // loaders together keep about a quarter of the compute thread busy.
+    let batch_work = (a.step_work / 4).max(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..loaders)
+        .map(|_| {
+            let tx = tx.clone();
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if tx.send(spin(batch_work)).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let rec = Recorder::new(a)?;
+    let mut steps = 0_u64;
+    while Instant::now() < deadline {
+        let batch = rx.recv().context("the data loaders stopped")?;
+        black_box(spin(a.step_work ^ (batch & 1)));
+        steps += 1;
+        rec.step(steps)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn train_all_cpus(a: &TrainArgs) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(a.secs);
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let barrier = Arc::new(std::sync::Barrier::new(cpus));
+    let stop = Arc::new(AtomicBool::new(false));
+    let work = a.step_work;
+    let handles: Vec<_> = (1..cpus)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                loop {
+                    black_box(spin(work));
+                    barrier.wait();
+                    // The leader decides after the barrier whether to go on.
+                    barrier.wait();
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    let rec = Recorder::new(a)?;
+    let mut steps = 0_u64;
+    loop {
+        black_box(spin(work));
+        barrier.wait();
+        steps += 1;
+        rec.step(steps)?;
+        let done = Instant::now() >= deadline;
+        stop.store(done, Ordering::Relaxed);
+        barrier.wait();
+        if done {
+            break;
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn train_thread_per_step(a: &TrainArgs) -> Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(a.secs);
     let progress_tmp = a.progress.with_extension("tmp");
@@ -152,6 +397,88 @@ fn train(a: &TrainArgs) -> Result<()> {
 }
 
 fn eval(a: &EvalArgs) -> Result<()> {
+    match a.shape {
+        EvalShape::Procs => eval_procs(a),
+        _ => eval_threads(a),
+    }
+}
+
+/// One worker process per thread asked for, each a one-thread evaluation
+/// of the `threads` shape; their work is summed.
+fn eval_procs(a: &EvalArgs) -> Result<()> {
+    let start = Instant::now();
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let children = (0..a.threads.max(1))
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["bench", "worker", "eval", "--threads", "1", "--mem-mib"])
+                .arg(a.mem_mib.to_string())
+                .arg("--secs")
+                .arg(a.secs.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting an evaluation worker process")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut total = 0_u64;
+    for c in children {
+        let out = c.wait_with_output()?;
+        let line = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("worker process output {line:?}"))?;
+        total += v["work"].as_u64().unwrap_or(0);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let line = serde_json::json!({ "work": total, "secs": secs });
+    writeln!(std::io::stdout().lock(), "{line}")?;
+    Ok(())
+}
+
+/// One unit of the evaluation's work over `buf`, from word `pos`; returns
+/// where the next unit starts.
+fn eval_unit(shape: EvalShape, buf: &mut [u64], pos: usize, x: &mut u64) -> usize {
+    let words = buf.len();
+    let unit = ((1 << 20) / 8).min(words);
+    let mix = |x: &mut u64| {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+    };
+    match shape {
+        EvalShape::Cache => {
+            // Random read-modify-writes: every one a likely cache miss.
+            for _ in 0..unit / 8 {
+                mix(x);
+                let i = (*x as usize) % words;
+                buf[i] = buf[i].wrapping_add(*x);
+            }
+            pos
+        }
+        EvalShape::Membw => {
+            // Every word, no mixing: as fast as memory streams.
+            let end = (pos + unit).min(words);
+            let mut sum = 0_u64;
+            for w in &mut buf[pos..end] {
+                sum = sum.wrapping_add(*w);
+                *w = sum;
+            }
+            *x ^= sum;
+            if end == words { 0 } else { end }
+        }
+        _ => {
+            // One read-modify-write per cache line plus some mixing.
+            let end = (pos + unit).min(words);
+            for i in (pos..end).step_by(8) {
+                mix(x);
+                buf[i] = buf[i].wrapping_add(*x);
+            }
+            if end == words { 0 } else { end }
+        }
+    }
+}
+
+fn eval_threads(a: &EvalArgs) -> Result<()> {
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let work = Arc::new(AtomicU64::new(0));
@@ -159,24 +486,29 @@ fn eval(a: &EvalArgs) -> Result<()> {
         .map(|t| {
             let stop = Arc::clone(&stop);
             let work = Arc::clone(&work);
-            let words = a.mem_mib.max(1) * (1 << 20) / 8;
+            let mib = match a.shape {
+                // About a last-level cache per thread.
+                EvalShape::Cache => 8,
+                EvalShape::Membw => a.mem_mib.max(64),
+                _ => a.mem_mib,
+            };
+            let words = mib.max(1) * (1 << 20) / 8;
+            let shape = a.shape;
             thread::spawn(move || {
                 let mut buf = vec![t as u64; words];
-                let mut x = 1_u64;
-                // One unit = one sweep over 1 MiB with a read-modify-write
-                // per cache line plus some mixing per word touched.
-                let unit = (1 << 20) / 8;
+                let mut x = 1_u64 + t as u64;
                 let mut pos = 0;
+                let mut burst_from = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let end = (pos + unit).min(words);
-                    for i in (pos..end).step_by(8) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        buf[i] = buf[i].wrapping_add(x);
-                    }
-                    pos = if end == words { 0 } else { end };
+                    pos = eval_unit(shape, &mut buf, pos, &mut x);
                     work.fetch_add(1, Ordering::Relaxed);
+                    // Games: 20 ms of play, then 30 ms waiting for moves.
+                    if shape == EvalShape::Bursty
+                        && burst_from.elapsed() >= Duration::from_millis(20)
+                    {
+                        thread::sleep(Duration::from_millis(30));
+                        burst_from = Instant::now();
+                    }
                 }
                 black_box(&buf);
             })
