@@ -814,7 +814,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
             Some(e) if policy.via_enforcer() => {
                 tree_cpu_secs(e.pid(), clk_tck) - process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0)
             }
-            Some(e) => process_cpu_secs(e.pid(), clk_tck).unwrap_or(0.0),
+            // A pool of worker processes: their time is the tree's.
+            Some(e) => tree_cpu_secs(e.pid(), clk_tck),
             None => 0.0,
         };
         // Once the evaluation exits, its time leaves the tree (it becomes
