@@ -150,7 +150,7 @@ pub struct ContentionArgs {
     pub eval_shape: EvalShape,
     /// Run every pair of training and evaluation shapes (the Python
     /// training only where `python3` runs), each with every policy; writes
-    /// target/bench/contention-matrix.json and prints one table.
+    /// target/bench/contention-matrix.json and .svg and prints one table.
     #[arg(long, conflicts_with_all = ["training", "eval_shape"])]
     pub matrix: bool,
 }
@@ -336,6 +336,26 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+        let panels: Vec<plot::MatrixPanel> = matrix
+            .iter()
+            .map(|p| plot::MatrixPanel {
+                title: format!("{} × {}", slug(p.training), slug(p.eval)),
+                points: p
+                    .rows
+                    .iter()
+                    .filter_map(|r| {
+                        Some((
+                            policy_slug(r.policy),
+                            r.slowdown? * 100.0,
+                            r.eval_vs_idle? * 100.0,
+                        ))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let svg = root.join(&args.out).join("contention-matrix.svg");
+        plot::draw_matrix(&svg, &panels, args.budget_pct)?;
+        eprintln!("wrote {}", svg.display());
     }
     let _ = fs::remove_dir_all(&scratch);
     Ok(())

@@ -156,3 +156,116 @@ pub fn draw(path: &Path, title: &str, s: &Series, budget_pct: f64, cpus: f64) ->
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// One pair of the matrix: its name and, per policy, (slowdown %,
+/// evaluation work vs SCHED_IDLE %).
+pub struct MatrixPanel {
+    pub title: String,
+    pub points: Vec<(String, f64, f64)>,
+}
+
+/// The matrix plot: one panel per pair, each policy a point of (slowdown,
+/// evaluation work vs SCHED_IDLE); good is bottom right of the budget line
+/// (left of it) and high. Policies share colours across panels.
+pub fn draw_matrix(path: &Path, panels: &[MatrixPanel], budget_pct: f64) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+    let cols = 5_usize;
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root =
+        SVGBackend::new(path, (300 * cols as u32, 260 * rows as u32 + 40)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (legend, grid) = root.split_vertically(40);
+    let mut policies: Vec<&str> = Vec::new();
+    for p in panels {
+        for (name, _, _) in &p.points {
+            if !policies.contains(&name.as_str()) {
+                policies.push(name);
+            }
+        }
+    }
+    let colour = |name: &str| {
+        let i = policies.iter().position(|p| *p == name).unwrap_or(0);
+        Palette99::pick(i).to_rgba()
+    };
+    for (i, name) in policies.iter().enumerate() {
+        let x = 10 + 160 * i as i32;
+        legend
+            .draw(&Circle::new((x, 20), 5, colour(name).filled()))
+            .map_err(|e| err(&e))?;
+        legend
+            .draw(&Text::new(
+                name.to_string(),
+                (x + 10, 14),
+                ("sans-serif", 13),
+            ))
+            .map_err(|e| err(&e))?;
+    }
+    for (area, p) in grid.split_evenly((rows, cols)).iter().zip(panels) {
+        let x_max = p
+            .points
+            .iter()
+            .map(|q| q.1)
+            .fold(budget_pct * 3.0, f64::max)
+            .min(100.0);
+        let y_max = p
+            .points
+            .iter()
+            .map(|q| q.2)
+            .fold(120.0, f64::max)
+            .min(400.0);
+        let mut c = ChartBuilder::on(area)
+            .caption(&p.title, ("sans-serif", 14))
+            .margin(6)
+            .x_label_area_size(28)
+            .y_label_area_size(36)
+            .build_cartesian_2d(-5.0..x_max, 0.0..y_max)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc("slowdown %")
+            .y_desc("eval vs idle %")
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| err(&e))?;
+        c.draw_series(LineSeries::new(
+            [(budget_pct, 0.0), (budget_pct, y_max)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(|e| err(&e))?;
+        c.draw_series(
+            p.points
+                .iter()
+                .map(|(name, x, y)| Circle::new((*x, *y), 4, colour(name).filled())),
+        )
+        .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_matrix_plot_has_a_panel_per_pair_and_a_legend_per_policy() {
+        let dir = std::env::temp_dir().join(format!("xtask-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let svg = dir.join("m.svg");
+        let panels: Vec<MatrixPanel> = ["a × b", "c × d"]
+            .iter()
+            .map(|t| MatrixPanel {
+                title: (*t).to_owned(),
+                points: vec![("idle".into(), 3.0, 100.0), ("enforcer".into(), 1.5, 96.0)],
+            })
+            .collect();
+        draw_matrix(&svg, &panels, 5.0).expect("drawn");
+        let text = std::fs::read_to_string(&svg).expect("svg written");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(text.contains("a × b") && text.contains("c × d"));
+        assert_eq!(
+            text.matches("enforcer").count(),
+            1,
+            "one legend entry: {text}"
+        );
+    }
+}
