@@ -12,6 +12,7 @@ pub mod attach;
 pub mod identity;
 pub mod monitor;
 pub mod pidfd;
+pub mod session;
 pub mod watch;
 
 use std::{
