@@ -9,6 +9,7 @@
 //! - [`attach`]: the checks before moving a live process into a job.
 
 pub mod attach;
+pub mod controls;
 pub mod identity;
 pub mod monitor;
 pub mod pidfd;
@@ -267,7 +268,7 @@ const GRACE_POLL: Duration = Duration::from_millis(10);
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
 /// builds the report.
 pub async fn supervise(
-    cgroup: &JobCgroup,
+    cgroup: &std::sync::Arc<JobCgroup>,
     spec: &Supervision,
     target: Target,
     mut monitors: Vec<Box<dyn Monitor>>,
@@ -315,6 +316,7 @@ pub async fn supervise(
         timeout: spec.timeout,
         control_period: spec.control_period,
         started,
+        controls: std::sync::Arc::new(controls::Actuator::new(cgroup.clone(), spec.limits.cpu)),
     };
     monitors.retain_mut(|m| match m.start(&info) {
         Ok(()) => true,

@@ -8,9 +8,11 @@
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use super::controls::Actuator;
 use crate::{
     cgroup::{JobCgroup, Limits, Stats},
     events::Event,
@@ -42,6 +44,9 @@ pub struct JobInfo {
     pub timeout: Duration,
     pub control_period: Duration,
     pub started: Instant,
+    /// The job's one actuator: a monitor that acts on the job states the
+    /// controls it wants here, never writes them to the cgroup itself.
+    pub controls: Arc<Actuator>,
 }
 
 /// What one tick gives a monitor.

@@ -11,6 +11,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -136,7 +137,7 @@ pub struct GamePlan {
 /// Kills and removes the job cgroup however the session ends (also on an
 /// early return or a panic), so that no job outlives the enforcer and no
 /// empty cgroup is left behind.
-pub struct JobGuard(pub JobCgroup);
+pub struct JobGuard(pub Arc<JobCgroup>);
 
 impl Drop for JobGuard {
     fn drop(&mut self) {
@@ -446,11 +447,11 @@ impl Session {
                 .map_err(|e| SessionError::cgroup("", e))?,
         };
         let lock = slots::lock_job(&state, &record).map_err(SessionError::slot)?;
-        let guard = JobGuard(
+        let guard = JobGuard(Arc::new(
             subtree
                 .create_job(&plan.name)
                 .map_err(|e| SessionError::cgroup("", e))?,
-        );
+        ));
         guard
             .0
             .apply(&plan.limits)
@@ -462,9 +463,9 @@ impl Session {
         let hooks = match &plan.supervision.on_event {
             None => None,
             Some(_) => {
-                let hooks = JobGuard(subtree.create_hooks(&plan.name).map_err(|e| {
+                let hooks = JobGuard(Arc::new(subtree.create_hooks(&plan.name).map_err(|e| {
                     SessionError::cgroup("creating the cgroup for the job's hooks", e)
-                })?);
+                })?));
                 hooks.0.apply(&crate::events::hook_limits()).map_err(|e| {
                     SessionError::Failed(format!("limiting the cgroup for the job's hooks: {e}"))
                 })?;
@@ -565,7 +566,7 @@ fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
             && hooks.exists()
             && let Ok(h) = subtree.reopen_job(&hooks)
         {
-            drop(JobGuard(h));
+            drop(JobGuard(Arc::new(h)));
         }
         if !location.exists() {
             orphan.clear();
@@ -575,7 +576,7 @@ fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
         match subtree.reopen_job(&location) {
             Ok(job) if named => {
                 tracing::warn!(job = %name, "cleaning up the job of an enforcer that died");
-                drop(JobGuard(job));
+                drop(JobGuard(Arc::new(job)));
                 if location.exists() {
                     tracing::error!(job = %name, cgroups = ?dirs, "the cgroups of a dead enforcer's job could not all be removed: its lock is kept for a later run");
                 } else {
@@ -646,7 +647,7 @@ pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, Sessio
             "no free game-<n> name in the job".to_owned(),
         ));
     };
-    let guard = JobGuard(game);
+    let guard = JobGuard(Arc::new(game));
     // Only the limits asked for: the rest is inherited from the job.
     let applied = (|| {
         if limits.memory.is_some() {
@@ -667,7 +668,7 @@ pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, Sessio
         None => None,
         Some(_) => {
             let made = job.create_child(&format!("game-{n}-hooks")).and_then(|h| {
-                let h = JobGuard(h);
+                let h = JobGuard(Arc::new(h));
                 h.0.apply(&crate::events::hook_limits()).map(|()| h)
             });
             Some(made.map_err(|e| {
