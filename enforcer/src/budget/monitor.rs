@@ -48,8 +48,8 @@ pub trait StealSource: Send {
 
 /// The hand-over between the monitor that polls the steal meter and the
 /// budget loop: the meter's monitor publishes each tick's counters for the
-/// job (it ticks first), the budget loop reads the latest. One eBPF meter
-/// serves both.
+/// job when it senses (before any monitor ticks), the budget loop reads the
+/// latest. One eBPF meter serves both.
 #[derive(Debug, Clone, Default)]
 pub struct StealFeed(Arc<Mutex<FeedSlot>>);
 

@@ -634,6 +634,9 @@ fn run_monitors(
     now: Instant,
     queued: &mut Vec<Event>,
 ) {
+    for m in monitors.iter_mut() {
+        m.sense();
+    }
     monitors.retain_mut(|m| {
         let mut ctx = TickContext::new(cgroup, stats, elapsed, now, queued);
         match m.tick(&mut ctx) {

@@ -197,7 +197,6 @@ fn job_monitors(
     } else {
         Vec::new()
     };
-    // The steal monitor ticks first: the loop reads this tick's counters.
     monitors.push(Box::new(steal));
     if hold {
         monitors.push(Box::new(
