@@ -108,6 +108,9 @@ struct Applied {
 struct State {
     wishes: BTreeMap<Policy, Controls>,
     applied: Applied,
+    /// Set at the deadline: the job must be able to act on its SIGTERM, so
+    /// no policy freezes it any more.
+    released: bool,
 }
 
 /// Merges the policies' wishes and applies the result; see the module doc.
@@ -146,6 +149,7 @@ impl Actuator {
                     frozen: false,
                     cpus: None,
                 },
+                released: false,
             }),
         }
     }
@@ -165,8 +169,22 @@ impl Actuator {
     ) -> Result<(), CgroupError> {
         let mut state = self.lock();
         change(state.wishes.entry(policy).or_default());
-        let want = merge(state.wishes.values());
-        let t = &self.target;
+        Self::write(&self.target, &mut state)
+    }
+
+    /// Thaws the job for good: from now on no policy's freeze is written
+    /// (the job's kill grace, when it must act on its SIGTERM).
+    pub fn release_freeze(&self) -> Result<(), CgroupError> {
+        let mut state = self.lock();
+        state.released = true;
+        // Whatever was written before, the job must end up thawed.
+        state.applied.frozen = true;
+        Self::write(&self.target, &mut state)
+    }
+
+    fn write(t: &Arc<dyn ControlTarget>, state: &mut State) -> Result<(), CgroupError> {
+        let mut want = merge(state.wishes.values());
+        want.frozen &= !state.released;
         let applied = &mut state.applied;
         if applied.frozen && !want.frozen {
             t.freeze(false)?;
@@ -341,6 +359,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(fake.take(), ["freeze false", "quota Some(0.5)"]);
+    }
+
+    #[test]
+    fn after_the_release_no_policy_freezes_the_job_again() {
+        let (fake, a) = actuator(None);
+        a.update(Policy::DutyCycle, |w| w.frozen = true).unwrap();
+        a.release_freeze().unwrap();
+        assert_eq!(fake.take(), ["freeze true", "freeze false"]);
+        a.update(Policy::DutyCycle, |w| w.frozen = false).unwrap();
+        a.update(Policy::DutyCycle, |w| w.frozen = true).unwrap();
+        a.update(Policy::Budget, |w| w.frozen = true).unwrap();
+        assert!(fake.take().is_empty());
     }
 
     #[test]
