@@ -374,6 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn the_duty_cycle_driver_freezes_through_the_actuator_and_never_thaws_a_budget_freeze() {
+        use crate::gpu::duty::{DutyCycle, RunFraction};
+        let fake = Arc::new(Fake::default());
+        let a = Arc::new(Actuator::new(fake.clone(), None));
+        let d = DutyCycle::start(
+            DutyFreezer(a.clone()),
+            std::time::Duration::from_millis(20),
+            RunFraction::new(0.5),
+        )
+        .expect("duty thread");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        a.update(Policy::Budget, |w| w.frozen = true).unwrap();
+        let before = fake.take();
+        assert!(before.iter().any(|w| w == "freeze true"), "{before:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        d.stop().expect("duty stopped cleanly");
+        // Frozen by the budget loop: the duty cycle's thaws wrote nothing.
+        assert!(fake.take().is_empty());
+        assert!(a.merged().frozen);
+    }
+
+    #[test]
     fn placement_and_budget_write_their_own_controls_without_rewriting_the_others() {
         let (fake, a) = actuator(None);
         a.update(Policy::Placement, |w| w.cpus = Some(CpuList::new([2, 3])))
