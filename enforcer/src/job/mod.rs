@@ -173,9 +173,9 @@ fn raise_priority() {
 pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 
 /// Around the deadline only (from [`DEADLINE_ARM`] before it until the kill
-/// is done), the supervisor runs `SCHED_FIFO` priority 1: even at nice -10 a
-/// node with a load of 13 on 2 CPUs woke it up to 15 ms late, and the
-/// deadline is a promise to the millisecond. The window is short and the
+/// is done), the supervisor runs `SCHED_FIFO` priority 1: on a loaded node
+/// nice -10 alone still lets the timer's wake-up wait behind busy CPUs (see
+/// docs/measurements.md), and the deadline is a promise to the millisecond. The window is short and the
 /// thread sleeps in it, so it takes nothing from anyone. With
 /// `SCHED_RESET_ON_FORK`, so that nothing forked in the window (an
 /// `on_event` hook) starts real-time. Failing (no CAP_SYS_NICE, no RT
