@@ -27,7 +27,10 @@ use super::{
 use crate::{
     cgroup::{CgroupError, JobCgroup, cpuset::CpuList},
     events::Event,
-    job::{JobInfo, Monitor, MonitorError, TickContext},
+    job::{
+        JobInfo, Monitor, MonitorError, TickContext,
+        controls::{Actuator, Policy},
+    },
     report::Report,
 };
 
@@ -48,8 +51,8 @@ pub trait StealSource: Send {
 
 /// The hand-over between the monitor that polls the steal meter and the
 /// budget loop: the meter's monitor publishes each tick's counters for the
-/// job (it ticks first), the budget loop reads the latest. One eBPF meter
-/// serves both.
+/// job when it senses (before any monitor ticks), the budget loop reads the
+/// latest. One eBPF meter serves both.
 #[derive(Debug, Clone, Default)]
 pub struct StealFeed(Arc<Mutex<FeedSlot>>);
 
@@ -96,40 +99,21 @@ impl StealSource for StealFeed {
     }
 }
 
-impl CpuActuator for JobCgroup {
+/// The budget loop's wishes, applied by the job's one actuator (which caps
+/// the quota at the user's static CPU limit: "unlimited" means back to it,
+/// never above).
+struct BudgetControls<'a>(&'a Actuator);
+
+impl CpuActuator for BudgetControls<'_> {
     type Error = CgroupError;
     fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
-        JobCgroup::set_cpu_quota(self, cores)
+        self.0.update(Policy::Budget, |w| w.quota = cores)
     }
     fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
-        JobCgroup::set_cpu_idle(self, idle)
+        self.0.update(Policy::Budget, |w| w.idle = Some(idle))
     }
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        JobCgroup::freeze(self, frozen)
-    }
-}
-
-/// The job's cgroup under a static CPU limit the user asked for: the loop
-/// works below it, and "unlimited" means back to it, never above.
-struct Capped<'a> {
-    cgroup: &'a JobCgroup,
-    cap: Option<f64>,
-}
-
-impl CpuActuator for Capped<'_> {
-    type Error = CgroupError;
-    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
-        let cores = match (cores, self.cap) {
-            (Some(c), Some(cap)) => Some(c.min(cap)),
-            (c, cap) => c.or(cap),
-        };
-        self.cgroup.set_cpu_quota(cores)
-    }
-    fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
-        self.cgroup.set_cpu_idle(idle)
-    }
-    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        self.cgroup.freeze(frozen)
+        self.0.update(Policy::Budget, |w| w.frozen = frozen)
     }
 }
 
@@ -157,8 +141,8 @@ pub struct BudgetMonitor {
     /// The answer of the last blame experiment.
     blame: Option<Cause>,
     job: String,
-    /// The user's static CPU limit, if any.
-    cap: Option<f64>,
+    /// The job's actuator, from the start.
+    controls: Option<Arc<Actuator>>,
     /// Put the job's threads in SCHED_IDLE too (with the idle class).
     idle_tasks: bool,
     /// Threads already made SCHED_IDLE.
@@ -248,7 +232,7 @@ impl BudgetMonitor {
             worst_horizon: None,
             blame: None,
             job: String::new(),
-            cap: None,
+            controls: None,
             idle_tasks: false,
             idle_tids: std::collections::HashSet::new(),
             placement: None,
@@ -271,7 +255,7 @@ impl BudgetMonitor {
     /// within the new CPUs. A host without a cpuset for jobs turns placement
     /// off, once, with the reason.
     /// Returns the event and how many CPUs the job has now.
-    fn place(&mut self, cgroup: &JobCgroup, now: Instant) -> Option<(Event, f64)> {
+    fn place(&mut self, controls: &Actuator, now: Instant) -> Option<(Event, f64)> {
         let d = match self.pending_placement.take() {
             Some(d) => d,
             None => {
@@ -280,7 +264,8 @@ impl BudgetMonitor {
             }
         };
         let placement = self.placement.as_ref()?;
-        if let Err(error) = cgroup.set_cpus(d.cpus.as_ref()) {
+        let cpus = d.cpus.clone();
+        if let Err(error) = controls.update(Policy::Placement, |w| w.cpus = cpus) {
             tracing::warn!(job = %self.job, %error, "the job cannot be placed on CPUs: placement off");
             self.placement = None;
             return None;
@@ -354,7 +339,7 @@ impl Monitor for BudgetMonitor {
             config.max_cores = config.max_cores.min(cap);
             config.start_cores = config.start_cores.map(|s| s.min(cap));
         }
-        self.cap = job.limits.cpu;
+        self.controls = Some(job.controls.clone());
         self.idle_tasks = job.limits.cpu_idle;
         self.controller = Some(Controller::new(config));
         if self.place_jobs {
@@ -383,11 +368,10 @@ impl Monitor for BudgetMonitor {
             return Ok(());
         };
         let now = ctx.now;
-        let cgroup = ctx.cgroup;
-        let capped = Capped {
-            cgroup,
-            cap: self.cap,
+        let Some(controls) = self.controls.clone() else {
+            return Ok(());
         };
+        let capped = BudgetControls(&controls);
         if self.last_tick.is_none() {
             // The start decision is applied on the first tick: the cgroup
             // handle is only given to ticks.
@@ -431,7 +415,7 @@ impl Monitor for BudgetMonitor {
                 }
             }
         });
-        if let Some((event, cores)) = self.place(cgroup, now) {
+        if let Some((event, cores)) = self.place(&controls, now) {
             ctx.emit(event);
             if let Some(controller) = self.controller.as_mut()
                 && let Some(d) = controller.placed(now, cores)
@@ -615,21 +599,22 @@ mod tests {
         }
     }
 
-    fn fake_job(root: &Path) -> JobCgroup {
+    fn fake_job(root: &Path) -> Arc<JobCgroup> {
         let dir = root.join("job");
         std::fs::create_dir_all(dir.join("main")).expect("fake cgroup dir");
         for f in ["cpu.max", "cpu.idle", "cpu.weight", "cgroup.freeze"] {
             std::fs::write(dir.join(f), "").expect("fake cgroup file");
         }
-        JobCgroup::V2(V2Job::open(
+        Arc::new(JobCgroup::V2(V2Job::open(
             CgFs::new(vec![root.to_owned()]),
             dir.clone(),
             dir.join("main"),
-        ))
+        )))
     }
 
-    fn info(started: Instant, limits: Limits) -> JobInfo {
+    fn info(started: Instant, limits: Limits, cg: &Arc<JobCgroup>) -> JobInfo {
         JobInfo {
+            controls: Arc::new(Actuator::new(cg.clone(), limits.cpu)),
             name: "j".into(),
             cgroup: "job".into(),
             cgroup_mode: "unified".into(),
@@ -675,6 +660,7 @@ mod tests {
                 cpu_idle: true,
                 ..Limits::default()
             },
+            &cg,
         ))
         .expect("start");
         let events = run_ticks(&mut m, &cg, started, 10);
@@ -732,8 +718,11 @@ mod tests {
                 cpu_idle: true,
                 ..Limits::default()
             },
+            &cg,
         ))
         .expect("start");
+        // As the session does when it creates the job.
+        cg.set_cpu_quota(Some(0.5)).expect("static limit");
         // Far under budget for long enough to relax all the way.
         run_ticks(&mut m, &cg, started, 100);
         let max = std::fs::read_to_string(d.path().join("job/cpu.max")).expect("cpu.max written");
@@ -755,7 +744,8 @@ mod tests {
         let cg = fake_job(d.path());
         let started = Instant::now();
         let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), Box::new(Broken), None);
-        m.start(&info(started, Limits::default())).expect("start");
+        m.start(&info(started, Limits::default(), &cg))
+            .expect("start");
         let events = run_ticks(&mut m, &cg, started, 20);
         assert_eq!(events.len(), 1, "only the start decision");
         let mut report = Report::new("j", &[], std::time::SystemTime::now());

@@ -3,13 +3,12 @@
 //!
 //! Why: in the idle class a job is preempted by a waking training thread,
 //! but not always at once, and a CPU the job keeps busy is one where every
-//! training wake-up may wait behind it. Measured on the 2-vCPU development
-//! host (training a thread per step, two idle-class evaluation threads):
-//! with the job on both CPUs the training waited 9–20 % of its time; with
-//! the job confined to the CPU the training did not use, 4–5 % (2 % alone),
-//! while the job still did 94–95 % of its work (in the idle class it only
-//! ever got about one CPU's worth). Placement removes the contention the
-//! quota can only trade against the job's work.
+//! training wake-up may wait behind it. Confined to the CPUs the training
+//! does not use, an idle-class job loses little of its work (in the idle
+//! class it only gets the CPU time the training leaves anyway) while the
+//! training stops waiting behind it (docs/measurements.md has the numbers).
+//! Placement removes the contention the quota can only trade against the
+//! job's work.
 //!
 //! The training's on-CPU time per CPU comes from the steal meter. Over the
 //! last window, the *training CPUs* are the busiest CPUs that together hold

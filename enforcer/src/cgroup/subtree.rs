@@ -180,10 +180,8 @@ impl Subtree {
     ///
     /// `cpu.idle` on a job only ranks it below its siblings: the slice
     /// itself still competes with the training at full weight, and on a
-    /// wake-up the training does not preempt it. Measured on the hybrid
-    /// host (`cargo xtask bench contention`): the budget row's training
-    /// slowdown was 5.2 % with a full-weight slice, 3.0 % and 4.1 % in two
-    /// runs with the slice idle. The slice
+    /// wake-up the training does not preempt it (docs/measurements.md has
+    /// what the contention bench showed). The slice
     /// follows the job being started; with concurrent jobs of both kinds the
     /// last one started wins. Without `cpu.idle` (before 5.15) the lowest
     /// weight stands in, and the default weight is restored for non-idle jobs.

@@ -3,7 +3,9 @@
 //! memory limit; at the end, the report's `gpu` field or `null` with the
 //! reason. It also runs a fixed duty cycle (`enforcer run --duty-cycle`),
 //! which shares the freezer with the cap: the job runs for the smaller of
-//! the two fractions.
+//! the two fractions. The duty cycle's freeze goes through the job's
+//! actuator ([`crate::job::controls`]), so a thaw of the duty cycle never
+//! undoes a freeze of the budget loop.
 
 use std::time::{Duration, Instant};
 
@@ -11,12 +13,12 @@ use serde_json::json;
 
 use super::{
     attribution::{FreezerCgroup, Hierarchy, ProcCgroups},
-    duty::{DutyCycle, FsFreezer, RunFraction},
+    duty::{DutyCycle, RunFraction},
     guard::{GpuEvent, GpuGuard, GpuLimits},
 };
 use crate::{
     events::Event,
-    job::{JobInfo, Monitor, MonitorError, TickContext},
+    job::{JobInfo, Monitor, MonitorError, TickContext, controls::DutyFreezer},
     report::{Reason, Report},
 };
 
@@ -31,7 +33,7 @@ pub struct GpuMonitor {
     fixed: Option<RunFraction>,
     guard: Option<GpuGuard>,
     duty: Option<DutyCycle>,
-    freezer: Option<FsFreezer>,
+    freezer: Option<DutyFreezer>,
     last_gpu_tick: Option<Instant>,
     killed_for_memory: bool,
 }
@@ -128,26 +130,18 @@ impl Monitor for GpuMonitor {
         // job's (main leaf and games below). A command that already exited
         // (`true`) leaves only the job's directory to go by.
         let procs = ProcCgroups::default();
+        // The duty cycle's freeze is a wish applied by the job's actuator,
+        // which merges it with the budget loop's.
+        self.freezer = Some(DutyFreezer(job.controls.clone()));
         let v2_job = procs
             .membership_of_dir(&job.cgroup)
             .ok()
-            .filter(|m| m.hierarchy == Hierarchy::Unified)
-            .zip(FsFreezer::for_dir(&job.cgroup).ok());
+            .filter(|m| m.hierarchy == Hierarchy::Unified);
         let membership = match (v2_job, procs.freezer_of(pid)) {
-            (Some((membership, freezer)), _) => {
-                self.freezer = Some(freezer);
-                membership
-            }
-            (None, Ok(located)) => {
-                let located = job_level(located, &job.name);
-                self.freezer = FsFreezer::for_dir(&located.dir)
-                    .map_err(|e| tracing::warn!(error = %e, "the job cannot be duty-cycled"))
-                    .ok();
-                located.membership
-            }
+            (Some(membership), _) => membership,
+            (None, Ok(located)) => job_level(located, &job.name).membership,
             (None, Err(e)) => {
                 tracing::debug!(error = %e, "the job's process is gone; attributing by its directory");
-                self.freezer = FsFreezer::for_dir(&job.cgroup).ok();
                 procs
                     .membership_of_dir(&job.cgroup)
                     .map_err(|e| MonitorError::new(format!("locating the job's cgroup: {e}")))?

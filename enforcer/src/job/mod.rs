@@ -9,9 +9,11 @@
 //! - [`attach`]: the checks before moving a live process into a job.
 
 pub mod attach;
+pub mod controls;
 pub mod identity;
 pub mod monitor;
 pub mod pidfd;
+pub mod session;
 pub mod watch;
 
 use std::{
@@ -171,9 +173,9 @@ fn raise_priority() {
 pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 
 /// Around the deadline only (from [`DEADLINE_ARM`] before it until the kill
-/// is done), the supervisor runs `SCHED_FIFO` priority 1: even at nice -10 a
-/// node with a load of 13 on 2 CPUs woke it up to 15 ms late, and the
-/// deadline is a promise to the millisecond. The window is short and the
+/// is done), the supervisor runs `SCHED_FIFO` priority 1: on a loaded node
+/// nice -10 alone still lets the timer's wake-up wait behind busy CPUs (see
+/// docs/measurements.md), and the deadline is a promise to the millisecond. The window is short and the
 /// thread sleeps in it, so it takes nothing from anyone. With
 /// `SCHED_RESET_ON_FORK`, so that nothing forked in the window (an
 /// `on_event` hook) starts real-time. Failing (no CAP_SYS_NICE, no RT
@@ -260,13 +262,36 @@ enum Phase {
     },
 }
 
+/// What the supervisor does when its deadline timer fires.
+#[derive(Debug, PartialEq, Eq)]
+enum DeadlineStep {
+    /// SIGTERM to every process now, the SIGKILL of the whole job due then.
+    Term { kill_due: Instant },
+    /// SIGKILL the whole job now; it was due at `due_at`.
+    Kill { due_at: Instant },
+}
+
+/// At the deadline a job with a kill grace gets SIGTERM and the grace, one
+/// without is killed; at the end of the grace it is killed.
+fn deadline_step(phase: Phase, deadline_at: Instant, kill_grace: Duration) -> DeadlineStep {
+    match phase {
+        Phase::Running if !kill_grace.is_zero() => DeadlineStep::Term {
+            kill_due: deadline_at + kill_grace,
+        },
+        Phase::Running => DeadlineStep::Kill {
+            due_at: deadline_at,
+        },
+        Phase::Terminating { kill_due, .. } => DeadlineStep::Kill { due_at: kill_due },
+    }
+}
+
 /// How often an emptying job is looked at during its kill grace.
 const GRACE_POLL: Duration = Duration::from_millis(10);
 
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
 /// builds the report.
 pub async fn supervise(
-    cgroup: &JobCgroup,
+    cgroup: &std::sync::Arc<JobCgroup>,
     spec: &Supervision,
     target: Target,
     mut monitors: Vec<Box<dyn Monitor>>,
@@ -314,6 +339,7 @@ pub async fn supervise(
         timeout: spec.timeout,
         control_period: spec.control_period,
         started,
+        controls: std::sync::Arc::new(controls::Actuator::new(cgroup.clone(), spec.limits.cpu)),
     };
     monitors.retain_mut(|m| match m.start(&info) {
         Ok(()) => true,
@@ -359,16 +385,15 @@ pub async fn supervise(
                 realtime(true);
             }
             () = tokio::time::sleep_until(due) => {
-                match phase {
-                    Phase::Running if !spec.kill_grace.is_zero() => {
+                match deadline_step(phase, deadline_at, spec.kill_grace) {
+                    DeadlineStep::Term { kill_due } => {
                         let fired = Instant::now();
-                        // A job frozen by a monitor could not act on it.
-                        if let Err(e) = cgroup.freeze(false) {
+                        // A job frozen by a policy could not act on it.
+                        if let Err(e) = info.controls.release_freeze() {
                             tracing::debug!(error = %e, "thawing the job for its kill grace");
                         }
                         let signalled = signal_all(cgroup, libc::SIGTERM);
                         let term_at = SystemTime::now();
-                        let kill_due = deadline_at + spec.kill_grace;
                         emit(&mut sink, Event::new(events::DEADLINE_TERM, json!({
                             "timeout_s": spec.timeout.as_secs_f64(),
                             "kill_grace_s": spec.kill_grace.as_secs_f64(),
@@ -381,8 +406,7 @@ pub async fn supervise(
                         phase = Phase::Terminating { term_at, kill_due };
                         due = tokio::time::Instant::from_std(kill_due);
                     }
-                    Phase::Running => kill_now = Some(deadline_at),
-                    Phase::Terminating { kill_due, .. } => kill_now = Some(kill_due),
+                    DeadlineStep::Kill { due_at } => kill_now = Some(due_at),
                 }
             }
             _ = grace_poll.tick(), if terminating => {
@@ -631,6 +655,9 @@ fn run_monitors(
     now: Instant,
     queued: &mut Vec<Event>,
 ) {
+    for m in monitors.iter_mut() {
+        m.sense();
+    }
     monitors.retain_mut(|m| {
         let mut ctx = TickContext::new(cgroup, stats, elapsed, now, queued);
         match m.tick(&mut ctx) {
@@ -702,5 +729,36 @@ fn fill_stats(r: &mut Report, s: &Stats, spec: &Supervision, mem_sampled: u64, p
     }
     if r.memory_limit_bytes.is_none() {
         r.unavailable("memory_limit_bytes", "no memory limit set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_kill_grace_the_deadline_kills_at_once() {
+        let deadline = Instant::now();
+        assert_eq!(
+            deadline_step(Phase::Running, deadline, Duration::ZERO),
+            DeadlineStep::Kill { due_at: deadline }
+        );
+    }
+
+    #[test]
+    fn with_a_kill_grace_the_deadline_terms_and_the_kill_follows_after_the_grace() {
+        let deadline = Instant::now();
+        let grace = Duration::from_secs(10);
+        let step = deadline_step(Phase::Running, deadline, grace);
+        let kill_due = deadline + grace;
+        assert_eq!(step, DeadlineStep::Term { kill_due });
+        let terminating = Phase::Terminating {
+            term_at: SystemTime::now(),
+            kill_due,
+        };
+        assert_eq!(
+            deadline_step(terminating, deadline, grace),
+            DeadlineStep::Kill { due_at: kill_due }
+        );
     }
 }

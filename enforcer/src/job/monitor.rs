@@ -1,6 +1,7 @@
 //! The supervisor's extension point: a [`Monitor`] is started with the job,
-//! ticked every control period with the job's cgroup handle (to read, set a
-//! quota, freeze), and fills its part of the report at the end. The steal
+//! each control period senses (takes its sample) and then ticks (acts on the
+//! samples through the job's actuator, [`JobInfo::controls`]), and fills its
+//! part of the report at the end. The steal
 //! meter, the budget controller and the GPU guard plug in here.
 //!
 //! A monitor that returns an error is logged and disabled; enforcement
@@ -8,9 +9,11 @@
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use super::controls::Actuator;
 use crate::{
     cgroup::{JobCgroup, Limits, Stats},
     events::Event,
@@ -42,6 +45,9 @@ pub struct JobInfo {
     pub timeout: Duration,
     pub control_period: Duration,
     pub started: Instant,
+    /// The job's one actuator: a monitor that acts on the job states the
+    /// controls it wants here, never writes them to the cgroup itself.
+    pub controls: Arc<Actuator>,
 }
 
 /// What one tick gives a monitor.
@@ -83,6 +89,10 @@ impl<'a> TickContext<'a> {
 pub trait Monitor: Send {
     fn name(&self) -> &'static str;
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError>;
+    /// A sensor takes this tick's sample here: every monitor senses before
+    /// any ticks, so that a policy's tick sees this tick's samples whatever
+    /// the order of the monitors.
+    fn sense(&mut self) {}
     fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError>;
     /// Writes this monitor's fields into the report (and, for a null one,
     /// its reason in `report.unavailable`).

@@ -94,6 +94,8 @@ pub struct StealMonitor {
     feed: Option<crate::budget::StealFeed>,
     /// A meter loaded before the job existed ([`StealMonitor::watch_before_job`]).
     early: Option<StealMeter>,
+    /// This tick's sample, taken in [`Monitor::sense`].
+    sampled: Option<Result<StealSnapshot, String>>,
 }
 
 impl StealMonitor {
@@ -108,6 +110,7 @@ impl StealMonitor {
             state: State::NotStarted,
             feed: None,
             early: None,
+            sampled: None,
         }
     }
 
@@ -245,21 +248,36 @@ impl Monitor for StealMonitor {
         Ok(())
     }
 
+    /// Reads the meter and publishes the sample to the budget loop before
+    /// any monitor ticks.
+    fn sense(&mut self) {
+        let State::Running(run) = &mut self.state else {
+            return;
+        };
+        let sample = run
+            .meter
+            .read()
+            .map_err(|e| format!("reading the steal probes: {e}"));
+        match &sample {
+            Ok(snap) => Self::publish(self.feed.as_ref(), snap),
+            Err(reason) => {
+                if let Some(feed) = &self.feed {
+                    feed.publish(Err(reason.clone()));
+                }
+            }
+        }
+        self.sampled = Some(sample);
+    }
+
     fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
         let State::Running(run) = &mut self.state else {
             return Ok(());
         };
-        let snap = match run.meter.read() {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = format!("reading the steal probes: {e}");
-                if let Some(feed) = &self.feed {
-                    feed.publish(Err(reason.clone()));
-                }
-                return Err(MonitorError::new(reason));
-            }
+        let snap = match self.sampled.take() {
+            Some(Ok(s)) => s,
+            Some(Err(reason)) => return Err(MonitorError::new(reason)),
+            None => return Ok(()),
         };
-        Self::publish(self.feed.as_ref(), &snap);
         let (steal, _) = steal_of(&snap);
         match run.window.push(snap.at, steal, snap.training.on_cpu_ns) {
             Some(BudgetEvent::Exceeded { fraction }) => ctx.emit(Event::new(
