@@ -733,6 +733,40 @@ mod tests {
     }
 
     #[test]
+    fn a_blame_answer_is_a_budget_event_with_its_cause() {
+        use super::super::controller::{CpuControls, Decision, Quota};
+        let controls = CpuControls {
+            idle: true,
+            quota: Quota::Cores(0.5),
+            frozen: false,
+        };
+        let d = Decision {
+            controls,
+            previous: CpuControls {
+                frozen: true,
+                quota: Quota::Unlimited,
+                ..controls
+            },
+            reason: Reason::TheJob {
+                value: 0.08,
+                paused: 0.01,
+                heed_for: Duration::from_secs(30),
+            },
+            budget: 0.05,
+        };
+        let v = decision_json(&d);
+        assert_eq!(v["action"], "slowdown_from_job");
+        assert_eq!(v["blame"], "job");
+        assert_eq!(v["quota_cores"], 0.5);
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the job is the cause")),
+            "{v}"
+        );
+    }
+
+    #[test]
     fn without_a_steal_signal_the_loop_holds_and_says_why() {
         struct Broken;
         impl StealSource for Broken {
