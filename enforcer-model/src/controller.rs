@@ -313,9 +313,8 @@ impl fmt::Display for Decision {
     }
 }
 
-/// Tuning of the controller. The defaults come from measurements on a
-/// 2-vCPU node (BRIEF §3): the idle class alone often holds the budget;
-/// quotas well under one core throttle in bursts.
+/// Tuning of the controller (the measurements behind the defaults are in
+/// docs/measurements.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControllerConfig {
     /// The budget on the stolen fraction and the slowdown, as a fraction.
@@ -365,8 +364,7 @@ pub struct ControllerConfig {
     /// so that one slow reading does not drive the quota to the floor.
     pub slowdown_interval: Duration,
     /// ...and only once it has been over budget for this long without a
-    /// break: a single window's rate is noisy (±2–3 % from one 2 s window
-    /// to the next on a busy 2-vCPU node), so one high reading is not
+    /// break: a single window's rate is noisy, so one high reading is not
     /// interference.
     pub slowdown_persist: Duration,
     /// A slowdown over budget that the steal does not explain for this long
