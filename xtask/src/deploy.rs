@@ -170,7 +170,12 @@ fn clean(output: &Output, what: &str, file: &Path) -> Result<()> {
 }
 
 fn tempdir(what: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("xtask-deploy-{what}-{}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("xtask-deploy-{what}-{}-{n}", std::process::id()));
+    // A leftover of a killed run with the same pid is not ours to trust.
+    let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
