@@ -14,9 +14,9 @@ where
     T::Err: std::fmt::Display,
 {
     let shown = value.to_string();
-    shown
-        .parse()
-        .unwrap_or_else(|e| panic!("{shown:?} (printed by the parser's own Display) is refused: {e}"))
+    shown.parse().unwrap_or_else(|e| {
+        panic!("{shown:?} (printed by the parser's own Display) is refused: {e}")
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

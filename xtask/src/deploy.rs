@@ -41,7 +41,10 @@ pub fn run(root: &Path) -> Result<()> {
     check_config(&binary, &deploy.join("enforcer.toml"))?;
     let scratch = tempdir("configmap")?;
     let from_map = scratch.join("enforcer.toml");
-    fs::write(&from_map, configmap_config(&deploy.join("daemonset.yaml"), &venv)?)?;
+    fs::write(
+        &from_map,
+        configmap_config(&deploy.join("daemonset.yaml"), &venv)?,
+    )?;
     check_config(&binary, &from_map).context("the config in deploy/daemonset.yaml's ConfigMap")?;
     let _ = fs::remove_dir_all(&scratch);
     eprintln!("ok: deploy/enforcer.toml and the ConfigMap's enforcer.toml (enforcer config check)");
@@ -72,7 +75,10 @@ fn build_enforcer(root: &Path) -> Result<PathBuf> {
 pub fn verify_unit(unit: &Path, binary: &Path) -> Result<()> {
     let text = fs::read_to_string(unit).with_context(|| format!("reading {}", unit.display()))?;
     if !text.contains(&format!("ExecStart={INSTALLED_BINARY} ")) {
-        bail!("{}: ExecStart does not run {INSTALLED_BINARY}", unit.display());
+        bail!(
+            "{}: ExecStart does not run {INSTALLED_BINARY}",
+            unit.display()
+        );
     }
     let binary = binary
         .canonicalize()
@@ -89,7 +95,8 @@ pub fn verify_unit(unit: &Path, binary: &Path) -> Result<()> {
         .arg(&copy)
         .output();
     let _ = fs::remove_dir_all(&dir);
-    let output = output.context("running systemd-analyze (Debian package systemd; run scripts/setup)")?;
+    let output =
+        output.context("running systemd-analyze (Debian package systemd; run scripts/setup)")?;
     clean(&output, "systemd-analyze verify", unit)
 }
 
@@ -102,7 +109,11 @@ pub fn validate_kubernetes(manifest: &Path, venv: &Path) -> Result<()> {
             .arg(manifest)
             .output()
             .with_context(|| format!("running {} (run scripts/setup)", validator.display()))?;
-        clean(&output, &format!("kubernetes-validate -k {version}"), manifest)?;
+        clean(
+            &output,
+            &format!("kubernetes-validate -k {version}"),
+            manifest,
+        )?;
     }
     Ok(())
 }
@@ -189,7 +200,10 @@ mod tests {
     }
 
     fn have_systemd_analyze() -> bool {
-        let found = Command::new("systemd-analyze").arg("--version").output().is_ok();
+        let found = Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok();
         if !found {
             eprintln!("SKIP: systemd-analyze not installed (Debian package systemd)");
         }
@@ -206,7 +220,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let unit = dir.path().join("enforcer.service");
         let shipped = fs::read_to_string(root().join("deploy/enforcer.service")).unwrap();
-        fs::write(&unit, shipped.replace("Delegate=yes", "Delegate=yes\nDelegateTypo=yes")).unwrap();
+        fs::write(
+            &unit,
+            shipped.replace("Delegate=yes", "Delegate=yes\nDelegateTypo=yes"),
+        )
+        .unwrap();
         // Any existing executable will do for ExecStart here.
         let err = verify_unit(&unit, Path::new("/bin/sh")).unwrap_err();
         assert!(format!("{err:#}").contains("DelegateTypo"), "{err:#}");
@@ -217,6 +235,10 @@ mod tests {
         if !have_systemd_analyze() {
             return;
         }
-        verify_unit(&root().join("deploy/enforcer.service"), Path::new("/bin/sh")).unwrap();
+        verify_unit(
+            &root().join("deploy/enforcer.service"),
+            Path::new("/bin/sh"),
+        )
+        .unwrap();
     }
 }

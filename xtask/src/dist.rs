@@ -34,10 +34,7 @@ pub struct DistArgs {
 }
 
 pub fn run(root: &Path, args: &DistArgs) -> Result<()> {
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| root.join("target/dist"));
+    let out = args.out.clone().unwrap_or_else(|| root.join("target/dist"));
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
     }
@@ -47,7 +44,11 @@ pub fn run(root: &Path, args: &DistArgs) -> Result<()> {
         let binary = build_release(root)?;
         copy(&binary, &out.join("bin/enforcer"))?;
     }
-    eprintln!("dist bundle in {}; install with {}/install.sh", out.display(), out.display());
+    eprintln!(
+        "dist bundle in {}; install with {}/install.sh",
+        out.display(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -71,7 +72,10 @@ pub fn generate(out: &Path) -> Result<()> {
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         let name = format!("enforcer-{}", sub.get_name());
         // The page's NAME and SYNOPSIS say `enforcer-run`, as git's pages do.
-        let sub = sub.clone().name(name.clone()).bin_name(format!("enforcer {}", sub.get_name()));
+        let sub = sub
+            .clone()
+            .name(name.clone())
+            .bin_name(format!("enforcer {}", sub.get_name()));
         write_man(&sub, &name, &man)?;
     }
 
@@ -105,7 +109,10 @@ fn non_trivial(path: &Path) -> Result<()> {
 
 fn copy_deploy(root: &Path, out: &Path) -> Result<()> {
     for file in ["enforcer.service", "enforcer.toml", "daemonset.yaml"] {
-        copy(&root.join("deploy").join(file), &out.join("deploy").join(file))?;
+        copy(
+            &root.join("deploy").join(file),
+            &out.join("deploy").join(file),
+        )?;
     }
     Ok(())
 }
@@ -166,7 +173,8 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     if let Some(parent) = to.parent() {
         mkdir(parent)?;
     }
-    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
@@ -198,9 +206,15 @@ mod tests {
             assert!(text.contains(memory), "{file} lacks {memory}");
         }
         let main = read(&dir.path().join("man/enforcer.1"));
-        assert!(main.contains("enforcer\\-run"), "enforcer.1 does not list run");
+        assert!(
+            main.contains("enforcer\\-run"),
+            "enforcer.1 does not list run"
+        );
         let run = read(&dir.path().join("man/enforcer-run.1"));
-        assert!(run.contains("\\-\\-memory"), "enforcer-run.1 lacks --memory");
+        assert!(
+            run.contains("\\-\\-memory"),
+            "enforcer-run.1 lacks --memory"
+        );
         assert!(run.contains("enforcer run"), "enforcer-run.1 synopsis");
         let script = read(&dir.path().join("install.sh"));
         assert!(script.contains("install -D -m 0644 \"$here/deploy/enforcer.service\""));
