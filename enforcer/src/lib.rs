@@ -23,7 +23,7 @@ pub mod config;
 pub mod doctor;
 pub mod events;
 pub mod gpu;
-pub mod host;
+pub use enforcer_host as host;
 pub mod job;
 pub mod privilege;
 pub mod probe;

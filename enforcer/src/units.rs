@@ -232,7 +232,7 @@ impl fmt::Display for Dur {
         if d.is_zero() {
             return f.write_str("0s");
         }
-        if d.subsec_millis() != 0 {
+        if d.subsec_nanos() != 0 {
             if d.subsec_nanos().is_multiple_of(1_000_000) {
                 return write!(f, "{ms}ms");
             }
@@ -431,5 +431,22 @@ mod tests {
         assert!("0".parse::<Cores>().is_err());
         assert!("-2".parse::<Cores>().is_err());
         assert!("two".parse::<Cores>().is_err());
+    }
+
+    /// Found by the `units` fuzz target: a duration with microseconds but
+    /// no whole milliseconds printed as whole seconds (`3µs` as `0d`).
+    #[test]
+    fn durations_below_a_millisecond_print_as_what_parses_back() {
+        for text in ["3µs", "1.000003s", "2.5ms", "1.5s"] {
+            let d: Dur = text.parse().unwrap();
+            let shown = d.to_string();
+            let back: Dur = shown.parse().unwrap();
+            let diff = back.0.abs_diff(d.0);
+            assert!(
+                diff <= Duration::from_nanos(1),
+                "{text} printed as {shown}, which parses as {back:?}"
+            );
+        }
+        assert_eq!(Dur(Duration::from_micros(3)).to_string(), "0.000003s");
     }
 }

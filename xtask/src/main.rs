@@ -1,6 +1,8 @@
 //! Project tasks, run as `cargo xtask <task>`.
 
 mod bench;
+mod deploy;
+mod dist;
 mod ebpf;
 mod vm;
 
@@ -31,6 +33,14 @@ enum Task {
         #[command(subcommand)]
         what: bench::BenchTask,
     },
+    /// Make the install bundle in target/dist: the release binary, shell
+    /// completions (bash, zsh, fish) and man pages generated from the CLI,
+    /// the deploy files and an install.sh for Debian nodes.
+    Dist(dist::DistArgs),
+    /// Check the deploy files: the systemd unit with `systemd-analyze
+    /// verify`, the DaemonSet against the Kubernetes schemas, the configs
+    /// with `enforcer config check`. Needs `scripts/setup` first.
+    CheckDeploy,
 }
 
 fn workspace_root() -> PathBuf {
@@ -66,6 +76,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
         Task::Bench { what } => bench::run(what, &workspace_root())?,
+        Task::Dist(args) => dist::run(&workspace_root(), &args)?,
+        Task::CheckDeploy => deploy::run(&workspace_root())?,
     }
     Ok(())
 }

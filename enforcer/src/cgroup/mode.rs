@@ -203,7 +203,7 @@ fn join_cgroup(mount: &Path, rel: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::mountinfo::tests::HYBRID;
+    use crate::host::fixtures::HYBRID;
 
     fn fake_proc(mountinfo: &str, cgroup: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

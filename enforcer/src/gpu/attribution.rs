@@ -380,16 +380,7 @@ mod tests {
     fn descendants_are_found_through_the_parent_chain_despite_odd_comm() {
         let dir = tempfile::tempdir().unwrap();
         for (pid, ppid) in [(10, 1), (11, 10), (12, 11), (20, 1)] {
-            crate::host::procfs::tests::fake_process(
-                dir.path(),
-                pid,
-                "py thon) (x",
-                'R',
-                ppid,
-                0,
-                1,
-                0,
-            );
+            crate::host::fixtures::fake_process(dir.path(), pid, "py thon) (x", 'R', ppid, 0, 1, 0);
         }
         let p = ProcCgroups::new(dir.path());
         assert!(p.descends_from(12, &[10]));

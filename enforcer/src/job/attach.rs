@@ -170,7 +170,7 @@ mod tests {
 
     use std::path::Path;
 
-    use crate::host::procfs::tests::fake_process as proc_entry_started;
+    use crate::host::fixtures::fake_process as proc_entry_started;
 
     /// `PF_KTHREAD` from `linux/sched.h`.
     const PF_KTHREAD: u64 = 0x0020_0000;

@@ -271,41 +271,7 @@ pub(crate) mod tests {
     use std::fs;
 
     use super::*;
-
-    /// Writes `/proc/<pid>/{stat,status,task/<pid>}` under `root` the way
-    /// the kernel formats them, with the start time in field 22.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one column per field the tests vary"
-    )]
-    pub(crate) fn fake_process(
-        root: &Path,
-        pid: i32,
-        comm: &str,
-        state: char,
-        ppid: i32,
-        flags: u64,
-        start: u64,
-        uid: u32,
-    ) {
-        let d = root.join(pid.to_string());
-        fs::create_dir_all(d.join("task").join(pid.to_string())).unwrap();
-        fs::write(
-            d.join("stat"),
-            format!(
-                "{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 {flags} {} {start} 0 0 0\n",
-                "0 ".repeat(12).trim_end()
-            ),
-        )
-        .unwrap();
-        fs::write(
-            d.join("status"),
-            format!(
-                "Name:\t{comm}\nTgid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\nCapEff:\t000001ffffffffff\n"
-            ),
-        )
-        .unwrap();
-    }
+    use crate::fixtures::fake_process;
 
     fn pid(n: i32) -> Pid {
         Pid::new(n).unwrap()
@@ -391,11 +357,7 @@ pub(crate) mod tests {
         fs::create_dir_all(r.join("7")).unwrap();
         fs::write(r.join("7/cgroup"), "0::/\n").unwrap();
         fs::write(r.join("self/cgroup"), "3:cpu:/a\n0::/b\n").unwrap();
-        fs::write(
-            r.join("self/mountinfo"),
-            crate::host::mountinfo::tests::HYBRID,
-        )
-        .unwrap();
+        fs::write(r.join("self/mountinfo"), crate::mountinfo::tests::HYBRID).unwrap();
         let proc = ProcFs::at(r);
         assert_eq!(proc.cgroup(pid(7)).unwrap().unified(), Some("/"));
         assert_eq!(proc.self_cgroup().unwrap().v1("cpu"), Some("/a"));

@@ -3,10 +3,12 @@
 //! of `/proc/<pid>/cgroup` ([`ProcCgroup`]), and the one PID type ([`Pid`]).
 //! Every other module asks these instead of reading `/proc` itself.
 
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod mountinfo;
 mod pid;
 mod proc_cgroup;
-pub(crate) mod procfs;
+pub mod procfs;
 
 pub use mountinfo::{Mount, MountTable};
 pub use pid::{InvalidPid, Pid};

@@ -196,15 +196,7 @@ fn is_v1_controller(option: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    pub(crate) const HYBRID: &str = "\
-25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate
-27 25 0:25 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:5 - cgroup cgroup rw,cpu,cpuacct
-28 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-29 25 0:27 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
-30 25 0:28 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
-";
+    pub(crate) use crate::fixtures::HYBRID;
 
     const UNIFIED: &str = "\
 22 1 254:1 / / rw,relatime - ext4 /dev/vda rw
