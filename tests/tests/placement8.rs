@@ -131,9 +131,19 @@ fn a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves() {
         })
     };
 
+    // The watch before the job is short: under emulation the training's four
+    // threads may not all have run yet, so an early placement can be partial.
+    // The job counts as placed at the first placement off all four training
+    // CPUs, and as following at the first one off the four new CPUs after
+    // the training moved; every placement is kept for the failure message.
+    let disjoint =
+        |cpus: &BTreeSet<u32>, of: &[u32]| !cpus.is_empty() && cpus.iter().all(|c| !of.contains(c));
     let mut pid = None;
-    let mut placements: Vec<(BTreeSet<u32>, Option<BTreeSet<u32>>)> = Vec::new();
-    // Stolen fractions logged while the job sat on the first placement,
+    let mut placements: Vec<BTreeSet<u32>> = Vec::new();
+    let mut placed: Option<(BTreeSet<u32>, Option<BTreeSet<u32>>)> = None;
+    let mut followed: Option<(BTreeSet<u32>, Option<BTreeSet<u32>>)> = None;
+    let mut moved = false;
+    // Stolen fractions logged while the job sat placed off the training,
     // from a second after it (the window then holds only placed time).
     let mut placed_at = None;
     let mut steal_while_placed = Vec::new();
@@ -146,20 +156,18 @@ fn a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves() {
             && d["action"] == "place"
             && let Some(cpus) = d["cpus"].as_str()
         {
-            placements.push((cpu_list(cpus), pid.and_then(cpus_allowed)));
-            match placements.len() {
-                1 => {
-                    placed_at = Some(Instant::now());
-                }
-                _ => {
-                    // SAFETY: kill on the pid of our own child.
-                    unsafe { libc::kill(run_pid, libc::SIGTERM) };
-                }
+            let cpus = cpu_list(cpus);
+            placements.push(cpus.clone());
+            if moved && disjoint(&cpus, &second) {
+                followed = Some((cpus, pid.and_then(cpus_allowed)));
+                // SAFETY: kill on the pid of our own child.
+                unsafe { libc::kill(run_pid, libc::SIGTERM) };
+            } else if !moved && placed.is_none() && disjoint(&cpus, &first) {
+                placed = Some((cpus, pid.and_then(cpus_allowed)));
+                placed_at = Some(Instant::now());
             }
         }
-        if placements.len() == 1
-            && let (Some(at), Some(f)) = (placed_at, status_fraction(&line))
-        {
+        if !moved && let (Some(at), Some(f)) = (placed_at, status_fraction(&line)) {
             if at.elapsed() >= Duration::from_secs(1) {
                 steal_while_placed.push(f);
             }
@@ -167,6 +175,7 @@ fn a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves() {
                 // Watched long enough: the training moves onto the job's
                 // CPUs.
                 pin_threads(training.0.id(), &second);
+                moved = true;
             }
         }
         if line.contains("steal not measured") {
@@ -180,16 +189,14 @@ fn a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves() {
     let _ = watchdog.join();
     let log = log.join("\n");
 
-    let Some((cpus, affinity)) = placements.first() else {
-        panic!("the job was never placed\n{log}");
+    let Some((cpus, affinity)) = placed else {
+        panic!(
+            "the job was never placed off the training's CPUs {first:?}; placements {placements:?}\n{log}"
+        );
     };
-    assert!(
-        cpus.iter().all(|c| !first.contains(c)) && !cpus.is_empty(),
-        "job placed on {cpus:?}, which overlaps the training's CPUs {first:?}\n{log}"
-    );
     assert_eq!(
         affinity.as_ref(),
-        Some(cpus),
+        Some(&cpus),
         "the job's process may run on other CPUs than the placement says\n{log}"
     );
     assert!(
@@ -202,14 +209,12 @@ fn a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves() {
         "stolen fraction up to {:.1}% with the job off the training's CPUs: {steal_while_placed:?}\n{log}",
         worst * 100.0
     );
-    let Some((moved, moved_affinity)) = placements.get(1) else {
-        panic!("the job did not follow the training to CPUs {second:?}\n{log}");
+    let Some((moved_cpus, moved_affinity)) = followed else {
+        panic!(
+            "the job did not follow the training to CPUs {second:?}; placements {placements:?}\n{log}"
+        );
     };
-    assert!(
-        moved.iter().all(|c| !second.contains(c)) && !moved.is_empty(),
-        "after the move the job is on {moved:?}, which overlaps the training's new CPUs {second:?}\n{log}"
-    );
-    assert_eq!(moved_affinity.as_ref(), Some(moved), "{log}");
+    assert_eq!(moved_affinity.as_ref(), Some(&moved_cpus), "{log}");
 }
 
 enforcer_tests::root_tests!(a_job_is_placed_off_a_four_cpu_training_and_follows_it_when_it_moves,);
