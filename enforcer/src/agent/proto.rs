@@ -32,6 +32,11 @@ pub enum Request {
     Run {
         job: Box<JobRequest>,
         command: Vec<String>,
+        /// The command's environment (the caller's).
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        /// The command's working directory (the caller's; default `/`).
+        cwd: Option<std::path::PathBuf>,
     },
     /// Move live process `pid` (with `tree`, its descendants) into a job.
     Attach {
@@ -68,6 +73,9 @@ pub enum Request {
     /// Stream every event of the caller's jobs (root: all) until the
     /// connection closes.
     Subscribe,
+    /// Wait for a job accepted earlier (a client whose agent restarted):
+    /// answered like the end of `run`.
+    Wait { id: String },
 }
 
 /// What the agent answers.
@@ -288,7 +296,7 @@ mod tests {
     fn a_run_request_round_trips_with_its_flags() {
         let line = r#"{"type":"run","job":{"timeout":"5s","memory":"100M"},"command":["true"]}"#;
         let r: Request = serde_json::from_str(line).unwrap();
-        let Request::Run { job, command } = r else {
+        let Request::Run { job, command, .. } = r else {
             panic!("not a run")
         };
         assert_eq!(command, ["true"]);
