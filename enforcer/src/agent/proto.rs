@@ -207,6 +207,9 @@ impl LineReader {
     /// The next complete line in the buffer, if any.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
         if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            if i + 1 > MAX_MESSAGE {
+                return Err(ProtoError::TooLarge);
+            }
             let rest = self.buf.split_off(i + 1);
             let mut line = std::mem::replace(&mut self.buf, rest);
             line.pop();
@@ -314,6 +317,13 @@ mod tests {
     fn a_line_longer_than_the_bound_is_refused_and_a_partial_one_is_truncated() {
         let mut r = LineReader {
             buf: vec![b'x'; MAX_MESSAGE],
+            ..Default::default()
+        };
+        assert!(matches!(r.next_line(), Err(ProtoError::TooLarge)));
+        let mut line = vec![b'x'; MAX_MESSAGE];
+        line.push(b'\n');
+        let mut r = LineReader {
+            buf: line,
             ..Default::default()
         };
         assert!(matches!(r.next_line(), Err(ProtoError::TooLarge)));

@@ -4,6 +4,7 @@
 mod agent;
 mod attach;
 mod config;
+mod ctl;
 mod doctor;
 mod game;
 mod gpu;
@@ -60,6 +61,7 @@ pub enum Command {
     /// Check a config file or show the effective config.
     Config(config::ConfigArgs),
     Agent(agent::AgentArgs),
+    Ctl(ctl::CtlArgs),
     #[command(hide = true)]
     Shim(agent::ShimArgs),
 }
@@ -77,6 +79,7 @@ pub fn main() -> ExitCode {
         Command::Game(args) => game::run(args),
         Command::Config(args) => config::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Ctl(args) => ctl::run(args),
         Command::Shim(args) => agent::shim(args),
     }
 }
