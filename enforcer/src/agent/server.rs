@@ -202,6 +202,12 @@ fn bind(socket: &Path) -> Result<UnixListener, String> {
             dir.display()
         ));
     }
+    // A state directory made below it first (0700 like every missing
+    // parent of a state directory) would hide the socket from callers.
+    if meta.mode() & 0o755 != 0o755 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod 0755 {}: {e}", dir.display()))?;
+    }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return Err(format!("an agent already listens on {}", socket.display()));
     }
