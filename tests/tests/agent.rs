@@ -491,6 +491,7 @@ fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_
         cwd: "/".into(),
         run_as: None,
         training: None,
+        external_budget: false,
         accepted_unix_ms: now_ms(),
         deadline_unix_ms: now_ms() + 60_000,
         kill_grace_ms: 0,

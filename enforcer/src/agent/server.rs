@@ -271,9 +271,9 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
     }
 }
 
-/// One control period of the node's budgets. The wishes are recorded for
-/// `status`; the shims apply them through their jobs' actuators (see
-/// [`crate::agent::budget`]).
+/// One control period of the node's budgets: each changed wish is written
+/// to the job's record, where its shim's session picks it up and applies
+/// it through the job's one actuator (see [`crate::agent::budget`]).
 fn budget_tick(shared: &Shared) {
     let wishes = shared
         .budget
@@ -283,10 +283,20 @@ fn budget_tick(shared: &Shared) {
     if wishes.is_empty() {
         return;
     }
-    if let Ok(mut jobs) = shared.jobs.lock() {
-        for (id, wish) in wishes {
-            if let Some(job) = jobs.get_mut(&id) {
-                job.quota = Some(wish);
+    let Ok(mut jobs) = shared.jobs.lock() else {
+        return;
+    };
+    for (id, wish) in wishes {
+        let Some(job) = jobs.get_mut(&id) else {
+            continue;
+        };
+        if job.quota == Some(wish) || job.done.borrow().is_some() {
+            continue;
+        }
+        match shared.store.open_job(&id).and_then(|d| d.write_wish(&wish)) {
+            Ok(()) => job.quota = Some(wish),
+            Err(error) => {
+                tracing::warn!(job = %id, %error, "handing the job its budget wish failed")
             }
         }
     }
@@ -671,6 +681,9 @@ fn start_job(
         (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
         _ => None,
     };
+    let external_budget = training
+        .as_deref()
+        .is_some_and(|t| !plan.measure_only && shared.budget.lock().is_ok_and(|b| b.holds(t)));
     let accepted_unix_ms = store::now_ms();
     let deadline = accepted_unix_ms
         .saturating_add(u64::try_from(plan.supervision.timeout.as_millis()).unwrap_or(u64::MAX));
@@ -685,6 +698,7 @@ fn start_job(
         cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
         run_as,
         training,
+        external_budget,
         accepted_unix_ms,
         deadline_unix_ms: deadline,
         kill_grace_ms: u64::try_from(plan.supervision.kill_grace.as_millis()).unwrap_or(u64::MAX),

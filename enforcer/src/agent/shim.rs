@@ -18,7 +18,7 @@ use crate::{
 
 /// The session plan of an accepted job, built exactly as the agent checked
 /// it, with the deadline left of its absolute deadline.
-pub fn session_plan(job: &JobPlan) -> Result<Plan, String> {
+pub fn session_plan(job: &JobPlan, dir: &Path) -> Result<Plan, String> {
     let command = match &job.kind {
         JobKind::Run { command } => command.clone(),
         JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
@@ -27,6 +27,9 @@ pub fn session_plan(job: &JobPlan) -> Result<Plan, String> {
     plan.run_as = job.run_as.clone();
     plan.env = Some(job.env.clone());
     plan.attach_owner = (job.caller_uid != 0).then_some(job.caller_uid);
+    plan.external_budget = job
+        .external_budget
+        .then(|| dir.join(crate::agent::budget::WISH_FILE));
     // Never zero: a job whose deadline passed before it started is still
     // started and killed at once, so that its report says `deadline`.
     plan.supervision.timeout =
@@ -71,7 +74,7 @@ pub fn main(dir: &Path) -> u8 {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })
     }) {
-        Ok(job) => run(&job),
+        Ok(job) => run(&job, dir),
         Err(error) => failed(
             EXIT_FAILURE,
             format!("shim: reading the job's plan failed: {error}"),
@@ -93,8 +96,8 @@ fn failed(status: u8, message: String) -> JobResult {
     }
 }
 
-fn run(job: &JobPlan) -> JobResult {
-    let plan = match session_plan(job) {
+fn run(job: &JobPlan, dir: &Path) -> JobResult {
+    let plan = match session_plan(job, dir) {
         Ok(p) => p,
         Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
     };

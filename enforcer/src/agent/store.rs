@@ -52,6 +52,10 @@ pub struct JobPlan {
     pub run_as: Option<RunAs>,
     /// The training the job protects (a `protect` id), if any.
     pub training: Option<String>,
+    /// The agent's node budget holds the job (its wishes come through
+    /// the record's wish file) instead of the job's own budget loop.
+    #[serde(default)]
+    pub external_budget: bool,
     pub accepted_unix_ms: u64,
     /// The job's absolute deadline: a shim started late, or a job re-adopted,
     /// is still killed at this wall-clock time.
@@ -231,6 +235,11 @@ impl JobDir {
 
     pub fn result(&self) -> Result<Option<JobResult>, StoreError> {
         self.read(RESULT)
+    }
+
+    /// The node budget's wish for the job (see [`crate::agent::budget`]).
+    pub fn write_wish(&self, wish: &crate::agent::budget::QuotaWish) -> Result<(), StoreError> {
+        self.write(crate::agent::budget::WISH_FILE, wish)
     }
 
     pub fn write_shim(&self, shim: &ShimInfo) -> Result<(), StoreError> {

@@ -129,6 +129,10 @@ pub struct Plan {
     /// `attach` only a process of this uid (the agent's non-root caller),
     /// checked on the process the pidfd holds.
     pub attach_owner: Option<u32>,
+    /// A job of the agent whose training's budget the agent holds: the
+    /// file its wishes come through ([`crate::agent::budget::ExternalBudget`]),
+    /// in place of the job's own budget loop.
+    pub external_budget: Option<PathBuf>,
 }
 
 /// What a game asks for, checked: run inside the job the caller is in.
@@ -205,7 +209,11 @@ fn job_monitors(
         Vec::new()
     };
     monitors.push(Box::new(steal));
-    if hold {
+    if let Some(file) = &plan.external_budget {
+        monitors.push(Box::new(crate::agent::budget::ExternalBudget::new(
+            file.clone(),
+        )));
+    } else if hold {
         monitors.push(Box::new(
             crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
                 .with_training_history(history),
