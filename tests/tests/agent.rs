@@ -517,6 +517,76 @@ fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_
     agent.stop(&[&name]);
 }
 
+/// Sends SIGTERM to the agent and waits for it to exit.
+fn term(agent: &mut Agent) {
+    let mut c = agent.child.take().expect("agent running");
+    // SAFETY: kill(2) on the agent this test started and has not reaped.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while matches!(c.try_wait(), Ok(None)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the agent did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start(&s, "", "");
+    let name = unique_name("keep");
+    let client = agent
+        .cli()
+        .args(["run", "--job", &name, "--timeout", "60s"])
+        .args(["--", "/bin/sh", "-c", "sleep 4; exit 7"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    wait_started(&name);
+    term(&mut agent);
+    assert!(
+        !job_cgroups(&name).is_empty(),
+        "the job was ended with the agent"
+    );
+    agent.spawn();
+    let out = wait_output(client, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(7), "{out:?}\n{}", agent.log_text());
+    agent.stop(&[&name]);
+}
+
+fn sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start(&s, "", "on_agent_stop = \"end\"");
+    let name = unique_name("end");
+    let client = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "60s",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    wait_started(&name);
+    term(&mut agent);
+    let out = wait_output(client, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{out:?}\n{}",
+        agent.log_text()
+    );
+    assert_no_cgroup_left(&name);
+    agent.stop(&[&name]);
+}
+
 /// One job run in-process and through the agent: exit code and report.
 fn both_ways(
     agent: &Agent,
@@ -679,4 +749,6 @@ root_tests!(
     kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_cgroup,
     the_cli_gives_the_same_exit_codes_and_report_fields_with_and_without_the_agent,
     bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others,
+    sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them,
+    sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients,
 );

@@ -53,6 +53,9 @@ struct Shared {
     trainings: Mutex<BTreeMap<String, u32>>,
     events: broadcast::Sender<Event>,
     seq: AtomicU64,
+    /// Clients waiting for a job's end: with `on_agent_stop = "end"` the
+    /// agent answers them before it exits.
+    waiting: AtomicU64,
 }
 
 /// A refusal or failure answered to one request.
@@ -143,6 +146,7 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         trainings: Mutex::new(BTreeMap::new()),
         events,
         seq: AtomicU64::new(0),
+        waiting: AtomicU64::new(0),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -168,6 +172,11 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         let _ = std::fs::remove_file(&socket);
         if shared.config.agent.on_agent_stop == OnAgentStop::End {
             end_all(&shared).await;
+            // The ended jobs' clients get their answers before the exit.
+            let t0 = std::time::Instant::now();
+            while shared.waiting.load(Ordering::Relaxed) > 0 && t0.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         status
     });
@@ -539,15 +548,13 @@ async fn follow(
             return false;
         }
     }
-    let _ = shared;
-    if rx.wait_for(Option::is_some).await.is_err() {
-        return false;
-    }
-    let result = rx.borrow().clone();
-    match result {
-        Some(r) => send(stream, &finished(&id, r)).await.is_ok(),
-        None => false,
-    }
+    shared.waiting.fetch_add(1, Ordering::Relaxed);
+    let sent = match rx.wait_for(Option::is_some).await.map(|r| r.clone()) {
+        Ok(Some(r)) => send(stream, &finished(&id, r)).await.is_ok(),
+        _ => false,
+    };
+    shared.waiting.fetch_sub(1, Ordering::Relaxed);
+    sent
 }
 
 fn finished(id: &str, r: JobResult) -> Response {
