@@ -31,11 +31,17 @@ struct Agent {
     socket: PathBuf,
     lib: PathBuf,
     log: PathBuf,
+    envs: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Writes the config (`top` holds top-level keys) and starts the agent.
     fn start(s: &Scratch, top: &str, agent_keys: &str) -> Agent {
+        Self::start_with_env(s, top, agent_keys, &[])
+    }
+
+    /// [`Agent::start`] with extra environment for the agent.
+    fn start_with_env(s: &Scratch, top: &str, agent_keys: &str, envs: &[(&str, &str)]) -> Agent {
         let socket = s.path("run/enforcer.sock");
         let lib = s.path("lib");
         let config = s.config(&format!(
@@ -49,6 +55,10 @@ impl Agent {
             socket,
             lib,
             log: s.path("agent.log"),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         a.spawn();
         a
@@ -66,6 +76,7 @@ impl Agent {
             .arg(&self.config)
             .env("ENFORCER_LOG", "info")
             .env("ENFORCER_LOG_FORMAT", "json")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -463,6 +474,62 @@ fn kill_9_of_the_agent_during_the_deadline_kill_loses_nothing() {
     agent.stop(&[&name]);
 }
 
+fn kill_9_of_the_agent_between_plan_and_spawn_answers_the_waiting_client_with_125() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start_with_env(
+        &s,
+        "",
+        "",
+        &[("ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN", "1")],
+    );
+    let name = unique_name("stalled");
+    let client = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "20s",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let client = ChildGuard(client);
+    let plan = agent.lib.join("jobs").join(&name).join("plan.json");
+    let t0 = Instant::now();
+    while !plan.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no plan was persisted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if !job_cgroups(&name).is_empty() || !agent.log_text().contains("stalling before the shim") {
+        enforcer_tests::skip!(
+            "the enforcer under test was built without the test-audit feature (cargo build -p enforcer --features test-audit)"
+        );
+    }
+    agent.kill9();
+    agent.envs.clear();
+    agent.spawn();
+    let out = client
+        .output_within(Duration::from_secs(60))
+        .expect("the client never got an answer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}\n{}", agent.log_text());
+    assert!(err.contains("before the job started"), "{err}");
+    assert!(
+        job_cgroups(&name).is_empty(),
+        "a job that never started made a cgroup"
+    );
+    agent.stop(&[&name]);
+}
+
 fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_cgroup() {
     use enforcer::agent::store::{JobKind, JobPlan, Store, now_ms};
     let s = Scratch::new("enforcer-agent");
@@ -746,6 +813,7 @@ root_tests!(
     a_non_root_caller_cannot_attach_a_root_process_nor_see_or_cancel_roots_jobs,
     kill_9_of_the_agent_during_a_job_keeps_its_original_deadline_and_the_client_gets_124,
     kill_9_of_the_agent_during_the_deadline_kill_loses_nothing,
+    kill_9_of_the_agent_between_plan_and_spawn_answers_the_waiting_client_with_125,
     kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_cgroup,
     the_cli_gives_the_same_exit_codes_and_report_fields_with_and_without_the_agent,
     bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others,

@@ -422,13 +422,13 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 cwd,
             } => {
                 let kind = JobKind::Run { command };
-                let accepted = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
-                follow(&shared, &caller, &mut stream, "run", accepted).await
+                let prepared = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
+                accept(&shared, &caller, &mut stream, "run", prepared).await
             }
             Request::Attach { job, pid, tree } => {
                 let kind = JobKind::Attach { pid, tree };
-                let accepted = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
-                follow(&shared, &caller, &mut stream, "attach", accepted).await
+                let prepared = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
+                accept(&shared, &caller, &mut stream, "attach", prepared).await
             }
             Request::Wait { id } => {
                 let found = lookup(&shared, &caller, &id).map(|(plan, rx)| {
@@ -521,6 +521,47 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
     }
 }
 
+/// Tells the client the id of a job whose plan is persisted, then starts
+/// it and answers its end: a client that loses the agent after `accepted`
+/// can always wait for the job by id.
+async fn accept(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    stream: &mut UnixStream,
+    what: &str,
+    prepared: Result<Prepared, Answer>,
+) -> bool {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(answer) => {
+            refuse(caller, what, &answer);
+            return send(stream, &answer.response()).await.is_ok();
+        }
+    };
+    let (id, deadline, grace) = (
+        p.plan.id.clone(),
+        p.plan.deadline_unix_ms,
+        p.plan.kill_grace_ms,
+    );
+    let msg = Response::Accepted {
+        id: id.clone(),
+        deadline_unix_ms: deadline,
+        kill_grace_ms: grace,
+    };
+    // Started whether or not the client is still there: the plan is
+    // persisted and the job is the caller's.
+    let told = send(stream, &msg).await.is_ok();
+    let rx = launch(shared, caller, p);
+    told && follow(
+        shared,
+        caller,
+        stream,
+        what,
+        Ok((id, deadline, grace, rx, false)),
+    )
+    .await
+}
+
 type Accepted = Result<(String, u64, u64, watch::Receiver<Option<JobResult>>, bool), Answer>;
 
 /// Answers `accepted` then the job's end; `false` when the client is gone.
@@ -605,7 +646,7 @@ fn start_job(
     fds: Option<Vec<OwnedFd>>,
     env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
-) -> Accepted {
+) -> Result<Prepared, Answer> {
     let mut config = shared.config.clone();
     if let Some(path) = &request.config {
         if !caller.is_root() {
@@ -721,30 +762,70 @@ fn start_job(
             "persisting the job's plan failed: {e}"
         )));
     }
-    let child = match spawn_shim(&shared.exe, &dir, &job_plan, fds) {
+    Ok(Prepared {
+        plan: job_plan,
+        dir,
+        fds,
+    })
+}
+
+/// A job whose plan is persisted (the client may be told its id) and whose
+/// shim is not started yet.
+struct Prepared {
+    plan: JobPlan,
+    dir: JobDir,
+    fds: Option<Vec<OwnedFd>>,
+}
+
+/// Starts the prepared job's shim; its end (or its failure to start) comes
+/// through the returned channel.
+fn launch(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    p: Prepared,
+) -> watch::Receiver<Option<JobResult>> {
+    #[cfg(feature = "test-audit")]
+    stall_before_spawn();
+    let Prepared { plan, dir, fds } = p;
+    let id = plan.id.clone();
+    let child = match spawn_shim(&shared.exe, &dir, &plan, fds) {
         Ok(c) => c,
         Err(e) => {
-            let _ = dir.write_result(&JobResult {
+            tracing::error!(job = %id, uid = caller.uid, pid = caller.pid, "{e}");
+            let result = JobResult {
                 status: EXIT_FAILURE,
                 report: None,
-                error: Some(e.clone()),
+                error: Some(e),
                 ended_unix_ms: store::now_ms(),
-            });
-            return Err(Answer::failed(e));
+            };
+            let _ = dir.write_result(&result);
+            let rx = register(shared, plan, None);
+            publish(shared, &id, result);
+            return rx;
         }
     };
     tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, shim = child.id(), "job accepted");
-    let rx = register(shared, job_plan.clone(), Some(child.id() as i32));
+    let rx = register(shared, plan, Some(child.id() as i32));
     let shared2 = shared.clone();
-    let id2 = id.clone();
     // A thread, not the runtime's blocking pool: it may wait for as long
     // as the job runs, and must not hold up the agent's exit.
     std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();
-        collect(&shared2, &id2, &dir);
+        collect(&shared2, &id, &dir);
     });
-    Ok((id, deadline, job_plan.kill_grace_ms, rx, true))
+    rx
+}
+
+/// Test builds only: `ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN=1` holds the
+/// agent between persisting a plan and starting its shim, so that a test
+/// can kill it there.
+#[cfg(feature = "test-audit")]
+fn stall_before_spawn() {
+    if std::env::var_os("ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN").is_some() {
+        tracing::warn!("test build: stalling before the shim's spawn");
+        std::thread::sleep(Duration::from_secs(60));
+    }
 }
 
 fn register(
