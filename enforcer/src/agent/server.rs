@@ -255,6 +255,8 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
         .max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -268,6 +270,7 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
                 }
             },
             _ = tick.tick() => budget_tick(shared),
+            _ = prune.tick() => prune_finished(shared),
             _ = term.recv() => {
                 tracing::info!(on_agent_stop = ?shared.config.agent.on_agent_stop, "SIGTERM: agent stopping");
                 return 0;
@@ -308,6 +311,35 @@ fn budget_tick(shared: &Shared) {
                 tracing::warn!(job = %id, %error, "handing the job its budget wish failed")
             }
         }
+    }
+}
+
+/// Forgets the jobs that ended more than `keep_finished` ago, with their
+/// records.
+fn prune_finished(shared: &Shared) {
+    let keep = u64::try_from(shared.config.agent.keep_finished.0.as_millis()).unwrap_or(u64::MAX);
+    let now = store::now_ms();
+    let old: Vec<String> = match shared.jobs.lock() {
+        Ok(mut jobs) => {
+            let old: Vec<String> = jobs
+                .iter()
+                .filter(|(_, j)| {
+                    j.done
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|r| now.saturating_sub(r.ended_unix_ms) > keep)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &old {
+                jobs.remove(id);
+            }
+            old
+        }
+        Err(_) => return,
+    };
+    for id in old {
+        shared.store.remove(&id);
     }
 }
 
