@@ -584,6 +584,41 @@ fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_
     agent.stop(&[&name]);
 }
 
+fn a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs() {
+    let s = Scratch::new("enforcer-agent");
+    let name = unique_name("noagent");
+    let marker = s.path("ran");
+    let mut cmd = enforcer();
+    cmd.env_remove("ENFORCER_SOCKET")
+        .env_remove("ENFORCER_NO_AGENT")
+        .args(["run", "--job", &name, "--timeout", "10s", "--", "touch"])
+        .arg(&marker);
+    if UnixStream::connect(enforcer::agent::client::DEFAULT_SOCKET).is_ok() {
+        enforcer_tests::skip!("an agent listens on this node's default socket");
+    }
+    // SAFETY: only async-signal-safe id system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("enforcer run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("enforcer agent") && err.contains("systemctl start enforcer"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command ran");
+    assert_no_cgroup_left(&name);
+}
+
 /// Sends SIGTERM to the agent and waits for it to exit.
 fn term(agent: &mut Agent) {
     let mut c = agent.child.take().expect("agent running");
@@ -818,5 +853,6 @@ root_tests!(
     the_cli_gives_the_same_exit_codes_and_report_fields_with_and_without_the_agent,
     bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others,
     sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them,
+    a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs,
     sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients,
 );
