@@ -34,6 +34,16 @@ pub struct TrainingSpec {
     pub owner_uid: u32,
 }
 
+/// The id of the training with this pid or cgroup (the pid wins): one
+/// spelling for the agent's jobs and every [`NodeBudget`].
+pub fn training_id(pid: Option<i32>, cgroup: Option<&std::path::Path>) -> Option<String> {
+    match (pid, cgroup) {
+        (Some(pid), _) => Some(format!("pid-{pid}")),
+        (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
+        (None, None) => None,
+    }
+}
+
 /// What the budget wants for one job at this tick.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QuotaWish {
@@ -46,7 +56,7 @@ pub struct QuotaWish {
 /// The node's steal budgets, keyed by training id and job id. The agent
 /// calls these from its one control loop; implementations must not block.
 pub trait NodeBudget: Send {
-    /// Registers (or updates) a training; returns its id.
+    /// Registers (or updates) a training; returns its id, [`training_id`].
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String>;
     /// A job protecting `training` started in `job_cgroup`.
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String>;
@@ -74,13 +84,12 @@ pub struct Unmetered {
 
 impl NodeBudget for Unmetered {
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String> {
-        let id = match (spec.pid, &spec.cgroup) {
-            (Some(pid), _) => format!("pid-{pid}"),
-            (None, Some(cg)) => format!("cgroup-{}", cg.display()),
-            (None, None) => return Err("protect needs a training pid or cgroup".to_owned()),
-        };
-        self.trainings.retain(|t| t.0 != id);
-        self.trainings.push((id.clone(), spec, Vec::new()));
+        let id = training_id(spec.pid, spec.cgroup.as_deref())
+            .ok_or_else(|| "protect needs a training pid or cgroup".to_owned())?;
+        match self.trainings.iter_mut().find(|t| t.0 == id) {
+            Some(t) => t.1 = spec,
+            None => self.trainings.push((id.clone(), spec, Vec::new())),
+        }
         Ok(id)
     }
 

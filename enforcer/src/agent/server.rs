@@ -756,11 +756,10 @@ fn start_job(
     } else {
         Some(caller.run_as())
     };
-    let training = match (plan.config.training.pid, &plan.config.training.cgroup) {
-        (Some(pid), _) => Some(format!("pid-{pid}")),
-        (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
-        _ => None,
-    };
+    let training = crate::agent::budget::training_id(
+        plan.config.training.pid,
+        plan.config.training.cgroup.as_deref(),
+    );
     let external_budget = training
         .as_deref()
         .is_some_and(|t| !plan.measure_only && shared.budget.lock().is_ok_and(|b| b.holds(t)));
@@ -872,11 +871,13 @@ fn register(
         pid,
         start_time: store::start_time(pid).unwrap_or(0),
     });
-    if let Some(t) = &plan.training
-        && let Ok(mut b) = shared.budget.lock()
-        && let Err(e) = b.add_job(t, &id, PathBuf::new())
-    {
-        tracing::debug!(job = %id, training = %t, "budget: {e}");
+    if let Some(t) = &plan.training {
+        register_training_of(shared, &plan);
+        if let Ok(mut b) = shared.budget.lock()
+            && let Err(e) = b.add_job(t, &id, PathBuf::new())
+        {
+            tracing::debug!(job = %id, training = %t, "budget: {e}");
+        }
     }
     if let Ok(mut jobs) = shared.jobs.lock() {
         jobs.insert(
@@ -891,6 +892,41 @@ fn register(
     }
     emit(shared, &id, uid, "started", None);
     rx
+}
+
+/// A job that protects a training nobody registered with `protect` (its
+/// `--protect` flag or the config's `[training]`; or any job re-adopted
+/// after a restart, since registrations live in memory) registers it from
+/// its plan, owned by the job's caller. A registered training is left as
+/// its owner registered it.
+fn register_training_of(shared: &Shared, plan: &JobPlan) {
+    let Some(id) = &plan.training else {
+        return;
+    };
+    let (Ok(mut trainings), Ok(mut budget)) = (shared.trainings.lock(), shared.budget.lock())
+    else {
+        return;
+    };
+    if trainings.contains_key(id) {
+        return;
+    }
+    let t = &plan.config.training;
+    let spec = TrainingSpec {
+        pid: t.pid,
+        cgroup: t.cgroup.clone(),
+        follow_children: t.follow_children,
+        progress_file: t.progress_file.clone(),
+        budget_fraction: plan.config.budget.fraction(),
+        owner_uid: plan.caller_uid,
+    };
+    match budget.register_training(spec) {
+        Ok(got) => {
+            trainings.insert(got, plan.caller_uid);
+        }
+        Err(e) => {
+            tracing::warn!(job = %plan.id, training = %id, "registering the job's training failed: {e}")
+        }
+    }
 }
 
 fn emit(shared: &Shared, id: &str, uid: u32, event: &str, status: Option<u8>) {
