@@ -49,10 +49,14 @@ pub enum Request {
         #[serde(default)]
         tree: bool,
     },
-    /// One game of the caller's job (not served through the agent yet).
+    /// One game of the job the caller runs in, with the flags of
+    /// `enforcer game`; the three standard descriptors come with it.
     Game {
-        #[serde(default)]
+        game: Box<crate::cli::game::GameArgs>,
         command: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        cwd: Option<std::path::PathBuf>,
     },
     /// Register a training to protect: its jobs share one budget.
     Protect {

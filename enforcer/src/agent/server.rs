@@ -474,12 +474,14 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 });
                 follow(&shared, &caller, &mut stream, "wait", found).await
             }
-            Request::Game { .. } => {
-                let answer = Answer::usage(
-                    "game is not served by the agent yet: run `enforcer game` inside a job started by root without the agent (--no-agent)",
-                );
-                refuse(&caller, "game", &answer);
-                send(&mut stream, &answer.response()).await.is_ok()
+            Request::Game {
+                game,
+                command,
+                env,
+                cwd,
+            } => {
+                let prepared = start_game(&shared, &caller, *game, command, fds, env, cwd);
+                accept(&shared, &caller, &mut stream, "game", prepared).await
             }
             Request::Protect {
                 pid,
@@ -734,6 +736,7 @@ fn start_job(
             ));
         }
         (JobKind::Attach { .. }, _) => None,
+        (JobKind::Game { .. }, _) => return Err(Answer::failed("a game is started by start_game")),
     };
     let id = match &request.job {
         Some(name) => name.clone(),
@@ -745,10 +748,7 @@ fn start_job(
     };
     let mut request = shim::sanitize(request);
     request.job = Some(id.clone());
-    let command = match &kind {
-        JobKind::Run { command } => command.clone(),
-        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
-    };
+    let command = kind.command();
     let plan: Plan =
         Plan::from_request(config.clone(), &request, &command).map_err(Answer::usage)?;
     let run_as = if caller.is_root() {
@@ -797,6 +797,102 @@ fn start_job(
         plan: job_plan,
         dir,
         fds,
+    })
+}
+
+/// A game in the job the caller runs in: the caller must own that job (an
+/// agent job of its uid; root: any job). The game's command runs as the
+/// caller, in a cgroup the agent makes inside the job.
+fn start_game(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    game: crate::cli::game::GameArgs,
+    command: Vec<String>,
+    fds: Vec<OwnedFd>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+) -> Result<Prepared, Answer> {
+    if fds.len() != proto::RUN_FDS {
+        return Err(Answer::usage(
+            "game: the message must carry exactly 3 file descriptors (stdin, stdout, stderr) as SCM_RIGHTS",
+        ));
+    }
+    if game.config.is_some() && !caller.is_root() {
+        return Err(Answer::usage(
+            "--config: only root may choose the agent's config for a game",
+        ));
+    }
+    let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", caller.pid))
+        .map_err(|e| Answer::usage(format!("game: reading the caller's cgroups: {e}")))?;
+    let job = shim::caller_job(&membership).map_err(|e| Answer::usage(format!("game: {e}")))?;
+    let job_name = job
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let owner = shared.jobs.lock().ok().and_then(|jobs| {
+        jobs.get(&job_name)
+            .filter(|j| j.done.borrow().is_none())
+            .map(|j| j.plan.caller_uid)
+    });
+    match owner {
+        Some(uid) if caller.owns(uid) => {}
+        None if caller.is_root() => {}
+        _ => {
+            return Err(Answer::usage(format!(
+                "game: the caller (uid {}) is not inside a running job of its own",
+                caller.uid
+            )));
+        }
+    }
+    let config = shared.config.clone();
+    let plan = crate::cli::game::game_plan(config.clone(), &game).map_err(Answer::usage)?;
+    let id = format!(
+        "{job_name}.game-{}",
+        shared.seq.fetch_add(1, Ordering::Relaxed)
+    );
+    let accepted_unix_ms = store::now_ms();
+    let job_plan = JobPlan {
+        id: id.clone(),
+        kind: JobKind::Game {
+            job: job_name,
+            game: crate::cli::game::GameArgs {
+                report: None,
+                config: None,
+                ..game
+            },
+            command,
+            membership,
+        },
+        request: JobRequest::default(),
+        config,
+        caller_uid: caller.uid,
+        caller_pid: caller.pid,
+        env,
+        cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
+        run_as: (!caller.is_root()).then(|| caller.run_as()),
+        training: None,
+        external_budget: false,
+        accepted_unix_ms,
+        deadline_unix_ms: accepted_unix_ms
+            .saturating_add(u64::try_from(plan.timeout.as_millis()).unwrap_or(u64::MAX)),
+        kill_grace_ms: u64::try_from(plan.kill_grace.as_millis()).unwrap_or(u64::MAX),
+    };
+    let dir = match shared.store.create(&id) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err(Answer::usage(format!("game id {id:?} is in use"))),
+        Err(e) => return Err(Answer::failed(e.to_string())),
+    };
+    if let Err(e) = dir.write_plan(&job_plan) {
+        shared.store.remove(&id);
+        return Err(Answer::failed(format!(
+            "persisting the game's plan failed: {e}"
+        )));
+    }
+    Ok(Prepared {
+        plan: job_plan,
+        dir,
+        fds: Some(fds),
     })
 }
 
@@ -1197,10 +1293,7 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
                 JobStatus {
                     id: j.plan.id.clone(),
                     uid: j.plan.caller_uid,
-                    command: match &j.plan.kind {
-                        JobKind::Run { command } => command.clone(),
-                        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
-                    },
+                    command: j.plan.kind.command(),
                     state: if result.is_some() {
                         "finished"
                     } else {
