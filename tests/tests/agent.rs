@@ -297,6 +297,38 @@ done < /proc/self/cgroup
     agent.stop(&[&name]);
 }
 
+fn a_non_root_callers_game_runs_through_the_agent_as_that_user_under_its_deadline() {
+    let s = Scratch::new("enforcer-agent");
+    let agent = Agent::start(&s, "", "");
+    let name = unique_name("nobodygame");
+    let bin = enforcer_tests::enforcer_bin();
+    let bin = bin.display();
+    let script = format!(
+        "{bin} game --timeout 1s -- /bin/sh -c 'id -u; sleep 30'; echo game=$?; {bin} game -- /bin/sh -c 'exit 5'; echo game=$?"
+    );
+    let out = agent
+        .cli_as_nobody()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "60s",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("enforcer run as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", agent.log_text());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["65534", "game=124", "game=5"], "{stdout}");
+    agent.stop(&[&name]);
+}
+
 fn a_non_root_caller_cannot_attach_a_root_process_nor_see_or_cancel_roots_jobs() {
     let s = Scratch::new("enforcer-agent");
     let agent = Agent::start(&s, "max_concurrent_jobs = 4", "");
@@ -846,6 +878,7 @@ fn bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others() {
 root_tests!(
     a_non_root_callers_job_runs_as_that_user_and_cannot_write_any_cgroup_file_of_its_own,
     a_non_root_caller_cannot_attach_a_root_process_nor_see_or_cancel_roots_jobs,
+    a_non_root_callers_game_runs_through_the_agent_as_that_user_under_its_deadline,
     kill_9_of_the_agent_during_a_job_keeps_its_original_deadline_and_the_client_gets_124,
     kill_9_of_the_agent_during_the_deadline_kill_loses_nothing,
     kill_9_of_the_agent_between_plan_and_spawn_answers_the_waiting_client_with_125,
