@@ -73,6 +73,11 @@ pub trait NodeBudget: Send {
     fn holds(&self, _training: &str) -> bool {
         false
     }
+    /// Budget events since the last call, per job: `budget_exceeded`,
+    /// `budget_recovered`; the agent streams them to subscribers.
+    fn take_events(&mut self) -> Vec<(String, &'static str)> {
+        Vec::new()
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records

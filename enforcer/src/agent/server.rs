@@ -287,11 +287,20 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
 /// to the job's record, where its shim's session picks it up and applies
 /// it through the job's one actuator (see [`crate::agent::budget`]).
 fn budget_tick(shared: &Shared) {
-    let wishes = shared
+    let (wishes, events) = shared
         .budget
         .lock()
-        .map(|mut b| b.tick())
+        .map(|mut b| (b.tick(), b.take_events()))
         .unwrap_or_default();
+    for (id, event) in events {
+        let uid = shared
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(&id).map(|j| j.plan.caller_uid))
+            .unwrap_or(0);
+        emit(shared, &id, uid, event, None);
+    }
     if wishes.is_empty() {
         return;
     }
