@@ -651,6 +651,65 @@ fn a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs() {
     assert_no_cgroup_left(&name);
 }
 
+fn subscribers_get_the_events_of_their_own_jobs_only() {
+    let s = Scratch::new("enforcer-agent");
+    let agent = Agent::start(&s, "", "");
+    let spawn_sub = |mut cmd: Command| {
+        let mut c = ChildGuard(
+            cmd.args(["ctl", "subscribe"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("subscribe"),
+        );
+        // The first line says the subscription is in place.
+        let mut out = c.stdout.take().expect("stdout");
+        let mut first = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            first.push(b[0]);
+        }
+        assert!(String::from_utf8_lossy(&first).contains("status"));
+        (c, out)
+    };
+    let (root_sub, mut root_out) = spawn_sub(agent.cli());
+    let (nobody_sub, mut nobody_out) = spawn_sub(agent.cli_as_nobody());
+    let name = unique_name("events");
+    let out = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(root_sub);
+    drop(nobody_sub);
+    let mut root_text = String::new();
+    root_out.read_to_string(&mut root_text).unwrap();
+    let mut nobody_text = String::new();
+    nobody_out.read_to_string(&mut nobody_text).unwrap();
+    for event in ["started", "deadline", "exited"] {
+        assert!(
+            root_text.contains(&format!("\"id\":\"{name}\",\"event\":\"{event}\"")),
+            "{event} missing: {root_text}"
+        );
+    }
+    assert!(
+        !nobody_text.contains(&name),
+        "nobody saw root's job: {nobody_text}"
+    );
+    agent.stop(&[&name]);
+}
+
 /// Sends SIGTERM to the agent and waits for it to exit.
 fn term(agent: &mut Agent) {
     let mut c = agent.child.take().expect("agent running");
@@ -887,5 +946,6 @@ root_tests!(
     bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others,
     sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them,
     a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs,
+    subscribers_get_the_events_of_their_own_jobs_only,
     sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients,
 );
