@@ -123,11 +123,25 @@ pub struct Plan {
     pub measure_only: bool,
     /// A one-line live status on stderr once a second.
     pub live_status: bool,
+    /// The command's whole environment (a job the agent runs for a
+    /// caller: the caller's); `None`: this process's.
+    pub env: Option<Vec<(String, String)>>,
+    /// `attach` only a process of this uid (the agent's non-root caller),
+    /// checked on the process the pidfd holds.
+    pub attach_owner: Option<u32>,
+    /// A job of the agent whose training's budget the agent holds: the
+    /// file its wishes come through ([`crate::agent::budget::ExternalBudget`]),
+    /// in place of the job's own budget loop.
+    pub external_budget: Option<PathBuf>,
 }
 
 /// What a game asks for, checked: run inside the job the caller is in.
 pub struct GamePlan {
     pub config: Config,
+    /// Who the game's command runs as (`None`: as the caller of `game`).
+    pub run_as: Option<RunAs>,
+    /// The command's whole environment (`None`: this process's).
+    pub env: Option<Vec<(String, String)>>,
     pub timeout: Duration,
     pub kill_grace: Duration,
     pub memory: Option<ByteSize>,
@@ -199,7 +213,11 @@ fn job_monitors(
         Vec::new()
     };
     monitors.push(Box::new(steal));
-    if hold {
+    if let Some(file) = &plan.external_budget {
+        monitors.push(Box::new(crate::agent::budget::ExternalBudget::new(
+            file.clone(),
+        )));
+    } else if hold {
         monitors.push(Box::new(
             crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
                 .with_training_history(history),
@@ -292,8 +310,14 @@ impl Session {
                 "the job runs as root: it can leave its cgroup and raise its own limits (run it with --user)"
             );
         }
-        let child = job::spawn_into(&started_job.guard.0, command, &envs, plan.run_as.as_ref())
-            .map_err(SessionError::Spawn)?;
+        let child = job::spawn_into(
+            &started_job.guard.0,
+            command,
+            &envs,
+            plan.env.as_deref(),
+            plan.run_as.as_ref(),
+        )
+        .map_err(SessionError::Spawn)?;
         let (mut report, code) = job::supervise(
             &started_job.guard.0,
             &started_job.supervision(plan),
@@ -323,6 +347,15 @@ impl Session {
         let proc_root = &self.proc_root;
         let refused = |e: AttachRefused| SessionError::Usage(format!("refusing to attach: {e}"));
         let held = checks::Held::take(proc_root, pid).map_err(refused)?;
+        if let Some(caller) = plan.attach_owner
+            && held.identity.uid != caller
+        {
+            return Err(refused(AttachRefused::NotOwner {
+                pid,
+                owner: held.identity.uid,
+                caller,
+            }));
+        }
         checks::check(proc_root, pid, self.self_pid, plan.config.training.pid).map_err(refused)?;
         held.verify(proc_root).map_err(refused)?;
         let mut signals = job::Signals::install();
@@ -531,6 +564,24 @@ fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &ProcFs) -> Moved
     }
 }
 
+/// [`clean_orphans`] for the agent: after a restart, the cgroups of jobs
+/// whose shim died with them. Errors are logged, never fatal.
+pub fn clean_up_dead_jobs(config: &Config) {
+    let state = match slots::StateDir::open(&config.state_dir) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "opening the state directory to clean up dead jobs failed");
+            return;
+        }
+    };
+    match Subtree::open(config.cgroup_root.as_deref()) {
+        Ok(subtree) => clean_orphans(&state, &subtree),
+        Err(error) => {
+            tracing::warn!(%error, "opening the cgroup subtree to clean up dead jobs failed")
+        }
+    }
+}
+
 /// Kills and removes the jobs of enforcers that died, exactly where their
 /// locks record them and only inside this enforcer's subtree; a lock goes
 /// once its job's cgroups are gone. The job of another subtree is left to an
@@ -594,12 +645,24 @@ fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
 /// cgroup of it (`<job>/game-<n>`) with its own deadline and the limits
 /// asked for, clamped to the job's. The game runs as whoever runs it.
 pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, SessionError> {
-    let config = &plan.config;
     let job = Layout::detect()
         .map_err(CgroupError::from)
         .and_then(|l| current_job(&l))
         .map_err(|e| SessionError::Usage(e.to_string()))?;
-    let job_name = std::env::var("ENFORCER_JOB").unwrap_or_else(|_| {
+    let job_name = std::env::var("ENFORCER_JOB").ok();
+    game_in_job(plan, job, job_name, command).await
+}
+
+/// [`game`] in a given job (the agent's: the job its caller runs in), with
+/// the game's command run as `plan.run_as`.
+pub async fn game_in_job(
+    plan: &GamePlan,
+    job: JobCgroup,
+    job_name: Option<String>,
+    command: &[String],
+) -> Result<Outcome, SessionError> {
+    let config = &plan.config;
+    let job_name = job_name.unwrap_or_else(|| {
         job.path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -690,7 +753,14 @@ pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, Sessio
     let signals = job::Signals::install();
     let started = Instant::now();
     let wall = SystemTime::now();
-    let child = job::spawn_into(&guard.0, command, &[], None).map_err(SessionError::Spawn)?;
+    let child = job::spawn_into(
+        &guard.0,
+        command,
+        &[],
+        plan.env.as_deref(),
+        plan.run_as.as_ref(),
+    )
+    .map_err(SessionError::Spawn)?;
     let (mut report, code) = job::supervise(
         &guard.0,
         &spec,
