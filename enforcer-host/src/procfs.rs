@@ -172,6 +172,23 @@ impl ProcFs {
         out
     }
 
+    /// The direct children of `pid`, from each thread's `children` file (a
+    /// read per thread, not a walk over every process).
+    pub fn children(&self, pid: Pid) -> Vec<Pid> {
+        self.threads(pid)
+            .into_iter()
+            .filter_map(|tid| {
+                let path = self.pid_dir(pid).join(format!("task/{tid}/children"));
+                self.read(path, SMALL_FILE_LIMIT).ok()
+            })
+            .flat_map(|text| {
+                text.split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .collect::<Vec<Pid>>()
+            })
+            .collect()
+    }
+
     /// Total run-queue wait of the threads of `pid` (the second field of
     /// each `/proc/<pid>/task/<tid>/schedstat`), ns.
     pub fn run_delay_ns(&self, pid: Pid) -> Option<u64> {
@@ -205,6 +222,9 @@ pub struct Stat {
     pub flags: u64,
     /// Field 22: clock ticks after boot when the process started.
     pub start_time: u64,
+    /// Fields 14 and 15: user plus system CPU time of all its threads, in
+    /// clock ticks.
+    pub cpu_ticks: u64,
 }
 
 impl Stat {
@@ -224,6 +244,7 @@ impl Stat {
             ppid: Pid::new(f.get(1)?.parse().ok()?),
             flags: f.get(9 - 3)?.parse().ok()?,
             start_time: f.get(22 - 3)?.parse().ok()?,
+            cpu_ticks: f.get(14 - 3)?.parse::<u64>().ok()? + f.get(15 - 3)?.parse::<u64>().ok()?,
         })
     }
 
@@ -275,6 +296,26 @@ pub(crate) mod tests {
 
     fn pid(n: i32) -> Pid {
         Pid::new(n).unwrap()
+    }
+
+    #[test]
+    fn stat_cpu_time_is_user_plus_system_ticks_and_children_come_from_every_thread() {
+        let line = "42 (a (b) c) R 1 42 42 0 -1 4194560 10 0 0 0 7 5 0 0 20 0 3 0 1234 0 0\n";
+        let stat = Stat::parse(line).expect("a stat line");
+        assert_eq!(stat.cpu_ticks, 12);
+        assert_eq!(stat.start_time, 1234);
+        let d = tempfile::tempdir().unwrap();
+        for (tid, children) in [(42, "43 44 "), (45, "46")] {
+            let task = d.path().join(format!("42/task/{tid}"));
+            fs::create_dir_all(&task).unwrap();
+            fs::write(task.join("children"), children).unwrap();
+        }
+        let kids: Vec<i32> = ProcFs::at(d.path())
+            .children(pid(42))
+            .into_iter()
+            .map(i32::from)
+            .collect();
+        assert_eq!(kids, vec![43, 44, 46]);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use enforcer_host::{Hierarchy, Pid, ProcFs};
 use enforcer_model::{
     StealCounters, Window,
     controller::{Controller, ControllerConfig, CpuControls, Observation, Quota},
@@ -1193,13 +1194,8 @@ pub(super) fn clock_ticks() -> f64 {
 
 /// utime + stime of a process (all its threads), in seconds.
 pub(super) fn process_cpu_secs(pid: u32, clk_tck: f64) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / clk_tck)
+    let stat = ProcFs::new().stat(Pid::try_from(pid).ok()?).ok()?;
+    Some(stat.cpu_ticks as f64 / clk_tck)
 }
 
 fn loadavg() -> String {
@@ -1210,35 +1206,12 @@ fn loadavg() -> String {
 
 /// The bench's own cgroup in the v1 `cpu` hierarchy.
 fn own_v1_cpu_cgroup() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
-    let mount = mountinfo
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mut post = post.split_whitespace();
-            let fstype = post.next()?;
-            let _src = post.next()?;
-            let opts = post.next()?;
-            (fstype == "cgroup" && opts.split(',').any(|o| o == "cpu"))
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .context("no v1 cgroup hierarchy with the cpu controller is mounted")?;
-    let own = fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
-    let rel = own
-        .lines()
-        .find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let _id = p.next()?;
-            let ctrls = p.next()?;
-            let path = p.next()?;
-            ctrls
-                .split(',')
-                .any(|c| c == "cpu")
-                .then(|| path.to_owned())
-        })
-        .context("/proc/self/cgroup has no cpu line")?;
-    Ok(mount.join(rel.trim_start_matches('/')))
+    let proc = ProcFs::new();
+    let own = proc.self_cgroup()?;
+    let rel = own.v1("cpu").context("/proc/self/cgroup has no cpu line")?;
+    proc.mountinfo()?
+        .dir_of(&Hierarchy::V1("cpu".into()), rel)
+        .context("no v1 cgroup hierarchy with the cpu controller is mounted")
 }
 
 /// The latest `budget status` log line of an enforcer.
@@ -1333,32 +1306,21 @@ fn enforcer_config(scratch: &Path, tag: &str, progress: Option<&Path>) -> Result
 
 /// The direct children of a process.
 fn child_pids(pid: u32) -> Vec<u32> {
-    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
-    tasks
+    Pid::try_from(pid)
+        .map(|p| ProcFs::new().children(p))
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|t| {
-            fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<u32>>()
-        })
+        .map(u32::from)
         .collect()
 }
 
 /// CPU seconds of a process and all its descendants.
 pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
-    let mut total = process_cpu_secs(pid, clk).unwrap_or(0.0);
-    let tasks = fs::read_dir(format!("/proc/{pid}/task"));
-    for task in tasks.into_iter().flatten().flatten() {
-        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            total += tree_cpu_secs(c, clk);
-        }
-    }
-    total
+    process_cpu_secs(pid, clk).unwrap_or(0.0)
+        + child_pids(pid)
+            .into_iter()
+            .map(|c| tree_cpu_secs(c, clk))
+            .sum::<f64>()
 }
 
 #[cfg(test)]
