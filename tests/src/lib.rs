@@ -63,10 +63,17 @@ pub fn enforcer() -> Command {
 /// Runs the binary with `args` and returns its output; panics if it cannot
 /// be started at all.
 pub fn run_enforcer(args: &[&str]) -> Output {
-    enforcer()
+    let out = enforcer()
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", enforcer_bin().display()))
+        .unwrap_or_else(|e| panic!("starting {}: {e}", enforcer_bin().display()));
+    // The failure message of a test then shows what the enforcer said.
+    eprintln!(
+        "enforcer {args:?} -> {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// A name unique to this test process and call, for jobs and cgroups.

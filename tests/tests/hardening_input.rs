@@ -7,23 +7,14 @@
 use std::{
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use enforcer_tests::{
-    ChildGuard, EnforcerGuard, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin, unique_name,
+    ChildGuard, EnforcerGuard, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin,
+    run_enforcer as run, unique_name,
 };
-
-fn run(args: &[&str]) -> Output {
-    let out = enforcer().args(args).output().expect("starting enforcer");
-    eprintln!(
-        "enforcer {args:?} -> {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat` text.
 fn stat_field(stat: &str, n: usize) -> i64 {

@@ -12,27 +12,17 @@ use std::{
         unix::fs::{MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use enforcer_tests::{
     ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
-    unique_name,
+    run_enforcer as run, unique_name,
 };
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = enforcer().args(args).output().expect("starting enforcer");
-    eprintln!(
-        "enforcer {args:?} -> {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn spawn(args: &[&str]) -> ChildGuard {

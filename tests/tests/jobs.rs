@@ -8,27 +8,17 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
 use enforcer_tests::{
     ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
-    own_cgroups, unique_name,
+    own_cgroups, run_enforcer as run, unique_name,
 };
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = enforcer().args(args).output().expect("starting enforcer");
-    eprintln!(
-        "enforcer {args:?} -> {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn report(path: &Path) -> serde_json::Value {
