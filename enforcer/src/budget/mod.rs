@@ -14,6 +14,7 @@
 pub mod actuator;
 pub use enforcer_model::controller;
 pub mod monitor;
+pub mod node;
 pub mod placement;
 pub mod progress;
 
