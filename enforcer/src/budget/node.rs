@@ -78,6 +78,30 @@ pub struct TrainingReading {
     pub jobs: BTreeMap<String, JobReading>,
 }
 
+impl TrainingReading {
+    /// The reading of a training from its meter's poll, with each job's
+    /// CPU time from `cpu_of` (its cgroup's usage).
+    pub fn from_snapshot(
+        snapshot: &crate::probe::steal::StealSnapshot,
+        cpu_of: impl Fn(&str) -> Option<Duration>,
+    ) -> Self {
+        Self {
+            on_cpu: Duration::from_nanos(snapshot.training.on_cpu_ns),
+            jobs: snapshot
+                .jobs
+                .iter()
+                .map(|(key, c)| {
+                    let reading = JobReading {
+                        steal: Duration::from_nanos(c.steal_ns),
+                        cpu: cpu_of(key),
+                    };
+                    (key.clone(), reading)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The controls a training's budget wants on one of its jobs, for that
 /// job's actuator (its `Budget` policy).
 #[derive(Debug, Clone, PartialEq)]
