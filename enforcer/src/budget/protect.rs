@@ -1,28 +1,26 @@
 //! [`Protections`]: the agent's budget loop over every protected training.
 //! It owns the node's meters ([`crate::probe::node::NodeMeter`]) and the
-//! budgets ([`super::node::NodeBudget`]) and holds each protecting job's
-//! actuator: every control period it polls the meters and the jobs' CPU
-//! time, steps each training's budget and hands each job its wish (the
-//! job's `Budget` policy, capped by its own limits in the actuator).
+//! budgets ([`super::node::NodeBudget`]): every control period it polls the
+//! meters and the jobs' CPU time (`cpu.stat` of their v2 cgroups), steps
+//! each training's budget and returns each job's wish. It writes no cgroup
+//! file: the job's one actuator applies the wish (its `Budget` policy,
+//! capped by the job's own limits).
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    sync::Arc,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use super::{
     controller::ControllerConfig,
-    node::{NodeBudget, NodeBudgetError, TrainingDecision, TrainingReading, TrainingStatus},
+    node::{NodeBudget, NodeBudgetError, Tick, TrainingReading, TrainingStatus},
     progress::{ProgressConfig, ProgressTracker},
 };
-use crate::{
-    job::controls::{Actuator, Policy},
-    probe::{
-        node::{NodeMeter, NodeMeterError},
-        steal::{JobCgroup as MeteredCgroup, TrainingSpec},
-    },
+use crate::probe::{
+    ProbeError,
+    node::{NodeMeter, NodeMeterError},
+    steal::{JobCgroup as MeteredCgroup, TrainingSpec},
 };
 
 /// What `protect` registers: the training, its budget and, when it writes
@@ -43,17 +41,33 @@ pub enum ProtectError {
     Budget(#[from] NodeBudgetError),
     #[error(transparent)]
     Meter(#[from] NodeMeterError),
+    #[error("job {job:?}: {source}")]
+    JobCgroup {
+        job: String,
+        #[source]
+        source: ProbeError,
+    },
 }
 
-/// Reads a job's cumulative CPU time (its cgroup's usage).
-pub type CpuReader = Box<dyn Fn() -> Option<Duration> + Send>;
-
+#[derive(Debug)]
 struct ProtectingJob {
-    actuator: Arc<Actuator>,
-    cpu: CpuReader,
+    /// Its v2 cgroup directory, whose `cpu.stat` gives its CPU time (a core
+    /// file of every v2 cgroup, with or without the cpu controller).
+    dir: PathBuf,
+}
+
+impl ProtectingJob {
+    fn cpu(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .map(Duration::from_micros)
+    }
 }
 
 /// The agent's protected trainings and their jobs; see the module doc.
+#[derive(Debug)]
 pub struct Protections {
     meter: NodeMeter,
     budget: NodeBudget,
@@ -61,16 +75,6 @@ pub struct Protections {
     /// Cores of the node: a training's quota at or above it is no limit.
     cpus: f64,
     period: Duration,
-}
-
-impl std::fmt::Debug for Protections {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Protections")
-            .field("meter", &self.meter)
-            .field("budget", &self.budget)
-            .field("jobs", &self.jobs.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Protections {
@@ -105,36 +109,41 @@ impl Protections {
         Ok(())
     }
 
-    /// Stops protecting a training: its meter is unloaded and its jobs'
-    /// budget wishes are withdrawn (their own limits stay).
-    pub fn unprotect(&mut self, id: &str) -> Result<(), ProtectError> {
+    /// Stops protecting a training: its meter is unloaded; returns its jobs,
+    /// whose budget wishes the caller withdraws (their own limits stay).
+    pub fn unprotect(&mut self, id: &str) -> Result<Vec<String>, ProtectError> {
         let jobs = self.budget.unregister_training(id)?;
         self.meter.unregister_training(id)?;
-        for job in jobs {
-            if let Some(j) = self.jobs.remove(&job) {
-                withdraw(&job, &j.actuator);
-            }
+        for job in &jobs {
+            self.jobs.remove(job);
         }
-        Ok(())
+        Ok(jobs)
     }
 
-    /// Puts a job under `training`'s budget: it is metered from now on and
+    /// Whether `id` is protected.
+    pub fn is_protected(&self, id: &str) -> bool {
+        self.budget.has_training(id)
+    }
+
+    /// Puts a job under `training`'s budget: the tasks of its v2 cgroup
+    /// `dir` (and of its child cgroups) are metered from now on, and it
     /// gets its share at the next tick.
-    pub fn add_job(
-        &mut self,
-        training: &str,
-        job: &str,
-        cgroup: MeteredCgroup,
-        actuator: Arc<Actuator>,
-        cpu: CpuReader,
-    ) -> Result<(), ProtectError> {
+    pub fn add_job(&mut self, training: &str, job: &str, dir: &Path) -> Result<(), ProtectError> {
+        let cgroup = MeteredCgroup::from_path(dir).map_err(|source| ProtectError::JobCgroup {
+            job: job.to_owned(),
+            source,
+        })?;
         self.budget.add_job(training, job)?;
         if let Err(e) = self.meter.add_job(training, job, cgroup) {
             self.budget.remove_job(job);
             return Err(e.into());
         }
-        self.jobs
-            .insert(job.to_owned(), ProtectingJob { actuator, cpu });
+        self.jobs.insert(
+            job.to_owned(),
+            ProtectingJob {
+                dir: dir.to_owned(),
+            },
+        );
         Ok(())
     }
 
@@ -148,16 +157,16 @@ impl Protections {
         self.jobs.remove(job);
     }
 
-    /// One control period; returns the trainings' decisions (for the event
-    /// stream).
-    pub fn tick(&mut self, now: Instant) -> Vec<TrainingDecision> {
+    /// One control period: every job's wish and the trainings' decisions
+    /// (logged here; for the event stream).
+    pub fn tick(&mut self, now: Instant) -> Tick {
         let mut readings = BTreeMap::new();
         for (id, snapshot) in self.meter.read() {
             match snapshot {
                 Ok(s) => {
                     let jobs = &self.jobs;
                     let reading = TrainingReading::from_snapshot(&s, |key| {
-                        jobs.get(key).and_then(|j| (j.cpu)())
+                        jobs.get(key).and_then(ProtectingJob::cpu)
                     });
                     readings.insert(id, reading);
                 }
@@ -168,20 +177,7 @@ impl Protections {
         for d in &tick.decisions {
             tracing::info!(training = %d.training, "budget: {}", d.decision);
         }
-        for wish in tick.wishes {
-            let Some(job) = self.jobs.get(&wish.job) else {
-                continue;
-            };
-            let written = job.actuator.update(Policy::Budget, |w| {
-                w.quota = wish.quota;
-                w.idle = Some(wish.idle);
-                w.frozen = wish.frozen;
-            });
-            if let Err(e) = written {
-                tracing::warn!(job = %wish.job, error = %e, "applying the budget's share");
-            }
-        }
-        tick.decisions
+        tick
     }
 
     /// Every protected training with its jobs and their shares.
@@ -192,13 +188,5 @@ impl Protections {
     /// The training `job` protects.
     pub fn training_of(&self, job: &str) -> Option<&str> {
         self.budget.training_of(job)
-    }
-}
-
-/// Withdraws the budget's wishes from a job's actuator (its own limits
-/// stay).
-fn withdraw(job: &str, actuator: &Actuator) {
-    if let Err(e) = actuator.update(Policy::Budget, |w| *w = Default::default()) {
-        tracing::warn!(job, error = %e, "withdrawing the budget's controls");
     }
 }
