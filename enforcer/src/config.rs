@@ -106,6 +106,50 @@ pub struct Config {
     pub gpu_memory_limit: Option<ByteSize>,
     /// The training workload to protect.
     pub training: Training,
+    /// The node agent (`enforcer agent`).
+    pub agent: AgentConfig,
+}
+
+/// What an agent does with its jobs when it gets SIGTERM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAgentStop {
+    /// Jobs keep running under their limits and deadlines (their shims
+    /// supervise them); the next agent re-adopts them.
+    #[default]
+    Keep,
+    /// Jobs are ended (as a signal to `enforcer run` would) before the agent
+    /// exits.
+    End,
+}
+
+/// The `[agent]` table: the node agent's socket, records and rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The agent's Unix socket (its directory is made root's, 0755).
+    pub socket: PathBuf,
+    /// Persistent job records (`<lib_dir>/jobs/<id>/`), root's, 0700.
+    pub lib_dir: PathBuf,
+    /// `keep` (default) or `end` the jobs when the agent gets SIGTERM.
+    pub on_agent_stop: OnAgentStop,
+    /// When non-empty, a non-root caller must be in one of these groups
+    /// (names or numbers).
+    pub allowed_groups: Vec<String>,
+    /// How long the records of finished jobs are kept for `report`.
+    pub keep_finished: Dur,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: PathBuf::from("/run/enforcer/enforcer.sock"),
+            lib_dir: PathBuf::from("/var/lib/enforcer"),
+            on_agent_stop: OnAgentStop::Keep,
+            allowed_groups: Vec::new(),
+            keep_finished: Dur::secs(3600),
+        }
+    }
 }
 
 /// The `[training]` table: the workload whose scheduling evaluation must not
@@ -141,13 +185,14 @@ impl Default for Config {
             cgroup_root: None,
             on_event: None,
             on_event_timeout: Dur::secs(10),
-            state_dir: PathBuf::from("/run/enforcer"),
+            state_dir: PathBuf::from("/run/enforcer/state"),
             budget: Percent::from_fraction(0.05),
             control_period: Dur::millis(100),
             place_jobs: true,
             gpu_util_limit: Percent::from_fraction(0.80),
             gpu_memory_limit: None,
             training: Training::default(),
+            agent: AgentConfig::default(),
         }
     }
 }

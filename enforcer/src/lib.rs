@@ -16,6 +16,7 @@
 //! - [`trust`]: which files root may take instructions from;
 //! - [`cli`]: the command line, one file per subcommand.
 
+pub mod agent;
 pub mod budget;
 pub mod cgroup;
 pub mod cli;

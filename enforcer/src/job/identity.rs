@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 /// The identity a job's command gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunAs {
     pub uid: u32,
     pub gid: u32,

@@ -13,6 +13,7 @@ pub mod controls;
 pub mod identity;
 pub mod monitor;
 pub mod pidfd;
+pub mod plan;
 pub mod session;
 pub mod watch;
 

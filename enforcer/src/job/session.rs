@@ -531,6 +531,24 @@ fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &ProcFs) -> Moved
     }
 }
 
+/// [`clean_orphans`] for the agent: after a restart, the cgroups of jobs
+/// whose shim died with them. Errors are logged, never fatal.
+pub fn clean_up_dead_jobs(config: &Config) {
+    let state = match slots::StateDir::open(&config.state_dir) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "opening the state directory to clean up dead jobs failed");
+            return;
+        }
+    };
+    match Subtree::open(config.cgroup_root.as_deref()) {
+        Ok(subtree) => clean_orphans(&state, &subtree),
+        Err(error) => {
+            tracing::warn!(%error, "opening the cgroup subtree to clean up dead jobs failed")
+        }
+    }
+}
+
 /// Kills and removes the jobs of enforcers that died, exactly where their
 /// locks record them and only inside this enforcer's subtree; a lock goes
 /// once its job's cgroups are gone. The job of another subtree is left to an

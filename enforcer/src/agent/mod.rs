@@ -1,0 +1,10 @@
+//! The node agent (`enforcer agent`): one root daemon per node that owns
+//! every job, serves the socket API ([`proto`], `docs/api.md`) to callers
+//! identified by their peer credentials ([`auth`]), persists each job's
+//! plan before it starts ([`store`]) and runs it through a per-job shim
+//! ([`shim`]) that outlives the agent, and holds the node's steal budgets
+//! ([`budget`]). The CLI's side of the socket is [`client`].
+
+pub mod auth;
+pub mod budget;
+pub mod proto;

@@ -1,0 +1,319 @@
+//! The agent's wire protocol (documented in `docs/api.md`): one JSON object
+//! per line over a Unix stream socket, at most [`MAX_MESSAGE`] bytes each.
+//! A connection starts with `hello` (the client's API version); then each
+//! request gets one or more responses. A `run` carries the caller's stdin,
+//! stdout and stderr as `SCM_RIGHTS` on the message's bytes.
+
+use std::{
+    io::{IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+use crate::{agent::budget::QuotaWish, job::plan::JobRequest, report::Report};
+
+/// The API version this agent speaks.
+pub const API_VERSION: u32 = 1;
+/// The largest message, newline included.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// File descriptors a `run` passes: stdin, stdout, stderr.
+pub const RUN_FDS: usize = 3;
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// First on every connection.
+    Hello { api: u32 },
+    /// Run `command` as a job with the flags of `enforcer run`; the three
+    /// standard descriptors come with the message.
+    Run {
+        job: Box<JobRequest>,
+        command: Vec<String>,
+    },
+    /// Move live process `pid` (with `tree`, its descendants) into a job.
+    Attach {
+        job: Box<JobRequest>,
+        pid: i32,
+        #[serde(default)]
+        tree: bool,
+    },
+    /// One game of the caller's job (not served through the agent yet).
+    Game {
+        #[serde(default)]
+        command: Vec<String>,
+    },
+    /// Register a training to protect: its jobs share one budget.
+    Protect {
+        pid: Option<i32>,
+        cgroup: Option<std::path::PathBuf>,
+        #[serde(default)]
+        follow_children: bool,
+        progress_file: Option<std::path::PathBuf>,
+        /// e.g. `"5%"`.
+        budget: Option<crate::units::Percent>,
+    },
+    /// The caller's jobs (root: every job) and the budgets.
+    Status,
+    /// A job's report; with `wait`, once it has ended.
+    Report {
+        id: String,
+        #[serde(default)]
+        wait: bool,
+    },
+    /// End a job as a signal to `enforcer run` would.
+    Cancel { id: String },
+    /// Stream every event of the caller's jobs (root: all) until the
+    /// connection closes.
+    Subscribe,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        api: u32,
+        version: String,
+    },
+    /// The job's plan is persisted and its shim started.
+    Accepted {
+        id: String,
+        /// The absolute deadline, Unix milliseconds.
+        deadline_unix_ms: u64,
+        /// The kill grace after it, milliseconds.
+        kill_grace_ms: u64,
+    },
+    /// The job ended: its report and the exit status that stands for it.
+    Finished {
+        id: String,
+        status: u8,
+        report: Box<Report>,
+    },
+    /// The job ended without a report (it could not start): the exit
+    /// status and why.
+    Failed {
+        id: String,
+        status: u8,
+        message: String,
+    },
+    Status {
+        jobs: Vec<JobStatus>,
+        budget: serde_json::Value,
+    },
+    Protected {
+        training: String,
+    },
+    Cancelled {
+        id: String,
+    },
+    Event(Event),
+    /// A refused or malformed request; `status` is the exit status a CLI
+    /// gives for it (2: usage or refusal, 125: the agent failed).
+    Error {
+        status: u8,
+        message: String,
+    },
+}
+
+/// One job as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub uid: u32,
+    pub command: Vec<String>,
+    /// `running` or `finished`.
+    pub state: String,
+    pub deadline_unix_ms: u64,
+    pub status: Option<u8>,
+    pub training: Option<String>,
+    pub quota: Option<QuotaWish>,
+}
+
+/// An event of a job, as `subscribe` streams it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    /// `started`, `adopted`, `exited`, `deadline`, `oom`,
+    /// `budget_exceeded`, `budget_recovered`.
+    pub event: String,
+    pub uid: u32,
+    pub unix_ms: u64,
+    pub status: Option<u8>,
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("message longer than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    #[error("connection closed in the middle of a message ({0} bytes without a newline)")]
+    Truncated(usize),
+    #[error("reading the socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes one message line.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(msg).unwrap_or_else(|e| {
+        serde_json::to_vec(&Response::Error {
+            status: crate::job::session::EXIT_FAILURE,
+            message: format!("encoding a message failed: {e}"),
+        })
+        .unwrap_or_default()
+    });
+    line.push(b'\n');
+    line
+}
+
+/// Sends `bytes` with `fds` attached (blocking socket).
+pub fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let iov = [IoSlice::new(&bytes[sent..])];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+            &cmsg
+        } else {
+            &[]
+        };
+        sent += sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+            .map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// A line reader over a socket that also collects the descriptors that
+/// come with the bytes (`recvmsg`), for blocking and non-blocking sockets.
+#[derive(Default)]
+pub struct LineReader {
+    buf: Vec<u8>,
+    /// Descriptors received and not yet claimed, in order.
+    pub fds: Vec<OwnedFd>,
+    eof: bool,
+}
+
+impl LineReader {
+    /// The next complete line in the buffer, if any.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
+        if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let rest = self.buf.split_off(i + 1);
+            let mut line = std::mem::replace(&mut self.buf, rest);
+            line.pop();
+            return Ok(Some(line));
+        }
+        if self.buf.len() >= MAX_MESSAGE {
+            return Err(ProtoError::TooLarge);
+        }
+        if self.eof {
+            if self.buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(ProtoError::Truncated(self.buf.len()));
+        }
+        Ok(None)
+    }
+
+    pub fn at_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// One `recvmsg` into the buffer; `WouldBlock` on a non-blocking socket
+    /// with nothing to read.
+    pub fn fill(&mut self, sock: RawFd) -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let msg = recvmsg::<()>(
+            sock,
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let n = msg.bytes;
+        let mut got = Vec::new();
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: the kernel just installed these descriptors in
+                // this process for us; nothing else owns them.
+                got.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        self.fds.extend(got);
+        if n == 0 {
+            self.eof = true;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Blocking: the next line, `None` at a clean end of stream.
+    pub fn read_line_blocking(
+        &mut self,
+        sock: &impl AsRawFd,
+    ) -> Result<Option<Vec<u8>>, ProtoError> {
+        loop {
+            if let Some(l) = self.next_line()? {
+                return Ok(Some(l));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            match self.fill(sock.as_raw_fd()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_message_type_is_named_in_the_error() {
+        let e = serde_json::from_str::<Request>(r#"{"type":"reboot"}"#).unwrap_err();
+        assert!(e.to_string().contains("reboot"), "{e}");
+    }
+
+    #[test]
+    fn a_run_request_round_trips_with_its_flags() {
+        let line = r#"{"type":"run","job":{"timeout":"5s","memory":"100M"},"command":["true"]}"#;
+        let r: Request = serde_json::from_str(line).unwrap();
+        let Request::Run { job, command } = r else {
+            panic!("not a run")
+        };
+        assert_eq!(command, ["true"]);
+        assert_eq!(job.timeout.map(|d| d.0.as_secs()), Some(5));
+    }
+
+    #[test]
+    fn an_unknown_job_flag_is_refused() {
+        let line = r#"{"type":"run","job":{"timeout":"5s","sudo":true},"command":["true"]}"#;
+        let e = serde_json::from_str::<Request>(line).unwrap_err();
+        assert!(e.to_string().contains("sudo"), "{e}");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_refused_and_a_partial_one_is_truncated() {
+        let mut r = LineReader {
+            buf: vec![b'x'; MAX_MESSAGE],
+            ..Default::default()
+        };
+        assert!(matches!(r.next_line(), Err(ProtoError::TooLarge)));
+        let mut r = LineReader {
+            buf: b"{\"type\"".to_vec(),
+            eof: true,
+            ..Default::default()
+        };
+        assert!(matches!(r.next_line(), Err(ProtoError::Truncated(7))));
+    }
+}
