@@ -44,7 +44,9 @@ pub struct QuotaWish {
 pub trait NodeBudget: Send {
     /// Registers (or updates) a training; returns its id.
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String>;
-    /// A job protecting `training` started in `job_cgroup`.
+    /// A job protecting `training` started in `job_cgroup`: its directory
+    /// in the v2 hierarchy (on a hybrid host, its v2 twin), whose tasks and
+    /// child cgroups' tasks are metered.
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String>;
     /// The job ended (or was found dead after a restart).
     fn remove_job(&mut self, job: &str);
@@ -104,5 +106,144 @@ impl NodeBudget for Unmetered {
                 "jobs": jobs,
             })).collect::<Vec<_>>()
         })
+    }
+}
+
+/// The metered budgets: one meter and one budget loop per protected
+/// training, shared by its jobs (see `budget::node` for how a training's
+/// quota is divided among them).
+#[derive(Debug)]
+pub struct Metered {
+    protections: crate::budget::protect::Protections,
+    specs: std::collections::BTreeMap<String, TrainingSpec>,
+    /// The last wishes, for `status`.
+    last: std::collections::BTreeMap<String, QuotaWish>,
+}
+
+impl Metered {
+    /// `period`: the agent's control period.
+    pub fn new(period: std::time::Duration) -> Self {
+        Self {
+            protections: crate::budget::protect::Protections::new(period),
+            specs: std::collections::BTreeMap::new(),
+            last: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// The id of a training: `pid-N` or `cgroup-PATH`.
+fn training_id(spec: &TrainingSpec) -> Result<String, String> {
+    match (spec.pid, &spec.cgroup) {
+        (Some(pid), _) => Ok(format!("pid-{pid}")),
+        (None, Some(cg)) => Ok(format!("cgroup-{}", cg.display())),
+        (None, None) => Err("protect needs a training pid or cgroup".to_owned()),
+    }
+}
+
+/// The meter's view of a training: its process, or its cgroup directory
+/// (a path relative to the v2 hierarchy's root is taken from there).
+fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, String> {
+    use crate::probe::steal::TrainingSpec as Meter;
+    match (spec.pid, &spec.cgroup) {
+        (Some(pid), _) => {
+            let pid = u32::try_from(pid).map_err(|_| format!("training pid {pid} is invalid"))?;
+            Ok(Meter::Pid {
+                pid,
+                follow_children: spec.follow_children,
+            })
+        }
+        (None, Some(cg)) => {
+            let dir = if cg.is_absolute() && cg.is_dir() {
+                cg.clone()
+            } else {
+                let relative = cg.strip_prefix("/").unwrap_or(cg);
+                crate::probe::monitor::cgroup2_mount().join(relative)
+            };
+            if !dir.is_dir() {
+                return Err(format!(
+                    "training cgroup {} does not exist (looked at {})",
+                    cg.display(),
+                    dir.display()
+                ));
+            }
+            Ok(Meter::Cgroup(dir))
+        }
+        (None, None) => Err("protect needs a training pid or cgroup".to_owned()),
+    }
+}
+
+impl NodeBudget for Metered {
+    fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String> {
+        let id = training_id(&spec)?;
+        if let Some(known) = self.specs.get(&id) {
+            // Registered again (by a client, or re-adopted after a restart):
+            // the same budget is the same training; another budget would
+            // change it under the jobs that share it.
+            if known.budget_fraction != spec.budget_fraction {
+                return Err(format!(
+                    "training {id} is already protected with budget {:.1}%, not {:.1}%",
+                    known.budget_fraction * 100.0,
+                    spec.budget_fraction * 100.0
+                ));
+            }
+            return Ok(id);
+        }
+        let protect = crate::budget::protect::Protect {
+            id: id.clone(),
+            training: meter_spec(&spec)?,
+            budget: spec.budget_fraction,
+            progress_file: spec.progress_file.clone(),
+        };
+        self.protections
+            .protect(protect)
+            .map_err(|e| e.to_string())?;
+        self.specs.insert(id.clone(), spec);
+        Ok(id)
+    }
+
+    fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String> {
+        self.protections
+            .add_job(training, job, &job_cgroup)
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove_job(&mut self, job: &str) {
+        self.protections.remove_job(job);
+        self.last.remove(job);
+    }
+
+    fn tick(&mut self) -> Vec<(String, QuotaWish)> {
+        let tick = self.protections.tick(std::time::Instant::now());
+        tick.wishes
+            .into_iter()
+            .map(|w| {
+                let wish = QuotaWish {
+                    cpu: w.quota,
+                    freeze: w.frozen,
+                };
+                self.last.insert(w.job.clone(), wish);
+                (w.job, wish)
+            })
+            .collect()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let trainings: Vec<serde_json::Value> = self
+            .protections
+            .status()
+            .into_iter()
+            .map(|t| {
+                let spec = self.specs.get(&t.training);
+                let mut v = serde_json::to_value(&t).unwrap_or_default();
+                if let (Some(obj), Some(spec)) = (v.as_object_mut(), spec) {
+                    obj.insert("id".into(), t.training.clone().into());
+                    obj.insert("pid".into(), serde_json::json!(spec.pid));
+                    obj.insert("cgroup".into(), serde_json::json!(spec.cgroup));
+                    obj.insert("owner_uid".into(), spec.owner_uid.into());
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({ "trainings": trainings })
     }
 }

@@ -45,7 +45,8 @@ pub fn training_cgroup_dir(path: &Path) -> PathBuf {
 
 /// Where the cgroup v2 hierarchy is mounted (the unified one on hybrid
 /// hosts).
-fn cgroup2_mount() -> PathBuf {
+/// Where the v2 hierarchy is mounted (`/sys/fs/cgroup` when not found).
+pub fn cgroup2_mount() -> PathBuf {
     ProcFs::new()
         .mountinfo()
         .ok()
