@@ -8,3 +8,5 @@
 pub mod auth;
 pub mod budget;
 pub mod proto;
+pub mod shim;
+pub mod store;

@@ -31,6 +31,8 @@ pub enum AttachRefused {
     Replaced(i32),
     #[error("PID {pid}: cannot hold a pidfd on it: {error}")]
     NoPidFd { pid: i32, error: String },
+    #[error("PID {pid} belongs to uid {owner}; uid {caller} may attach only its own processes")]
+    NotOwner { pid: i32, owner: u32, caller: u32 },
 }
 
 /// What tells one process from a later one with the same number: its start

@@ -75,11 +75,13 @@ pub struct Supervision {
 /// the command's first instruction (never spawn-then-move). The child also
 /// asks for SIGKILL if the enforcer dies, so it cannot outlive it. With
 /// `run_as`, the child then becomes that user with no capabilities and
-/// `no_new_privs` (joining needs root, so it comes first).
+/// `no_new_privs` (joining needs root, so it comes first). With `base_env`
+/// the command gets that environment (plus `envs`) instead of ours.
 pub fn spawn_into(
     cgroup: &JobCgroup,
     argv: &[String],
     envs: &[(String, String)],
+    base_env: Option<&[(String, String)]>,
     run_as: Option<&RunAs>,
 ) -> Result<tokio::process::Child, JobError> {
     let run_as = run_as.cloned();
@@ -95,6 +97,12 @@ pub fn spawn_into(
         .collect();
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args);
+    if let Some(base) = base_env {
+        // A job started for someone else (the agent's): their environment,
+        // never the supervisor's.
+        cmd.env_clear();
+        cmd.envs(base.iter().map(|(k, v)| (k, v)));
+    }
     cmd.envs(envs.iter().map(|(k, v)| (k, v)));
     // SAFETY: the closure runs between fork and exec; it only calls
     // async-signal-safe functions (open, write, close, prctl, raw id and

@@ -213,6 +213,8 @@ impl Plan {
             no_wait: args.no_wait,
             measure_only: args.measure_only,
             live_status: args.progress,
+            env: None,
+            attach_owner: None,
         })
     }
 }

@@ -123,6 +123,12 @@ pub struct Plan {
     pub measure_only: bool,
     /// A one-line live status on stderr once a second.
     pub live_status: bool,
+    /// The command's whole environment (a job the agent runs for a
+    /// caller: the caller's); `None`: this process's.
+    pub env: Option<Vec<(String, String)>>,
+    /// `attach` only a process of this uid (the agent's non-root caller),
+    /// checked on the process the pidfd holds.
+    pub attach_owner: Option<u32>,
 }
 
 /// What a game asks for, checked: run inside the job the caller is in.
@@ -292,7 +298,13 @@ impl Session {
                 "the job runs as root: it can leave its cgroup and raise its own limits (run it with --user)"
             );
         }
-        let child = job::spawn_into(&started_job.guard.0, command, &envs, plan.run_as.as_ref())
+        let child = job::spawn_into(
+            &started_job.guard.0,
+            command,
+            &envs,
+            plan.env.as_deref(),
+            plan.run_as.as_ref(),
+        )
             .map_err(SessionError::Spawn)?;
         let (mut report, code) = job::supervise(
             &started_job.guard.0,
@@ -323,6 +335,15 @@ impl Session {
         let proc_root = &self.proc_root;
         let refused = |e: AttachRefused| SessionError::Usage(format!("refusing to attach: {e}"));
         let held = checks::Held::take(proc_root, pid).map_err(refused)?;
+        if let Some(caller) = plan.attach_owner
+            && held.identity.uid != caller
+        {
+            return Err(refused(AttachRefused::NotOwner {
+                pid,
+                owner: held.identity.uid,
+                caller,
+            }));
+        }
         checks::check(proc_root, pid, self.self_pid, plan.config.training.pid).map_err(refused)?;
         held.verify(proc_root).map_err(refused)?;
         let mut signals = job::Signals::install();
@@ -708,7 +729,7 @@ pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, Sessio
     let signals = job::Signals::install();
     let started = Instant::now();
     let wall = SystemTime::now();
-    let child = job::spawn_into(&guard.0, command, &[], None).map_err(SessionError::Spawn)?;
+    let child = job::spawn_into(&guard.0, command, &[], None, None).map_err(SessionError::Spawn)?;
     let (mut report, code) = job::supervise(
         &guard.0,
         &spec,
