@@ -29,7 +29,8 @@ pub fn session_plan(job: &JobPlan) -> Result<Plan, String> {
     plan.attach_owner = (job.caller_uid != 0).then_some(job.caller_uid);
     // Never zero: a job whose deadline passed before it started is still
     // started and killed at once, so that its report says `deadline`.
-    plan.supervision.timeout = store::until(job.deadline_unix_ms).max(std::time::Duration::from_millis(1));
+    plan.supervision.timeout =
+        store::until(job.deadline_unix_ms).max(std::time::Duration::from_millis(1));
     Ok(plan)
 }
 
@@ -71,7 +72,10 @@ pub fn main(dir: &Path) -> u8 {
         })
     }) {
         Ok(job) => run(&job),
-        Err(error) => failed(EXIT_FAILURE, format!("shim: reading the job's plan failed: {error}")),
+        Err(error) => failed(
+            EXIT_FAILURE,
+            format!("shim: reading the job's plan failed: {error}"),
+        ),
     };
     if let Err(error) = job_dir.write_result(&result) {
         tracing::error!(%error, "shim: writing the job's result failed");
@@ -102,7 +106,10 @@ fn run(job: &JobPlan) -> JobResult {
         }
     });
     match outcome {
-        None => failed(EXIT_FAILURE, "shim: the async runtime did not start".to_owned()),
+        None => failed(
+            EXIT_FAILURE,
+            "shim: the async runtime did not start".to_owned(),
+        ),
         Some(Ok(o)) => JobResult {
             status: o.status,
             report: Some(o.report),
@@ -120,4 +127,3 @@ pub fn sanitize(mut request: JobRequest) -> JobRequest {
     request.config = None;
     request
 }
-

@@ -200,14 +200,18 @@ impl JobDir {
         let path = self.path().join(name);
         let mut file = match self.dir.open_file(name, false) {
             Ok(f) => f,
-            Err(SafeFsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(SafeFsError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
         };
         let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut text)
-            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        std::io::Read::read_to_end(&mut file, &mut text).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
         serde_json::from_slice(&text)
             .map(Some)
             .map_err(|source| StoreError::Parse { path, source })

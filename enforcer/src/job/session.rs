@@ -305,7 +305,7 @@ impl Session {
             plan.env.as_deref(),
             plan.run_as.as_ref(),
         )
-            .map_err(SessionError::Spawn)?;
+        .map_err(SessionError::Spawn)?;
         let (mut report, code) = job::supervise(
             &started_job.guard.0,
             &started_job.supervision(plan),
