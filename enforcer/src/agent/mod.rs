@@ -7,6 +7,8 @@
 
 pub mod auth;
 pub mod budget;
+pub mod client;
 pub mod proto;
+pub mod server;
 pub mod shim;
 pub mod store;

@@ -32,6 +32,11 @@ pub enum Request {
     Run {
         job: Box<JobRequest>,
         command: Vec<String>,
+        /// The command's environment (the caller's).
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        /// The command's working directory (the caller's; default `/`).
+        cwd: Option<std::path::PathBuf>,
     },
     /// Move live process `pid` (with `tree`, its descendants) into a job.
     Attach {
@@ -68,6 +73,9 @@ pub enum Request {
     /// Stream every event of the caller's jobs (root: all) until the
     /// connection closes.
     Subscribe,
+    /// Wait for a job accepted earlier (a client whose agent restarted):
+    /// answered like the end of `run`.
+    Wait { id: String },
 }
 
 /// What the agent answers.
@@ -199,6 +207,9 @@ impl LineReader {
     /// The next complete line in the buffer, if any.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
         if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            if i + 1 > MAX_MESSAGE {
+                return Err(ProtoError::TooLarge);
+            }
             let rest = self.buf.split_off(i + 1);
             let mut line = std::mem::replace(&mut self.buf, rest);
             line.pop();
@@ -288,7 +299,7 @@ mod tests {
     fn a_run_request_round_trips_with_its_flags() {
         let line = r#"{"type":"run","job":{"timeout":"5s","memory":"100M"},"command":["true"]}"#;
         let r: Request = serde_json::from_str(line).unwrap();
-        let Request::Run { job, command } = r else {
+        let Request::Run { job, command, .. } = r else {
             panic!("not a run")
         };
         assert_eq!(command, ["true"]);
@@ -306,6 +317,13 @@ mod tests {
     fn a_line_longer_than_the_bound_is_refused_and_a_partial_one_is_truncated() {
         let mut r = LineReader {
             buf: vec![b'x'; MAX_MESSAGE],
+            ..Default::default()
+        };
+        assert!(matches!(r.next_line(), Err(ProtoError::TooLarge)));
+        let mut line = vec![b'x'; MAX_MESSAGE];
+        line.push(b'\n');
+        let mut r = LineReader {
+            buf: line,
             ..Default::default()
         };
         assert!(matches!(r.next_line(), Err(ProtoError::TooLarge)));

@@ -7,7 +7,13 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::run::{EXIT_FAILURE, EXIT_USAGE, JobArgs, block_on, finish, plan};
-use crate::job::session::Session;
+use crate::{
+    agent::{
+        client::{self, Route},
+        proto::Request,
+    },
+    job::session::Session,
+};
 
 /// Move a running process into a job and enforce its limits and deadline.
 ///
@@ -31,12 +37,29 @@ pub struct AttachArgs {
     pub job: JobArgs,
 }
 
-pub fn run(args: AttachArgs) -> ExitCode {
+pub fn run(args: AttachArgs, no_agent: bool) -> ExitCode {
     if args.job.user.is_some() || args.job.group.is_some() {
         tracing::error!(
             "--user / --group: an attached process keeps its own identity; they apply to `enforcer run`"
         );
         return ExitCode::from(EXIT_USAGE);
+    }
+    match client::route(no_agent) {
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(client::ROUTE_ERROR);
+        }
+        Ok(Route::Agent(conn)) => {
+            let mut job = args.job.clone();
+            job.config = client::absolute(job.config);
+            let request = Request::Attach {
+                job: Box::new(job),
+                pid: args.pid,
+                tree: args.tree,
+            };
+            return ExitCode::from(client::submit(conn, request, args.job.report.as_deref()));
+        }
+        Ok(Route::InProcess) => {}
     }
     let command = vec![format!("attached pid {}", args.pid)];
     let plan = match plan(&args.job, &command) {

@@ -1,8 +1,10 @@
 //! The command line: one file per subcommand, clap derive, human output by
 //! default and `--json` where a machine reads it.
 
+mod agent;
 mod attach;
 mod config;
+mod ctl;
 mod doctor;
 mod game;
 mod gpu;
@@ -25,6 +27,12 @@ pub struct Cli {
     /// Log filter in `tracing` syntax (e.g. `info`, `enforcer=debug`).
     #[arg(long, global = true, default_value = "info", env = "ENFORCER_LOG")]
     pub log: String,
+
+    /// Run `run` / `attach` in this process (root only) even when an agent
+    /// listens. Without it they go through the agent on `ENFORCER_SOCKET`
+    /// (default /run/enforcer/enforcer.sock) when one answers.
+    #[arg(long, global = true, env = "ENFORCER_NO_AGENT")]
+    pub no_agent: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -52,6 +60,10 @@ pub enum Command {
     Game(game::GameArgs),
     /// Check a config file or show the effective config.
     Config(config::ConfigArgs),
+    Agent(agent::AgentArgs),
+    Ctl(ctl::CtlArgs),
+    #[command(hide = true)]
+    Shim(agent::ShimArgs),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand.
@@ -62,10 +74,13 @@ pub fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Gpu(args) => gpu::run(args),
         Command::Meter(args) => meter::run(args),
-        Command::Run(args) => run::run(args),
-        Command::Attach(args) => attach::run(args),
+        Command::Run(args) => run::run(args, cli.no_agent),
+        Command::Attach(args) => attach::run(args, cli.no_agent),
         Command::Game(args) => game::run(args),
         Command::Config(args) => config::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::Shim(args) => agent::shim(args),
     }
 }
 

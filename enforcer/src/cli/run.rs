@@ -10,6 +10,10 @@ use clap::Args;
 pub use crate::job::plan::JobRequest;
 pub use crate::job::session::{EXIT_FAILURE, EXIT_USAGE};
 use crate::{
+    agent::{
+        client::{self, Route},
+        proto::Request,
+    },
     config::Config,
     job::session::{Outcome, Plan, Session, SessionError},
 };
@@ -81,7 +85,25 @@ pub fn finish(outcome: Result<Outcome, SessionError>, report_path: Option<&Path>
     outcome.status
 }
 
-pub fn run(args: RunArgs) -> ExitCode {
+pub fn run(args: RunArgs, no_agent: bool) -> ExitCode {
+    match client::route(no_agent) {
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(client::ROUTE_ERROR);
+        }
+        Ok(Route::Agent(conn)) => {
+            let mut job = args.job.clone();
+            job.config = client::absolute(job.config);
+            let request = Request::Run {
+                job: Box::new(job),
+                command: args.command.clone(),
+                env: client::environment(),
+                cwd: std::env::current_dir().ok(),
+            };
+            return ExitCode::from(client::submit(conn, request, args.job.report.as_deref()));
+        }
+        Ok(Route::InProcess) => {}
+    }
     let plan = match plan(&args.job, &args.command) {
         Ok(p) => p,
         Err(e) => {

@@ -1,0 +1,1158 @@
+//! The agent daemon: the socket, one task per connection, the table of
+//! jobs (started here or re-adopted after a restart), their shims and the
+//! event stream.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncWriteExt, Interest},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, watch},
+};
+
+use crate::{
+    agent::{
+        auth::{self, Caller},
+        budget::{NodeBudget, QuotaWish, TrainingSpec, Unmetered},
+        proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
+        shim,
+        store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
+    },
+    config::{Config, OnAgentStop},
+    job::{
+        plan::JobRequest,
+        session::{EXIT_FAILURE, EXIT_USAGE, Plan},
+    },
+};
+
+/// One job the agent knows.
+struct Job {
+    plan: JobPlan,
+    done: watch::Sender<Option<JobResult>>,
+    shim: Option<store::ShimInfo>,
+    /// The budget's latest wish for the job.
+    quota: Option<QuotaWish>,
+}
+
+struct Shared {
+    config: Config,
+    store: Store,
+    exe: PathBuf,
+    jobs: Mutex<BTreeMap<String, Job>>,
+    budget: Mutex<Box<dyn NodeBudget>>,
+    /// Training id → the uid that registered it.
+    trainings: Mutex<BTreeMap<String, u32>>,
+    events: broadcast::Sender<Event>,
+    seq: AtomicU64,
+}
+
+/// A refusal or failure answered to one request.
+struct Answer {
+    status: u8,
+    message: String,
+}
+
+impl Answer {
+    fn usage(message: impl Into<String>) -> Self {
+        Answer {
+            status: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+    fn failed(message: impl Into<String>) -> Self {
+        Answer {
+            status: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+    fn response(self) -> Response {
+        Response::Error {
+            status: self.status,
+            message: self.message,
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT; returns the exit status.
+pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
+    if !crate::trust::running_as_root() {
+        tracing::error!(
+            "enforcer agent must run as root (it makes cgroups and runs jobs as their callers)"
+        );
+        return EXIT_USAGE;
+    }
+    let (config, _) = match Config::load_or_default(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return EXIT_USAGE;
+        }
+    };
+    let socket = socket.unwrap_or_else(|| config.agent.socket.clone());
+    let store = match Store::open(&config.agent.lib_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("config key agent.lib_dir: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    // One agent per record directory: the second would adopt the first's
+    // jobs.
+    let agent_lock = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(config.agent.lib_dir.join("agent.lock"))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(
+                "opening {}: {e}",
+                config.agent.lib_dir.join("agent.lock").display()
+            );
+            return EXIT_FAILURE;
+        }
+    };
+    if !crate::safe_fs::try_lock(&agent_lock).unwrap_or(false) {
+        tracing::error!(lib_dir = %config.agent.lib_dir.display(), "another agent runs with this lib_dir");
+        return EXIT_USAGE;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("finding the enforcer binary: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let (events, _) = broadcast::channel(1024);
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        exe,
+        jobs: Mutex::new(BTreeMap::new()),
+        budget: Mutex::new(Box::new(Unmetered::default())),
+        trainings: Mutex::new(BTreeMap::new()),
+        events,
+        seq: AtomicU64::new(0),
+    });
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("starting the async runtime failed: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let status = rt.block_on(async move {
+        let listener = match bind(&socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return EXIT_USAGE;
+            }
+        };
+        recover(&shared);
+        tracing::info!(socket = %socket.display(), records = %shared.store.path().display(), "agent listening");
+        let status = serve(&shared, listener).await;
+        let _ = std::fs::remove_file(&socket);
+        if shared.config.agent.on_agent_stop == OnAgentStop::End {
+            end_all(&shared).await;
+        }
+        status
+    });
+    drop(agent_lock);
+    status
+}
+
+/// Makes the socket's directory (root's, 0755: a socket in it must be
+/// reachable by every caller) and binds the socket, 0666: who may do what
+/// is decided from the peer's credentials, not the file mode.
+fn bind(socket: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| format!("agent socket {}: has no directory", socket.display()))?;
+    if !socket.is_absolute() {
+        return Err(format!(
+            "agent socket {}: must be an absolute path",
+            socket.display()
+        ));
+    }
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() || !crate::trust::trusted(meta.uid(), meta.mode() & 0o7777) {
+        return Err(format!(
+            "agent socket directory {}: must be a directory owned by root and not writable by group or others",
+            dir.display()
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(format!("an agent already listens on {}", socket.display()));
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_symlink() || m.is_dir() => {
+            return Err(format!(
+                "agent socket {}: exists and is not a socket",
+                socket.display()
+            ));
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(socket);
+        }
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("chmod {}: {e}", socket.display()))?;
+    Ok(listener)
+}
+
+async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("installing the signal handlers failed");
+        return EXIT_FAILURE;
+    };
+    let period = shared
+        .config
+        .control_period
+        .0
+        .max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { connection(shared, stream).await });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = tick.tick() => budget_tick(shared),
+            _ = term.recv() => {
+                tracing::info!(on_agent_stop = ?shared.config.agent.on_agent_stop, "SIGTERM: agent stopping");
+                return 0;
+            }
+            _ = int.recv() => {
+                tracing::info!(on_agent_stop = ?shared.config.agent.on_agent_stop, "SIGINT: agent stopping");
+                return 0;
+            }
+        }
+    }
+}
+
+/// One control period of the node's budgets. The wishes are recorded for
+/// `status`; the shims apply them through their jobs' actuators (see
+/// [`crate::agent::budget`]).
+fn budget_tick(shared: &Shared) {
+    let wishes = shared
+        .budget
+        .lock()
+        .map(|mut b| b.tick())
+        .unwrap_or_default();
+    if wishes.is_empty() {
+        return;
+    }
+    if let Ok(mut jobs) = shared.jobs.lock() {
+        for (id, wish) in wishes {
+            if let Some(job) = jobs.get_mut(&id) {
+                job.quota = Some(wish);
+            }
+        }
+    }
+}
+
+/// Reads the next line, waiting for the socket; `Ok(None)` at a clean end.
+async fn next_line(
+    stream: &UnixStream,
+    reader: &mut LineReader,
+) -> Result<Option<Vec<u8>>, ProtoError> {
+    let fd = stream.as_raw_fd();
+    loop {
+        if let Some(line) = reader.next_line()? {
+            return Ok(Some(line));
+        }
+        if reader.at_eof() {
+            return Ok(None);
+        }
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || reader.fill(fd)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn send(stream: &mut UnixStream, msg: &Response) -> std::io::Result<()> {
+    stream.write_all(&proto::encode(msg)).await
+}
+
+fn refuse(caller: &Caller, what: &str, answer: &Answer) {
+    tracing::warn!(
+        uid = caller.uid,
+        pid = caller.pid,
+        request = what,
+        status = answer.status,
+        "refused: {}",
+        answer.message
+    );
+}
+
+async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
+    let caller = match Caller::of(&stream) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::warn!(%error, "reading a client's credentials failed");
+            return;
+        }
+    };
+    let mut reader = LineReader::default();
+    let mut hello = false;
+    loop {
+        let line = match next_line(&stream, &mut reader).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                let answer = Answer::usage(format!("bad message: {e}"));
+                refuse(&caller, "?", &answer);
+                let _ = send(&mut stream, &answer.response()).await;
+                return;
+            }
+        };
+        let fds = std::mem::take(&mut reader.fds);
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let answer = Answer::usage(format!("malformed message: {e}"));
+                refuse(&caller, "?", &answer);
+                if send(&mut stream, &answer.response()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !hello {
+            let answer = match request {
+                Request::Hello { api } if api == API_VERSION => {
+                    hello = true;
+                    let hello = Response::Hello {
+                        api: API_VERSION,
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                    };
+                    if send(&mut stream, &hello).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Request::Hello { api } => Answer::usage(format!(
+                    "API version {api} is not spoken here: this agent speaks version {API_VERSION}"
+                )),
+                _ => Answer::usage("the first message must be {\"type\":\"hello\",\"api\":1}"),
+            };
+            refuse(&caller, "hello", &answer);
+            let _ = send(&mut stream, &answer.response()).await;
+            return;
+        }
+        if let Err(answer) = caller.check_allowed(&shared.config.agent.allowed_groups) {
+            let answer = Answer::usage(answer.0);
+            refuse(&caller, "any", &answer);
+            let _ = send(&mut stream, &answer.response()).await;
+            return;
+        }
+        let keep_going = match request {
+            Request::Hello { .. } => {
+                let answer = Answer::usage("hello was already sent on this connection");
+                send(&mut stream, &answer.response()).await.is_ok()
+            }
+            Request::Run {
+                job,
+                command,
+                env,
+                cwd,
+            } => {
+                let kind = JobKind::Run { command };
+                let accepted = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
+                follow(&shared, &caller, &mut stream, "run", accepted).await
+            }
+            Request::Attach { job, pid, tree } => {
+                let kind = JobKind::Attach { pid, tree };
+                let accepted = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
+                follow(&shared, &caller, &mut stream, "attach", accepted).await
+            }
+            Request::Wait { id } => {
+                let found = lookup(&shared, &caller, &id).map(|(plan, rx)| {
+                    (
+                        plan.id,
+                        plan.deadline_unix_ms,
+                        plan.kill_grace_ms,
+                        rx,
+                        false,
+                    )
+                });
+                follow(&shared, &caller, &mut stream, "wait", found).await
+            }
+            Request::Game { .. } => {
+                let answer = Answer::usage(
+                    "game is not served by the agent yet: run `enforcer game` inside a job started by root without the agent (--no-agent)",
+                );
+                refuse(&caller, "game", &answer);
+                send(&mut stream, &answer.response()).await.is_ok()
+            }
+            Request::Protect {
+                pid,
+                cgroup,
+                follow_children,
+                progress_file,
+                budget,
+            } => {
+                let r = protect(
+                    &shared,
+                    &caller,
+                    pid,
+                    cgroup,
+                    follow_children,
+                    progress_file,
+                    budget,
+                );
+                let msg = match r {
+                    Ok(training) => Response::Protected { training },
+                    Err(a) => {
+                        refuse(&caller, "protect", &a);
+                        a.response()
+                    }
+                };
+                send(&mut stream, &msg).await.is_ok()
+            }
+            Request::Status => {
+                let msg = status(&shared, &caller);
+                send(&mut stream, &msg).await.is_ok()
+            }
+            Request::Report { id, wait } => {
+                let msg = match lookup(&shared, &caller, &id) {
+                    Err(a) => {
+                        refuse(&caller, "report", &a);
+                        a.response()
+                    }
+                    Ok((plan, mut rx)) => {
+                        if wait {
+                            let _ = rx.wait_for(Option::is_some).await;
+                        }
+                        let result = rx.borrow().clone();
+                        match result {
+                            Some(r) => finished(&plan.id, r),
+                            None => Answer::usage(format!(
+                                "job {id} is still running (ask with \"wait\": true to wait for it)"
+                            ))
+                            .response(),
+                        }
+                    }
+                };
+                send(&mut stream, &msg).await.is_ok()
+            }
+            Request::Cancel { id } => {
+                let msg = match cancel(&shared, &caller, &id) {
+                    Ok(()) => Response::Cancelled { id },
+                    Err(a) => {
+                        refuse(&caller, "cancel", &a);
+                        a.response()
+                    }
+                };
+                send(&mut stream, &msg).await.is_ok()
+            }
+            Request::Subscribe => {
+                subscribe(&shared, &caller, &mut stream).await;
+                false
+            }
+        };
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+type Accepted = Result<(String, u64, u64, watch::Receiver<Option<JobResult>>, bool), Answer>;
+
+/// Answers `accepted` then the job's end; `false` when the client is gone.
+async fn follow(
+    shared: &Shared,
+    caller: &Caller,
+    stream: &mut UnixStream,
+    what: &str,
+    accepted: Accepted,
+) -> bool {
+    let (id, deadline, grace, mut rx, announce) = match accepted {
+        Ok(a) => a,
+        Err(answer) => {
+            refuse(caller, what, &answer);
+            return send(stream, &answer.response()).await.is_ok();
+        }
+    };
+    if announce {
+        let msg = Response::Accepted {
+            id: id.clone(),
+            deadline_unix_ms: deadline,
+            kill_grace_ms: grace,
+        };
+        if send(stream, &msg).await.is_err() {
+            return false;
+        }
+    }
+    let _ = shared;
+    if rx.wait_for(Option::is_some).await.is_err() {
+        return false;
+    }
+    let result = rx.borrow().clone();
+    match result {
+        Some(r) => send(stream, &finished(&id, r)).await.is_ok(),
+        None => false,
+    }
+}
+
+fn finished(id: &str, r: JobResult) -> Response {
+    match r.report {
+        Some(report) => Response::Finished {
+            id: id.to_owned(),
+            status: r.status,
+            report: Box::new(report),
+        },
+        None => Response::Failed {
+            id: id.to_owned(),
+            status: r.status,
+            message: r.error.unwrap_or_default(),
+        },
+    }
+}
+
+/// The job `id` if the caller may see it.
+fn lookup(
+    shared: &Shared,
+    caller: &Caller,
+    id: &str,
+) -> Result<(JobPlan, watch::Receiver<Option<JobResult>>), Answer> {
+    let jobs = shared
+        .jobs
+        .lock()
+        .map_err(|_| Answer::failed("agent state poisoned"))?;
+    match jobs.get(id) {
+        Some(job) if caller.owns(job.plan.caller_uid) => {
+            Ok((job.plan.clone(), job.done.subscribe()))
+        }
+        // Someone else's job is answered like a missing one: its name is
+        // not the caller's to learn.
+        _ => Err(Answer::usage(format!(
+            "no job {id:?} of uid {}",
+            caller.uid
+        ))),
+    }
+}
+
+/// Checks a request against the caller's rights, persists its plan and
+/// starts its shim.
+fn start_job(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    request: JobRequest,
+    kind: JobKind,
+    fds: Option<Vec<OwnedFd>>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+) -> Accepted {
+    let mut config = shared.config.clone();
+    if let Some(path) = &request.config {
+        if !caller.is_root() {
+            return Err(Answer::usage(
+                "--config: only root may choose the agent's config for a job; the agent's own config applies",
+            ));
+        }
+        config = Config::load(path).map_err(|e| Answer::usage(e.to_string()))?;
+        // The agent's records and socket stay the agent's.
+        config.agent = shared.config.agent.clone();
+    }
+    if !caller.is_root() {
+        if request.user.is_some() || request.group.is_some() {
+            return Err(Answer::usage(format!(
+                "--user / --group: the jobs of uid {} run as uid {}; only root may name another user",
+                caller.uid, caller.uid
+            )));
+        }
+        if request.on_event.is_some() {
+            return Err(Answer::usage(
+                "--on-event: a hook runs as root; only root may set one",
+            ));
+        }
+        if let Some(pid) = request.protect
+            && auth::process_uid(pid) != Some(caller.uid)
+        {
+            return Err(Answer::usage(format!(
+                "--protect {pid}: uid {} may protect only its own processes",
+                caller.uid
+            )));
+        }
+        if let JobKind::Attach { pid, .. } = kind
+            && auth::process_uid(pid) != Some(caller.uid)
+        {
+            return Err(Answer::usage(format!(
+                "refusing to attach: PID {pid} is not a process of uid {}; a caller may attach only its own processes",
+                caller.uid
+            )));
+        }
+    }
+    if let JobKind::Attach { .. } = kind
+        && (request.user.is_some() || request.group.is_some())
+    {
+        return Err(Answer::usage(
+            "--user / --group: an attached process keeps its own identity; they apply to `enforcer run`",
+        ));
+    }
+    let fds = match (&kind, fds) {
+        (JobKind::Run { .. }, Some(fds)) if fds.len() == proto::RUN_FDS => Some(fds),
+        (JobKind::Run { .. }, _) => {
+            return Err(Answer::usage(
+                "run: the message must carry exactly 3 file descriptors (stdin, stdout, stderr) as SCM_RIGHTS",
+            ));
+        }
+        (JobKind::Attach { .. }, _) => None,
+    };
+    let id = match &request.job {
+        Some(name) => name.clone(),
+        None => format!(
+            "job-{}-{}",
+            store::now_ms(),
+            shared.seq.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
+    let mut request = shim::sanitize(request);
+    request.job = Some(id.clone());
+    let command = match &kind {
+        JobKind::Run { command } => command.clone(),
+        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
+    };
+    let plan: Plan =
+        Plan::from_request(config.clone(), &request, &command).map_err(Answer::usage)?;
+    let run_as = if caller.is_root() {
+        plan.run_as.clone()
+    } else {
+        Some(caller.run_as())
+    };
+    let training = match (plan.config.training.pid, &plan.config.training.cgroup) {
+        (Some(pid), _) => Some(format!("pid-{pid}")),
+        (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
+        _ => None,
+    };
+    let accepted_unix_ms = store::now_ms();
+    let deadline = accepted_unix_ms
+        .saturating_add(u64::try_from(plan.supervision.timeout.as_millis()).unwrap_or(u64::MAX));
+    let job_plan = JobPlan {
+        id: id.clone(),
+        kind,
+        request,
+        config,
+        caller_uid: caller.uid,
+        caller_pid: caller.pid,
+        env,
+        cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
+        run_as,
+        training,
+        accepted_unix_ms,
+        deadline_unix_ms: deadline,
+        kill_grace_ms: u64::try_from(plan.supervision.kill_grace.as_millis()).unwrap_or(u64::MAX),
+    };
+    let dir = match shared.store.create(&id) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err(Answer::usage(format!("job name {id:?} is in use"))),
+        Err(e) => return Err(Answer::failed(e.to_string())),
+    };
+    if let Err(e) = dir.write_plan(&job_plan) {
+        shared.store.remove(&id);
+        return Err(Answer::failed(format!(
+            "persisting the job's plan failed: {e}"
+        )));
+    }
+    let child = match spawn_shim(&shared.exe, &dir, &job_plan, fds) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = dir.write_result(&JobResult {
+                status: EXIT_FAILURE,
+                report: None,
+                error: Some(e.clone()),
+                ended_unix_ms: store::now_ms(),
+            });
+            return Err(Answer::failed(e));
+        }
+    };
+    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, shim = child.id(), "job accepted");
+    let rx = register(shared, job_plan.clone(), Some(child.id() as i32));
+    let shared2 = shared.clone();
+    let id2 = id.clone();
+    // A thread, not the runtime's blocking pool: it may wait for as long
+    // as the job runs, and must not hold up the agent's exit.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+        collect(&shared2, &id2, &dir);
+    });
+    Ok((id, deadline, job_plan.kill_grace_ms, rx, true))
+}
+
+fn register(
+    shared: &Shared,
+    plan: JobPlan,
+    shim_pid: Option<i32>,
+) -> watch::Receiver<Option<JobResult>> {
+    let (tx, rx) = watch::channel(None);
+    let id = plan.id.clone();
+    let uid = plan.caller_uid;
+    let shim = shim_pid.map(|pid| store::ShimInfo {
+        pid,
+        start_time: store::start_time(pid).unwrap_or(0),
+    });
+    if let Some(t) = &plan.training
+        && let Ok(mut b) = shared.budget.lock()
+        && let Err(e) = b.add_job(t, &id, PathBuf::new())
+    {
+        tracing::debug!(job = %id, training = %t, "budget: {e}");
+    }
+    if let Ok(mut jobs) = shared.jobs.lock() {
+        jobs.insert(
+            id.clone(),
+            Job {
+                plan,
+                done: tx,
+                shim,
+                quota: None,
+            },
+        );
+    }
+    emit(shared, &id, uid, "started", None);
+    rx
+}
+
+fn emit(shared: &Shared, id: &str, uid: u32, event: &str, status: Option<u8>) {
+    let _ = shared.events.send(Event {
+        id: id.to_owned(),
+        event: event.to_owned(),
+        uid,
+        unix_ms: store::now_ms(),
+        status,
+    });
+}
+
+/// The shim has exited (or its lock is free): reads its result, or records
+/// that it died without one, and publishes it.
+fn collect(shared: &Shared, id: &str, dir: &JobDir) {
+    let result = match dir.result() {
+        Ok(Some(r)) => r,
+        other => {
+            let why = match other {
+                Err(e) => format!("the job's result could not be read: {e}"),
+                _ => "the job's shim died without a result (its cgroup is cleaned up by the next job or agent start)".to_owned(),
+            };
+            tracing::error!(job = %id, "{why}");
+            let r = JobResult {
+                status: EXIT_FAILURE,
+                report: None,
+                error: Some(why),
+                ended_unix_ms: store::now_ms(),
+            };
+            let _ = dir.write_result(&r);
+            r
+        }
+    };
+    publish(shared, id, result);
+}
+
+fn publish(shared: &Shared, id: &str, result: JobResult) {
+    let reason = result.report.as_ref().map(|r| r.reason);
+    let status = result.status;
+    let mut uid = 0;
+    if let Ok(mut jobs) = shared.jobs.lock()
+        && let Some(job) = jobs.get_mut(id)
+    {
+        uid = job.plan.caller_uid;
+        job.done.send_replace(Some(result));
+        job.shim = None;
+    }
+    if let Ok(mut b) = shared.budget.lock() {
+        b.remove_job(id);
+    }
+    match reason {
+        Some(crate::report::Reason::Deadline) => emit(shared, id, uid, "deadline", Some(status)),
+        Some(crate::report::Reason::Oom) => emit(shared, id, uid, "oom", Some(status)),
+        _ => {}
+    }
+    emit(shared, id, uid, "exited", Some(status));
+    tracing::info!(job = %id, status, "job ended");
+}
+
+/// Starts `enforcer shim <dir>` in a session of its own with the caller's
+/// standard descriptors.
+fn spawn_shim(
+    exe: &Path,
+    dir: &JobDir,
+    plan: &JobPlan,
+    fds: Option<Vec<OwnedFd>>,
+) -> Result<std::process::Child, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("shim").arg(dir.path());
+    match fds {
+        Some(fds) => {
+            let mut fds = fds.into_iter();
+            let (Some(i), Some(o), Some(e)) = (fds.next(), fds.next(), fds.next()) else {
+                return Err("run: three descriptors are needed".to_owned());
+            };
+            cmd.stdin(i).stdout(o).stderr(e);
+        }
+        None => {
+            cmd.stdin(std::process::Stdio::null());
+            cmd.stdout(std::process::Stdio::null());
+            cmd.stderr(std::process::Stdio::null());
+        }
+    }
+    // The caller's directory when root can enter it (the job's relative
+    // paths are the caller's), else `/`.
+    cmd.current_dir(if plan.cwd.is_dir() {
+        &plan.cwd
+    } else {
+        Path::new("/")
+    });
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| format!("starting the job's shim {} failed: {e}", exe.display()))
+}
+
+/// After a restart: every job with a record is re-adopted (its shim
+/// lives), collected (it ended meanwhile) or declared dead (its shim died,
+/// or the agent died before starting it), and the cgroups of dead jobs are
+/// removed. Finished records older than `keep_finished` are pruned.
+fn recover(shared: &Arc<Shared>) {
+    let ids = match shared.store.ids() {
+        Ok(ids) => ids,
+        Err(error) => {
+            tracing::error!(%error, "listing the job records failed");
+            return;
+        }
+    };
+    let keep = u64::try_from(shared.config.agent.keep_finished.0.as_millis()).unwrap_or(u64::MAX);
+    let mut dead = false;
+    for id in ids {
+        let dir = match shared.store.open_job(&id) {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::warn!(job = %id, %error, "skipping a job record");
+                continue;
+            }
+        };
+        let plan = match dir.plan() {
+            Ok(Some(p)) => p,
+            other => {
+                tracing::warn!(job = %id, "a job record without a readable plan: removed ({other:?})");
+                shared.store.remove(&id);
+                continue;
+            }
+        };
+        if let Ok(Some(r)) = dir.result() {
+            if store::now_ms().saturating_sub(r.ended_unix_ms) > keep {
+                shared.store.remove(&id);
+                continue;
+            }
+            let _ = register(shared, plan, None);
+            publish(shared, &id, r);
+            continue;
+        }
+        match dir.try_lock() {
+            Ok(Some(lock)) => {
+                // No shim holds the job: it never started, or its shim died.
+                let r = match dir.result() {
+                    Ok(Some(r)) => r,
+                    _ => {
+                        let why = match dir.shim() {
+                            Ok(Some(_)) => "the job's shim died without a result".to_owned(),
+                            _ => "the agent stopped before the job started; it was not run"
+                                .to_owned(),
+                        };
+                        tracing::warn!(job = %id, "{why}");
+                        dead = true;
+                        let r = JobResult {
+                            status: EXIT_FAILURE,
+                            report: None,
+                            error: Some(why),
+                            ended_unix_ms: store::now_ms(),
+                        };
+                        let _ = dir.write_result(&r);
+                        r
+                    }
+                };
+                drop(lock);
+                let _ = register(shared, plan, None);
+                publish(shared, &id, r);
+            }
+            Ok(None) => {
+                let shim = dir.shim().ok().flatten();
+                tracing::info!(job = %id, shim = ?shim.map(|s| s.pid), deadline_unix_ms = plan.deadline_unix_ms, "re-adopting a live job");
+                let _ = register(shared, plan.clone(), shim.map(|s| s.pid));
+                if let Ok(mut jobs) = shared.jobs.lock()
+                    && let Some(j) = jobs.get_mut(&id)
+                {
+                    j.shim = shim;
+                }
+                emit(shared, &id, plan.caller_uid, "adopted", None);
+                let shared2 = shared.clone();
+                // A thread, not the runtime's blocking pool: it may wait for as long
+                // as the job runs, and must not hold up the agent's exit.
+                std::thread::spawn(move || {
+                    match dir.lock_file() {
+                        Ok(f) => {
+                            if let Err(error) = store::wait_lock(&f) {
+                                tracing::error!(job = %id, %error, "waiting for the job's shim failed");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(job = %id, %error, "opening the job's lock failed")
+                        }
+                    }
+                    collect(&shared2, &id, &dir);
+                });
+            }
+            Err(error) => tracing::warn!(job = %id, %error, "locking a job record failed"),
+        }
+    }
+    if dead {
+        crate::job::session::clean_up_dead_jobs(&shared.config);
+    }
+}
+
+fn protect(
+    shared: &Shared,
+    caller: &Caller,
+    pid: Option<i32>,
+    cgroup: Option<PathBuf>,
+    follow_children: bool,
+    progress_file: Option<PathBuf>,
+    budget: Option<crate::units::Percent>,
+) -> Result<String, Answer> {
+    if pid.is_none() == cgroup.is_none() {
+        return Err(Answer::usage("protect: give exactly one of pid and cgroup"));
+    }
+    if !caller.is_root() {
+        if let Some(pid) = pid
+            && auth::process_uid(pid) != Some(caller.uid)
+        {
+            return Err(Answer::usage(format!(
+                "protect: PID {pid} is not a process of uid {}",
+                caller.uid
+            )));
+        }
+        if cgroup.is_some() {
+            return Err(Answer::usage(
+                "protect: only root may protect a training by cgroup; give its pid",
+            ));
+        }
+    }
+    let spec = TrainingSpec {
+        pid,
+        cgroup,
+        follow_children,
+        progress_file,
+        budget_fraction: budget.unwrap_or(shared.config.budget).fraction(),
+        owner_uid: caller.uid,
+    };
+    let mut trainings = shared
+        .trainings
+        .lock()
+        .map_err(|_| Answer::failed("agent state poisoned"))?;
+    let mut budget = shared
+        .budget
+        .lock()
+        .map_err(|_| Answer::failed("agent state poisoned"))?;
+    let id = budget.register_training(spec).map_err(Answer::usage)?;
+    if let Some(&owner) = trainings.get(&id)
+        && !caller.owns(owner)
+    {
+        return Err(Answer::usage(format!(
+            "protect: training {id} was registered by uid {owner}"
+        )));
+    }
+    trainings.insert(id.clone(), caller.uid);
+    Ok(id)
+}
+
+fn status(shared: &Shared, caller: &Caller) -> Response {
+    let jobs = match shared.jobs.lock() {
+        Ok(j) => j
+            .values()
+            .filter(|j| caller.owns(j.plan.caller_uid))
+            .map(|j| {
+                let result = j.done.borrow();
+                JobStatus {
+                    id: j.plan.id.clone(),
+                    uid: j.plan.caller_uid,
+                    command: match &j.plan.kind {
+                        JobKind::Run { command } => command.clone(),
+                        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
+                    },
+                    state: if result.is_some() {
+                        "finished"
+                    } else {
+                        "running"
+                    }
+                    .to_owned(),
+                    deadline_unix_ms: j.plan.deadline_unix_ms,
+                    status: result.as_ref().map(|r| r.status),
+                    training: j.plan.training.clone(),
+                    quota: j.quota,
+                }
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let budget = shared.budget.lock().map(|b| b.status()).unwrap_or_default();
+    Response::Status { jobs, budget }
+}
+
+/// Ends a job as a signal to `enforcer run` would: SIGTERM to its shim,
+/// which forwards it to the command; a second cancel kills the whole job.
+fn cancel(shared: &Shared, caller: &Caller, id: &str) -> Result<(), Answer> {
+    let jobs = shared
+        .jobs
+        .lock()
+        .map_err(|_| Answer::failed("agent state poisoned"))?;
+    let job = match jobs.get(id) {
+        Some(j) if caller.owns(j.plan.caller_uid) => j,
+        _ => {
+            return Err(Answer::usage(format!(
+                "no job {id:?} of uid {}",
+                caller.uid
+            )));
+        }
+    };
+    if job.done.borrow().is_some() {
+        return Err(Answer::usage(format!("job {id} has already ended")));
+    }
+    let shim = job
+        .shim
+        .ok_or_else(|| Answer::failed(format!("job {id}: its shim is not known")))?;
+    signal_shim(shim, libc::SIGTERM).map_err(|e| {
+        Answer::failed(format!(
+            "job {id}: signalling its shim (pid {}) failed: {e}",
+            shim.pid
+        ))
+    })?;
+    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, "job cancelled");
+    Ok(())
+}
+
+/// Signals the shim through a pidfd, after checking that the pid still
+/// names it (its start time).
+fn signal_shim(shim: store::ShimInfo, sig: i32) -> std::io::Result<()> {
+    let pidfd = crate::job::pidfd::PidFd::open(shim.pid)?;
+    if store::start_time(shim.pid) != Some(shim.start_time) {
+        return Err(std::io::Error::other(
+            "the shim is gone (its pid names another process)",
+        ));
+    }
+    pidfd.send_signal(sig)
+}
+
+async fn subscribe(shared: &Shared, caller: &Caller, stream: &mut UnixStream) {
+    let mut rx = shared.events.subscribe();
+    if send(
+        stream,
+        &Response::Status {
+            jobs: Vec::new(),
+            budget: serde_json::Value::Null,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    loop {
+        match rx.recv().await {
+            Ok(ev) if caller.owns(ev.uid) => {
+                if send(stream, &Response::Event(ev)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(uid = caller.uid, missed = n, "a subscriber fell behind");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// `on_agent_stop = "end"`: SIGTERM to every live job's shim, then waits
+/// (bounded by each job's kill grace plus a margin) for their results.
+async fn end_all(shared: &Shared) {
+    let live: Vec<(
+        String,
+        store::ShimInfo,
+        watch::Receiver<Option<JobResult>>,
+        u64,
+    )> = match shared.jobs.lock() {
+        Ok(jobs) => jobs
+            .values()
+            .filter(|j| j.done.borrow().is_none())
+            .filter_map(|j| {
+                Some((
+                    j.plan.id.clone(),
+                    j.shim?,
+                    j.done.subscribe(),
+                    j.plan.kill_grace_ms,
+                ))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for (id, shim, mut rx, grace) in live {
+        tracing::info!(job = %id, "on_agent_stop = end: ending the job");
+        let _ = signal_shim(shim, libc::SIGTERM);
+        let wait = Duration::from_millis(grace) + Duration::from_secs(5);
+        if tokio::time::timeout(wait, rx.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            // A second signal kills the whole job cgroup.
+            let _ = signal_shim(shim, libc::SIGTERM);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
+        }
+    }
+}
