@@ -112,21 +112,60 @@ impl NodeBudget for Unmetered {
 /// The metered budgets: one meter and one budget loop per protected
 /// training, shared by its jobs (see `budget::node` for how a training's
 /// quota is divided among them).
-#[derive(Debug)]
 pub struct Metered {
     protections: crate::budget::protect::Protections,
     specs: std::collections::BTreeMap<String, TrainingSpec>,
-    /// The last wishes, for `status`.
-    last: std::collections::BTreeMap<String, QuotaWish>,
+    /// Jobs added before their cgroup exists (the shim makes it): job →
+    /// training, metered from the first tick that finds the cgroup.
+    pending: std::collections::BTreeMap<String, String>,
+    locate: JobLocator,
+}
+
+/// Where a job's v2 cgroup directory is, by job id, once it exists.
+pub type JobLocator = Box<dyn Fn(&str) -> Option<PathBuf> + Send>;
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("protections", &self.protections)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Metered {
-    /// `period`: the agent's control period.
-    pub fn new(period: std::time::Duration) -> Self {
+    /// `period`: the agent's control period; `locate`: where a job's v2
+    /// cgroup is (see [`Metered::subtree_locator`]).
+    pub fn new(period: std::time::Duration, locate: JobLocator) -> Self {
         Self {
             protections: crate::budget::protect::Protections::new(period),
             specs: std::collections::BTreeMap::new(),
-            last: std::collections::BTreeMap::new(),
+            pending: std::collections::BTreeMap::new(),
+            locate,
+        }
+    }
+
+    /// Finds a job where a session started from this process's cgroup
+    /// subtree (`cgroup_root` as configured) puts a job of that name.
+    pub fn subtree_locator(cgroup_root: Option<PathBuf>) -> JobLocator {
+        Box::new(move |job| {
+            let subtree = crate::cgroup::subtree::Subtree::open(cgroup_root.as_deref()).ok()?;
+            let dir = subtree.job_location(job).ok()?.unified?;
+            dir.is_dir().then_some(dir)
+        })
+    }
+
+    /// Meters the pending jobs whose cgroup exists now.
+    fn resolve_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (job, training) in pending {
+            let Some(dir) = (self.locate)(&job) else {
+                self.pending.insert(job, training);
+                continue;
+            };
+            if let Err(e) = self.protections.add_job(&training, &job, &dir) {
+                tracing::warn!(job, training, error = %e, "the job's steal is not metered");
+            }
         }
     }
 }
@@ -202,17 +241,27 @@ impl NodeBudget for Metered {
     }
 
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String> {
-        self.protections
-            .add_job(training, job, &job_cgroup)
-            .map_err(|e| e.to_string())
+        if !self.protections.is_protected(training) {
+            return Err(format!("no training {training:?} is protected"));
+        }
+        if job_cgroup.is_dir() {
+            return self
+                .protections
+                .add_job(training, job, &job_cgroup)
+                .map_err(|e| e.to_string());
+        }
+        // Not made yet: found by the locator at a later tick.
+        self.pending.insert(job.to_owned(), training.to_owned());
+        Ok(())
     }
 
     fn remove_job(&mut self, job: &str) {
+        self.pending.remove(job);
         self.protections.remove_job(job);
-        self.last.remove(job);
     }
 
     fn tick(&mut self) -> Vec<(String, QuotaWish)> {
+        self.resolve_pending();
         let tick = self.protections.tick(std::time::Instant::now());
         tick.wishes
             .into_iter()
@@ -221,7 +270,6 @@ impl NodeBudget for Metered {
                     cpu: w.quota,
                     freeze: w.frozen,
                 };
-                self.last.insert(w.job.clone(), wish);
                 (w.job, wish)
             })
             .collect()
@@ -236,6 +284,13 @@ impl NodeBudget for Metered {
                 let spec = self.specs.get(&t.training);
                 let mut v = serde_json::to_value(&t).unwrap_or_default();
                 if let (Some(obj), Some(spec)) = (v.as_object_mut(), spec) {
+                    let pending: Vec<&String> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, training)| **training == t.training)
+                        .map(|(job, _)| job)
+                        .collect();
+                    obj.insert("pending_jobs".into(), serde_json::json!(pending));
                     obj.insert("id".into(), t.training.clone().into());
                     obj.insert("pid".into(), serde_json::json!(spec.pid));
                     obj.insert("cgroup".into(), serde_json::json!(spec.cgroup));

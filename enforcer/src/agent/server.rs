@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     agent::{
         auth::{self, Caller},
-        budget::{NodeBudget, QuotaWish, TrainingSpec, Unmetered},
+        budget::{Metered, NodeBudget, QuotaWish, TrainingSpec},
         proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
         shim,
         store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
@@ -134,12 +134,16 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         }
     };
     let (events, _) = broadcast::channel(1024);
+    let budget = Metered::new(
+        config.control_period.0,
+        Metered::subtree_locator(config.cgroup_root.clone()),
+    );
     let shared = Arc::new(Shared {
         config,
         store,
         exe,
         jobs: Mutex::new(BTreeMap::new()),
-        budget: Mutex::new(Box::new(Unmetered::default())),
+        budget: Mutex::new(Box::new(budget)),
         trainings: Mutex::new(BTreeMap::new()),
         events,
         seq: AtomicU64::new(0),
