@@ -283,8 +283,24 @@ fn budget_tick(shared: &Shared) {
     }
     if let Ok(mut jobs) = shared.jobs.lock() {
         for (id, wish) in wishes {
-            if let Some(job) = jobs.get_mut(&id) {
-                job.quota = Some(wish);
+            let Some(job) = jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.quota == Some(wish) {
+                continue;
+            }
+            // The job's shim applies the newest share (budget::wishes).
+            let share = crate::budget::wishes::Wish {
+                cpu: wish.cpu,
+                freeze: wish.freeze,
+            };
+            match shared
+                .store
+                .open_job(&id)
+                .and_then(|d| d.write_wish(&share))
+            {
+                Ok(()) => job.quota = Some(wish),
+                Err(error) => tracing::warn!(job = %id, %error, "writing the job's budget share"),
             }
         }
     }
@@ -664,10 +680,25 @@ fn start_job(
     } else {
         Some(caller.run_as())
     };
-    let training = match (plan.config.training.pid, &plan.config.training.cgroup) {
-        (Some(pid), _) => Some(format!("pid-{pid}")),
-        (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
-        _ => None,
+    // A protected job joins its training's one budget: the training is
+    // registered as `protect` would (same owner checks), or found there.
+    let t = &plan.config.training;
+    let training = if (t.pid.is_some() || t.cgroup.is_some()) && !plan.measure_only {
+        Some(protect(
+            shared,
+            caller,
+            t.pid,
+            t.cgroup.clone(),
+            t.follow_children,
+            t.progress_file.clone(),
+            Some(plan.config.budget),
+        )?)
+    } else {
+        match (t.pid, &t.cgroup) {
+            (Some(pid), _) => Some(format!("pid-{pid}")),
+            (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
+            _ => None,
+        }
     };
     let accepted_unix_ms = store::now_ms();
     let deadline = accepted_unix_ms

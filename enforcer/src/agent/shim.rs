@@ -71,7 +71,7 @@ pub fn main(dir: &Path) -> u8 {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })
     }) {
-        Ok(job) => run(&job),
+        Ok(job) => run(&job, dir),
         Err(error) => failed(
             EXIT_FAILURE,
             format!("shim: reading the job's plan failed: {error}"),
@@ -93,11 +93,19 @@ fn failed(status: u8, message: String) -> JobResult {
     }
 }
 
-fn run(job: &JobPlan) -> JobResult {
-    let plan = match session_plan(job) {
+fn run(job: &JobPlan, dir: &Path) -> JobResult {
+    let mut plan = match session_plan(job) {
         Ok(p) => p,
         Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
     };
+    // A protected job's steal is metered and budgeted by the agent, one
+    // meter and one loop per training: the session applies the agent's
+    // share instead of loading a meter of its own.
+    if job.training.is_some() && !plan.measure_only {
+        plan.config.training.pid = None;
+        plan.config.training.cgroup = None;
+        plan.agent_budget = Some(dir.join(store::WISH));
+    }
     let session = Session::new(plan);
     let outcome = crate::cli::run::block_on(async {
         match &job.kind {

@@ -98,6 +98,8 @@ pub const PLAN: &str = "plan.json";
 pub const RESULT: &str = "result.json";
 pub const SHIM: &str = "shim.json";
 pub const LOCK: &str = "lock";
+/// The agent's budget share for the job (`budget::wishes`).
+pub const WISH: &str = "budget.json";
 
 /// Unix milliseconds of `t`.
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -231,6 +233,11 @@ impl JobDir {
 
     pub fn result(&self) -> Result<Option<JobResult>, StoreError> {
         self.read(RESULT)
+    }
+
+    /// The agent's budget share for the job, for its shim.
+    pub fn write_wish(&self, wish: &crate::budget::wishes::Wish) -> Result<(), StoreError> {
+        self.write(WISH, wish)
     }
 
     pub fn write_shim(&self, shim: &ShimInfo) -> Result<(), StoreError> {

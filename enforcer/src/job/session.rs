@@ -129,6 +129,10 @@ pub struct Plan {
     /// `attach` only a process of this uid (the agent's non-root caller),
     /// checked on the process the pidfd holds.
     pub attach_owner: Option<u32>,
+    /// A job the node agent meters: the file the agent writes the job's
+    /// budget share to ([`crate::budget::wishes`]); the session then meters
+    /// nothing itself.
+    pub agent_budget: Option<std::path::PathBuf>,
 }
 
 /// What a game asks for, checked: run inside the job the caller is in.
@@ -186,6 +190,11 @@ fn job_monitors(
         (None, None) => None,
     };
     let mut monitors = default_monitors();
+    if let Some(path) = &plan.agent_budget {
+        monitors.push(Box::new(crate::budget::wishes::AgentWishes::new(
+            path.clone(),
+        )));
+    }
     let feed = crate::budget::StealFeed::new();
     let protect = training.is_some();
     let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
