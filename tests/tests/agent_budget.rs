@@ -5,7 +5,10 @@
 //! alone would take far more than the budget. The agent's `status` must show
 //! one budget for the training with both jobs in it, and the steal of both
 //! together (the training's stolen fraction, as the agent's status gives it
-//! once a second) must end up under that one budget.
+//! once a second) must end up under that one budget. The jobs run in the
+//! normal class (`--no-idle`): each alone steals most of the training's CPU,
+//! so two loops that each held their own job to 5 % would let the two
+//! together take about 10 %.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -57,7 +60,7 @@ fn two_jobs_protecting_one_training_share_one_budget() {
     let scratch = Scratch::new("enforcer-agent-budget");
     let socket = scratch.path("enforcer.sock");
     let config = scratch.config(&format!(
-        "[agent]\nsocket = \"{}\"\nlib_dir = \"{}\"\non_agent_stop = \"end\"\n",
+        "max_concurrent_jobs = 4\n[agent]\nsocket = \"{}\"\nlib_dir = \"{}\"\non_agent_stop = \"end\"\n",
         socket.display(),
         scratch.path("lib").display()
     ));
@@ -74,6 +77,7 @@ fn two_jobs_protecting_one_training_share_one_budget() {
         enforcer()
             .args(["agent", "--config"])
             .arg(&config)
+            .env("ENFORCER_SOCKET", &socket)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"))
             .spawn()
@@ -105,10 +109,13 @@ fn two_jobs_protecting_one_training_share_one_budget() {
                 .into_iter()
                 .chain(["--cpu", "0", "spin", "1", "600"].map(Into::into))
                 .collect();
+            // In the normal class: in the idle class the training would
+            // preempt them and they would steal next to nothing.
             let run = EnforcerRun::new(&config, name)
                 .flags(["--protect", &training_pid, "--budget", "5%"])
-                .flags(["--timeout", "300s"])
+                .flags(["--timeout", "300s", "--no-idle"])
                 .job(job)
+                .env("ENFORCER_SOCKET", &socket)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -23,6 +23,13 @@ use crate::probe::{
     steal::{JobCgroup as MeteredCgroup, TrainingSpec},
 };
 
+/// The least a training's jobs get together, in cores (split among them,
+/// never under `node::MIN_JOB_CORES` each). Lower than a lone job's floor:
+/// several jobs share it, and jobs that run beside the training on its
+/// CPUs in the normal class steal about their quota, so at a floor of 0.1
+/// two of them would take 10 % of a one-CPU training between them.
+pub const TRAINING_FLOOR_CORES: f64 = 0.02;
+
 /// What `protect` registers: the training, its budget and, when it writes
 /// one, its progress file.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,11 +103,14 @@ impl Protections {
         let progress = p.progress_file.as_ref().map(|path| {
             ProgressTracker::for_file(path.clone(), ProgressConfig::default(), self.period)
         });
-        self.budget.register_training(
-            &p.id,
-            ControllerConfig::new(p.budget, self.cpus),
-            progress,
-        )?;
+        let config = ControllerConfig {
+            floor_cores: TRAINING_FLOOR_CORES,
+            // Steps in proportion to that floor: from 0.02 a step of 0.05
+            // more than triples the quota, and the loop saws.
+            increase_cores: TRAINING_FLOOR_CORES,
+            ..ControllerConfig::new(p.budget, self.cpus)
+        };
+        self.budget.register_training(&p.id, config, progress)?;
         if let Err(e) = self.meter.register_training(&p.id, p.training) {
             let _ = self.budget.unregister_training(&p.id);
             return Err(e.into());
