@@ -52,7 +52,7 @@ pub enum ProtectError {
     JobCgroup {
         job: String,
         #[source]
-        source: ProbeError,
+        source: Box<ProbeError>,
     },
 }
 
@@ -141,7 +141,7 @@ impl Protections {
     pub fn add_job(&mut self, training: &str, job: &str, dir: &Path) -> Result<(), ProtectError> {
         let cgroup = MeteredCgroup::from_path(dir).map_err(|source| ProtectError::JobCgroup {
             job: job.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         self.budget.add_job(training, job)?;
         if let Err(e) = self.meter.add_job(training, job, cgroup) {

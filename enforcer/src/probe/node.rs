@@ -36,7 +36,7 @@ pub enum NodeMeterError {
     Probe {
         training: TrainingId,
         #[source]
-        source: ProbeError,
+        source: Box<ProbeError>,
     },
 }
 
@@ -64,7 +64,7 @@ impl NodeMeter {
         }
         let meter = StealMeter::start(spec).map_err(|source| NodeMeterError::Probe {
             training: id.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         self.meters.insert(id.to_owned(), meter);
         Ok(())
@@ -94,7 +94,7 @@ impl NodeMeter {
             .add_job(job, cgroup)
             .map_err(|source| NodeMeterError::Probe {
                 training: training.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         self.jobs.insert(job.to_owned(), training.to_owned());
         Ok(())
@@ -108,7 +108,10 @@ impl NodeMeter {
         if let Some(meter) = self.meters.get_mut(&training) {
             meter
                 .remove_job(job)
-                .map_err(|source| NodeMeterError::Probe { training, source })?;
+                .map_err(|source| NodeMeterError::Probe {
+                    training,
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
