@@ -3,12 +3,16 @@
 //! jobs that protect it ([`NodeBudget`]).
 //!
 //! How a job's CPU quota is applied: the budget never writes a cgroup
-//! file itself. Each job has one actuator (`job::controls`), owned by its
-//! shim's session; [`NodeBudget::tick`] returns per-job [`QuotaWish`]es
-//! that the agent forwards to the job's shim, whose session merges them
-//! with its own policies and writes the result through that actuator. So
-//! there stays one writer per cgroup file, and when the agent dies the shim
-//! keeps the last wish it got (or the start quota).
+//! file. Each job has one actuator (`job::controls`), owned by the session
+//! its shim runs. [`NodeBudget::tick`] returns per-job [`QuotaWish`]es; the
+//! agent writes each changed wish atomically to the job's record
+//! ([`WISH_FILE`]), and the session's [`ExternalBudget`] policy states it as
+//! the job's `Budget` controls, merged there with the job's other policies
+//! (its static `--cpu` ceiling, placement, duty cycle) and written through
+//! that one actuator. So there stays one writer per cgroup file, and when
+//! the agent dies the file stays: the job keeps the last wish (or its start
+//! quota, before any). A job gets this policy instead of its own budget
+//! loop only for a training the node budget [`holds`](NodeBudget::holds).
 
 use std::path::PathBuf;
 
@@ -46,7 +50,8 @@ pub trait NodeBudget: Send {
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String>;
     /// A job protecting `training` started in `job_cgroup`: its directory
     /// in the v2 hierarchy (on a hybrid host, its v2 twin), whose tasks and
-    /// child cgroups' tasks are metered.
+    /// child cgroups' tasks are metered; empty when the shim has not made it
+    /// yet (the budget then finds it by the job's name).
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String>;
     /// The job ended (or was found dead after a restart).
     fn remove_job(&mut self, job: &str);
@@ -55,6 +60,12 @@ pub trait NodeBudget: Send {
     fn tick(&mut self) -> Vec<(String, QuotaWish)>;
     /// The budget part of `status`.
     fn status(&self) -> serde_json::Value;
+    /// Whether this budget holds the jobs of `training` (they then get no
+    /// budget loop of their own, only its wishes); `false` leaves each job
+    /// its own loop, as without the agent.
+    fn holds(&self, _training: &str) -> bool {
+        false
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -107,6 +118,89 @@ impl NodeBudget for Unmetered {
             })).collect::<Vec<_>>()
         })
     }
+}
+
+/// The file in a job's record directory through which the agent hands the
+/// job's shim its budget wish (written atomically by the agent, read by the
+/// shim's session each control period).
+pub const WISH_FILE: &str = "budget-wish.json";
+
+/// The shim's side of the node budget: a policy of the job's session that
+/// states the agent's latest [`QuotaWish`] as the job's `Budget` controls,
+/// merged by the job's one actuator with its other policies. When the agent
+/// dies the file stays, so the job keeps the last wish.
+pub struct ExternalBudget {
+    file: PathBuf,
+    seen: Option<std::time::SystemTime>,
+    controls: Option<std::sync::Arc<crate::job::controls::Actuator>>,
+    applied: Option<QuotaWish>,
+}
+
+impl ExternalBudget {
+    pub fn new(file: PathBuf) -> Self {
+        ExternalBudget {
+            file,
+            seen: None,
+            controls: None,
+            applied: None,
+        }
+    }
+
+    /// The wish in the file when it changed since the last call.
+    pub fn poll(&mut self) -> Option<QuotaWish> {
+        let meta = std::fs::symlink_metadata(&self.file).ok()?;
+        let modified = meta.modified().ok()?;
+        if !meta.is_file() || self.seen == Some(modified) {
+            return None;
+        }
+        self.seen = Some(modified);
+        let text = std::fs::read(&self.file).ok()?;
+        match serde_json::from_slice(&text) {
+            Ok(w) => Some(w),
+            Err(error) => {
+                tracing::warn!(file = %self.file.display(), %error, "ignoring an unreadable budget wish");
+                None
+            }
+        }
+    }
+}
+
+impl crate::job::Monitor for ExternalBudget {
+    fn name(&self) -> &'static str {
+        "node-budget"
+    }
+
+    fn start(
+        &mut self,
+        job: &crate::job::monitor::JobInfo,
+    ) -> Result<(), crate::job::monitor::MonitorError> {
+        self.controls = Some(job.controls.clone());
+        Ok(())
+    }
+
+    fn tick(
+        &mut self,
+        _ctx: &mut crate::job::monitor::TickContext<'_>,
+    ) -> Result<(), crate::job::monitor::MonitorError> {
+        let Some(wish) = self.poll() else {
+            return Ok(());
+        };
+        if self.applied == Some(wish) {
+            return Ok(());
+        }
+        if let Some(controls) = &self.controls {
+            controls
+                .update(crate::job::controls::Policy::Budget, |c| {
+                    c.quota = wish.cpu;
+                    c.frozen = wish.freeze;
+                })
+                .map_err(|e| crate::job::monitor::MonitorError::new(e.to_string()))?;
+            self.applied = Some(wish);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _report: &mut crate::report::Report) {}
 }
 
 /// The metered budgets: one meter and one budget loop per protected
@@ -275,6 +369,10 @@ impl NodeBudget for Metered {
             .collect()
     }
 
+    fn holds(&self, training: &str) -> bool {
+        self.protections.is_protected(training)
+    }
+
     fn status(&self) -> serde_json::Value {
         let trainings: Vec<serde_json::Value> = self
             .protections
@@ -300,5 +398,25 @@ impl NodeBudget for Metered {
             })
             .collect();
         serde_json::json!({ "trainings": trainings })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wish_is_read_once_per_change_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(WISH_FILE);
+        let mut ext = ExternalBudget::new(file.clone());
+        assert_eq!(ext.poll(), None, "no file: no wish");
+        let wish = QuotaWish {
+            cpu: Some(0.25),
+            freeze: false,
+        };
+        std::fs::write(&file, serde_json::to_vec(&wish).unwrap()).unwrap();
+        assert_eq!(ext.poll(), Some(wish));
+        assert_eq!(ext.poll(), None, "unchanged: nothing new");
     }
 }

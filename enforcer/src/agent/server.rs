@@ -206,6 +206,12 @@ fn bind(socket: &Path) -> Result<UnixListener, String> {
             dir.display()
         ));
     }
+    // A state directory made below it first (0700 like every missing
+    // parent of a state directory) would hide the socket from callers.
+    if meta.mode() & 0o755 != 0o755 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod 0755 {}: {e}", dir.display()))?;
+    }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         return Err(format!("an agent already listens on {}", socket.display()));
     }
@@ -269,9 +275,9 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
     }
 }
 
-/// One control period of the node's budgets. The wishes are recorded for
-/// `status`; the shims apply them through their jobs' actuators (see
-/// [`crate::agent::budget`]).
+/// One control period of the node's budgets: each changed wish is written
+/// to the job's record, where its shim's session picks it up and applies
+/// it through the job's one actuator (see [`crate::agent::budget`]).
 fn budget_tick(shared: &Shared) {
     let wishes = shared
         .budget
@@ -281,26 +287,20 @@ fn budget_tick(shared: &Shared) {
     if wishes.is_empty() {
         return;
     }
-    if let Ok(mut jobs) = shared.jobs.lock() {
-        for (id, wish) in wishes {
-            let Some(job) = jobs.get_mut(&id) else {
-                continue;
-            };
-            if job.quota == Some(wish) {
-                continue;
-            }
-            // The job's shim applies the newest share (budget::wishes).
-            let share = crate::budget::wishes::Wish {
-                cpu: wish.cpu,
-                freeze: wish.freeze,
-            };
-            match shared
-                .store
-                .open_job(&id)
-                .and_then(|d| d.write_wish(&share))
-            {
-                Ok(()) => job.quota = Some(wish),
-                Err(error) => tracing::warn!(job = %id, %error, "writing the job's budget share"),
+    let Ok(mut jobs) = shared.jobs.lock() else {
+        return;
+    };
+    for (id, wish) in wishes {
+        let Some(job) = jobs.get_mut(&id) else {
+            continue;
+        };
+        if job.quota == Some(wish) || job.done.borrow().is_some() {
+            continue;
+        }
+        match shared.store.open_job(&id).and_then(|d| d.write_wish(&wish)) {
+            Ok(()) => job.quota = Some(wish),
+            Err(error) => {
+                tracing::warn!(job = %id, %error, "handing the job its budget wish failed")
             }
         }
     }
@@ -700,6 +700,9 @@ fn start_job(
             _ => None,
         }
     };
+    let external_budget = training
+        .as_deref()
+        .is_some_and(|t| !plan.measure_only && shared.budget.lock().is_ok_and(|b| b.holds(t)));
     let accepted_unix_ms = store::now_ms();
     let deadline = accepted_unix_ms
         .saturating_add(u64::try_from(plan.supervision.timeout.as_millis()).unwrap_or(u64::MAX));
@@ -714,6 +717,7 @@ fn start_job(
         cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
         run_as,
         training,
+        external_budget,
         accepted_unix_ms,
         deadline_unix_ms: deadline,
         kill_grace_ms: u64::try_from(plan.supervision.kill_grace.as_millis()).unwrap_or(u64::MAX),

@@ -18,7 +18,7 @@ use crate::{
 
 /// The session plan of an accepted job, built exactly as the agent checked
 /// it, with the deadline left of its absolute deadline.
-pub fn session_plan(job: &JobPlan) -> Result<Plan, String> {
+pub fn session_plan(job: &JobPlan, dir: &Path) -> Result<Plan, String> {
     let command = match &job.kind {
         JobKind::Run { command } => command.clone(),
         JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
@@ -27,6 +27,9 @@ pub fn session_plan(job: &JobPlan) -> Result<Plan, String> {
     plan.run_as = job.run_as.clone();
     plan.env = Some(job.env.clone());
     plan.attach_owner = (job.caller_uid != 0).then_some(job.caller_uid);
+    plan.external_budget = job
+        .external_budget
+        .then(|| dir.join(crate::agent::budget::WISH_FILE));
     // Never zero: a job whose deadline passed before it started is still
     // started and killed at once, so that its report says `deadline`.
     plan.supervision.timeout =
@@ -94,18 +97,10 @@ fn failed(status: u8, message: String) -> JobResult {
 }
 
 fn run(job: &JobPlan, dir: &Path) -> JobResult {
-    let mut plan = match session_plan(job) {
+    let plan = match session_plan(job, dir) {
         Ok(p) => p,
         Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
     };
-    // A protected job's steal is metered and budgeted by the agent, one
-    // meter and one loop per training: the session applies the agent's
-    // share instead of loading a meter of its own.
-    if job.training.is_some() && !plan.measure_only {
-        plan.config.training.pid = None;
-        plan.config.training.cgroup = None;
-        plan.agent_budget = Some(dir.join(store::WISH));
-    }
     let session = Session::new(plan);
     let outcome = crate::cli::run::block_on(async {
         match &job.kind {

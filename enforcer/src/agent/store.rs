@@ -52,6 +52,10 @@ pub struct JobPlan {
     pub run_as: Option<RunAs>,
     /// The training the job protects (a `protect` id), if any.
     pub training: Option<String>,
+    /// The agent's node budget holds the job (its wishes come through
+    /// the record's wish file) instead of the job's own budget loop.
+    #[serde(default)]
+    pub external_budget: bool,
     pub accepted_unix_ms: u64,
     /// The job's absolute deadline: a shim started late, or a job re-adopted,
     /// is still killed at this wall-clock time.
@@ -98,8 +102,6 @@ pub const PLAN: &str = "plan.json";
 pub const RESULT: &str = "result.json";
 pub const SHIM: &str = "shim.json";
 pub const LOCK: &str = "lock";
-/// The agent's budget share for the job (`budget::wishes`).
-pub const WISH: &str = "budget.json";
 
 /// Unix milliseconds of `t`.
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -235,9 +237,9 @@ impl JobDir {
         self.read(RESULT)
     }
 
-    /// The agent's budget share for the job, for its shim.
-    pub fn write_wish(&self, wish: &crate::budget::wishes::Wish) -> Result<(), StoreError> {
-        self.write(WISH, wish)
+    /// The node budget's wish for the job (see [`crate::agent::budget`]).
+    pub fn write_wish(&self, wish: &crate::agent::budget::QuotaWish) -> Result<(), StoreError> {
+        self.write(crate::agent::budget::WISH_FILE, wish)
     }
 
     pub fn write_shim(&self, shim: &ShimInfo) -> Result<(), StoreError> {

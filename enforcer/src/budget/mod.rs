@@ -13,8 +13,7 @@
 //! - [`node`]: the agent's budgets, one per protected training, shared by
 //!   its jobs (the pure part);
 //! - [`protect`]: the agent's loop over them: meters, budgets and the jobs'
-//!   actuators;
-//! - [`wishes`]: in a job's shim, the agent's share for the job, applied.
+//!   actuators.
 
 pub mod actuator;
 pub use enforcer_model::controller;
@@ -23,7 +22,6 @@ pub mod node;
 pub mod placement;
 pub mod progress;
 pub mod protect;
-pub mod wishes;
 
 pub use actuator::{CpuActuator, apply};
 pub use controller::{

@@ -2,7 +2,7 @@
 //! (`status`, `report`, `cancel`, `protect`, `subscribe`), each answer
 //! printed as one JSON line on stdout.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Subcommand};
 
@@ -102,7 +102,11 @@ pub fn run(args: CtlArgs) -> ExitCode {
     loop {
         match conn.recv() {
             Ok(Some(r)) => {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                let line = serde_json::to_string(&r).unwrap_or_default();
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return ExitCode::from(EXIT_FAILURE);
+                }
                 if let Response::Error { status, message } = &r {
                     tracing::error!("{message}");
                     return ExitCode::from(*status);

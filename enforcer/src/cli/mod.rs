@@ -31,7 +31,13 @@ pub struct Cli {
     /// Run `run` / `attach` in this process (root only) even when an agent
     /// listens. Without it they go through the agent on `ENFORCER_SOCKET`
     /// (default /run/enforcer/enforcer.sock) when one answers.
-    #[arg(long, global = true, env = "ENFORCER_NO_AGENT")]
+    #[arg(
+        long,
+        global = true,
+        env = "ENFORCER_NO_AGENT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub no_agent: bool,
 
     #[command(subcommand)]

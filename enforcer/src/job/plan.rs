@@ -215,7 +215,7 @@ impl Plan {
             live_status: args.progress,
             env: None,
             attach_owner: None,
-            agent_budget: None,
+            external_budget: None,
         })
     }
 }

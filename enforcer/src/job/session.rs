@@ -129,10 +129,10 @@ pub struct Plan {
     /// `attach` only a process of this uid (the agent's non-root caller),
     /// checked on the process the pidfd holds.
     pub attach_owner: Option<u32>,
-    /// A job the node agent meters: the file the agent writes the job's
-    /// budget share to ([`crate::budget::wishes`]); the session then meters
-    /// nothing itself.
-    pub agent_budget: Option<std::path::PathBuf>,
+    /// A job of the agent whose training's budget the agent holds: the
+    /// file its wishes come through ([`crate::agent::budget::ExternalBudget`]),
+    /// in place of the job's own budget loop.
+    pub external_budget: Option<PathBuf>,
 }
 
 /// What a game asks for, checked: run inside the job the caller is in.
@@ -181,7 +181,11 @@ fn job_monitors(
     progress: Option<crate::budget::ProgressTracker>,
 ) -> Vec<Box<dyn Monitor>> {
     let t = &plan.config.training;
+    // A job the node agent budgets is metered there, with one meter per
+    // training for all its jobs: no meter of its own.
+    let own_meter = plan.external_budget.is_none();
     let training = match (t.pid, &t.cgroup) {
+        _ if !own_meter => None,
         (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
             pid,
             follow_children: t.follow_children,
@@ -190,11 +194,6 @@ fn job_monitors(
         (None, None) => None,
     };
     let mut monitors = default_monitors();
-    if let Some(path) = &plan.agent_budget {
-        monitors.push(Box::new(crate::budget::wishes::AgentWishes::new(
-            path.clone(),
-        )));
-    }
     let feed = crate::budget::StealFeed::new();
     let protect = training.is_some();
     let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
@@ -214,7 +213,11 @@ fn job_monitors(
         Vec::new()
     };
     monitors.push(Box::new(steal));
-    if hold {
+    if let Some(file) = &plan.external_budget {
+        monitors.push(Box::new(crate::agent::budget::ExternalBudget::new(
+            file.clone(),
+        )));
+    } else if hold {
         monitors.push(Box::new(
             crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
                 .with_training_history(history),
