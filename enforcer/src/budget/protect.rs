@@ -105,9 +105,13 @@ impl Protections {
         });
         let config = ControllerConfig {
             floor_cores: TRAINING_FLOOR_CORES,
-            // Steps in proportion to that floor: from 0.02 a step of 0.05
-            // more than triples the quota, and the loop saws.
-            increase_cores: TRAINING_FLOOR_CORES,
+            // Steps in proportion to that floor (from 0.02 a step of 0.05
+            // more than triples the quota, and the loop saws), and a longer
+            // wait after a tightening: near the floor, quota and steal are
+            // far from proportional (a job's 1 ms slices also delay the
+            // training's wake-ups), so each relax step risks an overshoot.
+            increase_cores: TRAINING_FLOOR_CORES / 2.0,
+            hold_off: std::time::Duration::from_secs(3),
             ..ControllerConfig::new(p.budget, self.cpus)
         };
         self.budget.register_training(&p.id, config, progress)?;
