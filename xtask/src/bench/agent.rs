@@ -206,8 +206,11 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[agent]\nsocket = {:?}\nlib_dir = {:?}\non_agent_stop = \"end\"\n",
-            socket, lib_dir
+            "max_concurrent_jobs = {}\nstate_dir = {:?}\n[agent]\nsocket = {:?}\nlib_dir = {:?}\non_agent_stop = \"end\"\n",
+            args.jobs + 1,
+            scratch.join("state"),
+            socket,
+            lib_dir
         ),
     )?;
     let span = Duration::from_secs_f64(args.seconds);
@@ -240,7 +243,8 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
         let mut cmd = Command::new(&enforcer);
         cmd.args(["run", "--config"])
             .arg(&config)
-            .args(["--job", &format!("bench-agent-{i}")]);
+            .args(["--job", &format!("bench-agent-{i}")])
+            .env("ENFORCER_SOCKET", &socket);
         if i < args.protected {
             cmd.args(["--protect", &training_pid, "--budget", "5%"]);
         }
@@ -271,10 +275,10 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
     // One protected in-process run, measured the same way.
     let run = Guard(
         Command::new(&enforcer)
-            // The same config: its socket is closed now, so the CLI runs
-            // the job itself.
+            // No agent on that socket: the CLI runs the job itself.
             .args(["run", "--config"])
             .arg(&config)
+            .env("ENFORCER_SOCKET", scratch.join("no-agent.sock"))
             .args(["--job", "bench-inprocess", "--protect", &training_pid])
             .args(["--budget", "5%", "--"])
             .args(["sleep", &job_secs.to_string()])
@@ -290,29 +294,33 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "{:<44} {:>14} {:>9} {:>9}",
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<44} {:>15} {:>9} {:>9}",
         "", "CPU % of 1 core", "RSS MiB", "HWM MiB"
-    );
-    let row = |name: &str, m: &Measured| {
-        println!(
-            "{:<44} {:>14.3} {:>9.1} {:>9.1}",
+    )?;
+    let agent_row = format!("agent, {} jobs ({} protected)", args.jobs, args.protected);
+    let shims_row = format!("their {} shims together", shims_m.processes);
+    for (name, m) in [
+        (agent_row.as_str(), &agent_m),
+        (shims_row.as_str(), &shims_m),
+        ("one protected in-process `enforcer run`", &run_m),
+    ] {
+        writeln!(
+            out,
+            "{:<44} {:>15.3} {:>9.1} {:>9.1}",
             name,
             m.core_fraction * 100.0,
             m.rss_mib,
             m.hwm_mib
-        );
-    };
-    row(
-        &format!("agent, {} jobs ({} protected)", args.jobs, args.protected),
-        &agent_m,
-    );
-    row(
-        &format!("their {} shims together", shims_m.processes),
-        &shims_m,
-    );
-    row("one protected in-process `enforcer run`", &run_m);
-    println!("target: agent <= 0.5 % of one core, <= 30 MiB RSS; load average {load}");
+        )?;
+    }
+    writeln!(
+        out,
+        "target: agent <= 0.5 % of one core, <= 30 MiB RSS; load average {}",
+        load.trim()
+    )?;
     let result = json!({
         "jobs": args.jobs,
         "protected": args.protected,
@@ -325,6 +333,6 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
     });
     let path = out_dir.join("agent.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
-    println!("written to {}", path.display());
+    writeln!(out, "written to {}", path.display())?;
     Ok(())
 }
