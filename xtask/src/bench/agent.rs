@@ -275,10 +275,10 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
     // One protected in-process run, measured the same way.
     let run = Guard(
         Command::new(&enforcer)
-            // No agent on that socket: the CLI runs the job itself.
+            // The CLI runs the job itself, as without an agent.
             .args(["run", "--config"])
             .arg(&config)
-            .env("ENFORCER_SOCKET", scratch.join("no-agent.sock"))
+            .env("ENFORCER_NO_AGENT", "1")
             .args(["--job", "bench-inprocess", "--protect", &training_pid])
             .args(["--budget", "5%", "--"])
             .args(["sleep", &job_secs.to_string()])
