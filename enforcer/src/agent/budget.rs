@@ -249,6 +249,35 @@ impl Metered {
         })
     }
 
+    /// Unloads the meter of each training process that has exited and has
+    /// no job left: nothing will be stolen from it again, and a loaded
+    /// program set costs every context switch on the node. Protecting it
+    /// again (a new process with that pid) registers it anew.
+    fn forget_ended_trainings(&mut self) {
+        let ended: Vec<String> = self
+            .specs
+            .iter()
+            .filter(|(id, spec)| {
+                spec.pid
+                    .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+                    && self.protections.job_count(id) == 0
+                    && !self.pending.values().any(|t| t == *id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            self.specs.remove(&id);
+            match self.protections.unprotect(&id) {
+                Ok(_) => {
+                    tracing::info!(training = %id, "the training ended: its meter is unloaded")
+                }
+                Err(e) => {
+                    tracing::warn!(training = %id, error = %e, "unloading an ended training's meter")
+                }
+            }
+        }
+    }
+
     /// Meters the pending jobs whose cgroup exists now.
     fn resolve_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending);
@@ -356,6 +385,7 @@ impl NodeBudget for Metered {
 
     fn tick(&mut self) -> Vec<(String, QuotaWish)> {
         self.resolve_pending();
+        self.forget_ended_trainings();
         let tick = self.protections.tick(std::time::Instant::now());
         tick.wishes
             .into_iter()

@@ -14,9 +14,10 @@
 //! - when every job is given what it wants, what is left is added equally
 //!   to all, so the shares always add up to the training's quota.
 //!
-//! Idle class and freeze are the training's: every job of a training gets
-//! the same. Two trainings never share anything: separate controllers,
-//! counters and jobs.
+//! A freeze is the training's: every job of a training is frozen together.
+//! The idle class is left to each job's own limits (the agent hands a job
+//! only its quota and freeze). Two trainings never share anything: separate
+//! controllers, counters and jobs.
 //!
 //! Pure: readings in (cumulative counters, timestamps), per-job wishes out;
 //! the agent reads the meter and the job cgroups and hands each wish to the
@@ -159,7 +160,6 @@ pub struct TrainingStatus {
     pub slowdown: Option<f64>,
     /// Cores the training allows its jobs together; `None`: unlimited.
     pub quota_cores: Option<f64>,
-    pub idle: bool,
     pub frozen: bool,
     pub phase: &'static str,
     pub jobs: Vec<JobShareStatus>,
@@ -292,11 +292,7 @@ impl TrainingBudget {
     }
 
     fn status(&self, id: &str) -> TrainingStatus {
-        let CpuControls {
-            idle,
-            quota,
-            frozen,
-        } = self.controller.controls();
+        let CpuControls { quota, frozen, .. } = self.controller.controls();
         TrainingStatus {
             training: id.to_owned(),
             budget: self.window.budget(),
@@ -305,7 +301,6 @@ impl TrainingBudget {
             over_budget_s: self.window.over_budget().as_secs_f64(),
             slowdown: self.slowdown,
             quota_cores: quota.cores(),
-            idle,
             frozen,
             phase: phase_name(self.controller.phase()),
             jobs: self
@@ -450,6 +445,11 @@ impl NodeBudget {
     /// Whether `id` is a protected training.
     pub fn has_training(&self, id: &str) -> bool {
         self.trainings.contains_key(id)
+    }
+
+    /// How many jobs protect training `id` now.
+    pub fn job_count(&self, id: &str) -> usize {
+        self.trainings.get(id).map_or(0, |t| t.jobs.len())
     }
 
     /// One control period: each training's loop steps on its reading (a

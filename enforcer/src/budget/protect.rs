@@ -139,6 +139,11 @@ impl Protections {
         self.budget.has_training(id)
     }
 
+    /// How many jobs protect training `id` now.
+    pub fn job_count(&self, id: &str) -> usize {
+        self.budget.job_count(id)
+    }
+
     /// Puts a job under `training`'s budget: the tasks of its v2 cgroup
     /// `dir` (and of its child cgroups) are metered from now on, and it
     /// gets its share at the next tick.
