@@ -31,11 +31,17 @@ struct Agent {
     socket: PathBuf,
     lib: PathBuf,
     log: PathBuf,
+    envs: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Writes the config (`top` holds top-level keys) and starts the agent.
     fn start(s: &Scratch, top: &str, agent_keys: &str) -> Agent {
+        Self::start_with_env(s, top, agent_keys, &[])
+    }
+
+    /// [`Agent::start`] with extra environment for the agent.
+    fn start_with_env(s: &Scratch, top: &str, agent_keys: &str, envs: &[(&str, &str)]) -> Agent {
         let socket = s.path("run/enforcer.sock");
         let lib = s.path("lib");
         let config = s.config(&format!(
@@ -49,6 +55,10 @@ impl Agent {
             socket,
             lib,
             log: s.path("agent.log"),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         a.spawn();
         a
@@ -66,6 +76,7 @@ impl Agent {
             .arg(&self.config)
             .env("ENFORCER_LOG", "info")
             .env("ENFORCER_LOG_FORMAT", "json")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -286,6 +297,38 @@ done < /proc/self/cgroup
     agent.stop(&[&name]);
 }
 
+fn a_non_root_callers_game_runs_through_the_agent_as_that_user_under_its_deadline() {
+    let s = Scratch::new("enforcer-agent");
+    let agent = Agent::start(&s, "", "");
+    let name = unique_name("nobodygame");
+    let bin = enforcer_tests::enforcer_bin();
+    let bin = bin.display();
+    let script = format!(
+        "{bin} game --timeout 1s -- /bin/sh -c 'id -u; sleep 30'; echo game=$?; {bin} game -- /bin/sh -c 'exit 5'; echo game=$?"
+    );
+    let out = agent
+        .cli_as_nobody()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "60s",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("enforcer run as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", agent.log_text());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["65534", "game=124", "game=5"], "{stdout}");
+    agent.stop(&[&name]);
+}
+
 fn a_non_root_caller_cannot_attach_a_root_process_nor_see_or_cancel_roots_jobs() {
     let s = Scratch::new("enforcer-agent");
     let agent = Agent::start(&s, "max_concurrent_jobs = 4", "");
@@ -463,6 +506,62 @@ fn kill_9_of_the_agent_during_the_deadline_kill_loses_nothing() {
     agent.stop(&[&name]);
 }
 
+fn kill_9_of_the_agent_between_plan_and_spawn_answers_the_waiting_client_with_125() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start_with_env(
+        &s,
+        "",
+        "",
+        &[("ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN", "1")],
+    );
+    let name = unique_name("stalled");
+    let client = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "20s",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let client = ChildGuard(client);
+    let plan = agent.lib.join("jobs").join(&name).join("plan.json");
+    let t0 = Instant::now();
+    while !plan.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no plan was persisted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if !job_cgroups(&name).is_empty() || !agent.log_text().contains("stalling before the shim") {
+        enforcer_tests::skip!(
+            "the enforcer under test was built without the test-audit feature (cargo build -p enforcer --features test-audit)"
+        );
+    }
+    agent.kill9();
+    agent.envs.clear();
+    agent.spawn();
+    let out = client
+        .output_within(Duration::from_secs(60))
+        .expect("the client never got an answer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}\n{}", agent.log_text());
+    assert!(err.contains("before the job started"), "{err}");
+    assert!(
+        job_cgroups(&name).is_empty(),
+        "a job that never started made a cgroup"
+    );
+    agent.stop(&[&name]);
+}
+
 fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_cgroup() {
     use enforcer::agent::store::{JobKind, JobPlan, Store, now_ms};
     let s = Scratch::new("enforcer-agent");
@@ -514,6 +613,170 @@ fn kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_
         job_cgroups(&name).is_empty(),
         "a job that never started made a cgroup"
     );
+    agent.stop(&[&name]);
+}
+
+fn a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs() {
+    let s = Scratch::new("enforcer-agent");
+    let name = unique_name("noagent");
+    let marker = s.path("ran");
+    let mut cmd = enforcer();
+    cmd.env_remove("ENFORCER_SOCKET")
+        .env_remove("ENFORCER_NO_AGENT")
+        .args(["run", "--job", &name, "--timeout", "10s", "--", "touch"])
+        .arg(&marker);
+    if UnixStream::connect(enforcer::agent::client::DEFAULT_SOCKET).is_ok() {
+        enforcer_tests::skip!("an agent listens on this node's default socket");
+    }
+    // SAFETY: only async-signal-safe id system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("enforcer run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("enforcer agent") && err.contains("systemctl start enforcer"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command ran");
+    assert_no_cgroup_left(&name);
+}
+
+fn subscribers_get_the_events_of_their_own_jobs_only() {
+    let s = Scratch::new("enforcer-agent");
+    let agent = Agent::start(&s, "", "");
+    let spawn_sub = |mut cmd: Command| {
+        let mut c = ChildGuard(
+            cmd.args(["ctl", "subscribe"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("subscribe"),
+        );
+        // The first line says the subscription is in place.
+        let mut out = c.stdout.take().expect("stdout");
+        let mut first = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            first.push(b[0]);
+        }
+        assert!(String::from_utf8_lossy(&first).contains("status"));
+        (c, out)
+    };
+    let (root_sub, mut root_out) = spawn_sub(agent.cli());
+    let (nobody_sub, mut nobody_out) = spawn_sub(agent.cli_as_nobody());
+    let name = unique_name("events");
+    let out = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(root_sub);
+    drop(nobody_sub);
+    let mut root_text = String::new();
+    root_out.read_to_string(&mut root_text).unwrap();
+    let mut nobody_text = String::new();
+    nobody_out.read_to_string(&mut nobody_text).unwrap();
+    for event in ["started", "deadline", "exited"] {
+        assert!(
+            root_text.contains(&format!("\"id\":\"{name}\",\"event\":\"{event}\"")),
+            "{event} missing: {root_text}"
+        );
+    }
+    assert!(
+        !nobody_text.contains(&name),
+        "nobody saw root's job: {nobody_text}"
+    );
+    agent.stop(&[&name]);
+}
+
+/// Sends SIGTERM to the agent and waits for it to exit.
+fn term(agent: &mut Agent) {
+    let mut c = agent.child.take().expect("agent running");
+    // SAFETY: kill(2) on the agent this test started and has not reaped.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    while matches!(c.try_wait(), Ok(None)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the agent did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start(&s, "", "");
+    let name = unique_name("keep");
+    let client = agent
+        .cli()
+        .args(["run", "--job", &name, "--timeout", "60s"])
+        .args(["--", "/bin/sh", "-c", "sleep 4; exit 7"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    wait_started(&name);
+    term(&mut agent);
+    assert!(
+        !job_cgroups(&name).is_empty(),
+        "the job was ended with the agent"
+    );
+    agent.spawn();
+    let out = wait_output(client, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(7), "{out:?}\n{}", agent.log_text());
+    agent.stop(&[&name]);
+}
+
+fn sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients() {
+    let s = Scratch::new("enforcer-agent");
+    let mut agent = Agent::start(&s, "", "on_agent_stop = \"end\"");
+    let name = unique_name("end");
+    let client = agent
+        .cli()
+        .args([
+            "run",
+            "--job",
+            &name,
+            "--timeout",
+            "60s",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    wait_started(&name);
+    term(&mut agent);
+    let out = wait_output(client, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{out:?}\n{}",
+        agent.log_text()
+    );
+    assert_no_cgroup_left(&name);
     agent.stop(&[&name]);
 }
 
@@ -674,9 +937,15 @@ fn bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others() {
 root_tests!(
     a_non_root_callers_job_runs_as_that_user_and_cannot_write_any_cgroup_file_of_its_own,
     a_non_root_caller_cannot_attach_a_root_process_nor_see_or_cancel_roots_jobs,
+    a_non_root_callers_game_runs_through_the_agent_as_that_user_under_its_deadline,
     kill_9_of_the_agent_during_a_job_keeps_its_original_deadline_and_the_client_gets_124,
     kill_9_of_the_agent_during_the_deadline_kill_loses_nothing,
+    kill_9_of_the_agent_between_plan_and_spawn_answers_the_waiting_client_with_125,
     kill_9_of_the_agent_before_the_spawn_answers_the_job_as_not_run_and_makes_no_cgroup,
     the_cli_gives_the_same_exit_codes_and_report_fields_with_and_without_the_agent,
     bad_messages_get_a_clear_error_and_the_agent_keeps_serving_others,
+    sigterm_to_the_agent_keeps_jobs_running_by_default_and_a_new_agent_finishes_them,
+    a_non_root_user_without_an_agent_is_told_to_start_one_and_nothing_runs,
+    subscribers_get_the_events_of_their_own_jobs_only,
+    sigterm_to_the_agent_with_on_agent_stop_end_ends_its_jobs_and_answers_their_clients,
 );

@@ -34,6 +34,16 @@ pub struct TrainingSpec {
     pub owner_uid: u32,
 }
 
+/// The id of the training with this pid or cgroup (the pid wins): one
+/// spelling for the agent's jobs and every [`NodeBudget`].
+pub fn training_id(pid: Option<i32>, cgroup: Option<&std::path::Path>) -> Option<String> {
+    match (pid, cgroup) {
+        (Some(pid), _) => Some(format!("pid-{pid}")),
+        (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
+        (None, None) => None,
+    }
+}
+
 /// What the budget wants for one job at this tick.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QuotaWish {
@@ -46,7 +56,7 @@ pub struct QuotaWish {
 /// The node's steal budgets, keyed by training id and job id. The agent
 /// calls these from its one control loop; implementations must not block.
 pub trait NodeBudget: Send {
-    /// Registers (or updates) a training; returns its id.
+    /// Registers (or updates) a training; returns its id, [`training_id`].
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String>;
     /// A job protecting `training` started in `job_cgroup`: its directory
     /// in the v2 hierarchy (on a hybrid host, its v2 twin), whose tasks and
@@ -66,6 +76,11 @@ pub trait NodeBudget: Send {
     fn holds(&self, _training: &str) -> bool {
         false
     }
+    /// Budget events since the last call, per job: `budget_exceeded`,
+    /// `budget_recovered`; the agent streams them to subscribers.
+    fn take_events(&mut self) -> Vec<(String, &'static str)> {
+        Vec::new()
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -77,13 +92,12 @@ pub struct Unmetered {
 
 impl NodeBudget for Unmetered {
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String> {
-        let id = match (spec.pid, &spec.cgroup) {
-            (Some(pid), _) => format!("pid-{pid}"),
-            (None, Some(cg)) => format!("cgroup-{}", cg.display()),
-            (None, None) => return Err("protect needs a training pid or cgroup".to_owned()),
-        };
-        self.trainings.retain(|t| t.0 != id);
-        self.trainings.push((id.clone(), spec, Vec::new()));
+        let id = training_id(spec.pid, spec.cgroup.as_deref())
+            .ok_or_else(|| "protect needs a training pid or cgroup".to_owned())?;
+        match self.trainings.iter_mut().find(|t| t.0 == id) {
+            Some(t) => t.1 = spec,
+            None => self.trainings.push((id.clone(), spec, Vec::new())),
+        }
         Ok(id)
     }
 
@@ -213,6 +227,8 @@ pub struct Metered {
     /// training, metered from the first tick that finds the cgroup.
     pending: std::collections::BTreeMap<String, String>,
     locate: JobLocator,
+    /// Budget events per job since the last `take_events`.
+    events: Vec<(String, &'static str)>,
 }
 
 /// Where a job's v2 cgroup directory is, by job id, once it exists.
@@ -236,6 +252,7 @@ impl Metered {
             specs: std::collections::BTreeMap::new(),
             pending: std::collections::BTreeMap::new(),
             locate,
+            events: Vec::new(),
         }
     }
 
@@ -293,15 +310,6 @@ impl Metered {
     }
 }
 
-/// The id of a training: `pid-N` or `cgroup-PATH`.
-fn training_id(spec: &TrainingSpec) -> Result<String, String> {
-    match (spec.pid, &spec.cgroup) {
-        (Some(pid), _) => Ok(format!("pid-{pid}")),
-        (None, Some(cg)) => Ok(format!("cgroup-{}", cg.display())),
-        (None, None) => Err("protect needs a training pid or cgroup".to_owned()),
-    }
-}
-
 /// The meter's view of a training: its process, or its cgroup directory
 /// (a path relative to the v2 hierarchy's root is taken from there).
 fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, String> {
@@ -336,7 +344,8 @@ fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, 
 
 impl NodeBudget for Metered {
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String> {
-        let id = training_id(&spec)?;
+        let id = training_id(spec.pid, spec.cgroup.as_deref())
+            .ok_or_else(|| "protect needs a training pid or cgroup".to_owned())?;
         if let Some(known) = self.specs.get(&id) {
             // Registered again (by a client, or re-adopted after a restart):
             // the same budget is the same training; another budget would
@@ -387,6 +396,14 @@ impl NodeBudget for Metered {
         self.resolve_pending();
         self.forget_ended_trainings();
         let tick = self.protections.tick(std::time::Instant::now());
+        for e in &tick.events {
+            let name = match e.event {
+                enforcer_model::BudgetEvent::Exceeded { .. } => "budget_exceeded",
+                enforcer_model::BudgetEvent::Recovered { .. } => "budget_recovered",
+            };
+            self.events
+                .extend(e.jobs.iter().map(|job| (job.clone(), name)));
+        }
         tick.wishes
             .into_iter()
             .map(|w| {
@@ -401,6 +418,10 @@ impl NodeBudget for Metered {
 
     fn holds(&self, training: &str) -> bool {
         self.protections.is_protected(training)
+    }
+
+    fn take_events(&mut self) -> Vec<(String, &'static str)> {
+        std::mem::take(&mut self.events)
     }
 
     fn status(&self) -> serde_json::Value {

@@ -101,7 +101,7 @@ impl Conn {
 /// `--config` made absolute) and waits for its outcome, printed like the
 /// in-process CLI prints it. Returns the exit status.
 pub fn submit(mut conn: Conn, request: Request, report: Option<&Path>) -> u8 {
-    let fds: &[i32] = if matches!(request, Request::Run { .. }) {
+    let fds: &[i32] = if matches!(request, Request::Run { .. } | Request::Game { .. }) {
         &[0, 1, 2]
     } else {
         &[]

@@ -20,6 +20,10 @@ pub const API_VERSION: u32 = 1;
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// File descriptors a `run` passes: stdin, stdout, stderr.
 pub const RUN_FDS: usize = 3;
+/// Descriptors a connection may have pending; more are closed at once and
+/// the connection is refused, so that no client can fill the agent's
+/// descriptor table.
+pub const MAX_PENDING_FDS: usize = 8;
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,10 +49,14 @@ pub enum Request {
         #[serde(default)]
         tree: bool,
     },
-    /// One game of the caller's job (not served through the agent yet).
+    /// One game of the job the caller runs in, with the flags of
+    /// `enforcer game`; the three standard descriptors come with it.
     Game {
-        #[serde(default)]
+        game: Box<crate::cli::game::GameArgs>,
         command: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        cwd: Option<std::path::PathBuf>,
     },
     /// Register a training to protect: its jobs share one budget.
     Protect {
@@ -159,6 +167,8 @@ pub enum ProtoError {
     TooLarge,
     #[error("connection closed in the middle of a message ({0} bytes without a newline)")]
     Truncated(usize),
+    #[error("more than {MAX_PENDING_FDS} file descriptors sent with one message")]
+    TooManyFds,
     #[error("reading the socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -201,11 +211,16 @@ pub struct LineReader {
     /// Descriptors received and not yet claimed, in order.
     pub fds: Vec<OwnedFd>,
     eof: bool,
+    /// Descriptors beyond [`MAX_PENDING_FDS`] arrived (and were closed).
+    too_many_fds: bool,
 }
 
 impl LineReader {
     /// The next complete line in the buffer, if any.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
+        if self.too_many_fds {
+            return Err(ProtoError::TooManyFds);
+        }
         if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
             if i + 1 > MAX_MESSAGE {
                 return Err(ProtoError::TooLarge);
@@ -256,7 +271,13 @@ impl LineReader {
                 );
             }
         }
-        self.fds.extend(got);
+        for fd in got {
+            if self.fds.len() < MAX_PENDING_FDS {
+                self.fds.push(fd);
+            } else {
+                self.too_many_fds = true;
+            }
+        }
         if n == 0 {
             self.eof = true;
         }

@@ -53,6 +53,9 @@ struct Shared {
     trainings: Mutex<BTreeMap<String, u32>>,
     events: broadcast::Sender<Event>,
     seq: AtomicU64,
+    /// Clients waiting for a job's end: with `on_agent_stop = "end"` the
+    /// agent answers them before it exits.
+    waiting: AtomicU64,
 }
 
 /// A refusal or failure answered to one request.
@@ -147,6 +150,7 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         trainings: Mutex::new(BTreeMap::new()),
         events,
         seq: AtomicU64::new(0),
+        waiting: AtomicU64::new(0),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -172,6 +176,11 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         let _ = std::fs::remove_file(&socket);
         if shared.config.agent.on_agent_stop == OnAgentStop::End {
             end_all(&shared).await;
+            // The ended jobs' clients get their answers before the exit.
+            let t0 = std::time::Instant::now();
+            while shared.waiting.load(Ordering::Relaxed) > 0 && t0.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         status
     });
@@ -250,6 +259,8 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
         .max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -263,6 +274,7 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
                 }
             },
             _ = tick.tick() => budget_tick(shared),
+            _ = prune.tick() => prune_finished(shared),
             _ = term.recv() => {
                 tracing::info!(on_agent_stop = ?shared.config.agent.on_agent_stop, "SIGTERM: agent stopping");
                 return 0;
@@ -279,11 +291,20 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
 /// to the job's record, where its shim's session picks it up and applies
 /// it through the job's one actuator (see [`crate::agent::budget`]).
 fn budget_tick(shared: &Shared) {
-    let wishes = shared
+    let (wishes, events) = shared
         .budget
         .lock()
-        .map(|mut b| b.tick())
+        .map(|mut b| (b.tick(), b.take_events()))
         .unwrap_or_default();
+    for (id, event) in events {
+        let uid = shared
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(&id).map(|j| j.plan.caller_uid))
+            .unwrap_or(0);
+        emit(shared, &id, uid, event, None);
+    }
     if wishes.is_empty() {
         return;
     }
@@ -303,6 +324,35 @@ fn budget_tick(shared: &Shared) {
                 tracing::warn!(job = %id, %error, "handing the job its budget wish failed")
             }
         }
+    }
+}
+
+/// Forgets the jobs that ended more than `keep_finished` ago, with their
+/// records.
+fn prune_finished(shared: &Shared) {
+    let keep = u64::try_from(shared.config.agent.keep_finished.0.as_millis()).unwrap_or(u64::MAX);
+    let now = store::now_ms();
+    let old: Vec<String> = match shared.jobs.lock() {
+        Ok(mut jobs) => {
+            let old: Vec<String> = jobs
+                .iter()
+                .filter(|(_, j)| {
+                    j.done
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|r| now.saturating_sub(r.ended_unix_ms) > keep)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &old {
+                jobs.remove(id);
+            }
+            old
+        }
+        Err(_) => return,
+    };
+    for id in old {
+        shared.store.remove(&id);
     }
 }
 
@@ -417,13 +467,13 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 cwd,
             } => {
                 let kind = JobKind::Run { command };
-                let accepted = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
-                follow(&shared, &caller, &mut stream, "run", accepted).await
+                let prepared = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
+                accept(&shared, &caller, &mut stream, "run", prepared).await
             }
             Request::Attach { job, pid, tree } => {
                 let kind = JobKind::Attach { pid, tree };
-                let accepted = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
-                follow(&shared, &caller, &mut stream, "attach", accepted).await
+                let prepared = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
+                accept(&shared, &caller, &mut stream, "attach", prepared).await
             }
             Request::Wait { id } => {
                 let found = lookup(&shared, &caller, &id).map(|(plan, rx)| {
@@ -437,12 +487,14 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 });
                 follow(&shared, &caller, &mut stream, "wait", found).await
             }
-            Request::Game { .. } => {
-                let answer = Answer::usage(
-                    "game is not served by the agent yet: run `enforcer game` inside a job started by root without the agent (--no-agent)",
-                );
-                refuse(&caller, "game", &answer);
-                send(&mut stream, &answer.response()).await.is_ok()
+            Request::Game {
+                game,
+                command,
+                env,
+                cwd,
+            } => {
+                let prepared = start_game(&shared, &caller, *game, command, fds, env, cwd);
+                accept(&shared, &caller, &mut stream, "game", prepared).await
             }
             Request::Protect {
                 pid,
@@ -516,6 +568,47 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
     }
 }
 
+/// Tells the client the id of a job whose plan is persisted, then starts
+/// it and answers its end: a client that loses the agent after `accepted`
+/// can always wait for the job by id.
+async fn accept(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    stream: &mut UnixStream,
+    what: &str,
+    prepared: Result<Prepared, Answer>,
+) -> bool {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(answer) => {
+            refuse(caller, what, &answer);
+            return send(stream, &answer.response()).await.is_ok();
+        }
+    };
+    let (id, deadline, grace) = (
+        p.plan.id.clone(),
+        p.plan.deadline_unix_ms,
+        p.plan.kill_grace_ms,
+    );
+    let msg = Response::Accepted {
+        id: id.clone(),
+        deadline_unix_ms: deadline,
+        kill_grace_ms: grace,
+    };
+    // Started whether or not the client is still there: the plan is
+    // persisted and the job is the caller's.
+    let told = send(stream, &msg).await.is_ok();
+    let rx = launch(shared, caller, p);
+    told && follow(
+        shared,
+        caller,
+        stream,
+        what,
+        Ok((id, deadline, grace, rx, false)),
+    )
+    .await
+}
+
 type Accepted = Result<(String, u64, u64, watch::Receiver<Option<JobResult>>, bool), Answer>;
 
 /// Answers `accepted` then the job's end; `false` when the client is gone.
@@ -543,15 +636,13 @@ async fn follow(
             return false;
         }
     }
-    let _ = shared;
-    if rx.wait_for(Option::is_some).await.is_err() {
-        return false;
-    }
-    let result = rx.borrow().clone();
-    match result {
-        Some(r) => send(stream, &finished(&id, r)).await.is_ok(),
-        None => false,
-    }
+    shared.waiting.fetch_add(1, Ordering::Relaxed);
+    let sent = match rx.wait_for(Option::is_some).await.map(|r| r.clone()) {
+        Ok(Some(r)) => send(stream, &finished(&id, r)).await.is_ok(),
+        _ => false,
+    };
+    shared.waiting.fetch_sub(1, Ordering::Relaxed);
+    sent
 }
 
 fn finished(id: &str, r: JobResult) -> Response {
@@ -602,7 +693,7 @@ fn start_job(
     fds: Option<Vec<OwnedFd>>,
     env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
-) -> Accepted {
+) -> Result<Prepared, Answer> {
     let mut config = shared.config.clone();
     if let Some(path) = &request.config {
         if !caller.is_root() {
@@ -658,6 +749,7 @@ fn start_job(
             ));
         }
         (JobKind::Attach { .. }, _) => None,
+        (JobKind::Game { .. }, _) => return Err(Answer::failed("a game is started by start_game")),
     };
     let id = match &request.job {
         Some(name) => name.clone(),
@@ -669,10 +761,7 @@ fn start_job(
     };
     let mut request = shim::sanitize(request);
     request.job = Some(id.clone());
-    let command = match &kind {
-        JobKind::Run { command } => command.clone(),
-        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
-    };
+    let command = kind.command();
     let plan: Plan =
         Plan::from_request(config.clone(), &request, &command).map_err(Answer::usage)?;
     let run_as = if caller.is_root() {
@@ -694,11 +783,7 @@ fn start_job(
             Some(plan.config.budget),
         )?)
     } else {
-        match (t.pid, &t.cgroup) {
-            (Some(pid), _) => Some(format!("pid-{pid}")),
-            (None, Some(cg)) => Some(format!("cgroup-{}", cg.display())),
-            _ => None,
-        }
+        crate::agent::budget::training_id(t.pid, t.cgroup.as_deref())
     };
     let external_budget = training
         .as_deref()
@@ -733,30 +818,166 @@ fn start_job(
             "persisting the job's plan failed: {e}"
         )));
     }
-    let child = match spawn_shim(&shared.exe, &dir, &job_plan, fds) {
+    Ok(Prepared {
+        plan: job_plan,
+        dir,
+        fds,
+    })
+}
+
+/// A game in the job the caller runs in: the caller must own that job (an
+/// agent job of its uid; root: any job). The game's command runs as the
+/// caller, in a cgroup the agent makes inside the job.
+fn start_game(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    game: crate::cli::game::GameArgs,
+    command: Vec<String>,
+    fds: Vec<OwnedFd>,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+) -> Result<Prepared, Answer> {
+    if fds.len() != proto::RUN_FDS {
+        return Err(Answer::usage(
+            "game: the message must carry exactly 3 file descriptors (stdin, stdout, stderr) as SCM_RIGHTS",
+        ));
+    }
+    if game.config.is_some() && !caller.is_root() {
+        return Err(Answer::usage(
+            "--config: only root may choose the agent's config for a game",
+        ));
+    }
+    let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", caller.pid))
+        .map_err(|e| Answer::usage(format!("game: reading the caller's cgroups: {e}")))?;
+    let job = shim::caller_job(&membership).map_err(|e| Answer::usage(format!("game: {e}")))?;
+    let job_name = job
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let owner = shared.jobs.lock().ok().and_then(|jobs| {
+        jobs.get(&job_name)
+            .filter(|j| j.done.borrow().is_none())
+            .map(|j| j.plan.caller_uid)
+    });
+    match owner {
+        Some(uid) if caller.owns(uid) => {}
+        None if caller.is_root() => {}
+        _ => {
+            return Err(Answer::usage(format!(
+                "game: the caller (uid {}) is not inside a running job of its own",
+                caller.uid
+            )));
+        }
+    }
+    let config = shared.config.clone();
+    let plan = crate::cli::game::game_plan(config.clone(), &game).map_err(Answer::usage)?;
+    let id = format!(
+        "{job_name}.game-{}",
+        shared.seq.fetch_add(1, Ordering::Relaxed)
+    );
+    let accepted_unix_ms = store::now_ms();
+    let job_plan = JobPlan {
+        id: id.clone(),
+        kind: JobKind::Game {
+            job: job_name,
+            game: crate::cli::game::GameArgs {
+                report: None,
+                config: None,
+                ..game
+            },
+            command,
+            membership,
+        },
+        request: JobRequest::default(),
+        config,
+        caller_uid: caller.uid,
+        caller_pid: caller.pid,
+        env,
+        cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
+        run_as: (!caller.is_root()).then(|| caller.run_as()),
+        training: None,
+        external_budget: false,
+        accepted_unix_ms,
+        deadline_unix_ms: accepted_unix_ms
+            .saturating_add(u64::try_from(plan.timeout.as_millis()).unwrap_or(u64::MAX)),
+        kill_grace_ms: u64::try_from(plan.kill_grace.as_millis()).unwrap_or(u64::MAX),
+    };
+    let dir = match shared.store.create(&id) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err(Answer::usage(format!("game id {id:?} is in use"))),
+        Err(e) => return Err(Answer::failed(e.to_string())),
+    };
+    if let Err(e) = dir.write_plan(&job_plan) {
+        shared.store.remove(&id);
+        return Err(Answer::failed(format!(
+            "persisting the game's plan failed: {e}"
+        )));
+    }
+    Ok(Prepared {
+        plan: job_plan,
+        dir,
+        fds: Some(fds),
+    })
+}
+
+/// A job whose plan is persisted (the client may be told its id) and whose
+/// shim is not started yet.
+struct Prepared {
+    plan: JobPlan,
+    dir: JobDir,
+    fds: Option<Vec<OwnedFd>>,
+}
+
+/// Starts the prepared job's shim; its end (or its failure to start) comes
+/// through the returned channel.
+fn launch(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    p: Prepared,
+) -> watch::Receiver<Option<JobResult>> {
+    #[cfg(feature = "test-audit")]
+    stall_before_spawn();
+    let Prepared { plan, dir, fds } = p;
+    let id = plan.id.clone();
+    let child = match spawn_shim(&shared.exe, &dir, &plan, fds) {
         Ok(c) => c,
         Err(e) => {
-            let _ = dir.write_result(&JobResult {
+            tracing::error!(job = %id, uid = caller.uid, pid = caller.pid, "{e}");
+            let result = JobResult {
                 status: EXIT_FAILURE,
                 report: None,
-                error: Some(e.clone()),
+                error: Some(e),
                 ended_unix_ms: store::now_ms(),
-            });
-            return Err(Answer::failed(e));
+            };
+            let _ = dir.write_result(&result);
+            let rx = register(shared, plan, None);
+            publish(shared, &id, result);
+            return rx;
         }
     };
     tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, shim = child.id(), "job accepted");
-    let rx = register(shared, job_plan.clone(), Some(child.id() as i32));
+    let rx = register(shared, plan, Some(child.id() as i32));
     let shared2 = shared.clone();
-    let id2 = id.clone();
     // A thread, not the runtime's blocking pool: it may wait for as long
     // as the job runs, and must not hold up the agent's exit.
     std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();
-        collect(&shared2, &id2, &dir);
+        collect(&shared2, &id, &dir);
     });
-    Ok((id, deadline, job_plan.kill_grace_ms, rx, true))
+    rx
+}
+
+/// Test builds only: `ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN=1` holds the
+/// agent between persisting a plan and starting its shim, so that a test
+/// can kill it there.
+#[cfg(feature = "test-audit")]
+fn stall_before_spawn() {
+    if std::env::var_os("ENFORCER_TEST_AGENT_STALL_BEFORE_SPAWN").is_some() {
+        tracing::warn!("test build: stalling before the shim's spawn");
+        std::thread::sleep(Duration::from_secs(60));
+    }
 }
 
 fn register(
@@ -771,11 +992,13 @@ fn register(
         pid,
         start_time: store::start_time(pid).unwrap_or(0),
     });
-    if let Some(t) = &plan.training
-        && let Ok(mut b) = shared.budget.lock()
-        && let Err(e) = b.add_job(t, &id, PathBuf::new())
-    {
-        tracing::debug!(job = %id, training = %t, "budget: {e}");
+    if let Some(t) = &plan.training {
+        register_training_of(shared, &plan);
+        if let Ok(mut b) = shared.budget.lock()
+            && let Err(e) = b.add_job(t, &id, PathBuf::new())
+        {
+            tracing::debug!(job = %id, training = %t, "budget: {e}");
+        }
     }
     if let Ok(mut jobs) = shared.jobs.lock() {
         jobs.insert(
@@ -790,6 +1013,41 @@ fn register(
     }
     emit(shared, &id, uid, "started", None);
     rx
+}
+
+/// A job that protects a training nobody registered with `protect` (its
+/// `--protect` flag or the config's `[training]`; or any job re-adopted
+/// after a restart, since registrations live in memory) registers it from
+/// its plan, owned by the job's caller. A registered training is left as
+/// its owner registered it.
+fn register_training_of(shared: &Shared, plan: &JobPlan) {
+    let Some(id) = &plan.training else {
+        return;
+    };
+    let (Ok(mut trainings), Ok(mut budget)) = (shared.trainings.lock(), shared.budget.lock())
+    else {
+        return;
+    };
+    if trainings.contains_key(id) {
+        return;
+    }
+    let t = &plan.config.training;
+    let spec = TrainingSpec {
+        pid: t.pid,
+        cgroup: t.cgroup.clone(),
+        follow_children: t.follow_children,
+        progress_file: t.progress_file.clone(),
+        budget_fraction: plan.config.budget.fraction(),
+        owner_uid: plan.caller_uid,
+    };
+    match budget.register_training(spec) {
+        Ok(got) => {
+            trainings.insert(got, plan.caller_uid);
+        }
+        Err(e) => {
+            tracing::warn!(job = %plan.id, training = %id, "registering the job's training failed: {e}")
+        }
+    }
 }
 
 fn emit(shared: &Shared, id: &str, uid: u32, event: &str, status: Option<u8>) {
@@ -1060,10 +1318,7 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
                 JobStatus {
                     id: j.plan.id.clone(),
                     uid: j.plan.caller_uid,
-                    command: match &j.plan.kind {
-                        JobKind::Run { command } => command.clone(),
-                        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
-                    },
+                    command: j.plan.kind.command(),
                     state: if result.is_some() {
                         "finished"
                     } else {

@@ -19,10 +19,7 @@ use crate::{
 /// The session plan of an accepted job, built exactly as the agent checked
 /// it, with the deadline left of its absolute deadline.
 pub fn session_plan(job: &JobPlan, dir: &Path) -> Result<Plan, String> {
-    let command = match &job.kind {
-        JobKind::Run { command } => command.clone(),
-        JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
-    };
+    let command = job.kind.command();
     let mut plan = Plan::from_request(job.config.clone(), &job.request, &command)?;
     plan.run_as = job.run_as.clone();
     plan.env = Some(job.env.clone());
@@ -35,6 +32,28 @@ pub fn session_plan(job: &JobPlan, dir: &Path) -> Result<Plan, String> {
     plan.supervision.timeout =
         store::until(job.deadline_unix_ms).max(std::time::Duration::from_millis(1));
     Ok(plan)
+}
+
+/// A game's plan and the job it runs in, from the caller's cgroups as the
+/// agent recorded them; the deadline is what is left of the absolute one.
+fn game_plan(
+    job: &JobPlan,
+    game: &crate::cli::game::GameArgs,
+    membership: &str,
+) -> Result<(crate::job::session::GamePlan, crate::cgroup::JobCgroup), String> {
+    let mut plan = crate::cli::game::game_plan(job.config.clone(), game)?;
+    plan.run_as = job.run_as.clone();
+    plan.env = Some(job.env.clone());
+    plan.timeout = store::until(job.deadline_unix_ms).max(std::time::Duration::from_millis(1));
+    let cgroup = caller_job(membership)?;
+    Ok((plan, cgroup))
+}
+
+/// The job cgroup a process with this `/proc/<pid>/cgroup` runs in.
+pub fn caller_job(membership: &str) -> Result<crate::cgroup::JobCgroup, String> {
+    let layout = crate::cgroup::Layout::detect().map_err(|e| e.to_string())?;
+    crate::cgroup::subtree::current_job_from(&layout, &crate::host::ProcCgroup::parse(membership))
+        .map_err(|e| e.to_string())
 }
 
 /// Runs the shim for the job in `dir`; returns the job's exit status.
@@ -97,17 +116,36 @@ fn failed(status: u8, message: String) -> JobResult {
 }
 
 fn run(job: &JobPlan, dir: &Path) -> JobResult {
-    let plan = match session_plan(job, dir) {
-        Ok(p) => p,
-        Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
+    let outcome = if let JobKind::Game {
+        job: name,
+        game,
+        command,
+        membership,
+    } = &job.kind
+    {
+        let (plan, cgroup) = match game_plan(job, game, membership) {
+            Ok(p) => p,
+            Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
+        };
+        crate::cli::run::block_on(crate::job::session::game_in_job(
+            &plan,
+            cgroup,
+            Some(name.clone()),
+            command,
+        ))
+    } else {
+        let plan = match session_plan(job, dir) {
+            Ok(p) => p,
+            Err(e) => return failed(crate::job::session::EXIT_USAGE, e),
+        };
+        let session = Session::new(plan);
+        crate::cli::run::block_on(async {
+            match &job.kind {
+                JobKind::Attach { pid, tree } => session.attach(*pid, *tree).await,
+                _ => session.run(&job.kind.command()).await,
+            }
+        })
     };
-    let session = Session::new(plan);
-    let outcome = crate::cli::run::block_on(async {
-        match &job.kind {
-            JobKind::Run { command } => session.run(command).await,
-            JobKind::Attach { pid, tree } => session.attach(*pid, *tree).await,
-        }
-    });
     match outcome {
         None => failed(
             EXIT_FAILURE,

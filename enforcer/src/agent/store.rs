@@ -28,8 +28,31 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobKind {
-    Run { command: Vec<String> },
-    Attach { pid: i32, tree: bool },
+    Run {
+        command: Vec<String>,
+    },
+    Attach {
+        pid: i32,
+        tree: bool,
+    },
+    /// A game in job `job`, whose cgroups are those of the caller's
+    /// `/proc/<pid>/cgroup` (`membership`) when it asked.
+    Game {
+        job: String,
+        game: crate::cli::game::GameArgs,
+        command: Vec<String>,
+        membership: String,
+    },
+}
+
+impl JobKind {
+    /// The command, as `status` and reports show it.
+    pub fn command(&self) -> Vec<String> {
+        match self {
+            JobKind::Run { command } | JobKind::Game { command, .. } => command.clone(),
+            JobKind::Attach { pid, .. } => vec![format!("attached pid {pid}")],
+        }
+    }
 }
 
 /// A job as the agent accepted it: enough for a shim to build the very plan

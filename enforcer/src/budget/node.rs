@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_model::{LONG_WINDOW, SHORT_WINDOW, StealWindow};
+use enforcer_model::{BudgetEvent, LONG_WINDOW, SHORT_WINDOW, StealWindow};
 use serde::Serialize;
 
 use super::{
@@ -122,12 +122,22 @@ pub struct TrainingDecision {
     pub decision: Decision,
 }
 
+/// A training's stolen fraction (all its jobs together) crossed its budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingEvent {
+    pub training: TrainingId,
+    pub event: BudgetEvent,
+    /// The jobs that protect it now (each is told).
+    pub jobs: Vec<String>,
+}
+
 /// The result of one tick.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tick {
     /// Every job's wish (the actuator writes only what changed).
     pub wishes: Vec<JobWish>,
     pub decisions: Vec<TrainingDecision>,
+    pub events: Vec<TrainingEvent>,
 }
 
 /// One job of a training, as `status` shows it.
@@ -213,7 +223,13 @@ impl TrainingBudget {
                 steal: self.steal,
                 training_on_cpu: reading.on_cpu,
             };
-            self.window.record(now, counters);
+            if let Some(event) = self.window.record(now, counters) {
+                tick.events.push(TrainingEvent {
+                    training: id.to_owned(),
+                    event,
+                    jobs: self.jobs.keys().cloned().collect(),
+                });
+            }
             // No job, no one to control: the controller waits for the next
             // one with the quota it had found.
             if job_running {
@@ -460,6 +476,7 @@ impl NodeBudget {
             let tick = training.step(id, now, readings.get(id));
             out.wishes.extend(tick.wishes);
             out.decisions.extend(tick.decisions);
+            out.events.extend(tick.events);
         }
         out
     }
@@ -623,6 +640,30 @@ mod tests {
         assert!(
             (a + b - total).abs() < 0.03,
             "shares {a}+{b} add up to {total}"
+        );
+    }
+
+    #[test]
+    fn every_job_of_a_training_is_told_when_its_budget_is_exceeded() {
+        let mut node = NodeBudget::new();
+        node.register_training("t", config(0.05), None).unwrap();
+        node.add_job("t", "a").unwrap();
+        node.add_job("t", "b").unwrap();
+        let start = Instant::now();
+        let mut script = Script::new(start);
+        node.tick(start, &BTreeMap::new());
+        let mut events = Vec::new();
+        for _ in 0..5 {
+            let plan = [("a", 0.2, 1.0), ("b", 0.2, 1.0)];
+            let r = script.advance(Duration::from_millis(100), &plan);
+            events.extend(node.tick(script.at, &readings("t", r)).events);
+        }
+        assert!(
+            matches!(
+                &events[..],
+                [TrainingEvent { event: BudgetEvent::Exceeded { .. }, jobs, .. }] if jobs.len() == 2
+            ),
+            "one exceeded event for the training, naming both jobs: {events:?}"
         );
     }
 

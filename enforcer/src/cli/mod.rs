@@ -6,7 +6,7 @@ mod attach;
 mod config;
 mod ctl;
 mod doctor;
-mod game;
+pub mod game;
 mod gpu;
 pub mod meter;
 pub mod run;
@@ -82,7 +82,7 @@ pub fn main() -> ExitCode {
         Command::Meter(args) => meter::run(args),
         Command::Run(args) => run::run(args, cli.no_agent),
         Command::Attach(args) => attach::run(args, cli.no_agent),
-        Command::Game(args) => game::run(args),
+        Command::Game(args) => game::run(args, cli.no_agent),
         Command::Config(args) => config::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Ctl(args) => ctl::run(args),

@@ -138,6 +138,10 @@ pub struct Plan {
 /// What a game asks for, checked: run inside the job the caller is in.
 pub struct GamePlan {
     pub config: Config,
+    /// Who the game's command runs as (`None`: as the caller of `game`).
+    pub run_as: Option<RunAs>,
+    /// The command's whole environment (`None`: this process's).
+    pub env: Option<Vec<(String, String)>>,
     pub timeout: Duration,
     pub kill_grace: Duration,
     pub memory: Option<ByteSize>,
@@ -645,12 +649,24 @@ fn clean_orphans(state: &slots::StateDir, subtree: &Subtree) {
 /// cgroup of it (`<job>/game-<n>`) with its own deadline and the limits
 /// asked for, clamped to the job's. The game runs as whoever runs it.
 pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, SessionError> {
-    let config = &plan.config;
     let job = Layout::detect()
         .map_err(CgroupError::from)
         .and_then(|l| current_job(&l))
         .map_err(|e| SessionError::Usage(e.to_string()))?;
-    let job_name = std::env::var("ENFORCER_JOB").unwrap_or_else(|_| {
+    let job_name = std::env::var("ENFORCER_JOB").ok();
+    game_in_job(plan, job, job_name, command).await
+}
+
+/// [`game`] in a given job (the agent's: the job its caller runs in), with
+/// the game's command run as `plan.run_as`.
+pub async fn game_in_job(
+    plan: &GamePlan,
+    job: JobCgroup,
+    job_name: Option<String>,
+    command: &[String],
+) -> Result<Outcome, SessionError> {
+    let config = &plan.config;
+    let job_name = job_name.unwrap_or_else(|| {
         job.path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -741,7 +757,14 @@ pub async fn game(plan: &GamePlan, command: &[String]) -> Result<Outcome, Sessio
     let signals = job::Signals::install();
     let started = Instant::now();
     let wall = SystemTime::now();
-    let child = job::spawn_into(&guard.0, command, &[], None, None).map_err(SessionError::Spawn)?;
+    let child = job::spawn_into(
+        &guard.0,
+        command,
+        &[],
+        plan.env.as_deref(),
+        plan.run_as.as_ref(),
+    )
+    .map_err(SessionError::Spawn)?;
     let (mut report, code) = job::supervise(
         &guard.0,
         &spec,
