@@ -771,8 +771,26 @@ fn start_job(
     };
     // A protected job joins its training's one budget: the training is
     // registered as `protect` would (same owner checks), or found there.
+    // Without `--budget` a job joins a training already protected under the
+    // budget it was registered with (its registrant's, or root, only).
     let t = &plan.config.training;
-    let training = if (t.pid.is_some() || t.cgroup.is_some()) && !plan.measure_only {
+    let training_id = crate::agent::budget::training_id(t.pid, t.cgroup.as_deref());
+    let held = training_id
+        .as_deref()
+        .is_some_and(|i| shared.budget.lock().is_ok_and(|b| b.holds(i)));
+    let training = if held && request.budget.is_none() && !plan.measure_only {
+        let owner = training_id
+            .as_ref()
+            .and_then(|i| shared.trainings.lock().ok()?.get(i).copied());
+        if let (Some(i), Some(owner)) = (&training_id, owner)
+            && !caller.owns(owner)
+        {
+            return Err(Answer::usage(format!(
+                "--protect: training {i} was registered by uid {owner}"
+            )));
+        }
+        training_id
+    } else if (t.pid.is_some() || t.cgroup.is_some()) && !plan.measure_only {
         Some(protect(
             shared,
             caller,
