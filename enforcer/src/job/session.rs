@@ -202,6 +202,9 @@ fn job_monitors(
     let protect = training.is_some();
     let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
         .with_feed(feed.clone());
+    if !own_meter {
+        steal = steal.metered_by_agent();
+    }
     let hold = protect && !plan.measure_only;
     // The probes load before the job starts, so that its first instruction
     // is metered; where the training runs is watched meanwhile, so that the
