@@ -46,11 +46,21 @@ pub struct AgentArgs {
     enforcer: Option<PathBuf>,
 }
 
-/// Kills and reaps a child on drop (our own children only, by pid).
+/// Stops and reaps a child on drop (our own children only, by pid):
+/// SIGTERM first (an agent with `on_agent_stop = "end"` then ends its jobs,
+/// an `enforcer run` removes its job), SIGKILL after 10 s.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let until = Instant::now() + Duration::from_secs(10);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -283,13 +293,17 @@ pub fn run(args: &AgentArgs, workspace: &Path) -> Result<()> {
             .args(["--budget", "5%", "--"])
             .args(["sleep", &job_secs.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(scratch.join("in-process.log"))?)
             .spawn()
             .context("starting enforcer run (in-process)")?,
     );
     std::thread::sleep(Duration::from_secs_f64(args.warmup));
     let run_m = measure(&[run.0.id()], span);
     drop(run);
+    if run_m.processes == 0 || run_m.rss_mib == 0.0 {
+        let log = std::fs::read_to_string(scratch.join("in-process.log")).unwrap_or_default();
+        eprintln!("the in-process run was not running when measured; its log:\n{log}");
+    }
     drop(training);
     let _ = std::fs::remove_dir_all(&scratch);
 
