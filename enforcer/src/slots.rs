@@ -106,7 +106,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Sl
 pub fn check_state_dir_path(path: &Path) -> Result<(), String> {
     if path.as_os_str().is_empty() || !path.is_absolute() {
         return Err(format!(
-            "config key state_dir: {path:?} is not allowed: it must be an absolute path (e.g. \"/run/enforcer\")"
+            "config key state_dir: {path:?} is not allowed: it must be an absolute path (e.g. \"/run/enforcer/state\")"
         ));
     }
     Ok(())
