@@ -36,6 +36,10 @@ pub enum Reason {
 }
 
 pub const NO_TRAINING: &str = "no training workload to protect (use --protect PID)";
+/// The reason of the steal fields of a job whose training the node agent
+/// meters for all its jobs together.
+pub const METERED_BY_AGENT: &str =
+    "the node agent meters the training for all its jobs together: see `enforcer ctl status`";
 pub const NO_GPU: &str = "GPU telemetry not collected";
 
 /// The report fields the steal meter fills (`probe::monitor`); null with

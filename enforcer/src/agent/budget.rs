@@ -58,7 +58,10 @@ pub struct QuotaWish {
 pub trait NodeBudget: Send {
     /// Registers (or updates) a training; returns its id, [`training_id`].
     fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String>;
-    /// A job protecting `training` started in `job_cgroup`.
+    /// A job protecting `training` started in `job_cgroup`: its directory
+    /// in the v2 hierarchy (on a hybrid host, its v2 twin), whose tasks and
+    /// child cgroups' tasks are metered; empty when the shim has not made it
+    /// yet (the budget then finds it by the job's name).
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String>;
     /// The job ended (or was found dead after a restart).
     fn remove_job(&mut self, job: &str);
@@ -212,6 +215,241 @@ impl crate::job::Monitor for ExternalBudget {
     }
 
     fn finish(&mut self, _report: &mut crate::report::Report) {}
+}
+
+/// The metered budgets: one meter and one budget loop per protected
+/// training, shared by its jobs (see `budget::node` for how a training's
+/// quota is divided among them).
+pub struct Metered {
+    protections: crate::budget::protect::Protections,
+    specs: std::collections::BTreeMap<String, TrainingSpec>,
+    /// Jobs added before their cgroup exists (the shim makes it): job →
+    /// training, metered from the first tick that finds the cgroup.
+    pending: std::collections::BTreeMap<String, String>,
+    locate: JobLocator,
+    /// Budget events per job since the last `take_events`.
+    events: Vec<(String, &'static str)>,
+}
+
+/// Where a job's v2 cgroup directory is, by job id, once it exists.
+pub type JobLocator = Box<dyn Fn(&str) -> Option<PathBuf> + Send>;
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("protections", &self.protections)
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metered {
+    /// `period`: the agent's control period; `locate`: where a job's v2
+    /// cgroup is (see [`Metered::subtree_locator`]).
+    pub fn new(period: std::time::Duration, locate: JobLocator) -> Self {
+        Self {
+            protections: crate::budget::protect::Protections::new(period),
+            specs: std::collections::BTreeMap::new(),
+            pending: std::collections::BTreeMap::new(),
+            locate,
+            events: Vec::new(),
+        }
+    }
+
+    /// Finds a job where a session started from this process's cgroup
+    /// subtree (`cgroup_root` as configured) puts a job of that name.
+    pub fn subtree_locator(cgroup_root: Option<PathBuf>) -> JobLocator {
+        Box::new(move |job| {
+            let subtree = crate::cgroup::subtree::Subtree::open(cgroup_root.as_deref()).ok()?;
+            let dir = subtree.job_location(job).ok()?.unified?;
+            dir.is_dir().then_some(dir)
+        })
+    }
+
+    /// Unloads the meter of each training process that has exited and has
+    /// no job left: nothing will be stolen from it again, and a loaded
+    /// program set costs every context switch on the node. Protecting it
+    /// again (a new process with that pid) registers it anew.
+    fn forget_ended_trainings(&mut self) {
+        let ended: Vec<String> = self
+            .specs
+            .iter()
+            .filter(|(id, spec)| {
+                spec.pid
+                    .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+                    && self.protections.job_count(id) == 0
+                    && !self.pending.values().any(|t| t == *id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            self.specs.remove(&id);
+            match self.protections.unprotect(&id) {
+                Ok(_) => {
+                    tracing::info!(training = %id, "the training ended: its meter is unloaded")
+                }
+                Err(e) => {
+                    tracing::warn!(training = %id, error = %e, "unloading an ended training's meter")
+                }
+            }
+        }
+    }
+
+    /// Meters the pending jobs whose cgroup exists now.
+    fn resolve_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (job, training) in pending {
+            let Some(dir) = (self.locate)(&job) else {
+                self.pending.insert(job, training);
+                continue;
+            };
+            if let Err(e) = self.protections.add_job(&training, &job, &dir) {
+                tracing::warn!(job, training, error = %e, "the job's steal is not metered");
+            }
+        }
+    }
+}
+
+/// The meter's view of a training: its process, or its cgroup directory
+/// (a path relative to the v2 hierarchy's root is taken from there).
+fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, String> {
+    use crate::probe::steal::TrainingSpec as Meter;
+    match (spec.pid, &spec.cgroup) {
+        (Some(pid), _) => {
+            let pid = u32::try_from(pid).map_err(|_| format!("training pid {pid} is invalid"))?;
+            Ok(Meter::Pid {
+                pid,
+                follow_children: spec.follow_children,
+            })
+        }
+        (None, Some(cg)) => {
+            let dir = if cg.is_absolute() && cg.is_dir() {
+                cg.clone()
+            } else {
+                let relative = cg.strip_prefix("/").unwrap_or(cg);
+                crate::probe::monitor::cgroup2_mount().join(relative)
+            };
+            if !dir.is_dir() {
+                return Err(format!(
+                    "training cgroup {} does not exist (looked at {})",
+                    cg.display(),
+                    dir.display()
+                ));
+            }
+            Ok(Meter::Cgroup(dir))
+        }
+        (None, None) => Err("protect needs a training pid or cgroup".to_owned()),
+    }
+}
+
+impl NodeBudget for Metered {
+    fn register_training(&mut self, spec: TrainingSpec) -> Result<String, String> {
+        let id = training_id(spec.pid, spec.cgroup.as_deref())
+            .ok_or_else(|| "protect needs a training pid or cgroup".to_owned())?;
+        if let Some(known) = self.specs.get(&id) {
+            // Registered again (by a client, or re-adopted after a restart):
+            // the same budget is the same training; another budget would
+            // change it under the jobs that share it.
+            if known.budget_fraction != spec.budget_fraction {
+                return Err(format!(
+                    "training {id} is already protected with budget {:.1}%, not {:.1}%",
+                    known.budget_fraction * 100.0,
+                    spec.budget_fraction * 100.0
+                ));
+            }
+            return Ok(id);
+        }
+        let protect = crate::budget::protect::Protect {
+            id: id.clone(),
+            training: meter_spec(&spec)?,
+            budget: spec.budget_fraction,
+            progress_file: spec.progress_file.clone(),
+        };
+        self.protections
+            .protect(protect)
+            .map_err(|e| e.to_string())?;
+        self.specs.insert(id.clone(), spec);
+        Ok(id)
+    }
+
+    fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String> {
+        if !self.protections.is_protected(training) {
+            return Err(format!("no training {training:?} is protected"));
+        }
+        if job_cgroup.is_dir() {
+            return self
+                .protections
+                .add_job(training, job, &job_cgroup)
+                .map_err(|e| e.to_string());
+        }
+        // Not made yet: found by the locator at a later tick.
+        self.pending.insert(job.to_owned(), training.to_owned());
+        Ok(())
+    }
+
+    fn remove_job(&mut self, job: &str) {
+        self.pending.remove(job);
+        self.protections.remove_job(job);
+    }
+
+    fn tick(&mut self) -> Vec<(String, QuotaWish)> {
+        self.resolve_pending();
+        self.forget_ended_trainings();
+        let tick = self.protections.tick(std::time::Instant::now());
+        for e in &tick.events {
+            let name = match e.event {
+                enforcer_model::BudgetEvent::Exceeded { .. } => "budget_exceeded",
+                enforcer_model::BudgetEvent::Recovered { .. } => "budget_recovered",
+            };
+            self.events
+                .extend(e.jobs.iter().map(|job| (job.clone(), name)));
+        }
+        tick.wishes
+            .into_iter()
+            .map(|w| {
+                let wish = QuotaWish {
+                    cpu: w.quota,
+                    freeze: w.frozen,
+                };
+                (w.job, wish)
+            })
+            .collect()
+    }
+
+    fn holds(&self, training: &str) -> bool {
+        self.protections.is_protected(training)
+    }
+
+    fn take_events(&mut self) -> Vec<(String, &'static str)> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let trainings: Vec<serde_json::Value> = self
+            .protections
+            .status()
+            .into_iter()
+            .map(|t| {
+                let spec = self.specs.get(&t.training);
+                let mut v = serde_json::to_value(&t).unwrap_or_default();
+                if let (Some(obj), Some(spec)) = (v.as_object_mut(), spec) {
+                    let pending: Vec<&String> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, training)| **training == t.training)
+                        .map(|(job, _)| job)
+                        .collect();
+                    obj.insert("pending_jobs".into(), serde_json::json!(pending));
+                    obj.insert("id".into(), t.training.clone().into());
+                    obj.insert("pid".into(), serde_json::json!(spec.pid));
+                    obj.insert("cgroup".into(), serde_json::json!(spec.cgroup));
+                    obj.insert("owner_uid".into(), spec.owner_uid.into());
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({ "trainings": trainings })
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     agent::{
         auth::{self, Caller},
-        budget::{NodeBudget, QuotaWish, TrainingSpec, Unmetered},
+        budget::{Metered, NodeBudget, QuotaWish, TrainingSpec},
         proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
         shim,
         store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
@@ -137,12 +137,16 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         }
     };
     let (events, _) = broadcast::channel(1024);
+    let budget = Metered::new(
+        config.control_period.0,
+        Metered::subtree_locator(config.cgroup_root.clone()),
+    );
     let shared = Arc::new(Shared {
         config,
         store,
         exe,
         jobs: Mutex::new(BTreeMap::new()),
-        budget: Mutex::new(Box::new(Unmetered::default())),
+        budget: Mutex::new(Box::new(budget)),
         trainings: Mutex::new(BTreeMap::new()),
         events,
         seq: AtomicU64::new(0),
@@ -765,10 +769,40 @@ fn start_job(
     } else {
         Some(caller.run_as())
     };
-    let training = crate::agent::budget::training_id(
-        plan.config.training.pid,
-        plan.config.training.cgroup.as_deref(),
-    );
+    // A protected job joins its training's one budget: the training is
+    // registered as `protect` would (same owner checks), or found there.
+    // Without `--budget` a job joins a training already protected under the
+    // budget it was registered with (its registrant's, or root, only).
+    let t = &plan.config.training;
+    let training_id = crate::agent::budget::training_id(t.pid, t.cgroup.as_deref());
+    let held = training_id
+        .as_deref()
+        .is_some_and(|i| shared.budget.lock().is_ok_and(|b| b.holds(i)));
+    let training = if held && request.budget.is_none() && !plan.measure_only {
+        let owner = training_id
+            .as_ref()
+            .and_then(|i| shared.trainings.lock().ok()?.get(i).copied());
+        if let (Some(i), Some(owner)) = (&training_id, owner)
+            && !caller.owns(owner)
+        {
+            return Err(Answer::usage(format!(
+                "--protect: training {i} was registered by uid {owner}"
+            )));
+        }
+        training_id
+    } else if (t.pid.is_some() || t.cgroup.is_some()) && !plan.measure_only {
+        Some(protect(
+            shared,
+            caller,
+            t.pid,
+            t.cgroup.clone(),
+            t.follow_children,
+            t.progress_file.clone(),
+            Some(plan.config.budget),
+        )?)
+    } else {
+        crate::agent::budget::training_id(t.pid, t.cgroup.as_deref())
+    };
     let external_budget = training
         .as_deref()
         .is_some_and(|t| !plan.measure_only && shared.budget.lock().is_ok_and(|b| b.holds(t)));

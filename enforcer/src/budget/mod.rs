@@ -9,13 +9,19 @@
 //! - [`placement`]: which CPUs the job runs on (those the training leaves
 //!   free);
 //! - [`actuator`]: what the controller needs from a job's cgroup;
-//! - [`monitor`]: the loop plugged into the job supervisor.
+//! - [`monitor`]: the loop plugged into the job supervisor (`enforcer run`);
+//! - [`node`]: the agent's budgets, one per protected training, shared by
+//!   its jobs (the pure part);
+//! - [`protect`]: the agent's loop over them: meters, budgets and the jobs'
+//!   actuators.
 
 pub mod actuator;
 pub use enforcer_model::controller;
 pub mod monitor;
+pub mod node;
 pub mod placement;
 pub mod progress;
+pub mod protect;
 
 pub use actuator::{CpuActuator, apply};
 pub use controller::{

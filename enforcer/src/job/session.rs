@@ -185,7 +185,11 @@ fn job_monitors(
     progress: Option<crate::budget::ProgressTracker>,
 ) -> Vec<Box<dyn Monitor>> {
     let t = &plan.config.training;
+    // A job the node agent budgets is metered there, with one meter per
+    // training for all its jobs: no meter of its own.
+    let own_meter = plan.external_budget.is_none();
     let training = match (t.pid, &t.cgroup) {
+        _ if !own_meter => None,
         (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
             pid,
             follow_children: t.follow_children,
@@ -198,6 +202,9 @@ fn job_monitors(
     let protect = training.is_some();
     let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
         .with_feed(feed.clone());
+    if !own_meter {
+        steal = steal.metered_by_agent();
+    }
     let hold = protect && !plan.measure_only;
     // The probes load before the job starts, so that its first instruction
     // is metered; where the training runs is watched meanwhile, so that the

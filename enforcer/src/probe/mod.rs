@@ -7,11 +7,14 @@
 //! - [`window`]: stolen fraction over windows and time over budget, from
 //!   successive snapshots (`enforcer_model::steal`);
 //! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
-//!   --protect`).
+//!   --protect`);
+//! - [`node`]: the agent's meters, one per protected training, shared by
+//!   all its jobs.
 
 pub mod btf;
 pub mod floor;
 pub mod monitor;
+pub mod node;
 pub mod steal;
 pub use enforcer_model::steal as window;
 

@@ -45,7 +45,8 @@ pub fn training_cgroup_dir(path: &Path) -> PathBuf {
 
 /// Where the cgroup v2 hierarchy is mounted (the unified one on hybrid
 /// hosts).
-fn cgroup2_mount() -> PathBuf {
+/// Where the v2 hierarchy is mounted (`/sys/fs/cgroup` when not found).
+pub fn cgroup2_mount() -> PathBuf {
     ProcFs::new()
         .mountinfo()
         .ok()
@@ -96,6 +97,8 @@ pub struct StealMonitor {
     early: Option<StealMeter>,
     /// This tick's sample, taken in [`Monitor::sense`].
     sampled: Option<Result<StealSnapshot, String>>,
+    /// Why the steal fields are null when there is no training to meter.
+    absent: &'static str,
 }
 
 impl StealMonitor {
@@ -111,7 +114,15 @@ impl StealMonitor {
             feed: None,
             early: None,
             sampled: None,
+            absent: crate::report::NO_TRAINING,
         }
+    }
+
+    /// The job's training is metered by the node agent: the report's steal
+    /// fields say so instead of "no training".
+    pub fn metered_by_agent(mut self) -> Self {
+        self.absent = crate::report::METERED_BY_AGENT;
+        self
     }
 
     /// Loads the probes before the job exists (so that its first instruction
@@ -185,11 +196,10 @@ impl Monitor for StealMonitor {
 
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         let Some(training) = self.training.clone() else {
-            // The report's default reason (no training workload) stands.
             if let Some(feed) = &self.feed {
-                feed.publish(Err(crate::report::NO_TRAINING.to_owned()));
+                feed.publish(Err(self.absent.to_owned()));
             }
-            self.state = State::Unavailable(crate::report::NO_TRAINING.to_owned());
+            self.state = State::Unavailable(self.absent.to_owned());
             return Ok(());
         };
         let Some(id) = job.v2_cgroup_id else {

@@ -2,10 +2,13 @@
 //! measured in one run and writes them as JSON under `target/bench/`. They are
 //! not tests: they assert nothing, they measure.
 //!
+//! - [`agent`]: the node agent's CPU and memory with ten jobs, beside one
+//!   in-process run;
 //! - [`contention`]: training beside an evaluation under every CPU policy;
 //! - [`demo`]: the live demo behind `scripts/demo`;
 //! - [`workload`]: the synthetic training and evaluation both run.
 
+pub mod agent;
 pub mod contention;
 pub mod demo;
 pub mod plot;
@@ -16,6 +19,11 @@ use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchTask {
+    /// The node agent's CPU (utime + stime) and RSS with `--jobs` jobs,
+    /// `--protected` of them protecting one training, beside one protected
+    /// in-process `enforcer run` measured the same way; writes
+    /// target/bench/agent.json. As root.
+    Agent(agent::AgentArgs),
     /// Training beside an evaluation under every CPU policy (alone,
     /// unlimited, nice 19, SCHED_IDLE, static quota, minimal weight, the
     /// budget loop, the enforcer), alternating rounds, medians; writes
@@ -38,6 +46,7 @@ pub enum BenchTask {
 
 pub fn run(task: BenchTask, workspace: &std::path::Path) -> anyhow::Result<()> {
     match task {
+        BenchTask::Agent(args) => agent::run(&args, workspace),
         BenchTask::Contention(args) => contention::run(&args, workspace),
         BenchTask::Demo(args) => demo::run(&args, workspace),
         BenchTask::Worker { worker } => workload::run(worker),
