@@ -102,7 +102,18 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
     );
     assert!(fraction > 0.05 && fraction < 1.0, "{r}");
     assert!(r["preemptions_of_training"].as_u64().unwrap() > 0, "{r}");
-    assert!(r["training_runq_wait_s"].as_f64().unwrap() >= steal, "{r}");
+    // Steal is part of the training's run-queue wait; the two totals come
+    // from readings a few microseconds apart, hence the small allowance.
+    assert!(
+        r["training_runq_wait_s"].as_f64().unwrap() >= steal * 0.99 - 0.005,
+        "{r}"
+    );
+    assert!(
+        r["unavailable"]["budget_used"]
+            .as_str()
+            .is_some_and(|why| why.contains("measured only")),
+        "{r}"
+    );
     assert_eq!(r["budget_fraction"].as_f64(), Some(0.05), "{r}");
     assert!(r["over_budget_s"].as_f64().unwrap() > 0.5, "{r}");
     assert!(

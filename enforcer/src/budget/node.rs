@@ -337,7 +337,7 @@ fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Regulating => "regulating",
         Phase::OverAtFloor { .. } => "over at floor",
-        Phase::Blaming { .. } => "blaming",
+        Phase::Experimenting { .. } => "experimenting",
         Phase::Frozen { .. } => "frozen",
     }
 }

@@ -337,6 +337,9 @@ impl Session {
         .await;
         report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
         report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
+        // Filled after the supervisor reconciled the report: again, so
+        // that no reason stays behind for them.
+        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -443,6 +446,9 @@ impl Session {
         .await;
         report.uid = Some(identity.uid);
         report.gid = Some(identity.gid);
+        // Filled after the supervisor reconciled the report: again, so
+        // that no reason stays behind for them.
+        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -780,6 +786,9 @@ pub async fn game_in_job(
     .await;
     report.uid = Some(nix::unistd::geteuid().as_raw());
     report.gid = Some(nix::unistd::getegid().as_raw());
+    // Filled after the supervisor reconciled the report: again, so
+    // that no reason stays behind for them.
+    report.reconcile();
     drop(guard);
     drop(hooks);
     Ok(Outcome {
