@@ -13,6 +13,7 @@
 //! hierarchies are, and [`EnforcerRun`] for `enforcer run` command lines.
 
 pub mod cgroup;
+pub mod freezer;
 pub mod guard;
 pub mod harness;
 pub mod scratch;

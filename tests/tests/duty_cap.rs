@@ -17,10 +17,11 @@ use duty_support::burner;
 use enforcer::gpu::{
     DeviceSample, GpuError, GpuSource, ProcessSample,
     attribution::{CgroupMembership, Hierarchy, ProcCgroups},
-    duty::FsFreezer,
     guard::{GpuGuard, GpuLimits},
 };
-use enforcer_tests::{TestCgroup, cpu_usage, mount_of, own_cgroup, unique_name};
+use enforcer_tests::{
+    TestCgroup, cpu_usage, freezer::FsFreezer, mount_of, own_cgroup, unique_name,
+};
 
 /// CPU share of the cgroup since the previous call, as SM utilisation of `pid`.
 struct CpuAsGpu {

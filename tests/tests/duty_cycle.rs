@@ -18,7 +18,8 @@ mod duty_support;
 use std::time::{Duration, Instant};
 
 use duty_support::burner;
-use enforcer::gpu::duty::{DutyCycle, FsFreezer, RunFraction};
+use enforcer::gpu::duty::{DutyCycle, RunFraction};
+use enforcer_tests::freezer::FsFreezer;
 use enforcer_tests::{TestCgroup, cpu_usage, mount_of, own_cgroup, unique_name};
 
 /// Alternates free-running and 50 % windows (A B B A, four times: short
