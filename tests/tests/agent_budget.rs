@@ -50,7 +50,7 @@ fn trainings(status: &Value) -> Vec<Value> {
 }
 
 /// Seconds of status (one a second) collected once both jobs share the
-/// budget; the loop's last five are judged.
+/// budget; the last ten (the budget's horizon) are judged.
 const CONTROLLED_SECONDS: usize = 15;
 
 fn two_jobs_protecting_one_training_share_one_budget() {
@@ -176,12 +176,20 @@ fn two_jobs_protecting_one_training_share_one_budget() {
         }
         last = status;
     }
-    let last5 = &used[used.len() - 5..];
-    let mean = last5.iter().sum::<f64>() / last5.len() as f64;
+    // The budget holds over its horizon: the last 10 s, once the loop has
+    // had a few seconds to bring the start-up steal down.
+    let horizon = &used[used.len() - 10..];
+    let mean = horizon.iter().sum::<f64>() / horizon.len() as f64;
     assert!(
         mean < 0.05,
-        "combined stolen fraction over the last 5 s {:.1}% (per second {used:?}) over the one 5% budget\n{last}\n{}",
+        "combined stolen fraction over the last 10 s {:.1}% (per second {used:?}) over the one 5% budget\n{last}\n{}",
         mean * 100.0,
+        agent_log()
+    );
+    let t = &trainings(&last)[0];
+    assert!(
+        t["used"].as_f64().is_some_and(|u| u <= 0.05),
+        "the loop's own 10 s figure is over the budget: {t}\n{}",
         agent_log()
     );
     // One quota, split between the two jobs: their shares add up to it.
