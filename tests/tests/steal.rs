@@ -364,9 +364,13 @@ fn follow_children_counts_the_training_children_and_only_then() {
         with.job_usage_ns
     );
     // The job's CPU time is steal while a training process waits; between a
-    // child's exit and the next fork (slow under emulation) none does.
+    // child's exit and the next fork (slow under emulation) none does. Steal
+    // is per waiting thread: between a fork and its waitpid the parent and
+    // the new child may both wait behind the job (at most these two training
+    // tasks exist), so steal may pass the job's CPU time but not twice it
+    // (seen at 1.10x on a 6.12 VM under emulation, where fork is slow).
     assert!(
-        steal <= with.job_usage_ns + with.job_usage_ns / 20 && steal * 10 >= with.job_usage_ns * 7,
+        steal <= with.job_usage_ns * 2 && steal * 10 >= with.job_usage_ns * 7,
         "steal {steal} vs job CPU time {}",
         with.job_usage_ns
     );
