@@ -59,6 +59,11 @@ pub enum Policy {
     Nice,
     /// Evaluation in SCHED_IDLE.
     Idle,
+    /// SCHED_IDLE as a job of `enforcer run --protect <training>
+    /// --measure-only`: the idle class with the enforcer present and its
+    /// steal measured, nothing held. Says whether the idle class alone kept
+    /// the training within budget, which the enforcer row must then match.
+    IdleMeasured,
     /// Static quota: 50 % of one CPU (cfs_quota_us), normal class.
     Quota,
     /// Minimal cpu.shares (2), normal class.
@@ -73,11 +78,12 @@ pub enum Policy {
 }
 
 impl Policy {
-    const ALL: [Policy; 9] = [
+    const ALL: [Policy; 10] = [
         Policy::Alone,
         Policy::Unlimited,
         Policy::Nice,
         Policy::Idle,
+        Policy::IdleMeasured,
         Policy::Quota,
         Policy::Weight,
         Policy::Loop,
@@ -91,6 +97,7 @@ impl Policy {
             Policy::Unlimited => "evaluation unlimited",
             Policy::Nice => "nice 19",
             Policy::Idle => "SCHED_IDLE",
+            Policy::IdleMeasured => "SCHED_IDLE, enforcer --measure-only",
             Policy::Quota => "enforcer run --cpu 0.5 --no-idle",
             Policy::Weight => "enforcer run --cpu-weight 1 --no-idle",
             Policy::Loop => "budget loop, idle + quota/100ms",
@@ -200,6 +207,9 @@ struct RunResult {
     reported_stolen_fraction: Option<f64>,
     reported_slowdown: Option<f64>,
     reported_over_budget_s: Option<f64>,
+    /// The report's `budget_used`: the largest stolen fraction over any
+    /// 10 s window of the job, or over the whole job when larger.
+    reported_budget_used: Option<f64>,
     ticks: Vec<Tick>,
 }
 
@@ -220,6 +230,9 @@ struct Row {
     reported_stolen_fraction: Option<f64>,
     reported_slowdown: Option<f64>,
     reported_over_budget_s: Option<f64>,
+    /// The report's `budget_used`: the largest stolen fraction over any
+    /// 10 s window of the job, or over the whole job when larger.
+    reported_budget_used: Option<f64>,
 }
 
 pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
@@ -245,7 +258,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         Policy::ALL
             .into_iter()
             .filter(|p| !p.needs_cgroup())
-            .filter(|p| *p != Policy::Enforcer || enforcer_ok)
+            .filter(|p| !p.protects() || enforcer_ok)
             .filter(|p| !p.via_enforcer() || run_ok)
             .collect()
     } else {
@@ -255,7 +268,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         }
         p
     };
-    if policies.contains(&Policy::Enforcer) && !enforcer_ok {
+    if policies.iter().any(|p| p.protects()) && !enforcer_ok {
         bail!(
             "{} has no `run --protect`: build the enforcer with the budget loop wired",
             enforcer.display()
@@ -527,7 +540,7 @@ fn run_pair(
 #[expect(clippy::print_stdout, reason = "the table is the bench's output")]
 fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
     println!(
-        "\ncontention matrix, budget {budget_pct:.0}%: slowdown % / evaluation work vs SCHED_IDLE %, medians over rounds"
+        "\ncontention matrix, budget {budget_pct:.0}%: slowdown % / evaluation work vs SCHED_IDLE % (budget used % where the enforcer measured), medians over rounds"
     );
     let Some(first) = pairs.first() else {
         return;
@@ -539,7 +552,7 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
         .collect();
     print!("{:<30} {:>7}", "training × evaluation", "noise%");
     for r in &shown {
-        print!(" {:>14}", policy_slug(r.policy));
+        print!(" {:>22}", policy_slug(r.policy));
     }
     println!();
     let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}", v * 100.0));
@@ -550,14 +563,21 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
             pct(p.alone_spread)
         );
         for shown_row in &shown {
-            let cell = p
-                .rows
-                .iter()
-                .find(|r| r.policy == shown_row.policy)
-                .map_or("-".to_owned(), |r| {
-                    format!("{}/{}", pct(r.slowdown), pct(r.eval_vs_idle))
-                });
-            print!(" {cell:>14}");
+            let cell =
+                p.rows
+                    .iter()
+                    .find(|r| r.policy == shown_row.policy)
+                    .map_or("-".to_owned(), |r| match r.reported_budget_used {
+                        // Where the enforcer measured, the budget it saw used.
+                        Some(used) if r.policy.protects() => format!(
+                            "{}/{} ({})",
+                            pct(r.slowdown),
+                            pct(r.eval_vs_idle),
+                            pct(Some(used))
+                        ),
+                        _ => format!("{}/{}", pct(r.slowdown), pct(r.eval_vs_idle)),
+                    });
+            print!(" {cell:>22}");
         }
         println!();
     }
@@ -579,7 +599,15 @@ impl Policy {
 
     /// The evaluation runs as a job of `enforcer run`.
     fn via_enforcer(self) -> bool {
-        matches!(self, Policy::Quota | Policy::Weight | Policy::Enforcer)
+        matches!(
+            self,
+            Policy::Quota | Policy::Weight | Policy::Enforcer | Policy::IdleMeasured
+        )
+    }
+
+    /// The evaluation is a job of `enforcer run --protect <training>`.
+    fn protects(self) -> bool {
+        matches!(self, Policy::Enforcer | Policy::IdleMeasured)
     }
 }
 
@@ -755,13 +783,16 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 c.arg("--report").arg(&report).arg("--").arg(s.exe);
                 c
             }
-            Policy::Enforcer => {
+            Policy::Enforcer | Policy::IdleMeasured => {
                 // The progress file lets the enforcer report true slowdown.
                 let config = enforcer_config(s.scratch, &tag, Some(&progress))?;
                 let mut c = Command::new(s.enforcer);
                 c.args(["--log-format", "json", "run", "--no-wait", "--config"])
-                    .arg(&config)
-                    .arg("--protect")
+                    .arg(&config);
+                if policy == Policy::IdleMeasured {
+                    c.arg("--measure-only");
+                }
+                c.arg("--protect")
                     .arg(train.pid().to_string())
                     .arg("--budget")
                     .arg(format!("{}%", s.budget * 100.0))
@@ -1009,6 +1040,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         reported_stolen_fraction: field("stolen_fraction"),
         reported_slowdown: field("training_slowdown"),
         reported_over_budget_s: field("over_budget_s"),
+        reported_budget_used: field("budget_used"),
         ticks,
     })
 }
@@ -1100,6 +1132,7 @@ fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row>
                 ),
                 reported_slowdown: median(of.iter().filter_map(|r| r.reported_slowdown)),
                 reported_over_budget_s: median(of.iter().filter_map(|r| r.reported_over_budget_s)),
+                reported_budget_used: median(of.iter().filter_map(|r| r.reported_budget_used)),
             }
         })
         .collect()
