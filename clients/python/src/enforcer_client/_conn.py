@@ -4,7 +4,7 @@ per line, at most 1 MiB), descriptors as SCM_RIGHTS, and ``hello``."""
 import json
 import socket
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 from .errors import AgentUnavailable, ProtocolError, error_for
 
@@ -14,6 +14,13 @@ API_VERSION = 1
 MAX_MESSAGE = 1 << 20
 
 Message = Dict[str, Any]
+
+
+class _Own:
+    """The connection's own timeout, for :meth:`Connection.recv`."""
+
+
+OWN = _Own()
 
 
 class Connection:
@@ -82,14 +89,14 @@ class Connection:
             self.close()
             raise AgentUnavailable(f"sending to the agent on {self.path}: {e}") from e
 
-    def recv(self, timeout: Optional[float] = -1.0) -> Optional[Message]:
+    def recv(self, timeout: Union[float, None, _Own] = OWN) -> Optional[Message]:
         """The next message; ``None`` when the agent closed the connection.
 
         ``timeout``: seconds to wait for it (the default: the connection's
         own; ``None``: as long as it takes). Past it, :class:`TimeoutError`.
         """
         sock = self._socket()
-        limit = self.timeout if timeout == -1.0 else timeout
+        limit = self.timeout if isinstance(timeout, _Own) else timeout
         give_up = None if limit is None else time.monotonic() + limit
         while True:
             nl = self._buf.find(b"\n")

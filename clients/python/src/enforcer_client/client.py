@@ -148,7 +148,11 @@ class Job:
             if answer is not None:
                 if answer.get("type") == "accepted":
                     continue
-                finished = expect_type(answer, "finished")
+                try:
+                    finished = expect_type(answer, "finished")
+                except BaseException:
+                    self.close()
+                    raise
                 self._report = Report.from_message(int(finished["status"]), finished["report"])
                 self.close()
                 if self._report_path is not None:
@@ -249,16 +253,27 @@ class Client:
     def _connect(self) -> Connection:
         return Connection(self.socket_path, self.timeout)
 
-    def _ask(self, msg: Message, expect: str) -> Message:
+    def _ask(self, msg: Message, expect: str, read_only: bool = False) -> Message:
+        """One short request on the client's connection. A connection the
+        agent dropped (it restarted) is opened again; a read-only request
+        that met a dropped connection is sent once more on a new one."""
         with self._lock:
+            fresh = False
             if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
+                self._conn, fresh = self._connect(), True
+            conn = self._conn
             try:
-                return self._conn.ask(msg, expect)
+                return conn.ask(msg, expect)
             except TimeoutError:
                 # A late answer would be taken for the next request's.
-                self._conn.close()
+                conn.close()
                 raise
+            except AgentUnavailable:
+                conn.close()
+                if fresh or not read_only:
+                    raise
+            self._conn = self._connect()
+            return self._conn.ask(msg, expect)
 
     # --- jobs ---------------------------------------------------------------
 
@@ -396,7 +411,7 @@ class Client:
 
     def status(self) -> Status:
         """The caller's jobs (root: every job) and the protected trainings."""
-        return Status.from_message(self._ask({"type": "status"}, "status"))
+        return Status.from_message(self._ask({"type": "status"}, "status", read_only=True))
 
     def report(self, job_id: str, wait: bool = False, timeout: Optional[float] = None) -> Report:
         """The report of job ``job_id``. A running job is :class:`Refused`
@@ -405,7 +420,7 @@ class Client:
         minute have passed). Another user's job is answered like a missing
         one."""
         if not wait:
-            return _report(self._ask({"type": "report", "id": job_id}, "finished"))
+            return _report(self._ask({"type": "report", "id": job_id}, "finished", read_only=True))
         if timeout is None:
             job = self.status().job(job_id)
             deadline = job.deadline_unix_ms / 1000.0 if job else time.time()
