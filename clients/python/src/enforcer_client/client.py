@@ -183,7 +183,7 @@ class Job:
         self._client.cancel(self.id)
 
 
-class Subscription:
+class Subscription(Iterator[Event]):
     """The events of the caller's jobs (root: all), in order, until closed.
 
     Iterate over it, or call :meth:`next_event` with a timeout.
@@ -201,12 +201,14 @@ class Subscription:
     def close(self) -> None:
         self._conn.close()
 
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            e = self.next_event(timeout=None)
-            if e is None:
-                return
-            yield e
+    def __iter__(self) -> "Subscription":
+        return self
+
+    def __next__(self) -> Event:
+        e = self.next_event(timeout=None)
+        if e is None:
+            raise StopIteration
+        return e
 
     def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
         """The next event; ``None`` when the agent closed the stream.
