@@ -49,7 +49,6 @@ def train_step(seconds: float) -> float:
 def train(args: argparse.Namespace) -> int:
     progress = args.progress_file or os.path.join(tempfile.gettempdir(), f"train_loop-{os.getpid()}.step")
     write_progress(progress, 0)
-    failures = 0
     with Client() as client:
         training = client.protect(os.getpid(), progress_file=progress, budget=args.budget)
         print(f"training {training}: budget {args.budget}, progress in {progress}", flush=True)
@@ -57,7 +56,7 @@ def train(args: argparse.Namespace) -> int:
         results: List[Report] = []
         errors: List[str] = []
 
-        def evaluate(n: int, job: Job) -> None:
+        def collect(n: int, job: Job) -> None:
             try:
                 report = job.wait()
             except EnforcerError as e:
@@ -95,10 +94,12 @@ def train(args: argparse.Namespace) -> int:
                 job=f"eval-{os.getpid()}-{n}",
             )
             print(f"evaluation {n}: job {job.id} started at step {step}", flush=True)
-            running = threading.Thread(target=evaluate, args=(n, job), daemon=True)
+            running = threading.Thread(target=collect, args=(n, job), daemon=True)
             running.start()
         if running is not None:
             running.join()
+    if not args.progress_file:
+        os.unlink(progress)
     failures = len(errors) + sum(1 for r in results if not r.ok)
     print(f"training done: {args.steps} steps, {len(results)} evaluations, {failures} failed", flush=True)
     return 1 if failures else 0
