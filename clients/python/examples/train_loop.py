@@ -92,6 +92,7 @@ def train(args: argparse.Namespace) -> int:
                 protect=os.getpid(),
                 budget=args.budget,
                 job=f"eval-{os.getpid()}-{n}",
+                no_idle=args.no_idle,
             )
             print(f"evaluation {n}: job {job.id} started at step {step}", flush=True)
             running = threading.Thread(target=collect, args=(n, job), daemon=True)
@@ -144,6 +145,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", default="5%", help="share of the training's CPU time evaluations may take (default 5%%)")
     p.add_argument("--eval-timeout", default="30m", help="deadline of one evaluation (default 30m)")
     p.add_argument("--memory", default="1000M", help="memory of one evaluation (default 1000M)")
+    p.add_argument(
+        "--no-idle",
+        action="store_true",
+        help="run evaluations in the normal CPU class (default: the idle class, where they use only spare CPU)",
+    )
     p.add_argument("--game-timeout", default="300s", help="deadline of one game (default 300s)")
     p.add_argument("--games", type=int, default=100, help="games per evaluation (default 100)")
     p.add_argument("--workers", type=int, default=2, help="games played at once (default 2)")
