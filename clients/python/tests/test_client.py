@@ -72,8 +72,15 @@ def test_a_job_runs_and_its_report_comes_back_with_its_exit_code_and_limits(
 def test_a_memory_hog_is_oom_killed_at_its_limit_and_gets_137(client: Client, agent: Agent) -> None:
     name = agent.name("oom")
     hog = "b = b'x' * (400 << 20); print(len(b))"
+    # The normal CPU class, so that the hog reaches its limit soon even on a
+    # busy machine.
     r = client.run(
-        [sys.executable, "-c", hog], memory="100M", timeout="60s", job=name, stdout=subprocess.DEVNULL
+        [sys.executable, "-c", hog],
+        memory="100M",
+        timeout="120s",
+        no_idle=True,
+        job=name,
+        stdout=subprocess.DEVNULL,
     ).wait()
     assert (r.status, r.reason, r.oom) == (137, "oom", True), r.summary()
     assert r.memory_limit_bytes == 100 * MIB
