@@ -92,6 +92,9 @@ class Agent:
         )
         # Root reads a config only if no one else can write it.
         self.config.chmod(0o644)
+        self._spawn()
+
+    def _spawn(self) -> None:
         env = dict(os.environ, ENFORCER_LOG="info", ENFORCER_LOG_FORMAT="json")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -110,6 +113,14 @@ class Agent:
                 self.proc.wait()
                 raise RuntimeError(f"the agent did not listen within 20 s:\n{self.log_text()}")
             time.sleep(0.05)
+
+    def kill9_and_restart(self, down_s: float = 1.0) -> None:
+        """SIGKILL (what a crash looks like), ``down_s`` without an agent,
+        then a new agent on the same socket and directories."""
+        self.proc.kill()
+        self.proc.wait()
+        time.sleep(down_s)
+        self._spawn()
 
     def _answers(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -138,6 +138,26 @@ def test_cancel_ends_a_running_job_with_143(client: Client, agent: Agent, tmp_pa
     assert "already ended" in e.value.message, e.value.message
 
 
+def test_a_job_waited_for_across_an_agent_crash_still_gives_its_report(
+    client: Client, agent: Agent, tmp_path: Path
+) -> None:
+    name = agent.name("crash")
+    running = tmp_path / "running"
+    job = client.run(["/bin/sh", "-c", f"touch {running}; sleep 3; exit 7"], timeout="120s", job=name)
+    give_up = time.monotonic() + 60
+    while not running.exists():
+        assert time.monotonic() < give_up, "the job's command never ran"
+        time.sleep(0.05)
+    agent.kill9_and_restart()
+    r = job.wait(timeout=90)
+    assert (r.status, r.reason) == (7, "exited"), r.summary()
+    # The client's own connection went with the old agent: a read-only
+    # request reconnects.
+    seen = client.status().job(name)
+    assert seen is not None and seen.status == 7, client.status().raw
+    assert_no_cgroup_left(name)
+
+
 def test_subscribe_sees_started_deadline_and_exited_events(client: Client, agent: Agent) -> None:
     name = agent.name("events")
     with client.subscribe() as sub:
