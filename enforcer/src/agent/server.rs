@@ -1157,11 +1157,25 @@ fn spawn_shim(
     } else {
         Path::new("/")
     });
-    // SAFETY: setsid is async-signal-safe and touches no memory.
+    // SAFETY: setsid, sigemptyset, sigaddset and pthread_sigmask are
+    // async-signal-safe and touch only this stack's set.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // A cancel may come as soon as the job is `started`: held
+            // pending until the shim's handlers are in place
+            // (`Signals::install` unblocks them), not fatal to the shim
+            // before that.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in crate::job::FORWARDED_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
             }
             Ok(())
         });

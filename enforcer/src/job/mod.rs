@@ -211,14 +211,31 @@ pub struct Signals {
     hup: Option<tokio::signal::unix::Signal>,
 }
 
+/// The signals a supervisor catches and forwards to its job.
+pub const FORWARDED_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 impl Signals {
-    /// Installs the handlers; call inside the runtime, first thing.
+    /// Installs the handlers; call inside the runtime, first thing. Then
+    /// unblocks the three signals on this thread: the agent starts a shim
+    /// with them blocked, so one sent before the handlers existed is
+    /// delivered now, to them.
     pub fn install() -> Self {
-        Signals {
+        let signals = Signals {
             int: signal(SignalKind::interrupt()).ok(),
             term: signal(SignalKind::terminate()).ok(),
             hup: signal(SignalKind::hangup()).ok(),
+        };
+        // SAFETY: a set on this stack; pthread_sigmask only changes this
+        // thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in FORWARDED_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
+        signals
     }
 
     /// The next of the three signals to arrive (before a job runs: to stop
