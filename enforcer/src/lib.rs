@@ -14,6 +14,7 @@
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
 //! - [`safe_fs`]: files read or written on behalf of processes not trusted;
 //! - [`trust`]: which files root may take instructions from;
+//! - [`top`]: the live terminal view of the node (`enforcer top`);
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod agent;
@@ -31,6 +32,7 @@ pub mod probe;
 pub mod report;
 pub mod safe_fs;
 pub mod sched;
+pub mod top;
 pub mod slots;
 pub mod trust;
 pub mod units;
