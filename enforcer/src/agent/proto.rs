@@ -160,6 +160,9 @@ pub struct JobStatus {
 /// counters, not rates: a client derives rates from two answers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobUsage {
+    /// When the counters were read (Unix milliseconds): rates are over the
+    /// time between two readings, not between two answers.
+    pub read_unix_ms: u64,
     pub memory_bytes: Option<u64>,
     /// `null`: no memory limit.
     pub memory_limit_bytes: Option<u64>,

@@ -1,47 +1,142 @@
-//! What `status` tells about cost: each running job's cgroup counters,
-//! read through the cgroup layer, and the agent's own CPU time and memory
-//! (its process and its jobs' shims), read from `/proc`.
+//! What `status` tells about cost: each running job's cgroup counters and
+//! its shim's CPU time and memory, and the agent's own. The agent does not
+//! own its jobs' cgroups (their shims do): it finds each where the shim's
+//! job lock records it and reads it through a handle that can write
+//! nothing ([`JobCgroup::observe`]).
+//!
+//! Readings are reused for [`FRESH`]: a client asking a thousand times a
+//! second costs the node no more reads than one asking ten times. Each
+//! carries the time it was taken, so that rates derived from two of them
+//! stay exact.
 
-use std::{collections::BTreeMap, path::PathBuf};
-
-use crate::{
-    agent::proto::{AgentCost, JobUsage},
-    cgroup::{Stats, subtree::Subtree},
-    host::{Pid, ProcFs},
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-/// The subtrees jobs live in, opened once per `cgroup_root` (a job started
-/// with root's `--config` may name another one).
-#[derive(Debug, Default)]
-pub struct Subtrees(BTreeMap<Option<PathBuf>, Subtree>);
+use crate::{
+    agent::{
+        proto::{AgentCost, JobUsage},
+        store,
+    },
+    cgroup::{JobCgroup, Stats},
+    host::{Pid, ProcFs},
+    slots::StateDir,
+};
 
-impl Subtrees {
-    /// The counters of job `id` of the subtree at `cgroup_root`; `None`
-    /// when the subtree cannot be opened or the job's cgroup is not there.
-    pub fn job_usage(&mut self, cgroup_root: Option<&PathBuf>, id: &str) -> Option<JobUsage> {
-        let key = cgroup_root.cloned();
-        if !self.0.contains_key(&key) {
-            match Subtree::open(key.as_deref()) {
-                Ok(s) => {
-                    self.0.insert(key.clone(), s);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "status: the jobs' cgroup subtree cannot be opened");
-                    return None;
-                }
+/// How long a reading is reused.
+pub const FRESH: Duration = Duration::from_millis(100);
+
+/// A shim's CPU time (seconds) and resident memory (bytes).
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcessCost {
+    cpu_s: f64,
+    rss_bytes: u64,
+}
+
+struct JobReading {
+    at: Instant,
+    /// Found once, from the job's lock.
+    cgroup: Option<JobCgroup>,
+    usage: Option<JobUsage>,
+    shim: Option<ProcessCost>,
+}
+
+/// The agent's latest readings, by job id.
+#[derive(Default)]
+pub struct Readings {
+    proc: ProcFs,
+    state_dirs: BTreeMap<PathBuf, StateDir>,
+    jobs: BTreeMap<String, JobReading>,
+    agent: Option<(Instant, ProcessCost)>,
+}
+
+impl Readings {
+    /// The counters of running job `id` (its lock under `state_dir`) and
+    /// the cost of its shim (`pid`, start time), fresh within [`FRESH`].
+    pub fn job(
+        &mut self,
+        id: &str,
+        state_dir: &Path,
+        shim: Option<store::ShimInfo>,
+    ) -> Option<JobUsage> {
+        let now = Instant::now();
+        if let Some(r) = self.jobs.get(id)
+            && now.duration_since(r.at) < FRESH
+        {
+            return r.usage.clone();
+        }
+        let cgroup = match self.jobs.remove(id).and_then(|r| r.cgroup) {
+            Some(c) => Some(c),
+            None => self.locate(id, state_dir),
+        };
+        let usage = cgroup.as_ref().map(|c| JobUsage {
+            read_unix_ms: store::now_ms(),
+            ..usage_of(&c.stats())
+        });
+        let shim = shim.and_then(|s| process_cost(&self.proc, s.pid, Some(s.start_time)));
+        self.jobs.insert(
+            id.to_owned(),
+            JobReading {
+                at: now,
+                cgroup,
+                usage: usage.clone(),
+                shim,
+            },
+        );
+        usage
+    }
+
+    /// Where job `id`'s cgroups are, from its lock.
+    fn locate(&mut self, id: &str, state_dir: &Path) -> Option<JobCgroup> {
+        if !self.state_dirs.contains_key(state_dir) {
+            let dir = StateDir::open(state_dir)
+                .map_err(|error| tracing::debug!(%error, "status: no job locks to read"))
+                .ok()?;
+            self.state_dirs.insert(state_dir.to_owned(), dir);
+        }
+        let record = self.state_dirs.get(state_dir)?.job_record(id).ok()??;
+        JobCgroup::observe(&record.cgroups)
+    }
+
+    /// Forgets the readings of jobs not in `running`.
+    pub fn retain(&mut self, running: &[String]) {
+        self.jobs.retain(|id, _| running.contains(id));
+    }
+
+    /// The agent's own cost, with the shims of `jobs` (read by
+    /// [`Readings::job`]).
+    pub fn agent(&mut self, jobs: &[&str]) -> AgentCost {
+        let now = Instant::now();
+        let me = Pid::this_process();
+        let own = match self.agent {
+            Some((at, c)) if now.duration_since(at) < FRESH => c,
+            _ => {
+                let c = process_cost(&self.proc, me.as_raw(), None).unwrap_or_default();
+                self.agent = Some((now, c));
+                c
             }
+        };
+        let shims: Vec<ProcessCost> = jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(*id)?.shim)
+            .collect();
+        AgentCost {
+            pid: me.as_u32(),
+            cpu_s: own.cpu_s,
+            rss_bytes: (own.rss_bytes > 0).then_some(own.rss_bytes),
+            shims: shims.len() as u32,
+            shims_cpu_s: shims.iter().map(|s| s.cpu_s).sum(),
+            shims_rss_bytes: shims.iter().map(|s| s.rss_bytes).sum(),
         }
-        let subtree = self.0.get(&key)?;
-        if !subtree.job_location(id).ok()?.exists() {
-            return None;
-        }
-        Some(usage_of(&subtree.open_job(id).ok()?.stats()))
     }
 }
 
 /// The counters `status` shows, from a job cgroup's stats.
 pub fn usage_of(s: &Stats) -> JobUsage {
     JobUsage {
+        read_unix_ms: 0,
         memory_bytes: s.memory_current,
         memory_limit_bytes: s.memory_limit,
         cpu_s: s.cpu_usage.map(|d| d.as_secs_f64()),
@@ -50,31 +145,18 @@ pub fn usage_of(s: &Stats) -> JobUsage {
     }
 }
 
-/// The agent's own cost: this process and the live shims `shims` (their
-/// pids, checked against their start times so that a reused pid is not
-/// counted).
-pub fn agent_cost(proc: &ProcFs, shims: &[(i32, u64)]) -> AgentCost {
-    let me = Pid::this_process();
-    let tick = clock_tick();
-    let mut cost = AgentCost {
-        pid: me.as_u32(),
-        cpu_s: proc
-            .stat(me)
-            .map_or(0.0, |s| s.cpu_ticks as f64 * tick),
-        rss_bytes: rss_bytes(proc, me),
-        ..AgentCost::default()
-    };
-    for &(pid, start_time) in shims {
-        let Some(pid) = Pid::new(pid) else { continue };
-        let Ok(stat) = proc.stat(pid) else { continue };
-        if stat.start_time != start_time || stat.is_zombie() {
-            continue;
-        }
-        cost.shims += 1;
-        cost.shims_cpu_s += stat.cpu_ticks as f64 * tick;
-        cost.shims_rss_bytes += rss_bytes(proc, pid).unwrap_or(0);
+/// CPU time and resident memory of process `pid`; with `start_time`, only
+/// if it is still the process that started then (not a reused pid).
+fn process_cost(proc: &ProcFs, pid: i32, start_time: Option<u64>) -> Option<ProcessCost> {
+    let pid = Pid::new(pid)?;
+    let stat = proc.stat(pid).ok()?;
+    if start_time.is_some_and(|t| t != stat.start_time) || stat.is_zombie() {
+        return None;
     }
-    cost
+    Some(ProcessCost {
+        cpu_s: stat.cpu_ticks as f64 * clock_tick(),
+        rss_bytes: rss_bytes(proc, pid).unwrap_or(0),
+    })
 }
 
 /// Resident memory of a process: the second field of `/proc/<pid>/statm`,
@@ -103,8 +185,6 @@ fn page_size() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -130,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_counts_only_shims_whose_start_time_still_matches() {
+    fn a_shim_is_counted_only_while_its_start_time_still_matches() {
         let d = tempfile::tempdir().unwrap();
         let proc = ProcFs::at(d.path());
         std::fs::create_dir_all(d.path().join("4242")).unwrap();
@@ -142,9 +222,10 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.path().join("4242/statm"), "1000 10 0 0 0 0 0\n").unwrap();
-        let cost = agent_cost(&proc, &[(4242, 777), (4242, 778), (4343, 1)]);
-        assert_eq!(cost.shims, 1, "a reused pid and a gone one are not shims");
-        assert!((cost.shims_cpu_s - 300.0 * clock_tick()).abs() < 1e-9);
-        assert_eq!(cost.shims_rss_bytes, 10 * page_size());
+        let cost = process_cost(&proc, 4242, Some(777)).expect("the shim");
+        assert!((cost.cpu_s - 300.0 * clock_tick()).abs() < 1e-9);
+        assert_eq!(cost.rss_bytes, 10 * page_size());
+        assert!(process_cost(&proc, 4242, Some(778)).is_none(), "a reused pid");
+        assert!(process_cost(&proc, 4343, None).is_none(), "a gone one");
     }
 }

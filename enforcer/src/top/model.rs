@@ -271,7 +271,13 @@ impl Model {
             seen.push(job.id.clone());
             let usage = job.usage.clone().unwrap_or_default();
             let now = Counters {
-                at: sample.at,
+                // The agent's reading time when it says (its readings may
+                // be reused across answers), else the answer's.
+                at: if usage.read_unix_ms > 0 {
+                    Duration::from_millis(usage.read_unix_ms)
+                } else {
+                    sample.at
+                },
                 cpu_s: usage.cpu_s,
                 throttled_s: usage.throttled_s,
                 steal_s: steal.get(job.id.as_str()).map(|s| s.0),
@@ -327,7 +333,7 @@ impl Model {
             let of_t: Vec<&JobRow> = self
                 .jobs
                 .values()
-                .filter(|r| r.training.as_deref() == Some(&t.id) && r.running())
+                .filter(|r| r.training.as_deref() == Some(t.id.as_str()) && r.running())
                 .collect();
             let total: f64 = of_t.iter().filter_map(|r| r.steal_rate).sum();
             for r in of_t {
@@ -416,15 +422,22 @@ impl Model {
     }
 
     fn keep_selection(&mut self) {
-        if self.selected_index().is_none() {
-            self.selected = self.rows().first().map(|r| r.id.clone());
+        if self.jobs.is_empty() {
+            self.selected = None;
+        } else if self.selected_index().is_none() {
+            self.select_at(0);
         }
     }
 
+    /// Selects row `i` (the last row when there are fewer).
     fn select_at(&mut self, i: usize) {
-        let rows = self.rows();
-        if let Some(r) = rows.get(i.min(rows.len().saturating_sub(1))) {
-            self.selected = Some(r.id.clone());
+        let id = {
+            let rows = self.rows();
+            rows.get(i.min(rows.len().saturating_sub(1)))
+                .map(|r| r.id.clone())
+        };
+        if id.is_some() {
+            self.selected = id;
         }
     }
 
@@ -539,6 +552,7 @@ mod tests {
             training: training.map(str::to_owned),
             quota: None,
             usage: Some(JobUsage {
+                read_unix_ms: 0,
                 memory_bytes: Some(mem),
                 memory_limit_bytes: Some(100 << 20),
                 cpu_s: Some(cpu_s),
