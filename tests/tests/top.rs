@@ -148,24 +148,30 @@ struct Tmux {
 const SESSION: &str = "top";
 
 impl Tmux {
-    /// `None` when tmux is not installed.
-    fn start(command: &str, width: u16, height: u16) -> Option<Tmux> {
+    /// Skips the test (visibly) where tmux is not installed.
+    fn required() {
+        let found = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            enforcer_tests::skip!("tmux is not installed: `enforcer top` is not driven here");
+        }
+    }
+
+    fn start(command: &str, width: u16, height: u16) -> Tmux {
         let t = Tmux {
             server: unique_name("enforcer-top-test"),
         };
-        let out = match t
+        let out = t
             .tmux()
             .args(["new-session", "-d", "-s", SESSION])
             .args(["-x", &width.to_string(), "-y", &height.to_string()])
             .arg(command)
             .output()
-        {
-            Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => panic!("starting tmux: {e}"),
-        };
+            .expect("starting tmux");
         assert!(out.status.success(), "tmux new-session: {out:?}");
-        Some(t)
+        t
     }
 
     /// `tmux` on this test's server, UTF-8 (the screen has block and arrow
@@ -249,13 +255,12 @@ fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
 }
 
 fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_terminal() {
+    Tmux::required();
     let s = Scratch::new("enforcer-top");
     let agent = Agent::start(&s);
     let name = unique_name("topjob");
     let mut client = agent.sleep_job(&name, 120);
-    let Some(tmux) = Tmux::start(&top_in_pane(&agent, "300ms"), 160, 30) else {
-        enforcer_tests::skip!("tmux is not installed: `enforcer top` is not driven here");
-    };
+    let tmux = Tmux::start(&top_in_pane(&agent, "300ms"), 160, 30);
     let screen = tmux.wait_for("the job with its memory and limit", |s| {
         s.lines().any(|l| l.contains(&name) && l.contains("/100M"))
     });
@@ -302,15 +307,14 @@ fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_te
 }
 
 fn a_cancel_the_agent_refuses_shows_its_message_on_the_status_line() {
+    Tmux::required();
     let s = Scratch::new("enforcer-top");
     let agent = Agent::start(&s);
     let name = unique_name("topended");
-    let mut client = agent.sleep_job(&name, 2);
+    let mut client = agent.sleep_job(&name, 5);
     // One answer a minute: the screen still shows the job running after it
     // has ended, so the cancel reaches the agent for an ended job.
-    let Some(tmux) = Tmux::start(&top_in_pane(&agent, "60s"), 160, 30) else {
-        enforcer_tests::skip!("tmux is not installed: `enforcer top` is not driven here");
-    };
+    let tmux = Tmux::start(&top_in_pane(&agent, "60s"), 160, 30);
     tmux.wait_for("the job running", |s| {
         s.lines().any(|l| l.contains(&name) && l.contains("running"))
     });

@@ -78,7 +78,9 @@ pub fn run(args: TopArgs) -> ExitCode {
         }
     };
     let shown = show(&mut terminal, Some(conn), &args);
-    let restored = ratatui::try_restore();
+    let restored = terminal
+        .show_cursor()
+        .and_then(|()| ratatui::try_restore());
     match (shown, restored) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
         (Err(e), _) | (_, Err(e)) => {

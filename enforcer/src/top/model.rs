@@ -260,11 +260,14 @@ impl Model {
     /// Takes a new `status` answer: rows are added, updated and dropped,
     /// rates derived from the previous answer. `user` names a uid.
     pub fn update(&mut self, sample: Sample, user: &mut dyn FnMut(u32) -> String) {
-        self.disconnected = false;
+        if self.disconnected {
+            self.disconnected = false;
+            self.message = None;
+        }
         let trainings = trainings_of(&sample.budget);
-        let steal: BTreeMap<&str, (f64, &str)> = trainings
+        let steal: BTreeMap<&str, f64> = trainings
             .iter()
-            .flat_map(|(t, jobs)| jobs.iter().map(|(j, s)| (j.as_str(), (*s, t.id.as_str()))))
+            .flat_map(|(_, jobs)| jobs.iter().map(|(j, s)| (j.as_str(), *s)))
             .collect();
         let mut seen = Vec::with_capacity(sample.jobs.len());
         for job in sample.jobs {
@@ -280,7 +283,7 @@ impl Model {
                 },
                 cpu_s: usage.cpu_s,
                 throttled_s: usage.throttled_s,
-                steal_s: steal.get(job.id.as_str()).map(|s| s.0),
+                steal_s: steal.get(job.id.as_str()).copied(),
             };
             let row = self.jobs.entry(job.id.clone()).or_insert_with(|| JobRow {
                 id: job.id.clone(),
