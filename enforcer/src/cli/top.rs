@@ -78,9 +78,8 @@ pub fn run(args: TopArgs) -> ExitCode {
         }
     };
     let shown = show(&mut terminal, Some(conn), &args);
-    let restored = terminal
-        .show_cursor()
-        .and_then(|()| ratatui::try_restore());
+    let cursor = terminal.show_cursor();
+    let restored = ratatui::try_restore().and(cursor);
     match (shown, restored) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,
         (Err(e), _) | (_, Err(e)) => {
@@ -227,5 +226,42 @@ impl UserNames {
                     .map_or_else(|| uid.to_string(), |u| u.name)
             })
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_c_is_an_interrupt_and_only_presses_count() {
+        let press = |code, modifiers| KeyEvent::new(code, modifiers);
+        assert_eq!(
+            key_of(press(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+            Some(Key::Interrupt)
+        );
+        assert_eq!(
+            key_of(press(KeyCode::Char('c'), KeyModifiers::NONE)),
+            Some(Key::Char('c'))
+        );
+        assert_eq!(
+            key_of(press(KeyCode::Char('S'), KeyModifiers::SHIFT)),
+            Some(Key::Char('S'))
+        );
+        let mut release = press(KeyCode::Char('q'), KeyModifiers::NONE);
+        release.kind = KeyEventKind::Release;
+        assert_eq!(key_of(release), None);
+        assert_eq!(key_of(press(KeyCode::F(5), KeyModifiers::NONE)), None);
+    }
+
+    #[test]
+    fn the_interval_is_bounded_and_the_refusal_names_the_flag() {
+        let mut check = Checker::new(validate::Source::Flags, Node::detect());
+        check.check(&validate::TOP_INTERVAL, Some(Dur::millis(10)));
+        let e = check.finish().unwrap_err().to_string();
+        assert_eq!(e, "--interval 10ms: must be from 100ms to 1m");
+        let mut check = Checker::new(validate::Source::Flags, Node::detect());
+        check.check(&validate::TOP_INTERVAL, Some(Dur::secs(1)));
+        assert!(check.finish().is_ok());
     }
 }
