@@ -59,13 +59,13 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
         Err(_) if crate::trust::running_as_root() => Ok(Route::InProcess),
         Err(e) => Err(format!(
             "{}; a user other than root runs jobs through the agent",
-            no_agent(&path, &e)
+            no_agent_message(&path, &e)
         )),
     }
 }
 
 /// What a command that needs the agent says when none answers on `path`.
-pub fn no_agent(path: &Path, error: &str) -> String {
+pub fn no_agent_message(path: &Path, error: &str) -> String {
     format!(
         "no enforcer agent answers on {} ({error}): start it (`systemctl start enforcer` or, as root, `enforcer agent`)",
         path.display()
