@@ -292,7 +292,11 @@ fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_te
     assert_eq!(client.try_wait().unwrap().and_then(|s| s.code()), Some(143));
 
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("top's exit status", |s| s.contains("top-exit="));
+    // The pane's shell prints top's status, then the terminal's icanon
+    // flag.
+    let screen = tmux.wait_for("the terminal's mode after top", |s| {
+        s.lines().any(|l| l.trim().ends_with("icanon"))
+    });
     assert!(screen.contains("top-exit=0"), "{screen}");
     assert!(
         screen.contains("before-top") && !screen.contains("USER"),
