@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{ChildGuard, Scratch, enforcer, enforcer_bin, job_cgroups, root_tests, unique_name};
+use enforcer_tests::{
+    ChildGuard, Scratch, enforcer, enforcer_bin, job_cgroups, root_tests, unique_name,
+};
 
 /// An agent on the test's own socket and directories, ended on drop with
 /// the jobs it left.
@@ -83,7 +85,15 @@ impl Agent {
     fn sleep_job(&self, name: &str, secs: u32) -> ChildGuard {
         let client = self
             .cli()
-            .args(["run", "--job", name, "--timeout", "120s", "--memory", "100M"])
+            .args([
+                "run",
+                "--job",
+                name,
+                "--timeout",
+                "120s",
+                "--memory",
+                "100M",
+            ])
             .args(["--", "sleep", &secs.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -264,12 +274,19 @@ fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_te
     let screen = tmux.wait_for("the job with its memory and limit", |s| {
         s.lines().any(|l| l.contains(&name) && l.contains("/100M"))
     });
+    eprintln!("{screen}");
     let row = line_with(&screen, &name);
     assert!(row.contains("running") && row.contains("root"), "{row}");
-    assert!(row.trim_start().starts_with('>'), "the only job is selected: {row}");
+    assert!(
+        row.trim_start().starts_with('>'),
+        "the only job is selected: {row}"
+    );
     let header = line_with(&screen, "USER").to_owned();
     assert!(header.contains("CPU▼"), "sorted by CPU first: {header}");
-    assert!(screen.contains("agent pid"), "the agent's own cost: {screen}");
+    assert!(
+        screen.contains("agent pid"),
+        "the agent's own cost: {screen}"
+    );
 
     tmux.keys(&["s"]);
     let screen = tmux.wait_for("the sort moved to THR", |s| s.contains("THR▼"));
@@ -282,14 +299,19 @@ fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_te
     tmux.keys(&["y"]);
     tmux.wait_for("the job ended by the cancel", |s| {
         s.contains("cancel sent")
-            && s.lines().any(|l| l.contains(&name) && l.contains("exit 143"))
+            && s.lines()
+                .any(|l| l.contains(&name) && l.contains("exit 143"))
     });
     let answer = agent.report(&name);
     assert_eq!(answer["type"], "finished", "{answer}");
-    assert_eq!(answer["status"], 143, "ended by the forwarded SIGTERM: {answer}");
+    assert_eq!(
+        answer["status"], 143,
+        "ended by the forwarded SIGTERM: {answer}"
+    );
     assert_eq!(answer["report"]["reason"], "killed", "{answer}");
     assert!(client.exits_within(Duration::from_secs(20)));
     assert_eq!(client.try_wait().unwrap().and_then(|s| s.code()), Some(143));
+    enforcer_tests::assert_no_cgroup_left(&name);
 
     tmux.keys(&["q"]);
     // The pane's shell prints top's status, then the terminal's icanon
@@ -306,8 +328,16 @@ fn top_shows_a_job_sorts_cancels_it_through_the_agent_and_quits_restoring_the_te
         screen.lines().any(|l| l.trim() == "icanon"),
         "the terminal is out of raw mode: {screen}"
     );
-    assert_eq!(tmux.pane("#{alternate_on}"), "0", "left the alternate screen");
-    assert_eq!(tmux.pane("#{cursor_flag}"), "1", "the cursor is shown again");
+    assert_eq!(
+        tmux.pane("#{alternate_on}"),
+        "0",
+        "left the alternate screen"
+    );
+    assert_eq!(
+        tmux.pane("#{cursor_flag}"),
+        "1",
+        "the cursor is shown again"
+    );
 }
 
 fn a_cancel_the_agent_refuses_shows_its_message_on_the_status_line() {
@@ -320,9 +350,13 @@ fn a_cancel_the_agent_refuses_shows_its_message_on_the_status_line() {
     // has ended, so the cancel reaches the agent for an ended job.
     let tmux = Tmux::start(&top_in_pane(&agent, "60s"), 160, 30);
     tmux.wait_for("the job running", |s| {
-        s.lines().any(|l| l.contains(&name) && l.contains("running"))
+        s.lines()
+            .any(|l| l.contains(&name) && l.contains("running"))
     });
-    assert!(client.exits_within(Duration::from_secs(30)), "the job did not end");
+    assert!(
+        client.exits_within(Duration::from_secs(30)),
+        "the job did not end"
+    );
     tmux.keys(&["c"]);
     tmux.wait_for("the question before a cancel", |s| s.contains("y: yes"));
     tmux.keys(&["y"]);

@@ -1343,31 +1343,31 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
                     .map(|j| j.plan.id.clone()),
             );
             j.values()
-            .filter(|j| caller.owns(j.plan.caller_uid))
-            .enumerate()
-            .map(|(i, j)| {
-                let result = j.done.borrow();
-                if result.is_none() && !matches!(j.plan.kind, JobKind::Game { .. }) {
-                    running.push((i, j.plan.config.state_dir.clone(), j.shim));
-                }
-                JobStatus {
-                    id: j.plan.id.clone(),
-                    uid: j.plan.caller_uid,
-                    command: j.plan.kind.command(),
-                    state: if result.is_some() {
-                        "finished"
-                    } else {
-                        "running"
+                .filter(|j| caller.owns(j.plan.caller_uid))
+                .enumerate()
+                .map(|(i, j)| {
+                    let result = j.done.borrow();
+                    if result.is_none() && !matches!(j.plan.kind, JobKind::Game { .. }) {
+                        running.push((i, j.plan.config.state_dir.clone(), j.shim));
                     }
-                    .to_owned(),
-                    deadline_unix_ms: j.plan.deadline_unix_ms,
-                    status: result.as_ref().map(|r| r.status),
-                    training: j.plan.training.clone(),
-                    quota: j.quota,
-                    usage: None,
-                }
-            })
-            .collect()
+                    JobStatus {
+                        id: j.plan.id.clone(),
+                        uid: j.plan.caller_uid,
+                        command: j.plan.kind.command(),
+                        state: if result.is_some() {
+                            "finished"
+                        } else {
+                            "running"
+                        }
+                        .to_owned(),
+                        deadline_unix_ms: j.plan.deadline_unix_ms,
+                        status: result.as_ref().map(|r| r.status),
+                        training: j.plan.training.clone(),
+                        quota: j.quota,
+                        usage: None,
+                    }
+                })
+                .collect()
         }
         Err(_) => Vec::new(),
     };

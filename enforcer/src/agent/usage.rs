@@ -225,7 +225,10 @@ mod tests {
         let cost = process_cost(&proc, 4242, Some(777)).expect("the shim");
         assert!((cost.cpu_s - 300.0 * clock_tick()).abs() < 1e-9);
         assert_eq!(cost.rss_bytes, 10 * page_size());
-        assert!(process_cost(&proc, 4242, Some(778)).is_none(), "a reused pid");
+        assert!(
+            process_cost(&proc, 4242, Some(778)).is_none(),
+            "a reused pid"
+        );
         assert!(process_cost(&proc, 4343, None).is_none(), "a gone one");
     }
 }

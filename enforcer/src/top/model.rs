@@ -581,15 +581,25 @@ mod tests {
     #[test]
     fn cpu_is_the_rate_between_two_answers_and_feeds_the_history() {
         let mut m = Model::default();
-        m.update(sample(0, vec![job("a", 10.0, 1, None)], serde_json::Value::Null), &mut names);
+        m.update(
+            sample(0, vec![job("a", 10.0, 1, None)], serde_json::Value::Null),
+            &mut names,
+        );
         assert_eq!(m.jobs["a"].cpu_cores, None, "one answer gives no rate");
-        m.update(sample(2000, vec![job("a", 13.0, 1, None)], serde_json::Value::Null), &mut names);
+        m.update(
+            sample(2000, vec![job("a", 13.0, 1, None)], serde_json::Value::Null),
+            &mut names,
+        );
         assert_eq!(m.jobs["a"].cpu_cores, Some(1.5));
         assert_eq!(m.jobs["a"].history, [1.5]);
         assert_eq!(m.jobs["a"].user, "u1000");
         for i in 0..(HISTORY as u64 + 5) {
             m.update(
-                sample(3000 + i * 1000, vec![job("a", 14.0 + i as f64, 1, None)], serde_json::Value::Null),
+                sample(
+                    3000 + i * 1000,
+                    vec![job("a", 14.0 + i as f64, 1, None)],
+                    serde_json::Value::Null,
+                ),
                 &mut names,
             );
         }
@@ -603,7 +613,10 @@ mod tests {
         m.update(sample(0, both, serde_json::Value::Null), &mut names);
         m.on_key(Key::Down);
         assert_eq!(m.selected.as_deref(), Some("b"));
-        m.update(sample(1000, vec![job("a", 1.0, 1, None)], serde_json::Value::Null), &mut names);
+        m.update(
+            sample(1000, vec![job("a", 1.0, 1, None)], serde_json::Value::Null),
+            &mut names,
+        );
         assert!(!m.jobs.contains_key("b"));
         assert_eq!(m.selected.as_deref(), Some("a"));
     }
@@ -611,7 +624,11 @@ mod tests {
     #[test]
     fn s_and_shift_s_cycle_the_sort_column_and_rows_follow_it() {
         let mut m = Model::default();
-        let jobs = vec![job("a", 0.0, 300, None), job("b", 0.0, 100, None), job("c", 0.0, 200, None)];
+        let jobs = vec![
+            job("a", 0.0, 300, None),
+            job("b", 0.0, 100, None),
+            job("c", 0.0, 200, None),
+        ];
         m.update(sample(0, jobs, serde_json::Value::Null), &mut names);
         let ids = |m: &Model| m.rows().iter().map(|r| r.id.clone()).collect::<Vec<_>>();
         assert_eq!(m.sort, SortKey::Cpu);
@@ -632,22 +649,39 @@ mod tests {
     #[test]
     fn c_asks_first_and_only_y_cancels_the_selected_running_job() {
         let mut m = Model::default();
-        m.update(sample(0, vec![job("a", 0.0, 1, None)], serde_json::Value::Null), &mut names);
+        m.update(
+            sample(0, vec![job("a", 0.0, 1, None)], serde_json::Value::Null),
+            &mut names,
+        );
         assert_eq!(m.on_key(Key::Char('c')), Action::None);
         assert_eq!(m.mode, Mode::Confirm("a".to_owned()));
-        assert_eq!(m.on_key(Key::Char('n')), Action::None, "anything but y declines");
+        assert_eq!(
+            m.on_key(Key::Char('n')),
+            Action::None,
+            "anything but y declines"
+        );
         assert_eq!(m.mode, Mode::Normal);
         m.on_key(Key::Char('c'));
         assert_eq!(m.on_key(Key::Char('y')), Action::Cancel("a".to_owned()));
         m.cancelled("a", Err("no job \"a\" of uid 1000".to_owned()));
-        assert!(m.message.as_deref().unwrap().contains("no job"), "the refusal is shown");
+        assert!(
+            m.message.as_deref().unwrap().contains("no job"),
+            "the refusal is shown"
+        );
 
         let mut ended = job("a", 0.0, 1, None);
         ended.state = "finished".to_owned();
         ended.status = Some(143);
-        m.update(sample(1000, vec![ended], serde_json::Value::Null), &mut names);
+        m.update(
+            sample(1000, vec![ended], serde_json::Value::Null),
+            &mut names,
+        );
         assert_eq!(m.on_key(Key::Char('c')), Action::None);
-        assert_eq!(m.mode, Mode::Normal, "an ended job is not offered for cancel");
+        assert_eq!(
+            m.mode,
+            Mode::Normal,
+            "an ended job is not offered for cancel"
+        );
         assert!(m.message.as_deref().unwrap().contains("already ended"));
     }
 
@@ -673,7 +707,12 @@ mod tests {
                 "jobs": [{"job": "a", "steal_s": steal_a}, {"job": "b", "steal_s": steal_b}]
             }]})
         };
-        let jobs = || vec![job("a", 0.0, 1, Some("pid-7")), job("b", 0.0, 1, Some("pid-7"))];
+        let jobs = || {
+            vec![
+                job("a", 0.0, 1, Some("pid-7")),
+                job("b", 0.0, 1, Some("pid-7")),
+            ]
+        };
         let mut m = Model::default();
         m.update(sample(0, jobs(), budget(1.0, 1.0)), &mut names);
         m.update(sample(1000, jobs(), budget(1.3, 1.1)), &mut names);

@@ -17,7 +17,10 @@ pub const HELP: &[(&str, &str)] = &[
     ("q, Ctrl-C", "quit"),
     ("s / S", "sort by the next / previous column"),
     ("↑ ↓ (k j), Home End", "select a job"),
-    ("c", "cancel the selected job (asks first; a second cancel kills it)"),
+    (
+        "c",
+        "cancel the selected job (asks first; a second cancel kills it)",
+    ),
     ("?", "this help (any key closes it)"),
 ];
 
@@ -27,7 +30,10 @@ const COLUMNS: &[(&str, &str)] = &[
     ("CPU", "CPUs used since the last refresh"),
     ("THR", "share of that time held back by its CPU quota"),
     ("STEAL/s", "training run-queue wait it caused, per second"),
-    ("STOLEN", "its part of its training's stolen fraction (last 1 s)"),
+    (
+        "STOLEN",
+        "its part of its training's stolen fraction (last 1 s)",
+    ),
     ("CPU HISTORY", "CPUs used at each refresh, oldest left"),
 ];
 
