@@ -14,6 +14,7 @@
 //! - [`job`], [`report`], [`events`], [`slots`]: running evaluation jobs;
 //! - [`safe_fs`]: files read or written on behalf of processes not trusted;
 //! - [`trust`]: which files root may take instructions from;
+//! - [`top`]: the live terminal view of the node (`enforcer top`);
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod agent;
@@ -32,6 +33,7 @@ pub mod report;
 pub mod safe_fs;
 pub mod sched;
 pub mod slots;
+pub mod top;
 pub mod trust;
 pub mod units;
 pub mod validate;

@@ -136,6 +136,25 @@ impl StateDir {
     fn sub(&self, name: &str) -> Result<PrivateDir, SlotError> {
         self.dir.subdir(name).map_err(SlotError::StateDir)
     }
+
+    /// What the lock of job `name` records (where its cgroups are), for an
+    /// observer that does not own the job; `None` when no lock of that
+    /// name is there. The lock is not taken.
+    pub fn job_record(&self, name: &str) -> Result<Option<JobRecord>, SlotError> {
+        let jobs = self.sub("jobs")?;
+        let file_name = lock_file_name(name);
+        let Ok(file) = jobs.open_file(&file_name, false) else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        (&file)
+            .take(RECORD_CAP)
+            .read_to_end(&mut bytes)
+            .map_err(io("reading", &jobs.path().join(&file_name)))?;
+        Ok(serde_json::from_slice::<JobRecord>(&bytes)
+            .ok()
+            .filter(|r| r.job == name))
+    }
 }
 
 /// A held slot; dropping it (or the process dying) frees it.

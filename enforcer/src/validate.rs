@@ -180,6 +180,11 @@ pub const BUDGET: Bound<Percent> = bound(both("budget", "--budget"), |_| PERCENT
 pub const GPU_UTIL_LIMIT: Bound<Percent> =
     bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);
 pub const DUTY_CYCLE: Bound<Percent> = bound(flag("--duty-cycle"), |_| PERCENT);
+/// How often `enforcer top` asks the agent: faster only measures the
+/// asking, slower is no longer a live view.
+pub const TOP_INTERVAL: Bound<Dur> = bound(flag("--interval"), |_| {
+    Range::from_to(Dur::millis(100), Dur::secs(60))
+});
 /// Pid 1 is refused: init is never the training, and following its
 /// children would meter the whole node.
 pub const TRAINING_PID: Bound<i64> = bound(both("training.pid", "--protect"), |_| PID_RANGE);

@@ -58,16 +58,32 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
         )),
         Err(_) if crate::trust::running_as_root() => Ok(Route::InProcess),
         Err(e) => Err(format!(
-            "no enforcer agent answers on {} ({e}): a user other than root runs jobs through the agent; start it (`systemctl start enforcer` or, as root, `enforcer agent`)",
-            path.display()
+            "{}; a user other than root runs jobs through the agent",
+            no_agent_message(&path, &e)
         )),
     }
+}
+
+/// What a command that needs the agent says when none answers on `path`.
+pub fn no_agent_message(path: &Path, error: &str) -> String {
+    format!(
+        "no enforcer agent answers on {} ({error}): start it (`systemctl start enforcer` or, as root, `enforcer agent`)",
+        path.display()
+    )
 }
 
 impl Conn {
     /// Connects and says hello.
     pub fn open(path: &Path) -> Result<Conn, String> {
+        Self::open_within(path, None)
+    }
+
+    /// Connects and says hello, waiting at most `limit` for each answer
+    /// (this one and every later one): a stalled agent then gives an error
+    /// instead of holding the client.
+    pub fn open_within(path: &Path, limit: Option<Duration>) -> Result<Conn, String> {
         let stream = UnixStream::connect(path).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(limit).map_err(|e| e.to_string())?;
         let mut conn = Conn {
             stream,
             reader: LineReader::default(),

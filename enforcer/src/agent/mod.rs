@@ -3,7 +3,8 @@
 //! identified by their peer credentials ([`auth`]), persists each job's
 //! plan before it starts ([`store`]) and runs it through a per-job shim
 //! ([`shim`]) that outlives the agent, and holds the node's steal budgets
-//! ([`budget`]). The CLI's side of the socket is [`client`].
+//! ([`budget`]). What `status` reports of cost is read by [`usage`]. The
+//! CLI's side of the socket is [`client`].
 
 pub mod auth;
 pub mod budget;
@@ -12,3 +13,4 @@ pub mod proto;
 pub mod server;
 pub mod shim;
 pub mod store;
+pub mod usage;

@@ -118,6 +118,10 @@ pub enum Response {
     Status {
         jobs: Vec<JobStatus>,
         budget: serde_json::Value,
+        /// What the agent itself costs the node; absent in the empty
+        /// `status` that opens a subscription.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentCost>,
     },
     Protected {
         training: String,
@@ -146,6 +150,42 @@ pub struct JobStatus {
     pub status: Option<u8>,
     pub training: Option<String>,
     pub quota: Option<QuotaWish>,
+    /// The job's cgroup counters now; `null` for a finished job, a game,
+    /// or a job whose cgroup is not there (yet).
+    #[serde(default)]
+    pub usage: Option<JobUsage>,
+}
+
+/// A running job's cgroup counters as `status` reads them. Cumulative
+/// counters, not rates: a client derives rates from two answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobUsage {
+    /// When the counters were read (Unix milliseconds): rates are over the
+    /// time between two readings, not between two answers.
+    pub read_unix_ms: u64,
+    pub memory_bytes: Option<u64>,
+    /// `null`: no memory limit.
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time of every task the job ever had, seconds.
+    pub cpu_s: Option<f64>,
+    /// Time the job's runnable tasks were held back by its CPU quota,
+    /// seconds.
+    pub throttled_s: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+/// The agent's own cost as `status` reports it: the agent process and the
+/// shims of its live jobs (each job's supervisor, meter and monitors).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentCost {
+    pub pid: u32,
+    /// User plus system CPU time of the agent process, seconds.
+    pub cpu_s: f64,
+    pub rss_bytes: Option<u64>,
+    /// Live shims, and their CPU time and resident memory together.
+    pub shims: u32,
+    pub shims_cpu_s: f64,
+    pub shims_rss_bytes: u64,
 }
 
 /// An event of a job, as `subscribe` streams it.

@@ -26,6 +26,7 @@ use crate::{
         proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
         shim,
         store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
+        usage::Readings,
     },
     config::{Config, OnAgentStop},
     job::{
@@ -51,6 +52,8 @@ struct Shared {
     budget: Mutex<Box<dyn NodeBudget>>,
     /// Training id → the uid that registered it.
     trainings: Mutex<BTreeMap<String, u32>>,
+    /// What `status` read last of the jobs' and the agent's cost.
+    readings: Mutex<Readings>,
     events: broadcast::Sender<Event>,
     seq: AtomicU64,
     /// Clients waiting for a job's end: with `on_agent_stop = "end"` the
@@ -148,6 +151,7 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         jobs: Mutex::new(BTreeMap::new()),
         budget: Mutex::new(Box::new(budget)),
         trainings: Mutex::new(BTreeMap::new()),
+        readings: Mutex::new(Readings::default()),
         events,
         seq: AtomicU64::new(0),
         waiting: AtomicU64::new(0),
@@ -1341,33 +1345,62 @@ fn protect(
 }
 
 fn status(shared: &Shared, caller: &Caller) -> Response {
-    let jobs = match shared.jobs.lock() {
-        Ok(j) => j
-            .values()
-            .filter(|j| caller.owns(j.plan.caller_uid))
-            .map(|j| {
-                let result = j.done.borrow();
-                JobStatus {
-                    id: j.plan.id.clone(),
-                    uid: j.plan.caller_uid,
-                    command: j.plan.kind.command(),
-                    state: if result.is_some() {
-                        "finished"
-                    } else {
-                        "running"
+    // The running jobs' counters are read after the jobs' table is let go:
+    // reading cgroup files must not hold it up.
+    let mut running: Vec<(usize, PathBuf, Option<store::ShimInfo>)> = Vec::new();
+    let mut live: Vec<String> = Vec::new();
+    let mut jobs: Vec<JobStatus> = match shared.jobs.lock() {
+        Ok(j) => {
+            live.extend(
+                j.values()
+                    .filter(|j| j.done.borrow().is_none())
+                    .map(|j| j.plan.id.clone()),
+            );
+            j.values()
+                .filter(|j| caller.owns(j.plan.caller_uid))
+                .enumerate()
+                .map(|(i, j)| {
+                    let result = j.done.borrow();
+                    if result.is_none() && !matches!(j.plan.kind, JobKind::Game { .. }) {
+                        running.push((i, j.plan.config.state_dir.clone(), j.shim));
                     }
-                    .to_owned(),
-                    deadline_unix_ms: j.plan.deadline_unix_ms,
-                    status: result.as_ref().map(|r| r.status),
-                    training: j.plan.training.clone(),
-                    quota: j.quota,
-                }
-            })
-            .collect(),
+                    JobStatus {
+                        id: j.plan.id.clone(),
+                        uid: j.plan.caller_uid,
+                        command: j.plan.kind.command(),
+                        state: if result.is_some() {
+                            "finished"
+                        } else {
+                            "running"
+                        }
+                        .to_owned(),
+                        deadline_unix_ms: j.plan.deadline_unix_ms,
+                        status: result.as_ref().map(|r| r.status),
+                        training: j.plan.training.clone(),
+                        quota: j.quota,
+                        usage: None,
+                    }
+                })
+                .collect()
+        }
         Err(_) => Vec::new(),
     };
+    let agent = shared.readings.lock().ok().map(|mut readings| {
+        for (i, state_dir, shim) in &running {
+            let job = &mut jobs[*i];
+            job.usage = readings.job(&job.id, state_dir, *shim);
+        }
+        readings.retain(&live);
+        // The shims counted are those of the jobs the caller may see.
+        let ids: Vec<&str> = running.iter().map(|(i, ..)| jobs[*i].id.as_str()).collect();
+        readings.agent(&ids)
+    });
     let budget = shared.budget.lock().map(|b| b.status()).unwrap_or_default();
-    Response::Status { jobs, budget }
+    Response::Status {
+        jobs,
+        budget,
+        agent,
+    }
 }
 
 /// Ends a job as a signal to `enforcer run` would: SIGTERM to its shim,
@@ -1421,6 +1454,7 @@ async fn subscribe(shared: &Shared, caller: &Caller, stream: &mut UnixStream) {
         &Response::Status {
             jobs: Vec::new(),
             budget: serde_json::Value::Null,
+            agent: None,
         },
     )
     .await

@@ -237,6 +237,25 @@ macro_rules! dispatch {
 }
 
 impl JobCgroup {
+    /// A handle on the job at `location` that reads its counters and can
+    /// write nothing (no directory is its own): for an observer, such as
+    /// the agent answering `status`, of a job another process owns.
+    pub fn observe(location: &JobLocation) -> Option<JobCgroup> {
+        let fs = fs::CgFs::new(Vec::new());
+        if location.controllers.is_empty() {
+            let dir = location.unified.clone()?;
+            let leaf = dir.join(MAIN_LEAF);
+            Some(JobCgroup::V2(v2::V2Job::open(fs, dir, leaf)))
+        } else {
+            Some(JobCgroup::V1(v1::V1Job::open(
+                fs,
+                location.controllers.clone(),
+                location.unified.clone(),
+                Some(MAIN_LEAF),
+            )))
+        }
+    }
+
     pub fn path(&self) -> &Path {
         dispatch!(self, b => b.path())
     }

@@ -10,6 +10,7 @@ pub mod game;
 mod gpu;
 pub mod meter;
 pub mod run;
+mod top;
 
 use std::process::ExitCode;
 
@@ -68,6 +69,7 @@ pub enum Command {
     Config(config::ConfigArgs),
     Agent(agent::AgentArgs),
     Ctl(ctl::CtlArgs),
+    Top(top::TopArgs),
     #[command(hide = true)]
     Shim(agent::ShimArgs),
 }
@@ -86,6 +88,7 @@ pub fn main() -> ExitCode {
         Command::Config(args) => config::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Top(args) => top::run(args),
         Command::Shim(args) => agent::shim(args),
     }
 }
