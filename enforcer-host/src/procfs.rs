@@ -268,6 +268,8 @@ pub struct Status {
     pub gid: Option<u32>,
     /// The effective capability set.
     pub cap_eff: Option<u64>,
+    /// Resident memory (`VmRSS`), bytes; `None` for kernel threads.
+    pub rss_bytes: Option<u64>,
 }
 
 impl Status {
@@ -283,6 +285,7 @@ impl Status {
             uid: first("Uid"),
             gid: first("Gid"),
             cap_eff: field("CapEff").and_then(|v| u64::from_str_radix(v, 16).ok()),
+            rss_bytes: first("VmRSS").map(|kib: u64| kib.saturating_mul(1024)),
         }
     }
 }

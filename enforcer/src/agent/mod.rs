@@ -3,11 +3,13 @@
 //! identified by their peer credentials ([`auth`]), persists each job's
 //! plan before it starts ([`store`]) and runs it through a per-job shim
 //! ([`shim`]) that outlives the agent, and holds the node's steal budgets
-//! ([`budget`]). The CLI's side of the socket is [`client`].
+//! ([`budget`]). The CLI's side of the socket is [`client`]; its
+//! Prometheus endpoint is [`metrics`].
 
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shim;
