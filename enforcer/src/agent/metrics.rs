@@ -982,15 +982,18 @@ mod tests {
         assert!(unknown.is_empty(), "the dashboard queries metrics the agent does not export: {unknown:?}");
     }
 
-    /// The metric names in every `expr` of a dashboard.
+    /// The metric names in every `expr` (and variable `query`) of a
+    /// dashboard.
     fn dashboard_metrics(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
         let mut stack = vec![v];
         while let Some(v) = stack.pop() {
             match v {
                 serde_json::Value::Object(m) => {
-                    if let Some(serde_json::Value::String(expr)) = m.get("expr") {
-                        out.extend(expr_metrics(expr));
+                    for key in ["expr", "query"] {
+                        if let Some(serde_json::Value::String(expr)) = m.get(key) {
+                            out.extend(expr_metrics(expr));
+                        }
                     }
                     stack.extend(m.values());
                 }

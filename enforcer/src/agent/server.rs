@@ -1406,13 +1406,11 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
 /// and meters, each running job's cgroup stats (read with no lock held)
 /// and the agent's own counters.
 fn scrape(shared: &Shared) -> metrics::Scrape {
+    let program_stats = metrics::bpf_stats_enabled();
     let (trainings, meters) = shared
         .budget
         .lock()
-        .map(|b| {
-            let program_stats = metrics::bpf_stats_enabled();
-            (b.trainings(), b.meter_health(program_stats))
-        })
+        .map(|b| (b.trainings(), b.meter_health(program_stats)))
         .unwrap_or_default();
     let training_owners = shared
         .trainings
@@ -1465,7 +1463,7 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
         trainings,
         training_owners,
         meters,
-        program_stats: metrics::bpf_stats_enabled(),
+        program_stats,
         counts: shared.counters.snapshot(),
         process: metrics::ProcessSample::read(),
     }
