@@ -982,6 +982,19 @@ mod tests {
         assert!(unknown.is_empty(), "the dashboard queries metrics the agent does not export: {unknown:?}");
     }
 
+    /// The README's metric table names every family.
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        let missing: Vec<&str> = FAMILIES
+            .iter()
+            .map(|f| f.name)
+            .filter(|n| !readme.contains(&format!("`{n}`")))
+            .collect();
+        assert!(missing.is_empty(), "README.md does not list {missing:?}");
+    }
+
     /// The metric names in every `expr` (and variable `query`) of a
     /// dashboard.
     fn dashboard_metrics(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
