@@ -127,6 +127,14 @@ impl ProcFs {
             .map_err(|source| ProcError { path, source })
     }
 
+    /// How many file descriptors `pid` has open (`/proc/<pid>/fd`).
+    pub fn fd_count(&self, pid: Pid) -> Result<u64, ProcError> {
+        let path = self.pid_dir(pid).join("fd");
+        std::fs::read_dir(&path)
+            .map(|d| d.count() as u64)
+            .map_err(|source| ProcError { path, source })
+    }
+
     fn numbered(dir: &Path) -> Vec<Pid> {
         let mut v: Vec<Pid> = std::fs::read_dir(dir)
             .into_iter()

@@ -394,7 +394,7 @@ fn a_scrape_shows_a_protected_and_a_plain_job_with_sane_values() {
 }
 
 fn a_live_scrape_passes_promtool_check_metrics() {
-    let Ok(promtool) = which("promtool") else {
+    let Some(promtool) = which("promtool") else {
         enforcer_tests::skip!("promtool is not installed (Debian package prometheus; scripts/setup installs it)");
     };
     let s = Scratch::new("enforcer-metrics");
@@ -424,13 +424,13 @@ fn a_live_scrape_passes_promtool_check_metrics() {
     );
 }
 
-fn which(program: &str) -> Result<PathBuf, ()> {
+/// `program` on `PATH`.
+fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|d| d.join(program))
         .find(|p| p.is_file())
-        .ok_or(())
 }
 
 /// The metric names in every `expr` (and variable `query`) of a Grafana
@@ -472,7 +472,7 @@ fn every_metric_of_the_grafana_dashboard_is_in_a_live_scrape() {
     // Series that exist only in some states, each with why it may be
     // absent from this scrape (the unit test holds every name to the
     // agent's list of metrics).
-    let conditional = |name: &str| -> Option<&str> {
+    let conditional = |name: &str| -> Option<&'static str> {
         match name {
             "enforcer_probe_runs_total" | "enforcer_probe_run_seconds_total" if !bpf_stats => {
                 Some("kernel.bpf_stats_enabled is 0")

@@ -356,8 +356,8 @@ pub struct ProcessSample {
 impl ProcessSample {
     /// Reads this process's counters from /proc.
     pub fn read() -> Self {
-        let proc = enforcer_host::procfs::ProcFs::new();
-        let me = enforcer_host::pid::Pid::this_process();
+        let proc = enforcer_host::ProcFs::new();
+        let me = enforcer_host::Pid::this_process();
         // SAFETY: sysconf reads a constant of the C library.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         let cpu_seconds = proc
@@ -368,9 +368,7 @@ impl ProcessSample {
         ProcessSample {
             rss_bytes: proc.self_status().ok().and_then(|s| s.rss_bytes),
             cpu_seconds,
-            open_fds: std::fs::read_dir("/proc/self/fd")
-                .ok()
-                .map(|d| d.count() as u64),
+            open_fds: proc.fd_count(me).ok(),
         }
     }
 }
@@ -447,7 +445,8 @@ impl Writer {
         let mut cumulative = 0;
         for (bound, n) in LAG_BUCKETS.iter().zip(h.buckets) {
             cumulative += n;
-            self.sample(&bucket, &[("le", &number(*bound))], cumulative as f64);
+            let le = number(*bound);
+            self.sample(&bucket, &[("le", le.as_str())], cumulative as f64);
         }
         self.sample(&bucket, &[("le", "+Inf")], h.count as f64);
         self.sample(&format!("{}_sum", f.name), &[], h.sum);
@@ -460,7 +459,7 @@ fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".to_owned()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+        String::from(if v > 0.0 { "+Inf" } else { "-Inf" })
     } else {
         v.to_string()
     }
@@ -491,7 +490,7 @@ pub fn render(s: &Scrape) -> String {
     );
 
     let uids: Vec<String> = s.jobs.iter().map(|j| j.uid.to_string()).collect();
-    let job_labels = |i: usize| -> Vec<(&'static str, &str)> {
+    let job_labels = |i: usize| {
         let j = &s.jobs[i];
         vec![
             ("job", j.id.as_str()),
@@ -552,7 +551,7 @@ pub fn render(s: &Scrape) -> String {
                 .unwrap_or_default()
         })
         .collect();
-    let training_labels = |i: usize| -> Vec<(&'static str, &str)> {
+    let training_labels = |i: usize| {
         vec![
             ("training", s.trainings[i].training.as_str()),
             ("user", owners[i].as_str()),
@@ -605,11 +604,11 @@ pub fn render(s: &Scrape) -> String {
                 ("job_cgroups_dropped", o.job_cgroups_dropped),
             ]
             .into_iter()
-            .map(|(kind, n)| (vec![("training", m.training.as_str()), ("kind", kind)], n as f64))
+            .map(move |(kind, n)| (vec![("training", m.training.as_str()), ("kind", kind)], n as f64))
         }),
     );
-    let programs = || {
-        s.meters.iter().filter(|_| s.program_stats).flat_map(|m| {
+    let programs = move || {
+        s.meters.iter().filter(move |_| s.program_stats).flat_map(|m| {
             m.programs
                 .iter()
                 .map(move |p| (vec![("training", m.training.as_str()), ("program", p.name)], p))
@@ -726,26 +725,30 @@ pub async fn serve(listener: TcpListener, render: Render) {
     }
 }
 
+/// Reads until the end of the request head; `None` when the client closed
+/// first or the head is too large.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = head_end(buf) {
+            return Ok(Some(end));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            if let Some(end) = head_end(&buf) {
-                return Ok(Some(end));
-            }
-            if buf.len() > MAX_HEAD {
-                return Ok(None);
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(None);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request head"))?;
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream, &mut buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request head"))?;
     let route = match head? {
         Some(end) => route(&buf[..end]),
         None => Route::BadRequest,
@@ -957,7 +960,7 @@ mod tests {
         );
         assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"\xff\xfe\r\n\r\n"), Route::BadRequest);
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
 
