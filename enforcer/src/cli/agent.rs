@@ -12,8 +12,10 @@ use clap::Args;
 /// Config `[agent]`: `socket` (default /run/enforcer/enforcer.sock),
 /// `lib_dir` (job records, default /var/lib/enforcer), `on_agent_stop`
 /// (`keep` jobs running on SIGTERM, or `end` them), `allowed_groups`,
-/// `keep_finished`, `metrics_listen` (Prometheus metrics; off by default). Jobs run in per-job shims that outlive the agent; a
-/// restarted agent re-adopts them. Under systemd, use `KillMode=process`.
+/// `keep_finished`, `metrics_listen` (Prometheus metrics on a loopback
+/// address; off by default). Jobs run in per-job shims that outlive the
+/// agent; a restarted agent re-adopts them. Under systemd, use
+/// `KillMode=process`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Config file (default /etc/enforcer/enforcer.toml when it exists).
