@@ -293,7 +293,9 @@ impl Status {
             uid: first("Uid"),
             gid: first("Gid"),
             cap_eff: field("CapEff").and_then(|v| u64::from_str_radix(v, 16).ok()),
-            rss_bytes: first("VmRSS").map(|kib: u64| kib.saturating_mul(1024)),
+            rss_bytes: field("VmRSS")
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map(|kib| kib.saturating_mul(1024)),
         }
     }
 }

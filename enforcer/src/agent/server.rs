@@ -458,7 +458,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
             }
         };
         let fds = std::mem::take(&mut reader.fds);
-        let request: Request = match serde_json::from_slice(&line) {
+        let request: Request = match serde_json::from_slice::<Request>(&line) {
             Ok(r) => {
                 shared.counters.request(r.kind());
                 r
