@@ -257,6 +257,22 @@ pub const FAMILIES: &[Family] = &[
     PROCESS_FDS,
 ];
 
+/// The request types of the API (and `malformed`), shown from zero so that
+/// a rate over them exists before the first of each.
+pub const REQUEST_TYPES: &[&str] = &[
+    "hello",
+    "run",
+    "attach",
+    "game",
+    "protect",
+    "status",
+    "report",
+    "cancel",
+    "subscribe",
+    "wait",
+    "malformed",
+];
+
 /// The phases of a training's budget loop, as `status` names them.
 pub const PHASES: &[&str] = &["regulating", "over at floor", "experimenting", "frozen"];
 
@@ -627,25 +643,23 @@ pub fn render(s: &Scrape) -> String {
     );
 
     w.histogram(&LOOP_LAG, &s.counts.lag);
-    w.family(
-        &REQUESTS,
-        s.counts
-            .requests
-            .iter()
-            .map(|(k, n)| (vec![("type", k.as_str())], *n as f64)),
-    );
-    w.family(
-        &REFUSED,
-        s.counts
-            .refused
-            .iter()
-            .map(|(k, n)| (vec![("type", k.as_str())], *n as f64)),
-    );
+    w.family(&REQUESTS, by_type(&s.counts.requests));
+    w.family(&REFUSED, by_type(&s.counts.refused));
     let p = s.process;
     w.family(&PROCESS_RSS, p.rss_bytes.map(|v| (vec![], v as f64)));
     w.family(&PROCESS_CPU, p.cpu_seconds.map(|v| (vec![], v)));
     w.family(&PROCESS_FDS, p.open_fds.map(|v| (vec![], v as f64)));
     w.out
+}
+
+/// Samples of a counter by request type, every type of
+/// [`REQUEST_TYPES`] included.
+fn by_type(counts: &BTreeMap<String, u64>) -> Vec<(Vec<(&'static str, &str)>, f64)> {
+    let mut all: BTreeMap<&str, u64> = REQUEST_TYPES.iter().map(|t| (*t, 0)).collect();
+    all.extend(counts.iter().map(|(k, n)| (k.as_str(), *n)));
+    all.into_iter()
+        .map(|(k, n)| (vec![("type", k)], n as f64))
+        .collect()
 }
 
 /// What a request head asks for.
@@ -937,6 +951,10 @@ mod tests {
         assert!(!text.contains("enforcer_probe_runs_total"), "{text}");
         assert!(!text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("enforcer_jobs{state=\"finished\"} 2\n"), "{text}");
+        assert!(
+            text.contains("enforcer_requests_refused_total{type=\"run\"} 0\n"),
+            "request types are shown from zero: {text}"
+        );
     }
 
     #[test]
