@@ -18,8 +18,8 @@ use std::{
 };
 
 use enforcer_tests::{
-    ChildGuard, EnforcerGuard, EnforcerRun, Scratch, assert_no_cgroup_left, enforcer,
-    job_cgroups, root_tests, unique_name,
+    ChildGuard, EnforcerGuard, EnforcerRun, Scratch, assert_no_cgroup_left, enforcer, job_cgroups,
+    root_tests, unique_name,
 };
 
 /// An agent this test started; SIGTERM on drop ends it and (with
@@ -229,11 +229,7 @@ fn metrics_are_off_by_default_and_the_agent_listens_on_no_tcp_port() {
     // The same check sees the endpoint when it is on.
     let s = Scratch::new("enforcer-metrics");
     let port = free_port();
-    let on = Agent::start(
-        &s,
-        &format!("metrics_listen = \"127.0.0.1:{port}\""),
-        &[],
-    );
+    let on = Agent::start(&s, &format!("metrics_listen = \"127.0.0.1:{port}\""), &[]);
     assert_eq!(tcp_listeners_of(on.child.id()), 1, "{}", on.log_text());
 }
 
@@ -330,9 +326,16 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
     eprintln!("{second}");
     for label in [&prot_label, &plain_label] {
         let memory = value(&second, "enforcer_job_memory_bytes", &[label]);
-        assert!(memory.is_some_and(|m| m > 0.0), "{label}: memory {memory:?}");
+        assert!(
+            memory.is_some_and(|m| m > 0.0),
+            "{label}: memory {memory:?}"
+        );
         let limit = value(&second, "enforcer_job_memory_limit_bytes", &[label]);
-        assert_eq!(limit, Some(1000.0 * 1024.0 * 1024.0), "{label}: the default 1000MiB limit");
+        assert_eq!(
+            limit,
+            Some(1000.0 * 1024.0 * 1024.0),
+            "{label}: the default 1000MiB limit"
+        );
         let cpu = |t: &str| value(t, "enforcer_job_cpu_seconds_total", &[label]);
         assert!(
             cpu(&second) > cpu(&first),
@@ -345,15 +348,26 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
             "enforcer_job_cpu_throttled_periods_total",
             "enforcer_job_cpu_throttled_seconds_total",
         ] {
-            assert!(value(&second, name, &[label]).is_some(), "{label}: no {name}");
+            assert!(
+                value(&second, name, &[label]).is_some(),
+                "{label}: no {name}"
+            );
         }
     }
     assert_eq!(
-        value(&second, "enforcer_job_budget_fraction", &[&prot_label, &training_label]),
+        value(
+            &second,
+            "enforcer_job_budget_fraction",
+            &[&prot_label, &training_label]
+        ),
         Some(0.05)
     );
     assert_eq!(
-        value(&second, "enforcer_training_budget_fraction", &[&training_label]),
+        value(
+            &second,
+            "enforcer_training_budget_fraction",
+            &[&training_label]
+        ),
         Some(0.05)
     );
     assert_eq!(
@@ -370,7 +384,9 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
     );
     assert!(value(&second, "enforcer_requests_total", &["type=\"run\""]).is_some_and(|n| n >= 2.0));
     assert!(value(&second, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
-    assert!(value(&second, "enforcer_control_loop_lag_seconds_count", &[]).is_some_and(|v| v > 0.0));
+    assert!(
+        value(&second, "enforcer_control_loop_lag_seconds_count", &[]).is_some_and(|v| v > 0.0)
+    );
     TwoJobs {
         scrape: second,
         addr,
@@ -386,7 +402,11 @@ fn a_scrape_shows_a_protected_and_a_plain_job_with_sane_values() {
     let t = scrape_with_two_jobs(&s);
     // Only GET and HEAD of /metrics are served.
     assert!(http(t.addr, "GET / HTTP/1.1").0.starts_with("HTTP/1.1 404"));
-    assert!(http(t.addr, "POST /metrics HTTP/1.1").0.starts_with("HTTP/1.1 405"));
+    assert!(
+        http(t.addr, "POST /metrics HTTP/1.1")
+            .0
+            .starts_with("HTTP/1.1 405")
+    );
     let (status, headers, body) = http(t.addr, "HEAD /metrics HTTP/1.1");
     assert_eq!(status, "HTTP/1.1 200 OK", "{headers}");
     assert!(body.is_empty(), "HEAD has no body: {body:?}");
@@ -399,7 +419,9 @@ fn a_scrape_shows_a_protected_and_a_plain_job_with_sane_values() {
 
 fn a_live_scrape_passes_promtool_check_metrics() {
     let Some(promtool) = which("promtool") else {
-        enforcer_tests::skip!("promtool is not installed (Debian package prometheus; scripts/setup installs it)");
+        enforcer_tests::skip!(
+            "promtool is not installed (Debian package prometheus; scripts/setup installs it)"
+        );
     };
     let s = Scratch::new("enforcer-metrics");
     let t = scrape_with_two_jobs(&s);
@@ -459,14 +481,22 @@ fn dashboard_metrics(v: &serde_json::Value, out: &mut BTreeSet<String>) {
 }
 
 fn every_metric_of_the_grafana_dashboard_is_in_a_live_scrape() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana-dashboard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    );
     let Ok(text) = std::fs::read_to_string(path) else {
-        enforcer_tests::skip!("{path} is not on this machine (the VM image carries only the binaries)");
+        enforcer_tests::skip!(
+            "{path} is not on this machine (the VM image carries only the binaries)"
+        );
     };
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
     let mut wanted = BTreeSet::new();
     dashboard_metrics(&dashboard, &mut wanted);
-    assert!(wanted.len() > 10, "the dashboard queries almost nothing: {wanted:?}");
+    assert!(
+        wanted.len() > 10,
+        "the dashboard queries almost nothing: {wanted:?}"
+    );
     let s = Scratch::new("enforcer-metrics");
     let t = scrape_with_two_jobs(&s);
     let scrape = &t.scrape;
@@ -511,7 +541,11 @@ fn metrics_listen_on_a_non_loopback_address_is_exit_2_naming_the_key_and_makes_n
             &[][..],
             "agent.metrics_listen = \"0.0.0.0:9464\"",
         ),
-        ("", &["--metrics-listen", "192.0.2.1:9464"][..], "--metrics-listen 192.0.2.1:9464"),
+        (
+            "",
+            &["--metrics-listen", "192.0.2.1:9464"][..],
+            "--metrics-listen 192.0.2.1:9464",
+        ),
     ] {
         let s = Scratch::new("enforcer-metrics");
         let socket = s.path("run/enforcer.sock");
@@ -538,8 +572,14 @@ fn metrics_listen_on_a_non_loopback_address_is_exit_2_naming_the_key_and_makes_n
             .unwrap_or_else(|| panic!("the agent did not refuse {named}: it runs"));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{named}: {stderr}");
-        assert!(stderr.contains(named), "the error names {named:?}: {stderr}");
-        assert!(stderr.contains("loopback"), "the error says what is allowed: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "the error names {named:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("loopback"),
+            "the error says what is allowed: {stderr}"
+        );
         assert!(!lib.exists(), "the refused agent made its lib_dir");
         assert!(!socket.exists(), "the refused agent made its socket");
     }

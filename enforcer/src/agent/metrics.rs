@@ -407,8 +407,7 @@ pub struct Scrape {
 /// (`kernel.bpf_stats_enabled`); the agent never turns it on itself: it
 /// costs every program run on the node.
 pub fn bpf_stats_enabled() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        .is_ok_and(|s| s.trim() == "1")
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }
 
 /// Writes families in the text format: a family's `# HELP` and `# TYPE`
@@ -427,7 +426,11 @@ impl Writer {
     }
 
     /// Writes a gauge or counter family from its samples.
-    fn family<'a>(&mut self, f: &Family, samples: impl IntoIterator<Item = (Vec<(&'static str, &'a str)>, f64)>) {
+    fn family<'a>(
+        &mut self,
+        f: &Family,
+        samples: impl IntoIterator<Item = (Vec<(&'static str, &'a str)>, f64)>,
+    ) {
         let mut first = true;
         for (labels, value) in samples {
             if first {
@@ -521,11 +524,20 @@ pub fn render(s: &Scrape) -> String {
             .collect::<Vec<_>>()
     };
     w.family(&JOB_MEMORY, stat(|st| st.memory_current.map(|v| v as f64)));
-    w.family(&JOB_MEMORY_PEAK, stat(|st| st.memory_peak.map(|v| v as f64)));
-    w.family(&JOB_MEMORY_LIMIT, stat(|st| st.memory_limit.map(|v| v as f64)));
+    w.family(
+        &JOB_MEMORY_PEAK,
+        stat(|st| st.memory_peak.map(|v| v as f64)),
+    );
+    w.family(
+        &JOB_MEMORY_LIMIT,
+        stat(|st| st.memory_limit.map(|v| v as f64)),
+    );
     w.family(&JOB_OOM_KILLS, stat(|st| st.oom_kills.map(|v| v as f64)));
     w.family(&JOB_CPU, stat(|st| st.cpu_usage.map(|d| d.as_secs_f64())));
-    w.family(&JOB_THROTTLED, stat(|st| st.cpu_throttled.map(|d| d.as_secs_f64())));
+    w.family(
+        &JOB_THROTTLED,
+        stat(|st| st.cpu_throttled.map(|d| d.as_secs_f64())),
+    );
     w.family(
         &JOB_THROTTLED_PERIODS,
         stat(|st| st.cpu_throttled_periods.map(|v| v as f64)),
@@ -592,7 +604,10 @@ pub fn render(s: &Scrape) -> String {
                 })
         }),
     );
-    w.family(&TRAINING_OVER_BUDGET, per_training(|t| Some(t.over_budget_s)));
+    w.family(
+        &TRAINING_OVER_BUDGET,
+        per_training(|t| Some(t.over_budget_s)),
+    );
     w.family(&TRAINING_SLOWDOWN, per_training(|t| t.slowdown));
     w.family(&TRAINING_QUOTA, per_training(|t| t.quota_cores));
     w.family(&TRAINING_JOBS, per_training(|t| Some(t.jobs.len() as f64)));
@@ -620,17 +635,31 @@ pub fn render(s: &Scrape) -> String {
                 ("job_cgroups_dropped", o.job_cgroups_dropped),
             ]
             .into_iter()
-            .map(move |(kind, n)| (vec![("training", m.training.as_str()), ("kind", kind)], n as f64))
+            .map(move |(kind, n)| {
+                (
+                    vec![("training", m.training.as_str()), ("kind", kind)],
+                    n as f64,
+                )
+            })
         }),
     );
     let programs = move || {
-        s.meters.iter().filter(move |_| s.program_stats).flat_map(|m| {
-            m.programs
-                .iter()
-                .map(move |p| (vec![("training", m.training.as_str()), ("program", p.name)], p))
-        })
+        s.meters
+            .iter()
+            .filter(move |_| s.program_stats)
+            .flat_map(|m| {
+                m.programs.iter().map(move |p| {
+                    (
+                        vec![("training", m.training.as_str()), ("program", p.name)],
+                        p,
+                    )
+                })
+            })
     };
-    w.family(&PROBE_RUNS, programs().map(|(l, p)| (l, p.run_count as f64)));
+    w.family(
+        &PROBE_RUNS,
+        programs().map(|(l, p)| (l, p.run_count as f64)),
+    );
     w.family(
         &PROBE_RUN_TIME,
         programs().map(|(l, p)| (l, p.run_time_ns as f64 / 1e9)),
@@ -769,7 +798,12 @@ async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     };
     let (status, extra, body, head_only) = match route {
         Route::Metrics { head_only } => ("200 OK", "", render(), head_only),
-        Route::NotFound => ("404 Not Found", "", "only /metrics is served\n".to_owned(), false),
+        Route::NotFound => (
+            "404 Not Found",
+            "",
+            "only /metrics is served\n".to_owned(),
+            false,
+        ),
         Route::MethodNotAllowed => (
             "405 Method Not Allowed",
             "Allow: GET, HEAD\r\n",
@@ -894,7 +928,9 @@ mod tests {
                 f.name
             );
             assert!(
-                names.iter().any(|n| n == f.name || n.starts_with(&format!("{}_", f.name))),
+                names
+                    .iter()
+                    .any(|n| n == f.name || n.starts_with(&format!("{}_", f.name))),
                 "{} has no sample:\n{text}",
                 f.name
             );
@@ -950,7 +986,10 @@ mod tests {
         assert!(!text.contains("enforcer_job_memory_bytes"), "{text}");
         assert!(!text.contains("enforcer_probe_runs_total"), "{text}");
         assert!(!text.contains("process_resident_memory_bytes"), "{text}");
-        assert!(text.contains("enforcer_jobs{state=\"finished\"} 2\n"), "{text}");
+        assert!(
+            text.contains("enforcer_jobs{state=\"finished\"} 2\n"),
+            "{text}"
+        );
         assert!(
             text.contains("enforcer_requests_refused_total{type=\"run\"} 0\n"),
             "request types are shown from zero: {text}"
@@ -985,7 +1024,10 @@ mod tests {
     /// The dashboard in `deploy/` may only query metrics the agent exports.
     #[test]
     fn the_grafana_dashboard_uses_only_exported_metrics() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana-dashboard.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana-dashboard.json"
+        );
         let text = std::fs::read_to_string(path).expect("deploy/grafana-dashboard.json");
         let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
         let names = dashboard_metrics(&dashboard);
@@ -1000,7 +1042,10 @@ mod tests {
             })
         };
         let unknown: Vec<&String> = names.iter().filter(|n| !known(n)).collect();
-        assert!(unknown.is_empty(), "the dashboard queries metrics the agent does not export: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "the dashboard queries metrics the agent does not export: {unknown:?}"
+        );
     }
 
     /// The README's metric table names every family.
