@@ -127,6 +127,14 @@ impl ProcFs {
             .map_err(|source| ProcError { path, source })
     }
 
+    /// How many file descriptors `pid` has open (`/proc/<pid>/fd`).
+    pub fn fd_count(&self, pid: Pid) -> Result<u64, ProcError> {
+        let path = self.pid_dir(pid).join("fd");
+        std::fs::read_dir(&path)
+            .map(|d| d.count() as u64)
+            .map_err(|source| ProcError { path, source })
+    }
+
     fn numbered(dir: &Path) -> Vec<Pid> {
         let mut v: Vec<Pid> = std::fs::read_dir(dir)
             .into_iter()
@@ -268,6 +276,8 @@ pub struct Status {
     pub gid: Option<u32>,
     /// The effective capability set.
     pub cap_eff: Option<u64>,
+    /// Resident memory (`VmRSS`), bytes; `None` for kernel threads.
+    pub rss_bytes: Option<u64>,
 }
 
 impl Status {
@@ -283,6 +293,9 @@ impl Status {
             uid: first("Uid"),
             gid: first("Gid"),
             cap_eff: field("CapEff").and_then(|v| u64::from_str_radix(v, 16).ok()),
+            rss_bytes: field("VmRSS")
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map(|kib| kib.saturating_mul(1024)),
         }
     }
 }

@@ -138,6 +138,10 @@ pub struct AgentConfig {
     pub allowed_groups: Vec<String>,
     /// How long the records of finished jobs are kept for `report`.
     pub keep_finished: Dur,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; unset
+    /// (the default): no endpoint. A loopback address only: the endpoint
+    /// has no authentication and names every job of the node.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -148,6 +152,7 @@ impl Default for AgentConfig {
             on_agent_stop: OnAgentStop::Keep,
             allowed_groups: Vec::new(),
             keep_finished: Dur::secs(3600),
+            metrics_listen: None,
         }
     }
 }
@@ -342,6 +347,7 @@ mod tests {
         assert_eq!(c.control_period, Dur::millis(100));
         assert!(c.cpu_idle);
         assert!(!c.training.follow_children);
+        assert_eq!(c.agent.metrics_listen, None, "metrics are off by default");
     }
 
     #[test]
@@ -481,6 +487,14 @@ follow_children = true
             ),
             ("[training]\npid = 1", "training.pid = 1 (line 3)"),
             ("[training]\ncgroup = \"../x\"", "training.cgroup"),
+            (
+                "[agent]\nmetrics_listen = \"0.0.0.0:9464\"",
+                "agent.metrics_listen = \"0.0.0.0:9464\" (line 3): must be a loopback address",
+            ),
+            (
+                "[agent]\nmetrics_listen = \"localhost:9464\"",
+                "metrics_listen",
+            ),
         ] {
             let text = format!("# a comment\n{text}\n");
             let e = parse(&text).unwrap_err();

@@ -154,6 +154,9 @@ const PIDS_RANGE: Range<u64> = Range::from_to(1, PID_MAX_LIMIT);
 const WEIGHT_RANGE: Range<u64> = Range::from_to(1, 10_000);
 const JOBS_RANGE: Range<u64> = Range::from_to(1, 1024);
 
+/// `agent.metrics_listen` / `--metrics-listen`, for [`Checker::loopback`].
+pub const METRICS_LISTEN: Name = both("agent.metrics_listen", "--metrics-listen");
+
 /// `on_event` / `--on-event`, for [`Checker::non_empty`].
 pub const ON_EVENT: Name = both("on_event", "--on-event");
 
@@ -299,6 +302,20 @@ impl Checker {
         }
     }
 
+    /// Refuses an address that is not a loopback one (an endpoint without
+    /// authentication must not be reachable from other hosts).
+    pub fn loopback(&mut self, name: Name, addr: Option<std::net::SocketAddr>) {
+        if let Some(a) = addr
+            && !a.ip().is_loopback()
+        {
+            self.refuse(
+                name,
+                a.to_string(),
+                "a loopback address (127.0.0.0/8 or [::1]): the metrics endpoint has no authentication".to_owned(),
+            );
+        }
+    }
+
     /// Refuses a soft memory limit above the hard one; blames the soft one
     /// when it is from this source, else the hard one.
     pub fn high_at_most_max(
@@ -378,6 +395,7 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.path(key("cgroup_root"), c.cgroup_root.as_deref(), false);
     v.path(key("training.cgroup"), c.training.cgroup.as_deref(), false);
     v.path(key("state_dir"), Some(&c.state_dir), true);
+    v.loopback(METRICS_LISTEN, c.agent.metrics_listen);
     v.non_empty(
         ON_EVENT,
         c.on_event.as_deref(),
@@ -485,6 +503,10 @@ mod tests {
                 "--protect 1: must be from 2 to 4194304",
             ),
             (
+                refused(|v| v.loopback(METRICS_LISTEN, Some("0.0.0.0:9464".parse().unwrap()))),
+                "--metrics-listen 0.0.0.0:9464: must be a loopback address",
+            ),
+            (
                 refused(|v| v.non_empty(ON_EVENT, Some(""), "x")),
                 "--on-event \"\": must be non-empty",
             ),
@@ -523,6 +545,8 @@ mod tests {
         v.path(key("state_dir"), Some(Path::new("/run/enforcer")), true);
         v.path(key("cgroup_root"), Some(Path::new("eval.slice/x")), false);
         v.path(key("cgroup_root"), Some(Path::new("/")), false);
+        v.loopback(METRICS_LISTEN, Some("127.0.0.1:9464".parse().unwrap()));
+        v.loopback(METRICS_LISTEN, Some("[::1]:9464".parse().unwrap()));
         assert_eq!(v.finish(), Ok(()));
     }
 

@@ -81,6 +81,16 @@ pub trait NodeBudget: Send {
     fn take_events(&mut self) -> Vec<(String, &'static str)> {
         Vec::new()
     }
+    /// The metered trainings as typed values (what [`NodeBudget::status`]
+    /// shows), for the metrics endpoint.
+    fn trainings(&self) -> Vec<crate::budget::node::TrainingStatus> {
+        Vec::new()
+    }
+    /// The meters' own health; their programs' cost only with
+    /// `program_stats`.
+    fn meter_health(&self, _program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
+        Vec::new()
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -422,6 +432,14 @@ impl NodeBudget for Metered {
 
     fn take_events(&mut self) -> Vec<(String, &'static str)> {
         std::mem::take(&mut self.events)
+    }
+
+    fn trainings(&self) -> Vec<crate::budget::node::TrainingStatus> {
+        self.protections.status()
+    }
+
+    fn meter_health(&self, program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
+        self.protections.meter_health(program_stats)
     }
 
     fn status(&self) -> serde_json::Value {

@@ -4,11 +4,13 @@
 //! plan before it starts ([`store`]) and runs it through a per-job shim
 //! ([`shim`]) that outlives the agent, and holds the node's steal budgets
 //! ([`budget`]). What `status` reports of cost is read by [`usage`]. The
-//! CLI's side of the socket is [`client`].
+//! CLI's side of the socket is [`client`]; the Prometheus endpoint is
+//! [`metrics`].
 
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shim;

@@ -86,6 +86,24 @@ pub enum Request {
     Wait { id: String },
 }
 
+impl Request {
+    /// The request's `type`, as on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Run { .. } => "run",
+            Request::Attach { .. } => "attach",
+            Request::Game { .. } => "game",
+            Request::Protect { .. } => "protect",
+            Request::Status => "status",
+            Request::Report { .. } => "report",
+            Request::Cancel { .. } => "cancel",
+            Request::Subscribe => "subscribe",
+            Request::Wait { .. } => "wait",
+        }
+    }
+}
+
 /// What the agent answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

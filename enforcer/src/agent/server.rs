@@ -23,6 +23,7 @@ use crate::{
     agent::{
         auth::{self, Caller},
         budget::{Metered, NodeBudget, QuotaWish, TrainingSpec},
+        metrics,
         proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
         shim,
         store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
@@ -59,6 +60,11 @@ struct Shared {
     /// Clients waiting for a job's end: with `on_agent_stop = "end"` the
     /// agent answers them before it exits.
     waiting: AtomicU64,
+    /// Requests, refusals and control-loop lag, for the metrics endpoint.
+    counters: metrics::AgentCounters,
+    /// The agent's cgroup subtree, opened at the first scrape that needs
+    /// it, where the metrics endpoint reads the jobs' cgroup stats.
+    subtree: Mutex<Option<crate::cgroup::subtree::Subtree>>,
 }
 
 /// A refusal or failure answered to one request.
@@ -89,7 +95,12 @@ impl Answer {
 }
 
 /// Runs the agent until SIGTERM or SIGINT; returns the exit status.
-pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
+/// `socket` and `metrics_listen` override the config's.
+pub fn main(
+    config_path: Option<&Path>,
+    socket: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> u8 {
     if !crate::trust::running_as_root() {
         tracing::error!(
             "enforcer agent must run as root (it makes cgroups and runs jobs as their callers)"
@@ -103,6 +114,16 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
             return EXIT_USAGE;
         }
     };
+    let mut flags = crate::validate::Checker::new(
+        crate::validate::Source::Flags,
+        crate::validate::Node::detect(),
+    );
+    flags.loopback(crate::validate::METRICS_LISTEN, metrics_listen);
+    if let Err(e) = flags.finish() {
+        tracing::error!("{e}");
+        return EXIT_USAGE;
+    }
+    let metrics_listen = metrics_listen.or(config.agent.metrics_listen);
     let socket = socket.unwrap_or_else(|| config.agent.socket.clone());
     let store = match Store::open(&config.agent.lib_dir) {
         Ok(s) => s,
@@ -155,6 +176,8 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
         events,
         seq: AtomicU64::new(0),
         waiting: AtomicU64::new(0),
+        counters: metrics::AgentCounters::default(),
+        subtree: Mutex::new(None),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -174,6 +197,20 @@ pub fn main(config_path: Option<&Path>, socket: Option<PathBuf>) -> u8 {
                 return EXIT_USAGE;
             }
         };
+        if let Some(addr) = metrics_listen {
+            let listener = match metrics::bind(addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("agent.metrics_listen {addr}: binding failed: {e}");
+                    let _ = std::fs::remove_file(&socket);
+                    return EXIT_FAILURE;
+                }
+            };
+            let state = shared.clone();
+            let render: metrics::Render = Arc::new(move || metrics::render(&scrape(&state)));
+            tokio::spawn(metrics::serve(listener, render));
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
         recover(&shared);
         tracing::info!(socket = %socket.display(), records = %shared.store.path().display(), "agent listening");
         let status = serve(&shared, listener).await;
@@ -277,7 +314,10 @@ async fn serve(shared: &Arc<Shared>, listener: UnixListener) -> u8 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = tick.tick() => budget_tick(shared),
+            at = tick.tick() => {
+                shared.counters.tick_lag(tokio::time::Instant::now().saturating_duration_since(at));
+                budget_tick(shared);
+            }
             _ = prune.tick() => prune_finished(shared),
             _ = term.recv() => {
                 tracing::info!(on_agent_stop = ?shared.config.agent.on_agent_stop, "SIGTERM: agent stopping");
@@ -387,7 +427,8 @@ async fn send(stream: &mut UnixStream, msg: &Response) -> std::io::Result<()> {
     stream.write_all(&proto::encode(msg)).await
 }
 
-fn refuse(caller: &Caller, what: &str, answer: &Answer) {
+fn refuse(shared: &Shared, caller: &Caller, what: &str, answer: &Answer) {
+    shared.counters.refused(what);
     tracing::warn!(
         uid = caller.uid,
         pid = caller.pid,
@@ -414,17 +455,22 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
             Ok(None) => return,
             Err(e) => {
                 let answer = Answer::usage(format!("bad message: {e}"));
-                refuse(&caller, "?", &answer);
+                shared.counters.request("malformed");
+                refuse(&shared, &caller, "malformed", &answer);
                 let _ = send(&mut stream, &answer.response()).await;
                 return;
             }
         };
         let fds = std::mem::take(&mut reader.fds);
-        let request: Request = match serde_json::from_slice(&line) {
-            Ok(r) => r,
+        let request: Request = match serde_json::from_slice::<Request>(&line) {
+            Ok(r) => {
+                shared.counters.request(r.kind());
+                r
+            }
             Err(e) => {
                 let answer = Answer::usage(format!("malformed message: {e}"));
-                refuse(&caller, "?", &answer);
+                shared.counters.request("malformed");
+                refuse(&shared, &caller, "malformed", &answer);
                 if send(&mut stream, &answer.response()).await.is_err() {
                     return;
                 }
@@ -449,13 +495,13 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 )),
                 _ => Answer::usage("the first message must be {\"type\":\"hello\",\"api\":1}"),
             };
-            refuse(&caller, "hello", &answer);
+            refuse(&shared, &caller, "hello", &answer);
             let _ = send(&mut stream, &answer.response()).await;
             return;
         }
         if let Err(answer) = caller.check_allowed(&shared.config.agent.allowed_groups) {
             let answer = Answer::usage(answer.0);
-            refuse(&caller, "any", &answer);
+            refuse(&shared, &caller, request.kind(), &answer);
             let _ = send(&mut stream, &answer.response()).await;
             return;
         }
@@ -519,7 +565,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 let msg = match r {
                     Ok(training) => Response::Protected { training },
                     Err(a) => {
-                        refuse(&caller, "protect", &a);
+                        refuse(&shared, &caller, "protect", &a);
                         a.response()
                     }
                 };
@@ -532,7 +578,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
             Request::Report { id, wait } => {
                 let msg = match lookup(&shared, &caller, &id) {
                     Err(a) => {
-                        refuse(&caller, "report", &a);
+                        refuse(&shared, &caller, "report", &a);
                         a.response()
                     }
                     Ok((plan, mut rx)) => {
@@ -555,7 +601,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 let msg = match cancel(&shared, &caller, &id) {
                     Ok(()) => Response::Cancelled { id },
                     Err(a) => {
-                        refuse(&caller, "cancel", &a);
+                        refuse(&shared, &caller, "cancel", &a);
                         a.response()
                     }
                 };
@@ -585,7 +631,7 @@ async fn accept(
     let p = match prepared {
         Ok(p) => p,
         Err(answer) => {
-            refuse(caller, what, &answer);
+            refuse(shared, caller, what, &answer);
             return send(stream, &answer.response()).await.is_ok();
         }
     };
@@ -626,7 +672,7 @@ async fn follow(
     let (id, deadline, grace, mut rx, announce) = match accepted {
         Ok(a) => a,
         Err(answer) => {
-            refuse(caller, what, &answer);
+            refuse(shared, caller, what, &answer);
             return send(stream, &answer.response()).await.is_ok();
         }
     };
@@ -1400,6 +1446,73 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
         jobs,
         budget,
         agent,
+    }
+}
+
+/// What the metrics endpoint shows: the job table, the budget's trainings
+/// and meters, each running job's cgroup stats (read with no lock held)
+/// and the agent's own counters.
+fn scrape(shared: &Shared) -> metrics::Scrape {
+    let program_stats = metrics::bpf_stats_enabled();
+    let (trainings, meters) = shared
+        .budget
+        .lock()
+        .map(|b| (b.trainings(), b.meter_health(program_stats)))
+        .unwrap_or_default();
+    let training_owners = shared
+        .trainings
+        .lock()
+        .map(|t| t.clone())
+        .unwrap_or_default();
+    let budget_of = |training: &str| {
+        trainings
+            .iter()
+            .find(|t| t.training == training)
+            .map(|t| t.budget)
+    };
+    let mut jobs: Vec<(metrics::JobSample, bool)> = match shared.jobs.lock() {
+        Ok(jobs) => jobs
+            .values()
+            .map(|j| {
+                let sample = metrics::JobSample {
+                    id: j.plan.id.clone(),
+                    uid: j.plan.caller_uid,
+                    training: j.plan.training.clone(),
+                    running: j.done.borrow().is_none(),
+                    budget_fraction: j.plan.training.as_deref().and_then(budget_of),
+                    quota_cores: j.quota.and_then(|q| q.cpu),
+                    frozen: j.quota.is_some_and(|q| q.freeze),
+                    stats: None,
+                };
+                (sample, matches!(j.plan.kind, JobKind::Game { .. }))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    // A game's cgroup is inside its job's, whose stats include it.
+    if jobs.iter().any(|(j, game)| j.running && !game)
+        && let Ok(mut subtree) = shared.subtree.lock()
+    {
+        if subtree.is_none() {
+            match crate::cgroup::subtree::Subtree::open(shared.config.cgroup_root.as_deref()) {
+                Ok(s) => *subtree = Some(s),
+                Err(error) => tracing::warn!(%error, "metrics: the jobs' cgroups cannot be read"),
+            }
+        }
+        if let Some(subtree) = subtree.as_ref() {
+            for (job, _) in jobs.iter_mut().filter(|(j, game)| j.running && !game) {
+                job.stats = subtree.open_job(&job.id).ok().map(|cg| cg.stats());
+            }
+        }
+    }
+    metrics::Scrape {
+        jobs: jobs.into_iter().map(|(j, _)| j).collect(),
+        trainings,
+        training_owners,
+        meters,
+        program_stats,
+        counts: shared.counters.snapshot(),
+        process: metrics::ProcessSample::read(),
     }
 }
 

@@ -204,6 +204,11 @@ impl Protections {
         self.budget.status()
     }
 
+    /// Every meter's own health (see [`NodeMeter::health`]).
+    pub fn meter_health(&self, program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
+        self.meter.health(program_stats)
+    }
+
     /// The training `job` protects.
     pub fn training_of(&self, job: &str) -> Option<&str> {
         self.budget.training_of(job)

@@ -170,6 +170,8 @@ impl JobLocation {
 pub struct Stats {
     pub cpu_usage: Option<Duration>,
     pub cpu_throttled: Option<Duration>,
+    /// CFS periods in which the job was throttled (`nr_throttled`).
+    pub cpu_throttled_periods: Option<u64>,
     pub memory_current: Option<u64>,
     /// The kernel's own high-water mark (`memory.peak`, v1
     /// `memory.max_usage_in_bytes`).

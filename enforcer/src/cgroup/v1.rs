@@ -377,6 +377,9 @@ impl Backend for V1Job {
                 .as_ref()
                 .and_then(|m| m.get("throttled_time"))
                 .map(|ns| Duration::from_nanos(*ns)),
+            cpu_throttled_periods: cpu_stat
+                .as_ref()
+                .and_then(|m| m.get("nr_throttled").copied()),
             memory_current: num("memory", "memory.usage_in_bytes"),
             memory_peak: num("memory", "memory.max_usage_in_bytes"),
             memory_limit: limit("memory", "memory.limit_in_bytes"),

@@ -230,6 +230,7 @@ impl Backend for V2Job {
                 .as_ref()
                 .and_then(|m| m.get("throttled_usec"))
                 .map(|u| Duration::from_micros(*u)),
+            cpu_throttled_periods: cpu.as_ref().and_then(|m| m.get("nr_throttled").copied()),
             memory_current: num("memory.current"),
             memory_peak: num("memory.peak"),
             memory_limit: limit("memory.max"),
@@ -362,7 +363,7 @@ mod tests {
         let dir = job.dir.clone();
         stdfs::write(
             dir.join("cpu.stat"),
-            "usage_usec 1500000\nthrottled_usec 250000\n",
+            "usage_usec 1500000\nnr_throttled 7\nthrottled_usec 250000\n",
         )
         .unwrap();
         stdfs::write(dir.join("memory.current"), "4096\n").unwrap();
@@ -376,6 +377,7 @@ mod tests {
         let s = job.stats();
         assert_eq!(s.cpu_usage, Some(Duration::from_millis(1500)));
         assert_eq!(s.cpu_throttled, Some(Duration::from_millis(250)));
+        assert_eq!(s.cpu_throttled_periods, Some(7));
         assert_eq!(s.memory_peak, None, "no memory.peak on this fake kernel");
         assert_eq!(s.memory_limit, None, "max is no limit");
         assert_eq!(s.oom_kills, Some(1));

@@ -12,8 +12,10 @@ use clap::Args;
 /// Config `[agent]`: `socket` (default /run/enforcer/enforcer.sock),
 /// `lib_dir` (job records, default /var/lib/enforcer), `on_agent_stop`
 /// (`keep` jobs running on SIGTERM, or `end` them), `allowed_groups`,
-/// `keep_finished`. Jobs run in per-job shims that outlive the agent; a
-/// restarted agent re-adopts them. Under systemd, use `KillMode=process`.
+/// `keep_finished`, `metrics_listen` (Prometheus metrics on a loopback
+/// address; off by default). Jobs run in per-job shims that outlive the
+/// agent; a restarted agent re-adopts them. Under systemd, use
+/// `KillMode=process`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Config file (default /etc/enforcer/enforcer.toml when it exists).
@@ -22,6 +24,11 @@ pub struct AgentArgs {
     /// The socket to listen on (overrides `agent.socket`).
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, e.g.
+    /// `127.0.0.1:9464` (overrides `agent.metrics_listen`). A loopback
+    /// address only: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The per-job shim (started by the agent; not for people).
@@ -35,6 +42,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
     ExitCode::from(crate::agent::server::main(
         args.config.as_deref(),
         args.socket,
+        args.metrics_listen,
     ))
 }
 

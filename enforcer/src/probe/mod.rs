@@ -78,7 +78,7 @@ pub struct SelfTest {
 }
 
 /// Cost of one program, from `kernel.bpf_stats_enabled` accounting.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProgramStats {
     pub name: &'static str,
     pub run_count: u64,

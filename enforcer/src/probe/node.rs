@@ -18,8 +18,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ProbeError,
-    steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    ProbeError, ProgramStats,
+    steal::{JobCgroup, Overflow, StealMeter, StealSnapshot, TrainingSpec},
 };
 
 /// A protected training, by the name the agent gave it.
@@ -46,6 +46,19 @@ pub struct NodeMeter {
     meters: BTreeMap<TrainingId, StealMeter>,
     /// Which training each job's slot is in.
     jobs: BTreeMap<String, TrainingId>,
+    /// Each meter's overflow counters at its last read.
+    overflow: BTreeMap<TrainingId, Overflow>,
+}
+
+/// One meter's own health: what did not fit in its maps and, while
+/// `kernel.bpf_stats_enabled` is 1, what its programs cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterHealth {
+    pub training: TrainingId,
+    /// As of the last read (all zero before it).
+    pub overflow: Overflow,
+    /// Empty unless asked for.
+    pub programs: Vec<ProgramStats>,
 }
 
 impl NodeMeter {
@@ -76,6 +89,7 @@ impl NodeMeter {
             .remove(id)
             .ok_or_else(|| NodeMeterError::NoTraining(id.to_owned()))?;
         self.jobs.retain(|_, t| t != id);
+        self.overflow.remove(id);
         Ok(())
     }
 
@@ -119,9 +133,33 @@ impl NodeMeter {
     /// Polls every training's counters (cumulative); a training whose read
     /// failed is reported with its error, the others are still read.
     pub fn read(&mut self) -> BTreeMap<TrainingId, Result<StealSnapshot, ProbeError>> {
-        self.meters
+        let read: BTreeMap<TrainingId, Result<StealSnapshot, ProbeError>> = self
+            .meters
             .iter_mut()
             .map(|(id, meter)| (id.clone(), meter.read()))
+            .collect();
+        for (id, snapshot) in &read {
+            if let Ok(s) = snapshot {
+                self.overflow.insert(id.clone(), s.overflow);
+            }
+        }
+        read
+    }
+
+    /// Every meter's health; its programs' cost only with `program_stats`
+    /// (meaningful while `kernel.bpf_stats_enabled` is 1).
+    pub fn health(&self, program_stats: bool) -> Vec<MeterHealth> {
+        self.meters
+            .iter()
+            .map(|(id, meter)| MeterHealth {
+                training: id.clone(),
+                overflow: self.overflow.get(id).copied().unwrap_or_default(),
+                programs: if program_stats {
+                    meter.program_stats()
+                } else {
+                    Vec::new()
+                },
+            })
             .collect()
     }
 
