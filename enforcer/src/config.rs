@@ -142,6 +142,10 @@ pub struct AgentConfig {
     /// (the default): no endpoint. A loopback address only: the endpoint
     /// has no authentication and names every job of the node.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow `metrics_listen` on an address other than loopback: for a
+    /// fleet whose Prometheus scrapes every node over a network it trusts
+    /// (the DaemonSet), since the endpoint has no authentication.
+    pub metrics_non_loopback: bool,
 }
 
 impl Default for AgentConfig {
@@ -153,6 +157,7 @@ impl Default for AgentConfig {
             allowed_groups: Vec::new(),
             keep_finished: Dur::secs(3600),
             metrics_listen: None,
+            metrics_non_loopback: false,
         }
     }
 }

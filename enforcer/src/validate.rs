@@ -304,14 +304,15 @@ impl Checker {
 
     /// Refuses an address that is not a loopback one (an endpoint without
     /// authentication must not be reachable from other hosts).
-    pub fn loopback(&mut self, name: Name, addr: Option<std::net::SocketAddr>) {
+    pub fn loopback(&mut self, name: Name, addr: Option<std::net::SocketAddr>, any_allowed: bool) {
         if let Some(a) = addr
             && !a.ip().is_loopback()
+            && !any_allowed
         {
             self.refuse(
                 name,
                 a.to_string(),
-                "a loopback address (127.0.0.0/8 or [::1]): the metrics endpoint has no authentication".to_owned(),
+                "a loopback address (127.0.0.0/8 or [::1]) unless agent.metrics_non_loopback = true: the metrics endpoint has no authentication".to_owned(),
             );
         }
     }
@@ -395,7 +396,11 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.path(key("cgroup_root"), c.cgroup_root.as_deref(), false);
     v.path(key("training.cgroup"), c.training.cgroup.as_deref(), false);
     v.path(key("state_dir"), Some(&c.state_dir), true);
-    v.loopback(METRICS_LISTEN, c.agent.metrics_listen);
+    v.loopback(
+        METRICS_LISTEN,
+        c.agent.metrics_listen,
+        c.agent.metrics_non_loopback,
+    );
     v.non_empty(
         ON_EVENT,
         c.on_event.as_deref(),
@@ -503,7 +508,9 @@ mod tests {
                 "--protect 1: must be from 2 to 4194304",
             ),
             (
-                refused(|v| v.loopback(METRICS_LISTEN, Some("0.0.0.0:9464".parse().unwrap()))),
+                refused(|v| {
+                    v.loopback(METRICS_LISTEN, Some("0.0.0.0:9464".parse().unwrap()), false)
+                }),
                 "--metrics-listen 0.0.0.0:9464: must be a loopback address",
             ),
             (
@@ -545,8 +552,14 @@ mod tests {
         v.path(key("state_dir"), Some(Path::new("/run/enforcer")), true);
         v.path(key("cgroup_root"), Some(Path::new("eval.slice/x")), false);
         v.path(key("cgroup_root"), Some(Path::new("/")), false);
-        v.loopback(METRICS_LISTEN, Some("127.0.0.1:9464".parse().unwrap()));
-        v.loopback(METRICS_LISTEN, Some("[::1]:9464".parse().unwrap()));
+        v.loopback(
+            METRICS_LISTEN,
+            Some("127.0.0.1:9464".parse().unwrap()),
+            false,
+        );
+        v.loopback(METRICS_LISTEN, Some("[::1]:9464".parse().unwrap()), false);
+        // An operator's explicit choice for a trusted fleet network.
+        v.loopback(METRICS_LISTEN, Some("0.0.0.0:9464".parse().unwrap()), true);
         assert_eq!(v.finish(), Ok(()));
     }
 

@@ -118,7 +118,11 @@ pub fn main(
         crate::validate::Source::Flags,
         crate::validate::Node::detect(),
     );
-    flags.loopback(crate::validate::METRICS_LISTEN, metrics_listen);
+    flags.loopback(
+        crate::validate::METRICS_LISTEN,
+        metrics_listen,
+        config.agent.metrics_non_loopback,
+    );
     if let Err(e) = flags.finish() {
         tracing::error!("{e}");
         return EXIT_USAGE;
