@@ -134,7 +134,10 @@ pub fn run(root: &Path, args: &VmSystemdArgs) -> Result<()> {
     // The same build as vm-test's, so that scripts/test compiles it once; its
     // test-audit feature does nothing unless the suite's audit variable is set.
     let enforcer = build_enforcer(root)?;
-    say(&format!("built in {:.0} s", started.elapsed().as_secs_f64()));
+    say(&format!(
+        "built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
 
     let initramfs = out_dir.join("initramfs.img");
     build_initramfs(root, &out_dir, &base, &enforcer, &initramfs)?;
@@ -206,7 +209,10 @@ fn build_initramfs(
     let mut a = cpio::Archive::default();
     a.add_file(&installed, &stripped(enforcer, &staging, "enforcer")?, true)?;
     a.add(&format!("{units}/enforcer.service"), text(&unit))?;
-    a.add(&format!("{}/enforcer.toml", dist::CONFIG_DIR), text(&config))?;
+    a.add(
+        &format!("{}/enforcer.toml", dist::CONFIG_DIR),
+        text(&config),
+    )?;
     a.add(
         "usr/local/sbin/enforcer-vm-check",
         cpio::Node::File {
@@ -234,10 +240,7 @@ fn build_initramfs(
     a.add("etc/machine-id", text(MACHINE_ID))?;
     a.add("etc/hostname", text("enforcer-vm\n"))?;
     // The kernel opens /dev/console for PID 1 before anything mounts /dev.
-    a.add(
-        "dev/console",
-        cpio::Node::CharDevice { major: 5, minor: 1 },
-    )?;
+    a.add("dev/console", cpio::Node::CharDevice { major: 5, minor: 1 })?;
     let overlay = out_dir.join("overlay.cpio.gz");
     a.write_gz(&overlay)?;
     std::fs::remove_dir_all(&staging)?;
@@ -369,7 +372,10 @@ impl Run {
 }
 
 fn boot(vmlinuz: &Path, initramfs: &Path, log_path: &Path, args: &VmSystemdArgs) -> Result<Run> {
-    say(&format!("booting {} with systemd as PID 1", vmlinuz.display()));
+    say(&format!(
+        "booting {} with systemd as PID 1",
+        vmlinuz.display()
+    ));
     let mut log = std::io::BufWriter::new(
         std::fs::File::create(log_path)
             .with_context(|| format!("creating {}", log_path.display()))?,
