@@ -27,6 +27,11 @@ enum Task {
     /// (TCG) and run `enforcer doctor` and the root integration tests inside
     /// each, on pure cgroup v2. Needs `scripts/setup` first.
     VmTest(vm::VmTestArgs),
+    /// Boot a Debian rootfs (made by `scripts/setup` with debootstrap) with
+    /// systemd as PID 1 under QEMU (TCG), with deploy/enforcer.service
+    /// enabled, and check that jobs run through the agent (as root and as a
+    /// user) land in the unit's delegated cgroup subtree.
+    VmSystemd(vm::systemd::VmSystemdArgs),
     /// Run a benchmark; prints side-by-side numbers and writes JSON under
     /// target/bench/.
     Bench {
@@ -75,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("built {} ({size} bytes)", object.display());
         }
         Task::VmTest(args) => vm::run(&workspace_root(), &args)?,
+        Task::VmSystemd(args) => vm::systemd::run(&workspace_root(), &args)?,
         Task::Bench { what } => bench::run(what, &workspace_root())?,
         Task::Dist(args) => dist::run(&workspace_root(), &args)?,
         Task::CheckDeploy => deploy::run(&workspace_root())?,

@@ -157,6 +157,13 @@ pub fn main(
         tracing::error!(lib_dir = %config.agent.lib_dir.display(), "another agent runs with this lib_dir");
         return EXIT_USAGE;
     }
+    // On cgroup v2 the agent leaves its own cgroup for the `agent` leaf now,
+    // before any shim is born beside it: a delegated service cgroup
+    // (systemd's Delegate=yes) can enable controllers for the jobs only once
+    // no process is left in it.
+    if let Err(e) = crate::cgroup::Subtree::open(config.cgroup_root.as_deref()) {
+        tracing::warn!(error = %e, "preparing the cgroup subtree for jobs failed");
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {

@@ -68,6 +68,16 @@ impl Subtree {
             CgroupMode::Unified => {
                 let mount = layout.unified_mount.clone().unwrap_or_default();
                 let own = layout.unified_own.clone().unwrap_or_else(|| mount.clone());
+                // The agent moved itself into `<own>/agent`, and the shims it
+                // starts are born there: `<own>` is still the subtree they own.
+                let own = match (own.file_name(), own.parent()) {
+                    (Some(leaf), Some(parent))
+                        if leaf == V2_AGENT && cgroup_root.is_none() && own != mount =>
+                    {
+                        parent.to_owned()
+                    }
+                    _ => own,
+                };
                 let own = rooted(&mount, &own);
                 let fs = CgFs::new(vec![own.clone()]);
                 let base = prepare_v2(&fs, &own, own == mount, cgroup_root.is_none(), self_pid)?;
@@ -437,6 +447,20 @@ mod tests {
         );
         assert_eq!(st.job_path("j"), own.join("eval/j"));
         assert_eq!(st.owned(), std::slice::from_ref(&own));
+    }
+
+    #[test]
+    fn a_process_already_in_the_agent_leaf_owns_the_service_cgroup() {
+        let (d, own) = fake_v2_service();
+        // The agent and the shims it starts run in `<own>/agent`.
+        let st = Subtree::open_with(v2_layout(d.path(), &own.join(V2_AGENT)), None, 4242).unwrap();
+        assert_eq!(st.job_path("j"), own.join("eval/j"));
+        assert_eq!(st.owned(), std::slice::from_ref(&own));
+        assert!(!own.join("agent/agent").exists());
+        assert_eq!(
+            fs::read_to_string(own.join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory +pids"
+        );
     }
 
     #[test]

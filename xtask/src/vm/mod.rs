@@ -7,6 +7,7 @@
 
 mod console;
 mod cpio;
+pub mod systemd;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -158,11 +159,10 @@ impl KernelReport {
 
 pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
     let series = select_kernels(&args.kernel)?;
-    let kernels_dir = args.kernels_dir.clone().unwrap_or_else(|| {
-        std::env::var_os("ENFORCER_CACHE")
-            .map_or_else(|| root.join(".cache"), PathBuf::from)
-            .join("kernels")
-    });
+    let kernels_dir = args
+        .kernels_dir
+        .clone()
+        .unwrap_or_else(|| cache_dir(root).join("kernels"));
     let mut kernels = Vec::new();
     for s in &series {
         let vmlinuz = kernels_dir.join(s).join("vmlinuz");
@@ -258,6 +258,12 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         bail!("vm-test: {failed} of {} kernel(s) failed", reports.len());
     }
     Ok(())
+}
+
+/// What `scripts/setup` downloads and makes: $ENFORCER_CACHE, else .cache in
+/// the workspace.
+fn cache_dir(root: &Path) -> PathBuf {
+    std::env::var_os("ENFORCER_CACHE").map_or_else(|| root.join(".cache"), PathBuf::from)
 }
 
 fn select_kernels(spec: &str) -> Result<Vec<String>> {
