@@ -297,17 +297,34 @@ fn deadline_step(phase: Phase, deadline_at: Instant, kill_grace: Duration) -> De
 /// How often an emptying job is looked at during its kill grace.
 const GRACE_POLL: Duration = Duration::from_millis(10);
 
+/// A job handed to its supervisor, built by the session once the job's
+/// first process is in its cgroup: what to supervise, how, with which
+/// monitors, and since when.
+pub struct Supervised {
+    pub cgroup: std::sync::Arc<JobCgroup>,
+    pub spec: Supervision,
+    pub target: Target,
+    pub monitors: Vec<Box<dyn Monitor>>,
+    /// Caught since before the job existed; forwarded to it from now on.
+    pub signals: Signals,
+    /// When the job's first process started (or was attached).
+    pub started: Instant,
+    pub started_wall: SystemTime,
+}
+
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
 /// builds the report.
-pub async fn supervise(
-    cgroup: &std::sync::Arc<JobCgroup>,
-    spec: &Supervision,
-    target: Target,
-    mut monitors: Vec<Box<dyn Monitor>>,
-    signals: Signals,
-    started: Instant,
-    started_wall: SystemTime,
-) -> (Report, i32) {
+pub async fn supervise(job: Supervised) -> (Report, i32) {
+    let Supervised {
+        cgroup,
+        spec,
+        target,
+        mut monitors,
+        signals,
+        started,
+        started_wall,
+    } = job;
+    let (cgroup, spec) = (&cgroup, &spec);
     raise_priority();
     let (mut child, attached, pid) = match target {
         Target::Spawned(c) => {

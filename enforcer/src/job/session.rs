@@ -325,15 +325,15 @@ impl Session {
             plan.run_as.as_ref(),
         )
         .map_err(SessionError::Spawn)?;
-        let (mut report, code) = job::supervise(
-            &started_job.guard.0,
-            &started_job.supervision(plan),
-            job::Target::Spawned(child),
+        let (mut report, code) = job::supervise(job::Supervised {
+            cgroup: started_job.guard.0.clone(),
+            spec: started_job.supervision(plan),
+            target: job::Target::Spawned(child),
             monitors,
             signals,
             started,
             started_wall,
-        )
+        })
         .await;
         report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
         report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
@@ -434,15 +434,15 @@ impl Session {
             );
         }
         let identity = held.identity;
-        let (mut report, code) = job::supervise(
-            &guard.0,
-            &started_job.supervision(plan),
-            job::Target::Attached(held.pidfd),
-            job_monitors(plan, None),
+        let (mut report, code) = job::supervise(job::Supervised {
+            cgroup: guard.0.clone(),
+            spec: started_job.supervision(plan),
+            target: job::Target::Attached(held.pidfd),
+            monitors: job_monitors(plan, None),
             signals,
             started,
-            SystemTime::now(),
-        )
+            started_wall: SystemTime::now(),
+        })
         .await;
         report.uid = Some(identity.uid);
         report.gid = Some(identity.gid);
@@ -774,15 +774,15 @@ pub async fn game_in_job(
         plan.run_as.as_ref(),
     )
     .map_err(SessionError::Spawn)?;
-    let (mut report, code) = job::supervise(
-        &guard.0,
-        &spec,
-        job::Target::Spawned(child),
-        default_monitors(),
+    let (mut report, code) = job::supervise(job::Supervised {
+        cgroup: guard.0.clone(),
+        spec,
+        target: job::Target::Spawned(child),
+        monitors: default_monitors(),
         signals,
         started,
-        wall,
-    )
+        started_wall: wall,
+    })
     .await;
     report.uid = Some(nix::unistd::geteuid().as_raw());
     report.gid = Some(nix::unistd::getegid().as_raw());
