@@ -310,6 +310,9 @@ pub struct Supervised {
     /// When the job's first process started (or was attached).
     pub started: Instant,
     pub started_wall: SystemTime,
+    /// The uid and gid the job's processes run as, for the report.
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
@@ -323,6 +326,8 @@ pub async fn supervise(job: Supervised) -> (Report, i32) {
         signals,
         started,
         started_wall,
+        uid,
+        gid,
     } = job;
     let (cgroup, spec) = (&cgroup, &spec);
     raise_priority();
@@ -586,6 +591,8 @@ pub async fn supervise(job: Supervised) -> (Report, i32) {
     report.cgroup = cgroup.path().to_owned();
     report.cgroup_mode = cgroup.mode_name().to_owned();
     report.v2_cgroup_id = cgroup.v2_cgroup_id();
+    report.uid = Some(uid);
+    report.gid = Some(gid);
     report.exit_code = Some(code);
     report.signal = signal;
     report.reason = reason;

@@ -325,7 +325,7 @@ impl Session {
             plan.run_as.as_ref(),
         )
         .map_err(SessionError::Spawn)?;
-        let (mut report, code) = job::supervise(job::Supervised {
+        let (report, code) = job::supervise(job::Supervised {
             cgroup: started_job.guard.0.clone(),
             spec: started_job.supervision(plan),
             target: job::Target::Spawned(child),
@@ -333,13 +333,10 @@ impl Session {
             signals,
             started,
             started_wall,
+            uid: plan.run_as.as_ref().map_or(0, |r| r.uid),
+            gid: plan.run_as.as_ref().map_or(0, |r| r.gid),
         })
         .await;
-        report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
-        report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
-        // Filled after the supervisor reconciled the report: again, so
-        // that no reason stays behind for them.
-        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -434,7 +431,7 @@ impl Session {
             );
         }
         let identity = held.identity;
-        let (mut report, code) = job::supervise(job::Supervised {
+        let (report, code) = job::supervise(job::Supervised {
             cgroup: guard.0.clone(),
             spec: started_job.supervision(plan),
             target: job::Target::Attached(held.pidfd),
@@ -442,13 +439,10 @@ impl Session {
             signals,
             started,
             started_wall: SystemTime::now(),
+            uid: identity.uid,
+            gid: identity.gid,
         })
         .await;
-        report.uid = Some(identity.uid);
-        report.gid = Some(identity.gid);
-        // Filled after the supervisor reconciled the report: again, so
-        // that no reason stays behind for them.
-        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -774,7 +768,7 @@ pub async fn game_in_job(
         plan.run_as.as_ref(),
     )
     .map_err(SessionError::Spawn)?;
-    let (mut report, code) = job::supervise(job::Supervised {
+    let (report, code) = job::supervise(job::Supervised {
         cgroup: guard.0.clone(),
         spec,
         target: job::Target::Spawned(child),
@@ -782,13 +776,10 @@ pub async fn game_in_job(
         signals,
         started,
         started_wall: wall,
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
     })
     .await;
-    report.uid = Some(nix::unistd::geteuid().as_raw());
-    report.gid = Some(nix::unistd::getegid().as_raw());
-    // Filled after the supervisor reconciled the report: again, so
-    // that no reason stays behind for them.
-    report.reconcile();
     drop(guard);
     drop(hooks);
     Ok(Outcome {
