@@ -146,8 +146,8 @@ pub const WISH_FILE: &str = "budget-wish.json";
 pub struct ExternalBudget {
     file: PathBuf,
     seen: Option<std::time::SystemTime>,
-    controls: Option<std::sync::Arc<crate::job::controls::Actuator>>,
-    applied: Option<QuotaWish>,
+    /// The latest wish read.
+    wish: Option<QuotaWish>,
 }
 
 impl ExternalBudget {
@@ -155,8 +155,7 @@ impl ExternalBudget {
         ExternalBudget {
             file,
             seen: None,
-            controls: None,
-            applied: None,
+            wish: None,
         }
     }
 
@@ -186,32 +185,33 @@ impl crate::job::Monitor for ExternalBudget {
 
     fn start(
         &mut self,
-        job: &crate::job::monitor::JobInfo,
+        _job: &crate::job::monitor::JobInfo,
     ) -> Result<(), crate::job::monitor::MonitorError> {
-        self.controls = Some(job.controls.clone());
         Ok(())
     }
 
     fn tick(
         &mut self,
+        _sample: &crate::job::Sample,
         _ctx: &mut crate::job::monitor::TickContext<'_>,
-    ) -> Result<(), crate::job::monitor::MonitorError> {
-        let Some(wish) = self.poll() else {
-            return Ok(());
-        };
-        if self.applied == Some(wish) {
-            return Ok(());
+    ) -> Result<crate::job::Wishes, crate::job::monitor::MonitorError> {
+        if let Some(wish) = self.poll() {
+            self.wish = Some(wish);
         }
-        if let Some(controls) = &self.controls {
-            controls
-                .update(crate::job::controls::Policy::Budget, |c| {
-                    c.quota = wish.cpu;
-                    c.frozen = wish.freeze;
-                })
-                .map_err(|e| crate::job::monitor::MonitorError::new(e.to_string()))?;
-            self.applied = Some(wish);
-        }
-        Ok(())
+        Ok(self
+            .wish
+            .iter()
+            .map(|w| {
+                (
+                    crate::job::controls::Policy::Budget,
+                    crate::job::controls::Controls {
+                        quota: w.cpu,
+                        frozen: w.freeze,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect())
     }
 
     fn finish(&mut self, _report: &mut crate::report::Report) {}

@@ -177,7 +177,7 @@ const PLACEMENT_WATCH: Duration = Duration::from_millis(400);
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
 /// the report's `unavailable` reasons), with a training workload the budget
-/// loop fed by it (`progress` is the training's progress tracker learned
+/// loop acting on its readings (`progress` is the training's progress tracker learned
 /// before the job, [`crate::budget::learn_before_job`]), and the GPU guard
 /// (null-safe too).
 fn job_monitors(
@@ -198,10 +198,8 @@ fn job_monitors(
         (None, None) => None,
     };
     let mut monitors = default_monitors();
-    let feed = crate::budget::StealFeed::new();
     let protect = training.is_some();
-    let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
-        .with_feed(feed.clone());
+    let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status);
     if !own_meter {
         steal = steal.metered_by_agent();
     }
@@ -226,7 +224,7 @@ fn job_monitors(
         )));
     } else if hold {
         monitors.push(Box::new(
-            crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
+            crate::budget::BudgetMonitor::for_job(&plan.config, progress)
                 .with_training_history(history),
         ));
     }
