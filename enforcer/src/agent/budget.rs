@@ -316,7 +316,8 @@ fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, 
     use crate::probe::steal::TrainingSpec as Meter;
     match (spec.pid, &spec.cgroup) {
         (Some(pid), _) => {
-            let pid = u32::try_from(pid).map_err(|_| format!("training pid {pid} is invalid"))?;
+            let pid = crate::host::Pid::new(pid)
+                .ok_or_else(|| format!("training pid {pid} is invalid"))?;
             Ok(Meter::Pid {
                 pid,
                 follow_children: spec.follow_children,

@@ -339,7 +339,7 @@ pub async fn supervise(job: Supervised) -> (Report, i32) {
             (Some(c), None, pid)
         }
         Target::Attached(fd) => {
-            let pid = fd.pid();
+            let pid = fd.pid().as_raw();
             (None, Some(fd), pid)
         }
     };

@@ -19,7 +19,7 @@ use crate::{
     cgroup::{CgroupError, JobCgroup, Layout, Limits, Subtree, subtree::current_job},
     config::Config,
     gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
-    host::ProcFs,
+    host::{Pid, ProcFs},
     job::{
         self, JobError, Monitor, RunAs, Supervision,
         attach::{self as checks, AttachRefused},
@@ -190,7 +190,7 @@ fn job_monitors(
     let own_meter = plan.external_budget.is_none();
     let training = match (t.pid, &t.cgroup) {
         _ if !own_meter => None,
-        (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
+        (Some(pid), _) => Pid::new(pid).map(|pid| TrainingSpec::Pid {
             pid,
             follow_children: t.follow_children,
         }),
@@ -279,7 +279,7 @@ fn hooks_files(hooks: Option<&JobGuard>) -> Vec<PathBuf> {
 pub struct Session {
     plan: Plan,
     proc_root: ProcFs,
-    self_pid: i32,
+    self_pid: Pid,
 }
 
 impl Session {
@@ -287,7 +287,7 @@ impl Session {
         Session {
             plan,
             proc_root: ProcFs::new(),
-            self_pid: std::process::id() as i32,
+            self_pid: Pid::this_process(),
         }
     }
 
@@ -347,7 +347,7 @@ impl Session {
     /// a pidfd from the first check on, so that the process moved and
     /// signalled is the one checked even if its number is reused; every
     /// refusal happens before the cgroup exists, or removes it.
-    pub async fn attach(&self, pid: i32, tree: bool) -> Result<Outcome, SessionError> {
+    pub async fn attach(&self, pid: Pid, tree: bool) -> Result<Outcome, SessionError> {
         let plan = &self.plan;
         let proc_root = &self.proc_root;
         let refused = |e: AttachRefused| SessionError::Usage(format!("refusing to attach: {e}"));
@@ -361,7 +361,8 @@ impl Session {
                 caller,
             }));
         }
-        checks::check(proc_root, pid, self.self_pid, plan.config.training.pid).map_err(refused)?;
+        let training = plan.config.training.pid.and_then(Pid::new);
+        checks::check(proc_root, pid, self.self_pid, training).map_err(refused)?;
         held.verify(proc_root).map_err(refused)?;
         let mut signals = job::Signals::install();
         let started_job = self.start_or_interrupt(&mut signals).await?;
@@ -394,7 +395,7 @@ impl Session {
                     Ok(h) if h.identity.start_time == seen_start => h,
                     Ok(_) => {
                         tracing::info!(
-                            pid = p,
+                            pid = %p,
                             "not attaching a descendant: {}",
                             AttachRefused::Replaced(p)
                         );
@@ -404,7 +405,9 @@ impl Session {
                 };
                 match move_held(guard, &child, proc_root) {
                     Moved::Yes => moved += 1,
-                    Moved::Refused(e) => tracing::info!(pid = p, "not attaching a descendant: {e}"),
+                    Moved::Refused(e) => {
+                        tracing::info!(pid = %p, "not attaching a descendant: {e}");
+                    }
                     Moved::Impostor(e) => {
                         let err = impostor(e);
                         started_job.leave_unkilled();
@@ -420,11 +423,11 @@ impl Session {
         }
         let started = Instant::now();
         let threads = checks::threads(proc_root, pid).len();
-        tracing::info!(job = %plan.name, pid, processes = moved, threads, cgroup = %guard.0.path().display(), "attached");
+        tracing::info!(job = %plan.name, %pid, processes = moved, threads, cgroup = %guard.0.path().display(), "attached");
         if held.identity.uid == 0 {
             tracing::warn!(
                 job = %plan.name,
-                pid,
+                %pid,
                 "the attached process runs as root: it can leave its cgroup and raise its own limits"
             );
         }
@@ -546,7 +549,7 @@ fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &ProcFs) -> Moved
         return Moved::Refused(e);
     }
     let pid = held.pidfd.pid();
-    if let Err(e) = guard.0.add_process(pid) {
+    if let Err(e) = guard.0.add_process(pid.as_raw()) {
         let gone = matches!(&e, CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
             || !held.pidfd.is_alive();
         return if gone {
