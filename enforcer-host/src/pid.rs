@@ -2,7 +2,7 @@
 
 use std::{fmt, str::FromStr};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// A process or thread id: positive, as the kernel hands them out. Built
 /// only through checked conversions, so a `u32` that does not fit or a
@@ -71,6 +71,14 @@ impl From<Pid> for u32 {
     }
 }
 
+/// Refuses what is not a process id, so that a message naming one is
+/// refused where it is read.
+impl<'de> Deserialize<'de> for Pid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Pid::try_from(i32::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Pid {
     type Err = InvalidPid;
     fn from_str(s: &str) -> Result<Self, InvalidPid> {
@@ -103,5 +111,15 @@ mod tests {
         assert_eq!("17".parse::<Pid>().unwrap().to_string(), "17");
         let e = Pid::try_from(0u32).unwrap_err();
         assert!(e.to_string().contains("0 is not a process id"), "{e}");
+    }
+
+    #[test]
+    fn a_message_with_a_pid_that_is_not_a_process_is_refused_where_it_is_read() {
+        use serde::de::{IntoDeserializer, value::Error};
+        let read = |raw: i32| Pid::deserialize(IntoDeserializer::<Error>::into_deserializer(raw));
+        assert_eq!(read(42).unwrap().as_raw(), 42);
+        let e = read(0).unwrap_err();
+        assert!(e.to_string().contains("0 is not a process id"), "{e}");
+        assert!(read(-1).is_err());
     }
 }

@@ -2,9 +2,9 @@
 //! Each is signalled through its own `Child` handle or PID, never by name.
 
 use std::{
-    io::Read,
+    io::{BufRead, BufReader, Read},
     ops::{Deref, DerefMut},
-    process::{Child, Output},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -12,6 +12,21 @@ use std::{
 pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
+    /// Starts `cmd` with its stdout piped and waits for its first line
+    /// (a helper saying it is ready); returns the child and that line.
+    pub fn spawn_until_first_line(cmd: &mut Command) -> (ChildGuard, String) {
+        let mut child = ChildGuard(
+            cmd.stdout(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}")),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.as_mut().expect("piped stdout"))
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading the first line of {cmd:?}: {e}"));
+        (child, line)
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.id()
     }

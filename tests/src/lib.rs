@@ -10,7 +10,8 @@
 //! needs from here: a [`Scratch`] directory for configs and reports, guards
 //! that end the processes a test starts ([`ChildGuard`], [`EnforcerGuard`],
 //! [`PidGuard`]), the test's own cgroups ([`TestCgroup`]) and where the
-//! hierarchies are, and [`EnforcerRun`] for `enforcer run` command lines.
+//! hierarchies are, [`EnforcerRun`] for `enforcer run` command lines, and
+//! what a run leaves to read ([`read_report`], [`wait_pidfile`]).
 
 pub mod cgroup;
 pub mod freezer;
@@ -28,7 +29,8 @@ pub use scratch::Scratch;
 use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 /// Whether this process runs as root (every test here needs it).
@@ -64,14 +66,19 @@ pub fn enforcer() -> Command {
 /// Runs the binary with `args` and returns its output; panics if it cannot
 /// be started at all.
 pub fn run_enforcer(args: &[&str]) -> Output {
-    let out = enforcer()
-        .args(args)
+    output_logged(enforcer().args(args))
+}
+
+/// Runs `cmd` to its end; its output, also shown in the test's log (the
+/// failure message of a test then shows what the enforcer said).
+fn output_logged(cmd: &mut Command) -> Output {
+    let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("starting {}: {e}", enforcer_bin().display()));
-    // The failure message of a test then shows what the enforcer said.
     eprintln!(
-        "enforcer {args:?} -> {:?}\n{}",
+        "{cmd:?} -> {:?}\nstdout:\n{}\nstderr:\n{}",
         out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out
@@ -124,12 +131,40 @@ pub fn locate_workload(built: &str) -> PathBuf {
     PathBuf::from("eval-workload")
 }
 
+/// Reads a job's JSON report; panics naming the file when there is none.
+pub fn read_report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("report {} is not JSON: {e}", path.display()))
+}
+
+/// Waits (10 s at most) for the pid file `eval-workload daemon` writes, and
+/// returns the daemon's pid.
+pub fn wait_pidfile(path: &Path) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid file {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// An `enforcer run` command line: `enforcer run --config <config> --job
 /// <job> [flags] -- <job command>`.
 pub struct EnforcerRun(Command);
 
 impl EnforcerRun {
-    pub fn new(config: &Path, job: &str) -> Self {
+    pub fn new(config: impl AsRef<OsStr>, job: &str) -> Self {
         let mut cmd = enforcer();
         cmd.arg("run")
             .arg("--config")
@@ -144,10 +179,34 @@ impl EnforcerRun {
         self
     }
 
+    /// `--report <path>`.
+    pub fn report(mut self, path: &Path) -> Self {
+        self.0.arg("--report").arg(path);
+        self
+    }
+
     /// The command that runs `job` (program and arguments) under the flags
     /// so far; set its stdio, then spawn or run it.
     pub fn job<S: AsRef<OsStr>>(mut self, job: impl IntoIterator<Item = S>) -> Command {
         self.0.arg("--").args(job);
         self.0
+    }
+
+    /// Starts `job` under the flags so far with its stdout and stderr piped
+    /// (see [`ChildGuard::output_within`]); killed if the test ends first.
+    pub fn spawn<S: AsRef<OsStr>>(self, job: impl IntoIterator<Item = S>) -> ChildGuard {
+        let mut cmd = self.job(job);
+        ChildGuard(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}")),
+        )
+    }
+
+    /// Runs `job` under the flags so far to its end; its output, also
+    /// shown in the test's log.
+    pub fn output<S: AsRef<OsStr>>(self, job: impl IntoIterator<Item = S>) -> Output {
+        output_logged(&mut self.job(job))
     }
 }

@@ -10,14 +10,14 @@
 use std::{
     io::{Read, Write},
     os::unix::{net::UnixStream, process::CommandExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use enforcer_tests::{
     ChildGuard, Scratch, assert_no_cgroup_left, enforcer, eval_workload, is_dead, job_cgroups,
-    root_tests, unique_name,
+    read_report, root_tests, unique_name,
 };
 
 /// The uid and gid a non-root caller runs as (`nobody` on most systems;
@@ -216,12 +216,6 @@ fn wait_output(child: Child, limit: Duration) -> Output {
     ChildGuard(child)
         .output_within(limit)
         .unwrap_or_else(|| panic!("the client did not finish within {limit:?}"))
-}
-
-fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading report {}: {e}", path.display()));
-    serde_json::from_str(&text).expect("report JSON")
 }
 
 /// Waits until job `name` has a cgroup (its command runs).
@@ -455,7 +449,7 @@ fn kill_9_of_the_agent_during_a_job_keeps_its_original_deadline_and_the_client_g
         "{out:?}\n{}",
         agent.log_text()
     );
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "deadline", "{r}");
     let wall = r["wall_s"].as_f64().unwrap();
     assert!(
@@ -812,7 +806,7 @@ fn both_ways(
         );
         assert_no_cgroup_left(&name);
         let r = if rep.exists() {
-            report(&rep)
+            read_report(&rep)
         } else {
             serde_json::Value::Null
         };

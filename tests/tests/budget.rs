@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{ChildGuard, Scratch, enforcer, unique_name};
+use enforcer_tests::{ChildGuard, Scratch, enforcer, read_report, unique_name};
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
@@ -117,9 +117,7 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
          {idle_cores:.2} CPUs idle: {status:?}\n{log}"
     );
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
-            .expect("report is JSON");
+    let report = read_report(&report_path);
     assert_eq!(report["budget_fraction"].as_f64(), Some(0.05), "{report}");
     // Time over budget is a part of the run, and not zero when a status
     // line showed the job over budget (both come from the same trailing

@@ -10,7 +10,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use enforcer_tests::{ChildGuard, EnforcerGuard, Scratch, enforcer, skip, unique_name};
+use enforcer_tests::{
+    ChildGuard, EnforcerGuard, Scratch, enforcer, read_report, skip, unique_name,
+};
 
 fn workload() -> std::path::PathBuf {
     enforcer_tests::eval_workload!()
@@ -87,9 +89,7 @@ fn a_job_the_idle_class_keeps_within_budget_gets_no_quota() {
         tightened.is_empty(),
         "the job was limited although it stole nothing: {tightened:?}\n{log}"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
-            .expect("report is JSON");
+    let report = read_report(&report_path);
     let used = report["budget_used"]
         .as_f64()
         .unwrap_or_else(|| panic!("no budget_used in the report: {report}"));

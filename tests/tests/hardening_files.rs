@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{ChildGuard, Scratch, enforcer, unique_name};
+use enforcer_tests::{ChildGuard, Scratch, enforcer, read_report, unique_name};
 
 /// The unprivileged user the tests hand directories to (`nobody`; numeric,
 /// so it needs no /etc/passwd in the VMs).
@@ -90,13 +90,6 @@ fn log_file(s: &Scratch) -> std::fs::File {
     std::fs::File::create(s.path("stderr.log")).unwrap()
 }
 
-fn report(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(
-        &std::fs::read(path).unwrap_or_else(|e| panic!("report {}: {e}", path.display())),
-    )
-    .expect("report is JSON")
-}
-
 /// How long the run may take beyond the job's own 3 s deadline: learning
 /// the training's step rate before the job (3.5 s), loading the steal meter
 /// (seconds in a TCG VM), cleaning up.
@@ -165,7 +158,7 @@ fn fifo_progress_file_run(from_start: bool) {
         t0.elapsed()
     );
     assert_eq!(code, Some(124), "{stderr}");
-    let r = report(&report_path);
+    let r = read_report(&report_path);
     assert_eq!(r["reason"], "deadline", "{r}");
     let wall = r["wall_s"].as_f64().unwrap();
     assert!(
@@ -225,7 +218,7 @@ fn a_progress_file_linked_to_a_root_only_file_does_not_leak_it() {
         "the report quotes the root-only file:\n{text}"
     );
     // The reason is still given, without the content.
-    let r = report(&report_path);
+    let r = read_report(&report_path);
     let reason = r["unavailable"]["training_slowdown"].as_str().unwrap_or("");
     assert!(reason.contains("progress"), "{r}");
 }
@@ -304,7 +297,7 @@ fn a_report_link_planted_by_the_directory_owner_is_replaced_not_followed() {
         "the report is owned by the directory's owner"
     );
     assert_eq!(meta.mode() & 0o777, 0o644);
-    assert_eq!(report(&report_path)["reason"], "exited");
+    assert_eq!(read_report(&report_path)["reason"], "exited");
 }
 
 fn a_report_into_a_root_owned_directory_is_written_as_root() {
@@ -319,7 +312,7 @@ fn a_report_into_a_root_owned_directory_is_written_as_root() {
     );
     let meta = std::fs::symlink_metadata(&report_path).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o644));
-    assert_eq!(report(&report_path)["reason"], "exited");
+    assert_eq!(read_report(&report_path)["reason"], "exited");
 }
 
 fn a_report_the_directory_owner_cannot_write_fails_with_125_after_the_job() {

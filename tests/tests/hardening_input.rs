@@ -12,7 +12,7 @@ use std::{
 };
 
 use enforcer_tests::{
-    ChildGuard, EnforcerGuard, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin,
+    ChildGuard, EnforcerGuard, EnforcerRun, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin,
     run_enforcer as run, unique_name,
 };
 
@@ -185,15 +185,7 @@ fn as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_a
     );
     // `run` refuses it before anything exists.
     let name = unique_name("untrusted");
-    let out = run(&[
-        "run",
-        "--config",
-        theirs.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&theirs, &name).output(["true"]);
     assert_eq!(out.status.code(), Some(2));
     assert_no_cgroup_left(&name);
     assert!(!s.state().exists());
@@ -269,17 +261,9 @@ fn as_root_a_config_or_hook_program_others_could_write_is_refused_naming_owner_a
     let good = s.config_named("good.toml", "");
     let name = unique_name("hookprog");
     let hook = format!("{} --quiet", script.display());
-    let out = run(&[
-        "run",
-        "--config",
-        good.to_str().unwrap(),
-        "--job",
-        &name,
-        "--on-event",
-        &hook,
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&good, &name)
+        .flags(["--on-event", &hook])
+        .output(["true"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -481,19 +465,9 @@ fn hooks_run_in_a_limited_cgroup_of_their_own_not_the_agents() {
     );
     let name = unique_name("hookcg");
     let mut enf = EnforcerGuard(
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--job",
-                &name,
-                "--on-event",
-                &hook,
-                "--",
-                "sleep",
-                "1",
-            ])
+        EnforcerRun::new(&cfg, &name)
+            .flags(["--on-event", &hook])
+            .job(["sleep", "1"])
             .spawn()
             .unwrap(),
     );

@@ -12,28 +12,16 @@ use std::{
         unix::fs::{MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use enforcer_tests::{
-    ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
-    run_enforcer as run, unique_name,
+    EnforcerRun, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
+    run_enforcer as run, unique_name, wait_pidfile,
 };
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-fn spawn(args: &[&str]) -> ChildGuard {
-    ChildGuard(
-        enforcer()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting enforcer"),
-    )
 }
 
 fn mode(path: &Path) -> u32 {
@@ -76,18 +64,11 @@ fn no_wait_fails_fast_with_125_while_another_process_holds_the_queue_mutex() {
     let _held = hold_queue_mutex(&s.path("state"));
     let name = unique_name("nowait");
     let t0 = Instant::now();
-    let out = spawn(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--no-wait",
-        "--",
-        "true",
-    ])
-    .output_within(Duration::from_secs(10))
-    .expect("--no-wait still blocked on the queue mutex after 10 s");
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--no-wait"])
+        .spawn(["true"])
+        .output_within(Duration::from_secs(10))
+        .expect("--no-wait still blocked on the queue mutex after 10 s");
     let took = t0.elapsed();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -103,15 +84,7 @@ fn sigterm_ends_a_run_waiting_for_the_queue_mutex_with_143_and_leaves_nothing() 
     let state = s.path("state");
     let _held = hold_queue_mutex(&state);
     let name = unique_name("mutexwait");
-    let child = spawn(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
-        "true",
-    ]);
+    let child = EnforcerRun::new(&cfg, &name).spawn(["true"]);
     // Once it has the mutex open it is about to wait for it.
     let lock = state.join("slots/lock");
     let t0 = Instant::now();
@@ -145,15 +118,7 @@ fn a_state_dir_owned_by_another_user_is_refused_with_exit_2_before_any_cgroup() 
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&state, PermissionsExt::from_mode(0o700)).unwrap();
     let name = unique_name("foreignstate");
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name).output(["true"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     for want in [
@@ -214,15 +179,7 @@ fn a_symlinked_counter_in_the_state_dir_is_refused_and_its_target_left_unchanged
     std::fs::set_permissions(&victim, PermissionsExt::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&victim, slots.join("counter")).unwrap();
     let name = unique_name("linkedcounter");
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name).output(["true"]);
     assert_eq!(
         std::fs::read_to_string(&victim).unwrap(),
         "precious\n",
@@ -277,24 +234,6 @@ fn a_0755_state_dir_of_an_older_enforcer_is_closed_to_0700_and_works() {
     );
 }
 
-fn wait_pidfile(path: &Path) -> i32 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(pid) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no pid file {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// On drop: kills the orphan's daemon (a process this test started, by
 /// PID) and lets an enforcer of the test's own subtree remove the orphan's
 /// cgroups; whatever that leaves (when the orphan's lock was lost, as with
@@ -343,13 +282,7 @@ fn an_orphan_outside_the_next_enforcers_subtree_keeps_its_lock_until_its_own_sub
     let lock = s.path(&format!("state/jobs/{name}.lock"));
     let pidfile = s.path("daemon.pid");
     let w = workload();
-    let mut first = spawn(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
+    let mut first = EnforcerRun::new(&cfg, &name).spawn([
         w.to_str().unwrap(),
         "daemon",
         pidfile.to_str().unwrap(),

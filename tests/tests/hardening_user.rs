@@ -6,15 +6,15 @@
 use std::{
     ffi::CString,
     io::{BufRead, BufReader, Read},
-    path::{Path, PathBuf},
-    process::{ChildStderr, Command, Output, Stdio},
+    path::PathBuf,
+    process::{ChildStderr, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use enforcer_tests::{
-    ChildGuard, PidGuard, Scratch, assert_no_cgroup_left, cgroup_mounts, cgroups_named, enforcer,
-    is_dead, unique_name,
+    ChildGuard, EnforcerRun, PidGuard, Scratch, assert_no_cgroup_left, cgroup_mounts,
+    cgroups_named, enforcer, is_dead, read_report, run_enforcer as run, unique_name,
 };
 
 /// The unprivileged user the jobs run as: `nobody` on most systems, and a
@@ -23,23 +23,6 @@ const NOBODY: &str = "65534";
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = enforcer().args(args).output().expect("starting enforcer");
-    eprintln!(
-        "enforcer {args:?} -> {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
 }
 
 /// Reads the enforcer's stderr on a thread: lines arrive on the channel,
@@ -98,20 +81,10 @@ fn a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs() {
     let cfg = s.config("");
     let name = unique_name("user-ids");
     let rep = s.path("report.json");
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--user",
-        NOBODY,
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        "cat",
-        "/proc/self/status",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--user", NOBODY])
+        .report(&rep)
+        .output(["cat", "/proc/self/status"]);
     assert_eq!(out.status.code(), Some(0));
     let status = String::from_utf8_lossy(&out.stdout);
     let field = |key: &str| -> String {
@@ -130,7 +103,7 @@ fn a_job_run_as_65534_has_that_uid_no_capabilities_and_no_new_privs() {
         assert_eq!(field(set), "0000000000000000", "{set}");
     }
     assert_eq!(field("NoNewPrivs:"), "1");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(
         (r["uid"].as_u64(), r["gid"].as_u64()),
         (Some(65534), Some(65534))
@@ -159,13 +132,8 @@ done < "$1"
 echo AFTER; cat /proc/self/cgroup; echo END
 "#;
     let mut child = ChildGuard(
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--job",
-                &name,
+        EnforcerRun::new(&cfg, &name)
+            .flags([
                 "--user",
                 NOBODY,
                 "--pids",
@@ -174,13 +142,8 @@ echo AFTER; cat /proc/self/cgroup; echo END
                 "200M",
                 "--timeout",
                 "60s",
-                "--",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                targets.to_str().unwrap(),
             ])
+            .job(["sh", "-c", script, "sh", targets.to_str().unwrap()])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -248,15 +211,7 @@ fn a_root_job_is_warned_once_that_it_can_leave_its_cgroup() {
     let s = Scratch::new("enforcer-user");
     let cfg = s.config("");
     let name = unique_name("root-warn");
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name).output(["true"]);
     assert_eq!(out.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let warnings = stderr
@@ -272,22 +227,16 @@ fn game_inside_a_job_run_as_another_user_is_a_usage_error() {
     let cfg = s.config("");
     let name = unique_name("user-game");
     let bin = enforcer_tests::enforcer_bin();
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--user",
-        NOBODY,
-        "--",
-        bin.to_str().unwrap(),
-        "game",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--user", NOBODY])
+        .output([
+            bin.to_str().unwrap(),
+            "game",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot make a game cgroup"), "{stderr}");
@@ -356,30 +305,17 @@ fn deadline_with_kill_grace_lets_a_job_that_traps_sigterm_save_its_results() {
         "trap 'echo partial > {}; exit 0' TERM; while :; do sleep 0.1; done",
         saved.display()
     );
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--timeout",
-        "2s",
-        "--kill-grace",
-        "2s",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "2s", "--kill-grace", "2s"])
+        .report(&rep)
+        .output(["sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(124));
     assert_eq!(
         std::fs::read_to_string(&saved).unwrap_or_default().trim(),
         "partial",
         "the job did not get to save"
     );
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "deadline", "{r}");
     assert_eq!(r["kill_grace_s"], 2.0);
     let gap = gap_s(&r["deadline_term_at"], &r["deadline_kill_at"]);
@@ -397,25 +333,12 @@ fn a_job_that_ignores_sigterm_is_killed_at_deadline_plus_grace() {
     let cfg = s.config("");
     let name = unique_name("grace-ignore");
     let rep = s.path("report.json");
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--timeout",
-        "2s",
-        "--kill-grace",
-        "2s",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        "trap '' TERM; sleep 60",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "2s", "--kill-grace", "2s"])
+        .report(&rep)
+        .output(["sh", "-c", "trap '' TERM; sleep 60"]);
     assert_eq!(out.status.code(), Some(124));
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "deadline", "{r}");
     let gap = gap_s(&r["deadline_term_at"], &r["deadline_kill_at"]);
     let from_start = gap_s(&serde_json::json!(r["started_at"]), &r["deadline_kill_at"]);
@@ -435,20 +358,9 @@ fn second_sigterm_to_enforcer_is_reason_interrupted_and_exit_143_not_137() {
     let name = unique_name("interrupted");
     let rep = s.path("report.json");
     let mut child = ChildGuard(
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--job",
-                &name,
-                "--report",
-                rep.to_str().unwrap(),
-                "--",
-                "sh",
-                "-c",
-                "trap '' TERM INT HUP; echo ready; sleep 60",
-            ])
+        EnforcerRun::new(&cfg, &name)
+            .report(&rep)
+            .job(["sh", "-c", "trap '' TERM INT HUP; echo ready; sleep 60"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -469,7 +381,7 @@ fn second_sigterm_to_enforcer_is_reason_interrupted_and_exit_143_not_137() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "interrupted", "{r}");
     assert_eq!(r["exit_code"], 143);
     assert_no_cgroup_left(&name);
@@ -539,18 +451,8 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     let w = w.to_str().unwrap();
     // A job holds the only slot, so attach waits after its check.
     let mut blocker = ChildGuard(
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                c,
-                "--job",
-                &blocker_name,
-                "--",
-                w,
-                "threads",
-                "1",
-            ])
+        EnforcerRun::new(c, &blocker_name)
+            .job([w, "threads", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -6,25 +6,18 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
 use enforcer_tests::{
-    ChildGuard, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin, is_dead,
-    own_cgroups, run_enforcer as run, unique_name,
+    ChildGuard, EnforcerRun, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin,
+    is_dead, own_cgroups, read_report, run_enforcer as run, unique_name, wait_pidfile,
 };
 
 fn workload() -> PathBuf {
     enforcer_tests::eval_workload!()
-}
-
-fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
 }
 
 fn now_unix() -> f64 {
@@ -40,25 +33,13 @@ fn memory_hog_is_oom_killed_with_reason_oom_and_exit_137() {
     let name = unique_name("oom");
     let rep = s.path("report.json");
     let w = workload();
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--memory",
-        "300MiB",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        w.to_str().unwrap(),
-        "memhog",
-        "2000",
-        "100",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--memory", "300MiB"])
+        .report(&rep)
+        .output([w.to_str().unwrap(), "memhog", "2000", "100"]);
     // The supervisor itself exits normally with 137: it was not the victim.
     assert_eq!(out.status.code(), Some(137), "{out:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "oom", "{r}");
     assert!(r["oom_kills"].as_u64().unwrap_or(0) >= 1, "{r}");
     assert_eq!(r["memory_limit_bytes"], 300u64 << 20);
@@ -73,25 +54,14 @@ fn fork_bomb_is_contained_by_pids_64_with_a_pids_max_event() {
     let rep = s.path("report.json");
     let w = workload();
     let t0 = Instant::now();
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--pids",
-        "64",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        w.to_str().unwrap(),
-        "forkbomb",
-        "3",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--pids", "64"])
+        .report(&rep)
+        .output([w.to_str().unwrap(), "forkbomb", "3"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert!(r["pids_peak"].as_u64().unwrap() <= 64, "{r}");
     assert!(
         r["events"]["pids_max"].as_u64().unwrap_or(0) >= 1,
@@ -118,25 +88,12 @@ fn cpu_quota_of_half_a_core_is_not_exceeded() {
     let rep = s.path("report.json");
     let w = workload();
     // --no-idle: the quota, not the idle class, is what is measured.
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--cpu",
-        "0.5",
-        "--no-idle",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        w.to_str().unwrap(),
-        "spin",
-        "2",
-        "3",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--cpu", "0.5", "--no-idle"])
+        .report(&rep)
+        .output([w.to_str().unwrap(), "spin", "2", "3"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     let cores = r["cpu_s"].as_f64().unwrap() / r["wall_s"].as_f64().unwrap();
     eprintln!(
         "measured {cores:.3} CPUs under a 0.5 CPU quota over {:.2}s (throttled {:.2}s)",
@@ -156,22 +113,10 @@ fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
     let rep = s.path("report.json");
     let pidfile = s.path("daemon.pid");
     let w = workload();
-    let child = enforcer()
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--job",
-            &name,
-            "--timeout",
-            "2s",
-            "--report",
-            rep.to_str().unwrap(),
-            "--",
-            w.to_str().unwrap(),
-            "daemon",
-            pidfile.to_str().unwrap(),
-        ])
+    let child = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "2s"])
+        .report(&rep)
+        .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
@@ -199,7 +144,7 @@ fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
     };
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(124));
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "deadline");
     let deadline = r["started_at_unix"].as_f64().unwrap() + 2.0;
     let late = died_at - deadline;
@@ -226,21 +171,10 @@ fn game_timeout_kills_the_game_and_the_job_goes_on() {
         w = w.display()
     );
     let t0 = Instant::now();
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--timeout",
-        "60s",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "60s"])
+        .report(&rep)
+        .output(["/bin/sh", "-c", &script]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("game=124"), "{stdout}");
     assert!(stdout.contains("second=0"), "{stdout}");
@@ -249,7 +183,7 @@ fn game_timeout_kills_the_game_and_the_job_goes_on() {
         t0.elapsed() < Duration::from_secs(20),
         "the game outlived its 1s deadline"
     );
-    assert_eq!(report(&rep)["reason"], "exited");
+    assert_eq!(read_report(&rep)["reason"], "exited");
     assert_no_cgroup_left(&name);
 }
 
@@ -259,19 +193,9 @@ fn two_jobs_with_one_slot_run_one_after_the_other() {
     let (a, b) = (unique_name("slot-a"), unique_name("slot-b"));
     let (ra, rb) = (s.path("a.json"), s.path("b.json"));
     let spawn = |name: &str, rep: &Path| {
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--job",
-                name,
-                "--report",
-                rep.to_str().unwrap(),
-                "--",
-                "sleep",
-                "1",
-            ])
+        EnforcerRun::new(&cfg, name)
+            .report(rep)
+            .job(["sleep", "1"])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
@@ -295,7 +219,7 @@ fn two_jobs_with_one_slot_run_one_after_the_other() {
     std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(second.0.wait().unwrap().success());
     assert!(err.contains("waiting for slot"), "{err}");
-    let (ra, rb) = (report(&ra), report(&rb));
+    let (ra, rb) = (read_report(&ra), read_report(&rb));
     let first_end = ra["started_at_unix"].as_f64().unwrap() + ra["wall_s"].as_f64().unwrap();
     let second_start = rb["started_at_unix"].as_f64().unwrap();
     assert!(
@@ -309,17 +233,8 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
     let cfg = s.config("");
     let name = unique_name("attach");
     let rep = s.path("report.json");
-    let mut target = ChildGuard(
-        Command::new(workload())
-            .args(["threads", "8"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(target.0.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut target, line) =
+        ChildGuard::spawn_until_first_line(Command::new(workload()).args(["threads", "8"]));
     assert_eq!(line.trim(), "ready");
     let pid = target.0.id() as i32;
     let mut attach = ChildGuard(
@@ -378,7 +293,7 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
         Some(124),
         "the 3s deadline ends the attached job"
     );
-    assert_eq!(report(&rep)["reason"], "deadline");
+    assert_eq!(read_report(&rep)["reason"], "deadline");
     let _ = target.0.wait();
     assert_no_cgroup_left(&name);
 }
@@ -509,8 +424,8 @@ fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
     // A job name in use is refused, and the running job is untouched.
     let name = unique_name("taken");
     let mut holder = ChildGuard(
-        enforcer()
-            .args(["run", "--config", c, "--job", &name, "--", "sleep", "3"])
+        EnforcerRun::new(c, &name)
+            .job(["sleep", "3"])
             .spawn()
             .unwrap(),
     );
@@ -519,7 +434,7 @@ fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
         assert!(t0.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = run(&["run", "--config", c, "--job", &name, "--", "true"]);
+    let out = EnforcerRun::new(c, &name).output(["true"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
     assert!(
@@ -541,23 +456,10 @@ fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
         e = enforcer_bin().display(),
         c = cfg.display()
     );
-    let out = enforcer()
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--cpu", "0.5", "--memory-high", "200M"])
+        .job(["/bin/sh", "-c", &script])
         .env("ENFORCER_AUDIT_CGROUP_WRITES", &audit)
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--job",
-            &name,
-            "--cpu",
-            "0.5",
-            "--memory-high",
-            "200M",
-            "--",
-            "/bin/sh",
-            "-c",
-            &script,
-        ])
         .output()
         .unwrap();
     assert!(
@@ -598,22 +500,6 @@ fn no_cgroup_write_lands_outside_the_subtree_and_the_agent_never_moves_up() {
     assert_no_cgroup_left(&name);
 }
 
-/// Waits for a pid file written by `eval-workload daemon`.
-fn wait_pidfile(path: &Path) -> i32 {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            return t.trim().parse().unwrap();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no pid file {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
     let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
@@ -621,30 +507,18 @@ fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
     let rep = s.path("report.json");
     let pidfile = s.path("daemon.pid");
     let w = workload();
-    let child = enforcer()
+    let child = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "1s"])
+        .report(&rep)
+        .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
         .env("ENFORCER_NO_CGROUP_KILL", "1")
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--job",
-            &name,
-            "--timeout",
-            "1s",
-            "--report",
-            rep.to_str().unwrap(),
-            "--",
-            w.to_str().unwrap(),
-            "daemon",
-            pidfile.to_str().unwrap(),
-        ])
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
     let daemon = wait_pidfile(&pidfile);
     assert_eq!(child.0.wait().unwrap().code(), Some(124));
     assert!(is_dead(daemon), "the daemon survived the fallback kill");
-    let r = report(&rep);
+    let r = read_report(&rep);
     eprintln!(
         "fallback kill: cgroup empty {} ms after the deadline",
         r["deadline_kill_latency_ms"]
@@ -663,20 +537,9 @@ fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
     let rep = s.path("report.json");
     let pidfile = s.path("daemon.pid");
     let w = workload();
-    let child = enforcer()
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--job",
-            &name,
-            "--report",
-            rep.to_str().unwrap(),
-            "--",
-            w.to_str().unwrap(),
-            "daemon",
-            pidfile.to_str().unwrap(),
-        ])
+    let child = EnforcerRun::new(&cfg, &name)
+        .report(&rep)
+        .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
@@ -685,7 +548,7 @@ fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert_eq!(r["reason"], "killed", "{r}");
     assert_eq!(r["signal"], libc::SIGTERM);
     assert!(is_dead(daemon), "the job's daemon outlived the enforcer");
@@ -699,18 +562,8 @@ fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
     let pidfile = s.path("daemon.pid");
     let w = workload();
     let mut child = ChildGuard(
-        enforcer()
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--job",
-                &name,
-                "--",
-                w.to_str().unwrap(),
-                "daemon",
-                pidfile.to_str().unwrap(),
-            ])
+        EnforcerRun::new(&cfg, &name)
+            .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
             .spawn()
             .unwrap(),
     );
@@ -738,19 +591,9 @@ fn on_event_hook_gets_json_and_a_slow_hook_delays_nothing() {
     let name = unique_name("hooks");
     let log = s.path("events.jsonl");
     let hook = format!("cat >> {}", log.display());
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--on-event",
-        &hook,
-        "--",
-        "sh",
-        "-c",
-        "exit 7",
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--on-event", &hook])
+        .output(["sh", "-c", "exit 7"]);
     assert_eq!(
         out.status.code(),
         Some(7),
@@ -821,7 +664,7 @@ fn memory_high_crossing_emits_a_memory_high_event() {
     ]);
     let code = out.status.code();
     assert!(code == Some(0) || code == Some(124), "{out:?}");
-    let r = report(&rep);
+    let r = read_report(&rep);
     assert!(r["events"]["memory_high"].as_u64().unwrap_or(0) >= 1, "{r}");
     assert_eq!(r["memory_high_bytes"], 40u64 << 20);
 }
@@ -830,17 +673,9 @@ fn attach_tree_moves_existing_descendants_too() {
     let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("tree");
-    let mut target = ChildGuard(
-        Command::new("/bin/sh")
-            .args(["-c", "sleep 30 & sleep 30 & echo ready; wait"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (mut target, _) = ChildGuard::spawn_until_first_line(
+        Command::new("/bin/sh").args(["-c", "sleep 30 & sleep 30 & echo ready; wait"]),
     );
-    let mut line = String::new();
-    BufReader::new(target.0.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
     let pid = target.0.id() as i32;
     let kids: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap()
@@ -898,27 +733,16 @@ wait",
         w = workload().display()
     );
     let t0 = Instant::now();
-    let out = run(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--job",
-        &name,
-        "--timeout",
-        "2s",
-        "--report",
-        rep.to_str().unwrap(),
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--timeout", "2s"])
+        .report(&rep)
+        .output(["/bin/sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(124));
     assert!(
         t0.elapsed() < Duration::from_secs(6),
         "the frozen job outlived its deadline"
     );
-    let r = report(&rep);
+    let r = read_report(&rep);
     eprintln!(
         "frozen job: cgroup empty {} ms after the deadline",
         r["deadline_kill_latency_ms"]

@@ -4,13 +4,12 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use enforcer_tests::{ChildGuard, EnforcerRun, Scratch, enforcer, unique_name};
-use serde_json::Value;
+use enforcer_tests::{ChildGuard, EnforcerRun, Scratch, enforcer, read_report, unique_name};
 
 fn workload_bin() -> PathBuf {
     enforcer_tests::eval_workload!()
@@ -32,12 +31,6 @@ fn training_pinned_to_cpu0() -> ChildGuard {
             .spawn()
             .expect("starting the training spinner"),
     )
-}
-
-fn read_report(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading the report {}: {e}", path.display()));
-    serde_json::from_str(&text).expect("JSON report")
 }
 
 /// A job spinning on the training's CPU, not in the idle class: the report
@@ -133,7 +126,7 @@ fn run_protect_reports_the_jobs_steal_and_budget_events() {
 fn run_without_a_measurable_training_still_runs_and_reports_null_steal_with_reason() {
     let s = Scratch::new("enforcer-steal-run");
     let report = s.path("report.json");
-    let out = EnforcerRun::new(&s.config(""), &unique_name("unmeasured"))
+    let out = EnforcerRun::new(s.config(""), &unique_name("unmeasured"))
         .flags(["--protect", &unused_pid().to_string(), "--report"])
         .flags([&report])
         .job([

@@ -9,12 +9,15 @@ use std::{os::fd::AsFd, path::Path};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::job::identity::{self, RunAs};
+use crate::{
+    host::Pid,
+    job::identity::{self, RunAs},
+};
 
 /// The peer of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub pid: i32,
+    pub pid: Pid,
     pub uid: u32,
     pub gid: u32,
     /// Supplementary groups (from `/proc/<pid>/status` at connect time;
@@ -32,7 +35,10 @@ impl Caller {
     /// Reads the peer's credentials from a connected Unix socket.
     pub fn of(sock: &impl AsFd) -> std::io::Result<Caller> {
         let cred = getsockopt(sock, PeerCredentials).map_err(std::io::Error::from)?;
-        let pid = cred.pid();
+        // Zero when the peer's pid namespace is not ours or an ancestor's.
+        let pid = Pid::new(cred.pid()).ok_or_else(|| {
+            std::io::Error::other("the peer's process is not visible from this pid namespace")
+        })?;
         let uid = cred.uid();
         let gid = cred.gid();
         let groups = proc_groups(pid).unwrap_or_else(|| {
@@ -104,7 +110,7 @@ impl Caller {
 }
 
 /// The `Groups:` line of `/proc/<pid>/status`.
-fn proc_groups(pid: i32) -> Option<Vec<u32>> {
+fn proc_groups(pid: Pid) -> Option<Vec<u32>> {
     // The kernel writes /proc: no other user controls this read.
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_groups(&text)
@@ -149,7 +155,7 @@ mod tests {
     #[test]
     fn a_non_root_caller_outside_the_allowed_groups_is_refused() {
         let c = Caller {
-            pid: 1,
+            pid: Pid::new(1).unwrap(),
             uid: 1000,
             gid: 1000,
             groups: vec![1000, 27],

@@ -156,8 +156,8 @@ pub const WISH_FILE: &str = "budget-wish.json";
 pub struct ExternalBudget {
     file: PathBuf,
     seen: Option<std::time::SystemTime>,
-    controls: Option<std::sync::Arc<crate::job::controls::Actuator>>,
-    applied: Option<QuotaWish>,
+    /// The latest wish read.
+    wish: Option<QuotaWish>,
 }
 
 impl ExternalBudget {
@@ -165,8 +165,7 @@ impl ExternalBudget {
         ExternalBudget {
             file,
             seen: None,
-            controls: None,
-            applied: None,
+            wish: None,
         }
     }
 
@@ -196,32 +195,33 @@ impl crate::job::Monitor for ExternalBudget {
 
     fn start(
         &mut self,
-        job: &crate::job::monitor::JobInfo,
+        _job: &crate::job::monitor::JobInfo,
     ) -> Result<(), crate::job::monitor::MonitorError> {
-        self.controls = Some(job.controls.clone());
         Ok(())
     }
 
     fn tick(
         &mut self,
+        _sample: &crate::job::Sample,
         _ctx: &mut crate::job::monitor::TickContext<'_>,
-    ) -> Result<(), crate::job::monitor::MonitorError> {
-        let Some(wish) = self.poll() else {
-            return Ok(());
-        };
-        if self.applied == Some(wish) {
-            return Ok(());
+    ) -> Result<crate::job::Wishes, crate::job::monitor::MonitorError> {
+        if let Some(wish) = self.poll() {
+            self.wish = Some(wish);
         }
-        if let Some(controls) = &self.controls {
-            controls
-                .update(crate::job::controls::Policy::Budget, |c| {
-                    c.quota = wish.cpu;
-                    c.frozen = wish.freeze;
-                })
-                .map_err(|e| crate::job::monitor::MonitorError::new(e.to_string()))?;
-            self.applied = Some(wish);
-        }
-        Ok(())
+        Ok(self
+            .wish
+            .iter()
+            .map(|w| {
+                (
+                    crate::job::controls::Policy::Budget,
+                    crate::job::controls::Controls {
+                        quota: w.cpu,
+                        frozen: w.freeze,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect())
     }
 
     fn finish(&mut self, _report: &mut crate::report::Report) {}
@@ -326,7 +326,8 @@ fn meter_spec(spec: &TrainingSpec) -> Result<crate::probe::steal::TrainingSpec, 
     use crate::probe::steal::TrainingSpec as Meter;
     match (spec.pid, &spec.cgroup) {
         (Some(pid), _) => {
-            let pid = u32::try_from(pid).map_err(|_| format!("training pid {pid} is invalid"))?;
+            let pid = crate::host::Pid::new(pid)
+                .ok_or_else(|| format!("training pid {pid} is invalid"))?;
             Ok(Meter::Pid {
                 pid,
                 follow_children: spec.follow_children,

@@ -45,7 +45,7 @@ pub enum Request {
     /// Move live process `pid` (with `tree`, its descendants) into a job.
     Attach {
         job: Box<JobRequest>,
-        pid: i32,
+        pid: crate::host::Pid,
         #[serde(default)]
         tree: bool,
     },

@@ -442,7 +442,7 @@ fn refuse(shared: &Shared, caller: &Caller, what: &str, answer: &Answer) {
     shared.counters.refused(what);
     tracing::warn!(
         uid = caller.uid,
-        pid = caller.pid,
+        pid = %caller.pid,
         request = what,
         status = answer.status,
         "refused: {}",
@@ -787,7 +787,7 @@ fn start_job(
             )));
         }
         if let JobKind::Attach { pid, .. } = kind
-            && auth::process_uid(pid) != Some(caller.uid)
+            && auth::process_uid(pid.as_raw()) != Some(caller.uid)
         {
             return Err(Answer::usage(format!(
                 "refusing to attach: PID {pid} is not a process of uid {}; a caller may attach only its own processes",
@@ -876,7 +876,7 @@ fn start_job(
         request,
         config,
         caller_uid: caller.uid,
-        caller_pid: caller.pid,
+        caller_pid: caller.pid.as_raw(),
         env,
         cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
         run_as,
@@ -971,7 +971,7 @@ fn start_game(
         request: JobRequest::default(),
         config,
         caller_uid: caller.uid,
-        caller_pid: caller.pid,
+        caller_pid: caller.pid.as_raw(),
         env,
         cwd: cwd.unwrap_or_else(|| PathBuf::from("/")),
         run_as: (!caller.is_root()).then(|| caller.run_as()),
@@ -1022,7 +1022,7 @@ fn launch(
     let child = match spawn_shim(&shared.exe, &dir, &plan, fds) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(job = %id, uid = caller.uid, pid = caller.pid, "{e}");
+            tracing::error!(job = %id, uid = caller.uid, pid = %caller.pid, "{e}");
             let result = JobResult {
                 status: EXIT_FAILURE,
                 report: None,
@@ -1035,7 +1035,7 @@ fn launch(
             return rx;
         }
     };
-    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, shim = child.id(), "job accepted");
+    tracing::info!(job = %id, uid = caller.uid, pid = %caller.pid, shim = child.id(), "job accepted");
     let rx = register(shared, plan, Some(child.id() as i32));
     let shared2 = shared.clone();
     // A thread, not the runtime's blocking pool: it may wait for as long
@@ -1555,14 +1555,15 @@ fn cancel(shared: &Shared, caller: &Caller, id: &str) -> Result<(), Answer> {
             shim.pid
         ))
     })?;
-    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid, "job cancelled");
+    tracing::info!(job = %id, uid = caller.uid, pid = %caller.pid, "job cancelled");
     Ok(())
 }
 
 /// Signals the shim through a pidfd, after checking that the pid still
 /// names it (its start time).
 fn signal_shim(shim: store::ShimInfo, sig: i32) -> std::io::Result<()> {
-    let pidfd = crate::job::pidfd::PidFd::open(shim.pid)?;
+    let pid = crate::host::Pid::try_from(shim.pid).map_err(std::io::Error::other)?;
+    let pidfd = crate::job::pidfd::PidFd::open(pid)?;
     if store::start_time(shim.pid) != Some(shim.start_time) {
         return Err(std::io::Error::other(
             "the shim is gone (its pid names another process)",

@@ -32,7 +32,7 @@ pub enum JobKind {
         command: Vec<String>,
     },
     Attach {
-        pid: i32,
+        pid: crate::host::Pid,
         tree: bool,
     },
     /// A game in job `job`, whose cgroups are those of the caller's

@@ -28,5 +28,5 @@ pub use controller::{
     Controller, ControllerConfig, CpuControls, Decision, Observation, Phase, Quota, Reason, Signal,
     StealCounters,
 };
-pub use monitor::{BudgetMonitor, StealFeed, StealSource, learn_before_job};
+pub use monitor::{BudgetMonitor, learn_before_job};
 pub use progress::{ProgressConfig, ProgressReading, ProgressTracker, Unavailable};

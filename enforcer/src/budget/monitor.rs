@@ -1,17 +1,19 @@
 //! [`BudgetMonitor`]: the budget controller plugged into the job supervisor.
-//! Every control period it reads the job's steal (from a [`StealSource`], fed
-//! by the steal meter), the job's CPU use and, when configured, the
-//! training's progress file, steps the [`Controller`] and writes its
-//! decisions to the job's cgroup. Each decision is a `budget` event and a
-//! log line with its reason; once a second a `budget status` log line gives
-//! the live numbers, with the budget used over the controller's horizon. At
-//! the end it fills `budget_fraction`, `over_budget_s`, `budget_used` (the
-//! worst 10 s window or the whole job), `training_slowdown` and
-//! `slowdown_blame` (the last blame experiment's answer) in the report (null
-//! with a reason when missing).
+//! Every control period it takes the job's steal (the steal meter's part of
+//! the tick's [`Sample`]), the job's CPU use and, when configured, the
+//! training's progress (which it polls itself, as the progress file's
+//! sensor), steps the [`Controller`] and returns the controls it wants to
+//! the job's actuator. Each decision is a `budget` event and a log line
+//! with its reason; once a second a `budget status` log line gives the live
+//! numbers, with the budget used over the controller's horizon. At the end
+//! it fills `budget_fraction`, `over_budget_s`, `budget_used` (the worst
+//! 10 s window or the whole job), `training_slowdown` and `slowdown_blame`
+//! (the last blame experiment's answer) in the report (null with a reason
+//! when missing).
 
 use std::{
-    sync::{Arc, Mutex},
+    cell::RefCell,
+    convert::Infallible,
     time::{Duration, Instant},
 };
 
@@ -20,102 +22,44 @@ use serde_json::json;
 
 use super::{
     actuator::{CpuActuator, apply},
-    controller::{Cause, Controller, ControllerConfig, Observation, Reason, StealCounters},
+    controller::{Cause, Controller, ControllerConfig, Observation, Reason},
     placement::{Placement, PlacementConfig, PlacementDecision},
     progress::{ProgressTracker, Unavailable},
 };
 use crate::{
-    cgroup::{CgroupError, JobCgroup, cpuset::CpuList},
+    cgroup::{JobCgroup, cpuset::CpuList},
     events::Event,
     job::{
-        JobInfo, Monitor, MonitorError, TickContext,
-        controls::{Actuator, Policy},
+        JobInfo, Monitor, MonitorError, Sample, TickContext, Wishes,
+        controls::{Control, Controls, Policy},
     },
     report::Report,
 };
 
-/// Where the job's steal comes from: cumulative counters for this job, or
-/// why there are none right now.
-pub trait StealSource: Send {
-    /// Called once the job exists (its cgroup and first process).
-    fn start(&mut self, _job: &JobInfo) -> Result<(), String> {
+/// The budget loop's wish, built by its decisions as they are applied (the
+/// job's actuator caps the quota at the user's static CPU limit:
+/// "unlimited" means back to it, never above).
+#[derive(Debug, Default)]
+struct BudgetWish(RefCell<Controls>);
+
+impl CpuActuator for BudgetWish {
+    type Error = Infallible;
+    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), Infallible> {
+        self.0.borrow_mut().quota = cores;
         Ok(())
     }
-    fn counters(&mut self) -> Result<StealCounters, String>;
-    /// The training's cumulative on-CPU time per CPU (index = CPU number),
-    /// when the source knows it: what job placement is decided on.
-    fn training_per_cpu(&mut self) -> Option<Vec<Duration>> {
-        None
+    fn set_cpu_idle(&self, idle: bool) -> Result<(), Infallible> {
+        self.0.borrow_mut().idle = Some(idle);
+        Ok(())
+    }
+    fn freeze(&self, frozen: bool) -> Result<(), Infallible> {
+        self.0.borrow_mut().frozen = frozen;
+        Ok(())
     }
 }
 
-/// The hand-over between the monitor that polls the steal meter and the
-/// budget loop: the meter's monitor publishes each tick's counters for the
-/// job when it senses (before any monitor ticks), the budget loop reads the
-/// latest. One eBPF meter serves both.
-#[derive(Debug, Clone, Default)]
-pub struct StealFeed(Arc<Mutex<FeedSlot>>);
-
-#[derive(Debug, Default)]
-struct FeedSlot {
-    counters: Option<Result<StealCounters, String>>,
-    per_cpu: Option<Vec<Duration>>,
-}
-
-impl StealFeed {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Publishes this tick's cumulative counters for the job, or why the
-    /// meter has none.
-    pub fn publish(&self, counters: Result<StealCounters, String>) {
-        if let Ok(mut slot) = self.0.lock() {
-            slot.counters = Some(counters);
-        }
-    }
-
-    /// Publishes the training's cumulative on-CPU time per CPU.
-    pub fn publish_per_cpu(&self, per_cpu: Vec<Duration>) {
-        if let Ok(mut slot) = self.0.lock() {
-            slot.per_cpu = Some(per_cpu);
-        }
-    }
-}
-
-impl StealSource for StealFeed {
-    fn counters(&mut self) -> Result<StealCounters, String> {
-        match self.0.lock() {
-            Ok(slot) => slot
-                .counters
-                .clone()
-                .unwrap_or_else(|| Err("the steal meter has published nothing yet".to_owned())),
-            Err(_) => Err("the steal meter's monitor panicked".to_owned()),
-        }
-    }
-
-    fn training_per_cpu(&mut self) -> Option<Vec<Duration>> {
-        self.0.lock().ok()?.per_cpu.clone()
-    }
-}
-
-/// The budget loop's wishes, applied by the job's one actuator (which caps
-/// the quota at the user's static CPU limit: "unlimited" means back to it,
-/// never above).
-struct BudgetControls<'a>(&'a Actuator);
-
-impl CpuActuator for BudgetControls<'_> {
-    type Error = CgroupError;
-    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
-        self.0.update(Policy::Budget, |w| w.quota = cores)
-    }
-    fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
-        self.0.update(Policy::Budget, |w| w.idle = Some(idle))
-    }
-    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        self.0.update(Policy::Budget, |w| w.frozen = frozen)
-    }
-}
+/// Why there is no steal signal when the sample has no steal at all.
+const NO_METER: &str = "the steal meter has published nothing yet";
 
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 const REPORT_WINDOW: Duration = Duration::from_secs(1);
@@ -124,7 +68,6 @@ const REPORT_WINDOW: Duration = Duration::from_secs(1);
 pub struct BudgetMonitor {
     config: ControllerConfig,
     controller: Option<Controller>,
-    steal: Box<dyn StealSource>,
     steal_error: Option<String>,
     progress: Option<ProgressTracker>,
     slowdown_error: Option<String>,
@@ -141,8 +84,8 @@ pub struct BudgetMonitor {
     /// The answer of the last blame experiment.
     blame: Option<Cause>,
     job: String,
-    /// The job's actuator, from the start.
-    controls: Option<Arc<Actuator>>,
+    /// What the loop wants of the job's quota, idle class and freezer.
+    wish: BudgetWish,
     /// Put the job's threads in SCHED_IDLE too (with the idle class).
     idle_tasks: bool,
     /// Threads already made SCHED_IDLE.
@@ -153,8 +96,14 @@ pub struct BudgetMonitor {
     place_jobs: bool,
     /// The training's per-CPU time watched before the job started...
     history: Vec<(Instant, Vec<Duration>)>,
-    /// ...and the placement it gave, applied at the first tick.
+    /// ...and the placement it gave, wished at the first tick.
     pending_placement: Option<PlacementDecision>,
+    /// The CPUs placement wants (`Some(None)`: none in particular; `None`:
+    /// placement never wished).
+    cpus_wish: Option<Option<CpuList>>,
+    /// A placement wished but not yet seen written: the controller is told
+    /// of it once the job's cpuset holds it.
+    unconfirmed: Option<PlacementDecision>,
 }
 
 /// Reads the training's progress file (`training.progress_file`) for a few
@@ -189,16 +138,11 @@ pub fn learn_before_job(config: &crate::config::Config) -> Option<ProgressTracke
 
 impl BudgetMonitor {
     /// The loop for a job of `enforcer run`/`attach`, from the config's
-    /// budget, fed by the steal monitor through `feed`.
-    pub fn for_job(
-        config: &crate::config::Config,
-        feed: StealFeed,
-        progress: Option<ProgressTracker>,
-    ) -> Self {
+    /// budget, on the steal the steal meter puts in each sample.
+    pub fn for_job(config: &crate::config::Config, progress: Option<ProgressTracker>) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
         Self::new(
             ControllerConfig::new(config.budget.fraction(), cpus),
-            Box::new(feed),
             progress,
         )
         .with_placement(config.place_jobs)
@@ -211,16 +155,11 @@ impl BudgetMonitor {
         self
     }
 
-    pub fn new(
-        config: ControllerConfig,
-        steal: Box<dyn StealSource>,
-        progress: Option<ProgressTracker>,
-    ) -> Self {
+    pub fn new(config: ControllerConfig, progress: Option<ProgressTracker>) -> Self {
         Self {
             window: StealWindow::new(config.budget),
             config,
             controller: None,
-            steal,
             steal_error: None,
             progress,
             slowdown_error: None,
@@ -232,13 +171,15 @@ impl BudgetMonitor {
             worst_horizon: None,
             blame: None,
             job: String::new(),
-            controls: None,
+            wish: BudgetWish::default(),
             idle_tasks: false,
             idle_tids: std::collections::HashSet::new(),
             placement: None,
             place_jobs: false,
             history: Vec::new(),
             pending_placement: None,
+            cpus_wish: None,
+            unconfirmed: None,
         }
     }
 
@@ -250,26 +191,54 @@ impl BudgetMonitor {
         self
     }
 
-    /// Steps the placement on the training's per-CPU time; a change is
-    /// written to the job's cpuset, then the controller restarts its quota
-    /// within the new CPUs. A host without a cpuset for jobs turns placement
-    /// off, once, with the reason.
-    /// Returns the event and how many CPUs the job has now.
-    fn place(&mut self, controls: &Actuator, now: Instant) -> Option<(Event, f64)> {
+    /// Steps the placement on the training's per-CPU time; a new placement
+    /// becomes the placement's wish, confirmed by [`Self::placed`] once the
+    /// cpuset holds it.
+    fn place(&mut self, sample: &Sample) {
+        if self.unconfirmed.is_some() {
+            return;
+        }
         let d = match self.pending_placement.take() {
             Some(d) => d,
             None => {
-                let per_cpu = self.steal.training_per_cpu()?;
-                self.placement.as_mut()?.observe(&per_cpu, now)?
+                let Some(Ok(steal)) = &sample.steal else {
+                    return;
+                };
+                let Some(d) = self
+                    .placement
+                    .as_mut()
+                    .and_then(|p| p.observe(&steal.training_per_cpu, sample.now))
+                else {
+                    return;
+                };
+                d
             }
         };
-        let placement = self.placement.as_ref()?;
-        let cpus = d.cpus.clone();
-        if let Err(error) = controls.update(Policy::Placement, |w| w.cpus = cpus) {
-            tracing::warn!(job = %self.job, %error, "the job cannot be placed on CPUs: placement off");
+        if self.placement.is_none() {
+            return;
+        }
+        self.cpus_wish = Some(d.cpus.clone());
+        self.unconfirmed = Some(d);
+    }
+
+    /// A placement the job's cpuset now holds: its event, and how many CPUs
+    /// the job has now. A host without a cpuset for jobs turns placement
+    /// off, once, with the reason.
+    fn placed(&mut self, sample: &Sample) -> Option<(Event, f64)> {
+        let d = self.unconfirmed.take()?;
+        if sample.rejected == Some(Control::Cpus) {
+            tracing::warn!(job = %self.job, "the job cannot be placed on CPUs: placement off");
             self.placement = None;
+            // Withdrawn, so that the refused write is not retried.
+            self.cpus_wish = Some(None);
             return None;
         }
+        if sample.applied.cpus != d.cpus {
+            // Not written yet (an earlier control's write failed).
+            self.unconfirmed = Some(d);
+            return None;
+        }
+        let placement = self.placement.as_ref()?;
         let cores = d.job_cores(placement.all());
         tracing::info!(job = %self.job, placement = %d, "budget decision");
         self.decisions += 1;
@@ -286,6 +255,43 @@ impl BudgetMonitor {
             }),
         );
         Some((event, cores))
+    }
+
+    /// What the loop wants of the job's controls now.
+    fn wishes(&self) -> Wishes {
+        let mut wishes = vec![(Policy::Budget, self.wish.0.borrow().clone())];
+        if let Some(cpus) = &self.cpus_wish {
+            wishes.push((
+                Policy::Placement,
+                Controls {
+                    cpus: cpus.clone(),
+                    ..Controls::default()
+                },
+            ));
+        }
+        wishes
+    }
+
+    /// This tick's steal counters, or `None` (and the reason kept, logged
+    /// when it changes).
+    fn steal(&mut self, sample: &Sample) -> Option<enforcer_model::StealCounters> {
+        let error = match &sample.steal {
+            Some(Ok(r)) => {
+                self.steal_error = None;
+                return Some(r.counters);
+            }
+            Some(Err(e)) => e.clone(),
+            // The meter's monitor stopped after its last error: that stands.
+            None => self
+                .steal_error
+                .clone()
+                .unwrap_or_else(|| NO_METER.to_owned()),
+        };
+        if self.steal_error.as_deref() != Some(error.as_str()) {
+            tracing::warn!(job = %self.job, reason = %error, "no steal signal: the budget loop holds");
+        }
+        self.steal_error = Some(error);
+        None
     }
 
     /// Why per-thread SCHED_IDLE as well as the cgroup's `cpu.idle`: the
@@ -339,7 +345,6 @@ impl Monitor for BudgetMonitor {
             config.max_cores = config.max_cores.min(cap);
             config.start_cores = config.start_cores.map(|s| s.min(cap));
         }
-        self.controls = Some(job.controls.clone());
         self.idle_tasks = job.limits.cpu_idle;
         self.controller = Some(Controller::new(config));
         if self.place_jobs {
@@ -353,85 +358,65 @@ impl Monitor for BudgetMonitor {
                 }
             }
         }
-        if let Err(e) = self.steal.start(job) {
-            tracing::warn!(job = %job.name, reason = %e, "no steal signal: the budget loop holds");
-            self.steal_error = Some(e);
-        }
         Ok(())
     }
 
-    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+    /// The progress file's sensor: polled every tick while the job runs.
+    fn sense(&mut self, sample: &mut Sample) {
+        if let Some(p) = self.progress.as_mut() {
+            sample.progress = Some(p.poll(sample.now, true));
+        }
+    }
+
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
         if self.idle_tasks && self.controller.is_some() {
             self.make_tasks_idle(ctx.cgroup);
         }
         let Some(controller) = self.controller.as_mut() else {
-            return Ok(());
+            return Ok(Wishes::new());
         };
-        let now = ctx.now;
-        let Some(controls) = self.controls.clone() else {
-            return Ok(());
-        };
-        let capped = BudgetControls(&controls);
+        let now = sample.now;
         if self.last_tick.is_none() {
-            // The start decision is applied on the first tick: the cgroup
-            // handle is only given to ticks.
             // The supervisor already put the job in (or out of) the idle
             // class from its limits: only the quota is the loop's to set.
             let d = controller.start(now);
-            capped
-                .set_cpu_quota(d.controls.quota.cores())
-                .map_err(|e| MonitorError::new(format!("applying {d}: {e}")))?;
+            let Ok(()) = self.wish.set_cpu_quota(d.controls.quota.cores());
             tracing::info!(job = %self.job, decision = %d, "budget decision");
             ctx.emit(Event::new("budget", decision_json(&d)));
         }
 
-        let steal = match self.steal.counters() {
-            Ok(c) => {
-                self.steal_error = None;
-                Some(c)
+        let steal = self.steal(sample);
+        let slowdown = match sample.progress.as_ref().map(|r| &r.slowdown) {
+            Some(Ok(s)) => {
+                self.slowdown_error = None;
+                self.slowdowns.push(*s);
+                Some(*s)
             }
-            Err(e) => {
-                if self.steal_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!(job = %self.job, reason = %e, "no steal signal: the budget loop holds");
+            Some(Err(u)) => {
+                // Warming right after the start is normal: not an error.
+                if !matches!(u, Unavailable::Warming) {
+                    self.slowdown_error = Some(u.to_string());
                 }
-                self.steal_error = Some(e);
                 None
             }
+            None => None,
         };
-        let slowdown = self.progress.as_mut().and_then(|p| {
-            let r = p.poll(now, true);
-            match r.slowdown {
-                Ok(s) => {
-                    self.slowdown_error = None;
-                    self.slowdowns.push(s);
-                    Some(s)
-                }
-                Err(u) => {
-                    // Warming right after the start is normal: not an error.
-                    if !matches!(u, Unavailable::Warming) {
-                        self.slowdown_error = Some(u.to_string());
-                    }
-                    None
-                }
-            }
-        });
-        if let Some((event, cores)) = self.place(&controls, now) {
+        if let Some((event, cores)) = self.placed(sample) {
             ctx.emit(event);
             if let Some(controller) = self.controller.as_mut()
                 && let Some(d) = controller.placed(now, cores)
             {
                 self.decisions += 1;
                 tracing::info!(job = %self.job, decision = %d, "budget decision");
-                if let Err(e) = apply(&capped, &d) {
-                    tracing::warn!(job = %self.job, error = %e, "applying a budget decision failed");
-                }
+                let Ok(()) = apply(&self.wish, &d);
                 ctx.emit(Event::new("budget", decision_json(&d)));
             }
         }
+        self.place(sample);
         let Some(controller) = self.controller.as_mut() else {
-            return Ok(());
+            return Ok(Wishes::new());
         };
-        let job_cpu = ctx.stats.cpu_usage;
+        let job_cpu = sample.stats.cpu_usage;
         let obs = Observation {
             steal,
             job_cpu,
@@ -440,12 +425,9 @@ impl Monitor for BudgetMonitor {
         if let Some(d) = controller.step(obs, now) {
             self.decisions += 1;
             tracing::info!(job = %self.job, decision = %d, "budget decision");
-            let applied = apply(&capped, &d);
-            // A failed write (e.g. a job that just exited) is reported, and
-            // the loop goes on with what it asked for.
-            if let Err(e) = &applied {
-                tracing::warn!(job = %self.job, error = %e, "applying a budget decision failed");
-            }
+            // A failed write (e.g. a job that just exited) is retried by the
+            // actuator, and the loop goes on with what it asked for.
+            let Ok(()) = apply(&self.wish, &d);
             ctx.emit(Event::new("budget", decision_json(&d)));
             if let Reason::Freeze { .. } = d.reason {
                 tracing::warn!(job = %self.job, "job frozen: last resort of the budget loop");
@@ -501,7 +483,7 @@ impl Monitor for BudgetMonitor {
         {
             self.last_cpu = Some((now, b));
         }
-        Ok(())
+        Ok(self.wishes())
     }
 
     fn finish(&mut self, report: &mut Report) {
@@ -579,23 +561,27 @@ fn decision_json(d: &super::controller::Decision) -> serde_json::Value {
 mod tests {
     use std::path::Path;
 
+    use std::sync::Arc;
+
     use super::*;
-    use crate::cgroup::{Limits, Stats, fs::CgFs, v2::V2Job};
+    use crate::{
+        budget::StealCounters,
+        cgroup::{Limits, Stats, fs::CgFs, v2::V2Job},
+        job::{StealReading, controls::Actuator},
+    };
 
-    /// Steal growing at a fixed fraction of each 100 ms tick.
-    struct Scripted {
-        fraction: f64,
-        ticks: u32,
-    }
-
-    impl StealSource for Scripted {
-        fn counters(&mut self) -> Result<StealCounters, String> {
-            self.ticks += 1;
-            let total = Duration::from_millis(100) * self.ticks;
-            Ok(StealCounters {
-                steal: total.mul_f64(self.fraction),
-                training_on_cpu: total.mul_f64(1.0 - self.fraction),
-            })
+    /// Steal growing at `fraction` of each 100 ms tick, as the steal meter
+    /// puts it in the sample.
+    fn scripted(fraction: f64) -> impl FnMut(u32) -> Option<Result<StealReading, String>> {
+        move |tick| {
+            let total = Duration::from_millis(100) * tick;
+            Some(Ok(StealReading {
+                counters: StealCounters {
+                    steal: total.mul_f64(fraction),
+                    training_on_cpu: total.mul_f64(1.0 - fraction),
+                },
+                training_per_cpu: Vec::new(),
+            }))
         }
     }
 
@@ -627,16 +613,31 @@ mod tests {
         }
     }
 
-    fn run_ticks(m: &mut BudgetMonitor, cg: &JobCgroup, started: Instant, n: u32) -> Vec<Event> {
+    /// Ticks as the supervisor does: a sample with `steal`'s reading, the
+    /// loop's wishes applied through the job's actuator.
+    fn run_ticks(
+        m: &mut BudgetMonitor,
+        job: &JobInfo,
+        cg: &JobCgroup,
+        n: u32,
+        mut steal: impl FnMut(u32) -> Option<Result<StealReading, String>>,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         for i in 1..=n {
-            let now = started + Duration::from_millis(100) * i;
+            let now = job.started + Duration::from_millis(100) * i;
             let stats = Stats {
                 cpu_usage: Some(Duration::from_millis(100) * i),
                 ..Stats::default()
             };
-            let mut ctx = TickContext::new(cg, &stats, now - started, now, &mut events);
-            m.tick(&mut ctx).expect("tick");
+            let mut sample = Sample::new(now, now - job.started, stats).actuated_by(&job.controls);
+            sample.steal = steal(i);
+            m.sense(&mut sample);
+            let mut ctx = TickContext::new(cg, &mut events);
+            for (policy, controls) in m.tick(&sample, &mut ctx).expect("tick") {
+                job.controls.want(policy, controls);
+            }
+            // A refused write is the next sample's `rejected`.
+            job.controls.apply().ok();
         }
         events
     }
@@ -646,24 +647,17 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let cg = fake_job(d.path());
         let started = Instant::now();
-        let mut m = BudgetMonitor::new(
-            ControllerConfig::new(0.05, 2.0),
-            Box::new(Scripted {
-                fraction: 0.3,
-                ticks: 0,
-            }),
-            None,
-        );
-        m.start(&info(
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), None);
+        let job = info(
             started,
             Limits {
                 cpu_idle: true,
                 ..Limits::default()
             },
             &cg,
-        ))
-        .expect("start");
-        let events = run_ticks(&mut m, &cg, started, 10);
+        );
+        m.start(&job).expect("start");
+        let events = run_ticks(&mut m, &job, &cg, 10, scripted(0.3));
         let actions: Vec<&str> = events
             .iter()
             .filter(|e| e.event == "budget")
@@ -703,15 +697,8 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let cg = fake_job(d.path());
         let started = Instant::now();
-        let mut m = BudgetMonitor::new(
-            ControllerConfig::new(0.05, 2.0),
-            Box::new(Scripted {
-                fraction: 0.0,
-                ticks: 0,
-            }),
-            None,
-        );
-        m.start(&info(
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), None);
+        let job = info(
             started,
             Limits {
                 cpu: Some(0.5),
@@ -719,17 +706,63 @@ mod tests {
                 ..Limits::default()
             },
             &cg,
-        ))
-        .expect("start");
+        );
+        m.start(&job).expect("start");
         // As the session does when it creates the job.
         cg.set_cpu_quota(Some(0.5)).expect("static limit");
         // Far under budget for long enough to relax all the way.
-        run_ticks(&mut m, &cg, started, 100);
+        run_ticks(&mut m, &job, &cg, 100, scripted(0.0));
         let max = std::fs::read_to_string(d.path().join("job/cpu.max")).expect("cpu.max written");
         assert!(
             max.starts_with("50000 "),
             "cpu.max {max:?}: above the static 0.5 CPU"
         );
+    }
+
+    #[test]
+    fn a_placement_reaches_the_controller_once_the_cpuset_holds_it_and_a_refused_one_turns_placement_off()
+     {
+        for cpuset in [true, false] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let cg = fake_job(d.path());
+            let cpus_file = d.path().join("job/cpuset.cpus");
+            if cpuset {
+                std::fs::write(&cpus_file, "").expect("fake cpuset file");
+            }
+            let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 4.0), None);
+            let job = info(Instant::now(), Limits::default(), &cg);
+            m.start(&job).expect("start");
+            m.placement = Some(Placement::new(
+                PlacementConfig::default(),
+                CpuList::new([0, 1, 2, 3]),
+            ));
+            m.pending_placement = Some(PlacementDecision {
+                cpus: Some(CpuList::new([2, 3])),
+                previous: None,
+                training_cpus: CpuList::new([0, 1]),
+                training_cores: 2.0,
+            });
+            let events = run_ticks(&mut m, &job, &cg, 3, scripted(0.0));
+            let places: Vec<_> = events
+                .iter()
+                .filter(|e| e.detail["action"] == "place")
+                .collect();
+            if cpuset {
+                assert_eq!(places.len(), 1, "{events:?}");
+                assert_eq!(places[0].detail["job_cores"], 2.0);
+                assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "2-3");
+                assert!(m.placement.is_some());
+            } else {
+                assert!(places.is_empty(), "{events:?}");
+                assert!(m.placement.is_none(), "placement stays on");
+                assert_eq!(job.controls.merged().cpus, None, "the refused wish stays");
+                assert_eq!(
+                    job.controls.rejected(),
+                    None,
+                    "the refused write is retried"
+                );
+            }
+        }
     }
 
     #[test]
@@ -768,19 +801,15 @@ mod tests {
 
     #[test]
     fn without_a_steal_signal_the_loop_holds_and_says_why() {
-        struct Broken;
-        impl StealSource for Broken {
-            fn counters(&mut self) -> Result<StealCounters, String> {
-                Err("meter not loaded".into())
-            }
-        }
         let d = tempfile::tempdir().expect("tempdir");
         let cg = fake_job(d.path());
         let started = Instant::now();
-        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), Box::new(Broken), None);
-        m.start(&info(started, Limits::default(), &cg))
-            .expect("start");
-        let events = run_ticks(&mut m, &cg, started, 20);
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), None);
+        let job = info(started, Limits::default(), &cg);
+        m.start(&job).expect("start");
+        let events = run_ticks(&mut m, &job, &cg, 20, |_| {
+            Some(Err("meter not loaded".to_owned()))
+        });
         assert_eq!(events.len(), 1, "only the start decision");
         let mut report = Report::new("j", &[], std::time::SystemTime::now());
         m.finish(&mut report);

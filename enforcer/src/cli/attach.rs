@@ -12,6 +12,7 @@ use crate::{
         client::{self, Route},
         proto::Request,
     },
+    host::Pid,
     job::session::Session,
 };
 
@@ -27,9 +28,9 @@ use crate::{
 /// through it.
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// The process to attach (all its threads).
+    /// The process to attach (all its threads): a positive process id.
     #[arg(long)]
-    pub pid: i32,
+    pub pid: Pid,
     /// Also attach the process's existing descendants.
     #[arg(long)]
     pub tree: bool,

@@ -25,7 +25,7 @@ pub struct MeterArgs {
     /// PID of the training workload to protect (all its threads, and the
     /// threads it creates while metered).
     #[arg(long, value_name = "PID", required_unless_present = "training_cgroup")]
-    pub protect: Option<u32>,
+    pub protect: Option<crate::host::Pid>,
 
     /// Also count processes forked by the training workload (and theirs),
     /// found at start and whenever they fork.
@@ -112,9 +112,7 @@ struct GroundTruth {
 impl GroundTruth {
     fn read(training: &TrainingSpec, jobs: &[Job]) -> Self {
         let run_delay_ns = match training {
-            TrainingSpec::Pid { pid, .. } => crate::host::Pid::try_from(*pid)
-                .ok()
-                .and_then(|pid| crate::host::ProcFs::new().run_delay_ns(pid)),
+            TrainingSpec::Pid { pid, .. } => crate::host::ProcFs::new().run_delay_ns(*pid),
             TrainingSpec::Cgroup(_) => None,
         };
         let job_usage_ns = jobs

@@ -77,6 +77,14 @@ pub struct TickOutcome {
     pub kill: bool,
 }
 
+/// One read of the GPU telemetry: every device, and the job's share of
+/// each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuReading {
+    pub devices: Vec<DeviceSample>,
+    pub tick: BTreeMap<u32, TickDevice>,
+}
+
 /// The latest numbers, for status and Prometheus.
 #[derive(Debug, Clone, Default)]
 pub struct GpuSnapshot {
@@ -213,12 +221,18 @@ impl GpuGuard {
         self.cap.as_ref().map_or(1.0, UtilCap::run_fraction)
     }
 
-    /// One control tick.
+    /// One control tick: [`GpuGuard::read`], then [`GpuGuard::act`].
     pub fn tick(&mut self, now: Instant) -> TickOutcome {
-        let mut out = TickOutcome::default();
-        let Some(source) = self.source.as_mut() else {
-            return out;
-        };
+        match self.read() {
+            Some(reading) => self.act(&reading, now),
+            None => TickOutcome::default(),
+        }
+    }
+
+    /// Reads the telemetry and attributes it to the job; `None` when there
+    /// is none. A failure stops the guard for good and says why.
+    pub fn read(&mut self) -> Option<Result<GpuReading, String>> {
+        let source = self.source.as_mut()?;
         let read = source
             .devices()
             .and_then(|d| source.processes(self.last_ts).map(|p| (d, p)));
@@ -226,11 +240,9 @@ impl GpuGuard {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "GPU telemetry failed mid-job: stopping the GPU guard");
-                out.events.push(GpuEvent::GpuUnavailable {
-                    reason: e.to_string(),
-                });
+                let reason = e.to_string();
                 self.stop(e.reason);
-                return out;
+                return Some(Err(reason));
             }
         };
         for p in &processes {
@@ -246,7 +258,22 @@ impl GpuGuard {
                 false
             })
         });
-        self.usage.add(&tick, &devices);
+        Some(Ok(GpuReading { devices, tick }))
+    }
+
+    /// Moves the utilisation cap and the memory guard on `reading`.
+    pub fn act(&mut self, reading: &Result<GpuReading, String>, now: Instant) -> TickOutcome {
+        let mut out = TickOutcome::default();
+        let GpuReading { devices, tick } = match reading {
+            Ok(r) => r,
+            Err(reason) => {
+                out.events.push(GpuEvent::GpuUnavailable {
+                    reason: reason.clone(),
+                });
+                return out;
+            }
+        };
+        self.usage.add(tick, devices);
 
         if let Some(cap) = self.cap.as_mut() {
             // The freezer stops the whole job, so the hottest device decides.
@@ -298,8 +325,8 @@ impl GpuGuard {
 
         self.snapshot = GpuSnapshot {
             unavailable: None,
-            devices,
-            tick,
+            devices: devices.clone(),
+            tick: tick.clone(),
             run_fraction: self.cap.as_ref().map(UtilCap::run_fraction),
         };
         out

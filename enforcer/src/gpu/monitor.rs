@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     events::Event,
-    job::{JobInfo, Monitor, MonitorError, TickContext, controls::DutyFreezer},
+    job::{JobInfo, Monitor, MonitorError, Sample, TickContext, Wishes, controls::DutyFreezer},
     report::{Reason, Report},
 };
 
@@ -152,18 +152,29 @@ impl Monitor for GpuMonitor {
         self.apply_fraction()
     }
 
-    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+    /// Reads the telemetry into the sample once per [`GPU_PERIOD`].
+    fn sense(&mut self, sample: &mut Sample) {
         let due = self
             .last_gpu_tick
-            .is_none_or(|t| ctx.now.duration_since(t) >= GPU_PERIOD);
+            .is_none_or(|t| sample.now.duration_since(t) >= GPU_PERIOD);
         let Some(guard) = self.guard.as_mut() else {
-            return Ok(());
+            return;
         };
         if !due || !guard.is_available() {
-            return Ok(());
+            return;
         }
-        self.last_gpu_tick = Some(ctx.now);
-        let out = guard.tick(ctx.now);
+        self.last_gpu_tick = Some(sample.now);
+        sample.gpu = guard.read();
+    }
+
+    /// The cap and memory guard on this tick's reading; the cap's freezes
+    /// go through the duty cycle's thread, which wishes them to the job's
+    /// actuator between ticks, so no controls are returned here.
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
+        let (Some(reading), Some(guard)) = (&sample.gpu, self.guard.as_mut()) else {
+            return Ok(Wishes::new());
+        };
+        let out = guard.act(reading, sample.now);
         for e in &out.events {
             ctx.emit(event(e));
         }
@@ -174,9 +185,10 @@ impl Monitor for GpuMonitor {
             ctx.cgroup
                 .kill()
                 .map_err(|e| MonitorError::new(format!("GPU memory kill failed: {e}")))?;
-            return Ok(());
+            return Ok(Wishes::new());
         }
-        self.apply_fraction()
+        self.apply_fraction()?;
+        Ok(Wishes::new())
     }
 
     fn finish(&mut self, report: &mut Report) {

@@ -10,29 +10,29 @@ use crate::host::{Pid, ProcFs, Stat};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttachRefused {
     #[error("no process with PID {0}")]
-    NoSuchPid(i32),
+    NoSuchPid(Pid),
     #[error("PID 1 (init) is never attached")]
     Init,
     #[error("PID {0} is a kernel thread")]
-    KernelThread(i32),
+    KernelThread(Pid),
     #[error("PID {0} is this enforcer itself")]
-    Itself(i32),
+    Itself(Pid),
     #[error(
         "PID {0} is an ancestor of this enforcer; attaching it would put the enforcer's supervisor chain under the job's limits"
     )]
-    Ancestor(i32),
+    Ancestor(Pid),
     #[error("PID {0} is the protected training process (training.pid / --protect)")]
-    Training(i32),
+    Training(Pid),
     #[error("PID {0} exited while it was being attached")]
-    ExitedMidway(i32),
+    ExitedMidway(Pid),
     #[error(
         "PID {0} is no longer the process that was checked (it exited and another process got its number, or changed owner)"
     )]
-    Replaced(i32),
+    Replaced(Pid),
     #[error("PID {pid}: cannot hold a pidfd on it: {error}")]
-    NoPidFd { pid: i32, error: String },
+    NoPidFd { pid: Pid, error: String },
     #[error("PID {pid} belongs to uid {owner}; uid {caller} may attach only its own processes")]
-    NotOwner { pid: i32, owner: u32, caller: u32 },
+    NotOwner { pid: Pid, owner: u32, caller: u32 },
 }
 
 /// What tells one process from a later one with the same number: its start
@@ -45,8 +45,7 @@ pub struct Identity {
 }
 
 /// The identity of `pid` as `/proc` shows it now.
-pub fn identity(proc: &ProcFs, pid: i32) -> Option<Identity> {
-    let pid = Pid::new(pid)?;
+pub fn identity(proc: &ProcFs, pid: Pid) -> Option<Identity> {
     let start_time = proc.stat(pid).ok()?.start_time;
     let status = proc.status(pid).ok()?;
     Some(Identity {
@@ -68,7 +67,7 @@ impl Held {
     /// Takes a pidfd on `pid` and records who it is. The identity is read
     /// after the pidfd is open and confirmed by a signal 0 through it after,
     /// so it is that of the process the pidfd holds.
-    pub fn take(proc: &ProcFs, pid: i32) -> Result<Self, AttachRefused> {
+    pub fn take(proc: &ProcFs, pid: Pid) -> Result<Self, AttachRefused> {
         let pidfd = PidFd::open(pid).map_err(|e| match e.raw_os_error() {
             Some(libc::ESRCH) => AttachRefused::NoSuchPid(pid),
             _ => AttachRefused::NoPidFd {
@@ -101,18 +100,18 @@ impl Held {
     }
 }
 
-fn stat(proc: &ProcFs, pid: i32) -> Option<Stat> {
-    proc.stat(Pid::new(pid)?).ok()
+fn stat(proc: &ProcFs, pid: Pid) -> Option<Stat> {
+    proc.stat(pid).ok()
 }
 
 /// Refuses PIDs that must never be attached.
 pub fn check(
     proc: &ProcFs,
-    pid: i32,
-    self_pid: i32,
-    training: Option<i32>,
+    pid: Pid,
+    self_pid: Pid,
+    training: Option<Pid>,
 ) -> Result<(), AttachRefused> {
-    if pid == 1 {
+    if pid.as_raw() == 1 {
         return Err(AttachRefused::Init);
     }
     if pid == self_pid {
@@ -124,7 +123,7 @@ pub fn check(
     let Some(target) = stat(proc, pid) else {
         return Err(AttachRefused::NoSuchPid(pid));
     };
-    if target.is_kernel_thread() || pid == 2 {
+    if target.is_kernel_thread() || pid.as_raw() == 2 {
         return Err(AttachRefused::KernelThread(pid));
     }
     if target.is_zombie() {
@@ -134,10 +133,10 @@ pub fn check(
     for _ in 0..64 {
         match stat(proc, p).and_then(|s| s.ppid) {
             Some(ppid) if ppid.as_raw() > 1 => {
-                if ppid.as_raw() == pid {
+                if ppid == pid {
                     return Err(AttachRefused::Ancestor(pid));
                 }
-                p = ppid.as_raw();
+                p = ppid;
             }
             _ => break,
         }
@@ -147,21 +146,16 @@ pub fn check(
 
 /// Every live descendant of `pid` (for `--tree`), parents first, each with
 /// its start time when it was seen.
-pub fn descendants(proc: &ProcFs, pid: i32) -> Vec<(i32, u64)> {
-    let Some(pid) = Pid::new(pid) else {
-        return Vec::new();
-    };
+pub fn descendants(proc: &ProcFs, pid: Pid) -> Vec<(Pid, u64)> {
     proc.descendants(pid)
         .into_iter()
-        .map(|s| (s.pid.as_raw(), s.start_time))
+        .map(|s| (s.pid, s.start_time))
         .collect()
 }
 
 /// The thread ids of `pid`.
-pub fn threads(proc: &ProcFs, pid: i32) -> Vec<i32> {
-    Pid::new(pid)
-        .map(|p| proc.threads(p).into_iter().map(Pid::as_raw).collect())
-        .unwrap_or_default()
+pub fn threads(proc: &ProcFs, pid: Pid) -> Vec<Pid> {
+    proc.threads(pid)
 }
 
 #[cfg(test)]
@@ -173,6 +167,10 @@ mod tests {
     use std::path::Path;
 
     use crate::host::fixtures::fake_process as proc_entry_started;
+
+    fn pid(n: i32) -> Pid {
+        Pid::new(n).unwrap()
+    }
 
     /// `PF_KTHREAD` from `linux/sched.h`.
     const PF_KTHREAD: u64 = 0x0020_0000;
@@ -186,14 +184,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         proc_entry_started(d.path(), 42, "a) (b", 'S', 1, 0, 987_654, 1500);
         assert_eq!(
-            identity(&ProcFs::at(d.path()), 42),
+            identity(&ProcFs::at(d.path()), pid(42)),
             Some(Identity {
                 start_time: 987_654,
                 uid: 1500,
                 gid: 1500
             })
         );
-        let real = identity(&ProcFs::new(), std::process::id() as i32).unwrap();
+        let real = identity(&ProcFs::new(), Pid::this_process()).unwrap();
         assert!(real.start_time > 0);
     }
 
@@ -205,7 +203,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
         let proc = ProcFs::at(r);
-        let me = std::process::id() as i32;
+        let me = Pid::this_process();
         let held = Held {
             pidfd: PidFd::open(me).unwrap(),
             identity: Identity {
@@ -214,19 +212,19 @@ mod tests {
                 gid: 0,
             },
         };
-        proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 0);
+        proc_entry_started(r, me.as_raw(), "eval", 'S', 1, 0, 5000, 0);
         assert_eq!(held.verify(&proc), Ok(()));
-        proc_entry_started(r, me, "eval", 'S', 1, 0, 5001, 0);
+        proc_entry_started(r, me.as_raw(), "eval", 'S', 1, 0, 5001, 0);
         assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
-        proc_entry_started(r, me, "eval", 'S', 1, 0, 5000, 1500);
+        proc_entry_started(r, me.as_raw(), "eval", 'S', 1, 0, 5000, 1500);
         assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
         fs::remove_dir_all(r.join(me.to_string())).unwrap();
         assert_eq!(held.verify(&proc), Err(AttachRefused::Replaced(me)));
 
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
+        let child_pid = Pid::try_from(child.id()).unwrap();
         let dead = Held {
-            pidfd: PidFd::open(pid).unwrap(),
+            pidfd: PidFd::open(child_pid).unwrap(),
             identity: Identity {
                 start_time: 7000,
                 uid: 0,
@@ -235,8 +233,11 @@ mod tests {
         };
         child.wait().unwrap();
         // Even with /proc showing the recorded identity under its number.
-        proc_entry_started(r, pid, "true", 'S', 1, 0, 7000, 0);
-        assert_eq!(dead.verify(&proc), Err(AttachRefused::ExitedMidway(pid)));
+        proc_entry_started(r, child_pid.as_raw(), "true", 'S', 1, 0, 7000, 0);
+        assert_eq!(
+            dead.verify(&proc),
+            Err(AttachRefused::ExitedMidway(child_pid))
+        );
     }
 
     #[test]
@@ -250,36 +251,39 @@ mod tests {
         proc_entry(r, 200, "enforcer", 'S', 100, 0);
         proc_entry(r, 300, "eval (x)", 'R', 100, 0);
         proc_entry(r, 301, "zombie", 'Z', 100, 0);
-        assert_eq!(check(&proc, 1, 200, None), Err(AttachRefused::Init));
         assert_eq!(
-            check(&proc, 50, 200, None),
-            Err(AttachRefused::KernelThread(50))
+            check(&proc, pid(1), pid(200), None),
+            Err(AttachRefused::Init)
         );
         assert_eq!(
-            check(&proc, 200, 200, None),
-            Err(AttachRefused::Itself(200))
+            check(&proc, pid(50), pid(200), None),
+            Err(AttachRefused::KernelThread(pid(50)))
         );
         assert_eq!(
-            check(&proc, 100, 200, None),
-            Err(AttachRefused::Ancestor(100))
+            check(&proc, pid(200), pid(200), None),
+            Err(AttachRefused::Itself(pid(200)))
         );
         assert_eq!(
-            check(&proc, 300, 200, Some(300)),
-            Err(AttachRefused::Training(300))
+            check(&proc, pid(100), pid(200), None),
+            Err(AttachRefused::Ancestor(pid(100)))
         );
         assert_eq!(
-            check(&proc, 999, 200, None),
-            Err(AttachRefused::NoSuchPid(999))
+            check(&proc, pid(300), pid(200), Some(pid(300))),
+            Err(AttachRefused::Training(pid(300)))
         );
         assert_eq!(
-            check(&proc, 301, 200, None),
-            Err(AttachRefused::NoSuchPid(301))
+            check(&proc, pid(999), pid(200), None),
+            Err(AttachRefused::NoSuchPid(pid(999)))
         );
-        assert_eq!(check(&proc, 300, 200, None), Ok(()));
         assert_eq!(
-            descendants(&proc, 100),
-            vec![(200, 1200), (300, 1300), (301, 1301)]
+            check(&proc, pid(301), pid(200), None),
+            Err(AttachRefused::NoSuchPid(pid(301)))
         );
-        assert_eq!(threads(&proc, 300), vec![300]);
+        assert_eq!(check(&proc, pid(300), pid(200), None), Ok(()));
+        assert_eq!(
+            descendants(&proc, pid(100)),
+            vec![(pid(200), 1200), (pid(300), 1300), (pid(301), 1301)]
+        );
+        assert_eq!(threads(&proc, pid(300)), vec![pid(300)]);
     }
 }

@@ -3,8 +3,11 @@
 //! wants; the [`Actuator`] merges the wishes (quota: the smallest, idle and
 //! frozen: any, CPUs: the intersection) and writes what changed in the
 //! merged result through the job's cgroup handle, so that no policy undoes
-//! another's freeze or quota. It is shared (`Arc`) by the supervisor's
-//! monitors and the duty cycle's driver thread; writes are serialised.
+//! another's freeze or quota. The supervisor records the wishes its
+//! monitors return each tick and applies them once ([`Actuator::want`],
+//! [`Actuator::apply`]); the duty cycle's driver thread, which freezes
+//! between ticks, changes its wish and writes at once
+//! ([`Actuator::update`]). Writes are serialised.
 
 use std::{
     collections::BTreeMap,
@@ -67,6 +70,36 @@ pub fn merge<'a>(wishes: impl IntoIterator<Item = &'a Controls>) -> Controls {
     out
 }
 
+/// One of the controls the actuator writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Freeze,
+    Idle,
+    Quota,
+    Cpus,
+}
+
+impl std::fmt::Display for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::Freeze => "freezer state",
+            Control::Idle => "CPU idle class",
+            Control::Quota => "CPU quota",
+            Control::Cpus => "CPU set",
+        })
+    }
+}
+
+/// A write of the merged controls that failed: which control, and the
+/// cgroup error (with its path and value).
+#[derive(Debug, thiserror::Error)]
+#[error("writing the job's {control}: {source}")]
+pub struct ControlError {
+    pub control: Control,
+    #[source]
+    pub source: CgroupError,
+}
+
 /// What the actuator writes to: a job's cgroup (or a fake in tests).
 pub trait ControlTarget: Send + Sync {
     fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError>;
@@ -111,6 +144,8 @@ struct State {
     /// Set at the deadline: the job must be able to act on its SIGTERM, so
     /// no policy freezes it any more.
     released: bool,
+    /// The control whose write failed at the last write, if one did.
+    rejected: Option<Control>,
 }
 
 /// Merges the policies' wishes and applies the result; see the module doc.
@@ -150,6 +185,7 @@ impl Actuator {
                     cpus: None,
                 },
                 released: false,
+                rejected: None,
             }),
         }
     }
@@ -159,22 +195,33 @@ impl Actuator {
     }
 
     /// Changes `policy`'s wish and writes what changed in the merged
-    /// controls: a thaw first, so that a job is never left frozen by a
-    /// failed write, a freeze last. On an error the rest is not written;
-    /// the wish stays, and is written with the next change.
+    /// controls at once (see [`Actuator::apply`]).
     pub fn update(
         &self,
         policy: Policy,
         change: impl FnOnce(&mut Controls),
-    ) -> Result<(), CgroupError> {
+    ) -> Result<(), ControlError> {
         let mut state = self.lock();
         change(state.wishes.entry(policy).or_default());
         Self::write(&self.target, &mut state)
     }
 
+    /// Replaces `policy`'s wish; written by the next [`Actuator::apply`].
+    pub fn want(&self, policy: Policy, controls: Controls) {
+        self.lock().wishes.insert(policy, controls);
+    }
+
+    /// Writes what changed in the merged controls: a thaw first, so that a
+    /// job is never left frozen by a failed write, a freeze last. On an
+    /// error the rest is not written; the wishes stay, and are written by
+    /// the next apply.
+    pub fn apply(&self) -> Result<(), ControlError> {
+        Self::write(&self.target, &mut self.lock())
+    }
+
     /// Thaws the job for good: from now on no policy's freeze is written
     /// (the job's kill grace, when it must act on its SIGTERM).
-    pub fn release_freeze(&self) -> Result<(), CgroupError> {
+    pub fn release_freeze(&self) -> Result<(), ControlError> {
         let mut state = self.lock();
         state.released = true;
         // Whatever was written before, the job must end up thawed.
@@ -182,33 +229,59 @@ impl Actuator {
         Self::write(&self.target, &mut state)
     }
 
-    fn write(t: &Arc<dyn ControlTarget>, state: &mut State) -> Result<(), CgroupError> {
+    fn write(t: &Arc<dyn ControlTarget>, state: &mut State) -> Result<(), ControlError> {
+        let result = Self::write_merged(t, state);
+        state.rejected = result.as_ref().err().map(|e| e.control);
+        result
+    }
+
+    fn write_merged(t: &Arc<dyn ControlTarget>, state: &mut State) -> Result<(), ControlError> {
+        let failed = |control| move |source| ControlError { control, source };
         let mut want = merge(state.wishes.values());
         want.frozen &= !state.released;
         let applied = &mut state.applied;
         if applied.frozen && !want.frozen {
-            t.freeze(false)?;
+            t.freeze(false).map_err(failed(Control::Freeze))?;
             applied.frozen = false;
         }
         if let Some(idle) = want.idle
             && applied.idle != Some(idle)
         {
-            t.set_cpu_idle(idle)?;
+            t.set_cpu_idle(idle).map_err(failed(Control::Idle))?;
             applied.idle = Some(idle);
         }
         if applied.quota != want.quota {
-            t.set_cpu_quota(want.quota)?;
+            t.set_cpu_quota(want.quota)
+                .map_err(failed(Control::Quota))?;
             applied.quota = want.quota;
         }
         if applied.cpus != want.cpus {
-            t.set_cpus(want.cpus.as_ref())?;
+            t.set_cpus(want.cpus.as_ref())
+                .map_err(failed(Control::Cpus))?;
             applied.cpus = want.cpus;
         }
         if want.frozen && !applied.frozen {
-            t.freeze(true)?;
+            t.freeze(true).map_err(failed(Control::Freeze))?;
             applied.frozen = true;
         }
         Ok(())
+    }
+
+    /// What the job's cgroup holds, as far as the actuator wrote it.
+    pub fn applied(&self) -> Controls {
+        let state = self.lock();
+        let a = &state.applied;
+        Controls {
+            quota: a.quota,
+            idle: a.idle,
+            frozen: a.frozen,
+            cpus: a.cpus.clone(),
+        }
+    }
+
+    /// The control whose write failed at the last write, if one did.
+    pub fn rejected(&self) -> Option<Control> {
+        self.lock().rejected
     }
 
     /// What the merged controls are now.
@@ -245,6 +318,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         writes: Mutex<Vec<String>>,
+        /// Like a host without a cpuset for jobs.
+        refuse_cpus: bool,
     }
 
     impl Fake {
@@ -265,6 +340,12 @@ mod tests {
             self.push(format!("idle {idle}"))
         }
         fn set_cpus(&self, cpus: Option<&CpuList>) -> Result<(), CgroupError> {
+            if self.refuse_cpus {
+                return Err(CgroupError::Controller {
+                    controller: "cpuset".into(),
+                    reason: "no cpuset for jobs".into(),
+                });
+            }
             self.push(format!(
                 "cpus {}",
                 cpus.map_or("all".into(), |c| c.to_string())
@@ -393,6 +474,69 @@ mod tests {
         // Frozen by the budget loop: the duty cycle's thaws wrote nothing.
         assert!(fake.take().is_empty());
         assert!(a.merged().frozen);
+    }
+
+    #[test]
+    fn wishes_are_written_once_by_apply_and_what_was_written_is_known() {
+        let (fake, a) = actuator(None);
+        a.want(
+            Policy::Budget,
+            Controls {
+                quota: Some(0.5),
+                frozen: true,
+                ..Controls::default()
+            },
+        );
+        a.want(
+            Policy::Placement,
+            Controls {
+                cpus: Some(CpuList::new([1])),
+                ..Controls::default()
+            },
+        );
+        assert!(fake.take().is_empty(), "want writes nothing");
+        a.apply().unwrap();
+        assert_eq!(fake.take(), ["quota Some(0.5)", "cpus 1", "freeze true"]);
+        a.apply().unwrap();
+        assert!(fake.take().is_empty(), "nothing changed: nothing written");
+        let applied = a.applied();
+        assert_eq!(applied.quota, Some(0.5));
+        assert_eq!(applied.cpus, Some(CpuList::new([1])));
+        assert!(applied.frozen);
+        assert_eq!(a.rejected(), None);
+    }
+
+    #[test]
+    fn a_refused_control_is_named_and_the_controls_after_it_wait_for_the_next_apply() {
+        let fake = Arc::new(Fake {
+            refuse_cpus: true,
+            ..Fake::default()
+        });
+        let a = Actuator::new(fake.clone(), None);
+        a.want(
+            Policy::Placement,
+            Controls {
+                cpus: Some(CpuList::new([1])),
+                ..Controls::default()
+            },
+        );
+        a.want(
+            Policy::Budget,
+            Controls {
+                frozen: true,
+                ..Controls::default()
+            },
+        );
+        let e = a.apply().unwrap_err();
+        assert_eq!(e.control, Control::Cpus);
+        assert!(e.to_string().contains("cpuset"), "{e}");
+        assert_eq!(a.rejected(), Some(Control::Cpus));
+        assert!(!a.applied().frozen);
+        // The placement withdraws its wish: the freeze goes through.
+        a.want(Policy::Placement, Controls::default());
+        a.apply().unwrap();
+        assert_eq!(fake.take(), ["freeze true"]);
+        assert_eq!(a.rejected(), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! forwarding, monitors), the kill that empties the whole subtree, and the
 //! report.
 //!
-//! - [`monitor`]: the extension point other parts plug into;
+//! - [`monitor`]: the extension point other parts plug into (sensors fill
+//!   one [`Sample`] per tick, policies return the controls they want);
+//! - [`controls`]: the one actuator that merges and writes those controls;
 //! - [`watch`]: the limit-event monitor (`memory_high`, `oom_kill`, `pids_max`);
 //! - [`attach`]: the checks before moving a live process into a job.
 
@@ -28,7 +30,7 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use identity::RunAs;
-pub use monitor::{JobInfo, Monitor, MonitorError, TickContext};
+pub use monitor::{JobInfo, Monitor, MonitorError, Sample, StealReading, TickContext, Wishes};
 
 use crate::{
     cgroup::{CgroupError, JobCgroup, Limits, Stats},
@@ -314,17 +316,39 @@ fn deadline_step(phase: Phase, deadline_at: Instant, kill_grace: Duration) -> De
 /// How often an emptying job is looked at during its kill grace.
 const GRACE_POLL: Duration = Duration::from_millis(10);
 
+/// A job handed to its supervisor, built by the session once the job's
+/// first process is in its cgroup: what to supervise, how, with which
+/// monitors, and since when.
+pub struct Supervised {
+    pub cgroup: std::sync::Arc<JobCgroup>,
+    pub spec: Supervision,
+    pub target: Target,
+    pub monitors: Vec<Box<dyn Monitor>>,
+    /// Caught since before the job existed; forwarded to it from now on.
+    pub signals: Signals,
+    /// When the job's first process started (or was attached).
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    /// The uid and gid the job's processes run as, for the report.
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// Runs the supervisor loop until the job ends, then empties the cgroup and
 /// builds the report.
-pub async fn supervise(
-    cgroup: &std::sync::Arc<JobCgroup>,
-    spec: &Supervision,
-    target: Target,
-    mut monitors: Vec<Box<dyn Monitor>>,
-    signals: Signals,
-    started: Instant,
-    started_wall: SystemTime,
-) -> (Report, i32) {
+pub async fn supervise(job: Supervised) -> (Report, i32) {
+    let Supervised {
+        cgroup,
+        spec,
+        target,
+        mut monitors,
+        signals,
+        started,
+        started_wall,
+        uid,
+        gid,
+    } = job;
+    let (cgroup, spec) = (&cgroup, &spec);
     raise_priority();
     let (mut child, attached, pid) = match target {
         Target::Spawned(c) => {
@@ -332,7 +356,7 @@ pub async fn supervise(
             (Some(c), None, pid)
         }
         Target::Attached(fd) => {
-            let pid = fd.pid();
+            let pid = fd.pid().as_raw();
             (None, Some(fd), pid)
         }
     };
@@ -470,7 +494,8 @@ pub async fn supervise(
                 let stats = cgroup.stats();
                 mem_peak_sampled = mem_peak_sampled.max(stats.memory_current.unwrap_or(0));
                 pids_peak_sampled = pids_peak_sampled.max(stats.pids_current.unwrap_or(0));
-                run_monitors(&mut monitors, cgroup, &stats, now.duration_since(started), now, &mut queued);
+                let sample = Sample::new(now, now.duration_since(started), stats).actuated_by(&info.controls);
+                run_monitors(&mut monitors, cgroup, &info.controls, sample, &mut queued);
                 for e in queued.drain(..) {
                     emit(&mut sink, e);
                 }
@@ -545,14 +570,10 @@ pub async fn supervise(
 
     let stats = cgroup.stats();
     // Late counters (an OOM kill seen only now) still become events.
-    run_monitors(
-        &mut monitors,
-        cgroup,
-        &stats,
-        started.elapsed(),
-        Instant::now(),
-        &mut queued,
-    );
+    let now = Instant::now();
+    let sample =
+        Sample::new(now, now.duration_since(started), stats.clone()).actuated_by(&info.controls);
+    run_monitors(&mut monitors, cgroup, &info.controls, sample, &mut queued);
     for e in queued.drain(..) {
         emit(&mut sink, e);
     }
@@ -586,6 +607,8 @@ pub async fn supervise(
     report.cgroup = cgroup.path().to_owned();
     report.cgroup_mode = cgroup.mode_name().to_owned();
     report.v2_cgroup_id = cgroup.v2_cgroup_id();
+    report.uid = Some(uid);
+    report.gid = Some(gid);
     report.exit_code = Some(code);
     report.signal = signal;
     report.reason = reason;
@@ -673,27 +696,41 @@ fn signal_all(cgroup: &JobCgroup, sig: i32) -> usize {
         .count()
 }
 
+/// One control tick: the sensors fill the sample, the policies act on it,
+/// and their merged wishes are written once.
 fn run_monitors(
     monitors: &mut Vec<Box<dyn Monitor>>,
     cgroup: &JobCgroup,
-    stats: &Stats,
-    elapsed: Duration,
-    now: Instant,
+    actuator: &controls::Actuator,
+    mut sample: Sample,
     queued: &mut Vec<Event>,
 ) {
     for m in monitors.iter_mut() {
-        m.sense();
+        m.sense(&mut sample);
     }
     monitors.retain_mut(|m| {
-        let mut ctx = TickContext::new(cgroup, stats, elapsed, now, queued);
-        match m.tick(&mut ctx) {
-            Ok(()) => true,
+        let mut ctx = TickContext::new(cgroup, queued);
+        match m.tick(&sample, &mut ctx) {
+            Ok(wishes) => {
+                for (policy, controls) in wishes {
+                    actuator.want(policy, controls);
+                }
+                true
+            }
             Err(e) => {
                 tracing::warn!(monitor = m.name(), error = %e, "monitor failed; disabled");
                 false
             }
         }
     });
+    let rejected_before = sample.rejected;
+    // A failed write (e.g. a job that just exited) is retried with the next
+    // tick; the policies see which control failed in their next sample.
+    if let Err(e) = actuator.apply()
+        && rejected_before != Some(e.control)
+    {
+        tracing::warn!(cgroup = %actuator.describe(), error = %e, "applying the job's controls failed");
+    }
 }
 
 fn exit_code_of(s: ExitStatus) -> i32 {
@@ -760,7 +797,94 @@ fn fill_stats(r: &mut Report, s: &Stats, spec: &Supervision, mem_sampled: u64, p
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+    use crate::cgroup::{fs::CgFs, v2::V2Job};
+
+    /// A sensor that puts a steal reading in the sample.
+    struct Sensor;
+
+    impl Monitor for Sensor {
+        fn name(&self) -> &'static str {
+            "sensor"
+        }
+        fn start(&mut self, _job: &JobInfo) -> Result<(), MonitorError> {
+            Ok(())
+        }
+        fn sense(&mut self, sample: &mut Sample) {
+            sample.steal = Some(Err("read this tick".into()));
+        }
+        fn tick(&mut self, _: &Sample, _: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
+            Ok(Wishes::new())
+        }
+        fn finish(&mut self, _report: &mut Report) {}
+    }
+
+    /// The steal part of each sample a policy was given.
+    type Seen = Arc<Mutex<Vec<Option<Result<StealReading, String>>>>>;
+
+    /// A policy that records the steal it was given and wants a quota.
+    struct Quota(Seen);
+
+    impl Monitor for Quota {
+        fn name(&self) -> &'static str {
+            "quota"
+        }
+        fn start(&mut self, _job: &JobInfo) -> Result<(), MonitorError> {
+            Ok(())
+        }
+        fn tick(&mut self, s: &Sample, _: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
+            self.0.lock().unwrap().push(s.steal.clone());
+            Ok(vec![(
+                controls::Policy::Budget,
+                controls::Controls {
+                    quota: Some(0.5),
+                    ..controls::Controls::default()
+                },
+            )])
+        }
+        fn finish(&mut self, _report: &mut Report) {}
+    }
+
+    #[test]
+    fn a_policy_sees_this_ticks_readings_whatever_the_monitors_order_and_its_wish_is_written_once()
+    {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("job");
+        std::fs::create_dir_all(dir.join("main")).unwrap();
+        std::fs::write(dir.join("cpu.max"), "").unwrap();
+        let cg = Arc::new(JobCgroup::V2(V2Job::open(
+            CgFs::new(vec![d.path().to_owned()]),
+            dir.clone(),
+            dir.join("main"),
+        )));
+        let actuator = controls::Actuator::new(cg.clone(), None);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // The policy before the sensor.
+        let mut monitors: Vec<Box<dyn Monitor>> =
+            vec![Box::new(Quota(seen.clone())), Box::new(Sensor)];
+        let mut events = Vec::new();
+        let mut tick = |n: u32| {
+            let sample = Sample::new(
+                Instant::now(),
+                Duration::from_millis(100) * n,
+                Stats::default(),
+            )
+            .actuated_by(&actuator);
+            run_monitors(&mut monitors, &cg, &actuator, sample, &mut events);
+        };
+        tick(1);
+        let cpu_max = dir.join("cpu.max");
+        assert_eq!(std::fs::read_to_string(&cpu_max).unwrap(), "50000 100000");
+        std::fs::write(&cpu_max, "untouched").unwrap();
+        // The same wish again: nothing to write.
+        tick(2);
+        assert_eq!(std::fs::read_to_string(&cpu_max).unwrap(), "untouched");
+        assert_eq!(actuator.applied().quota, Some(0.5));
+        let seen = seen.lock().unwrap();
+        assert_eq!(*seen, vec![Some(Err("read this tick".to_owned())); 2]);
+    }
 
     #[test]
     fn without_a_kill_grace_the_deadline_kills_at_once() {

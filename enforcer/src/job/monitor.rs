@@ -1,8 +1,12 @@
-//! The supervisor's extension point: a [`Monitor`] is started with the job,
-//! each control period senses (takes its sample) and then ticks (acts on the
-//! samples through the job's actuator, [`JobInfo::controls`]), and fills its
-//! part of the report at the end. The steal
-//! meter, the budget controller and the GPU guard plug in here.
+//! The supervisor's extension point. Each control period the supervisor
+//! reads the job cgroup's counters into one [`Sample`]; every [`Monitor`]
+//! that is a sensor (the steal meter, the progress file, the GPU telemetry)
+//! fills its part of it in [`Monitor::sense`]; then every monitor that is a
+//! policy (the budget loop, placement, the node agent's budget) gets the
+//! whole sample in [`Monitor::tick`] and returns the controls it wants. The
+//! job's one actuator ([`JobInfo::controls`]) merges those wishes and writes
+//! the result once per tick. A monitor fills its part of the report at the
+//! end.
 //!
 //! A monitor that returns an error is logged and disabled; enforcement
 //! (limits, deadlines, kill) never depends on a monitor.
@@ -13,10 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::controls::Actuator;
+use enforcer_model::StealCounters;
+
+use super::controls::{Actuator, Control, Controls, Policy};
 use crate::{
+    budget::progress::ProgressReading,
     cgroup::{JobCgroup, Limits, Stats},
     events::Event,
+    gpu::guard::GpuReading,
     report::Report,
 };
 
@@ -45,39 +53,80 @@ pub struct JobInfo {
     pub timeout: Duration,
     pub control_period: Duration,
     pub started: Instant,
-    /// The job's one actuator: a monitor that acts on the job states the
-    /// controls it wants here, never writes them to the cgroup itself.
+    /// The job's one actuator: policies return their wishes from
+    /// [`Monitor::tick`]; a driver outside the tick (the duty cycle's
+    /// thread) states its wish here. None writes to the cgroup itself.
     pub controls: Arc<Actuator>,
 }
 
-/// What one tick gives a monitor.
-pub struct TickContext<'a> {
-    /// The job's cgroup: read it, set its quota / weight / idle class, freeze
-    /// it.
-    pub cgroup: &'a JobCgroup,
-    /// Counters read at this tick (shared by all monitors).
-    pub stats: &'a Stats,
+/// The job's steal, as the steal meter read it this tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StealReading {
+    /// Cumulative since the meter started.
+    pub counters: StealCounters,
+    /// The training's cumulative on-CPU time per CPU (index = CPU number).
+    pub training_per_cpu: Vec<Duration>,
+}
+
+/// One control tick's readings, taken before any policy acts on them. A
+/// field is `None` when its sensor does not run for this job (or, for the
+/// GPU, had no reading due this tick).
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub now: Instant,
     /// Since the job started.
     pub elapsed: Duration,
-    pub now: Instant,
+    /// The job cgroup's counters.
+    pub stats: Stats,
+    /// The job's steal, or why the meter has none.
+    pub steal: Option<Result<StealReading, String>>,
+    /// The training's progress file, polled while the job runs.
+    pub progress: Option<ProgressReading>,
+    /// The GPU telemetry attributed to the job, or why it stopped.
+    pub gpu: Option<Result<GpuReading, String>>,
+    /// What the job's cgroup holds, as far as the actuator wrote it.
+    pub applied: Controls,
+    /// The control whose write failed at the last apply, if one did.
+    pub rejected: Option<Control>,
+}
+
+impl Sample {
+    /// A sample with the cgroup's counters; the sensors fill the rest.
+    pub fn new(now: Instant, elapsed: Duration, stats: Stats) -> Self {
+        Sample {
+            now,
+            elapsed,
+            stats,
+            steal: None,
+            progress: None,
+            gpu: None,
+            applied: Controls::default(),
+            rejected: None,
+        }
+    }
+
+    /// With what `actuator` wrote so far.
+    pub fn actuated_by(mut self, actuator: &Actuator) -> Self {
+        self.applied = actuator.applied();
+        self.rejected = actuator.rejected();
+        self
+    }
+}
+
+/// The controls a monitor's policies want now: each replaces that policy's
+/// previous wish.
+pub type Wishes = Vec<(Policy, Controls)>;
+
+/// What one tick gives a monitor besides the sample.
+pub struct TickContext<'a> {
+    /// The job's cgroup: to read (its processes), or to kill the job.
+    pub cgroup: &'a JobCgroup,
     events: &'a mut Vec<Event>,
 }
 
 impl<'a> TickContext<'a> {
-    pub fn new(
-        cgroup: &'a JobCgroup,
-        stats: &'a Stats,
-        elapsed: Duration,
-        now: Instant,
-        events: &'a mut Vec<Event>,
-    ) -> Self {
-        TickContext {
-            cgroup,
-            stats,
-            elapsed,
-            now,
-            events,
-        }
+    pub fn new(cgroup: &'a JobCgroup, events: &'a mut Vec<Event>) -> Self {
+        TickContext { cgroup, events }
     }
 
     /// Queues an event; the supervisor logs it and runs the hooks.
@@ -89,11 +138,13 @@ impl<'a> TickContext<'a> {
 pub trait Monitor: Send {
     fn name(&self) -> &'static str;
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError>;
-    /// A sensor takes this tick's sample here: every monitor senses before
-    /// any ticks, so that a policy's tick sees this tick's samples whatever
-    /// the order of the monitors.
-    fn sense(&mut self) {}
-    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError>;
+    /// A sensor fills its part of this tick's sample: every monitor senses
+    /// before any ticks, so a policy sees the whole sample whatever the
+    /// order of the monitors.
+    fn sense(&mut self, _sample: &mut Sample) {}
+    /// Acts on this tick's sample (events through `ctx`) and returns what
+    /// its policies want of the job's controls.
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError>;
     /// Writes this monitor's fields into the report (and, for a null one,
     /// its reason in `report.unavailable`).
     fn finish(&mut self, report: &mut Report);

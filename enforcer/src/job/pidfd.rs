@@ -8,18 +8,20 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use crate::host::Pid;
+
 /// An open pidfd (`pidfd_open(2)`, Linux 5.3; signals since 5.1).
 #[derive(Debug)]
 pub struct PidFd {
-    pid: i32,
+    pid: Pid,
     fd: OwnedFd,
 }
 
 impl PidFd {
     /// Opens a handle on `pid` as it is now.
-    pub fn open(pid: i32) -> io::Result<Self> {
+    pub fn open(pid: Pid) -> io::Result<Self> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -30,7 +32,7 @@ impl PidFd {
     }
 
     /// The number the process had when the handle was opened.
-    pub fn pid(&self) -> i32 {
+    pub fn pid(&self) -> Pid {
         self.pid
     }
 
@@ -67,7 +69,7 @@ mod tests {
     #[test]
     fn a_pidfd_of_an_exited_child_says_dead_and_signals_nobody() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let fd = PidFd::open(child.id() as i32).unwrap();
+        let fd = PidFd::open(Pid::try_from(child.id()).unwrap()).unwrap();
         child.wait().unwrap();
         assert!(!fd.is_alive());
         let e = fd.send_signal(libc::SIGTERM).unwrap_err();
@@ -76,7 +78,7 @@ mod tests {
 
     #[test]
     fn a_pidfd_of_a_live_process_says_alive() {
-        let fd = PidFd::open(std::process::id() as i32).unwrap();
+        let fd = PidFd::open(Pid::this_process()).unwrap();
         assert!(fd.is_alive());
     }
 }

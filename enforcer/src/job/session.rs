@@ -19,7 +19,7 @@ use crate::{
     cgroup::{CgroupError, JobCgroup, Layout, Limits, Subtree, subtree::current_job},
     config::Config,
     gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
-    host::ProcFs,
+    host::{Pid, ProcFs},
     job::{
         self, JobError, Monitor, RunAs, Supervision,
         attach::{self as checks, AttachRefused},
@@ -177,7 +177,7 @@ const PLACEMENT_WATCH: Duration = Duration::from_millis(400);
 /// The monitors of a `run` or `attach` job: the defaults plus the steal
 /// meter (null-safe: without a training workload or probes it only fills
 /// the report's `unavailable` reasons), with a training workload the budget
-/// loop fed by it (`progress` is the training's progress tracker learned
+/// loop acting on its readings (`progress` is the training's progress tracker learned
 /// before the job, [`crate::budget::learn_before_job`]), and the GPU guard
 /// (null-safe too).
 fn job_monitors(
@@ -190,7 +190,7 @@ fn job_monitors(
     let own_meter = plan.external_budget.is_none();
     let training = match (t.pid, &t.cgroup) {
         _ if !own_meter => None,
-        (Some(pid), _) => u32::try_from(pid).ok().map(|pid| TrainingSpec::Pid {
+        (Some(pid), _) => Pid::new(pid).map(|pid| TrainingSpec::Pid {
             pid,
             follow_children: t.follow_children,
         }),
@@ -198,10 +198,8 @@ fn job_monitors(
         (None, None) => None,
     };
     let mut monitors = default_monitors();
-    let feed = crate::budget::StealFeed::new();
     let protect = training.is_some();
-    let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status)
-        .with_feed(feed.clone());
+    let mut steal = StealMonitor::new(training, plan.config.budget.fraction(), plan.live_status);
     if !own_meter {
         steal = steal.metered_by_agent();
     }
@@ -226,7 +224,7 @@ fn job_monitors(
         )));
     } else if hold {
         monitors.push(Box::new(
-            crate::budget::BudgetMonitor::for_job(&plan.config, feed, progress)
+            crate::budget::BudgetMonitor::for_job(&plan.config, progress)
                 .with_training_history(history),
         ));
     }
@@ -281,7 +279,7 @@ fn hooks_files(hooks: Option<&JobGuard>) -> Vec<PathBuf> {
 pub struct Session {
     plan: Plan,
     proc_root: ProcFs,
-    self_pid: i32,
+    self_pid: Pid,
 }
 
 impl Session {
@@ -289,7 +287,7 @@ impl Session {
         Session {
             plan,
             proc_root: ProcFs::new(),
-            self_pid: std::process::id() as i32,
+            self_pid: Pid::this_process(),
         }
     }
 
@@ -325,21 +323,18 @@ impl Session {
             plan.run_as.as_ref(),
         )
         .map_err(SessionError::Spawn)?;
-        let (mut report, code) = job::supervise(
-            &started_job.guard.0,
-            &started_job.supervision(plan),
-            job::Target::Spawned(child),
+        let (report, code) = job::supervise(job::Supervised {
+            cgroup: started_job.guard.0.clone(),
+            spec: started_job.supervision(plan),
+            target: job::Target::Spawned(child),
             monitors,
             signals,
             started,
             started_wall,
-        )
+            uid: plan.run_as.as_ref().map_or(0, |r| r.uid),
+            gid: plan.run_as.as_ref().map_or(0, |r| r.gid),
+        })
         .await;
-        report.uid = Some(plan.run_as.as_ref().map_or(0, |r| r.uid));
-        report.gid = Some(plan.run_as.as_ref().map_or(0, |r| r.gid));
-        // Filled after the supervisor reconciled the report: again, so
-        // that no reason stays behind for them.
-        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -352,7 +347,7 @@ impl Session {
     /// a pidfd from the first check on, so that the process moved and
     /// signalled is the one checked even if its number is reused; every
     /// refusal happens before the cgroup exists, or removes it.
-    pub async fn attach(&self, pid: i32, tree: bool) -> Result<Outcome, SessionError> {
+    pub async fn attach(&self, pid: Pid, tree: bool) -> Result<Outcome, SessionError> {
         let plan = &self.plan;
         let proc_root = &self.proc_root;
         let refused = |e: AttachRefused| SessionError::Usage(format!("refusing to attach: {e}"));
@@ -366,7 +361,8 @@ impl Session {
                 caller,
             }));
         }
-        checks::check(proc_root, pid, self.self_pid, plan.config.training.pid).map_err(refused)?;
+        let training = plan.config.training.pid.and_then(Pid::new);
+        checks::check(proc_root, pid, self.self_pid, training).map_err(refused)?;
         held.verify(proc_root).map_err(refused)?;
         let mut signals = job::Signals::install();
         let started_job = self.start_or_interrupt(&mut signals).await?;
@@ -399,7 +395,7 @@ impl Session {
                     Ok(h) if h.identity.start_time == seen_start => h,
                     Ok(_) => {
                         tracing::info!(
-                            pid = p,
+                            pid = %p,
                             "not attaching a descendant: {}",
                             AttachRefused::Replaced(p)
                         );
@@ -409,7 +405,9 @@ impl Session {
                 };
                 match move_held(guard, &child, proc_root) {
                     Moved::Yes => moved += 1,
-                    Moved::Refused(e) => tracing::info!(pid = p, "not attaching a descendant: {e}"),
+                    Moved::Refused(e) => {
+                        tracing::info!(pid = %p, "not attaching a descendant: {e}");
+                    }
                     Moved::Impostor(e) => {
                         let err = impostor(e);
                         started_job.leave_unkilled();
@@ -425,30 +423,27 @@ impl Session {
         }
         let started = Instant::now();
         let threads = checks::threads(proc_root, pid).len();
-        tracing::info!(job = %plan.name, pid, processes = moved, threads, cgroup = %guard.0.path().display(), "attached");
+        tracing::info!(job = %plan.name, %pid, processes = moved, threads, cgroup = %guard.0.path().display(), "attached");
         if held.identity.uid == 0 {
             tracing::warn!(
                 job = %plan.name,
-                pid,
+                %pid,
                 "the attached process runs as root: it can leave its cgroup and raise its own limits"
             );
         }
         let identity = held.identity;
-        let (mut report, code) = job::supervise(
-            &guard.0,
-            &started_job.supervision(plan),
-            job::Target::Attached(held.pidfd),
-            job_monitors(plan, None),
+        let (report, code) = job::supervise(job::Supervised {
+            cgroup: guard.0.clone(),
+            spec: started_job.supervision(plan),
+            target: job::Target::Attached(held.pidfd),
+            monitors: job_monitors(plan, None),
             signals,
             started,
-            SystemTime::now(),
-        )
+            started_wall: SystemTime::now(),
+            uid: identity.uid,
+            gid: identity.gid,
+        })
         .await;
-        report.uid = Some(identity.uid);
-        report.gid = Some(identity.gid);
-        // Filled after the supervisor reconciled the report: again, so
-        // that no reason stays behind for them.
-        report.reconcile();
         drop(started_job);
         Ok(Outcome {
             report,
@@ -554,7 +549,7 @@ fn move_held(guard: &JobGuard, held: &checks::Held, proc_root: &ProcFs) -> Moved
         return Moved::Refused(e);
     }
     let pid = held.pidfd.pid();
-    if let Err(e) = guard.0.add_process(pid) {
+    if let Err(e) = guard.0.add_process(pid.as_raw()) {
         let gone = matches!(&e, CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
             || !held.pidfd.is_alive();
         return if gone {
@@ -774,21 +769,18 @@ pub async fn game_in_job(
         plan.run_as.as_ref(),
     )
     .map_err(SessionError::Spawn)?;
-    let (mut report, code) = job::supervise(
-        &guard.0,
-        &spec,
-        job::Target::Spawned(child),
-        default_monitors(),
+    let (report, code) = job::supervise(job::Supervised {
+        cgroup: guard.0.clone(),
+        spec,
+        target: job::Target::Spawned(child),
+        monitors: default_monitors(),
         signals,
         started,
-        wall,
-    )
+        started_wall: wall,
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    })
     .await;
-    report.uid = Some(nix::unistd::geteuid().as_raw());
-    report.gid = Some(nix::unistd::getegid().as_raw());
-    // Filled after the supervisor reconciled the report: again, so
-    // that no reason stays behind for them.
-    report.reconcile();
     drop(guard);
     drop(hooks);
     Ok(Outcome {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::monitor::{JobInfo, Monitor, MonitorError, TickContext};
+use super::monitor::{JobInfo, Monitor, MonitorError, Sample, TickContext, Wishes};
 use crate::{events, events::Event, report::Report};
 
 /// The shortest interval between two `memory_high` or two `pids_max`
@@ -46,8 +46,8 @@ impl Monitor for LimitEvents {
         Ok(())
     }
 
-    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
-        let s = ctx.stats.clone();
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
+        let s = &sample.stats;
         if let Some(n) = s.oom_kills
             && n > self.oom_kills
         {
@@ -57,7 +57,7 @@ impl Monitor for LimitEvents {
             ));
             self.oom_kills = n;
         }
-        let now = ctx.elapsed;
+        let now = sample.elapsed;
         if let Some(n) = s.pids_max_events
             && n > self.pids_max
             && due(self.last_pids, now)
@@ -100,7 +100,7 @@ impl Monitor for LimitEvents {
                 }
             }
         }
-        Ok(())
+        Ok(Wishes::new())
     }
 
     fn finish(&mut self, _report: &mut Report) {}
@@ -137,14 +137,9 @@ mod tests {
                 oom_kills: Some(oom),
                 ..Stats::default()
             };
-            let mut ctx = TickContext::new(
-                &cg,
-                &stats,
-                Duration::from_millis(at_ms),
-                Instant::now(),
-                &mut events,
-            );
-            m.tick(&mut ctx).unwrap();
+            let sample = Sample::new(Instant::now(), Duration::from_millis(at_ms), stats.clone());
+            let mut ctx = TickContext::new(&cg, &mut events);
+            m.tick(&sample, &mut ctx).unwrap();
         };
         tick(&mut m, 100, 5, 1, 0);
         tick(&mut m, 200, 9, 2, 1);
@@ -182,14 +177,9 @@ mod tests {
             ..Stats::default()
         };
         for at_ms in [100, 200] {
-            let mut ctx = TickContext::new(
-                &cg,
-                &stats,
-                Duration::from_millis(at_ms),
-                Instant::now(),
-                &mut events,
-            );
-            m.tick(&mut ctx).unwrap();
+            let sample = Sample::new(Instant::now(), Duration::from_millis(at_ms), stats.clone());
+            let mut ctx = TickContext::new(&cg, &mut events);
+            m.tick(&sample, &mut ctx).unwrap();
         }
         // One event for the one excursion: the same peak is not a new one.
         let kinds: Vec<&str> = events.iter().map(|e| &*e.event).collect();

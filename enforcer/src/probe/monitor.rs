@@ -23,7 +23,7 @@ use super::{
 use crate::{
     events::Event,
     host::{Pid, ProcFs},
-    job::{JobInfo, Monitor, MonitorError, TickContext},
+    job::{JobInfo, Monitor, MonitorError, Sample, StealReading, TickContext, Wishes},
     report::Report,
 };
 
@@ -91,8 +91,6 @@ pub struct StealMonitor {
     budget: f64,
     progress: bool,
     state: State,
-    /// Hands each tick's counters to the budget loop (one meter for both).
-    feed: Option<crate::budget::StealFeed>,
     /// A meter loaded before the job existed ([`StealMonitor::watch_before_job`]).
     early: Option<StealMeter>,
     /// This tick's sample, taken in [`Monitor::sense`].
@@ -111,7 +109,6 @@ impl StealMonitor {
             budget,
             progress,
             state: State::NotStarted,
-            feed: None,
             early: None,
             sampled: None,
             absent: crate::report::NO_TRAINING,
@@ -156,30 +153,22 @@ impl StealMonitor {
         samples
     }
 
-    /// Publishes the job's cumulative counters to `feed` every tick (and
-    /// why there are none, when the meter is unavailable).
-    pub fn with_feed(mut self, feed: crate::budget::StealFeed) -> Self {
-        self.feed = Some(feed);
-        self
-    }
-
     fn unavailable(&mut self, reason: String) {
         tracing::warn!("steal not measured: {reason}; the job's limits are still enforced");
-        if let Some(feed) = &self.feed {
-            feed.publish(Err(reason.clone()));
-        }
         self.state = State::Unavailable(reason);
     }
+}
 
-    fn publish(feed: Option<&crate::budget::StealFeed>, snap: &StealSnapshot) {
-        if let Some(feed) = feed {
-            let (steal, _) = steal_of(snap);
-            feed.publish(Ok(crate::budget::StealCounters {
-                steal: Duration::from_nanos(steal),
-                training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
-            }));
-            feed.publish_per_cpu(snap.training_on_cpu_per_cpu());
-        }
+/// What the policies need of a snapshot: the job's cumulative counters and
+/// the training's per-CPU time.
+fn reading_of(snap: &StealSnapshot) -> StealReading {
+    let (steal, _) = steal_of(snap);
+    StealReading {
+        counters: crate::budget::StealCounters {
+            steal: Duration::from_nanos(steal),
+            training_on_cpu: Duration::from_nanos(snap.training.on_cpu_ns),
+        },
+        training_per_cpu: snap.training_on_cpu_per_cpu(),
     }
 }
 
@@ -196,9 +185,6 @@ impl Monitor for StealMonitor {
 
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         let Some(training) = self.training.clone() else {
-            if let Some(feed) = &self.feed {
-                feed.publish(Err(self.absent.to_owned()));
-            }
             self.state = State::Unavailable(self.absent.to_owned());
             return Ok(());
         };
@@ -238,7 +224,6 @@ impl Monitor for StealMonitor {
                 return Ok(());
             }
         };
-        Self::publish(self.feed.as_ref(), &first);
         let mut window = StealWindow::new(self.budget);
         let (steal, _) = steal_of(&first);
         window.push(first.at, steal, first.training.on_cpu_ns);
@@ -258,35 +243,31 @@ impl Monitor for StealMonitor {
         Ok(())
     }
 
-    /// Reads the meter and publishes the sample to the budget loop before
-    /// any monitor ticks.
-    fn sense(&mut self) {
-        let State::Running(run) = &mut self.state else {
-            return;
-        };
-        let sample = run
-            .meter
-            .read()
-            .map_err(|e| format!("reading the steal probes: {e}"));
-        match &sample {
-            Ok(snap) => Self::publish(self.feed.as_ref(), snap),
-            Err(reason) => {
-                if let Some(feed) = &self.feed {
-                    feed.publish(Err(reason.clone()));
-                }
+    /// Reads the meter into the sample (or why it could not), for this
+    /// monitor's own tick and the budget loop's.
+    fn sense(&mut self, sample: &mut Sample) {
+        match &mut self.state {
+            State::Running(run) => {
+                let read = run
+                    .meter
+                    .read()
+                    .map_err(|e| format!("reading the steal probes: {e}"));
+                sample.steal = Some(read.as_ref().map(reading_of).map_err(String::clone));
+                self.sampled = Some(read);
             }
+            State::Unavailable(reason) => sample.steal = Some(Err(reason.clone())),
+            State::NotStarted => {}
         }
-        self.sampled = Some(sample);
     }
 
-    fn tick(&mut self, ctx: &mut TickContext<'_>) -> Result<(), MonitorError> {
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
         let State::Running(run) = &mut self.state else {
-            return Ok(());
+            return Ok(Wishes::new());
         };
         let snap = match self.sampled.take() {
             Some(Ok(s)) => s,
             Some(Err(reason)) => return Err(MonitorError::new(reason)),
-            None => return Ok(()),
+            None => return Ok(Wishes::new()),
         };
         let (steal, _) = steal_of(&snap);
         match run.window.push(snap.at, steal, snap.training.on_cpu_ns) {
@@ -311,14 +292,14 @@ impl Monitor for StealMonitor {
         if snap.overflow.any() && !run.last.overflow.any() {
             tracing::warn!(overflow = ?snap.overflow, "the steal meter lost events: steal is a lower bound");
         }
-        if self.progress && ctx.now >= run.next_progress {
+        if self.progress && sample.now >= run.next_progress {
             let (since, cpu_then) = run.progress_from;
-            let cpu_now = ctx.stats.cpu_usage;
+            let cpu_now = sample.stats.cpu_usage;
             let job_cpu = match (cpu_then, cpu_now) {
                 (Some(a), Some(b)) => format!(
                     "{:.2} CPU",
                     b.saturating_sub(a).as_secs_f64()
-                        / ctx.now.duration_since(since).as_secs_f64().max(1e-3)
+                        / sample.now.duration_since(since).as_secs_f64().max(1e-3)
                 ),
                 _ => "-".to_owned(),
             };
@@ -333,7 +314,7 @@ impl Monitor for StealMonitor {
                 .reduce(f64::max);
             eprintln!(
                 "[{:6.1}s] steal {} (1s) {} (10s) {} (job), used {} of budget {:.1}%{} | job {job_cpu}",
-                ctx.elapsed.as_secs_f64(),
+                sample.elapsed.as_secs_f64(),
                 pct(run.window.fraction_over(SHORT_WINDOW)),
                 pct(run.window.fraction_over(LONG_WINDOW)),
                 pct(run.window.fraction_total()),
@@ -345,11 +326,11 @@ impl Monitor for StealMonitor {
                     ""
                 },
             );
-            run.next_progress = ctx.now + Duration::from_secs(1);
-            run.progress_from = (ctx.now, cpu_now);
+            run.next_progress = sample.now + Duration::from_secs(1);
+            run.progress_from = (sample.now, cpu_now);
         }
         run.last = snap;
-        Ok(())
+        Ok(Wishes::new())
     }
 
     fn finish(&mut self, report: &mut Report) {

@@ -36,7 +36,7 @@ const BPF_NOEXIST: u64 = 1;
 pub enum TrainingSpec {
     /// A process: all its threads, threads it creates later, and with
     /// `follow_children` the processes it forks (and theirs).
-    Pid { pid: u32, follow_children: bool },
+    Pid { pid: Pid, follow_children: bool },
     /// Every thread in a cgroup directory (v2 or v1) and its descendants.
     Cgroup(PathBuf),
 }
@@ -364,11 +364,12 @@ impl StealMeter {
     /// how many training threads there are now.
     pub fn refresh_training(&mut self) -> Result<usize, ProbeError> {
         let tids = training_tids(&self.training);
-        let seed = |tid| TrainingTask {
+        // The maps key threads by their kernel pid_t, as u32.
+        let seed = |tid: Pid| TrainingTask {
             state: TASK_UNKNOWN,
             cpu: 0,
             since_ns: 0,
-            tid,
+            tid: tid.as_u32(),
             _pad: 0,
         };
         let mut overflow = Vec::new();
@@ -376,9 +377,9 @@ impl StealMeter {
         {
             let slots = &mut self.maps.training_slots;
             for &tid in &tids {
-                let index = tid % TRAINING_SLOT_COUNT;
+                let index = tid.as_u32() % TRAINING_SLOT_COUNT;
                 let held = slots.get(&index, 0).map_err(map_err("TRAINING_SLOTS"))?.tid;
-                if held == tid {
+                if held == tid.as_u32() {
                     continue;
                 }
                 if held != 0 {
@@ -394,7 +395,7 @@ impl StealMeter {
         }
         let tasks = &mut self.maps.training_tasks;
         for tid in overflow {
-            match tasks.insert(tid, seed(tid), BPF_NOEXIST) {
+            match tasks.insert(tid.as_u32(), seed(tid), BPF_NOEXIST) {
                 Ok(()) => {
                     self.seeded += 1;
                     new_tgids.extend(tgid_of(tid));
@@ -404,7 +405,7 @@ impl StealMeter {
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
                 {
-                    tracing::warn!(tid, "training thread table full; thread not tracked");
+                    tracing::warn!(%tid, "training thread table full; thread not tracked");
                 }
                 Err(e) => return Err(map_err("TRAINING_TASKS")(e)),
             }
@@ -415,12 +416,12 @@ impl StealMeter {
 
     /// Enters training TGIDs in the kernel's direct-mapped filter; a slot
     /// taken by another TGID switches the filter off (slower, never wrong).
-    fn add_to_filter(&mut self, tgids: BTreeSet<u32>) -> Result<(), ProbeError> {
+    fn add_to_filter(&mut self, tgids: BTreeSet<Pid>) -> Result<(), ProbeError> {
         if tgids.is_empty() {
             return Ok(());
         }
         let filter = &mut self.maps.tgid_filter;
-        for tgid in tgids {
+        for tgid in tgids.into_iter().map(Pid::as_u32) {
             let index = tgid % TGID_FILTER_SLOTS;
             let current = filter.get(&index, 0).map_err(map_err("TGID_FILTER"))?;
             if current == tgid {
@@ -636,23 +637,18 @@ impl StealMeter {
 }
 
 /// The tids of the training workload as /proc and cgroupfs show them now.
-fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
+fn training_tids(spec: &TrainingSpec) -> Vec<Pid> {
     match spec {
         TrainingSpec::Pid {
             pid,
             follow_children,
         } => {
             let proc = ProcFs::new();
-            let Ok(pid) = Pid::try_from(*pid) else {
-                return Vec::new();
-            };
-            let mut pids = vec![pid];
+            let mut pids = vec![*pid];
             if *follow_children {
-                pids.extend(proc.descendants(pid).into_iter().map(|s| s.pid));
+                pids.extend(proc.descendants(*pid).into_iter().map(|s| s.pid));
             }
-            pids.into_iter()
-                .flat_map(|p| threads_of(&proc, p))
-                .collect()
+            pids.into_iter().flat_map(|p| proc.threads(p)).collect()
         }
         TrainingSpec::Cgroup(dir) => {
             let mut tids = Vec::new();
@@ -663,13 +659,8 @@ fn training_tids(spec: &TrainingSpec) -> Vec<u32> {
 }
 
 /// The thread group of thread `tid`, from /proc.
-fn tgid_of(tid: u32) -> Option<u32> {
-    let status = ProcFs::new().status(Pid::try_from(tid).ok()?).ok()?;
-    status.tgid.map(u32::from)
-}
-
-fn threads_of(proc: &ProcFs, pid: Pid) -> impl Iterator<Item = u32> {
-    proc.threads(pid).into_iter().map(u32::from)
+fn tgid_of(tid: Pid) -> Option<Pid> {
+    ProcFs::new().status(tid).ok()?.tgid
 }
 
 /// The ids (inode numbers) of the cgroups below `dir`.
@@ -688,12 +679,12 @@ fn collect_child_cgroup_ids(dir: &Path, out: &mut Vec<u64>, depth: u32) {
     }
 }
 
-fn collect_cgroup_threads(dir: &Path, out: &mut Vec<u32>, depth: u32) {
+fn collect_cgroup_threads(dir: &Path, out: &mut Vec<Pid>, depth: u32) {
     // cgroup.threads in v2; `tasks` in v1.
     let list = std::fs::read_to_string(dir.join("cgroup.threads"))
         .or_else(|_| std::fs::read_to_string(dir.join("tasks")))
         .unwrap_or_default();
-    out.extend(list.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    out.extend(list.lines().filter_map(|l| l.trim().parse::<Pid>().ok()));
     if depth >= 32 {
         return;
     }
