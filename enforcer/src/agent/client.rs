@@ -52,6 +52,12 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
     let (path, explicit) = socket_path();
     match Conn::open(&path) {
         Ok(c) => Ok(Route::Agent(c)),
+        // An agent that answers and refuses (e.g. too many connections) is
+        // not a missing agent: running in-process would go around it.
+        Err(OpenError::Refused(e)) => Err(format!(
+            "the enforcer agent on {} refused the connection: {e}",
+            path.display()
+        )),
         Err(e) if explicit => Err(format!(
             "ENFORCER_SOCKET={}: no agent answers there: {e}",
             path.display()
@@ -64,19 +70,38 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
     }
 }
 
+/// Why [`Conn::open`] got no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Nothing answered on the socket.
+    #[error("{0}")]
+    Unreachable(String),
+    /// An agent answered `hello` with an error (or with nonsense).
+    #[error("{0}")]
+    Refused(String),
+}
+
 impl Conn {
     /// Connects and says hello.
-    pub fn open(path: &Path) -> Result<Conn, String> {
-        let stream = UnixStream::connect(path).map_err(|e| e.to_string())?;
+    pub fn open(path: &Path) -> Result<Conn, OpenError> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| OpenError::Unreachable(e.to_string()))?;
         let mut conn = Conn {
             stream,
             reader: LineReader::default(),
         };
-        conn.send(&Request::Hello { api: API_VERSION }, &[])?;
-        match conn.recv()? {
-            Some(Response::Hello { .. }) => Ok(conn),
-            Some(Response::Error { message, .. }) => Err(message),
-            other => Err(format!("unexpected answer to hello: {other:?}")),
+        conn.send(&Request::Hello { api: API_VERSION }, &[])
+            .map_err(OpenError::Unreachable)?;
+        match conn.recv() {
+            Ok(Some(Response::Hello { .. })) => Ok(conn),
+            Ok(Some(Response::Error { message, .. })) => Err(OpenError::Refused(message)),
+            Ok(None) => Err(OpenError::Unreachable(
+                "the agent closed the connection before answering hello".to_owned(),
+            )),
+            Err(e) => Err(OpenError::Unreachable(e)),
+            Ok(Some(other)) => Err(OpenError::Refused(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
         }
     }
 

@@ -246,6 +246,23 @@ impl LineReader {
         self.eof
     }
 
+    /// Whether part of a message has arrived without its newline.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Appends bytes received without descriptors (what [`LineReader::fill`]
+    /// does with the bytes of one `recvmsg`); lines come out of
+    /// [`LineReader::next_line`].
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The peer closed its end: a partial line left is an error.
+    pub fn finish(&mut self) {
+        self.eof = true;
+    }
+
     /// One `recvmsg` into the buffer; `WouldBlock` on a non-blocking socket
     /// with nothing to read.
     pub fn fill(&mut self, sock: RawFd) -> std::io::Result<()> {
@@ -260,6 +277,11 @@ impl LineReader {
         )
         .map_err(std::io::Error::from)?;
         let n = msg.bytes;
+        // More descriptors than the control buffer holds: the kernel closed
+        // the rest, and the message they came with cannot be served.
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            self.too_many_fds = true;
+        }
         let mut got = Vec::new();
         for c in msg.cmsgs().map_err(std::io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -279,9 +301,9 @@ impl LineReader {
             }
         }
         if n == 0 {
-            self.eof = true;
+            self.finish();
         }
-        self.buf.extend_from_slice(&chunk[..n]);
+        self.feed(&chunk[..n]);
         Ok(())
     }
 
@@ -332,6 +354,42 @@ mod tests {
         let line = r#"{"type":"run","job":{"timeout":"5s","sudo":true},"command":["true"]}"#;
         let e = serde_json::from_str::<Request>(line).unwrap_err();
         assert!(e.to_string().contains("sudo"), "{e}");
+    }
+
+    #[test]
+    fn lines_come_out_whole_however_the_bytes_are_cut() {
+        let bytes = b"{\"type\":\"hello\",\"api\":1}\n{\"type\":\"status\"}\n{\"type\"";
+        for piece in [1, 2, 7, bytes.len()] {
+            let mut r = LineReader::default();
+            let mut lines = Vec::new();
+            for p in bytes.chunks(piece) {
+                r.feed(p);
+                while let Some(l) = r.next_line().unwrap() {
+                    lines.push(l);
+                }
+            }
+            assert_eq!(
+                lines,
+                [&b"{\"type\":\"hello\",\"api\":1}"[..], b"{\"type\":\"status\"}"],
+                "pieces of {piece}"
+            );
+            assert!(r.has_partial());
+            r.finish();
+            assert!(matches!(r.next_line(), Err(ProtoError::Truncated(7))));
+        }
+    }
+
+    #[test]
+    fn non_utf8_and_deeply_nested_messages_are_refused_not_panicked_on() {
+        let e = serde_json::from_slice::<Request>(b"{\"type\":\"st\xffatus\"}").unwrap_err();
+        assert!(e.to_string().contains("unicode"), "{e}");
+        let deep = format!(
+            "{{\"type\":\"run\",\"job\":{{}},\"command\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let e = serde_json::from_str::<Request>(&deep).unwrap_err();
+        assert!(e.to_string().contains("recursion limit"), "{e}");
     }
 
     #[test]
