@@ -14,7 +14,7 @@ use enforcer::{
     },
     cli::game::game_plan,
     config::Config,
-    job::plan::Plan,
+    job::session::Plan,
 };
 use libfuzzer_sys::fuzz_target;
 

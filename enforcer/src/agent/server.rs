@@ -61,10 +61,43 @@ struct Shared {
 }
 
 /// Open connections in total and per uid.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Connections {
     total: u32,
     per_uid: HashMap<u32, u32>,
+}
+
+impl Connections {
+    /// Takes a place for a connection of `uid`, or says which limit of
+    /// `agent` is reached.
+    fn take(&mut self, uid: u32, agent: &crate::config::AgentConfig) -> Result<(), String> {
+        if self.total >= agent.max_connections {
+            return Err(format!(
+                "the agent already serves {} connections, the most it serves at once (agent.max_connections = {}); try again later",
+                self.total, agent.max_connections
+            ));
+        }
+        let mine = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= agent.max_connections_per_uid {
+            return Err(format!(
+                "uid {uid} already has {mine} connections open, the most one uid may have (agent.max_connections_per_uid = {})",
+                agent.max_connections_per_uid
+            ));
+        }
+        self.total += 1;
+        *self.per_uid.entry(uid).or_default() += 1;
+        Ok(())
+    }
+
+    fn give_back(&mut self, uid: u32) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+    }
 }
 
 /// One admitted connection; its place is given back on drop, however the
@@ -77,13 +110,7 @@ struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if let Ok(mut c) = self.shared.connections.lock() {
-            c.total = c.total.saturating_sub(1);
-            if let Some(n) = c.per_uid.get_mut(&self.uid) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.per_uid.remove(&self.uid);
-                }
-            }
+            c.give_back(self.uid);
         }
     }
 }
@@ -91,26 +118,12 @@ impl Drop for Admitted {
 /// Admits a connection of `caller` unless the agent, or the caller's uid,
 /// already holds as many as the config allows.
 fn admit(shared: &Arc<Shared>, caller: &Caller) -> Result<Admitted, Answer> {
-    let agent = &shared.config.agent;
-    let mut c = shared
+    shared
         .connections
         .lock()
-        .map_err(|_| Answer::failed("agent state poisoned"))?;
-    if c.total >= agent.max_connections {
-        return Err(Answer::usage(format!(
-            "the agent already serves {} connections, the most it serves at once (agent.max_connections = {}); try again later",
-            c.total, agent.max_connections
-        )));
-    }
-    let mine = c.per_uid.get(&caller.uid).copied().unwrap_or(0);
-    if mine >= agent.max_connections_per_uid {
-        return Err(Answer::usage(format!(
-            "uid {} already has {mine} connections open, the most one uid may have (agent.max_connections_per_uid = {})",
-            caller.uid, agent.max_connections_per_uid
-        )));
-    }
-    c.total += 1;
-    *c.per_uid.entry(caller.uid).or_default() += 1;
+        .map_err(|_| Answer::failed("agent state poisoned"))?
+        .take(caller.uid, &shared.config.agent)
+        .map_err(Answer::usage)?;
     Ok(Admitted {
         shared: shared.clone(),
         uid: caller.uid,
@@ -1618,5 +1631,43 @@ async fn end_all(shared: &Shared) {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_held_to_the_total_and_per_uid_limits_and_given_back() {
+        let agent = crate::config::AgentConfig {
+            max_connections: 3,
+            max_connections_per_uid: 2,
+            ..Default::default()
+        };
+        let mut c = Connections::default();
+        c.take(0, &agent).unwrap();
+        c.take(0, &agent).unwrap();
+        let e = c.take(0, &agent).unwrap_err();
+        assert!(
+            e.contains("uid 0 already has 2") && e.contains("agent.max_connections_per_uid = 2"),
+            "{e}"
+        );
+        c.take(1000, &agent).unwrap();
+        let e = c.take(1001, &agent).unwrap_err();
+        assert!(
+            e.contains("already serves 3") && e.contains("agent.max_connections = 3"),
+            "{e}"
+        );
+        c.give_back(0);
+        c.take(1001, &agent).unwrap();
+        for uid in [0, 1000, 1001] {
+            c.give_back(uid);
+        }
+        assert_eq!(c.total, 0);
+        assert!(c.per_uid.is_empty(), "{c:?}");
+        // A place given back twice never goes below zero.
+        c.give_back(7);
+        assert_eq!(c.total, 0);
     }
 }
