@@ -380,6 +380,22 @@ mod tests {
     }
 
     #[test]
+    fn a_message_with_more_descriptors_than_the_bound_is_refused() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let line = b"{\"type\":\"status\"}\n";
+        send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS + 1]).unwrap();
+        let mut r = LineReader::default();
+        r.fill(b.as_raw_fd()).unwrap();
+        assert!(matches!(r.next_line(), Err(ProtoError::TooManyFds)));
+        // At the bound it is served.
+        send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS]).unwrap();
+        let mut r = LineReader::default();
+        r.fill(b.as_raw_fd()).unwrap();
+        assert_eq!(r.next_line().unwrap().as_deref(), Some(&line[..line.len() - 1]));
+        assert_eq!(r.fds.len(), MAX_PENDING_FDS);
+    }
+
+    #[test]
     fn non_utf8_and_deeply_nested_messages_are_refused_not_panicked_on() {
         let e = serde_json::from_slice::<Request>(b"{\"type\":\"st\xffatus\"}").unwrap_err();
         assert!(e.to_string().contains("unicode"), "{e}");
