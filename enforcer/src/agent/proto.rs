@@ -25,6 +25,10 @@ pub const RUN_FDS: usize = 3;
 /// descriptor table.
 pub const MAX_PENDING_FDS: usize = 8;
 
+/// The most descriptors the kernel passes with one message
+/// (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -267,7 +271,10 @@ impl LineReader {
     /// with nothing to read.
     pub fn fill(&mut self, sock: RawFd) -> std::io::Result<()> {
         let mut chunk = vec![0u8; 64 * 1024];
-        let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+        // Room for as many descriptors as one message can carry: were the
+        // control data cut short, the descriptors the kernel had already
+        // installed in this process could not be read, nor ever closed.
+        let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let mut iov = [IoSliceMut::new(&mut chunk)];
         let msg = recvmsg::<()>(
             sock,
@@ -277,11 +284,6 @@ impl LineReader {
         )
         .map_err(std::io::Error::from)?;
         let n = msg.bytes;
-        // More descriptors than the control buffer holds: the kernel closed
-        // the rest, and the message they came with cannot be served.
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            self.too_many_fds = true;
-        }
         let mut got = Vec::new();
         for c in msg.cmsgs().map_err(std::io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -383,10 +385,13 @@ mod tests {
     fn a_message_with_more_descriptors_than_the_bound_is_refused() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let line = b"{\"type\":\"status\"}\n";
-        send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS + 1]).unwrap();
-        let mut r = LineReader::default();
-        r.fill(b.as_raw_fd()).unwrap();
-        assert!(matches!(r.next_line(), Err(ProtoError::TooManyFds)));
+        for n in [MAX_PENDING_FDS + 1, SCM_MAX_FD] {
+            send_with_fds(a.as_raw_fd(), line, &vec![0; n]).unwrap();
+            let mut r = LineReader::default();
+            r.fill(b.as_raw_fd()).unwrap();
+            assert!(matches!(r.next_line(), Err(ProtoError::TooManyFds)), "{n}");
+            assert_eq!(r.fds.len(), MAX_PENDING_FDS, "the rest are closed");
+        }
         // At the bound it is served.
         send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS]).unwrap();
         let mut r = LineReader::default();
