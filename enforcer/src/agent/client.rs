@@ -90,11 +90,14 @@ impl Conn {
             stream,
             reader: LineReader::default(),
         };
-        conn.send(&Request::Hello { api: API_VERSION }, &[])
-            .map_err(OpenError::Unreachable)?;
+        // An agent that refuses the connection says why and closes it
+        // without reading: the hello may then fail to send while the
+        // reason waits to be read.
+        let sent = conn.send(&Request::Hello { api: API_VERSION }, &[]);
         match conn.recv() {
-            Ok(Some(Response::Hello { .. })) => Ok(conn),
             Ok(Some(Response::Error { message, .. })) => Err(OpenError::Refused(message)),
+            _ if sent.is_err() => Err(OpenError::Unreachable(sent.err().unwrap_or_default())),
+            Ok(Some(Response::Hello { .. })) => Ok(conn),
             Ok(None) => Err(OpenError::Unreachable(
                 "the agent closed the connection before answering hello".to_owned(),
             )),
