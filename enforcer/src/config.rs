@@ -500,7 +500,10 @@ follow_children = true
                 "[agent]\nhello_timeout = \"10ms\"",
                 "agent.hello_timeout = \"10ms\" (line 3): must be from 100ms to 1h",
             ),
-            ("[agent]\nhello_timeout = \"2h\"", "must be from 100ms to 1h"),
+            (
+                "[agent]\nhello_timeout = \"2h\"",
+                "must be from 100ms to 1h",
+            ),
             (
                 "[agent]\nmax_connections = 0",
                 "agent.max_connections = 0 (line 3): must be greater than zero: from 1 to 65536",

@@ -183,8 +183,7 @@ pub const GPU_UTIL_LIMIT: Bound<Percent> =
     bound(both("gpu_util_limit", "--gpu-util-limit"), |_| PERCENT);
 pub const DUTY_CYCLE: Bound<Percent> = bound(flag("--duty-cycle"), |_| PERCENT);
 pub const HELLO_TIMEOUT: Bound<Dur> = bound(key("agent.hello_timeout"), |_| HELLO_RANGE);
-pub const MAX_CONNECTIONS: Bound<u64> =
-    bound(key("agent.max_connections"), |_| CONNECTIONS_RANGE);
+pub const MAX_CONNECTIONS: Bound<u64> = bound(key("agent.max_connections"), |_| CONNECTIONS_RANGE);
 pub const MAX_CONNECTIONS_PER_UID: Bound<u64> =
     bound(key("agent.max_connections_per_uid"), |_| CONNECTIONS_RANGE);
 /// Pid 1 is refused: init is never the training, and following its

@@ -24,7 +24,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{ChildGuard, Scratch, assert_no_cgroup_left, enforcer, root_tests, unique_name};
+use enforcer_tests::{
+    ChildGuard, Scratch, assert_no_cgroup_left, enforcer, root_tests, unique_name,
+};
 
 /// The uid and gid of the non-root caller (numeric: the VMs have no passwd
 /// entry for it).
@@ -152,11 +154,7 @@ impl Agent {
     /// The agent is alive, answers `status` on a new connection and runs a
     /// job to its end with the command's exit status.
     fn assert_serves(&mut self) {
-        assert!(
-            self.is_running(),
-            "the agent died:\n{}",
-            self.log_text()
-        );
+        assert!(self.is_running(), "the agent died:\n{}", self.log_text());
         let mut c = self.hello();
         c.write_all(b"{\"type\":\"status\"}\n").unwrap();
         let l = read_line(&mut c);
@@ -179,12 +177,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert_eq!(
-            out.status.code(),
-            Some(3),
-            "{out:?}\n{}",
-            self.log_text()
-        );
+        assert_eq!(out.status.code(), Some(3), "{out:?}\n{}", self.log_text());
         assert_no_cgroup_left(&name);
     }
 
@@ -213,7 +206,11 @@ impl Agent {
         let exited = matches!(c.try_wait(), Ok(Some(_)));
         let _ = c.kill();
         let _ = c.wait();
-        assert!(exited, "the agent did not exit on SIGTERM:\n{}", self.log_text());
+        assert!(
+            exited,
+            "the agent did not exit on SIGTERM:\n{}",
+            self.log_text()
+        );
     }
 }
 
@@ -285,7 +282,10 @@ fn a_client_that_never_says_hello_or_stops_mid_message_is_closed_after_the_hello
         closed_at + Duration::from_millis(200) >= TIMEOUT,
         "closed after {closed_at:?}, before the 3 s timeout"
     );
-    assert!(closed_at < TIMEOUT + Duration::from_secs(15), "{closed_at:?}");
+    assert!(
+        closed_at < TIMEOUT + Duration::from_secs(15),
+        "{closed_at:?}"
+    );
     eprintln!("other client served after {served_at:?}; silent one closed after {closed_at:?}");
     let out = job
         .output_within(Duration::from_secs(60))
@@ -370,8 +370,7 @@ fn connections_over_the_total_and_per_uid_limits_are_refused_with_an_error_namin
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("refused the connection")
-            && err.contains("agent.max_connections = 3"),
+        err.contains("refused the connection") && err.contains("agent.max_connections = 3"),
         "{err}"
     );
     agent.assert_logged("agent.max_connections = 3", NOBODY, refused_pid);

@@ -341,8 +341,7 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     let tag = format!("load-{}", std::process::id());
     // Under the temp dir: a socket path must fit in 108 bytes.
     let scratch = std::env::temp_dir().join(format!("enforcer-{tag}"));
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("creating {}", scratch.display()))?;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o700))?;
     let mut run = Run {
         scratch: scratch.clone(),
@@ -423,9 +422,7 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     let expected: Vec<i32> = (0..args.jobs).map(|i| (i % 100) as i32).collect();
     let t_jobs = Instant::now();
     for (i, code) in expected.iter().enumerate() {
-        let script = format!(
-            "while [ ! -e {release:?} ]; do sleep 0.2; done; exit {code}"
-        );
+        let script = format!("while [ ! -e {release:?} ]; do sleep 0.2; done; exit {code}");
         let child = client_cmd(&format!("{tag}-{i}"), &scratch.join(format!("{i}.json")))
             .args(["--", "sh", "-c", &script])
             .spawn()
@@ -435,13 +432,19 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     let running = |v: &Value| {
         v["jobs"].as_array().map_or(0, |j| {
             j.iter()
-                .filter(|j| j["state"] == "running" && j["id"].as_str().is_some_and(|i| i.starts_with(&tag)))
+                .filter(|j| {
+                    j["state"] == "running" && j["id"].as_str().is_some_and(|i| i.starts_with(&tag))
+                })
                 .count()
         })
     };
     wait_for("every job running", Duration::from_secs(120), || {
         Conn::open(&socket)
-            .and_then(|mut c| Ok(serde_json::from_str::<Value>(c.ask(br#"{"type":"status"}"#)?)?))
+            .and_then(|mut c| {
+                Ok(serde_json::from_str::<Value>(
+                    c.ask(br#"{"type":"status"}"#)?,
+                )?)
+            })
             .is_ok_and(|v| running(&v) >= args.jobs as usize)
     })
     .with_context(|| format!("the agent's log ends:\n{}", log_tail()))?;
@@ -473,7 +476,9 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
         .collect();
     let mut requests = Requests::default();
     for w in workers {
-        let r = w.join().map_err(|_| anyhow::anyhow!("a request client panicked"))?;
+        let r = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a request client panicked"))?;
         requests.latencies.extend(r.latencies);
         requests.errors += r.errors;
         if requests.first_error.is_none() {
@@ -532,9 +537,17 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let checks = [
         Check {
-            what: format!("{} jobs: each client and report has its job's exit status", args.jobs),
+            what: format!(
+                "{} jobs: each client and report has its job's exit status",
+                args.jobs
+            ),
             measured: if lost.is_empty() {
-                format!("{} of {} (started in {:.1} s)", args.jobs, args.jobs, jobs_started_in.as_secs_f64())
+                format!(
+                    "{} of {} (started in {:.1} s)",
+                    args.jobs,
+                    args.jobs,
+                    jobs_started_in.as_secs_f64()
+                )
             } else {
                 format!("{} lost: {}", lost.len(), lost.join("; "))
             },
@@ -551,17 +564,28 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
             ok: shims_left.is_empty(),
         },
         Check {
-            what: format!("{} requests/s for {} s, each answered as expected", args.rps, args.secs),
+            what: format!(
+                "{} requests/s for {} s, each answered as expected",
+                args.rps, args.secs
+            ),
             measured: format!(
                 "{answered} answered, {} failed{}, {achieved:.0}/s",
                 requests.errors,
-                requests.first_error.as_deref().map(|e| format!(" (first: {e})")).unwrap_or_default()
+                requests
+                    .first_error
+                    .as_deref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
             ),
             ok: requests.errors == 0 && answered as f64 >= 0.95 * asked as f64,
         },
         Check {
             what: "the agent stayed up".to_owned(),
-            measured: if agent_alive { "yes".to_owned() } else { format!("no; its log ends:\n{}", log_tail()) },
+            measured: if agent_alive {
+                "yes".to_owned()
+            } else {
+                format!("no; its log ends:\n{}", log_tail())
+            },
             ok: agent_alive,
         },
         Check {
@@ -586,7 +610,13 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     writeln!(out, "load test: {} ({})", enforcer.display(), load.trim())?;
     writeln!(out, "{:<58} {:<6} measured", "check", "result")?;
     for c in &checks {
-        writeln!(out, "{:<58} {:<6} {}", c.what, if c.ok { "ok" } else { "FAILED" }, c.measured)?;
+        writeln!(
+            out,
+            "{:<58} {:<6} {}",
+            c.what,
+            if c.ok { "ok" } else { "FAILED" },
+            c.measured
+        )?;
     }
     writeln!(
         out,
@@ -618,7 +648,11 @@ pub fn run(args: &LoadArgs, workspace: &Path) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
     writeln!(out, "written to {}", path.display())?;
     drop(run);
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.what.as_str()).collect();
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.what.as_str())
+        .collect();
     if !failed.is_empty() {
         bail!("load test failed: {}", failed.join("; "));
     }

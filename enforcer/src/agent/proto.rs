@@ -372,7 +372,10 @@ mod tests {
             }
             assert_eq!(
                 lines,
-                [&b"{\"type\":\"hello\",\"api\":1}"[..], b"{\"type\":\"status\"}"],
+                [
+                    &b"{\"type\":\"hello\",\"api\":1}"[..],
+                    b"{\"type\":\"status\"}"
+                ],
                 "pieces of {piece}"
             );
             assert!(r.has_partial());
@@ -396,7 +399,10 @@ mod tests {
         send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS]).unwrap();
         let mut r = LineReader::default();
         r.fill(b.as_raw_fd()).unwrap();
-        assert_eq!(r.next_line().unwrap().as_deref(), Some(&line[..line.len() - 1]));
+        assert_eq!(
+            r.next_line().unwrap().as_deref(),
+            Some(&line[..line.len() - 1])
+        );
         assert_eq!(r.fds.len(), MAX_PENDING_FDS);
     }
 
