@@ -182,7 +182,7 @@ fn client(
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        let (request, want) = if (n / clients) % 2 == 0 {
+        let (request, want) = if (n / clients).is_multiple_of(2) {
             (&br#"{"type":"status"}"#[..], r#"{"type":"status""#)
         } else {
             (report.as_bytes(), r#"{"type":"finished""#)
@@ -243,8 +243,8 @@ fn cgroups_named(prefix: &str) -> Vec<PathBuf> {
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| (PathBuf::from(left.split_whitespace().nth(4)?), 0))
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| (PathBuf::from(mount_point), 0))
         })
         .collect();
     let mut found = Vec::new();
