@@ -146,6 +146,13 @@ pub struct AgentConfig {
     /// fleet whose Prometheus scrapes every node over a network it trusts
     /// (the DaemonSet), since the endpoint has no authentication.
     pub metrics_non_loopback: bool,
+    /// A connection must send `hello` within this, and finish each message
+    /// it begins within this; otherwise it gets an `error` and is closed.
+    pub hello_timeout: Dur,
+    /// Connections served at once; one more gets an `error` and is closed.
+    pub max_connections: u32,
+    /// Connections one uid (root too) may hold open at once.
+    pub max_connections_per_uid: u32,
 }
 
 impl Default for AgentConfig {
@@ -158,6 +165,9 @@ impl Default for AgentConfig {
             keep_finished: Dur::secs(3600),
             metrics_listen: None,
             metrics_non_loopback: false,
+            hello_timeout: Dur::secs(10),
+            max_connections: 512,
+            max_connections_per_uid: 128,
         }
     }
 }
@@ -353,6 +363,11 @@ mod tests {
         assert!(c.cpu_idle);
         assert!(!c.training.follow_children);
         assert_eq!(c.agent.metrics_listen, None, "metrics are off by default");
+        assert_eq!(c.agent.hello_timeout, Dur::secs(10));
+        assert_eq!(
+            (c.agent.max_connections, c.agent.max_connections_per_uid),
+            (512, 128)
+        );
     }
 
     #[test]
@@ -499,6 +514,26 @@ follow_children = true
             (
                 "[agent]\nmetrics_listen = \"localhost:9464\"",
                 "metrics_listen",
+            ),
+            (
+                "[agent]\nhello_timeout = \"10ms\"",
+                "agent.hello_timeout = \"10ms\" (line 3): must be from 100ms to 1h",
+            ),
+            (
+                "[agent]\nhello_timeout = \"2h\"",
+                "must be from 100ms to 1h",
+            ),
+            (
+                "[agent]\nmax_connections = 0",
+                "agent.max_connections = 0 (line 3): must be greater than zero: from 1 to 65536",
+            ),
+            (
+                "[agent]\nmax_connections_per_uid = 70000",
+                "agent.max_connections_per_uid = 70000 (line 3): must be from 1 to 65536",
+            ),
+            (
+                "[agent]\nmax_connections = 8\nmax_connections_per_uid = 9",
+                "agent.max_connections_per_uid = 9 (line 4): must be at most agent.max_connections = 8",
             ),
         ] {
             let text = format!("# a comment\n{text}\n");

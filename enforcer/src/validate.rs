@@ -153,6 +153,8 @@ const PID_RANGE: Range<i64> = Range::from_to(2, PID_MAX_LIMIT as i64);
 const PIDS_RANGE: Range<u64> = Range::from_to(1, PID_MAX_LIMIT);
 const WEIGHT_RANGE: Range<u64> = Range::from_to(1, 10_000);
 const JOBS_RANGE: Range<u64> = Range::from_to(1, 1024);
+const HELLO_RANGE: Range<Dur> = Range::from_to(Dur::millis(100), Dur::secs(3600));
+const CONNECTIONS_RANGE: Range<u64> = Range::from_to(1, 65_536);
 
 /// `agent.metrics_listen` / `--metrics-listen`, for [`Checker::loopback`].
 pub const METRICS_LISTEN: Name = both("agent.metrics_listen", "--metrics-listen");
@@ -188,6 +190,10 @@ pub const DUTY_CYCLE: Bound<Percent> = bound(flag("--duty-cycle"), |_| PERCENT);
 pub const TOP_INTERVAL: Bound<Dur> = bound(flag("--interval"), |_| {
     Range::from_to(Dur::millis(100), Dur::secs(60))
 });
+pub const HELLO_TIMEOUT: Bound<Dur> = bound(key("agent.hello_timeout"), |_| HELLO_RANGE);
+pub const MAX_CONNECTIONS: Bound<u64> = bound(key("agent.max_connections"), |_| CONNECTIONS_RANGE);
+pub const MAX_CONNECTIONS_PER_UID: Bound<u64> =
+    bound(key("agent.max_connections_per_uid"), |_| CONNECTIONS_RANGE);
 /// Pid 1 is refused: init is never the training, and following its
 /// children would meter the whole node.
 pub const TRAINING_PID: Bound<i64> = bound(both("training.pid", "--protect"), |_| PID_RANGE);
@@ -391,6 +397,22 @@ pub fn config_errors(c: &crate::config::Config, node: Node) -> Vec<Invalid> {
     v.check(&GPU_UTIL_LIMIT, Some(c.gpu_util_limit));
     v.check(&GPU_MEMORY, c.gpu_memory_limit);
     v.check(&TRAINING_PID, c.training.pid.map(i64::from));
+    v.check(&HELLO_TIMEOUT, Some(c.agent.hello_timeout));
+    v.check(&MAX_CONNECTIONS, Some(u64::from(c.agent.max_connections)));
+    v.check(
+        &MAX_CONNECTIONS_PER_UID,
+        Some(u64::from(c.agent.max_connections_per_uid)),
+    );
+    if c.agent.max_connections_per_uid > c.agent.max_connections {
+        v.refuse(
+            MAX_CONNECTIONS_PER_UID.name,
+            c.agent.max_connections_per_uid.to_string(),
+            format!(
+                "at most agent.max_connections = {}",
+                c.agent.max_connections
+            ),
+        );
+    }
     // Relative to each hierarchy's root, as in /proc/self/cgroup; a leading
     // `/` is optional (see cgroup::subtree).
     v.path(key("cgroup_root"), c.cgroup_root.as_deref(), false);

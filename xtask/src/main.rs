@@ -4,6 +4,7 @@ mod bench;
 mod deploy;
 mod dist;
 mod ebpf;
+mod load;
 mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -46,6 +47,14 @@ enum Task {
     /// verify`, the DaemonSet against the Kubernetes schemas, the configs
     /// with `enforcer config check`. Needs `scripts/setup` first.
     CheckDeploy,
+    /// One agent under load, as root: `--jobs` jobs held at once through it
+    /// while `--rps` status/report requests a second go to it for `--secs`
+    /// seconds; checks that no job is lost (each gets its report with its
+    /// own exit status), no cgroup or shim is left, every request is
+    /// answered at the asked rate and the agent's RSS stays bounded; prints
+    /// a summary (with p50/p99 request latency), writes target/load/load.json
+    /// and exits non-zero if a check fails.
+    LoadTest(load::LoadArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -84,6 +93,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { what } => bench::run(what, &workspace_root())?,
         Task::Dist(args) => dist::run(&workspace_root(), &args)?,
         Task::CheckDeploy => deploy::run(&workspace_root())?,
+        Task::LoadTest(args) => load::run(&args, &workspace_root())?,
     }
     Ok(())
 }

@@ -52,6 +52,12 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
     let (path, explicit) = socket_path();
     match Conn::open(&path) {
         Ok(c) => Ok(Route::Agent(c)),
+        // An agent that answers and refuses (e.g. too many connections) is
+        // not a missing agent: running in-process would go around it.
+        Err(OpenError::Refused(e)) => Err(format!(
+            "the enforcer agent on {} refused the connection: {e}",
+            path.display()
+        )),
         Err(e) if explicit => Err(format!(
             "ENFORCER_SOCKET={}: no agent answers there: {e}",
             path.display()
@@ -59,7 +65,7 @@ pub fn route(no_agent: bool) -> Result<Route, String> {
         Err(_) if crate::trust::running_as_root() => Ok(Route::InProcess),
         Err(e) => Err(format!(
             "{}; a user other than root runs jobs through the agent",
-            no_agent_message(&path, &e)
+            no_agent_message(&path, &e.to_string())
         )),
     }
 }
@@ -72,27 +78,51 @@ pub fn no_agent_message(path: &Path, error: &str) -> String {
     )
 }
 
+/// Why [`Conn::open`] got no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Nothing answered on the socket.
+    #[error("{0}")]
+    Unreachable(String),
+    /// An agent answered `hello` with an error (or with nonsense).
+    #[error("{0}")]
+    Refused(String),
+}
+
 impl Conn {
     /// Connects and says hello.
-    pub fn open(path: &Path) -> Result<Conn, String> {
+    pub fn open(path: &Path) -> Result<Conn, OpenError> {
         Self::open_within(path, None)
     }
 
     /// Connects and says hello, waiting at most `limit` for each answer
     /// (this one and every later one): a stalled agent then gives an error
     /// instead of holding the client.
-    pub fn open_within(path: &Path, limit: Option<Duration>) -> Result<Conn, String> {
-        let stream = UnixStream::connect(path).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(limit).map_err(|e| e.to_string())?;
+    pub fn open_within(path: &Path, limit: Option<Duration>) -> Result<Conn, OpenError> {
+        let stream =
+            UnixStream::connect(path).map_err(|e| OpenError::Unreachable(e.to_string()))?;
+        stream
+            .set_read_timeout(limit)
+            .map_err(|e| OpenError::Unreachable(e.to_string()))?;
         let mut conn = Conn {
             stream,
             reader: LineReader::default(),
         };
-        conn.send(&Request::Hello { api: API_VERSION }, &[])?;
-        match conn.recv()? {
-            Some(Response::Hello { .. }) => Ok(conn),
-            Some(Response::Error { message, .. }) => Err(message),
-            other => Err(format!("unexpected answer to hello: {other:?}")),
+        // An agent that refuses the connection says why and closes it
+        // without reading: the hello may then fail to send while the
+        // reason waits to be read.
+        let sent = conn.send(&Request::Hello { api: API_VERSION }, &[]);
+        match conn.recv() {
+            Ok(Some(Response::Error { message, .. })) => Err(OpenError::Refused(message)),
+            _ if sent.is_err() => Err(OpenError::Unreachable(sent.err().unwrap_or_default())),
+            Ok(Some(Response::Hello { .. })) => Ok(conn),
+            Ok(None) => Err(OpenError::Unreachable(
+                "the agent closed the connection before answering hello".to_owned(),
+            )),
+            Err(e) => Err(OpenError::Unreachable(e)),
+            Ok(Some(other)) => Err(OpenError::Refused(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
         }
     }
 

@@ -25,6 +25,10 @@ pub const RUN_FDS: usize = 3;
 /// descriptor table.
 pub const MAX_PENDING_FDS: usize = 8;
 
+/// The most descriptors the kernel passes with one message
+/// (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -304,11 +308,31 @@ impl LineReader {
         self.eof
     }
 
+    /// Whether part of a message has arrived without its newline.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Appends bytes received without descriptors (what [`LineReader::fill`]
+    /// does with the bytes of one `recvmsg`); lines come out of
+    /// [`LineReader::next_line`].
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The peer closed its end: a partial line left is an error.
+    pub fn finish(&mut self) {
+        self.eof = true;
+    }
+
     /// One `recvmsg` into the buffer; `WouldBlock` on a non-blocking socket
     /// with nothing to read.
     pub fn fill(&mut self, sock: RawFd) -> std::io::Result<()> {
         let mut chunk = vec![0u8; 64 * 1024];
-        let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+        // Room for as many descriptors as one message can carry: were the
+        // control data cut short, the descriptors the kernel had already
+        // installed in this process could not be read, nor ever closed.
+        let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let mut iov = [IoSliceMut::new(&mut chunk)];
         let msg = recvmsg::<()>(
             sock,
@@ -337,9 +361,9 @@ impl LineReader {
             }
         }
         if n == 0 {
-            self.eof = true;
+            self.finish();
         }
-        self.buf.extend_from_slice(&chunk[..n]);
+        self.feed(&chunk[..n]);
         Ok(())
     }
 
@@ -390,6 +414,67 @@ mod tests {
         let line = r#"{"type":"run","job":{"timeout":"5s","sudo":true},"command":["true"]}"#;
         let e = serde_json::from_str::<Request>(line).unwrap_err();
         assert!(e.to_string().contains("sudo"), "{e}");
+    }
+
+    #[test]
+    fn lines_come_out_whole_however_the_bytes_are_cut() {
+        let bytes = b"{\"type\":\"hello\",\"api\":1}\n{\"type\":\"status\"}\n{\"type\"";
+        for piece in [1, 2, 7, bytes.len()] {
+            let mut r = LineReader::default();
+            let mut lines = Vec::new();
+            for p in bytes.chunks(piece) {
+                r.feed(p);
+                while let Some(l) = r.next_line().unwrap() {
+                    lines.push(l);
+                }
+            }
+            assert_eq!(
+                lines,
+                [
+                    &b"{\"type\":\"hello\",\"api\":1}"[..],
+                    b"{\"type\":\"status\"}"
+                ],
+                "pieces of {piece}"
+            );
+            assert!(r.has_partial());
+            r.finish();
+            assert!(matches!(r.next_line(), Err(ProtoError::Truncated(7))));
+        }
+    }
+
+    #[test]
+    fn a_message_with_more_descriptors_than_the_bound_is_refused() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let line = b"{\"type\":\"status\"}\n";
+        for n in [MAX_PENDING_FDS + 1, SCM_MAX_FD] {
+            send_with_fds(a.as_raw_fd(), line, &vec![0; n]).unwrap();
+            let mut r = LineReader::default();
+            r.fill(b.as_raw_fd()).unwrap();
+            assert!(matches!(r.next_line(), Err(ProtoError::TooManyFds)), "{n}");
+            assert_eq!(r.fds.len(), MAX_PENDING_FDS, "the rest are closed");
+        }
+        // At the bound it is served.
+        send_with_fds(a.as_raw_fd(), line, &[0; MAX_PENDING_FDS]).unwrap();
+        let mut r = LineReader::default();
+        r.fill(b.as_raw_fd()).unwrap();
+        assert_eq!(
+            r.next_line().unwrap().as_deref(),
+            Some(&line[..line.len() - 1])
+        );
+        assert_eq!(r.fds.len(), MAX_PENDING_FDS);
+    }
+
+    #[test]
+    fn non_utf8_and_deeply_nested_messages_are_refused_not_panicked_on() {
+        let e = serde_json::from_slice::<Request>(b"{\"type\":\"st\xffatus\"}").unwrap_err();
+        assert!(e.to_string().contains("unicode"), "{e}");
+        let deep = format!(
+            "{{\"type\":\"run\",\"job\":{{}},\"command\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let e = serde_json::from_str::<Request>(&deep).unwrap_err();
+        assert!(e.to_string().contains("recursion limit"), "{e}");
     }
 
     #[test]

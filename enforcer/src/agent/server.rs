@@ -3,7 +3,7 @@
 //! event stream.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
@@ -65,6 +65,78 @@ struct Shared {
     /// The agent's cgroup subtree, opened at the first scrape that needs
     /// it, where the metrics endpoint reads the jobs' cgroup stats.
     subtree: Mutex<Option<crate::cgroup::subtree::Subtree>>,
+    /// Open connections, held against `agent.max_connections*`.
+    connections: Mutex<Connections>,
+}
+
+/// Open connections in total and per uid.
+#[derive(Debug, Default)]
+struct Connections {
+    total: u32,
+    per_uid: HashMap<u32, u32>,
+}
+
+impl Connections {
+    /// Takes a place for a connection of `uid`, or says which limit of
+    /// `agent` is reached.
+    fn take(&mut self, uid: u32, agent: &crate::config::AgentConfig) -> Result<(), String> {
+        if self.total >= agent.max_connections {
+            return Err(format!(
+                "the agent already serves {} connections, the most it serves at once (agent.max_connections = {}); try again later",
+                self.total, agent.max_connections
+            ));
+        }
+        let mine = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= agent.max_connections_per_uid {
+            return Err(format!(
+                "uid {uid} already has {mine} connections open, the most one uid may have (agent.max_connections_per_uid = {})",
+                agent.max_connections_per_uid
+            ));
+        }
+        self.total += 1;
+        *self.per_uid.entry(uid).or_default() += 1;
+        Ok(())
+    }
+
+    fn give_back(&mut self, uid: u32) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+    }
+}
+
+/// One admitted connection; its place is given back on drop, however the
+/// connection's task ends.
+struct Admitted {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.connections.lock() {
+            c.give_back(self.uid);
+        }
+    }
+}
+
+/// Admits a connection of `caller` unless the agent, or the caller's uid,
+/// already holds as many as the config allows.
+fn admit(shared: &Arc<Shared>, caller: &Caller) -> Result<Admitted, Answer> {
+    shared
+        .connections
+        .lock()
+        .map_err(|_| Answer::failed("agent state poisoned"))?
+        .take(caller.uid, &shared.config.agent)
+        .map_err(Answer::usage)?;
+    Ok(Admitted {
+        shared: shared.clone(),
+        uid: caller.uid,
+    })
 }
 
 /// A refusal or failure answered to one request.
@@ -189,6 +261,7 @@ pub fn main(
         waiting: AtomicU64::new(0),
         counters: metrics::AgentCounters::default(),
         subtree: Mutex::new(None),
+        connections: Mutex::new(Connections::default()),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -411,25 +484,77 @@ fn prune_finished(shared: &Shared) {
     }
 }
 
-/// Reads the next line, waiting for the socket; `Ok(None)` at a clean end.
+/// What waiting for the next message gave.
+enum Next {
+    Line(Vec<u8>),
+    /// The client closed the connection between messages.
+    End,
+    /// The deadline passed (no hello yet, or a message begun and not
+    /// finished).
+    Stalled,
+}
+
+/// Reads the next line, waiting for the socket until `by` when given, and
+/// otherwise for as long as nothing of a message has arrived: a message
+/// begun must be finished within `finish_within`.
 async fn next_line(
     stream: &UnixStream,
     reader: &mut LineReader,
-) -> Result<Option<Vec<u8>>, ProtoError> {
+    by: Option<tokio::time::Instant>,
+    finish_within: Duration,
+) -> Result<Next, ProtoError> {
     let fd = stream.as_raw_fd();
+    let mut begun = None;
     loop {
         if let Some(line) = reader.next_line()? {
-            return Ok(Some(line));
+            return Ok(Next::Line(line));
         }
         if reader.at_eof() {
-            return Ok(None);
+            return Ok(Next::End);
         }
-        stream.readable().await?;
+        if begun.is_none() && reader.has_partial() {
+            begun = Some(tokio::time::Instant::now() + finish_within);
+        }
+        match by.or(begun) {
+            Some(deadline) => match tokio::time::timeout_at(deadline, stream.readable()).await {
+                Ok(ready) => ready?,
+                Err(_) => return Ok(Next::Stalled),
+            },
+            None => stream.readable().await?,
+        }
         match stream.try_io(Interest::READABLE, || reader.fill(fd)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How often a connection that waits (for a job's end, for events) is
+/// checked for a client that has gone.
+const HANGUP_POLL: Duration = Duration::from_secs(1);
+
+/// Resolves once the client has closed its end of the connection entirely,
+/// so that a client gone while it waited gives its connection's place back
+/// (`agent.max_connections*`) at once, not when its job ends. A client that
+/// only shut down its writing half still reads its answer: that is no
+/// hangup (the kernel reports `POLLHUP` only when both halves are shut).
+async fn hung_up(stream: &UnixStream) {
+    let mut tick = tokio::time::interval(HANGUP_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut p = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on a descriptor this task owns; a zero
+        // timeout never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
         }
     }
 }
@@ -458,12 +583,37 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
             return;
         }
     };
+    let _admitted = match admit(&shared, &caller) {
+        Ok(a) => a,
+        Err(answer) => {
+            refuse(&shared, &caller, "connect", &answer);
+            let _ = send(&mut stream, &answer.response()).await;
+            return;
+        }
+    };
+    let timeout = shared.config.agent.hello_timeout.0;
+    let hello_by = tokio::time::Instant::now() + timeout;
     let mut reader = LineReader::default();
     let mut hello = false;
     loop {
-        let line = match next_line(&stream, &mut reader).await {
-            Ok(Some(l)) => l,
-            Ok(None) => return,
+        let by = (!hello).then_some(hello_by);
+        let line = match next_line(&stream, &mut reader, by, timeout).await {
+            Ok(Next::Line(l)) => l,
+            Ok(Next::End) => return,
+            Ok(Next::Stalled) => {
+                let what = if hello {
+                    "a message was begun and not finished"
+                } else {
+                    "no hello came"
+                };
+                let answer = Answer::usage(format!(
+                    "{what} within {} (agent.hello_timeout): closing the connection",
+                    shared.config.agent.hello_timeout
+                ));
+                refuse(&shared, &caller, if hello { "?" } else { "hello" }, &answer);
+                let _ = send(&mut stream, &answer.response()).await;
+                return;
+            }
             Err(e) => {
                 let answer = Answer::usage(format!("bad message: {e}"));
                 shared.counters.request("malformed");
@@ -519,6 +669,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
         let keep_going = match request {
             Request::Hello { .. } => {
                 let answer = Answer::usage("hello was already sent on this connection");
+                refuse(&shared, &caller, "hello", &answer);
                 send(&mut stream, &answer.response()).await.is_ok()
             }
             Request::Run {
@@ -594,7 +745,10 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                     }
                     Ok((plan, mut rx)) => {
                         if wait {
-                            let _ = rx.wait_for(Option::is_some).await;
+                            tokio::select! {
+                                _ = rx.wait_for(Option::is_some) => {}
+                                () = hung_up(&stream) => return,
+                            }
                         }
                         let result = rx.borrow().clone();
                         match result {
@@ -698,9 +852,16 @@ async fn follow(
         }
     }
     shared.waiting.fetch_add(1, Ordering::Relaxed);
-    let sent = match rx.wait_for(Option::is_some).await.map(|r| r.clone()) {
-        Ok(Some(r)) => send(stream, &finished(&id, r)).await.is_ok(),
-        _ => false,
+    let ended = tokio::select! {
+        r = rx.wait_for(Option::is_some) => r.map(|r| r.clone()).ok().flatten(),
+        () = hung_up(stream) => {
+            tracing::debug!(job = %id, uid = caller.uid, pid = %caller.pid, "the client waiting for the job has gone; the job runs on");
+            None
+        }
+    };
+    let sent = match ended {
+        Some(r) => send(stream, &finished(&id, r)).await.is_ok(),
+        None => false,
     };
     shared.waiting.fetch_sub(1, Ordering::Relaxed);
     sent
@@ -1588,7 +1749,11 @@ async fn subscribe(shared: &Shared, caller: &Caller, stream: &mut UnixStream) {
         return;
     }
     loop {
-        match rx.recv().await {
+        let got = tokio::select! {
+            got = rx.recv() => got,
+            () = hung_up(stream) => return,
+        };
+        match got {
             Ok(ev) if caller.owns(ev.uid) => {
                 if send(stream, &Response::Event(ev)).await.is_err() {
                     return;
@@ -1639,5 +1804,43 @@ async fn end_all(shared: &Shared) {
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_held_to_the_total_and_per_uid_limits_and_given_back() {
+        let agent = crate::config::AgentConfig {
+            max_connections: 3,
+            max_connections_per_uid: 2,
+            ..Default::default()
+        };
+        let mut c = Connections::default();
+        c.take(0, &agent).unwrap();
+        c.take(0, &agent).unwrap();
+        let e = c.take(0, &agent).unwrap_err();
+        assert!(
+            e.contains("uid 0 already has 2") && e.contains("agent.max_connections_per_uid = 2"),
+            "{e}"
+        );
+        c.take(1000, &agent).unwrap();
+        let e = c.take(1001, &agent).unwrap_err();
+        assert!(
+            e.contains("already serves 3") && e.contains("agent.max_connections = 3"),
+            "{e}"
+        );
+        c.give_back(0);
+        c.take(1001, &agent).unwrap();
+        for uid in [0, 1000, 1001] {
+            c.give_back(uid);
+        }
+        assert_eq!(c.total, 0);
+        assert!(c.per_uid.is_empty(), "{c:?}");
+        // A place given back twice never goes below zero.
+        c.give_back(7);
+        assert_eq!(c.total, 0);
     }
 }

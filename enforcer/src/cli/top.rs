@@ -59,7 +59,7 @@ pub fn run(args: TopArgs) -> ExitCode {
     let conn = match Conn::open_within(&args.socket, Some(ANSWER_LIMIT)) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{}", client::no_agent_message(&args.socket, &e));
+            tracing::error!("{}", client::no_agent_message(&args.socket, &e.to_string()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -161,7 +161,7 @@ fn ask(conn: &mut Option<Conn>, socket: &Path, request: &Request) -> Result<Resp
         Some(c) => c,
         None => conn.insert(
             Conn::open_within(socket, Some(ANSWER_LIMIT))
-                .map_err(|e| client::no_agent_message(socket, &e))?,
+                .map_err(|e| client::no_agent_message(socket, &e.to_string()))?,
         ),
     };
     let answer = c.send(request, &[]).and_then(|()| c.recv());
