@@ -1,19 +1,14 @@
-//! [`NodeMeter`]: the agent's steal metering, shared by every job on the
-//! node.
+//! [`NodeMeter`]: the agent's steal metering, shared by every job and every
+//! protected training on the node.
 //!
-//! The kernel programs track one training workload per loaded object: the
-//! per-CPU wait integral in `CPU_WAIT` counts the waiting threads of that
-//! one training, and the job counters in `JOB_STEAL` are the steal from it.
-//! So the agent loads the programs once per *protected training* (not once
-//! per job, as each `enforcer run --protect` does): every job that protects
-//! a training is one more slot in that training's meter, and a node with one
-//! protected training and any number of jobs runs one copy of the programs.
-//! With several protected trainings, each `sched_switch` runs one copy per
-//! training; the fast path of each is two array reads.
-//!
-//! Counting several trainings in one loaded object needs a wait integral per
-//! (CPU, training) and its snapshot at every switch-in; that is left for
-//! when one node protects more than a few trainings.
+//! One copy of the kernel programs meters up to `MAX_TRAININGS` trainings
+//! at once (see the kernel module's doc): each training registered here
+//! takes a training index in the one [`StealMeter`], and each job is a slot
+//! charged against its own training's wait only. So however many trainings
+//! and jobs the agent protects, each `sched_switch` on the node runs one
+//! program. The programs are loaded when the first training is registered
+//! and unloaded when the last one goes: a node that protects nothing pays
+//! nothing on its context switches.
 
 use std::collections::BTreeMap;
 
@@ -40,11 +35,12 @@ pub enum NodeMeterError {
     },
 }
 
-/// One loaded meter per protected training; see the module doc.
+/// The node's one meter; see the module doc.
 #[derive(Debug, Default)]
 pub struct NodeMeter {
-    meters: BTreeMap<TrainingId, StealMeter>,
-    /// Which training each job's slot is in.
+    /// Loaded while at least one training is registered.
+    meter: Option<StealMeter>,
+    /// Which training each job is charged against.
     jobs: BTreeMap<String, TrainingId>,
 }
 
@@ -53,30 +49,63 @@ impl NodeMeter {
         Self::default()
     }
 
-    /// Loads the programs for `spec` (its threads are entered at once).
+    /// Meters `spec` as `id` (its threads are entered at once), loading
+    /// the programs if this is the first training.
     pub fn register_training(
         &mut self,
         id: &str,
         spec: TrainingSpec,
     ) -> Result<(), NodeMeterError> {
-        if self.meters.contains_key(id) {
-            return Err(NodeMeterError::TrainingExists(id.to_owned()));
-        }
-        let meter = StealMeter::start(spec).map_err(|source| NodeMeterError::Probe {
+        let probe = |source| NodeMeterError::Probe {
             training: id.to_owned(),
             source: Box::new(source),
-        })?;
-        self.meters.insert(id.to_owned(), meter);
-        Ok(())
+        };
+        let meter = match &mut self.meter {
+            Some(meter) => meter,
+            None => self.meter.insert(StealMeter::load().map_err(probe)?),
+        };
+        match meter.add_training(id, spec) {
+            Ok(()) => Ok(()),
+            Err(ProbeError::TrainingExists(_)) => Err(NodeMeterError::TrainingExists(id.to_owned())),
+            Err(e) => {
+                if matches!(e, ProbeError::TooManyTrainings(_)) {
+                    tracing::warn!(
+                        training = id,
+                        refused = meter.trainings_refused(),
+                        "the node's meter is full: the training is not protected"
+                    );
+                }
+                self.unload_if_idle();
+                Err(probe(e))
+            }
+        }
     }
 
-    /// Unloads the training's programs; its jobs are no longer metered.
+    /// Stops metering the training; its jobs are no longer metered.
     pub fn unregister_training(&mut self, id: &str) -> Result<(), NodeMeterError> {
-        self.meters
-            .remove(id)
+        let meter = self
+            .meter
+            .as_mut()
+            .filter(|m| m.trainings().any(|(t, _)| t == id))
             .ok_or_else(|| NodeMeterError::NoTraining(id.to_owned()))?;
+        let removed = meter.remove_training(id);
         self.jobs.retain(|_, t| t != id);
-        Ok(())
+        self.unload_if_idle();
+        removed.map(drop).map_err(|source| NodeMeterError::Probe {
+            training: id.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Unloads the programs when no training is left.
+    fn unload_if_idle(&mut self) {
+        if self
+            .meter
+            .as_ref()
+            .is_some_and(|m| m.trainings().next().is_none())
+        {
+            self.meter = None;
+        }
     }
 
     /// Starts attributing steal from `training` to the tasks of `cgroup`.
@@ -87,14 +116,17 @@ impl NodeMeter {
         cgroup: JobCgroup,
     ) -> Result<(), NodeMeterError> {
         let meter = self
-            .meters
-            .get_mut(training)
+            .meter
+            .as_mut()
             .ok_or_else(|| NodeMeterError::NoTraining(training.to_owned()))?;
         meter
-            .add_job(job, cgroup)
-            .map_err(|source| NodeMeterError::Probe {
-                training: training.to_owned(),
-                source: Box::new(source),
+            .add_job(training, job, cgroup)
+            .map_err(|source| match source {
+                ProbeError::NoSuchTraining(_) => NodeMeterError::NoTraining(training.to_owned()),
+                source => NodeMeterError::Probe {
+                    training: training.to_owned(),
+                    source: Box::new(source),
+                },
             })?;
         self.jobs.insert(job.to_owned(), training.to_owned());
         Ok(())
@@ -105,7 +137,7 @@ impl NodeMeter {
         let Some(training) = self.jobs.remove(job) else {
             return Ok(());
         };
-        if let Some(meter) = self.meters.get_mut(&training) {
+        if let Some(meter) = &mut self.meter {
             meter
                 .remove_job(job)
                 .map_err(|source| NodeMeterError::Probe {
@@ -119,14 +151,15 @@ impl NodeMeter {
     /// Polls every training's counters (cumulative); a training whose read
     /// failed is reported with its error, the others are still read.
     pub fn read(&mut self) -> BTreeMap<TrainingId, Result<StealSnapshot, ProbeError>> {
-        self.meters
-            .iter_mut()
-            .map(|(id, meter)| (id.clone(), meter.read()))
-            .collect()
+        self.meter
+            .as_mut()
+            .map(StealMeter::read_all)
+            .unwrap_or_default()
     }
 
-    /// How many copies of the programs are loaded.
+    /// How many copies of the programs are loaded: 1 while any training is
+    /// metered, else 0.
     pub fn loaded(&self) -> usize {
-        self.meters.len()
+        usize::from(self.meter.is_some())
     }
 }
