@@ -60,24 +60,26 @@ impl NodeMeter {
             training: id.to_owned(),
             source: Box::new(source),
         };
-        let meter = match &mut self.meter {
+        let mut meter = match self.meter.take() {
             Some(meter) => meter,
-            None => self.meter.insert(StealMeter::load().map_err(probe)?),
+            None => StealMeter::load().map_err(probe)?,
         };
-        match meter.add_training(id, spec) {
+        let added = meter.add_training(id, spec);
+        if let Err(ProbeError::TooManyTrainings(_)) = &added {
+            tracing::warn!(
+                training = id,
+                refused = meter.trainings_refused(),
+                "the node's meter is full: the training is not metered"
+            );
+        }
+        // Kept loaded only while it meters something.
+        if meter.trainings().next().is_some() {
+            self.meter = Some(meter);
+        }
+        match added {
             Ok(()) => Ok(()),
             Err(ProbeError::TrainingExists(_)) => Err(NodeMeterError::TrainingExists(id.to_owned())),
-            Err(e) => {
-                if matches!(e, ProbeError::TooManyTrainings(_)) {
-                    tracing::warn!(
-                        training = id,
-                        refused = meter.trainings_refused(),
-                        "the node's meter is full: the training is not protected"
-                    );
-                }
-                self.unload_if_idle();
-                Err(probe(e))
-            }
+            Err(e) => Err(probe(e)),
         }
     }
 

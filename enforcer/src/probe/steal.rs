@@ -231,6 +231,9 @@ pub struct StealMeter {
     ancestors: bool,
     /// Registrations refused because `MAX_TRAININGS` were registered.
     trainings_refused: u64,
+    /// Bit `i`: training index `i` was registered before (its threads may
+    /// linger in the tables).
+    indices_used: u32,
 }
 
 impl std::fmt::Debug for StealMeter {
@@ -307,6 +310,7 @@ impl StealMeter {
             nr_cpus,
             ancestors: true,
             trainings_refused: 0,
+            indices_used: 0,
         };
         // Verification is the slow part: do it for every program first, then
         // attach them back to back, so the window in which only some are
@@ -382,7 +386,10 @@ impl StealMeter {
         };
         // Threads a fork entered with this index while its last training
         // was being removed.
-        self.forget_threads(index)?;
+        if self.indices_used & (1 << index) != 0 {
+            self.forget_threads(index)?;
+        }
+        self.indices_used |= 1 << index;
         let follow_children = match &spec {
             TrainingSpec::Pid {
                 follow_children, ..
