@@ -68,15 +68,23 @@ fn spinner(cpu: &str) -> ChildGuard {
 }
 
 /// `enforcer run` through the agent: a job spinning on `cpu` that protects
-/// `training`.
-fn job(config: &Path, socket: &Path, name: &str, training: u32, cpu: &str) -> EnforcerGuard {
+/// `training`, with `flags` (its timeout, a report file) added.
+fn job(
+    config: &Path,
+    socket: &Path,
+    name: &str,
+    training: u32,
+    cpu: &str,
+    flags: &[&std::ffi::OsStr],
+) -> EnforcerGuard {
     let command: Vec<std::ffi::OsString> = [workload().into_os_string()]
         .into_iter()
         .chain(["--cpu", cpu, "spin", "1", "600"].map(Into::into))
         .collect();
     let run = EnforcerRun::new(config, name)
         .flags(["--protect", &training.to_string(), "--budget", "50%"])
-        .flags(["--timeout", "300s", "--no-idle"])
+        .flags(["--no-idle"])
+        .flags(flags)
         .job(command)
         .env("ENFORCER_SOCKET", socket)
         .stdout(Stdio::null())
@@ -180,8 +188,18 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
     );
 
     // One training metered: the programs of one meter.
+    // Job a ends at its deadline, once the steal below has been judged,
+    // and reports its own steal.
     let name_a = unique_name("multi-a");
-    let _job_a = job(&config, &socket, &name_a, pid_a, "0");
+    let report_a = scratch.path("a.json");
+    let mut job_a = job(
+        &config,
+        &socket,
+        &name_a,
+        pid_a,
+        "0",
+        &["--timeout".as_ref(), "60s".as_ref(), "--report".as_ref(), report_a.as_os_str()],
+    );
     wait_status(
         &socket,
         Duration::from_secs(60),
@@ -198,8 +216,9 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
 
     // A second training with two jobs, one of them on A's CPU.
     let (name_b1, name_b0) = (unique_name("multi-b1"), unique_name("multi-b0"));
-    let _job_b1 = job(&config, &socket, &name_b1, pid_b, "1");
-    let _job_b0 = job(&config, &socket, &name_b0, pid_b, "0");
+    let long = ["--timeout".as_ref(), "300s".as_ref()];
+    let _job_b1 = job(&config, &socket, &name_b1, pid_b, "1", &long);
+    let _job_b0 = job(&config, &socket, &name_b0, pid_b, "0", &long);
     let both = wait_status(
         &socket,
         Duration::from_secs(60),
@@ -248,6 +267,32 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
         one_training,
         "the agent's programs changed while it metered"
     );
+
+    // Its report carries the steal the agent charged it, not null.
+    let end = Instant::now() + Duration::from_secs(120);
+    while job_a.try_wait().ok().flatten().is_none() {
+        assert!(
+            Instant::now() < end,
+            "job a outlived its 60 s deadline\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(&report_a).expect("job a's report file"),
+    )
+    .expect("job a's report is JSON");
+    let stolen = report["stolen_from_training_s"].as_f64();
+    assert!(
+        stolen.is_some_and(|s| s >= steal_a),
+        "job a's report says it stole {stolen:?} s; the agent had charged it {steal_a:.3}s: {report}"
+    );
+    assert!(
+        report["stolen_fraction"].as_f64().is_some_and(|f| f > 0.0),
+        "{report}"
+    );
+    assert_eq!(report["budget_fraction"].as_f64(), Some(0.5), "{report}");
+    assert!(report["budget_used"].as_f64().is_some(), "{report}");
 }
 
 enforcer_tests::root_tests!(two_trainings_share_one_meter_and_each_job_is_charged_its_own);

@@ -81,6 +81,11 @@ pub trait NodeBudget: Send {
     fn take_events(&mut self) -> Vec<(String, &'static str)> {
         Vec::new()
     }
+    /// The steal figures of a job this budget holds, as of its last tick:
+    /// the agent puts them in the job's report when it ends.
+    fn job_figures(&self, _job: &str) -> Option<crate::budget::node::JobStealFigures> {
+        None
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -423,6 +428,10 @@ impl NodeBudget for Metered {
 
     fn take_events(&mut self) -> Vec<(String, &'static str)> {
         std::mem::take(&mut self.events)
+    }
+
+    fn job_figures(&self, job: &str) -> Option<crate::budget::node::JobStealFigures> {
+        self.protections.job_figures(job)
     }
 
     fn status(&self) -> serde_json::Value {

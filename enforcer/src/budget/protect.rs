@@ -204,6 +204,11 @@ impl Protections {
         self.budget.status()
     }
 
+    /// The steal figures of `job` as of the last tick, for its report.
+    pub fn job_figures(&self, job: &str) -> Option<super::node::JobStealFigures> {
+        self.budget.job_figures(job)
+    }
+
     /// The training `job` protects.
     pub fn training_of(&self, job: &str) -> Option<&str> {
         self.budget.training_of(job)
