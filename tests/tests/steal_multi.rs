@@ -216,7 +216,7 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
 
     // A second training with two jobs, one of them on A's CPU.
     let (name_b1, name_b0) = (unique_name("multi-b1"), unique_name("multi-b0"));
-    let long = ["--timeout".as_ref(), "300s".as_ref()];
+    let long: [&std::ffi::OsStr; 2] = ["--timeout".as_ref(), "300s".as_ref()];
     let _job_b1 = job(&config, &socket, &name_b1, pid_b, "1", &long);
     let _job_b0 = job(&config, &socket, &name_b0, pid_b, "0", &long);
     let both = wait_status(
