@@ -464,6 +464,10 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
         let pending = arrived.wrapping_sub(w.arrivals_seen) as i64;
         w.segment_waited_ns = 0;
         if w.waiters == 0 && pending == 0 && w.wait_integral_ns == w.segment_start_ns {
+            // Nothing accrued; the clock still moves on, so that a waiter
+            // that prev becomes below counts from now, not from the last
+            // update.
+            w.last_update_ns = now;
             continue;
         }
         advance(w, now);
