@@ -198,7 +198,12 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
         &name_a,
         pid_a,
         "0",
-        &["--timeout".as_ref(), "60s".as_ref(), "--report".as_ref(), report_a.as_os_str()],
+        &[
+            "--timeout".as_ref(),
+            "60s".as_ref(),
+            "--report".as_ref(),
+            report_a.as_os_str(),
+        ],
     );
     wait_status(
         &socket,
@@ -232,8 +237,7 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
     );
     let two_trainings = bpf_programs_held(agent_pid);
     assert_eq!(
-        two_trainings,
-        one_training,
+        two_trainings, one_training,
         "a second training loaded more programs: {two_trainings} held with two trainings, \
          {one_training} with one\n{both}"
     );
@@ -278,10 +282,9 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(&report_a).expect("job a's report file"),
-    )
-    .expect("job a's report is JSON");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_a).expect("job a's report file"))
+            .expect("job a's report is JSON");
     let stolen = report["stolen_from_training_s"].as_f64();
     assert!(
         stolen.is_some_and(|s| s >= steal_a),

@@ -1135,7 +1135,10 @@ fn publish(shared: &Shared, id: &str, mut result: JobResult) {
 /// shared knows (as of the budget's last tick, at most one control period
 /// before the job ended). The run-queue wait and the preemptions stay null
 /// with their reason: the agent keeps them per training, not per job.
-fn report_node_budget(report: &mut crate::report::Report, f: &crate::budget::node::JobStealFigures) {
+fn report_node_budget(
+    report: &mut crate::report::Report,
+    f: &crate::budget::node::JobStealFigures,
+) {
     report.stolen_from_training_s = Some(f.steal.as_secs_f64());
     report.stolen_fraction = Some(f.stolen_fraction.unwrap_or(0.0));
     report.budget_fraction = Some(f.budget);

@@ -288,7 +288,9 @@ impl TrainingBudget {
             let Some(r) = reading.jobs.get(key).copied() else {
                 continue;
             };
-            let first = job.training_on_cpu.map_or(reading.on_cpu, |(first, _)| first);
+            let first = job
+                .training_on_cpu
+                .map_or(reading.on_cpu, |(first, _)| first);
             job.training_on_cpu = Some((first, reading.on_cpu));
             job.over_budget_at_join
                 .get_or_insert_with(|| self.window.over_budget());
@@ -832,7 +834,10 @@ mod tests {
         let mut script = Script::new(Instant::now());
         let dt = Duration::from_millis(100);
         // Steal before the job's first reading is not its own.
-        node.tick(script.at, &readings("t", script.advance(dt, &[("a", 0.5, 1.0)])));
+        node.tick(
+            script.at,
+            &readings("t", script.advance(dt, &[("a", 0.5, 1.0)])),
+        );
         for _ in 0..50 {
             let r = script.advance(dt, &[("a", 0.02, 1.0)]);
             node.tick(script.at, &readings("t", r));

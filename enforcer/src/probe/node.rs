@@ -78,7 +78,9 @@ impl NodeMeter {
         }
         match added {
             Ok(()) => Ok(()),
-            Err(ProbeError::TrainingExists(_)) => Err(NodeMeterError::TrainingExists(id.to_owned())),
+            Err(ProbeError::TrainingExists(_)) => {
+                Err(NodeMeterError::TrainingExists(id.to_owned()))
+            }
             Err(e) => Err(probe(e)),
         }
     }
