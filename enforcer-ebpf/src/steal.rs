@@ -710,7 +710,9 @@ pub fn steal_sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let index = entry.training;
-    let Some(totals) = totals(index) else { return 0 };
+    let Some(totals) = totals(index) else {
+        return 0;
+    };
     let (Some(src), Some(dst)) = (CPU_WAIT.get_ptr_mut(entry.cpu), CPU_WAIT.get_ptr_mut(dest))
     else {
         cpu_out_of_range();
