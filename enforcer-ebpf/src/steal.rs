@@ -576,10 +576,8 @@ fn switch_out(cw: &mut CpuWait, prev: &mut TrainingTask, cpu: u32, now: u64, run
         TASK_RUNNING => totals.on_cpu_ns += now.saturating_sub(prev.since_ns),
         // A wake-up seen while the thread was still on CPU (only possible
         // for a thread seeded in an unknown state): undo its wait.
-        TASK_WAITING => {
-            if !(prev.cpu == cpu && take_waiter(cw, index)) {
-                totals.waiter_underflow += 1;
-            }
+        TASK_WAITING if !(prev.cpu == cpu && take_waiter(cw, index)) => {
+            totals.waiter_underflow += 1;
         }
         _ => {}
     }
