@@ -300,6 +300,18 @@ fn advance(w: &mut TrainingWait, now: u64) {
     w.last_update_ns = now;
 }
 
+/// `index` as an index of the per-training arrays in `CpuWait`. A mask, not
+/// a bounds check: the 5.10 verifier loses a check made on the 32-bit value
+/// once the compiler indexes with the 64-bit register, and refuses the
+/// access; a mask bounds that register itself. User space only hands out
+/// indices below `MAX_TRAININGS`, which the mask leaves as they are.
+#[inline(always)]
+fn slot(index: u32) -> usize {
+    (index & (MAX_TRAININGS - 1)) as usize
+}
+
+const _: () = assert!(MAX_TRAININGS.is_power_of_two());
+
 /// Training `index`'s wait state on the CPU of `cw` (whose run-queue lock
 /// the caller holds), zeroed first when it belongs to an older registration
 /// of that index (see the module doc). The arrival counters are kept: a
@@ -308,7 +320,7 @@ fn advance(w: &mut TrainingWait, now: u64) {
 #[inline(always)]
 fn training_wait(cw: &mut CpuWait, index: u32, now: u64) -> Option<&mut TrainingWait> {
     let generation = TRAINING_CONF.get(index)?.generation as u64;
-    let w = cw.trainings.get_mut(index as usize)?;
+    let w = &mut cw.trainings[slot(index)];
     if w.generation != generation {
         let stale = w.waiters;
         w.generation = generation;
@@ -319,7 +331,7 @@ fn training_wait(cw: &mut CpuWait, index: u32, now: u64) -> Option<&mut Training
         w.last_update_ns = now;
         cw.waiters = cw.waiters.saturating_sub(stale);
     }
-    cw.trainings.get_mut(index as usize)
+    Some(&mut cw.trainings[slot(index)])
 }
 
 /// The job of the current task, if its v2 cgroup (or, with `ANCESTORS`,
@@ -552,9 +564,7 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
 /// training's threads when it was switched in by one.
 #[inline(always)]
 fn charge(cw: &CpuWait, job: JobRef, preempted_training: u64) {
-    let Some(w) = cw.trainings.get(job.training as usize) else {
-        return;
-    };
+    let w = &cw.trainings[slot(job.training)];
     let Some(counters) = JOB_STEAL.get_ptr_mut(job.slot) else {
         return;
     };
@@ -585,10 +595,8 @@ fn switch_out(cw: &mut CpuWait, prev: &mut TrainingTask, cpu: u32, now: u64, run
     prev.since_ns = now;
     if runnable {
         prev.state = TASK_WAITING;
-        if let Some(w) = cw.trainings.get_mut(index as usize) {
-            w.waiters += 1;
-            cw.waiters += 1;
-        }
+        cw.trainings[slot(index)].waiters += 1;
+        cw.waiters += 1;
     } else {
         prev.state = TASK_SLEEPING;
     }
@@ -623,9 +631,7 @@ fn switch_in(cw: &mut CpuWait, next: &mut TrainingTask, cpu: u32, now: u64) {
 /// now by the switch); false when it has none.
 #[inline(always)]
 fn take_waiter(cw: &mut CpuWait, index: u32) -> bool {
-    let Some(w) = cw.trainings.get_mut(index as usize) else {
-        return false;
-    };
+    let w = &mut cw.trainings[slot(index)];
     if w.waiters == 0 {
         return false;
     }
@@ -742,15 +748,12 @@ pub fn steal_sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
 /// to a later switch).
 #[inline(always)]
 fn add_arrival(cw: *mut CpuWait, index: u32, delta: u64) {
-    if index >= MAX_TRAININGS {
-        return;
-    }
     // SAFETY: aligned u64s in a map value, reached without forming a
-    // reference (other CPUs write them too), the index checked above. The
+    // reference (other CPUs write them too), the index masked in bounds. The
     // results are unused, so these compile to BPF_XADD, the one atomic the
     // 5.10 verifier accepts.
     unsafe {
-        let w = (&raw mut (*cw).trainings as *mut TrainingWait).add(index as usize);
+        let w = (&raw mut (*cw).trainings as *mut TrainingWait).add(slot(index));
         core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             &raw mut (*w).arrivals,
             delta,
