@@ -91,6 +91,12 @@ pub trait NodeBudget: Send {
     fn meter_health(&self, _program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
         Vec::new()
     }
+
+    /// The steal figures of a job this budget holds, as of its last tick:
+    /// the agent puts them in the job's report when it ends.
+    fn job_figures(&self, _job: &str) -> Option<crate::budget::node::JobStealFigures> {
+        None
+    }
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -227,8 +233,8 @@ impl crate::job::Monitor for ExternalBudget {
     fn finish(&mut self, _report: &mut crate::report::Report) {}
 }
 
-/// The metered budgets: one meter and one budget loop per protected
-/// training, shared by its jobs (see `budget::node` for how a training's
+/// The metered budgets: the node's one meter for every training, and one
+/// budget loop per protected training, shared by its jobs (see `budget::node` for how a training's
 /// quota is divided among them).
 pub struct Metered {
     protections: crate::budget::protect::Protections,
@@ -276,10 +282,11 @@ impl Metered {
         })
     }
 
-    /// Unloads the meter of each training process that has exited and has
-    /// no job left: nothing will be stolen from it again, and a loaded
-    /// program set costs every context switch on the node. Protecting it
-    /// again (a new process with that pid) registers it anew.
+    /// Stops metering each training process that has exited and has no
+    /// job left: nothing will be stolen from it again, its index in the
+    /// meter is freed, and with the last one the programs are unloaded (a
+    /// loaded program set costs every context switch on the node).
+    /// Protecting it again (a new process with that pid) registers it anew.
     fn forget_ended_trainings(&mut self) {
         let ended: Vec<String> = self
             .specs
@@ -296,10 +303,10 @@ impl Metered {
             self.specs.remove(&id);
             match self.protections.unprotect(&id) {
                 Ok(_) => {
-                    tracing::info!(training = %id, "the training ended: its meter is unloaded")
+                    tracing::info!(training = %id, "the training ended: it is no longer metered")
                 }
                 Err(e) => {
-                    tracing::warn!(training = %id, error = %e, "unloading an ended training's meter")
+                    tracing::warn!(training = %id, error = %e, "removing an ended training from the meter")
                 }
             }
         }
@@ -441,6 +448,10 @@ impl NodeBudget for Metered {
 
     fn meter_health(&self, program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
         self.protections.meter_health(program_stats)
+    }
+
+    fn job_figures(&self, job: &str) -> Option<crate::budget::node::JobStealFigures> {
+        self.protections.job_figures(job)
     }
 
     fn status(&self) -> serde_json::Value {

@@ -623,7 +623,11 @@ pub fn render(s: &Scrape) -> String {
         }),
     );
 
-    w.family(&PROBE_METERS, [(vec![], s.meters.len() as f64)]);
+    // One set of programs for the node, loaded while any training is metered.
+    w.family(
+        &PROBE_METERS,
+        [(vec![], f64::from(u8::from(!s.meters.is_empty())))],
+    );
     w.family(
         &PROBE_OVERFLOW,
         s.meters.iter().flat_map(|m| {
@@ -648,12 +652,9 @@ pub fn render(s: &Scrape) -> String {
             .iter()
             .filter(move |_| s.program_stats)
             .flat_map(|m| {
-                m.programs.iter().map(move |p| {
-                    (
-                        vec![("training", m.training.as_str()), ("program", p.name)],
-                        p,
-                    )
-                })
+                m.programs
+                    .iter()
+                    .map(move |p| (vec![("program", p.name)], p))
             })
     };
     w.family(
@@ -964,7 +965,7 @@ mod tests {
             .lines()
             .find_map(|l| {
                 l.strip_prefix(
-                    "enforcer_probe_cost_seconds_per_event{training=\"pid-42\",program=\"sched_switch\"} ",
+                    "enforcer_probe_cost_seconds_per_event{program=\"sched_switch\"} ",
                 )
             })
             .and_then(|v| v.parse().ok())

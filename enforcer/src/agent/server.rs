@@ -1324,7 +1324,13 @@ fn collect(shared: &Shared, id: &str, dir: &JobDir) {
     publish(shared, id, result);
 }
 
-fn publish(shared: &Shared, id: &str, result: JobResult) {
+fn publish(shared: &Shared, id: &str, mut result: JobResult) {
+    if let Some(report) = result.report.as_mut()
+        && let Ok(b) = shared.budget.lock()
+        && let Some(figures) = b.job_figures(id)
+    {
+        report_node_budget(report, &figures);
+    }
     let reason = result.report.as_ref().map(|r| r.reason);
     let status = result.status;
     let mut uid = 0;
@@ -1345,6 +1351,32 @@ fn publish(shared: &Shared, id: &str, result: JobResult) {
     }
     emit(shared, id, uid, "exited", Some(status));
     tracing::info!(job = %id, status, "job ended");
+}
+
+/// Fills the steal fields of a job's report that the node budget it
+/// shared knows (as of the budget's last tick, at most one control period
+/// before the job ended). The run-queue wait and the preemptions stay null
+/// with their reason: the agent keeps them per training, not per job.
+fn report_node_budget(
+    report: &mut crate::report::Report,
+    f: &crate::budget::node::JobStealFigures,
+) {
+    report.stolen_from_training_s = Some(f.steal.as_secs_f64());
+    report.stolen_fraction = Some(f.stolen_fraction.unwrap_or(0.0));
+    report.budget_fraction = Some(f.budget);
+    report.over_budget_s = Some(f.over_budget.as_secs_f64());
+    report.budget_used = f.budget_used;
+    for field in [
+        "stolen_from_training_s",
+        "stolen_fraction",
+        "budget_fraction",
+        "over_budget_s",
+    ]
+    .into_iter()
+    .chain(f.budget_used.map(|_| "budget_used"))
+    {
+        report.unavailable.remove(field);
+    }
 }
 
 /// Starts `enforcer shim <dir>` in a session of its own with the caller's

@@ -184,6 +184,32 @@ struct JobState {
     /// Steal since the job joined.
     steal: Duration,
     share: Option<f64>,
+    /// The training's on-CPU time at the job's first reading and at its
+    /// last: the job's stolen fraction is its steal over their difference.
+    training_on_cpu: Option<(Duration, Duration)>,
+    /// The training's time over budget at the job's first reading.
+    over_budget_at_join: Option<Duration>,
+    /// The training's largest stolen fraction over `LONG_WINDOW` (all its
+    /// jobs together) seen while the job was in it.
+    worst_used: Option<f64>,
+}
+
+/// A job's steal figures for its report, from the budget it shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStealFigures {
+    /// Steal charged to the job while it was metered.
+    pub steal: Duration,
+    /// That steal over the training's on-CPU time meanwhile; `None` before
+    /// the training ran.
+    pub stolen_fraction: Option<f64>,
+    /// The training's budget, a fraction.
+    pub budget: f64,
+    /// The larger of the training's worst stolen fraction over 10 s (all
+    /// its jobs together) while the job ran and the job's own fraction.
+    pub budget_used: Option<f64>,
+    /// Time the training's stolen fraction was over its budget while the
+    /// job ran.
+    pub over_budget: Duration,
 }
 
 /// The budget of one protected training.
@@ -230,6 +256,11 @@ impl TrainingBudget {
                     jobs: self.jobs.keys().cloned().collect(),
                 });
             }
+            if let Some(used) = self.window.fraction_over(LONG_WINDOW) {
+                for job in self.jobs.values_mut() {
+                    job.worst_used = Some(job.worst_used.map_or(used, |w| w.max(used)));
+                }
+            }
             // No job, no one to control: the controller waits for the next
             // one with the quota it had found.
             if job_running {
@@ -257,6 +288,12 @@ impl TrainingBudget {
             let Some(r) = reading.jobs.get(key).copied() else {
                 continue;
             };
+            let first = job
+                .training_on_cpu
+                .map_or(reading.on_cpu, |(first, _)| first);
+            job.training_on_cpu = Some((first, reading.on_cpu));
+            job.over_budget_at_join
+                .get_or_insert_with(|| self.window.over_budget());
             if let Some((at, last)) = job.last {
                 let steal = r.steal.saturating_sub(last.steal);
                 self.steal += steal;
@@ -451,6 +488,32 @@ impl NodeBudget {
             t.jobs.remove(job);
         }
         Some(training)
+    }
+
+    /// The steal figures of `job` as of the last tick, for its report.
+    pub fn job_figures(&self, job: &str) -> Option<JobStealFigures> {
+        let training = self.trainings.get(self.jobs.get(job)?)?;
+        let state = training.jobs.get(job)?;
+        let stolen_fraction = state
+            .training_on_cpu
+            .map(|(first, last)| last.saturating_sub(first))
+            .filter(|on_cpu| !on_cpu.is_zero())
+            .map(|on_cpu| state.steal.as_secs_f64() / on_cpu.as_secs_f64());
+        let budget_used = match (state.worst_used, stolen_fraction) {
+            (None, None) => None,
+            (w, j) => Some(w.unwrap_or(0.0).max(j.unwrap_or(0.0))),
+        };
+        let over_budget = training
+            .window
+            .over_budget()
+            .saturating_sub(state.over_budget_at_join.unwrap_or_default());
+        Some(JobStealFigures {
+            steal: state.steal,
+            stolen_fraction,
+            budget: training.window.budget(),
+            budget_used,
+            over_budget,
+        })
     }
 
     /// The training `job` protects.
@@ -761,6 +824,31 @@ mod tests {
         assert_eq!(quiet.used, Some(0.0));
         assert_eq!(busy.jobs.len(), 1);
         assert_eq!(quiet.jobs[0].job, "b");
+    }
+
+    #[test]
+    fn a_jobs_figures_are_its_own_steal_over_its_trainings_cpu_while_it_ran() {
+        let mut node = NodeBudget::new();
+        node.register_training("t", config(0.05), None).unwrap();
+        node.add_job("t", "a").unwrap();
+        let mut script = Script::new(Instant::now());
+        let dt = Duration::from_millis(100);
+        // Steal before the job's first reading is not its own.
+        node.tick(
+            script.at,
+            &readings("t", script.advance(dt, &[("a", 0.5, 1.0)])),
+        );
+        for _ in 0..50 {
+            let r = script.advance(dt, &[("a", 0.02, 1.0)]);
+            node.tick(script.at, &readings("t", r));
+        }
+        let f = node.job_figures("a").expect("figures of a metered job");
+        let fraction = f.stolen_fraction.expect("the training ran");
+        assert!((fraction - 0.02 / 0.98).abs() < 1e-6, "{f:?}");
+        assert!((f.steal.as_secs_f64() - 50.0 * 0.002).abs() < 1e-6, "{f:?}");
+        assert_eq!(f.budget, 0.05);
+        assert!(f.budget_used.is_some_and(|u| u >= fraction), "{f:?}");
+        assert_eq!(node.job_figures("nobody"), None);
     }
 
     #[test]

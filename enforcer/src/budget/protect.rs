@@ -1,7 +1,7 @@
 //! [`Protections`]: the agent's budget loop over every protected training.
-//! It owns the node's meters ([`crate::probe::node::NodeMeter`]) and the
+//! It owns the node's meter ([`crate::probe::node::NodeMeter`]) and the
 //! budgets ([`super::node::NodeBudget`]): every control period it polls the
-//! meters and the jobs' CPU time (`cpu.stat` of their v2 cgroups), steps
+//! meter and the jobs' CPU time (`cpu.stat` of their v2 cgroups), steps
 //! each training's budget and returns each job's wish. It writes no cgroup
 //! file: the job's one actuator applies the wish (its `Budget` policy,
 //! capped by the job's own limits).
@@ -97,8 +97,8 @@ impl Protections {
         }
     }
 
-    /// Loads the meter for the training and starts its budget. Nothing is
-    /// left registered when either fails.
+    /// Meters the training (in the node's one meter) and starts its
+    /// budget. Nothing is left registered when either fails.
     pub fn protect(&mut self, p: Protect) -> Result<(), ProtectError> {
         let progress = p.progress_file.as_ref().map(|path| {
             ProgressTracker::for_file(path.clone(), ProgressConfig::default(), self.period)
@@ -123,7 +123,7 @@ impl Protections {
         Ok(())
     }
 
-    /// Stops protecting a training: its meter is unloaded; returns its jobs,
+    /// Stops protecting a training: it leaves the meter; returns its jobs,
     /// whose budget wishes the caller withdraws (their own limits stay).
     pub fn unprotect(&mut self, id: &str) -> Result<Vec<String>, ProtectError> {
         let jobs = self.budget.unregister_training(id)?;
@@ -207,6 +207,11 @@ impl Protections {
     /// Every meter's own health (see [`NodeMeter::health`]).
     pub fn meter_health(&self, program_stats: bool) -> Vec<crate::probe::node::MeterHealth> {
         self.meter.health(program_stats)
+    }
+
+    /// The steal figures of `job` as of the last tick, for its report.
+    pub fn job_figures(&self, job: &str) -> Option<super::node::JobStealFigures> {
+        self.budget.job_figures(job)
     }
 
     /// The training `job` protects.

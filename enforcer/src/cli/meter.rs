@@ -16,7 +16,7 @@ use enforcer_model::{StealCounters, StealDelta};
 use serde_json::{Value, json};
 
 use crate::{
-    probe::steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    probe::steal::{JobCgroup, SOLE_TRAINING, StealMeter, StealSnapshot, TrainingSpec},
     units::Dur,
 };
 
@@ -220,10 +220,10 @@ fn meter(args: &MeterArgs) -> Result<()> {
     let mut meter = StealMeter::start(training.clone())
         .context("loading the steal probes (enforcer doctor says what this node lacks)")?;
     for job in &jobs {
-        meter.add_job(&job.key, job.cgroup.clone())?;
+        meter.add_job(SOLE_TRAINING, &job.key, job.cgroup.clone())?;
     }
     install_signal_handlers();
-    let first = meter.read()?;
+    let first = meter.read(SOLE_TRAINING)?;
     let truth_first = GroundTruth::read(&training, &jobs);
     let started = Instant::now();
     let mut out = std::io::stdout().lock();
@@ -259,7 +259,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
         while started.elapsed() < next_tick && !STOP.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20).min(next_tick - started.elapsed()));
         }
-        let now = meter.read()?;
+        let now = meter.read(SOLE_TRAINING)?;
         let truth = GroundTruth::read(&training, &jobs);
         let done = STOP.load(Ordering::Relaxed)
             || duration.is_some_and(|limit| started.elapsed() >= limit);

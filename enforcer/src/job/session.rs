@@ -185,8 +185,8 @@ fn job_monitors(
     progress: Option<crate::budget::ProgressTracker>,
 ) -> Vec<Box<dyn Monitor>> {
     let t = &plan.config.training;
-    // A job the node agent budgets is metered there, with one meter per
-    // training for all its jobs: no meter of its own.
+    // A job the node agent budgets is metered there, by the node's one
+    // meter for every training and job: no meter of its own.
     let own_meter = plan.external_budget.is_none();
     let training = match (t.pid, &t.cgroup) {
         _ if !own_meter => None,

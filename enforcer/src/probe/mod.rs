@@ -8,8 +8,8 @@
 //!   successive snapshots (`enforcer_model::steal`);
 //! - [`monitor`]: the meter as a job supervisor monitor (`enforcer run
 //!   --protect`);
-//! - [`node`]: the agent's meters, one per protected training, shared by
-//!   all its jobs.
+//! - [`node`]: the agent's meter: the one loaded copy of the programs for
+//!   every protected training on the node and all their jobs.
 
 pub mod btf;
 pub mod floor;
@@ -61,6 +61,16 @@ pub enum ProbeError {
     NoTraining(String),
     #[error("at most {0} jobs can be metered at once")]
     TooManyJobs(u32),
+    #[error(
+        "at most {0} trainings can be metered at once by one node's meter; unprotect one first"
+    )]
+    TooManyTrainings(u32),
+    #[error("training {0:?} is already metered")]
+    TrainingExists(String),
+    #[error("no metered training {0:?}")]
+    NoSuchTraining(String),
+    #[error("reading the steal meter: {0}")]
+    Read(String),
     #[error("the embedded object has no {kind} named {name}")]
     Missing {
         kind: &'static str,

@@ -17,7 +17,7 @@ use std::{
 use serde_json::json;
 
 use super::{
-    steal::{JobCgroup, StealMeter, StealSnapshot, TrainingSpec},
+    steal::{JobCgroup, SOLE_TRAINING, StealMeter, StealSnapshot, TrainingSpec},
     window::{BudgetEvent, LONG_WINDOW, SHORT_WINDOW, StealWindow},
 };
 use crate::{
@@ -140,7 +140,7 @@ impl StealMonitor {
         };
         let sample = |meter: &mut StealMeter| {
             meter
-                .read()
+                .read(SOLE_TRAINING)
                 .ok()
                 .map(|s| (Instant::now(), s.training_on_cpu_per_cpu()))
         };
@@ -213,11 +213,11 @@ impl Monitor for StealMonitor {
             dir: found.map(|(_, dir)| dir),
         };
         tracing::debug!(?cgroup, job_cgroup = %job.cgroup.display(), "metering the job's v2 cgroup");
-        if let Err(e) = meter.add_job(JOB_KEY, cgroup) {
+        if let Err(e) = meter.add_job(SOLE_TRAINING, JOB_KEY, cgroup) {
             self.unavailable(format!("registering the job with the steal probes: {e}"));
             return Ok(());
         }
-        let first = match meter.read() {
+        let first = match meter.read(SOLE_TRAINING) {
             Ok(s) => s,
             Err(e) => {
                 self.unavailable(format!("reading the steal probes: {e}"));
@@ -250,7 +250,7 @@ impl Monitor for StealMonitor {
             State::Running(run) => {
                 let read = run
                     .meter
-                    .read()
+                    .read(SOLE_TRAINING)
                     .map_err(|e| format!("reading the steal probes: {e}"));
                 sample.steal = Some(read.as_ref().map(reading_of).map_err(String::clone));
                 self.sampled = Some(read);
@@ -337,7 +337,7 @@ impl Monitor for StealMonitor {
         match &mut self.state {
             State::Running(run) => {
                 // A last reading, so that the report covers the whole job.
-                if let Ok(snap) = run.meter.read() {
+                if let Ok(snap) = run.meter.read(SOLE_TRAINING) {
                     let (steal, _) = steal_of(&snap);
                     run.window.push(snap.at, steal, snap.training.on_cpu_ns);
                     run.last = snap;

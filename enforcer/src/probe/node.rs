@@ -1,19 +1,14 @@
-//! [`NodeMeter`]: the agent's steal metering, shared by every job on the
-//! node.
+//! [`NodeMeter`]: the agent's steal metering, shared by every job and every
+//! protected training on the node.
 //!
-//! The kernel programs track one training workload per loaded object: the
-//! per-CPU wait integral in `CPU_WAIT` counts the waiting threads of that
-//! one training, and the job counters in `JOB_STEAL` are the steal from it.
-//! So the agent loads the programs once per *protected training* (not once
-//! per job, as each `enforcer run --protect` does): every job that protects
-//! a training is one more slot in that training's meter, and a node with one
-//! protected training and any number of jobs runs one copy of the programs.
-//! With several protected trainings, each `sched_switch` runs one copy per
-//! training; the fast path of each is two array reads.
-//!
-//! Counting several trainings in one loaded object needs a wait integral per
-//! (CPU, training) and its snapshot at every switch-in; that is left for
-//! when one node protects more than a few trainings.
+//! One copy of the kernel programs meters up to `MAX_TRAININGS` trainings
+//! at once (see the kernel module's doc): each training registered here
+//! takes a training index in the one [`StealMeter`], and each job is a slot
+//! charged against its own training's wait only. So however many trainings
+//! and jobs the agent protects, each `sched_switch` on the node runs one
+//! program. The programs are loaded when the first training is registered
+//! and unloaded when the last one goes: a node that protects nothing pays
+//! nothing on its context switches.
 
 use std::collections::BTreeMap;
 
@@ -40,11 +35,12 @@ pub enum NodeMeterError {
     },
 }
 
-/// One loaded meter per protected training; see the module doc.
+/// The node's one meter; see the module doc.
 #[derive(Debug, Default)]
 pub struct NodeMeter {
-    meters: BTreeMap<TrainingId, StealMeter>,
-    /// Which training each job's slot is in.
+    /// Loaded while at least one training is registered.
+    meter: Option<StealMeter>,
+    /// Which training each job is charged against.
     jobs: BTreeMap<String, TrainingId>,
     /// Each meter's overflow counters at its last read.
     overflow: BTreeMap<TrainingId, Overflow>,
@@ -66,31 +62,68 @@ impl NodeMeter {
         Self::default()
     }
 
-    /// Loads the programs for `spec` (its threads are entered at once).
+    /// Meters `spec` as `id` (its threads are entered at once), loading
+    /// the programs if this is the first training.
     pub fn register_training(
         &mut self,
         id: &str,
         spec: TrainingSpec,
     ) -> Result<(), NodeMeterError> {
-        if self.meters.contains_key(id) {
-            return Err(NodeMeterError::TrainingExists(id.to_owned()));
-        }
-        let meter = StealMeter::start(spec).map_err(|source| NodeMeterError::Probe {
+        let probe = |source| NodeMeterError::Probe {
             training: id.to_owned(),
             source: Box::new(source),
-        })?;
-        self.meters.insert(id.to_owned(), meter);
-        Ok(())
+        };
+        let mut meter = match self.meter.take() {
+            Some(meter) => meter,
+            None => StealMeter::load().map_err(probe)?,
+        };
+        let added = meter.add_training(id, spec);
+        if let Err(ProbeError::TooManyTrainings(_)) = &added {
+            tracing::warn!(
+                training = id,
+                refused = meter.trainings_refused(),
+                "the node's meter is full: the training is not metered"
+            );
+        }
+        // Kept loaded only while it meters something.
+        if meter.trainings().next().is_some() {
+            self.meter = Some(meter);
+        }
+        match added {
+            Ok(()) => Ok(()),
+            Err(ProbeError::TrainingExists(_)) => {
+                Err(NodeMeterError::TrainingExists(id.to_owned()))
+            }
+            Err(e) => Err(probe(e)),
+        }
     }
 
-    /// Unloads the training's programs; its jobs are no longer metered.
+    /// Stops metering the training; its jobs are no longer metered.
     pub fn unregister_training(&mut self, id: &str) -> Result<(), NodeMeterError> {
-        self.meters
-            .remove(id)
+        let meter = self
+            .meter
+            .as_mut()
+            .filter(|m| m.trainings().any(|(t, _)| t == id))
             .ok_or_else(|| NodeMeterError::NoTraining(id.to_owned()))?;
+        let removed = meter.remove_training(id);
         self.jobs.retain(|_, t| t != id);
         self.overflow.remove(id);
-        Ok(())
+        self.unload_if_idle();
+        removed.map(drop).map_err(|source| NodeMeterError::Probe {
+            training: id.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Unloads the programs when no training is left.
+    fn unload_if_idle(&mut self) {
+        if self
+            .meter
+            .as_ref()
+            .is_some_and(|m| m.trainings().next().is_none())
+        {
+            self.meter = None;
+        }
     }
 
     /// Starts attributing steal from `training` to the tasks of `cgroup`.
@@ -101,14 +134,17 @@ impl NodeMeter {
         cgroup: JobCgroup,
     ) -> Result<(), NodeMeterError> {
         let meter = self
-            .meters
-            .get_mut(training)
+            .meter
+            .as_mut()
             .ok_or_else(|| NodeMeterError::NoTraining(training.to_owned()))?;
         meter
-            .add_job(job, cgroup)
-            .map_err(|source| NodeMeterError::Probe {
-                training: training.to_owned(),
-                source: Box::new(source),
+            .add_job(training, job, cgroup)
+            .map_err(|source| match source {
+                ProbeError::NoSuchTraining(_) => NodeMeterError::NoTraining(training.to_owned()),
+                source => NodeMeterError::Probe {
+                    training: training.to_owned(),
+                    source: Box::new(source),
+                },
             })?;
         self.jobs.insert(job.to_owned(), training.to_owned());
         Ok(())
@@ -119,7 +155,7 @@ impl NodeMeter {
         let Some(training) = self.jobs.remove(job) else {
             return Ok(());
         };
-        if let Some(meter) = self.meters.get_mut(&training) {
+        if let Some(meter) = &mut self.meter {
             meter
                 .remove_job(job)
                 .map_err(|source| NodeMeterError::Probe {
@@ -133,11 +169,11 @@ impl NodeMeter {
     /// Polls every training's counters (cumulative); a training whose read
     /// failed is reported with its error, the others are still read.
     pub fn read(&mut self) -> BTreeMap<TrainingId, Result<StealSnapshot, ProbeError>> {
-        let read: BTreeMap<TrainingId, Result<StealSnapshot, ProbeError>> = self
-            .meters
-            .iter_mut()
-            .map(|(id, meter)| (id.clone(), meter.read()))
-            .collect();
+        let read = self
+            .meter
+            .as_mut()
+            .map(StealMeter::read_all)
+            .unwrap_or_default();
         for (id, snapshot) in &read {
             if let Ok(s) = snapshot {
                 self.overflow.insert(id.clone(), s.overflow);
@@ -146,25 +182,32 @@ impl NodeMeter {
         read
     }
 
-    /// Every meter's health; its programs' cost only with `program_stats`
-    /// (meaningful while `kernel.bpf_stats_enabled` is 1).
+    /// The meter's health, one entry per metered training (its overflow
+    /// counters as of the last read); the programs are the node's one set,
+    /// so their cost is in the first entry only, and only with
+    /// `program_stats` (meaningful while `kernel.bpf_stats_enabled` is 1).
     pub fn health(&self, program_stats: bool) -> Vec<MeterHealth> {
-        self.meters
-            .iter()
-            .map(|(id, meter)| MeterHealth {
-                training: id.clone(),
+        let Some(meter) = &self.meter else {
+            return Vec::new();
+        };
+        let mut programs = if program_stats {
+            meter.program_stats()
+        } else {
+            Vec::new()
+        };
+        meter
+            .trainings()
+            .map(|(id, _)| MeterHealth {
+                training: id.to_owned(),
                 overflow: self.overflow.get(id).copied().unwrap_or_default(),
-                programs: if program_stats {
-                    meter.program_stats()
-                } else {
-                    Vec::new()
-                },
+                programs: std::mem::take(&mut programs),
             })
             .collect()
     }
 
-    /// How many copies of the programs are loaded.
+    /// How many copies of the programs are loaded: 1 while any training is
+    /// metered, else 0.
     pub fn loaded(&self) -> usize {
-        self.meters.len()
+        usize::from(self.meter.is_some())
     }
 }

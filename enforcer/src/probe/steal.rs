@@ -1,6 +1,7 @@
-//! The steal meter: loads the scheduler programs of `enforcer-ebpf`, tells
-//! them which threads are training and which cgroups are jobs, and reads
-//! their cumulative counters back.
+//! The steal meter: loads the scheduler programs of `enforcer-ebpf` once,
+//! tells them which threads belong to which training (up to
+//! `MAX_TRAININGS` at once) and which cgroups are jobs of which training,
+//! and reads their cumulative counters back, per training.
 //!
 //! Nothing here runs on the scheduler path: the kernel aggregates, and
 //! [`StealMeter::read`] is a poll (the supervisor calls it once per control
@@ -19,8 +20,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use enforcer_common::{
-    CpuWait, JobSteal, MAX_JOB_LEVELS, MAX_JOBS, TASK_UNKNOWN, TGID_FILTER_SLOTS,
-    TRAINING_SLOT_COUNT, TrainingTask, TrainingTotals,
+    CpuWait, JobRef, JobSteal, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAININGS, NODE_TOTALS, TASK_UNKNOWN,
+    TGID_FILTER_SLOTS, TRAINING_SLOT_COUNT, TrainingConf, TrainingTask, TrainingTotals,
 };
 use serde::Serialize;
 
@@ -30,6 +31,9 @@ use crate::host::{Pid, ProcFs};
 /// `BPF_NOEXIST`: user-space seeding must never overwrite the state the
 /// kernel already keeps for a thread.
 const BPF_NOEXIST: u64 = 1;
+
+/// The name [`StealMeter::start`] gives its one training.
+pub const SOLE_TRAINING: &str = "training";
 
 /// What the training workload is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,12 +157,28 @@ impl StealSnapshot {
 
 #[derive(Debug)]
 struct Job {
+    training: String,
     slot: u32,
     cgroup: JobCgroup,
     /// Slot counters when the job was added (slots are reused).
     baseline: JobCounters,
     /// The cgroup ids entered for it in `JOBS`.
     ids: BTreeSet<u64>,
+    /// Its child cgroups not entered because `JOBS` was full.
+    cgroups_dropped: u64,
+}
+
+/// A registered training.
+#[derive(Debug)]
+struct Training {
+    spec: TrainingSpec,
+    /// Its index in the kernel's per-training state.
+    index: u32,
+    /// Threads entered from user space (the rest came by fork).
+    seeded: u64,
+    /// What its index had counted, per CPU, before it was registered (the
+    /// kernel never zeroes these counters; indices are reused).
+    baseline: Vec<TrainingTotals>,
 }
 
 /// The steal programs' maps, taken out of the loaded object once, typed.
@@ -166,7 +186,8 @@ struct StealMaps {
     training_slots: Array<MapData, TrainingTask>,
     training_tasks: HashMap<MapData, u32, TrainingTask>,
     tgid_filter: Array<MapData, u32>,
-    jobs: HashMap<MapData, u64, u32>,
+    training_conf: Array<MapData, TrainingConf>,
+    jobs: HashMap<MapData, u64, JobRef>,
     job_levels: Array<MapData, u32>,
     job_steal: PerCpuArray<MapData, JobSteal>,
     training_totals: PerCpuArray<MapData, TrainingTotals>,
@@ -186,6 +207,7 @@ impl StealMaps {
             training_slots: take(ebpf, "TRAINING_SLOTS")?,
             training_tasks: take(ebpf, "TRAINING_TASKS")?,
             tgid_filter: take(ebpf, "TGID_FILTER")?,
+            training_conf: take(ebpf, "TRAINING_CONF")?,
             jobs: take(ebpf, "JOBS")?,
             job_levels: take(ebpf, "JOB_LEVELS")?,
             job_steal: take(ebpf, "JOB_STEAL")?,
@@ -195,26 +217,29 @@ impl StealMaps {
     }
 }
 
-/// The loaded and attached steal programs. Dropping it detaches them.
+/// The loaded and attached steal programs, shared by every training they
+/// meter. Dropping it detaches them.
 pub struct StealMeter {
     ebpf: Ebpf,
     maps: StealMaps,
-    training: TrainingSpec,
+    trainings: BTreeMap<String, Training>,
     programs: Vec<&'static str>,
     jobs: BTreeMap<String, Job>,
     nr_cpus: usize,
     /// Whether the loaded `sched_switch` program matches child cgroups of a
     /// job through `bpf_get_current_ancestor_cgroup_id`.
     ancestors: bool,
-    job_cgroups_dropped: u64,
-    /// Training threads entered from user space (the rest came by fork).
-    seeded: u64,
+    /// Registrations refused because `MAX_TRAININGS` were registered.
+    trainings_refused: u64,
+    /// Bit `i`: training index `i` was registered before (its threads may
+    /// linger in the tables).
+    indices_used: u32,
 }
 
 impl std::fmt::Debug for StealMeter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StealMeter")
-            .field("training", &self.training)
+            .field("trainings", &self.trainings)
             .field("jobs", &self.jobs)
             .finish_non_exhaustive()
     }
@@ -240,20 +265,15 @@ fn missing(kind: &'static str, name: &'static str) -> ProbeError {
 }
 
 impl StealMeter {
-    /// Loads and attaches the steal programs for `training`. Fails with the
-    /// reason (no BTF, no privilege, verifier refusal, unknown PID) when the
-    /// kernel cannot run them; the caller reports that and carries on.
-    pub fn start(training: TrainingSpec) -> Result<Self, ProbeError> {
+    /// Loads and attaches the steal programs with no training registered
+    /// yet (they then cost each switch two array reads). Fails with the
+    /// reason (no BTF, no privilege, verifier refusal) when the kernel
+    /// cannot run them; the caller reports that and carries on.
+    pub fn load() -> Result<Self, ProbeError> {
         raise_memlock();
         let layout = TaskLayout::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(what, e)| ProbeError::Cpus(format!("{what}: {e}")))?;
-        let follow = match &training {
-            TrainingSpec::Pid {
-                follow_children, ..
-            } => u32::from(*follow_children),
-            TrainingSpec::Cgroup(_) => 1,
-        };
         tracing::debug!(?layout, nr_cpus, "kernel layout from BTF");
         let clock = layout.clock.ok_or_else(|| {
             ProbeError::NoBtf(
@@ -267,7 +287,6 @@ impl StealMeter {
             .override_global("TASK_TGID_OFFSET", &layout.tgid, true)
             .override_global("TASK_CPU_OFFSET", &layout.cpu, true)
             .override_global("TASK_STATE_OFFSET", &layout.state, true)
-            .override_global("FOLLOW_CHILDREN", &follow, true)
             .override_global("TASK_CFS_RQ_OFFSET", &clock.task_cfs_rq, true)
             .override_global("CFS_RQ_RQ_OFFSET", &clock.cfs_rq_rq, true)
             .override_global("RQ_CLOCK_OFFSET", &clock.rq_clock, true)
@@ -285,25 +304,18 @@ impl StealMeter {
         let mut meter = Self {
             ebpf,
             maps,
-            training,
+            trainings: BTreeMap::new(),
             programs: Vec::new(),
             jobs: BTreeMap::new(),
             nr_cpus,
             ancestors: true,
-            job_cgroups_dropped: 0,
-            seeded: 0,
+            trainings_refused: 0,
+            indices_used: 0,
         };
-        // Threads that exist now go in before any program runs, so that the
-        // fork hook sees their children from the first event on.
-        if meter.refresh_training()? == 0 {
-            return Err(ProbeError::NoTraining(format!("{:?}", meter.training)));
-        }
         // Verification is the slow part: do it for every program first, then
         // attach them back to back, so the window in which only some are
-        // attached is a few system calls long. The order still matters
-        // within it: a wait must never start (wake-up, switch-out) unless the
-        // programs that end or move it (switch-in, migration) already run,
-        // or the waiter count would keep a waiter that left.
+        // attached is a few system calls long. (No training is registered
+        // yet, so no wait can start while only some are attached.)
         let programs = [
             (switch, "sched_switch"),
             ("steal_sched_migrate_task", "sched_migrate_task"),
@@ -339,8 +351,14 @@ impl StealMeter {
                 .map_err(|source| ProbeError::Program { name, source })?;
             meter.programs.push(name);
         }
-        // Threads created before the fork hook was attached.
-        meter.refresh_training()?;
+        Ok(meter)
+    }
+
+    /// Loads the programs and registers `training` as [`SOLE_TRAINING`]:
+    /// the meter of one `enforcer run --protect` or `enforcer meter`.
+    pub fn start(training: TrainingSpec) -> Result<Self, ProbeError> {
+        let mut meter = Self::load()?;
+        meter.add_training(SOLE_TRAINING, training)?;
         Ok(meter)
     }
 
@@ -352,33 +370,180 @@ impl StealMeter {
             .map_err(|source| ProbeError::Program { name, source })
     }
 
-    /// The training workload this meter protects.
-    pub fn training(&self) -> &TrainingSpec {
-        &self.training
+    /// Starts metering the training `spec` as `id`: it takes a free
+    /// training index, and its threads are entered at once (the fork hook
+    /// adds the ones it creates from then on). Fails when `MAX_TRAININGS`
+    /// are registered (counted, see [`StealMeter::trainings_refused`]) or
+    /// the training has no threads; nothing stays registered then.
+    pub fn add_training(&mut self, id: &str, spec: TrainingSpec) -> Result<(), ProbeError> {
+        if self.trainings.contains_key(id) {
+            return Err(ProbeError::TrainingExists(id.to_owned()));
+        }
+        let used: BTreeSet<u32> = self.trainings.values().map(|t| t.index).collect();
+        let Some(index) = (0..MAX_TRAININGS).find(|i| !used.contains(i)) else {
+            self.trainings_refused += 1;
+            return Err(ProbeError::TooManyTrainings(MAX_TRAININGS));
+        };
+        // Threads a fork entered with this index while its last training
+        // was being removed.
+        if self.indices_used & (1 << index) != 0 {
+            self.forget_threads(index)?;
+        }
+        self.indices_used |= 1 << index;
+        let follow_children = match &spec {
+            TrainingSpec::Pid {
+                follow_children, ..
+            } => u32::from(*follow_children),
+            TrainingSpec::Cgroup(_) => 1,
+        };
+        self.bump_generation(index, follow_children)?;
+        let baseline = self
+            .maps
+            .training_totals
+            .get(&index, 0)
+            .map_err(map_err("TRAINING_TOTALS"))?
+            .iter()
+            .copied()
+            .collect();
+        self.trainings.insert(
+            id.to_owned(),
+            Training {
+                spec,
+                index,
+                seeded: 0,
+                baseline,
+            },
+        );
+        // Twice: the second pass enters the threads created between the
+        // first pass's scan of /proc and the entry of their parent (which
+        // the fork hook could not know yet).
+        let found = self
+            .refresh_training(id)
+            .and_then(|_| self.refresh_training(id));
+        match found {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => {
+                let spec = self.trainings[id].spec.clone();
+                self.remove_training(id)?;
+                Err(ProbeError::NoTraining(format!("{spec:?}")))
+            }
+            Err(e) => {
+                let _ = self.remove_training(id);
+                Err(e)
+            }
+        }
     }
 
-    /// Adds the threads of the training workload that the kernel does not
-    /// know yet (the fork hook finds new ones at once; this catches threads
-    /// moved into a training cgroup): into their slot when it is free, else
-    /// into the overflow map. Existing entries are left untouched. Returns
-    /// how many training threads there are now.
-    pub fn refresh_training(&mut self) -> Result<usize, ProbeError> {
-        let tids = training_tids(&self.training);
+    /// Stops metering training `id`: its jobs and its threads leave the
+    /// kernel's tables, and its index is free for the next registration.
+    /// Returns the keys of the jobs that were metered against it.
+    pub fn remove_training(&mut self, id: &str) -> Result<Vec<String>, ProbeError> {
+        let Some(training) = self.trainings.get(id) else {
+            return Err(ProbeError::NoSuchTraining(id.to_owned()));
+        };
+        let index = training.index;
+        let jobs: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.training == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for job in &jobs {
+            self.remove_job(job)?;
+        }
+        self.forget_threads(index)?;
+        self.trainings.remove(id);
+        // The old generation's waiters are dropped on each CPU at its next
+        // switch, instead of keeping that CPU off the fast path until the
+        // index is used again.
+        self.bump_generation(index, 0)?;
+        Ok(jobs)
+    }
+
+    /// Starts a new generation of training `index` (see the kernel
+    /// module's doc on the reuse of an index).
+    fn bump_generation(&mut self, index: u32, follow_children: u32) -> Result<(), ProbeError> {
+        let conf = &mut self.maps.training_conf;
+        let old = conf.get(&index, 0).map_err(map_err("TRAINING_CONF"))?;
+        conf.set(
+            index,
+            TrainingConf {
+                generation: old.generation.wrapping_add(1),
+                follow_children,
+            },
+            0,
+        )
+        .map_err(map_err("TRAINING_CONF"))
+    }
+
+    /// Removes every thread of training `index` from the kernel's tables.
+    fn forget_threads(&mut self, index: u32) -> Result<(), ProbeError> {
+        let slots = &mut self.maps.training_slots;
+        for i in 0..TRAINING_SLOT_COUNT {
+            let task = slots.get(&i, 0).map_err(map_err("TRAINING_SLOTS"))?;
+            if task.tid != 0 && task.training == index {
+                slots
+                    .set(i, TrainingTask::default(), 0)
+                    .map_err(map_err("TRAINING_SLOTS"))?;
+            }
+        }
+        let tasks = &mut self.maps.training_tasks;
+        let stale: Vec<u32> = tasks
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, task)| task.training == index)
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in stale {
+            match tasks.remove(&tid) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err("TRAINING_TASKS")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainings metered now, by id.
+    pub fn trainings(&self) -> impl Iterator<Item = (&str, &TrainingSpec)> {
+        self.trainings.iter().map(|(id, t)| (id.as_str(), &t.spec))
+    }
+
+    /// Registrations refused since the programs were loaded because
+    /// `MAX_TRAININGS` trainings were metered.
+    pub fn trainings_refused(&self) -> u64 {
+        self.trainings_refused
+    }
+
+    /// Adds the threads of training `id` that the kernel does not know yet
+    /// (the fork hook finds new ones at once; this catches threads moved
+    /// into a training cgroup): into their slot when it is free, else into
+    /// the overflow map. Existing entries are left untouched (a thread
+    /// already entered for another training stays in that one). Returns how
+    /// many threads the training has now.
+    pub fn refresh_training(&mut self, id: &str) -> Result<usize, ProbeError> {
+        let training = self
+            .trainings
+            .get_mut(id)
+            .ok_or_else(|| ProbeError::NoSuchTraining(id.to_owned()))?;
+        let index = training.index;
+        let tids = training_tids(&training.spec);
         // The maps key threads by their kernel pid_t, as u32.
         let seed = |tid: Pid| TrainingTask {
             state: TASK_UNKNOWN,
             cpu: 0,
             since_ns: 0,
             tid: tid.as_u32(),
-            _pad: 0,
+            training: index,
         };
         let mut overflow = Vec::new();
         let mut new_tgids = BTreeSet::new();
         {
             let slots = &mut self.maps.training_slots;
             for &tid in &tids {
-                let index = tid.as_u32() % TRAINING_SLOT_COUNT;
-                let held = slots.get(&index, 0).map_err(map_err("TRAINING_SLOTS"))?.tid;
+                let slot = tid.as_u32() % TRAINING_SLOT_COUNT;
+                let held = slots.get(&slot, 0).map_err(map_err("TRAINING_SLOTS"))?.tid;
                 if held == tid.as_u32() {
                     continue;
                 }
@@ -387,9 +552,9 @@ impl StealMeter {
                     continue;
                 }
                 slots
-                    .set(index, seed(tid), 0)
+                    .set(slot, seed(tid), 0)
                     .map_err(map_err("TRAINING_SLOTS"))?;
-                self.seeded += 1;
+                training.seeded += 1;
                 new_tgids.extend(tgid_of(tid));
             }
         }
@@ -397,7 +562,7 @@ impl StealMeter {
         for tid in overflow {
             match tasks.insert(tid.as_u32(), seed(tid), BPF_NOEXIST) {
                 Ok(()) => {
-                    self.seeded += 1;
+                    training.seeded += 1;
                     new_tgids.extend(tgid_of(tid));
                 }
                 Err(aya::maps::MapError::SyscallError(e))
@@ -439,9 +604,20 @@ impl StealMeter {
         Ok(())
     }
 
-    /// Starts attributing steal to `key`: the tasks of `cgroup` (and, when
-    /// its level is known, of its descendants).
-    pub fn add_job(&mut self, key: &str, cgroup: JobCgroup) -> Result<(), ProbeError> {
+    /// Starts attributing the wait of training `training` to `key`: the
+    /// tasks of `cgroup` (and, when its level is known, of its
+    /// descendants). A job is charged its own training's wait only.
+    pub fn add_job(
+        &mut self,
+        training: &str,
+        key: &str,
+        cgroup: JobCgroup,
+    ) -> Result<(), ProbeError> {
+        let index = self
+            .trainings
+            .get(training)
+            .ok_or_else(|| ProbeError::NoSuchTraining(training.to_owned()))?
+            .index;
         if self.jobs.contains_key(key) {
             self.remove_job(key)?;
         }
@@ -452,15 +628,24 @@ impl StealMeter {
         let baseline = self.slot_counters(slot)?;
         self.maps
             .jobs
-            .insert(cgroup.id, slot, 0)
+            .insert(
+                cgroup.id,
+                JobRef {
+                    slot,
+                    training: index,
+                },
+                0,
+            )
             .map_err(map_err("JOBS"))?;
         self.jobs.insert(
             key.to_owned(),
             Job {
+                training: training.to_owned(),
                 slot,
                 ids: BTreeSet::from([cgroup.id]),
                 cgroup,
                 baseline,
+                cgroups_dropped: 0,
             },
         );
         self.write_levels()?;
@@ -476,18 +661,25 @@ impl StealMeter {
         let jobs_map = &mut self.maps.jobs;
         for job in self.jobs.values_mut() {
             let Some(dir) = &job.cgroup.dir else { continue };
+            let Some(index) = self.trainings.get(&job.training).map(|t| t.index) else {
+                continue;
+            };
+            let entry = JobRef {
+                slot: job.slot,
+                training: index,
+            };
             let mut found = Vec::new();
             collect_child_cgroup_ids(dir, &mut found, 0);
             for id in found {
                 if job.ids.contains(&id) {
                     continue;
                 }
-                match jobs_map.insert(id, job.slot, 0) {
+                match jobs_map.insert(id, entry, 0) {
                     Ok(()) => {
                         job.ids.insert(id);
                     }
                     Err(e) => {
-                        self.job_cgroups_dropped += 1;
+                        job.cgroups_dropped += 1;
                         tracing::warn!(id, error = %e, "job cgroup table full: a child cgroup of a job is not metered");
                     }
                 }
@@ -549,57 +741,124 @@ impl StealMeter {
             }))
     }
 
-    /// Reads all counters (cumulative). Also picks up training threads that
-    /// appeared without a fork the kernel saw (moved into a training cgroup).
-    pub fn read(&mut self) -> Result<StealSnapshot, ProbeError> {
-        if matches!(self.training, TrainingSpec::Cgroup(_)) {
-            self.refresh_training()?;
+    /// Reads training `id`'s counters and those of its jobs (cumulative,
+    /// since it was registered).
+    pub fn read(&mut self, id: &str) -> Result<StealSnapshot, ProbeError> {
+        let shared = self.read_shared()?;
+        self.read_training(id, &shared)
+    }
+
+    /// Reads every training's counters; a training whose read failed is
+    /// reported with its error, the others are still read.
+    pub fn read_all(&mut self) -> BTreeMap<String, Result<StealSnapshot, ProbeError>> {
+        let ids: Vec<String> = self.trainings.keys().cloned().collect();
+        match self.read_shared() {
+            Ok(shared) => ids
+                .into_iter()
+                .map(|id| {
+                    let snapshot = self.read_training(&id, &shared);
+                    (id, snapshot)
+                })
+                .collect(),
+            Err(e) => {
+                let reason = e.to_string();
+                ids.into_iter()
+                    .map(|id| (id, Err(ProbeError::Read(reason.clone()))))
+                    .collect()
+            }
         }
+    }
+
+    /// What every training's reading needs: the time, each CPU's running
+    /// training slice, the node-wide counters.
+    fn read_shared(&mut self) -> Result<SharedReading, ProbeError> {
         self.refresh_job_cgroups()?;
         let at = monotonic_now();
-        let per_cpu = self
-            .maps
-            .training_totals
-            .get(&0, 0)
-            .map_err(map_err("TRAINING_TOTALS"))?;
-        let mut t = TrainingTotals::default();
-        let mut on_cpu_per_cpu: Vec<u64> = Vec::with_capacity(self.nr_cpus);
-        for v in per_cpu.iter().take(self.nr_cpus) {
-            on_cpu_per_cpu.push(v.on_cpu_ns);
-            t.on_cpu_ns += v.on_cpu_ns;
-            t.runq_wait_ns += v.runq_wait_ns;
-            t.attributed_wait_ns += v.attributed_wait_ns;
-            t.threads_dropped += v.threads_dropped;
-            t.cpu_out_of_range += v.cpu_out_of_range;
-            t.waiter_underflow += v.waiter_underflow;
-            t.threads_forked += v.threads_forked;
-            t.threads_exited += v.threads_exited;
-            t.migrations += v.migrations;
-        }
-        // Slices in progress: a thread that spins alone on a CPU is switched
-        // out rarely, and its time must not show up only then.
-        let cpu_wait = &self.maps.cpu_wait;
         let now_ns = at.as_nanos() as u64;
-        let mut running_ns = 0;
-        for (cpu, total) in on_cpu_per_cpu.iter_mut().enumerate() {
-            let w = cpu_wait
+        let mut running = Vec::with_capacity(self.nr_cpus);
+        for cpu in 0..self.nr_cpus {
+            let w = self
+                .maps
+                .cpu_wait
                 .get(&(cpu as u32), 0)
                 .map_err(map_err("CPU_WAIT"))?;
             if w.training_since_ns == 0 {
+                running.push(None);
                 continue;
             }
             // The programs' timestamps are this CPU's run-queue clock, last
             // calibrated against CLOCK_MONOTONIC (ktime) within a second.
             let now = (now_ns + w.calibrated_clock_ns).saturating_sub(w.calibrated_ktime_ns);
             let slice = now.saturating_sub(w.training_since_ns);
-            running_ns += slice;
-            *total += slice;
+            running.push(Some((w.running_training as u32, slice)));
+        }
+        let node = self
+            .maps
+            .training_totals
+            .get(&NODE_TOTALS, 0)
+            .map_err(map_err("TRAINING_TOTALS"))?;
+        let cpu_out_of_range = node.iter().map(|t| t.cpu_out_of_range).sum();
+        Ok(SharedReading {
+            at,
+            running,
+            cpu_out_of_range,
+        })
+    }
+
+    fn read_training(
+        &mut self,
+        id: &str,
+        shared: &SharedReading,
+    ) -> Result<StealSnapshot, ProbeError> {
+        if matches!(
+            self.trainings.get(id).map(|t| &t.spec),
+            Some(TrainingSpec::Cgroup(_))
+        ) {
+            self.refresh_training(id)?;
+        }
+        let training = self
+            .trainings
+            .get(id)
+            .ok_or_else(|| ProbeError::NoSuchTraining(id.to_owned()))?;
+        let per_cpu = self
+            .maps
+            .training_totals
+            .get(&training.index, 0)
+            .map_err(map_err("TRAINING_TOTALS"))?;
+        let mut t = TrainingTotals::default();
+        let mut on_cpu_per_cpu: Vec<u64> = Vec::with_capacity(self.nr_cpus);
+        let zero = TrainingTotals::default();
+        for (cpu, v) in per_cpu.iter().take(self.nr_cpus).enumerate() {
+            let b = training.baseline.get(cpu).unwrap_or(&zero);
+            let since = |now: u64, then: u64| now.saturating_sub(then);
+            on_cpu_per_cpu.push(since(v.on_cpu_ns, b.on_cpu_ns));
+            t.on_cpu_ns += since(v.on_cpu_ns, b.on_cpu_ns);
+            t.runq_wait_ns += since(v.runq_wait_ns, b.runq_wait_ns);
+            t.attributed_wait_ns += since(v.attributed_wait_ns, b.attributed_wait_ns);
+            t.threads_dropped += since(v.threads_dropped, b.threads_dropped);
+            t.waiter_underflow += since(v.waiter_underflow, b.waiter_underflow);
+            t.threads_forked += since(v.threads_forked, b.threads_forked);
+            t.threads_exited += since(v.threads_exited, b.threads_exited);
+            t.migrations += since(v.migrations, b.migrations);
+        }
+        // Slices in progress: a thread that spins alone on a CPU is switched
+        // out rarely, and its time must not show up only then.
+        let mut running_ns = 0;
+        for (cpu, total) in on_cpu_per_cpu.iter_mut().enumerate() {
+            if let Some(Some((index, slice))) = shared.running.get(cpu)
+                && *index == training.index
+            {
+                running_ns += slice;
+                *total += slice;
+            }
         }
         // Seeded threads join the kernel's forked ones; exits leave both.
-        let threads = (self.seeded + t.threads_forked).saturating_sub(t.threads_exited);
+        let threads = (training.seeded + t.threads_forked).saturating_sub(t.threads_exited);
         let mut jobs = BTreeMap::new();
-        for (key, job) in &self.jobs {
+        let mut job_cgroups_dropped = 0;
+        for (key, job) in self.jobs.iter().filter(|(_, j)| j.training == id) {
             let c = self.slot_counters(job.slot)?;
+            job_cgroups_dropped += job.cgroups_dropped;
             jobs.insert(
                 key.clone(),
                 JobCounters {
@@ -609,7 +868,7 @@ impl StealMeter {
             );
         }
         Ok(StealSnapshot {
-            at,
+            at: shared.at,
             training: TrainingCounters {
                 on_cpu_ns: t.on_cpu_ns + running_ns,
                 runq_wait_ns: t.runq_wait_ns,
@@ -623,9 +882,9 @@ impl StealMeter {
             jobs,
             overflow: Overflow {
                 threads_dropped: t.threads_dropped,
-                cpu_out_of_range: t.cpu_out_of_range,
+                cpu_out_of_range: shared.cpu_out_of_range,
                 waiter_underflow: t.waiter_underflow,
-                job_cgroups_dropped: self.job_cgroups_dropped,
+                job_cgroups_dropped,
             },
         })
     }
@@ -634,6 +893,14 @@ impl StealMeter {
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         program_stats(&self.ebpf, self.programs.iter().copied())
     }
+}
+
+/// The part of a reading shared by all trainings.
+struct SharedReading {
+    at: Duration,
+    /// Per CPU: the training index running there and its slice so far.
+    running: Vec<Option<(u32, u64)>>,
+    cpu_out_of_range: u64,
 }
 
 /// The tids of the training workload as /proc and cgroupfs show them now.
