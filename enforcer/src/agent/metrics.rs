@@ -169,7 +169,7 @@ pub const TRAINING_PHASE: Family = family(
 pub const PROBE_METERS: Family = family(
     "enforcer_probe_meters",
     Gauge,
-    "Copies of the steal programs loaded (one per protected training).",
+    "Sets of steal programs loaded: 1 while any training is metered (one for the node), else 0.",
 );
 pub const PROBE_OVERFLOW: Family = family(
     "enforcer_probe_overflow_total",
