@@ -964,9 +964,7 @@ mod tests {
         let cost: f64 = text
             .lines()
             .find_map(|l| {
-                l.strip_prefix(
-                    "enforcer_probe_cost_seconds_per_event{program=\"sched_switch\"} ",
-                )
+                l.strip_prefix("enforcer_probe_cost_seconds_per_event{program=\"sched_switch\"} ")
             })
             .and_then(|v| v.parse().ok())
             .expect("probe cost sample");
