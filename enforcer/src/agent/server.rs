@@ -567,7 +567,7 @@ fn refuse(shared: &Shared, caller: &Caller, what: &str, answer: &Answer) {
     shared.counters.refused(what);
     tracing::warn!(
         uid = caller.uid,
-        pid = %caller.pid,
+        pid = caller.pid.as_raw(),
         request = what,
         status = answer.status,
         "refused: {}",
@@ -855,7 +855,7 @@ async fn follow(
     let ended = tokio::select! {
         r = rx.wait_for(Option::is_some) => r.map(|r| r.clone()).ok().flatten(),
         () = hung_up(stream) => {
-            tracing::debug!(job = %id, uid = caller.uid, pid = %caller.pid, "the client waiting for the job has gone; the job runs on");
+            tracing::debug!(job = %id, uid = caller.uid, pid = caller.pid.as_raw(), "the client waiting for the job has gone; the job runs on");
             None
         }
     };
@@ -1183,7 +1183,7 @@ fn launch(
     let child = match spawn_shim(&shared.exe, &dir, &plan, fds) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(job = %id, uid = caller.uid, pid = %caller.pid, "{e}");
+            tracing::error!(job = %id, uid = caller.uid, pid = caller.pid.as_raw(), "{e}");
             let result = JobResult {
                 status: EXIT_FAILURE,
                 report: None,
@@ -1196,7 +1196,7 @@ fn launch(
             return rx;
         }
     };
-    tracing::info!(job = %id, uid = caller.uid, pid = %caller.pid, shim = child.id(), "job accepted");
+    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid.as_raw(), shim = child.id(), "job accepted");
     let rx = register(shared, plan, Some(child.id() as i32));
     let shared2 = shared.clone();
     // A thread, not the runtime's blocking pool: it may wait for as long
@@ -1748,7 +1748,7 @@ fn cancel(shared: &Shared, caller: &Caller, id: &str) -> Result<(), Answer> {
             shim.pid
         ))
     })?;
-    tracing::info!(job = %id, uid = caller.uid, pid = %caller.pid, "job cancelled");
+    tracing::info!(job = %id, uid = caller.uid, pid = caller.pid.as_raw(), "job cancelled");
     Ok(())
 }
 
