@@ -60,6 +60,21 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
     }
 }
 
+/// The lines left until the stream ends (at most 20 s), so that a test
+/// which has waited for the process sees everything it wrote.
+fn read_to_end(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let left = Duration::from_secs(20).saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return seen,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the stream did not end: {seen:#?}"),
+        }
+    }
+}
+
 /// Seconds since midnight of an RFC 3339 UTC stamp (`...THH:MM:SS.mmmZ`).
 fn day_seconds(stamp: &str) -> f64 {
     let time = stamp.split('T').nth(1).unwrap().trim_end_matches('Z');
@@ -497,7 +512,8 @@ fn attach_refuses_a_pid_that_another_process_took_while_it_waited_for_a_slot() {
     // SAFETY: kill(2) on the enforcer this test started: frees the slot.
     unsafe { libc::kill(blocker.0.id() as i32, libc::SIGTERM) };
     let status = attach.0.wait().unwrap();
-    let seen: Vec<String> = attach_lines.try_iter().collect();
+    // The reader thread may still hold the last lines: read to the end.
+    let seen = read_to_end(&attach_lines);
     assert_eq!(status.code(), Some(2), "{seen:#?}");
     assert!(
         seen.iter().any(|l| l.contains(&format!("PID {pid}"))),
