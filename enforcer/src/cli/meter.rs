@@ -32,6 +32,13 @@ pub struct MeterArgs {
     #[arg(long, requires = "protect")]
     pub follow_children: bool,
 
+    /// Also meter this process as a training of its own (repeat for more,
+    /// up to 7): nothing is reported for it. The programs then keep several
+    /// trainings' state, as the agent's do on a node that protects several
+    /// trainings; `cargo xtask bench probe` uses it to measure that cost.
+    #[arg(long, value_name = "PID", requires = "protect")]
+    pub also_protect: Vec<crate::host::Pid>,
+
     /// The training workload is every thread of this cgroup directory (v2 or
     /// v1) and its descendants, instead of a PID.
     #[arg(long, value_name = "DIR", conflicts_with = "protect")]
@@ -222,6 +229,15 @@ fn meter(args: &MeterArgs) -> Result<()> {
     for job in &jobs {
         meter.add_job(SOLE_TRAINING, &job.key, job.cgroup.clone())?;
     }
+    for &pid in &args.also_protect {
+        let spec = TrainingSpec::Pid {
+            pid,
+            follow_children: false,
+        };
+        meter
+            .add_training(&format!("also-{pid}"), spec)
+            .with_context(|| format!("--also-protect {pid}"))?;
+    }
     install_signal_handlers();
     let first = meter.read(SOLE_TRAINING)?;
     let truth_first = GroundTruth::read(&training, &jobs);
@@ -235,6 +251,7 @@ fn meter(args: &MeterArgs) -> Result<()> {
                 "cgroup": j.path, "cgroup_id": j.cgroup.id, "level": j.cgroup.level,
             })).collect::<Vec<_>>(),
             "threads": first.training.threads,
+            "also_protected": args.also_protect.len(),
         });
         writeln!(out, "{line}")?;
     } else {

@@ -175,6 +175,8 @@ struct Mode {
     protect: u32,
     /// Attach the empty programs instead of the meter (`--floor`).
     floor: bool,
+    /// Other PIDs metered as trainings of their own (`--also-protect`).
+    also: Vec<u32>,
 }
 
 /// Runs one attached round: starts `enforcer meter` protecting this process,
@@ -191,6 +193,11 @@ fn attached_round(
         .args(["meter", "--json", "--interval", "1h", "--protect"])
         .arg(mode.protect.to_string())
         .args(mode.floor.then_some("--floor"))
+        .args(
+            mode.also
+                .iter()
+                .flat_map(|pid| ["--also-protect".to_owned(), pid.to_string()]),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", enforcer.display()))?;
@@ -240,25 +247,45 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     // The bystander: a sleeping process as the "training workload".
-    let mut bystander = Command::new("sleep")
+    let bystander = Command::new("sleep")
         .arg("3600")
         .spawn()
         .context("starting the bystander (sleep)")?;
+    // Seven more sleeping "trainings": the meter then keeps the state of
+    // eight (its most), as the agent's does on a node protecting eight.
+    let mut others = Vec::new();
+    for _ in 1..enforcer_common::MAX_TRAININGS {
+        others.push(
+            Command::new("sleep")
+                .arg("3600")
+                .spawn()
+                .context("starting a bystander (sleep)")?,
+        );
+    }
     let modes = [
         Mode {
             name: "storm is training",
             protect: std::process::id(),
             floor: false,
+            also: Vec::new(),
+        },
+        Mode {
+            name: "storm is training, 8 trainings",
+            protect: std::process::id(),
+            floor: false,
+            also: others.iter().map(|c| c.id()).collect(),
         },
         Mode {
             name: "storm is not training",
             protect: bystander.id(),
             floor: false,
+            also: Vec::new(),
         },
         Mode {
             name: "empty programs (floor)",
             protect: bystander.id(),
             floor: true,
+            also: Vec::new(),
         },
     ];
     let mut detached = Vec::new();
@@ -288,8 +315,10 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
         }
         Ok(())
     })();
-    let _ = bystander.kill();
-    let _ = bystander.wait();
+    for mut child in others.into_iter().chain([bystander]) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     storm.stop();
     result?;
 
@@ -300,11 +329,11 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
         "steal probe cost ({} rounds x {:.1}s per mode, {} ping-pong pairs, {ncpus} CPUs)",
         args.rounds, args.seconds, args.pairs
     )?;
-    writeln!(
-        out,
-        "{:<28} {:>22} {:>22} {:>22}",
-        "median ns/event", modes[0].name, modes[1].name, modes[2].name
-    )?;
+    let mut header = format!("{:<28}", "median ns/event");
+    for mode in &modes {
+        header += &format!(" {:>30}", mode.name);
+    }
+    writeln!(out, "{header}")?;
     let names: std::collections::BTreeSet<&String> = per_program.keys().map(|(_, n)| n).collect();
     let mut programs = Vec::new();
     for name in names {
@@ -316,15 +345,11 @@ pub fn run(args: &ProbeArgs, workspace: &Path) -> Result<()> {
                 .cloned()
                 .unwrap_or_default();
             let med = median(ns.clone());
-            cells.push(format!("{med:>10.1} ({count:>9})"));
+            cells.push(format!(" {:>30}", format!("{med:.1} ({count:>9})")));
             row[mode.name] =
                 json!({"median_ns_per_event": med, "per_round_ns_per_event": ns, "events": count});
         }
-        writeln!(
-            out,
-            "{name:<28} {:>22} {:>22} {:>22}",
-            cells[0], cells[1], cells[2]
-        )?;
+        writeln!(out, "{name:<28}{}", cells.concat())?;
         programs.push(row);
     }
     let mut storm_json = json!({"detached_trips_per_s": detached, "median_detached": off});
