@@ -65,6 +65,8 @@ struct Shared {
     /// The agent's cgroup subtree, opened at the first scrape that needs
     /// it, where the metrics endpoint reads the jobs' cgroup stats.
     subtree: Mutex<Option<crate::cgroup::subtree::Subtree>>,
+    /// The node's GPU telemetry, opened at the first scrape.
+    gpu: Mutex<Option<crate::gpu::node::NodeGpu>>,
     /// Open connections, held against `agent.max_connections*`.
     connections: Mutex<Connections>,
 }
@@ -261,6 +263,7 @@ pub fn main(
         waiting: AtomicU64::new(0),
         counters: metrics::AgentCounters::default(),
         subtree: Mutex::new(None),
+        gpu: Mutex::new(None),
         connections: Mutex::new(Connections::default()),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -1658,10 +1661,18 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
 /// and the agent's own counters.
 fn scrape(shared: &Shared) -> metrics::Scrape {
     let program_stats = metrics::bpf_stats_enabled();
-    let (trainings, meters) = shared
+    let (trainings, meters, figures) = shared
         .budget
         .lock()
-        .map(|b| (b.trainings(), b.meter_health(program_stats)))
+        .map(|b| {
+            let trainings = b.trainings();
+            let figures: BTreeMap<String, _> = trainings
+                .iter()
+                .flat_map(|t| &t.jobs)
+                .filter_map(|j| Some((j.job.clone(), b.job_figures(&j.job)?)))
+                .collect();
+            (trainings, b.meter_health(program_stats), figures)
+        })
         .unwrap_or_default();
     let training_owners = shared
         .trainings
@@ -1687,12 +1698,16 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
                     quota_cores: j.quota.and_then(|q| q.cpu),
                     frozen: j.quota.is_some_and(|q| q.freeze),
                     stats: None,
+                    steal: figures.get(&j.plan.id).cloned(),
+                    gpu: Vec::new(),
                 };
                 (sample, matches!(j.plan.kind, JobKind::Game { .. }))
             })
             .collect(),
         Err(_) => Vec::new(),
     };
+    // The running jobs' cgroup directories, where their GPU processes are.
+    let mut cgroups: Vec<(String, PathBuf)> = Vec::new();
     // A game's cgroup is inside its job's, whose stats include it.
     if jobs.iter().any(|(j, game)| j.running && !game)
         && let Ok(mut subtree) = shared.subtree.lock()
@@ -1705,11 +1720,43 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
         }
         if let Some(subtree) = subtree.as_ref() {
             for (job, _) in jobs.iter_mut().filter(|(j, game)| j.running && !game) {
-                job.stats = subtree.open_job(&job.id).ok().map(|cg| cg.stats());
+                let cgroup = subtree.open_job(&job.id).ok();
+                job.stats = cgroup.as_ref().map(|cg| cg.stats());
+                if let Some(cg) = cgroup {
+                    cgroups.push((job.id.clone(), cg.path().to_owned()));
+                }
             }
         }
     }
+    let gpu_telemetry = match shared.gpu.lock() {
+        Ok(mut gpu) => {
+            let gpu = gpu.get_or_insert_with(crate::gpu::node::NodeGpu::open);
+            if gpu.is_available() {
+                let procs = crate::gpu::attribution::ProcCgroups::default();
+                let members: Vec<_> = cgroups
+                    .iter()
+                    .filter_map(|(id, dir)| Some((id.clone(), procs.membership_of_dir(dir).ok()?)))
+                    .collect();
+                let mut read = gpu.read(&members);
+                for (job, _) in &mut jobs {
+                    job.gpu = read
+                        .remove(&job.id)
+                        .into_iter()
+                        .flat_map(BTreeMap::into_values)
+                        .map(|d| metrics::JobGpuSample {
+                            device: d.index,
+                            utilization: d.sm_util_pct.map(|p| p / 100.0),
+                            memory_bytes: d.memory_used_bytes,
+                        })
+                        .collect();
+                }
+            }
+            gpu.is_available()
+        }
+        Err(_) => false,
+    };
     metrics::Scrape {
+        gpu_telemetry,
         jobs: jobs.into_iter().map(|(j, _)| j).collect(),
         trainings,
         training_owners,
