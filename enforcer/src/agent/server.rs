@@ -1649,11 +1649,70 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
         readings.agent(&ids)
     });
     let budget = shared.budget.lock().map(|b| b.status()).unwrap_or_default();
+    let budget = if caller.is_root() {
+        budget
+    } else {
+        let owners = shared
+            .trainings
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        let own: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        visible_budget(budget, caller.uid, &own, &owners)
+    };
     Response::Status {
         jobs,
         budget,
         agent,
     }
+}
+
+/// The budget part of `status` as a non-root caller `uid` may see it: the
+/// trainings it registered or that one of its jobs (`own`) protects, each
+/// listing only its jobs; the other users' jobs are only counted
+/// (`other_jobs`), and the trainings of other users that none of its jobs
+/// protects are left out.
+fn visible_budget(
+    mut budget: serde_json::Value,
+    uid: u32,
+    own: &[&str],
+    owners: &BTreeMap<String, u32>,
+) -> serde_json::Value {
+    let job_id = |v: &serde_json::Value| -> Option<String> {
+        v.as_str()
+            .or_else(|| v.get("job")?.as_str())
+            .map(str::to_owned)
+    };
+    let Some(trainings) = budget
+        .get_mut("trainings")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return budget;
+    };
+    trainings.retain_mut(|t| {
+        let mut mine = false;
+        let mut others = 0usize;
+        for key in ["jobs", "pending_jobs"] {
+            if let Some(list) = t.get_mut(key).and_then(serde_json::Value::as_array_mut) {
+                list.retain(|j| {
+                    let keep = job_id(j).is_some_and(|id| own.contains(&id.as_str()));
+                    mine |= keep;
+                    others += usize::from(!keep);
+                    keep
+                });
+            }
+        }
+        let id = t
+            .get("id")
+            .or_else(|| t.get("training"))
+            .and_then(serde_json::Value::as_str);
+        let registered = id.and_then(|id| owners.get(id)) == Some(&uid);
+        if let Some(obj) = t.as_object_mut() {
+            obj.insert("other_jobs".into(), others.into());
+        }
+        registered || mine
+    });
+    budget
 }
 
 /// What the metrics endpoint shows: the job table, the budget's trainings
@@ -1889,6 +1948,34 @@ async fn end_all(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_root_caller_sees_only_its_jobs_and_trainings_in_the_budget() {
+        let budget = serde_json::json!({"trainings": [
+            {"id": "pid-1", "training": "pid-1", "owner_uid": 0,
+             "jobs": [{"job": "root-a", "steal_s": 0.1}], "pending_jobs": ["root-b"]},
+            {"id": "pid-2", "training": "pid-2", "owner_uid": 1000,
+             "jobs": [{"job": "mine", "steal_s": 0.2}, {"job": "root-c", "steal_s": 0.3}],
+             "pending_jobs": []},
+            {"id": "pid-3", "jobs": ["root-d"]},
+        ]});
+        let owners = BTreeMap::from([
+            ("pid-1".to_owned(), 0),
+            ("pid-2".to_owned(), 1000),
+            ("pid-3".to_owned(), 1000),
+        ]);
+        let seen = visible_budget(budget, 1000, &["mine"], &owners);
+        let text = seen.to_string();
+        for hidden in ["root-a", "root-b", "root-c", "root-d", "pid-1"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+        let t = seen["trainings"].as_array().unwrap();
+        assert_eq!(t.len(), 2, "{text}");
+        assert_eq!(t[0]["jobs"][0]["job"], "mine");
+        assert_eq!(t[0]["other_jobs"], 1);
+        assert_eq!(t[1]["jobs"].as_array().unwrap().len(), 0);
+        assert_eq!(t[1]["other_jobs"], 1);
+    }
 
     #[test]
     fn connections_are_held_to_the_total_and_per_uid_limits_and_given_back() {
