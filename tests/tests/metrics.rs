@@ -390,7 +390,12 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
             "the protected job's stolen fraction ({window}) is not in [0, 1]: {stolen:?}"
         );
         assert!(
-            value(&second, "enforcer_job_stolen_ratio", &[&plain_label, window]).is_none(),
+            value(
+                &second,
+                "enforcer_job_stolen_ratio",
+                &[&plain_label, window]
+            )
+            .is_none(),
             "the plain job protects nothing: no stolen fraction"
         );
     }

@@ -625,9 +625,8 @@ pub fn render(s: &Scrape) -> String {
     );
     w.family(
         &JOB_BUDGET_USED,
-        live.iter().filter_map(|&i| {
-            Some((job_labels(i), s.jobs[i].steal.as_ref()?.budget_used?))
-        }),
+        live.iter()
+            .filter_map(|&i| Some((job_labels(i), s.jobs[i].steal.as_ref()?.budget_used?))),
     );
     let devices: Vec<Vec<String>> = s
         .jobs
@@ -1130,10 +1129,7 @@ mod tests {
     fn no_series_carries_the_reserved_job_label() {
         let text = render(&full_scrape());
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(
-                !line.contains("{job=") && !line.contains(",job="),
-                "{line}"
-            );
+            assert!(!line.contains("{job=") && !line.contains(",job="), "{line}");
         }
     }
 

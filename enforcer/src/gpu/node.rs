@@ -100,9 +100,9 @@ impl NodeGpu {
 mod tests {
     use super::*;
     use crate::gpu::{
-            attribution::{Hierarchy, fake_proc},
-            source::ProcessSample,
-            synthetic::{Frame, SyntheticSource},
+        attribution::{Hierarchy, fake_proc},
+        source::ProcessSample,
+        synthetic::{Frame, SyntheticSource},
     };
 
     fn process(device: u32, pid: u32, mem: u64, samples: &[(u64, u32)]) -> ProcessSample {
@@ -163,10 +163,7 @@ mod tests {
 
     #[test]
     fn a_node_without_nvml_reads_nothing() {
-        let mut gpu = NodeGpu::new(
-            Err(Unavailable::DriverNotLoaded),
-            ProcCgroups::default(),
-        );
+        let mut gpu = NodeGpu::new(Err(Unavailable::DriverNotLoaded), ProcCgroups::default());
         assert!(!gpu.is_available());
         let jobs = vec![(
             "job-1".to_owned(),
