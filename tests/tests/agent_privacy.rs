@@ -4,6 +4,9 @@
 //! are not named to it, nor is root's training; the caller's training
 //! counts the jobs it does not name.
 //!
+//! `enforcer top` of that caller, driven in a private tmux server where
+//! tmux is installed, shows the same and no more.
+//!
 //! The test starts its own agent on a private socket and record directory
 //! and ends it (with its jobs), also on failure.
 
@@ -253,6 +256,7 @@ fn a_non_root_callers_status_names_none_of_roots_jobs_nor_roots_training() {
         Some(1),
         "root's job in 65534's training is counted: {text}"
     );
+    top_as_nobody_shows_no_root_job(&agent, &mine, &roots_training_id);
     // Root still sees everything.
     let root_text = agent.status(false).to_string();
     for n in names {
@@ -263,6 +267,92 @@ fn a_non_root_callers_status_names_none_of_roots_jobs_nor_roots_training() {
     for n in names {
         assert_no_cgroup_left(n);
     }
+}
+
+/// A private tmux server (`tmux -L`) with one detached session; the
+/// server, with everything in it, is killed on drop.
+struct Tmux {
+    server: String,
+}
+
+impl Tmux {
+    fn tmux(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-u", "-L", &self.server]).env("LANG", "C.UTF-8");
+        c
+    }
+
+    fn screen(&self) -> String {
+        let out = self
+            .tmux()
+            .args(["capture-pane", "-p", "-t", "top"])
+            .output()
+            .expect("tmux capture-pane");
+        assert!(out.status.success(), "tmux capture-pane: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self
+            .tmux()
+            .arg("kill-server")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `enforcer top` as 65534 in a terminal shows its job and none of root's
+/// (skipped, saying so, without tmux or setpriv).
+fn top_as_nobody_shows_no_root_job(agent: &Agent, mine: &str, roots_training: &str) {
+    let have = |p: &str, arg: &str| {
+        Command::new(p)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("tmux", "-V") || !have("setpriv", "--version") {
+        eprintln!(
+            "SKIPPED part: tmux or setpriv is not installed: `enforcer top` as 65534 is not driven here"
+        );
+        return;
+    }
+    let tmux = Tmux {
+        server: unique_name("enforcer-privacy-top"),
+    };
+    let command = format!(
+        "setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups env ENFORCER_LOG=warn {} top --socket {} --interval 300ms; echo top-exit=$?; sleep 600",
+        enforcer_tests::enforcer_bin().display(),
+        agent.socket.display()
+    );
+    let out = tmux
+        .tmux()
+        .args(["new-session", "-d", "-s", "top", "-x", "200", "-y", "30"])
+        .arg(&command)
+        .output()
+        .expect("starting tmux");
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+    let t0 = Instant::now();
+    let screen = loop {
+        let screen = tmux.screen();
+        if screen.contains(mine) {
+            break screen;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "top as 65534 never showed its job {mine}:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("top as 65534:\n{screen}");
+    assert!(
+        !screen.contains("privacy-root") && !screen.contains(roots_training),
+        "top as 65534 shows root's jobs or training:\n{screen}"
+    );
 }
 
 root_tests!(a_non_root_callers_status_names_none_of_roots_jobs_nor_roots_training);
