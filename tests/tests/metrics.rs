@@ -1,6 +1,7 @@
 //! The agent's Prometheus endpoint: off by default (the agent holds no
 //! listening TCP socket); when on, a scrape shows a protected and a plain
-//! job with sane values, passes `promtool check metrics`, and has every
+//! job with sane values (the protected one's stolen fraction among them,
+//! no GPU series for jobs on no GPU), passes `promtool check metrics`, and has every
 //! metric the Grafana dashboard in `deploy/` queries; a non-loopback
 //! address is refused with exit 2 before anything is made.
 //!
@@ -303,8 +304,8 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
     wait_started(&protected);
     wait_started(&plain);
     let training_label = format!("training=\"pid-{training_pid}\"");
-    let prot_label = format!("job=\"{protected}\"");
-    let plain_label = format!("job=\"{plain}\"");
+    let prot_label = format!("job_id=\"{protected}\"");
+    let plain_label = format!("job_id=\"{plain}\"");
     // Until the protected job is metered (its cgroup is found at a tick).
     let t0 = Instant::now();
     let first = loop {
@@ -377,6 +378,47 @@ fn scrape_with_two_jobs(s: &Scratch) -> TwoJobs {
     assert!(
         value(&second, "enforcer_job_steal_seconds_total", &[&plain_label]).is_none(),
         "the plain job protects nothing: no steal series"
+    );
+    for window in ["window=\"10s\"", "window=\"job\""] {
+        let stolen = value(
+            &second,
+            "enforcer_job_stolen_ratio",
+            &[&prot_label, &training_label, window],
+        );
+        assert!(
+            stolen.is_some_and(|f| (0.0..=1.0).contains(&f)),
+            "the protected job's stolen fraction ({window}) is not in [0, 1]: {stolen:?}"
+        );
+        assert!(
+            value(
+                &second,
+                "enforcer_job_stolen_ratio",
+                &[&plain_label, window]
+            )
+            .is_none(),
+            "the plain job protects nothing: no stolen fraction"
+        );
+    }
+    let used = value(&second, "enforcer_job_budget_used_ratio", &[&prot_label]);
+    assert!(
+        used.is_some_and(|f| (0.0..=1.0).contains(&f)),
+        "budget used: {used:?}"
+    );
+    // Prometheus sets `job` on every series it scrapes: the agent's own
+    // label must not be called that.
+    for line in second.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            !line.contains("{job=") && !line.contains(",job="),
+            "a series carries the reserved job label: {line}"
+        );
+    }
+    // The jobs use no GPU, and on a node without one the agent says so
+    // rather than showing zeros.
+    let gpu = value(&second, "enforcer_gpu_telemetry_available", &[]);
+    assert!(matches!(gpu, Some(v) if v == 0.0 || v == 1.0), "{gpu:?}");
+    assert!(
+        !second.contains("\nenforcer_job_gpu_"),
+        "GPU series for jobs that use none (telemetry {gpu:?})"
     );
     assert_eq!(
         value(&second, "enforcer_jobs", &["state=\"running\""]),

@@ -22,7 +22,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{budget::node::TrainingStatus, cgroup::Stats, probe::node::MeterHealth};
+use crate::{
+    budget::node::{JobStealFigures, TrainingStatus},
+    cgroup::Stats,
+    probe::node::MeterHealth,
+};
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -121,6 +125,26 @@ pub const JOB_BUDGET: Family = family(
     Gauge,
     "The steal budget of the training the job protects, a fraction of the training's CPU time.",
 );
+pub const JOB_STOLEN: Family = family(
+    "enforcer_job_stolen_ratio",
+    Gauge,
+    "The job's steal over its protected training's CPU time, over the last 10s (window 10s, the budget's horizon) and since it joined the budget (window job).",
+);
+pub const JOB_BUDGET_USED: Family = family(
+    "enforcer_job_budget_used_ratio",
+    Gauge,
+    "Budget the job used: the larger of its training's worst 10s stolen fraction while the job ran and the job's own since it joined (its report's budget_used).",
+);
+pub const JOB_GPU_UTILIZATION: Family = family(
+    "enforcer_job_gpu_utilization_ratio",
+    Gauge,
+    "SM utilisation of the job's processes on each GPU since the previous scrape (absent without GPU telemetry or before NVML sampled them).",
+);
+pub const JOB_GPU_MEMORY: Family = family(
+    "enforcer_job_gpu_memory_bytes",
+    Gauge,
+    "GPU memory the job's processes use on each GPU (absent without GPU telemetry).",
+);
 pub const JOB_QUOTA: Family = family(
     "enforcer_job_cpu_quota_cores",
     Gauge,
@@ -165,6 +189,11 @@ pub const TRAINING_PHASE: Family = family(
     "enforcer_training_phase",
     Gauge,
     "1 for the phase the training's budget loop is in, 0 for the others.",
+);
+pub const GPU_TELEMETRY: Family = family(
+    "enforcer_gpu_telemetry_available",
+    Gauge,
+    "1 when the agent reads per-job GPU telemetry (NVML works and sees a GPU), else 0 and the per-job GPU series are absent.",
 );
 pub const PROBE_METERS: Family = family(
     "enforcer_probe_meters",
@@ -235,6 +264,10 @@ pub const FAMILIES: &[Family] = &[
     JOB_THROTTLED_PERIODS,
     JOB_STEAL,
     JOB_BUDGET,
+    JOB_STOLEN,
+    JOB_BUDGET_USED,
+    JOB_GPU_UTILIZATION,
+    JOB_GPU_MEMORY,
     JOB_QUOTA,
     JOB_FROZEN,
     TRAINING_BUDGET,
@@ -244,6 +277,7 @@ pub const FAMILIES: &[Family] = &[
     TRAINING_QUOTA,
     TRAINING_JOBS,
     TRAINING_PHASE,
+    GPU_TELEMETRY,
     PROBE_METERS,
     PROBE_OVERFLOW,
     PROBE_RUNS,
@@ -359,6 +393,20 @@ pub struct JobSample {
     /// Its cgroup's counters; `None` when it has ended or its cgroup is
     /// not there (yet).
     pub stats: Option<Stats>,
+    /// Its steal figures, while it is under a metered budget.
+    pub steal: Option<JobStealFigures>,
+    /// Its use of each GPU it is on; empty without GPU telemetry.
+    pub gpu: Vec<JobGpuSample>,
+}
+
+/// One job's use of one GPU, at one scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct JobGpuSample {
+    /// The device's NVML index.
+    pub device: u32,
+    /// SM utilisation, a fraction; `None` when NVML took no new sample.
+    pub utilization: Option<f64>,
+    pub memory_bytes: u64,
 }
 
 /// The agent process's own resources.
@@ -397,6 +445,8 @@ pub struct Scrape {
     /// The uid that registered each training.
     pub training_owners: BTreeMap<String, u32>,
     pub meters: Vec<MeterHealth>,
+    /// Whether per-job GPU telemetry is read on this node.
+    pub gpu_telemetry: bool,
     /// Whether the meters' program stats were read (bpf stats enabled).
     pub program_stats: bool,
     pub counts: Counts,
@@ -512,7 +562,7 @@ pub fn render(s: &Scrape) -> String {
     let job_labels = |i: usize| {
         let j = &s.jobs[i];
         vec![
-            ("job", j.id.as_str()),
+            ("job_id", j.id.as_str()),
             ("training", j.training.as_deref().unwrap_or("")),
             ("user", uids[i].as_str()),
         ]
@@ -557,6 +607,48 @@ pub fn render(s: &Scrape) -> String {
         live.iter()
             .filter_map(|&i| Some((job_labels(i), s.jobs[i].budget_fraction?))),
     );
+    w.family(
+        &JOB_STOLEN,
+        live.iter().flat_map(|&i| {
+            let f = s.jobs[i].steal.as_ref();
+            [
+                ("10s", f.and_then(|f| f.stolen_fraction_window)),
+                ("job", f.and_then(|f| f.stolen_fraction)),
+            ]
+            .into_iter()
+            .filter_map(move |(window, v)| {
+                let mut labels = job_labels(i);
+                labels.push(("window", window));
+                Some((labels, v?))
+            })
+        }),
+    );
+    w.family(
+        &JOB_BUDGET_USED,
+        live.iter()
+            .filter_map(|&i| Some((job_labels(i), s.jobs[i].steal.as_ref()?.budget_used?))),
+    );
+    let devices: Vec<Vec<String>> = s
+        .jobs
+        .iter()
+        .map(|j| j.gpu.iter().map(|g| g.device.to_string()).collect())
+        .collect();
+    let devices = &devices;
+    let job_labels = &job_labels;
+    let per_gpu = |f: fn(&JobGpuSample) -> Option<f64>| {
+        live.iter()
+            .filter(|_| s.gpu_telemetry)
+            .flat_map(|&i| {
+                s.jobs[i].gpu.iter().enumerate().filter_map(move |(d, g)| {
+                    let mut labels = job_labels(i);
+                    labels.push(("gpu", devices[i][d].as_str()));
+                    Some((labels, f(g)?))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    w.family(&JOB_GPU_UTILIZATION, per_gpu(|g| g.utilization));
+    w.family(&JOB_GPU_MEMORY, per_gpu(|g| Some(g.memory_bytes as f64)));
     w.family(
         &JOB_QUOTA,
         live.iter()
@@ -623,6 +715,10 @@ pub fn render(s: &Scrape) -> String {
         }),
     );
 
+    w.family(
+        &GPU_TELEMETRY,
+        [(vec![], f64::from(u8::from(s.gpu_telemetry)))],
+    );
     // One set of programs for the node, loaded while any training is metered.
     w.family(
         &PROBE_METERS,
@@ -872,6 +968,19 @@ mod tests {
                     quota_cores: Some(0.5),
                     frozen: false,
                     stats: Some(stats),
+                    steal: Some(JobStealFigures {
+                        steal: Duration::from_millis(250),
+                        stolen_fraction: Some(0.02),
+                        stolen_fraction_window: Some(0.03),
+                        budget: 0.05,
+                        budget_used: Some(0.04),
+                        over_budget: Duration::ZERO,
+                    }),
+                    gpu: vec![JobGpuSample {
+                        device: 1,
+                        utilization: Some(0.375),
+                        memory_bytes: 3 << 30,
+                    }],
                 },
                 JobSample {
                     id: "old".into(),
@@ -899,6 +1008,7 @@ mod tests {
             }],
             training_owners: BTreeMap::from([("pid-42".to_owned(), 1000)]),
             meters: vec![meter],
+            gpu_telemetry: true,
             program_stats: true,
             counts,
             process: ProcessSample {
@@ -942,10 +1052,16 @@ mod tests {
     fn samples_carry_base_units_and_escaped_labels() {
         let text = render(&full_scrape());
         for want in [
-            "enforcer_job_cpu_seconds_total{job=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 1.5\n",
-            "enforcer_job_cpu_throttled_seconds_total{job=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 0.25\n",
-            "enforcer_job_steal_seconds_total{job=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 0.25\n",
-            "enforcer_job_memory_bytes{job=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 4096\n",
+            "enforcer_job_cpu_seconds_total{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 1.5\n",
+            "enforcer_job_cpu_throttled_seconds_total{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 0.25\n",
+            "enforcer_job_steal_seconds_total{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 0.25\n",
+            "enforcer_job_memory_bytes{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 4096\n",
+            "enforcer_job_stolen_ratio{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\",window=\"10s\"} 0.03\n",
+            "enforcer_job_stolen_ratio{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\",window=\"job\"} 0.02\n",
+            "enforcer_job_budget_used_ratio{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\"} 0.04\n",
+            "enforcer_job_gpu_utilization_ratio{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\",gpu=\"1\"} 0.375\n",
+            "enforcer_job_gpu_memory_bytes{job_id=\"eval \\\"1\\\"\",training=\"pid-42\",user=\"1000\",gpu=\"1\"} 3221225472\n",
+            "enforcer_gpu_telemetry_available 1\n",
             "enforcer_jobs{state=\"running\"} 1\n",
             "enforcer_jobs{state=\"finished\"} 1\n",
             "enforcer_training_stolen_fraction{training=\"pid-42\",user=\"1000\",window=\"10s\"} 0.04\n",
@@ -993,6 +1109,28 @@ mod tests {
             text.contains("enforcer_requests_refused_total{type=\"run\"} 0\n"),
             "request types are shown from zero: {text}"
         );
+    }
+
+    #[test]
+    fn without_gpu_telemetry_no_job_has_gpu_series_and_the_agent_says_so() {
+        let mut s = full_scrape();
+        s.gpu_telemetry = false;
+        let text = render(&s);
+        assert!(!text.contains("enforcer_job_gpu_"), "{text}");
+        assert!(
+            text.contains("enforcer_gpu_telemetry_available 0\n"),
+            "{text}"
+        );
+    }
+
+    /// `job` is the target label Prometheus sets on every series it
+    /// scrapes: a metric label of that name would be renamed or clobber it.
+    #[test]
+    fn no_series_carries_the_reserved_job_label() {
+        let text = render(&full_scrape());
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(!line.contains("{job=") && !line.contains(",job="), "{line}");
+        }
     }
 
     #[test]

@@ -65,6 +65,8 @@ struct Shared {
     /// The agent's cgroup subtree, opened at the first scrape that needs
     /// it, where the metrics endpoint reads the jobs' cgroup stats.
     subtree: Mutex<Option<crate::cgroup::subtree::Subtree>>,
+    /// The node's GPU telemetry, opened at the first scrape.
+    gpu: Mutex<Option<crate::gpu::node::NodeGpu>>,
     /// Open connections, held against `agent.max_connections*`.
     connections: Mutex<Connections>,
 }
@@ -261,6 +263,7 @@ pub fn main(
         waiting: AtomicU64::new(0),
         counters: metrics::AgentCounters::default(),
         subtree: Mutex::new(None),
+        gpu: Mutex::new(None),
         connections: Mutex::new(Connections::default()),
     });
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -1646,6 +1649,17 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
         readings.agent(&ids)
     });
     let budget = shared.budget.lock().map(|b| b.status()).unwrap_or_default();
+    let budget = if caller.is_root() {
+        budget
+    } else {
+        let owners = shared
+            .trainings
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        let own: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        visible_budget(budget, caller.uid, &own, &owners)
+    };
     Response::Status {
         jobs,
         budget,
@@ -1653,15 +1667,71 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
     }
 }
 
+/// The budget part of `status` as a non-root caller `uid` may see it: the
+/// trainings it registered or that one of its jobs (`own`) protects, each
+/// listing only its jobs; the other users' jobs are only counted
+/// (`other_jobs`), and the trainings of other users that none of its jobs
+/// protects are left out.
+fn visible_budget(
+    mut budget: serde_json::Value,
+    uid: u32,
+    own: &[&str],
+    owners: &BTreeMap<String, u32>,
+) -> serde_json::Value {
+    let job_id = |v: &serde_json::Value| -> Option<String> {
+        v.as_str()
+            .or_else(|| v.get("job")?.as_str())
+            .map(str::to_owned)
+    };
+    let Some(trainings) = budget
+        .get_mut("trainings")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return budget;
+    };
+    trainings.retain_mut(|t| {
+        let mut mine = false;
+        let mut others = 0usize;
+        for key in ["jobs", "pending_jobs"] {
+            if let Some(list) = t.get_mut(key).and_then(serde_json::Value::as_array_mut) {
+                list.retain(|j| {
+                    let keep = job_id(j).is_some_and(|id| own.contains(&id.as_str()));
+                    mine |= keep;
+                    others += usize::from(!keep);
+                    keep
+                });
+            }
+        }
+        let id = t
+            .get("id")
+            .or_else(|| t.get("training"))
+            .and_then(serde_json::Value::as_str);
+        let registered = id.and_then(|id| owners.get(id)) == Some(&uid);
+        if let Some(obj) = t.as_object_mut() {
+            obj.insert("other_jobs".into(), others.into());
+        }
+        registered || mine
+    });
+    budget
+}
+
 /// What the metrics endpoint shows: the job table, the budget's trainings
 /// and meters, each running job's cgroup stats (read with no lock held)
 /// and the agent's own counters.
 fn scrape(shared: &Shared) -> metrics::Scrape {
     let program_stats = metrics::bpf_stats_enabled();
-    let (trainings, meters) = shared
+    let (trainings, meters, figures) = shared
         .budget
         .lock()
-        .map(|b| (b.trainings(), b.meter_health(program_stats)))
+        .map(|b| {
+            let trainings = b.trainings();
+            let figures: BTreeMap<String, _> = trainings
+                .iter()
+                .flat_map(|t| &t.jobs)
+                .filter_map(|j| Some((j.job.clone(), b.job_figures(&j.job)?)))
+                .collect();
+            (trainings, b.meter_health(program_stats), figures)
+        })
         .unwrap_or_default();
     let training_owners = shared
         .trainings
@@ -1687,12 +1757,16 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
                     quota_cores: j.quota.and_then(|q| q.cpu),
                     frozen: j.quota.is_some_and(|q| q.freeze),
                     stats: None,
+                    steal: figures.get(&j.plan.id).cloned(),
+                    gpu: Vec::new(),
                 };
                 (sample, matches!(j.plan.kind, JobKind::Game { .. }))
             })
             .collect(),
         Err(_) => Vec::new(),
     };
+    // The running jobs' cgroup directories, where their GPU processes are.
+    let mut cgroups: Vec<(String, PathBuf)> = Vec::new();
     // A game's cgroup is inside its job's, whose stats include it.
     if jobs.iter().any(|(j, game)| j.running && !game)
         && let Ok(mut subtree) = shared.subtree.lock()
@@ -1705,11 +1779,43 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
         }
         if let Some(subtree) = subtree.as_ref() {
             for (job, _) in jobs.iter_mut().filter(|(j, game)| j.running && !game) {
-                job.stats = subtree.open_job(&job.id).ok().map(|cg| cg.stats());
+                let cgroup = subtree.open_job(&job.id).ok();
+                job.stats = cgroup.as_ref().map(|cg| cg.stats());
+                if let Some(cg) = cgroup {
+                    cgroups.push((job.id.clone(), cg.path().to_owned()));
+                }
             }
         }
     }
+    let gpu_telemetry = match shared.gpu.lock() {
+        Ok(mut gpu) => {
+            let gpu = gpu.get_or_insert_with(crate::gpu::node::NodeGpu::open);
+            if gpu.is_available() {
+                let procs = crate::gpu::attribution::ProcCgroups::default();
+                let members: Vec<_> = cgroups
+                    .iter()
+                    .filter_map(|(id, dir)| Some((id.clone(), procs.membership_of_dir(dir).ok()?)))
+                    .collect();
+                let mut read = gpu.read(&members);
+                for (job, _) in &mut jobs {
+                    job.gpu = read
+                        .remove(&job.id)
+                        .into_iter()
+                        .flat_map(BTreeMap::into_values)
+                        .map(|d| metrics::JobGpuSample {
+                            device: d.index,
+                            utilization: d.sm_util_pct.map(|p| p / 100.0),
+                            memory_bytes: d.memory_used_bytes,
+                        })
+                        .collect();
+                }
+            }
+            gpu.is_available()
+        }
+        Err(_) => false,
+    };
     metrics::Scrape {
+        gpu_telemetry,
         jobs: jobs.into_iter().map(|(j, _)| j).collect(),
         trainings,
         training_owners,
@@ -1842,6 +1948,34 @@ async fn end_all(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_root_caller_sees_only_its_jobs_and_trainings_in_the_budget() {
+        let budget = serde_json::json!({"trainings": [
+            {"id": "pid-1", "training": "pid-1", "owner_uid": 0,
+             "jobs": [{"job": "root-a", "steal_s": 0.1}], "pending_jobs": ["root-b"]},
+            {"id": "pid-2", "training": "pid-2", "owner_uid": 1000,
+             "jobs": [{"job": "mine", "steal_s": 0.2}, {"job": "root-c", "steal_s": 0.3}],
+             "pending_jobs": []},
+            {"id": "pid-3", "jobs": ["root-d"]},
+        ]});
+        let owners = BTreeMap::from([
+            ("pid-1".to_owned(), 0),
+            ("pid-2".to_owned(), 1000),
+            ("pid-3".to_owned(), 1000),
+        ]);
+        let seen = visible_budget(budget, 1000, &["mine"], &owners);
+        let text = seen.to_string();
+        for hidden in ["root-a", "root-b", "root-c", "root-d", "pid-1"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+        let t = seen["trainings"].as_array().unwrap();
+        assert_eq!(t.len(), 2, "{text}");
+        assert_eq!(t[0]["jobs"][0]["job"], "mine");
+        assert_eq!(t[0]["other_jobs"], 1);
+        assert_eq!(t[1]["jobs"].as_array().unwrap().len(), 0);
+        assert_eq!(t[1]["other_jobs"], 1);
+    }
 
     #[test]
     fn connections_are_held_to_the_total_and_per_uid_limits_and_given_back() {

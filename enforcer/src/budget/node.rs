@@ -184,14 +184,16 @@ struct JobState {
     /// Steal since the job joined.
     steal: Duration,
     share: Option<f64>,
-    /// The training's on-CPU time at the job's first reading and at its
-    /// last: the job's stolen fraction is its steal over their difference.
-    training_on_cpu: Option<(Duration, Duration)>,
     /// The training's time over budget at the job's first reading.
     over_budget_at_join: Option<Duration>,
     /// The training's largest stolen fraction over `LONG_WINDOW` (all its
     /// jobs together) seen while the job was in it.
     worst_used: Option<f64>,
+    /// The job's own steal against the training's on-CPU time since its
+    /// first reading: its stolen fraction over `LONG_WINDOW` and over its
+    /// whole time in the budget, as the model defines it (the training's
+    /// window, not this one, raises the budget events).
+    window: Option<StealWindow<Instant>>,
 }
 
 /// A job's steal figures for its report, from the budget it shared.
@@ -199,9 +201,12 @@ struct JobState {
 pub struct JobStealFigures {
     /// Steal charged to the job while it was metered.
     pub steal: Duration,
-    /// That steal over the training's on-CPU time meanwhile; `None` before
-    /// the training ran.
+    /// That steal over the training's time meanwhile (its on-CPU time and
+    /// that steal); `None` before two readings.
     pub stolen_fraction: Option<f64>,
+    /// The job's stolen fraction over the last [`LONG_WINDOW`]; `None`
+    /// before two readings.
+    pub stolen_fraction_window: Option<f64>,
     /// The training's budget, a fraction.
     pub budget: f64,
     /// The larger of the training's worst stolen fraction over 10 s (all
@@ -288,10 +293,6 @@ impl TrainingBudget {
             let Some(r) = reading.jobs.get(key).copied() else {
                 continue;
             };
-            let first = job
-                .training_on_cpu
-                .map_or(reading.on_cpu, |(first, _)| first);
-            job.training_on_cpu = Some((first, reading.on_cpu));
             job.over_budget_at_join
                 .get_or_insert_with(|| self.window.over_budget());
             if let Some((at, last)) = job.last {
@@ -306,6 +307,16 @@ impl TrainingBudget {
                 }
             }
             job.last = Some((now, r));
+            let budget = self.window.budget();
+            job.window
+                .get_or_insert_with(|| StealWindow::new(budget))
+                .record(
+                    now,
+                    enforcer_model::StealCounters {
+                        steal: job.steal,
+                        training_on_cpu: reading.on_cpu,
+                    },
+                );
         }
     }
 
@@ -494,11 +505,7 @@ impl NodeBudget {
     pub fn job_figures(&self, job: &str) -> Option<JobStealFigures> {
         let training = self.trainings.get(self.jobs.get(job)?)?;
         let state = training.jobs.get(job)?;
-        let stolen_fraction = state
-            .training_on_cpu
-            .map(|(first, last)| last.saturating_sub(first))
-            .filter(|on_cpu| !on_cpu.is_zero())
-            .map(|on_cpu| state.steal.as_secs_f64() / on_cpu.as_secs_f64());
+        let stolen_fraction = state.window.as_ref().and_then(StealWindow::fraction_total);
         let budget_used = match (state.worst_used, stolen_fraction) {
             (None, None) => None,
             (w, j) => Some(w.unwrap_or(0.0).max(j.unwrap_or(0.0))),
@@ -510,6 +517,10 @@ impl NodeBudget {
         Some(JobStealFigures {
             steal: state.steal,
             stolen_fraction,
+            stolen_fraction_window: state
+                .window
+                .as_ref()
+                .and_then(|w| w.fraction_over(LONG_WINDOW)),
             budget: training.window.budget(),
             budget_used,
             over_budget,
@@ -844,11 +855,34 @@ mod tests {
         }
         let f = node.job_figures("a").expect("figures of a metered job");
         let fraction = f.stolen_fraction.expect("the training ran");
-        assert!((fraction - 0.02 / 0.98).abs() < 1e-6, "{f:?}");
+        assert!((fraction - 0.02).abs() < 1e-6, "{f:?}");
         assert!((f.steal.as_secs_f64() - 50.0 * 0.002).abs() < 1e-6, "{f:?}");
         assert_eq!(f.budget, 0.05);
         assert!(f.budget_used.is_some_and(|u| u >= fraction), "{f:?}");
         assert_eq!(node.job_figures("nobody"), None);
+    }
+
+    #[test]
+    fn a_jobs_window_fraction_forgets_what_it_stole_more_than_10s_ago() {
+        let mut node = NodeBudget::new();
+        node.register_training("t", config(0.05), None).unwrap();
+        node.add_job("t", "a").unwrap();
+        let mut script = Script::new(Instant::now());
+        let dt = Duration::from_millis(100);
+        for _ in 0..100 {
+            let r = script.advance(dt, &[("a", 0.2, 1.0)]);
+            node.tick(script.at, &readings("t", r));
+        }
+        let f = node.job_figures("a").unwrap();
+        let early = f.stolen_fraction_window.expect("two readings");
+        assert!((early - 0.2).abs() < 1e-6, "{f:?}");
+        for _ in 0..150 {
+            let r = script.advance(dt, &[("a", 0.0, 1.0)]);
+            node.tick(script.at, &readings("t", r));
+        }
+        let f = node.job_figures("a").unwrap();
+        assert_eq!(f.stolen_fraction_window, Some(0.0), "{f:?}");
+        assert!(f.stolen_fraction.is_some_and(|t| t > 0.05), "{f:?}");
     }
 
     #[test]

@@ -483,13 +483,13 @@ mod tests {
         assert!(prom.contains("enforcer_gpu_available 1\n"), "{prom}");
         assert!(
             prom.contains(
-                "enforcer_gpu_job_memory_used_bytes{job=\"job-a\",gpu=\"0\"} 3221225472\n"
+                "enforcer_gpu_job_memory_used_bytes{job_id=\"job-a\",gpu=\"0\"} 3221225472\n"
             ),
             "{prom}"
         );
         assert!(prom.contains("enforcer_gpu_device_utilization_percent{gpu=\"0\",name=\"NVIDIA H100 80GB HBM3\"} 97\n"), "{prom}");
         assert!(
-            prom.contains("enforcer_gpu_job_run_fraction{job=\"job-a\"} "),
+            prom.contains("enforcer_gpu_job_run_fraction{job_id=\"job-a\"} "),
             "{prom}"
         );
     }

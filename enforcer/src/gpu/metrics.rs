@@ -102,7 +102,7 @@ pub fn job_lines(job: &str, snap: &GpuSnapshot) -> String {
     for t in snap.tick.values() {
         let _ = writeln!(
             o,
-            "enforcer_gpu_job_memory_used_bytes{{job=\"{job}\",gpu=\"{}\"}} {}",
+            "enforcer_gpu_job_memory_used_bytes{{job_id=\"{job}\",gpu=\"{}\"}} {}",
             t.index, t.memory_used_bytes
         );
     }
@@ -115,7 +115,7 @@ pub fn job_lines(job: &str, snap: &GpuSnapshot) -> String {
         if let Some(u) = t.sm_util_pct {
             let _ = writeln!(
                 o,
-                "enforcer_gpu_job_sm_utilization_percent{{job=\"{job}\",gpu=\"{}\"}} {u}",
+                "enforcer_gpu_job_sm_utilization_percent{{job_id=\"{job}\",gpu=\"{}\"}} {u}",
                 t.index
             );
         }
@@ -126,7 +126,7 @@ pub fn job_lines(job: &str, snap: &GpuSnapshot) -> String {
             "# HELP enforcer_gpu_job_run_fraction Fraction of each duty-cycle period the job may run (1 = uncapped)."
         );
         let _ = writeln!(o, "# TYPE enforcer_gpu_job_run_fraction gauge");
-        let _ = writeln!(o, "enforcer_gpu_job_run_fraction{{job=\"{job}\"}} {f}");
+        let _ = writeln!(o, "enforcer_gpu_job_run_fraction{{job_id=\"{job}\"}} {f}");
     }
     o
 }

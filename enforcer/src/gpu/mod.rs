@@ -16,6 +16,8 @@
 //!   runs any cgroup for a fraction of each period);
 //! - [`guard`]: one job's GPU guard per control tick, tying the above together;
 //! - [`monitor`]: the guard as a job supervisor monitor (`enforcer run`);
+//! - [`node`]: every running job's GPU use, read by the agent for its
+//!   metrics;
 //! - [`metrics`]: Prometheus text exposition of the numbers.
 
 pub mod attribution;
@@ -24,6 +26,7 @@ pub mod duty;
 pub mod guard;
 pub mod metrics;
 pub mod monitor;
+pub mod node;
 pub mod source;
 pub mod synthetic;
 

@@ -243,7 +243,13 @@ fn trainings_of(budget: &serde_json::Value) -> Vec<(TrainingRow, BTreeMap<String
                     .get("frozen")
                     .and_then(serde_json::Value::as_bool)
                     .unwrap_or(false),
-                jobs: jobs.map_or(0, Vec::len),
+                // A non-root caller's status names only its own jobs and
+                // counts the others'.
+                jobs: jobs.map_or(0, Vec::len)
+                    + t.get("other_jobs")
+                        .and_then(serde_json::Value::as_u64)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .unwrap_or(0),
             };
             (row, steal)
         })
@@ -723,6 +729,20 @@ mod tests {
         let t = &m.trainings[0];
         assert_eq!((t.id.as_str(), t.budget, t.jobs), ("pid-7", Some(0.05), 2));
         assert_eq!(t.phase, "regulating");
+    }
+
+    #[test]
+    fn a_training_counts_the_jobs_a_non_root_caller_is_not_shown() {
+        let budget = serde_json::json!({"trainings": [{
+            "id": "pid-7", "jobs": [{"job": "a", "steal_s": 0.0}], "other_jobs": 2
+        }]});
+        let mut m = Model::default();
+        m.update(
+            sample(0, vec![job("a", 0.0, 1, Some("pid-7"))], budget),
+            &mut names,
+        );
+        assert_eq!(m.trainings[0].jobs, 3);
+        assert!(!m.jobs.contains_key("b"));
     }
 
     #[test]
