@@ -97,6 +97,11 @@ pub trait NodeBudget: Send {
     fn job_figures(&self, _job: &str) -> Option<crate::budget::node::JobStealFigures> {
         None
     }
+
+    /// The outcome of the agent's one load of the steal programs: the
+    /// trainings registered meanwhile are metered from now on (`Ok`), or
+    /// refused with the reason (`Err`).
+    fn install_meter(&mut self, _meter: Result<crate::probe::steal::StealMeter, String>) {}
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -238,6 +243,11 @@ impl crate::job::Monitor for ExternalBudget {
 /// quota is divided among them).
 pub struct Metered {
     protections: crate::budget::protect::Protections,
+    /// The programs' load: `None` while it runs, then its outcome.
+    meter: Option<Result<(), String>>,
+    /// Every registered training; while the programs load, those
+    /// registered meanwhile (jobs re-adopted at the agent's start) are
+    /// here only, and protected once they are in.
     specs: std::collections::BTreeMap<String, TrainingSpec>,
     /// Jobs added before their cgroup exists (the shim makes it): job →
     /// training, metered from the first tick that finds the cgroup.
@@ -265,6 +275,7 @@ impl Metered {
     pub fn new(period: std::time::Duration, locate: JobLocator) -> Self {
         Self {
             protections: crate::budget::protect::Protections::new(period),
+            meter: None,
             specs: std::collections::BTreeMap::new(),
             pending: std::collections::BTreeMap::new(),
             locate,
@@ -301,6 +312,9 @@ impl Metered {
             .collect();
         for id in ended {
             self.specs.remove(&id);
+            if !self.protections.is_protected(&id) {
+                continue;
+            }
             match self.protections.unprotect(&id) {
                 Ok(_) => {
                     tracing::info!(training = %id, "the training ended: it is no longer metered")
@@ -314,6 +328,9 @@ impl Metered {
 
     /// Meters the pending jobs whose cgroup exists now.
     fn resolve_pending(&mut self) {
+        if self.meter.is_none() {
+            return;
+        }
         let pending = std::mem::take(&mut self.pending);
         for (job, training) in pending {
             let Some(dir) = (self.locate)(&job) else {
@@ -324,6 +341,23 @@ impl Metered {
                 tracing::warn!(job, training, error = %e, "the job's steal is not metered");
             }
         }
+    }
+}
+
+impl Metered {
+    fn protect(
+        &mut self,
+        id: &str,
+        training: crate::probe::steal::TrainingSpec,
+        spec: &TrainingSpec,
+    ) -> Result<(), String> {
+        let protect = crate::budget::protect::Protect {
+            id: id.to_owned(),
+            training,
+            budget: spec.budget_fraction,
+            progress_file: spec.progress_file.clone(),
+        };
+        self.protections.protect(protect).map_err(|e| e.to_string())
     }
 }
 
@@ -377,20 +411,56 @@ impl NodeBudget for Metered {
             }
             return Ok(id);
         }
-        let protect = crate::budget::protect::Protect {
-            id: id.clone(),
-            training: meter_spec(&spec)?,
-            budget: spec.budget_fraction,
-            progress_file: spec.progress_file.clone(),
-        };
-        self.protections
-            .protect(protect)
-            .map_err(|e| e.to_string())?;
+        let training = meter_spec(&spec)?;
+        match &self.meter {
+            None => {
+                tracing::info!(training = %id, "the training is metered once the steal programs are loaded");
+            }
+            Some(Err(reason)) => {
+                return Err(format!(
+                    "training {id}: the node's steal programs could not be loaded ({reason}); this agent meters no steal"
+                ));
+            }
+            Some(Ok(())) => self.protect(&id, training, &spec)?,
+        }
         self.specs.insert(id.clone(), spec);
         Ok(id)
     }
 
+    fn install_meter(&mut self, meter: Result<crate::probe::steal::StealMeter, String>) {
+        match meter {
+            Ok(meter) => {
+                self.protections.install_meter(meter);
+                self.meter = Some(Ok(()));
+                let waiting = std::mem::take(&mut self.specs);
+                for (id, spec) in waiting {
+                    let protected = meter_spec(&spec).and_then(|t| self.protect(&id, t, &spec));
+                    match protected {
+                        Ok(()) => {
+                            self.specs.insert(id, spec);
+                        }
+                        Err(error) => {
+                            tracing::warn!(training = %id, %error, "the training is not metered");
+                            self.pending.retain(|_, t| *t != id);
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                for id in std::mem::take(&mut self.specs).into_keys() {
+                    tracing::warn!(training = %id, "the training is not metered: the steal programs could not be loaded");
+                }
+                self.pending.clear();
+                self.meter = Some(Err(reason));
+            }
+        }
+    }
+
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String> {
+        if self.meter.is_none() && self.specs.contains_key(training) {
+            self.pending.insert(job.to_owned(), training.to_owned());
+            return Ok(());
+        }
         if !self.protections.is_protected(training) {
             return Err(format!("no training {training:?} is protected"));
         }
