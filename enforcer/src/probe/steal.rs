@@ -370,9 +370,10 @@ impl StealMeter {
                 .map_err(map_err("CPU_WAIT"))?;
         }
         for name in self.programs.clone() {
-            let attached = self
-                .tracepoint(name)
-                .and_then(|p| p.attach().map_err(|source| ProbeError::Program { name, source }));
+            let attached = self.tracepoint(name).and_then(|p| {
+                p.attach()
+                    .map_err(|source| ProbeError::Program { name, source })
+            });
             match attached {
                 Ok(link) => self.links.push((name, link)),
                 Err(e) => {
