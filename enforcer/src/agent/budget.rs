@@ -556,6 +556,35 @@ impl NodeBudget for Metered {
 mod tests {
     use super::*;
 
+    fn spec(pid: i32) -> TrainingSpec {
+        TrainingSpec {
+            pid: Some(pid),
+            cgroup: None,
+            follow_children: false,
+            progress_file: None,
+            budget_fraction: 0.05,
+            owner_uid: 0,
+        }
+    }
+
+    #[test]
+    fn trainings_registered_while_the_programs_load_are_refused_with_the_reason_when_it_fails() {
+        let mut budget = Metered::new(std::time::Duration::from_secs(1), Box::new(|_| None));
+        let id = budget.register_training(spec(4242)).expect("accepted while loading");
+        assert_eq!(id, "pid-4242");
+        assert!(!budget.holds(&id), "not metered before the programs are in");
+        budget
+            .add_job(&id, "job-1", PathBuf::new())
+            .expect("a job of a training that waits for the programs");
+
+        budget.install_meter(Err("no BTF".to_owned()));
+        assert!(!budget.holds(&id));
+        assert!(budget.pending.is_empty(), "its job is not left pending");
+        let refused = budget.register_training(spec(4242)).unwrap_err();
+        assert!(refused.contains("no BTF"), "{refused}");
+        assert!(budget.add_job(&id, "job-2", PathBuf::new()).is_err());
+    }
+
     #[test]
     fn a_wish_is_read_once_per_change_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
