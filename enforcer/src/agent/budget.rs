@@ -295,8 +295,8 @@ impl Metered {
 
     /// Stops metering each training process that has exited and has no
     /// job left: nothing will be stolen from it again, its index in the
-    /// meter is freed, and with the last one the programs are unloaded (a
-    /// loaded program set costs every context switch on the node).
+    /// meter is freed, and with the last one the programs are detached
+    /// (attached, they cost every context switch on the node).
     /// Protecting it again (a new process with that pid) registers it anew.
     fn forget_ended_trainings(&mut self) {
         let ended: Vec<String> = self
@@ -570,7 +570,9 @@ mod tests {
     #[test]
     fn trainings_registered_while_the_programs_load_are_refused_with_the_reason_when_it_fails() {
         let mut budget = Metered::new(std::time::Duration::from_secs(1), Box::new(|_| None));
-        let id = budget.register_training(spec(4242)).expect("accepted while loading");
+        let id = budget
+            .register_training(spec(4242))
+            .expect("accepted while loading");
         assert_eq!(id, "pid-4242");
         assert!(!budget.holds(&id), "not metered before the programs are in");
         budget
