@@ -342,9 +342,8 @@ impl Metered {
             }
         }
     }
-}
 
-impl Metered {
+    /// Protects a training now that the programs are in.
     fn protect(
         &mut self,
         id: &str,
