@@ -28,11 +28,10 @@ fn workload() -> PathBuf {
 /// One request over the agent's socket, on a connection of its own.
 fn ask(socket: &Path, request: Value) -> Result<Value, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    // Generous: the first protected job loads the node's programs on the
-    // agent's runtime, which answers nothing meanwhile; on 5.10 under
-    // emulation its verifier took over 10 s (a known limit of the agent).
+    // A status never waits for the steal programs' load (the agent loads
+    // them once, at its start, off its request path).
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let mut line = String::new();

@@ -56,6 +56,17 @@ fn bpf_programs_held(pid: u32) -> usize {
         .count()
 }
 
+/// How many BPF links (attached programs) process `pid` holds open.
+fn bpf_links_held(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("link_type:")))
+        .count()
+}
+
 /// A spinning process pinned to `cpu`, killed on drop.
 fn spinner(cpu: &str) -> ChildGuard {
     ChildGuard(
@@ -181,10 +192,11 @@ fn two_trainings_share_one_meter_and_each_job_is_charged_its_own() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Loaded at the agent's start, attached only once a training is.
     assert_eq!(
-        bpf_programs_held(agent_pid),
+        bpf_links_held(agent_pid),
         0,
-        "the agent holds BPF programs before anything is protected"
+        "the agent's BPF programs are attached before anything is protected"
     );
 
     // One training metered: the programs of one meter.

@@ -97,6 +97,11 @@ pub trait NodeBudget: Send {
     fn job_figures(&self, _job: &str) -> Option<crate::budget::node::JobStealFigures> {
         None
     }
+
+    /// The outcome of the agent's one load of the steal programs: the
+    /// trainings registered meanwhile are metered from now on (`Ok`), or
+    /// refused with the reason (`Err`).
+    fn install_meter(&mut self, _meter: Result<crate::probe::steal::StealMeter, String>) {}
 }
 
 /// The budget of an agent whose trainings are not metered yet: it records
@@ -238,6 +243,11 @@ impl crate::job::Monitor for ExternalBudget {
 /// quota is divided among them).
 pub struct Metered {
     protections: crate::budget::protect::Protections,
+    /// The programs' load: `None` while it runs, then its outcome.
+    meter: Option<Result<(), String>>,
+    /// Every registered training; while the programs load, those
+    /// registered meanwhile (jobs re-adopted at the agent's start) are
+    /// here only, and protected once they are in.
     specs: std::collections::BTreeMap<String, TrainingSpec>,
     /// Jobs added before their cgroup exists (the shim makes it): job →
     /// training, metered from the first tick that finds the cgroup.
@@ -265,6 +275,7 @@ impl Metered {
     pub fn new(period: std::time::Duration, locate: JobLocator) -> Self {
         Self {
             protections: crate::budget::protect::Protections::new(period),
+            meter: None,
             specs: std::collections::BTreeMap::new(),
             pending: std::collections::BTreeMap::new(),
             locate,
@@ -284,8 +295,8 @@ impl Metered {
 
     /// Stops metering each training process that has exited and has no
     /// job left: nothing will be stolen from it again, its index in the
-    /// meter is freed, and with the last one the programs are unloaded (a
-    /// loaded program set costs every context switch on the node).
+    /// meter is freed, and with the last one the programs are detached
+    /// (attached, they cost every context switch on the node).
     /// Protecting it again (a new process with that pid) registers it anew.
     fn forget_ended_trainings(&mut self) {
         let ended: Vec<String> = self
@@ -301,6 +312,9 @@ impl Metered {
             .collect();
         for id in ended {
             self.specs.remove(&id);
+            if !self.protections.is_protected(&id) {
+                continue;
+            }
             match self.protections.unprotect(&id) {
                 Ok(_) => {
                     tracing::info!(training = %id, "the training ended: it is no longer metered")
@@ -314,6 +328,9 @@ impl Metered {
 
     /// Meters the pending jobs whose cgroup exists now.
     fn resolve_pending(&mut self) {
+        if self.meter.is_none() {
+            return;
+        }
         let pending = std::mem::take(&mut self.pending);
         for (job, training) in pending {
             let Some(dir) = (self.locate)(&job) else {
@@ -324,6 +341,22 @@ impl Metered {
                 tracing::warn!(job, training, error = %e, "the job's steal is not metered");
             }
         }
+    }
+
+    /// Protects a training now that the programs are in.
+    fn protect(
+        &mut self,
+        id: &str,
+        training: crate::probe::steal::TrainingSpec,
+        spec: &TrainingSpec,
+    ) -> Result<(), String> {
+        let protect = crate::budget::protect::Protect {
+            id: id.to_owned(),
+            training,
+            budget: spec.budget_fraction,
+            progress_file: spec.progress_file.clone(),
+        };
+        self.protections.protect(protect).map_err(|e| e.to_string())
     }
 }
 
@@ -377,20 +410,56 @@ impl NodeBudget for Metered {
             }
             return Ok(id);
         }
-        let protect = crate::budget::protect::Protect {
-            id: id.clone(),
-            training: meter_spec(&spec)?,
-            budget: spec.budget_fraction,
-            progress_file: spec.progress_file.clone(),
-        };
-        self.protections
-            .protect(protect)
-            .map_err(|e| e.to_string())?;
+        let training = meter_spec(&spec)?;
+        match &self.meter {
+            None => {
+                tracing::info!(training = %id, "the training is metered once the steal programs are loaded");
+            }
+            Some(Err(reason)) => {
+                return Err(format!(
+                    "training {id}: the node's steal programs could not be loaded ({reason}); this agent meters no steal"
+                ));
+            }
+            Some(Ok(())) => self.protect(&id, training, &spec)?,
+        }
         self.specs.insert(id.clone(), spec);
         Ok(id)
     }
 
+    fn install_meter(&mut self, meter: Result<crate::probe::steal::StealMeter, String>) {
+        match meter {
+            Ok(meter) => {
+                self.protections.install_meter(meter);
+                self.meter = Some(Ok(()));
+                let waiting = std::mem::take(&mut self.specs);
+                for (id, spec) in waiting {
+                    let protected = meter_spec(&spec).and_then(|t| self.protect(&id, t, &spec));
+                    match protected {
+                        Ok(()) => {
+                            self.specs.insert(id, spec);
+                        }
+                        Err(error) => {
+                            tracing::warn!(training = %id, %error, "the training is not metered");
+                            self.pending.retain(|_, t| *t != id);
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                for id in std::mem::take(&mut self.specs).into_keys() {
+                    tracing::warn!(training = %id, "the training is not metered: the steal programs could not be loaded");
+                }
+                self.pending.clear();
+                self.meter = Some(Err(reason));
+            }
+        }
+    }
+
     fn add_job(&mut self, training: &str, job: &str, job_cgroup: PathBuf) -> Result<(), String> {
+        if self.meter.is_none() && self.specs.contains_key(training) {
+            self.pending.insert(job.to_owned(), training.to_owned());
+            return Ok(());
+        }
         if !self.protections.is_protected(training) {
             return Err(format!("no training {training:?} is protected"));
         }
@@ -485,6 +554,37 @@ impl NodeBudget for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(pid: i32) -> TrainingSpec {
+        TrainingSpec {
+            pid: Some(pid),
+            cgroup: None,
+            follow_children: false,
+            progress_file: None,
+            budget_fraction: 0.05,
+            owner_uid: 0,
+        }
+    }
+
+    #[test]
+    fn trainings_registered_while_the_programs_load_are_refused_with_the_reason_when_it_fails() {
+        let mut budget = Metered::new(std::time::Duration::from_secs(1), Box::new(|_| None));
+        let id = budget
+            .register_training(spec(4242))
+            .expect("accepted while loading");
+        assert_eq!(id, "pid-4242");
+        assert!(!budget.holds(&id), "not metered before the programs are in");
+        budget
+            .add_job(&id, "job-1", PathBuf::new())
+            .expect("a job of a training that waits for the programs");
+
+        budget.install_meter(Err("no BTF".to_owned()));
+        assert!(!budget.holds(&id));
+        assert!(budget.pending.is_empty(), "its job is not left pending");
+        let refused = budget.register_training(spec(4242)).unwrap_err();
+        assert!(refused.contains("no BTF"), "{refused}");
+        assert!(budget.add_job(&id, "job-2", PathBuf::new()).is_err());
+    }
 
     #[test]
     fn a_wish_is_read_once_per_change_of_the_file() {

@@ -198,7 +198,7 @@ pub const GPU_TELEMETRY: Family = family(
 pub const PROBE_METERS: Family = family(
     "enforcer_probe_meters",
     Gauge,
-    "Sets of steal programs loaded: 1 while any training is metered (one for the node), else 0.",
+    "Sets of steal programs attached: 1 while any training is metered (one for the node), else 0.",
 );
 pub const PROBE_OVERFLOW: Family = family(
     "enforcer_probe_overflow_total",

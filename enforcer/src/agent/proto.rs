@@ -144,6 +144,10 @@ pub enum Response {
         /// `status` that opens a subscription.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentCost>,
+        /// Where the agent's one load of the steal programs stands; absent
+        /// in the empty `status` that opens a subscription.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meter: Option<MeterState>,
     },
     Protected {
         training: String,
@@ -158,6 +162,17 @@ pub enum Response {
         status: u8,
         message: String,
     },
+}
+
+/// The agent's steal programs: loaded once at its start, off the request
+/// path. Serialized as `"loading"`, `"loaded"` or `{"failed": reason}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeterState {
+    Loading,
+    Loaded,
+    /// The agent runs without steal metering: `protect` is refused.
+    Failed(String),
 }
 
 /// One job as `status` shows it.

@@ -24,7 +24,10 @@ use crate::{
         auth::{self, Caller},
         budget::{Metered, NodeBudget, QuotaWish, TrainingSpec},
         metrics,
-        proto::{self, API_VERSION, Event, JobStatus, LineReader, ProtoError, Request, Response},
+        proto::{
+            self, API_VERSION, Event, JobStatus, LineReader, MeterState, ProtoError, Request,
+            Response,
+        },
         shim,
         store::{self, JobDir, JobKind, JobPlan, JobResult, Store},
         usage::Readings,
@@ -51,6 +54,8 @@ struct Shared {
     exe: PathBuf,
     jobs: Mutex<BTreeMap<String, Job>>,
     budget: Mutex<Box<dyn NodeBudget>>,
+    /// The steal programs' one load (see [`load_meter`]).
+    meter: watch::Receiver<MeterState>,
     /// Training id → the uid that registered it.
     trainings: Mutex<BTreeMap<String, u32>>,
     /// What `status` read last of the jobs' and the agent's cost.
@@ -250,12 +255,14 @@ pub fn main(
         config.control_period.0,
         Metered::subtree_locator(config.cgroup_root.clone()),
     );
+    let (meter_state, meter) = watch::channel(MeterState::Loading);
     let shared = Arc::new(Shared {
         config,
         store,
         exe,
         jobs: Mutex::new(BTreeMap::new()),
         budget: Mutex::new(Box::new(budget)),
+        meter,
         trainings: Mutex::new(BTreeMap::new()),
         readings: Mutex::new(Readings::default()),
         events,
@@ -266,6 +273,16 @@ pub fn main(
         gpu: Mutex::new(None),
         connections: Mutex::new(Connections::default()),
     });
+    {
+        let shared = shared.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("meter-load".into())
+            .spawn(move || load_meter(&shared, &meter_state))
+        {
+            tracing::error!("starting the thread that loads the steal programs failed: {e}");
+            return EXIT_FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -314,6 +331,49 @@ pub fn main(
     });
     drop(agent_lock);
     status
+}
+
+/// Loads the node's steal programs, once per agent, on a thread of its own
+/// and holding none of the agent's locks: the kernel's verification can
+/// take seconds, and the agent answers meanwhile. The budget gets them (or
+/// the reason they failed) before the state says so, so a request that saw
+/// [`MeterState::Loaded`] finds them installed.
+fn load_meter(shared: &Shared, state: &watch::Sender<MeterState>) {
+    let loaded = crate::probe::steal::StealMeter::load().map_err(|e| e.to_string());
+    let now = match &loaded {
+        Ok(_) => {
+            tracing::info!("steal programs loaded: attached while a training is protected");
+            MeterState::Loaded
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "loading the steal programs failed: this agent runs without steal metering and refuses protect");
+            MeterState::Failed(reason.clone())
+        }
+    };
+    match shared.budget.lock() {
+        Ok(mut budget) => budget.install_meter(loaded),
+        Err(_) => tracing::error!("agent state poisoned: the steal programs are not installed"),
+    }
+    state.send_replace(now);
+}
+
+/// Waits, holding no lock, until the steal programs' load has ended.
+async fn meter_settled(shared: &Shared) -> MeterState {
+    let mut state = shared.meter.clone();
+    let settled = state
+        .wait_for(|s| *s != MeterState::Loading)
+        .await
+        .map(|s| s.clone());
+    settled.unwrap_or_else(|_| {
+        MeterState::Failed("the thread loading the steal programs ended without a result".into())
+    })
+}
+
+/// Whether a job request may protect a training (its own flag, or the
+/// config it runs with): such a job waits for the steal programs.
+fn may_protect(shared: &Shared, job: &JobRequest) -> bool {
+    let t = &shared.config.training;
+    job.protect.is_some() || job.config.is_some() || t.pid.is_some() || t.cgroup.is_some()
 }
 
 /// Makes the socket's directory (root's, 0755: a socket in it must be
@@ -682,11 +742,17 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 cwd,
             } => {
                 let kind = JobKind::Run { command };
+                if may_protect(&shared, &job) {
+                    meter_settled(&shared).await;
+                }
                 let prepared = start_job(&shared, &caller, *job, kind, Some(fds), env, cwd);
                 accept(&shared, &caller, &mut stream, "run", prepared).await
             }
             Request::Attach { job, pid, tree } => {
                 let kind = JobKind::Attach { pid, tree };
+                if may_protect(&shared, &job) {
+                    meter_settled(&shared).await;
+                }
                 let prepared = start_job(&shared, &caller, *job, kind, None, Vec::new(), None);
                 accept(&shared, &caller, &mut stream, "attach", prepared).await
             }
@@ -718,6 +784,7 @@ async fn connection(shared: Arc<Shared>, mut stream: UnixStream) {
                 progress_file,
                 budget,
             } => {
+                meter_settled(&shared).await;
                 let r = protect(
                     &shared,
                     &caller,
@@ -1569,6 +1636,11 @@ fn protect(
             ));
         }
     }
+    if let MeterState::Failed(reason) = &*shared.meter.borrow() {
+        return Err(Answer::failed(format!(
+            "protect: this agent runs without steal metering: loading its steal programs failed ({reason})"
+        )));
+    }
     let spec = TrainingSpec {
         pid,
         cgroup,
@@ -1664,6 +1736,7 @@ fn status(shared: &Shared, caller: &Caller) -> Response {
         jobs,
         budget,
         agent,
+        meter: Some(shared.meter.borrow().clone()),
     }
 }
 
@@ -1879,6 +1952,7 @@ async fn subscribe(shared: &Shared, caller: &Caller, stream: &mut UnixStream) {
             jobs: Vec::new(),
             budget: serde_json::Value::Null,
             agent: None,
+            meter: None,
         },
     )
     .await

@@ -97,6 +97,12 @@ impl Protections {
         }
     }
 
+    /// Hands the node's meter its loaded programs (see
+    /// [`NodeMeter::install`]).
+    pub fn install_meter(&mut self, meter: crate::probe::steal::StealMeter) {
+        self.meter.install(meter);
+    }
+
     /// Meters the training (in the node's one meter) and starts its
     /// budget. Nothing is left registered when either fails.
     pub fn protect(&mut self, p: Protect) -> Result<(), ProtectError> {

@@ -184,6 +184,7 @@ fn status(conn: &mut Option<Conn>, socket: &Path) -> Result<Sample, String> {
             jobs,
             budget,
             agent,
+            ..
         } => Ok(Sample {
             at: Duration::ZERO,
             jobs,

@@ -6,9 +6,11 @@
 //! takes a training index in the one [`StealMeter`], and each job is a slot
 //! charged against its own training's wait only. So however many trainings
 //! and jobs the agent protects, each `sched_switch` on the node runs one
-//! program. The programs are loaded when the first training is registered
-//! and unloaded when the last one goes: a node that protects nothing pays
-//! nothing on its context switches.
+//! program. The programs are loaded once, by the agent at its start, off
+//! its request path (the kernel's verification can take seconds), and
+//! handed in with [`NodeMeter::install`]; they are attached when the first
+//! training is registered and detached when the last one goes: a node that
+//! protects nothing pays nothing on its context switches.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,8 @@ pub enum NodeMeterError {
     TrainingExists(TrainingId),
     #[error("no metered training {0:?}")]
     NoTraining(TrainingId),
+    #[error("training {0:?}: the node's steal programs are not loaded")]
+    NotLoaded(TrainingId),
     #[error("training {training:?}: {source}")]
     Probe {
         training: TrainingId,
@@ -38,7 +42,8 @@ pub enum NodeMeterError {
 /// The node's one meter; see the module doc.
 #[derive(Debug, Default)]
 pub struct NodeMeter {
-    /// Loaded while at least one training is registered.
+    /// Once installed, loaded for good; attached while at least one
+    /// training is registered.
     meter: Option<StealMeter>,
     /// Which training each job is charged against.
     jobs: BTreeMap<String, TrainingId>,
@@ -58,11 +63,25 @@ pub struct MeterHealth {
 }
 
 impl NodeMeter {
+    /// A meter without programs yet: registrations are refused until
+    /// [`NodeMeter::install`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Meters `spec` as `id` (its threads are entered at once), loading
+    /// Hands in the loaded programs (see [`StealMeter::load`]); they stay
+    /// detached until a training is registered.
+    pub fn install(&mut self, mut meter: StealMeter) {
+        meter.detach();
+        self.meter = Some(meter);
+    }
+
+    /// Whether the programs are installed.
+    pub fn is_installed(&self) -> bool {
+        self.meter.is_some()
+    }
+
+    /// Meters `spec` as `id` (its threads are entered at once), attaching
     /// the programs if this is the first training.
     pub fn register_training(
         &mut self,
@@ -73,10 +92,11 @@ impl NodeMeter {
             training: id.to_owned(),
             source: Box::new(source),
         };
-        let mut meter = match self.meter.take() {
-            Some(meter) => meter,
-            None => StealMeter::load().map_err(probe)?,
-        };
+        let meter = self
+            .meter
+            .as_mut()
+            .ok_or_else(|| NodeMeterError::NotLoaded(id.to_owned()))?;
+        meter.attach().map_err(probe)?;
         let added = meter.add_training(id, spec);
         if let Err(ProbeError::TooManyTrainings(_)) = &added {
             tracing::warn!(
@@ -85,10 +105,7 @@ impl NodeMeter {
                 "the node's meter is full: the training is not metered"
             );
         }
-        // Kept loaded only while it meters something.
-        if meter.trainings().next().is_some() {
-            self.meter = Some(meter);
-        }
+        self.detach_if_idle();
         match added {
             Ok(()) => Ok(()),
             Err(ProbeError::TrainingExists(_)) => {
@@ -108,21 +125,19 @@ impl NodeMeter {
         let removed = meter.remove_training(id);
         self.jobs.retain(|_, t| t != id);
         self.overflow.remove(id);
-        self.unload_if_idle();
+        self.detach_if_idle();
         removed.map(drop).map_err(|source| NodeMeterError::Probe {
             training: id.to_owned(),
             source: Box::new(source),
         })
     }
 
-    /// Unloads the programs when no training is left.
-    fn unload_if_idle(&mut self) {
-        if self
-            .meter
-            .as_ref()
-            .is_some_and(|m| m.trainings().next().is_none())
+    /// Detaches the programs when no training is left.
+    fn detach_if_idle(&mut self) {
+        if let Some(m) = &mut self.meter
+            && m.trainings().next().is_none()
         {
-            self.meter = None;
+            m.detach();
         }
     }
 
@@ -187,7 +202,7 @@ impl NodeMeter {
     /// so their cost is in the first entry only, and only with
     /// `program_stats` (meaningful while `kernel.bpf_stats_enabled` is 1).
     pub fn health(&self, program_stats: bool) -> Vec<MeterHealth> {
-        let Some(meter) = &self.meter else {
+        let Some(meter) = self.meter.as_ref().filter(|m| m.is_attached()) else {
             return Vec::new();
         };
         let mut programs = if program_stats {
@@ -205,9 +220,9 @@ impl NodeMeter {
             .collect()
     }
 
-    /// How many copies of the programs are loaded: 1 while any training is
-    /// metered, else 0.
-    pub fn loaded(&self) -> usize {
-        usize::from(self.meter.is_some())
+    /// How many copies of the programs are attached: 1 while any training
+    /// is metered, else 0.
+    pub fn attached(&self) -> usize {
+        usize::from(self.meter.as_ref().is_some_and(StealMeter::is_attached))
     }
 }

@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
 use enforcer_common::{
     CpuWait, JobRef, JobSteal, MAX_JOB_LEVELS, MAX_JOBS, MAX_TRAININGS, NODE_TOTALS, TASK_UNKNOWN,
@@ -219,13 +219,17 @@ impl StealMaps {
     }
 }
 
-/// The loaded and attached steal programs, shared by every training they
-/// meter. Dropping it detaches them.
+/// The loaded steal programs, shared by every training they meter;
+/// attached between [`StealMeter::attach`] and [`StealMeter::detach`].
+/// Dropping it detaches and unloads them.
 pub struct StealMeter {
     ebpf: Ebpf,
     maps: StealMaps,
     trainings: BTreeMap<String, Training>,
+    /// The programs loaded, in attach order.
     programs: Vec<&'static str>,
+    /// Their links while attached (empty while detached).
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
     jobs: BTreeMap<String, Job>,
     nr_cpus: usize,
     /// Whether the loaded `sched_switch` program matches child cgroups of a
@@ -243,6 +247,7 @@ impl std::fmt::Debug for StealMeter {
         f.debug_struct("StealMeter")
             .field("trainings", &self.trainings)
             .field("jobs", &self.jobs)
+            .field("attached", &self.is_attached())
             .finish_non_exhaustive()
     }
 }
@@ -267,10 +272,11 @@ fn missing(kind: &'static str, name: &'static str) -> ProbeError {
 }
 
 impl StealMeter {
-    /// Loads and attaches the steal programs with no training registered
-    /// yet (they then cost each switch two array reads). Fails with the
-    /// reason (no BTF, no privilege, verifier refusal) when the kernel
-    /// cannot run them; the caller reports that and carries on.
+    /// Loads the steal programs (the kernel verifies them: the slow part)
+    /// without attaching them, so they cost no context switch until
+    /// [`StealMeter::attach`]. Fails with the reason (no BTF, no privilege,
+    /// verifier refusal) when the kernel cannot run them; the caller
+    /// reports that and carries on.
     pub fn load() -> Result<Self, ProbeError> {
         raise_memlock();
         let layout = TaskLayout::from_sys_fs().map_err(|e| ProbeError::NoBtf(e.to_string()))?;
@@ -308,16 +314,13 @@ impl StealMeter {
             maps,
             trainings: BTreeMap::new(),
             programs: Vec::new(),
+            links: Vec::new(),
             jobs: BTreeMap::new(),
             nr_cpus,
             ancestors: true,
             trainings_refused: 0,
             indices_used: 0,
         };
-        // Verification is the slow part: do it for every program first, then
-        // attach them back to back, so the window in which only some are
-        // attached is a few system calls long. (No training is registered
-        // yet, so no wait can start while only some are attached.)
         let programs = [
             (switch, "sched_switch"),
             ("steal_sched_migrate_task", "sched_migrate_task"),
@@ -346,20 +349,68 @@ impl StealMeter {
             meter.ancestors = false;
             programs[i].0 = switch_flat;
         }
-        for (name, _) in programs {
-            meter
-                .tracepoint(name)?
-                .attach()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            meter.programs.push(name);
-        }
+        meter.programs = programs.iter().map(|(name, _)| *name).collect();
         Ok(meter)
     }
 
-    /// Loads the programs and registers `training` as [`SOLE_TRAINING`]:
-    /// the meter of one `enforcer run --protect` or `enforcer meter`.
+    /// Attaches the loaded programs (no-op while attached). They are
+    /// attached back to back, so the window in which only some run is a
+    /// few system calls long; attach before registering a training, so
+    /// that no wait can start while only some are attached.
+    pub fn attach(&mut self) -> Result<(), ProbeError> {
+        if self.is_attached() {
+            return Ok(());
+        }
+        // Detached, the programs saw no switch: a CPU's state may still say
+        // that a training thread has run there since before the detach.
+        // Back to the state of a fresh load; its calibration is redone by
+        // the first event on each CPU.
+        for cpu in 0..self.nr_cpus as u32 {
+            self.maps
+                .cpu_wait
+                .set(cpu, CpuWait::default(), 0)
+                .map_err(map_err("CPU_WAIT"))?;
+        }
+        for name in self.programs.clone() {
+            let attached = self.tracepoint(name).and_then(|p| {
+                p.attach()
+                    .map_err(|source| ProbeError::Program { name, source })
+            });
+            match attached {
+                Ok(link) => self.links.push((name, link)),
+                Err(e) => {
+                    self.detach();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the programs (they stay loaded, their maps kept): the
+    /// node's context switches no longer run them.
+    pub fn detach(&mut self) {
+        for (name, link) in std::mem::take(&mut self.links) {
+            if let Err(error) = self.tracepoint(name).and_then(|p| {
+                p.detach(link)
+                    .map_err(|source| ProbeError::Program { name, source })
+            }) {
+                tracing::warn!(program = name, %error, "detaching a steal program failed");
+            }
+        }
+    }
+
+    /// Whether the programs run on the node's context switches now.
+    pub fn is_attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Loads and attaches the programs and registers `training` as
+    /// [`SOLE_TRAINING`]: the meter of one `enforcer run --protect` or
+    /// `enforcer meter`.
     pub fn start(training: TrainingSpec) -> Result<Self, ProbeError> {
         let mut meter = Self::load()?;
+        meter.attach()?;
         meter.add_training(SOLE_TRAINING, training)?;
         Ok(meter)
     }
