@@ -155,8 +155,18 @@ pub enum Reason {
     Relax { signal: Signal, value: f64 },
     /// The quota grew past the node's CPUs: removed.
     Unlimit { signal: Signal, value: f64 },
-    /// At the floor, still over budget for a sustained time: frozen for
-    /// `length`.
+    /// A steal-driven series of cuts did not pay: the stolen fraction went
+    /// from `before` (the rate that started the series) only to `after`,
+    /// less than `trial_share` of what a proportional response would give.
+    /// The quota goes back to what it was before the series, and the steal
+    /// cuts nothing for `hold_for`.
+    CutDidNotPay {
+        before: f64,
+        after: f64,
+        hold_for: Duration,
+    },
+    /// At the floor, or with cuts known not to pay, still over budget for a
+    /// sustained time: frozen for `length`.
     Freeze {
         value: f64,
         over_for: Duration,
@@ -201,6 +211,7 @@ impl Reason {
             Reason::Tighten { .. } => "tighten",
             Reason::Relax { .. } => "relax",
             Reason::Unlimit { .. } => "unlimit",
+            Reason::CutDidNotPay { .. } => "cut_did_not_pay",
             Reason::Freeze { .. } => "freeze",
             Reason::Thaw { .. } => "thaw",
             Reason::Placed { .. } => "placed",
@@ -257,13 +268,24 @@ impl fmt::Display for Decision {
                 "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> unlimited",
                 pct(value)
             ),
+            Reason::CutDidNotPay {
+                before,
+                after,
+                hold_for,
+            } => write!(
+                f,
+                "stolen fraction went only from {:.1}% to {:.1}% after the quota cuts: they did not pay; quota {from} -> {to}, no cut on steal for {:.0}s",
+                pct(before),
+                pct(after),
+                hold_for.as_secs_f64()
+            ),
             Reason::Freeze {
                 value,
                 over_for,
                 length,
             } => write!(
                 f,
-                "stolen fraction {:.1}% still over budget {budget:.1}% at the floor quota {to} for {:.1}s: job frozen for {:.1}s",
+                "stolen fraction {:.1}% still over budget {budget:.1}% at quota {to} for {:.1}s: job frozen for {:.1}s",
                 pct(value),
                 over_for.as_secs_f64(),
                 length.as_secs_f64()
@@ -378,6 +400,14 @@ pub struct ControllerConfig {
     /// The pause must lower the slowdown by this × budget for the job to be
     /// the cause (less is noise between rate windows).
     pub experiment_effect: f64,
+    /// A steal-driven cut is a trial: once the rate after it has been
+    /// measured over `lookahead`, the stolen fraction must have fallen by at
+    /// least this share of what a proportional response predicts, or the
+    /// cuts of the series are undone.
+    pub trial_share: f64,
+    /// After cuts that did not pay, the steal cuts nothing for this long
+    /// (the freeze duty cycle still holds the horizon).
+    pub unpaid_hold: Duration,
     /// Freeze when the stolen fraction at the floor stays above
     /// `freeze_above × budget`...
     pub freeze_above: f64,
@@ -428,6 +458,8 @@ impl ControllerConfig {
             slowdown_ignore_for: Duration::from_secs(30),
             experiment_length: Duration::from_millis(1500),
             experiment_effect: 0.5,
+            trial_share: 0.5,
+            unpaid_hold: Duration::from_secs(30),
             freeze_above: 1.0,
             freeze_after: Duration::from_secs(2),
             freeze_min: Duration::from_millis(500),
@@ -447,9 +479,10 @@ struct Sample {
 pub enum Phase {
     /// Tightening and relaxing the quota on the signals.
     Regulating,
-    /// At the floor with the job's own steal over the freeze threshold,
-    /// unbroken since `since`: frozen once that lasts `freeze_after`.
-    OverAtFloor { since: Instant },
+    /// Over budget where no quota cut helps (at the floor, or after cuts
+    /// that did not pay), unbroken since `since`: frozen once that lasts
+    /// `freeze_after`.
+    Overspending { since: Instant },
     /// The job was paused at `at` to see whether it causes a slowdown of
     /// `slowdown`; `before` are the controls to go back to, `job_cores` the
     /// job's CPU use before the pause (a cut starts from it).
@@ -478,6 +511,20 @@ pub enum SlowdownHeed {
     },
     /// Ignored until then (see [`Reason::NotTheJob`]).
     Ignored { until: Instant },
+}
+
+/// A series of steal-driven cuts whose effect is not judged yet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Trial {
+    /// The quota before the series' first cut: where it goes back to when
+    /// the series did not pay.
+    undo_to: Quota,
+    /// The rate that started the series...
+    value: f64,
+    /// ...and the cores it cut from (the quota or the job's use).
+    base: f64,
+    /// The latest cut of the series: the rate is judged after it.
+    at: Instant,
 }
 
 /// The budget used so far, as [`Controller::budget_used`] reports it.
@@ -531,6 +578,10 @@ pub struct Controller {
     /// The quota before the first slowdown cut of a series: an experiment
     /// that finds the slowdown is not the job's goes back to it.
     quota_before_slowdown: Option<Quota>,
+    /// Steal-driven cuts not judged yet.
+    trial: Option<Trial>,
+    /// Cuts did not pay: the steal cuts nothing until then.
+    steal_cuts_held_until: Option<Instant>,
     last_fraction: Option<f64>,
     last_horizon: Option<f64>,
     last_blame: Option<Cause>,
@@ -556,6 +607,8 @@ impl Controller {
             last_tighten: None,
             last_slowdown_tighten: None,
             quota_before_slowdown: None,
+            trial: None,
+            steal_cuts_held_until: None,
             last_fraction: None,
             last_horizon: None,
             last_blame: None,
@@ -621,13 +674,14 @@ impl Controller {
     pub fn placed(&mut self, now: Instant, cores: f64) -> Option<Decision> {
         self.config.max_cores = cores.min(self.node_cores).max(self.config.floor_cores);
         self.last_change = Some(now);
-        if let Phase::OverAtFloor { .. } = self.phase {
+        if let Phase::Overspending { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
         let quota = self.config.start_quota();
         if let Phase::Experimenting { before, .. } = &mut self.phase {
             before.quota = quota;
         }
+        self.trial = None;
         if self.controls.frozen {
             return None;
         }
@@ -675,7 +729,10 @@ impl Controller {
                     job_cores,
                 ));
             }
-            Phase::Regulating | Phase::OverAtFloor { .. } => {}
+            Phase::Regulating | Phase::Overspending { .. } => {}
+        }
+        if let Some(d) = self.judge_trial(now) {
+            return Some(d);
         }
 
         let heed_until = match self.slowdown {
@@ -695,8 +752,10 @@ impl Controller {
         let target = self.config.spend * self.config.budget;
         // The budget would be spent: the horizon's projection and the
         // current rate are both over the target.
-        let steal_over =
-            projected.is_some_and(|p| p > target) && fraction.is_some_and(|f| f > target);
+        let steal_cuts_held = self.steal_cuts_held_until.is_some_and(|until| now < until);
+        let steal_over = !steal_cuts_held
+            && projected.is_some_and(|p| p > target)
+            && fraction.is_some_and(|f| f > target);
         let slowdown_over_now =
             slowdown.is_some_and(|s| s > target) && slowdown_projected.is_some_and(|p| p > target);
         let persisted = match &mut self.slowdown {
@@ -734,6 +793,17 @@ impl Controller {
             && self
                 .last_slowdown_tighten
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
+        if steal_cuts_held {
+            // Cuts are known not to pay: only a freeze lowers the steal, and
+            // only a horizon really overspent (not a projection) earns one.
+            let overspent = horizon.is_some_and(|h| h > self.config.budget);
+            if let Some(d) = self.duty_cycle(now, fraction, overspent) {
+                return Some(d);
+            }
+            if let Phase::Overspending { .. } = self.phase {
+                return None;
+            }
+        }
         if steal_over || slowdown_can_tighten {
             let (signal, value) = match (fraction, slowdown) {
                 (Some(f), Some(s)) if slowdown_can_tighten && s > f => (Signal::Slowdown, s),
@@ -744,7 +814,7 @@ impl Controller {
             };
             return self.over_budget(now, signal, value, fraction, projected);
         }
-        if let Phase::OverAtFloor { .. } = self.phase {
+        if let Phase::Overspending { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
 
@@ -772,8 +842,10 @@ impl Controller {
         if !held_off || !spaced {
             return None;
         }
-        // Back on the normal path: a later slowdown series starts afresh.
+        // Back on the normal path: a later slowdown series starts afresh,
+        // and cuts that brought the rate this low paid.
         self.quota_before_slowdown = None;
+        self.trial = None;
         match self.controls.quota {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
@@ -829,6 +901,7 @@ impl Controller {
         let cfg = &self.config;
         let heed_for = cfg.slowdown_ignore_for;
         self.phase = Phase::Regulating;
+        self.trial = None;
         // The paused span must not count for or against the job.
         self.slowdowns.clear();
         self.last_tighten = Some(now);
@@ -922,53 +995,121 @@ impl Controller {
         if at_floor {
             // Only the job's own steal may freeze it, and only when the
             // horizon is really being overspent.
-            let Some(f) = fraction
-                .filter(|f| *f > cfg.freeze_above * cfg.budget)
-                .filter(|_| projected.is_some_and(|p| p > cfg.budget))
-            else {
-                if let Phase::OverAtFloor { .. } = self.phase {
-                    self.phase = Phase::Regulating;
-                }
-                return None;
-            };
-            let since = match self.phase {
-                Phase::OverAtFloor { since } => since,
-                _ => {
-                    self.phase = Phase::OverAtFloor { since: now };
-                    now
-                }
-            };
-            let over_for = now.saturating_duration_since(since);
-            if over_for < cfg.freeze_after {
-                return None;
-            }
-            // Duty cycle: running `over_for` at `f`, then frozen for
-            // `length`, averages to the relax threshold.
-            let target = (cfg.relax_below * cfg.budget).max(1e-6);
-            let length = over_for
-                .mul_f64((f / target - 1.0).max(0.0))
-                .clamp(cfg.freeze_min, cfg.freeze_max);
-            self.phase = Phase::Frozen { at: now, length };
-            return Some(self.change(
-                now,
-                |c| c.frozen = true,
-                Reason::Freeze {
-                    value: f,
-                    over_for,
-                    length,
-                },
-            ));
+            let overspent = projected.is_some_and(|p| p > cfg.budget);
+            return self.duty_cycle(now, fraction, overspent);
         }
         self.last_tighten = Some(now);
         if signal == Signal::Slowdown {
             self.last_slowdown_tighten = Some(now);
             self.quota_before_slowdown
                 .get_or_insert(self.controls.quota);
+            // The slowdown's cut muddles what the steal's would show.
+            self.trial = None;
+        } else {
+            // A later cut of the same series is judged with the first: the
+            // rate that started the series against the quota now.
+            let first = self.trial.unwrap_or(Trial {
+                undo_to: self.controls.quota,
+                value,
+                base,
+                at: now,
+            });
+            self.trial = Some(Trial { at: now, ..first });
         }
         Some(self.change(
             now,
             |c| c.quota = Quota::Cores(next),
             Reason::Tighten { signal, value },
+        ))
+    }
+
+    /// The last resort when no quota cut lowers the steal: with the job's
+    /// own rate over the freeze threshold and the horizon `overspent`, for
+    /// `freeze_after` unbroken, the job is frozen.
+    fn duty_cycle(
+        &mut self,
+        now: Instant,
+        fraction: Option<f64>,
+        overspent: bool,
+    ) -> Option<Decision> {
+        let cfg = &self.config;
+        let Some(f) = fraction
+            .filter(|f| *f > cfg.freeze_above * cfg.budget)
+            .filter(|_| overspent)
+        else {
+            if let Phase::Overspending { .. } = self.phase {
+                self.phase = Phase::Regulating;
+            }
+            return None;
+        };
+        let since = match self.phase {
+            Phase::Overspending { since } => since,
+            _ => {
+                self.phase = Phase::Overspending { since: now };
+                now
+            }
+        };
+        let over_for = now.saturating_duration_since(since);
+        if over_for < cfg.freeze_after {
+            return None;
+        }
+        // Duty cycle: running `over_for` at `f`, then frozen for `length`,
+        // averages to the relax threshold.
+        let target = (cfg.relax_below * cfg.budget).max(1e-6);
+        let length = over_for
+            .mul_f64((f / target - 1.0).max(0.0))
+            .clamp(cfg.freeze_min, cfg.freeze_max);
+        self.phase = Phase::Frozen { at: now, length };
+        // The frozen span would pass for a cut that paid.
+        self.trial = None;
+        Some(self.change(
+            now,
+            |c| c.frozen = true,
+            Reason::Freeze {
+                value: f,
+                over_for,
+                length,
+            },
+        ))
+    }
+
+    /// Judges the cuts on trial once the rate after the latest has been
+    /// measured over `lookahead`: a series that lowered the stolen fraction
+    /// by less than `trial_share` of a proportional response is undone, and
+    /// the steal cuts nothing for `unpaid_hold`. Near the idle class's
+    /// floor, steal follows the training's wake-up latency, not the job's
+    /// CPU time, and a cut only costs the evaluation.
+    fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
+        let trial = self.trial?;
+        let cfg = &self.config;
+        let span = self.samples.since(trial.at)?;
+        if span.elapsed() < cfg.lookahead {
+            return None;
+        }
+        let delta = span.last.steal?.since(span.first.steal?);
+        if delta.training_time() < cfg.min_training_time {
+            return None;
+        }
+        let after = delta.fraction()?;
+        self.trial = None;
+        let now_cores = self.controls.quota.cores().unwrap_or(cfg.max_cores);
+        let expected = trial.value * (1.0 - (now_cores / trial.base).min(1.0));
+        if trial.value - after >= cfg.trial_share * expected {
+            return None;
+        }
+        let hold_for = cfg.unpaid_hold;
+        self.steal_cuts_held_until = Some(now + hold_for);
+        if let Phase::Overspending { .. } = self.phase {
+            self.phase = Phase::Regulating;
+        }
+        Some(self.change(
+            now,
+            |c| c.quota = trial.undo_to,
+            Reason::CutDidNotPay {
+                before: trial.value,
+                after,
+                hold_for,
+            },
         ))
     }
 
@@ -1077,8 +1218,16 @@ impl Controller {
         mean + (current - mean) * weight
     }
 
+    /// The horizon's budget used, projected `lookahead` ahead; `None` while
+    /// the job has run for less than `lookahead`: a rate measured over less
+    /// than it forecasts is a start-up spike as often as a trend, and the
+    /// first cut would be made on it (a cut that then seems to have paid
+    /// when the spike ends).
     fn projected(&self, horizon: Option<f64>, fraction: Option<f64>) -> Option<f64> {
         let h = horizon?;
+        if self.horizon_span() < self.config.lookahead {
+            return None;
+        }
         Some(match fraction {
             Some(f) => self.project(h, f, self.horizon_span()),
             None => h,
@@ -1734,7 +1883,7 @@ mod tests {
             .iter()
             .map(|p| match p {
                 Phase::Regulating => "regulating",
-                Phase::OverAtFloor { .. } => "over at floor",
+                Phase::Overspending { .. } => "over at floor",
                 Phase::Experimenting { .. } => "experimenting",
                 Phase::Frozen { .. } => "frozen",
             })
