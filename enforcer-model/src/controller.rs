@@ -1218,16 +1218,8 @@ impl Controller {
         mean + (current - mean) * weight
     }
 
-    /// The horizon's budget used, projected `lookahead` ahead; `None` while
-    /// the job has run for less than `lookahead`: a rate measured over less
-    /// than it forecasts is a start-up spike as often as a trend, and the
-    /// first cut would be made on it (a cut that then seems to have paid
-    /// when the spike ends).
     fn projected(&self, horizon: Option<f64>, fraction: Option<f64>) -> Option<f64> {
         let h = horizon?;
-        if self.horizon_span() < self.config.lookahead {
-            return None;
-        }
         Some(match fraction {
             Some(f) => self.project(h, f, self.horizon_span()),
             None => h,
@@ -1302,6 +1294,19 @@ mod tests {
         let mut c = Controller::new(cfg);
         let d = c.start(sim.now);
         assert_eq!(d.reason, Reason::Start);
+        (c, sim)
+    }
+
+    /// [`controller`] where every cut counts as paid (a trial share of 0):
+    /// for the rules at the floor, on plants whose steal stays constant
+    /// whatever the quota.
+    fn controller_cuts_pay() -> (Controller, Sim) {
+        let sim = Sim::new();
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(1.0);
+        cfg.trial_share = 0.0;
+        let mut c = Controller::new(cfg);
+        c.start(sim.now);
         (c, sim)
     }
 
@@ -1810,7 +1815,7 @@ mod tests {
 
     #[test]
     fn never_goes_below_the_floor() {
-        let (mut c, mut sim) = controller();
+        let (mut c, mut sim) = controller_cuts_pay();
         for _ in 0..100 {
             let obs = sim.advance(0.055, quota(&c).min(2.0));
             c.step(obs, sim.now);
@@ -1836,7 +1841,7 @@ mod tests {
 
     #[test]
     fn freezes_at_the_floor_only_after_sustained_far_over_budget_and_thaws() {
-        let (mut c, mut sim) = controller();
+        let (mut c, mut sim) = controller_cuts_pay();
         let mut events = Vec::new();
         for _ in 0..200 {
             let f = if c.controls().frozen { 0.0 } else { 0.40 };
@@ -1867,7 +1872,7 @@ mod tests {
 
     #[test]
     fn phases_run_regulating_over_at_floor_frozen_and_back() {
-        let (mut c, mut sim) = controller();
+        let (mut c, mut sim) = controller_cuts_pay();
         assert_eq!(c.phase(), Phase::Regulating);
         let mut phases = vec![c.phase()];
         for _ in 0..200 {
