@@ -794,9 +794,15 @@ impl Controller {
                 .last_slowdown_tighten
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
         if steal_cuts_held {
-            // Cuts are known not to pay: only a freeze lowers the steal, and
-            // only a horizon really overspent (not a projection) earns one.
-            let overspent = horizon.is_some_and(|h| h > self.config.budget);
+            // Cuts are known not to pay: only a freeze lowers the steal. It
+            // needs a horizon already spent to the relax threshold (not
+            // only a projection) and a projection over the target: short
+            // runs and freezes keep every window under the budget, where
+            // waiting for the budget itself would overshoot it for
+            // `freeze_after`.
+            let overspent = horizon
+                .is_some_and(|h| h > self.config.relax_below * self.config.budget)
+                && projected.is_some_and(|p| p > target);
             if let Some(d) = self.duty_cycle(now, fraction, overspent) {
                 return Some(d);
             }
@@ -1062,6 +1068,13 @@ impl Controller {
         self.phase = Phase::Frozen { at: now, length };
         // The frozen span would pass for a cut that paid.
         self.trial = None;
+        // While freezes hold the budget, cuts that did not pay are not
+        // tried again: each new trial would overspend the horizon anew.
+        if let Some(until) = &mut self.steal_cuts_held_until
+            && now < *until
+        {
+            *until = (*until).max(now + length + cfg.unpaid_hold);
+        }
         Some(self.change(
             now,
             |c| c.frozen = true,
@@ -1099,9 +1112,13 @@ impl Controller {
         }
         let hold_for = cfg.unpaid_hold;
         self.steal_cuts_held_until = Some(now + hold_for);
-        if let Phase::Overspending { .. } = self.phase {
-            self.phase = Phase::Regulating;
-        }
+        // The rate has been over the freeze threshold since the latest cut:
+        // a freeze, if the horizon needs one, need not wait for it again.
+        self.phase = if after > cfg.freeze_above * cfg.budget {
+            Phase::Overspending { since: trial.at }
+        } else {
+            Phase::Regulating
+        };
         Some(self.change(
             now,
             |c| c.quota = trial.undo_to,
@@ -1479,6 +1496,98 @@ mod tests {
         assert!(least >= 0.7 * 0.05, "least 10 s window late {least}");
         let used = c.budget_used().expect("used");
         assert!(used.to_string().ends_with("of 5.0%"), "{used}");
+    }
+
+    /// Runs the idle-only controller for `periods` on a plant whose steal
+    /// at period `i` is `steal(i)` whatever the quota (zero while frozen);
+    /// returns the per-period fractions and the decisions.
+    fn run_unresponsive(
+        periods: usize,
+        steal: impl Fn(usize) -> f64,
+    ) -> (Controller, Vec<f64>, Vec<Decision>) {
+        let (mut c, mut sim) = idle_only();
+        let mut per_period = Vec::new();
+        let mut decisions = Vec::new();
+        for i in 0..periods {
+            let running = !c.controls().frozen;
+            let f = if running { steal(i) } else { 0.0 };
+            per_period.push(f);
+            let obs = sim.advance(f, if running { quota(&c).min(2.0) } else { 0.0 });
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push(d);
+            }
+        }
+        (c, per_period, decisions)
+    }
+
+    #[test]
+    fn cuts_that_do_not_lower_the_steal_are_undone_and_the_idle_class_keeps_its_cpu() {
+        // 4 % whatever the quota (under budget, over the relax threshold:
+        // a cut that stays is never relaxed), with 6 s at 5.5 % after 20 s:
+        // the projection cuts, the steal does not follow, the cuts are
+        // undone.
+        let (c, per_period, decisions) =
+            run_unresponsive(600, |i| if (200..260).contains(&i) { 0.055 } else { 0.04 });
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert!(actions.contains(&"tighten"), "{actions:?}");
+        let undo = decisions
+            .iter()
+            .find(|d| d.reason.action() == "cut_did_not_pay")
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
+        assert!(undo.to_string().contains("did not pay"), "{undo}");
+        // No cut survives, and none is made again while the answer holds.
+        let last_cut = actions.iter().rposition(|a| *a == "tighten").expect("cut");
+        let undone = actions
+            .iter()
+            .rposition(|a| *a == "cut_did_not_pay")
+            .expect("undone");
+        assert!(last_cut < undone, "{actions:?}");
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+        assert!(c.controls().idle && !c.controls().frozen);
+        let worst = horizon_fractions(&per_period)
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+    }
+
+    #[test]
+    fn over_budget_with_cuts_that_do_not_pay_the_duty_cycle_holds_the_horizon() {
+        // 8 % whatever the quota: cuts are undone, then freezes hold it.
+        let (c, per_period, decisions) = run_unresponsive(1200, |_| 0.08);
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert!(actions.contains(&"cut_did_not_pay"), "{actions:?}");
+        assert!(actions.contains(&"freeze"), "{actions:?}");
+        // The freezes run at the quota the undo restored, not at the floor.
+        let freeze = decisions
+            .iter()
+            .find(|d| d.reason.action() == "freeze")
+            .expect("froze");
+        assert_eq!(freeze.controls.quota, Quota::Unlimited, "{freeze}");
+        // Once the first cuts have been judged, every 10 s window holds.
+        let horizons = horizon_fractions(&per_period);
+        let worst = horizons[100..].iter().copied().fold(0.0, f64::max);
+        let whole = per_period.iter().sum::<f64>() / per_period.len() as f64;
+        assert!(
+            worst <= 0.05 + 1e-9,
+            "worst 10 s window {worst}: {actions:?}"
+        );
+        assert!(whole <= 0.05, "whole job {whole}");
+        assert!(c.budget_used().expect("used").steal <= 0.05 + 1e-9);
+    }
+
+    #[test]
+    fn on_a_proportional_plant_cuts_pay_and_stay() {
+        let (mut c, mut sim) = idle_only();
+        for _ in 0..600 {
+            let q = quota(&c);
+            let f = if c.controls().frozen { 0.0 } else { plant(q) };
+            let obs = sim.advance(f, q.min(2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                assert_ne!(d.reason.action(), "cut_did_not_pay", "{d}");
+            }
+        }
+        assert!(quota(&c) < 1.0, "quota {}", quota(&c));
     }
 
     #[test]
