@@ -13,6 +13,9 @@
 //! stolen by the job, over every [`ControllerConfig::horizon`] (10 s) and
 //! over the whole job, stays under the budget; with a progress file, the
 //! training's slowdown averaged over the same horizon is held to it too.
+//! Quota cuts are the means only where they are seen to lower the steal;
+//! where they are not, the evaluation keeps its CPU and the budget is held
+//! by freezing the job in a duty cycle.
 //!
 //! The loop spends that budget rather than fearing it:
 //! - the job starts in the idle scheduling class (unless configured off)
@@ -27,13 +30,25 @@
 //! - tightening cuts the quota in proportion to how far the current rate is
 //!   over the target (`spend × budget`), from the job's measured use when
 //!   that is below the quota, never below the floor;
+//! - a series of such cuts is a trial: once the rate after the latest cut
+//!   has been measured over [`ControllerConfig::lookahead`], it must have
+//!   fallen from the rate that started the series by at least
+//!   [`ControllerConfig::trial_share`] of what a proportional response
+//!   predicts (`value × (1 − quota now ÷ quota cut from)`). A series that
+//!   did not pay is undone (the quota from before it) and the steal cuts
+//!   nothing for [`ControllerConfig::unpaid_hold`]: near the idle class's
+//!   floor, the job's steal follows the training's wake-up latency, not the
+//!   job's CPU time, and a cut only costs the evaluation;
 //! - relaxing, once the projection is under `relax_below × budget` and after
 //!   a hold-off since the last tightening, grows the quota geometrically;
 //!   past the node's CPU count it is removed (back to the idle class alone);
-//! - at the floor, still over budget on the job's own steal for a sustained
-//!   time (the last resort): the job is frozen, long enough that the steal
-//!   averaged over the run at the floor and the freeze lands at the relax
-//!   threshold (bounded), then thawed at the floor;
+//! - at the floor, or with cuts known not to pay, still over budget on the
+//!   job's own steal for a sustained time (the last resort): the job is
+//!   frozen, long enough that the steal averaged over the run and the
+//!   freeze lands at the relax threshold (bounded), then thawed at the
+//!   quota it had. Without paying cuts that needs the horizon already spent
+//!   to the relax threshold, not only a projection; while freezes hold the
+//!   budget, cuts are not tried again;
 //! - a slowdown over budget that the steal does not explain (cache, memory
 //!   bandwidth, or load from outside the jobs) is blamed by experiment: the
 //!   job is paused for [`ControllerConfig::experiment_length`] and the
@@ -1536,6 +1551,7 @@ mod tests {
             .unwrap_or_else(|| panic!("{actions:?}"));
         assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
         assert!(undo.to_string().contains("did not pay"), "{undo}");
+        assert!(undo.to_string().contains("cores -> unlimited"), "{undo}");
         // No cut survives, and none is made again while the answer holds.
         let last_cut = actions.iter().rposition(|a| *a == "tighten").expect("cut");
         let undone = actions
