@@ -1996,7 +1996,7 @@ mod tests {
     }
 
     #[test]
-    fn phases_run_regulating_over_at_floor_frozen_and_back() {
+    fn phases_run_regulating_overspending_frozen_and_back() {
         let (mut c, mut sim) = controller_cuts_pay();
         assert_eq!(c.phase(), Phase::Regulating);
         let mut phases = vec![c.phase()];
@@ -2013,14 +2013,14 @@ mod tests {
             .iter()
             .map(|p| match p {
                 Phase::Regulating => "regulating",
-                Phase::Overspending { .. } => "over at floor",
+                Phase::Overspending { .. } => "overspending",
                 Phase::Experimenting { .. } => "experimenting",
                 Phase::Frozen { .. } => "frozen",
             })
             .collect();
         assert_eq!(
             &names[..4],
-            ["regulating", "over at floor", "frozen", "regulating"],
+            ["regulating", "overspending", "frozen", "regulating"],
             "{phases:?}"
         );
         let Some(Phase::Frozen { length, .. }) =
