@@ -13,6 +13,9 @@
 //! stolen by the job, over every [`ControllerConfig::horizon`] (10 s) and
 //! over the whole job, stays under the budget; with a progress file, the
 //! training's slowdown averaged over the same horizon is held to it too.
+//! Quota cuts are the means only where they are seen to lower the steal;
+//! where they are not, the evaluation keeps its CPU and the budget is held
+//! by freezing the job in a duty cycle.
 //!
 //! The loop spends that budget rather than fearing it:
 //! - the job starts in the idle scheduling class (unless configured off)
@@ -27,13 +30,25 @@
 //! - tightening cuts the quota in proportion to how far the current rate is
 //!   over the target (`spend × budget`), from the job's measured use when
 //!   that is below the quota, never below the floor;
+//! - a series of such cuts is a trial: once the rate after the latest cut
+//!   has been measured over [`ControllerConfig::lookahead`], it must have
+//!   fallen from the rate that started the series by at least
+//!   [`ControllerConfig::trial_share`] of what a proportional response
+//!   predicts (`value × (1 − quota now ÷ quota cut from)`). A series that
+//!   did not pay is undone (the quota from before it) and the steal cuts
+//!   nothing for [`ControllerConfig::unpaid_hold`]: near the idle class's
+//!   floor, the job's steal follows the training's wake-up latency, not the
+//!   job's CPU time, and a cut only costs the evaluation;
 //! - relaxing, once the projection is under `relax_below × budget` and after
 //!   a hold-off since the last tightening, grows the quota geometrically;
 //!   past the node's CPU count it is removed (back to the idle class alone);
-//! - at the floor, still over budget on the job's own steal for a sustained
-//!   time (the last resort): the job is frozen, long enough that the steal
-//!   averaged over the run at the floor and the freeze lands at the relax
-//!   threshold (bounded), then thawed at the floor;
+//! - at the floor, or with cuts known not to pay, still over budget on the
+//!   job's own steal for a sustained time (the last resort): the job is
+//!   frozen, long enough that the steal averaged over the run and the
+//!   freeze lands at the relax threshold (bounded), then thawed at the
+//!   quota it had. Without paying cuts that needs the horizon already spent
+//!   to the relax threshold, not only a projection; while freezes hold the
+//!   budget, cuts are not tried again;
 //! - a slowdown over budget that the steal does not explain (cache, memory
 //!   bandwidth, or load from outside the jobs) is blamed by experiment: the
 //!   job is paused for [`ControllerConfig::experiment_length`] and the
@@ -155,8 +170,18 @@ pub enum Reason {
     Relax { signal: Signal, value: f64 },
     /// The quota grew past the node's CPUs: removed.
     Unlimit { signal: Signal, value: f64 },
-    /// At the floor, still over budget for a sustained time: frozen for
-    /// `length`.
+    /// A steal-driven series of cuts did not pay: the stolen fraction went
+    /// from `before` (the rate that started the series) only to `after`,
+    /// less than `trial_share` of what a proportional response would give.
+    /// The quota goes back to what it was before the series, and the steal
+    /// cuts nothing for `hold_for`.
+    CutDidNotPay {
+        before: f64,
+        after: f64,
+        hold_for: Duration,
+    },
+    /// At the floor, or with cuts known not to pay, still over budget for a
+    /// sustained time: frozen for `length`.
     Freeze {
         value: f64,
         over_for: Duration,
@@ -201,6 +226,7 @@ impl Reason {
             Reason::Tighten { .. } => "tighten",
             Reason::Relax { .. } => "relax",
             Reason::Unlimit { .. } => "unlimit",
+            Reason::CutDidNotPay { .. } => "cut_did_not_pay",
             Reason::Freeze { .. } => "freeze",
             Reason::Thaw { .. } => "thaw",
             Reason::Placed { .. } => "placed",
@@ -257,13 +283,24 @@ impl fmt::Display for Decision {
                 "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> unlimited",
                 pct(value)
             ),
+            Reason::CutDidNotPay {
+                before,
+                after,
+                hold_for,
+            } => write!(
+                f,
+                "stolen fraction went only from {:.1}% to {:.1}% after the quota cuts: they did not pay; quota {from} -> {to}, no cut on steal for {:.0}s",
+                pct(before),
+                pct(after),
+                hold_for.as_secs_f64()
+            ),
             Reason::Freeze {
                 value,
                 over_for,
                 length,
             } => write!(
                 f,
-                "stolen fraction {:.1}% still over budget {budget:.1}% at the floor quota {to} for {:.1}s: job frozen for {:.1}s",
+                "stolen fraction {:.1}% still over budget {budget:.1}% at quota {to} for {:.1}s: job frozen for {:.1}s",
                 pct(value),
                 over_for.as_secs_f64(),
                 length.as_secs_f64()
@@ -378,6 +415,14 @@ pub struct ControllerConfig {
     /// The pause must lower the slowdown by this × budget for the job to be
     /// the cause (less is noise between rate windows).
     pub experiment_effect: f64,
+    /// A steal-driven cut is a trial: once the rate after it has been
+    /// measured over `lookahead`, the stolen fraction must have fallen by at
+    /// least this share of what a proportional response predicts, or the
+    /// cuts of the series are undone.
+    pub trial_share: f64,
+    /// After cuts that did not pay, the steal cuts nothing for this long
+    /// (the freeze duty cycle still holds the horizon).
+    pub unpaid_hold: Duration,
     /// Freeze when the stolen fraction at the floor stays above
     /// `freeze_above × budget`...
     pub freeze_above: f64,
@@ -428,6 +473,8 @@ impl ControllerConfig {
             slowdown_ignore_for: Duration::from_secs(30),
             experiment_length: Duration::from_millis(1500),
             experiment_effect: 0.5,
+            trial_share: 0.5,
+            unpaid_hold: Duration::from_secs(30),
             freeze_above: 1.0,
             freeze_after: Duration::from_secs(2),
             freeze_min: Duration::from_millis(500),
@@ -447,9 +494,10 @@ struct Sample {
 pub enum Phase {
     /// Tightening and relaxing the quota on the signals.
     Regulating,
-    /// At the floor with the job's own steal over the freeze threshold,
-    /// unbroken since `since`: frozen once that lasts `freeze_after`.
-    OverAtFloor { since: Instant },
+    /// Over budget where no quota cut helps (at the floor, or after cuts
+    /// that did not pay), unbroken since `since`: frozen once that lasts
+    /// `freeze_after`.
+    Overspending { since: Instant },
     /// The job was paused at `at` to see whether it causes a slowdown of
     /// `slowdown`; `before` are the controls to go back to, `job_cores` the
     /// job's CPU use before the pause (a cut starts from it).
@@ -478,6 +526,20 @@ pub enum SlowdownHeed {
     },
     /// Ignored until then (see [`Reason::NotTheJob`]).
     Ignored { until: Instant },
+}
+
+/// A series of steal-driven cuts whose effect is not judged yet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Trial {
+    /// The quota before the series' first cut: where it goes back to when
+    /// the series did not pay.
+    undo_to: Quota,
+    /// The rate that started the series...
+    value: f64,
+    /// ...and the cores it cut from (the quota or the job's use).
+    base: f64,
+    /// The latest cut of the series: the rate is judged after it.
+    at: Instant,
 }
 
 /// The budget used so far, as [`Controller::budget_used`] reports it.
@@ -531,6 +593,10 @@ pub struct Controller {
     /// The quota before the first slowdown cut of a series: an experiment
     /// that finds the slowdown is not the job's goes back to it.
     quota_before_slowdown: Option<Quota>,
+    /// Steal-driven cuts not judged yet.
+    trial: Option<Trial>,
+    /// Cuts did not pay: the steal cuts nothing until then.
+    steal_cuts_held_until: Option<Instant>,
     last_fraction: Option<f64>,
     last_horizon: Option<f64>,
     last_blame: Option<Cause>,
@@ -556,6 +622,8 @@ impl Controller {
             last_tighten: None,
             last_slowdown_tighten: None,
             quota_before_slowdown: None,
+            trial: None,
+            steal_cuts_held_until: None,
             last_fraction: None,
             last_horizon: None,
             last_blame: None,
@@ -621,13 +689,14 @@ impl Controller {
     pub fn placed(&mut self, now: Instant, cores: f64) -> Option<Decision> {
         self.config.max_cores = cores.min(self.node_cores).max(self.config.floor_cores);
         self.last_change = Some(now);
-        if let Phase::OverAtFloor { .. } = self.phase {
+        if let Phase::Overspending { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
         let quota = self.config.start_quota();
         if let Phase::Experimenting { before, .. } = &mut self.phase {
             before.quota = quota;
         }
+        self.trial = None;
         if self.controls.frozen {
             return None;
         }
@@ -675,7 +744,10 @@ impl Controller {
                     job_cores,
                 ));
             }
-            Phase::Regulating | Phase::OverAtFloor { .. } => {}
+            Phase::Regulating | Phase::Overspending { .. } => {}
+        }
+        if let Some(d) = self.judge_trial(now) {
+            return Some(d);
         }
 
         let heed_until = match self.slowdown {
@@ -695,8 +767,10 @@ impl Controller {
         let target = self.config.spend * self.config.budget;
         // The budget would be spent: the horizon's projection and the
         // current rate are both over the target.
-        let steal_over =
-            projected.is_some_and(|p| p > target) && fraction.is_some_and(|f| f > target);
+        let steal_cuts_held = self.steal_cuts_held_until.is_some_and(|until| now < until);
+        let steal_over = !steal_cuts_held
+            && projected.is_some_and(|p| p > target)
+            && fraction.is_some_and(|f| f > target);
         let slowdown_over_now =
             slowdown.is_some_and(|s| s > target) && slowdown_projected.is_some_and(|p| p > target);
         let persisted = match &mut self.slowdown {
@@ -734,6 +808,23 @@ impl Controller {
             && self
                 .last_slowdown_tighten
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.config.slowdown_interval);
+        if steal_cuts_held {
+            // Cuts are known not to pay: only a freeze lowers the steal. It
+            // needs a horizon already spent to the relax threshold (not
+            // only a projection) and a projection over the target: short
+            // runs and freezes keep every window under the budget, where
+            // waiting for the budget itself would overshoot it for
+            // `freeze_after`.
+            let overspent = horizon
+                .is_some_and(|h| h > self.config.relax_below * self.config.budget)
+                && projected.is_some_and(|p| p > target);
+            if let Some(d) = self.duty_cycle(now, fraction, overspent) {
+                return Some(d);
+            }
+            if let Phase::Overspending { .. } = self.phase {
+                return None;
+            }
+        }
         if steal_over || slowdown_can_tighten {
             let (signal, value) = match (fraction, slowdown) {
                 (Some(f), Some(s)) if slowdown_can_tighten && s > f => (Signal::Slowdown, s),
@@ -744,7 +835,7 @@ impl Controller {
             };
             return self.over_budget(now, signal, value, fraction, projected);
         }
-        if let Phase::OverAtFloor { .. } = self.phase {
+        if let Phase::Overspending { .. } = self.phase {
             self.phase = Phase::Regulating;
         }
 
@@ -772,8 +863,10 @@ impl Controller {
         if !held_off || !spaced {
             return None;
         }
-        // Back on the normal path: a later slowdown series starts afresh.
+        // Back on the normal path: a later slowdown series starts afresh,
+        // and cuts that brought the rate this low paid.
         self.quota_before_slowdown = None;
+        self.trial = None;
         match self.controls.quota {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
@@ -829,6 +922,7 @@ impl Controller {
         let cfg = &self.config;
         let heed_for = cfg.slowdown_ignore_for;
         self.phase = Phase::Regulating;
+        self.trial = None;
         // The paused span must not count for or against the job.
         self.slowdowns.clear();
         self.last_tighten = Some(now);
@@ -922,53 +1016,132 @@ impl Controller {
         if at_floor {
             // Only the job's own steal may freeze it, and only when the
             // horizon is really being overspent.
-            let Some(f) = fraction
-                .filter(|f| *f > cfg.freeze_above * cfg.budget)
-                .filter(|_| projected.is_some_and(|p| p > cfg.budget))
-            else {
-                if let Phase::OverAtFloor { .. } = self.phase {
-                    self.phase = Phase::Regulating;
-                }
-                return None;
-            };
-            let since = match self.phase {
-                Phase::OverAtFloor { since } => since,
-                _ => {
-                    self.phase = Phase::OverAtFloor { since: now };
-                    now
-                }
-            };
-            let over_for = now.saturating_duration_since(since);
-            if over_for < cfg.freeze_after {
-                return None;
-            }
-            // Duty cycle: running `over_for` at `f`, then frozen for
-            // `length`, averages to the relax threshold.
-            let target = (cfg.relax_below * cfg.budget).max(1e-6);
-            let length = over_for
-                .mul_f64((f / target - 1.0).max(0.0))
-                .clamp(cfg.freeze_min, cfg.freeze_max);
-            self.phase = Phase::Frozen { at: now, length };
-            return Some(self.change(
-                now,
-                |c| c.frozen = true,
-                Reason::Freeze {
-                    value: f,
-                    over_for,
-                    length,
-                },
-            ));
+            let overspent = projected.is_some_and(|p| p > cfg.budget);
+            return self.duty_cycle(now, fraction, overspent);
         }
         self.last_tighten = Some(now);
         if signal == Signal::Slowdown {
             self.last_slowdown_tighten = Some(now);
             self.quota_before_slowdown
                 .get_or_insert(self.controls.quota);
+            // The slowdown's cut muddles what the steal's would show.
+            self.trial = None;
+        } else {
+            // A later cut of the same series is judged with the first: the
+            // rate that started the series against the quota now.
+            let first = self.trial.unwrap_or(Trial {
+                undo_to: self.controls.quota,
+                value,
+                base,
+                at: now,
+            });
+            self.trial = Some(Trial { at: now, ..first });
         }
         Some(self.change(
             now,
             |c| c.quota = Quota::Cores(next),
             Reason::Tighten { signal, value },
+        ))
+    }
+
+    /// The last resort when no quota cut lowers the steal: with the job's
+    /// own rate over the freeze threshold and the horizon `overspent`, for
+    /// `freeze_after` unbroken, the job is frozen.
+    fn duty_cycle(
+        &mut self,
+        now: Instant,
+        fraction: Option<f64>,
+        overspent: bool,
+    ) -> Option<Decision> {
+        let cfg = &self.config;
+        let Some(f) = fraction
+            .filter(|f| *f > cfg.freeze_above * cfg.budget)
+            .filter(|_| overspent)
+        else {
+            if let Phase::Overspending { .. } = self.phase {
+                self.phase = Phase::Regulating;
+            }
+            return None;
+        };
+        let since = match self.phase {
+            Phase::Overspending { since } => since,
+            _ => {
+                self.phase = Phase::Overspending { since: now };
+                now
+            }
+        };
+        let over_for = now.saturating_duration_since(since);
+        if over_for < cfg.freeze_after {
+            return None;
+        }
+        // Duty cycle: running `over_for` at `f`, then frozen for `length`,
+        // averages to the relax threshold.
+        let target = (cfg.relax_below * cfg.budget).max(1e-6);
+        let length = over_for
+            .mul_f64((f / target - 1.0).max(0.0))
+            .clamp(cfg.freeze_min, cfg.freeze_max);
+        self.phase = Phase::Frozen { at: now, length };
+        // The frozen span would pass for a cut that paid.
+        self.trial = None;
+        // While freezes hold the budget, cuts that did not pay are not
+        // tried again: each new trial would overspend the horizon anew.
+        if let Some(until) = &mut self.steal_cuts_held_until
+            && now < *until
+        {
+            *until = (*until).max(now + length + cfg.unpaid_hold);
+        }
+        Some(self.change(
+            now,
+            |c| c.frozen = true,
+            Reason::Freeze {
+                value: f,
+                over_for,
+                length,
+            },
+        ))
+    }
+
+    /// Judges the cuts on trial once the rate after the latest has been
+    /// measured over `lookahead`: a series that lowered the stolen fraction
+    /// by less than `trial_share` of a proportional response is undone, and
+    /// the steal cuts nothing for `unpaid_hold`. Near the idle class's
+    /// floor, steal follows the training's wake-up latency, not the job's
+    /// CPU time, and a cut only costs the evaluation.
+    fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
+        let trial = self.trial?;
+        let cfg = &self.config;
+        let span = self.samples.since(trial.at)?;
+        if span.elapsed() < cfg.lookahead {
+            return None;
+        }
+        let delta = span.last.steal?.since(span.first.steal?);
+        if delta.training_time() < cfg.min_training_time {
+            return None;
+        }
+        let after = delta.fraction()?;
+        self.trial = None;
+        let now_cores = self.controls.quota.cores().unwrap_or(cfg.max_cores);
+        let expected = trial.value * (1.0 - (now_cores / trial.base).min(1.0));
+        if trial.value - after >= cfg.trial_share * expected {
+            return None;
+        }
+        let hold_for = cfg.unpaid_hold;
+        self.steal_cuts_held_until = Some(now + hold_for);
+        // The rate has been over the freeze threshold since the latest cut:
+        // a freeze, if the horizon needs one, need not wait for it again.
+        self.phase = if after > cfg.freeze_above * cfg.budget {
+            Phase::Overspending { since: trial.at }
+        } else {
+            Phase::Regulating
+        };
+        Some(self.change(
+            now,
+            |c| c.quota = trial.undo_to,
+            Reason::CutDidNotPay {
+                before: trial.value,
+                after,
+                hold_for,
+            },
         ))
     }
 
@@ -1156,6 +1329,19 @@ mod tests {
         (c, sim)
     }
 
+    /// [`controller`] where every cut counts as paid (a trial share of 0):
+    /// for the rules at the floor, on plants whose steal stays constant
+    /// whatever the quota.
+    fn controller_cuts_pay() -> (Controller, Sim) {
+        let sim = Sim::new();
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.start_cores = Some(1.0);
+        cfg.trial_share = 0.0;
+        let mut c = Controller::new(cfg);
+        c.start(sim.now);
+        (c, sim)
+    }
+
     fn quota(c: &Controller) -> f64 {
         c.controls().quota.cores().unwrap_or(f64::INFINITY)
     }
@@ -1325,6 +1511,99 @@ mod tests {
         assert!(least >= 0.7 * 0.05, "least 10 s window late {least}");
         let used = c.budget_used().expect("used");
         assert!(used.to_string().ends_with("of 5.0%"), "{used}");
+    }
+
+    /// Runs the idle-only controller for `periods` on a plant whose steal
+    /// at period `i` is `steal(i)` whatever the quota (zero while frozen);
+    /// returns the per-period fractions and the decisions.
+    fn run_unresponsive(
+        periods: usize,
+        steal: impl Fn(usize) -> f64,
+    ) -> (Controller, Vec<f64>, Vec<Decision>) {
+        let (mut c, mut sim) = idle_only();
+        let mut per_period = Vec::new();
+        let mut decisions = Vec::new();
+        for i in 0..periods {
+            let running = !c.controls().frozen;
+            let f = if running { steal(i) } else { 0.0 };
+            per_period.push(f);
+            let obs = sim.advance(f, if running { quota(&c).min(2.0) } else { 0.0 });
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push(d);
+            }
+        }
+        (c, per_period, decisions)
+    }
+
+    #[test]
+    fn cuts_that_do_not_lower_the_steal_are_undone_and_the_idle_class_keeps_its_cpu() {
+        // 4 % whatever the quota (under budget, over the relax threshold:
+        // a cut that stays is never relaxed), with 6 s at 5.5 % after 20 s:
+        // the projection cuts, the steal does not follow, the cuts are
+        // undone.
+        let (c, per_period, decisions) =
+            run_unresponsive(600, |i| if (200..260).contains(&i) { 0.055 } else { 0.04 });
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert!(actions.contains(&"tighten"), "{actions:?}");
+        let undo = decisions
+            .iter()
+            .find(|d| d.reason.action() == "cut_did_not_pay")
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
+        assert!(undo.to_string().contains("did not pay"), "{undo}");
+        assert!(undo.to_string().contains("cores -> unlimited"), "{undo}");
+        // No cut survives, and none is made again while the answer holds.
+        let last_cut = actions.iter().rposition(|a| *a == "tighten").expect("cut");
+        let undone = actions
+            .iter()
+            .rposition(|a| *a == "cut_did_not_pay")
+            .expect("undone");
+        assert!(last_cut < undone, "{actions:?}");
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+        assert!(c.controls().idle && !c.controls().frozen);
+        let worst = horizon_fractions(&per_period)
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+    }
+
+    #[test]
+    fn over_budget_with_cuts_that_do_not_pay_the_duty_cycle_holds_the_horizon() {
+        // 8 % whatever the quota: cuts are undone, then freezes hold it.
+        let (c, per_period, decisions) = run_unresponsive(1200, |_| 0.08);
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert!(actions.contains(&"cut_did_not_pay"), "{actions:?}");
+        assert!(actions.contains(&"freeze"), "{actions:?}");
+        // The freezes run at the quota the undo restored, not at the floor.
+        let freeze = decisions
+            .iter()
+            .find(|d| d.reason.action() == "freeze")
+            .expect("froze");
+        assert_eq!(freeze.controls.quota, Quota::Unlimited, "{freeze}");
+        // Once the first cuts have been judged, every 10 s window holds.
+        let horizons = horizon_fractions(&per_period);
+        let worst = horizons[100..].iter().copied().fold(0.0, f64::max);
+        let whole = per_period.iter().sum::<f64>() / per_period.len() as f64;
+        assert!(
+            worst <= 0.05 + 1e-9,
+            "worst 10 s window {worst}: {actions:?}"
+        );
+        assert!(whole <= 0.05, "whole job {whole}");
+        assert!(c.budget_used().expect("used").steal <= 0.05 + 1e-9);
+    }
+
+    #[test]
+    fn on_a_proportional_plant_cuts_pay_and_stay() {
+        let (mut c, mut sim) = idle_only();
+        for _ in 0..600 {
+            let q = quota(&c);
+            let f = if c.controls().frozen { 0.0 } else { plant(q) };
+            let obs = sim.advance(f, q.min(2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                assert_ne!(d.reason.action(), "cut_did_not_pay", "{d}");
+            }
+        }
+        assert!(quota(&c) < 1.0, "quota {}", quota(&c));
     }
 
     #[test]
@@ -1661,7 +1940,7 @@ mod tests {
 
     #[test]
     fn never_goes_below_the_floor() {
-        let (mut c, mut sim) = controller();
+        let (mut c, mut sim) = controller_cuts_pay();
         for _ in 0..100 {
             let obs = sim.advance(0.055, quota(&c).min(2.0));
             c.step(obs, sim.now);
@@ -1687,7 +1966,7 @@ mod tests {
 
     #[test]
     fn freezes_at_the_floor_only_after_sustained_far_over_budget_and_thaws() {
-        let (mut c, mut sim) = controller();
+        let (mut c, mut sim) = controller_cuts_pay();
         let mut events = Vec::new();
         for _ in 0..200 {
             let f = if c.controls().frozen { 0.0 } else { 0.40 };
@@ -1717,8 +1996,8 @@ mod tests {
     }
 
     #[test]
-    fn phases_run_regulating_over_at_floor_frozen_and_back() {
-        let (mut c, mut sim) = controller();
+    fn phases_run_regulating_overspending_frozen_and_back() {
+        let (mut c, mut sim) = controller_cuts_pay();
         assert_eq!(c.phase(), Phase::Regulating);
         let mut phases = vec![c.phase()];
         for _ in 0..200 {
@@ -1734,14 +2013,14 @@ mod tests {
             .iter()
             .map(|p| match p {
                 Phase::Regulating => "regulating",
-                Phase::OverAtFloor { .. } => "over at floor",
+                Phase::Overspending { .. } => "overspending",
                 Phase::Experimenting { .. } => "experimenting",
                 Phase::Frozen { .. } => "frozen",
             })
             .collect();
         assert_eq!(
             &names[..4],
-            ["regulating", "over at floor", "frozen", "regulating"],
+            ["regulating", "overspending", "frozen", "regulating"],
             "{phases:?}"
         );
         let Some(Phase::Frozen { length, .. }) =

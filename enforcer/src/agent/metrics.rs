@@ -308,7 +308,7 @@ pub const REQUEST_TYPES: &[&str] = &[
 ];
 
 /// The phases of a training's budget loop, as `status` names them.
-pub const PHASES: &[&str] = &["regulating", "over at floor", "experimenting", "frozen"];
+pub const PHASES: &[&str] = &["regulating", "overspending", "experimenting", "frozen"];
 
 /// Upper bounds of the control-loop lag buckets, seconds.
 pub const LAG_BUCKETS: &[f64] = &[

@@ -384,7 +384,7 @@ impl TrainingBudget {
 fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Regulating => "regulating",
-        Phase::OverAtFloor { .. } => "over at floor",
+        Phase::Overspending { .. } => "overspending",
         Phase::Experimenting { .. } => "experimenting",
         Phase::Frozen { .. } => "frozen",
     }
