@@ -46,9 +46,8 @@
 //! are registered. A training thread is found in its direct-mapped slot
 //! (`TRAINING_SLOTS`), one more array read; the hash map only holds threads
 //! whose slot another thread has. Any other switch visits the trainings
-//! (a loop over the indices handed out so far, `TRAINING_BOUND`: one with a
-//! single training), doing work only for those with waiters or arrivals on
-//! that CPU.
+//! (a loop of `MAX_TRAININGS`), doing work only for those with waiters or
+//! arrivals on that CPU.
 //!
 //! Limits, all counted and reported by user space: threads seeded from /proc
 //! at start are in an unknown state until their first switch (a wait already
@@ -167,12 +166,6 @@ static TGID_FILTER: Array<u32> = Array::with_max_entries(TGID_FILTER_SLOTS + 1, 
 /// `MAX_TRAININGS`.
 #[map]
 static TRAINING_CONF: Array<TrainingConf> = Array::with_max_entries(MAX_TRAININGS, 0);
-
-/// One past the highest training index user space has ever handed out
-/// since the load (never lowered, so no index with per-CPU state is left
-/// out): a switch visits only the indices below it. Bound: 1 entry.
-#[map]
-static TRAINING_BOUND: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Wait state per CPU (and within it per training). Bound: `MAX_CPUS`,
 /// resized by user space to the possible CPUs; an event on a CPU beyond it
@@ -472,11 +465,7 @@ fn on_switch<const ANCESTORS: bool>(preempt: bool, prev_state: u32, next: *const
     // wait that accrued while prev ran for the charge below.
     let mut waited_any = 0;
     let mut waiters = 0;
-    let bound = TRAINING_BOUND.get(0).copied().unwrap_or(MAX_TRAININGS);
     for index in 0..MAX_TRAININGS {
-        if index >= bound {
-            break;
-        }
         let Some(w) = training_wait(cw, index, now) else {
             break;
         };

@@ -187,7 +187,6 @@ struct StealMaps {
     training_tasks: HashMap<MapData, u32, TrainingTask>,
     tgid_filter: Array<MapData, u32>,
     training_conf: Array<MapData, TrainingConf>,
-    training_bound: Array<MapData, u32>,
     jobs: HashMap<MapData, u64, JobRef>,
     job_levels: Array<MapData, u32>,
     job_steal: PerCpuArray<MapData, JobSteal>,
@@ -209,7 +208,6 @@ impl StealMaps {
             training_tasks: take(ebpf, "TRAINING_TASKS")?,
             tgid_filter: take(ebpf, "TGID_FILTER")?,
             training_conf: take(ebpf, "TRAINING_CONF")?,
-            training_bound: take(ebpf, "TRAINING_BOUND")?,
             jobs: take(ebpf, "JOBS")?,
             job_levels: take(ebpf, "JOB_LEVELS")?,
             job_steal: take(ebpf, "JOB_STEAL")?,
@@ -443,14 +441,6 @@ impl StealMeter {
             self.forget_threads(index)?;
         }
         self.indices_used |= 1 << index;
-        // The switch program visits the indices below the bound: it covers
-        // this one before any of its threads is entered, and never shrinks
-        // (see `TRAINING_BOUND` in the kernel program).
-        let bound = u32::BITS - self.indices_used.leading_zeros();
-        self.maps
-            .training_bound
-            .set(0, bound, 0)
-            .map_err(map_err("TRAINING_BOUND"))?;
         let follow_children = match &spec {
             TrainingSpec::Pid {
                 follow_children, ..
