@@ -1110,15 +1110,7 @@ impl Controller {
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
         let trial = self.trial?;
         let cfg = &self.config;
-        let span = self.samples.since(trial.at)?;
-        if span.elapsed() < cfg.lookahead {
-            return None;
-        }
-        let delta = span.last.steal?.since(span.first.steal?);
-        if delta.training_time() < cfg.min_training_time {
-            return None;
-        }
-        let after = delta.fraction()?;
+        let after = self.fraction_over(self.samples.since(trial.at)?, cfg.lookahead)?;
         self.trial = None;
         let now_cores = self.controls.quota.cores().unwrap_or(cfg.max_cores);
         let expected = trial.value * (1.0 - (now_cores / trial.base).min(1.0));
@@ -1196,22 +1188,26 @@ impl Controller {
     }
 
     fn stolen_fraction(&self, now: Instant) -> Option<f64> {
-        let span = self.judged(now)?;
-        if span.elapsed() < self.config.min_span {
-            return None;
-        }
-        let delta = span.last.steal?.since(span.first.steal?);
-        if delta.training_time() < self.config.min_training_time {
-            return None;
-        }
-        delta.fraction()
+        self.fraction_over(self.judged(now)?, self.config.min_span)
     }
 
     /// The stolen fraction over the horizon, whatever changed in it: the
     /// budget spent stays spent.
     fn horizon_fraction(&self) -> Option<f64> {
-        let span = self.samples.trailing(self.config.horizon)?;
-        if span.elapsed() < self.config.min_span {
+        self.fraction_over(
+            self.samples.trailing(self.config.horizon)?,
+            self.config.min_span,
+        )
+    }
+
+    /// The stolen fraction over `span`, when it is at least `shortest`
+    /// long and the training ran (or waited) enough in it to mean anything.
+    fn fraction_over(
+        &self,
+        span: crate::window::Span<'_, Instant, Sample>,
+        shortest: Duration,
+    ) -> Option<f64> {
+        if span.elapsed() < shortest {
             return None;
         }
         let delta = span.last.steal?.since(span.first.steal?);
