@@ -170,6 +170,14 @@ pub enum Reason {
     Relax { signal: Signal, value: f64 },
     /// The quota grew past the node's CPUs: removed.
     Unlimit { signal: Signal, value: f64 },
+    /// Under budget but not well under for `held`: the quota grew one step
+    /// (or was removed) to see whether the job can have more. A rate that
+    /// rises over the target with it is cut back as usual.
+    Probe {
+        signal: Signal,
+        value: f64,
+        held: Duration,
+    },
     /// A steal-driven series of cuts did not pay: the stolen fraction went
     /// from `before` (the rate that started the series) only to `after`,
     /// less than `trial_share` of what a proportional response would give.
@@ -226,6 +234,7 @@ impl Reason {
             Reason::Tighten { .. } => "tighten",
             Reason::Relax { .. } => "relax",
             Reason::Unlimit { .. } => "unlimit",
+            Reason::Probe { .. } => "probe",
             Reason::CutDidNotPay { .. } => "cut_did_not_pay",
             Reason::Freeze { .. } => "freeze",
             Reason::Thaw { .. } => "thaw",
@@ -282,6 +291,16 @@ impl fmt::Display for Decision {
                 f,
                 "{signal} {:.1}% well under budget {budget:.1}%: quota {from} -> unlimited",
                 pct(value)
+            ),
+            Reason::Probe {
+                signal,
+                value,
+                held,
+            } => write!(
+                f,
+                "{signal} {:.1}% under budget {budget:.1}% for {:.0}s: quota {from} -> {to} to see whether the job can have more",
+                pct(value),
+                held.as_secs_f64()
             ),
             Reason::CutDidNotPay {
                 before,
@@ -395,6 +414,11 @@ pub struct ControllerConfig {
     pub increase_factor: f64,
     /// Minimum time between two relax steps.
     pub increase_interval: Duration,
+    /// Between the relax threshold and the target the quota holds, but
+    /// after this long without a change it grows one step: a cut that
+    /// seemed to pay (a start-up spike that passed as it was made) does not
+    /// stay for the rest of the job, and the budget is spent.
+    pub probe_after: Duration,
     /// No relax for this long after a tightening.
     pub hold_off: Duration,
     /// Slowdown is measured over seconds: it may tighten at most this often,
@@ -466,6 +490,7 @@ impl ControllerConfig {
             increase_cores: 0.05,
             increase_factor: 1.15,
             increase_interval: Duration::from_millis(250),
+            probe_after: Duration::from_secs(3),
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
             slowdown_persist: Duration::from_secs(2),
@@ -768,9 +793,12 @@ impl Controller {
         // The budget would be spent: the horizon's projection and the
         // current rate are both over the target.
         let steal_cuts_held = self.steal_cuts_held_until.is_some_and(|until| now < until);
+        // One cut at a time, each on a rate measured over at least half a
+        // window: before that, and while the latest cut is on trial, a cut
+        // is made only if waiting would spend the budget.
         let steal_over = !steal_cuts_held
             && projected.is_some_and(|p| p > target)
-            && fraction.is_some_and(|f| f > target);
+            && fraction.is_some_and(|f| f > target && self.cannot_wait(now, f));
         let slowdown_over_now =
             slowdown.is_some_and(|s| s > target) && slowdown_projected.is_some_and(|p| p > target);
         let persisted = match &mut self.slowdown {
@@ -846,21 +874,27 @@ impl Controller {
             // slow and too noisy to grow the quota on.
             return None;
         };
-        if p >= relax_at || f >= target {
+        if p >= target || f >= target {
             return None;
         }
         let (signal, value) = match slowdown_projected {
-            Some(s) if s >= relax_at => return None,
+            Some(s) if s >= target => return None,
             Some(s) if s > p => (Signal::Slowdown, s),
             _ => (Signal::Steal, p),
         };
+        let since_change = self
+            .last_change
+            .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        // In the dead band between the relax threshold and the target the
+        // quota holds, except for a probe once in a while.
+        let probe = value >= relax_at;
+        if probe && since_change < self.config.probe_after {
+            return None;
+        }
         let held_off = self
             .last_tighten
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.hold_off);
-        let spaced = self
-            .last_change
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.increase_interval);
-        if !held_off || !spaced {
+        if !held_off || since_change < self.config.increase_interval {
             return None;
         }
         // Back on the normal path: a later slowdown series starts afresh,
@@ -871,6 +905,22 @@ impl Controller {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
                 let next = (q + self.config.increase_cores).max(q * self.config.increase_factor);
+                if probe {
+                    let to = if next >= self.config.max_cores {
+                        Quota::Unlimited
+                    } else {
+                        Quota::Cores(next)
+                    };
+                    return Some(self.change(
+                        now,
+                        |c| c.quota = to,
+                        Reason::Probe {
+                            signal,
+                            value,
+                            held: since_change,
+                        },
+                    ));
+                }
                 if next >= self.config.max_cores {
                     Some(self.change(
                         now,
@@ -1029,9 +1079,18 @@ impl Controller {
         } else {
             // A later cut of the same series is judged with the first: the
             // rate that started the series against the quota now.
+            // The rate it is judged against is measured over as long a
+            // span as the verdict (`lookahead`, not before the last
+            // change): the short window that triggered the cut picks the
+            // noise's highs, and any rate after it would look lower.
+            let before = self
+                .samples
+                .since(self.since_last_change(now, cfg.lookahead))
+                .and_then(|span| self.fraction_over(span, cfg.window / 2))
+                .unwrap_or(value);
             let first = self.trial.unwrap_or(Trial {
                 undo_to: self.controls.quota,
-                value,
+                value: before,
                 base,
                 at: now,
             });
@@ -1177,14 +1236,54 @@ impl Controller {
 
     /// The judged span: within the window, not before the last change.
     fn judged(&self, now: Instant) -> Option<crate::window::Span<'_, Instant, Sample>> {
-        let horizon = now.checked_sub(self.config.window).unwrap_or(now);
-        let start = match self.last_change {
-            Some(c) if c > horizon => c,
-            _ => horizon,
+        // The start may fall between samples: the last one before it still
+        // bounds a span no longer than the window plus a period.
+        self.samples
+            .since(self.since_last_change(now, self.config.window))
+    }
+
+    /// `length` before `now`, or the last change if that was later.
+    fn since_last_change(&self, now: Instant, length: Duration) -> Instant {
+        let start = now.checked_sub(length).unwrap_or(now);
+        match self.last_change {
+            Some(c) if c > start => c,
+            _ => start,
+        }
+    }
+
+    /// Whether a steal cut at the current rate `fraction` cannot wait: the
+    /// rate has been measured over half a window and no cut is on trial, or
+    /// waiting for both at this rate would spend the budget of the horizon
+    /// that ends then, even if the rate came down to the target right
+    /// after. In a job's first horizon the rest of it is assumed at the
+    /// target: that horizon is judged whole, not at every moment of it.
+    fn cannot_wait(&self, now: Instant, fraction: f64) -> bool {
+        let cfg = &self.config;
+        let measured = self
+            .judged(now)
+            .map_or(Duration::ZERO, |span| span.elapsed());
+        let verdict = self.trial.map_or(Duration::ZERO, |trial| {
+            cfg.lookahead
+                .saturating_sub(now.saturating_duration_since(trial.at))
+        });
+        let wait = verdict.max((cfg.window / 2).saturating_sub(measured));
+        if wait.is_zero() {
+            return true;
+        }
+        let Some(spent) = self.horizon_fraction() else {
+            return false;
         };
-        // `horizon` itself may fall between samples: the last one before it
-        // still bounds a span no longer than the window plus a period.
-        self.samples.since(start)
+        let whole = cfg.horizon.as_secs_f64();
+        let span = self.horizon_span().as_secs_f64().min(whole);
+        let wait = wait.as_secs_f64();
+        let target = cfg.spend * cfg.budget;
+        let projected = if span + wait <= whole {
+            spent * span + fraction * wait + target * (whole - span - wait)
+        } else {
+            // The oldest part drops out; assume it was at the mean.
+            spent * (whole - wait) + fraction * wait
+        } / whole;
+        projected > cfg.budget
     }
 
     fn stolen_fraction(&self, now: Instant) -> Option<f64> {
@@ -1602,6 +1701,59 @@ mod tests {
         assert!(quota(&c) < 1.0, "quota {}", quota(&c));
     }
 
+    /// Deterministic noise in [-1, 1) (a linear congruential generator).
+    fn noise(state: &mut u64) -> f64 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn noisy_idle_class_steal_within_budget_is_cut_once_at_a_time_and_keeps_its_cpu() {
+        // What the loader × threads bench showed: the idle-class job uses
+        // 0.8 cores and steals 5 % in its first seconds, 3 % after, with
+        // ±2.5 points of noise on every 100 ms; a quota takes off only a
+        // fifth of what a proportional plant would. A series of cuts on
+        // 200–300 ms windows drove it to the floor; judged one at a time
+        // against the rate before it, they are undone.
+        for seed in 1..=8u64 {
+            let mut state = seed;
+            let (mut c, mut sim) = idle_only();
+            let (mut used, mut could) = (0.0, 0.0);
+            let mut per_period = Vec::new();
+            let mut actions = Vec::new();
+            for i in 0..600 {
+                let base = if i < 30 { 0.055 } else { 0.04 };
+                let cores = quota(&c).min(0.8);
+                let proportional = base * (0.8 + 0.2 * cores / 0.8);
+                let running = !c.controls().frozen;
+                let f = if running {
+                    (proportional + 0.03 * noise(&mut state)).max(0.0)
+                } else {
+                    0.0
+                };
+                per_period.push(f);
+                let job = if running { cores } else { 0.0 };
+                used += job;
+                could += 0.8;
+                let obs = sim.advance(f, job);
+                if let Some(d) = c.step(obs, sim.now) {
+                    actions.push(d.reason.action());
+                }
+            }
+            let share = used / could;
+            assert!(
+                share >= 0.9,
+                "seed {seed}: {share:.2} of the CPU: {actions:?}"
+            );
+            let worst = horizon_fractions(&per_period)
+                .into_iter()
+                .fold(0.0, f64::max);
+            assert!(worst <= 0.05, "seed {seed}: worst 10 s window {worst}");
+        }
+    }
+
     #[test]
     fn a_slowdown_the_steal_does_not_explain_is_blamed_by_a_pause_and_undone_when_it_did_not_help()
     {
@@ -1905,14 +2057,29 @@ mod tests {
     }
 
     #[test]
-    fn holds_in_the_dead_band_between_relax_threshold_and_budget() {
+    fn holds_in_the_dead_band_and_probes_one_step_at_a_time() {
         let (mut c, mut sim) = controller();
-        for _ in 0..50 {
-            // 4 %: under the 5 % budget, above 0.6 × 5 % = 3 %.
-            let obs = sim.advance(0.04, 1.0);
-            assert_eq!(c.step(obs, sim.now), None);
+        let mut probes = Vec::new();
+        for _ in 0..80 {
+            // 4 %: under the 4.5 % target, above the 3.5 % relax threshold.
+            let obs = sim.advance(0.04, quota(&c));
+            if let Some(d) = c.step(obs, sim.now) {
+                assert_eq!(d.reason.action(), "probe", "{d}");
+                assert!(d.to_string().contains("to see whether"), "{d}");
+                probes.push((sim.elapsed(), d.controls.quota));
+            }
         }
-        assert_eq!(c.controls().quota, Quota::Cores(1.0));
+        // Held for 3 s, then one step, held again.
+        assert_eq!(
+            probes.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [Quota::Cores(1.15), Quota::Cores(1.15 * 1.15)],
+            "{probes:?}"
+        );
+        assert!(probes[0].0 >= Duration::from_secs(3), "{probes:?}");
+        assert!(
+            probes[1].0 - probes[0].0 >= Duration::from_secs(3),
+            "{probes:?}"
+        );
     }
 
     #[test]
@@ -1955,9 +2122,11 @@ mod tests {
         for _ in 0..100 {
             // 4.5 %: in the dead band, under budget.
             let obs = sim.advance(0.045, 0.1);
-            assert_eq!(c.step(obs, sim.now), None);
+            if let Some(d) = c.step(obs, sim.now) {
+                assert_eq!(d.reason.action(), "probe", "{d}");
+            }
+            assert!(!c.controls().frozen);
         }
-        assert!(!c.controls().frozen);
     }
 
     #[test]
@@ -2071,7 +2240,7 @@ mod tests {
         let (mut c, mut sim) = controller();
         // The progress tracker reports `None` once the file is stale: the loop
         // neither tightens on the last slowdown it saw nor stops.
-        for i in 0..30 {
+        for i in 0..25 {
             let mut obs = sim.advance(0.04, 1.0);
             obs.training_slowdown = if i < 1 { Some(0.02) } else { None };
             assert_eq!(c.step(obs, sim.now), None);
