@@ -10,8 +10,9 @@
 //! drive the very same code.
 //!
 //! **The budget, in one sentence:** the share of the training's CPU time
-//! stolen by the job, over every [`ControllerConfig::horizon`] (10 s) and
-//! over the whole job, stays under the budget; with a progress file, the
+//! stolen by the job over every [`ControllerConfig::horizon`] (10 s) of the
+//! job stays under the budget (so over the whole job too; its first horizon
+//! is judged whole, not at every moment of it); with a progress file, the
 //! training's slowdown averaged over the same horizon is held to it too.
 //! Quota cuts are the means only where they are seen to lower the steal;
 //! where they are not, the evaluation keeps its CPU and the budget is held
@@ -30,18 +31,24 @@
 //! - tightening cuts the quota in proportion to how far the current rate is
 //!   over the target (`spend × budget`), from the job's measured use when
 //!   that is below the quota, never below the floor;
-//! - a series of such cuts is a trial: once the rate after the latest cut
-//!   has been measured over [`ControllerConfig::lookahead`], it must have
-//!   fallen from the rate that started the series by at least
+//! - one cut at a time, on a rate measured over at least half a window: a
+//!   cut is a trial. Once the rate after it has been measured over
+//!   [`ControllerConfig::lookahead`], it must have fallen from the rate over
+//!   as long a span before it by at least
 //!   [`ControllerConfig::trial_share`] of what a proportional response
-//!   predicts (`value × (1 − quota now ÷ quota cut from)`). A series that
-//!   did not pay is undone (the quota from before it) and the steal cuts
-//!   nothing for [`ControllerConfig::unpaid_hold`]: near the idle class's
-//!   floor, the job's steal follows the training's wake-up latency, not the
-//!   job's CPU time, and a cut only costs the evaluation;
+//!   predicts (`value × (1 − quota now ÷ quota cut from)`). Another cut
+//!   comes before the verdict only if waiting for it would spend the
+//!   horizon's budget. A cut that did not pay is undone (with any made
+//!   before its verdict) and the steal cuts nothing for
+//!   [`ControllerConfig::unpaid_hold`]: near the idle class's floor, the
+//!   job's steal follows the training's wake-up latency, not the job's CPU
+//!   time, and a cut only costs the evaluation;
 //! - relaxing, once the projection is under `relax_below × budget` and after
 //!   a hold-off since the last tightening, grows the quota geometrically;
-//!   past the node's CPU count it is removed (back to the idle class alone);
+//!   past the node's CPU count it is removed (back to the idle class alone).
+//!   Between that and the target the quota holds, but grows one step after
+//!   [`ControllerConfig::probe_after`] without a change: a cut that only
+//!   seemed to pay does not stay for the rest of the job;
 //! - at the floor, or with cuts known not to pay, still over budget on the
 //!   job's own steal for a sustained time (the last resort): the job is
 //!   frozen, long enough that the steal averaged over the run and the
