@@ -426,6 +426,12 @@ pub struct ControllerConfig {
     /// seemed to pay (a start-up spike that passed as it was made) does not
     /// stay for the rest of the job, and the budget is spent.
     pub probe_after: Duration,
+    /// Cuts judged to pay are tried undone this long after the verdict
+    /// (the quota back to what it was before them, as a probe): a rate that
+    /// fell only because a start-up spike passed as they were made does not
+    /// cost the evaluation its CPU for the rest of the job. A rate that
+    /// rises again is cut as usual, and that cut is judged anew.
+    pub recheck_after: Duration,
     /// No relax for this long after a tightening.
     pub hold_off: Duration,
     /// Slowdown is measured over seconds: it may tighten at most this often,
@@ -498,6 +504,7 @@ impl ControllerConfig {
             increase_factor: 1.15,
             increase_interval: Duration::from_millis(250),
             probe_after: Duration::from_secs(3),
+            recheck_after: Duration::from_secs(20),
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
             slowdown_persist: Duration::from_secs(2),
@@ -627,6 +634,9 @@ pub struct Controller {
     quota_before_slowdown: Option<Quota>,
     /// Steal-driven cuts not judged yet.
     trial: Option<Trial>,
+    /// Cuts judged to pay: the quota before them and when the verdict was
+    /// given (they are tried undone `recheck_after` later).
+    paid: Option<(Quota, Instant)>,
     /// Cuts did not pay: the steal cuts nothing until then.
     steal_cuts_held_until: Option<Instant>,
     last_fraction: Option<f64>,
@@ -655,6 +665,7 @@ impl Controller {
             last_slowdown_tighten: None,
             quota_before_slowdown: None,
             trial: None,
+            paid: None,
             steal_cuts_held_until: None,
             last_fraction: None,
             last_horizon: None,
@@ -729,6 +740,7 @@ impl Controller {
             before.quota = quota;
         }
         self.trial = None;
+        self.paid = None;
         if self.controls.frozen {
             return None;
         }
@@ -892,6 +904,27 @@ impl Controller {
         let since_change = self
             .last_change
             .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        if let Some((undo_to, verdict)) = self.paid
+            && now.saturating_duration_since(verdict) >= self.config.recheck_after
+            && since_change >= self.config.probe_after
+            && !self.controls.frozen
+        {
+            // Under the target long after cuts that seemed to pay: try them
+            // undone. If the rate rises over the target, the usual cut
+            // follows and is judged anew.
+            self.paid = None;
+            self.trial = None;
+            self.quota_before_slowdown = None;
+            return Some(self.change(
+                now,
+                |c| c.quota = undo_to,
+                Reason::Probe {
+                    signal,
+                    value,
+                    held: since_change,
+                },
+            ));
+        }
         // In the dead band between the relax threshold and the target the
         // quota holds, except for a probe once in a while.
         let probe = value >= relax_at;
@@ -912,6 +945,14 @@ impl Controller {
             Quota::Unlimited => None,
             Quota::Cores(q) => {
                 let next = (q + self.config.increase_cores).max(q * self.config.increase_factor);
+                // Grown back to where paid cuts started: nothing to recheck.
+                if next >= self.config.max_cores
+                    || self
+                        .paid
+                        .is_some_and(|(from, _)| from.cores().is_some_and(|c| next >= c))
+                {
+                    self.paid = None;
+                }
                 if probe {
                     let to = if next >= self.config.max_cores {
                         Quota::Unlimited
@@ -1181,8 +1222,12 @@ impl Controller {
         let now_cores = self.controls.quota.cores().unwrap_or(cfg.max_cores);
         let expected = trial.value * (1.0 - (now_cores / trial.base).min(1.0));
         if trial.value - after >= cfg.trial_share * expected {
+            // An earlier paid series keeps its older quota to go back to.
+            let undo_to = self.paid.map_or(trial.undo_to, |(q, _)| q);
+            self.paid = Some((undo_to, now));
             return None;
         }
+        self.paid = None;
         let hold_for = cfg.unpaid_hold;
         self.steal_cuts_held_until = Some(now + hold_for);
         // The rate has been over the freeze threshold since the latest cut:
@@ -1759,6 +1804,34 @@ mod tests {
                 .fold(0.0, f64::max);
             assert!(worst <= 0.05, "seed {seed}: worst 10 s window {worst}");
         }
+    }
+
+    #[test]
+    fn cuts_that_seemed_to_pay_as_a_start_up_spike_passed_are_tried_undone() {
+        // 10 % for the first 1.5 s, then 3.8 % whatever the quota: the
+        // cuts made on the spike look paid when it passes. 20 s after that
+        // verdict they are tried undone, the rate does not rise, and the
+        // job keeps its CPU from then on.
+        let (c, per_period, decisions) =
+            run_unresponsive(600, |i| if i < 15 { 0.10 } else { 0.038 });
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        assert!(actions.contains(&"tighten"), "{actions:?}");
+        assert!(!actions.contains(&"cut_did_not_pay"), "{actions:?}");
+        let recheck = decisions
+            .iter()
+            .position(|d| d.reason.action() == "probe" && d.controls.quota == Quota::Unlimited)
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        assert!(
+            decisions[recheck + 1..]
+                .iter()
+                .all(|d| d.reason.action() != "tighten"),
+            "{actions:?}"
+        );
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+        let worst = horizon_fractions(&per_period)
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
     }
 
     #[test]
