@@ -1318,9 +1318,15 @@ impl Controller {
             cfg.lookahead
                 .saturating_sub(now.saturating_duration_since(trial.at))
         });
-        let wait = verdict.max((cfg.window / 2).saturating_sub(measured));
+        let settle = (cfg.window / 2).saturating_sub(measured);
+        let wait = verdict.max(settle);
         if wait.is_zero() {
             return true;
+        }
+        if !settle.is_zero() && self.trial.is_some() {
+            // A rate over less than half a window since the latest cut is
+            // mostly noise: no second cut on it before the verdict.
+            return false;
         }
         let Some(spent) = self.horizon_fraction() else {
             return false;
