@@ -2034,7 +2034,7 @@ mod tests {
         // Readings swing between 8 and 16 % (a training whose step rate is
         // noisy); the pause ends on 9 %: 7 points under the 16 % the pause
         // started on, more than half the excess, but within the swing.
-        let swing = |i: usize| if i % 2 == 0 { 0.16 } else { 0.08 };
+        let swing = |i: usize| if i.is_multiple_of(2) { 0.16 } else { 0.08 };
         let d = answer_with(swing, 0.09);
         assert!(d.to_string().contains("16.0%"), "{d}");
         assert_eq!(d.reason.blame(), Some(Cause::Elsewhere), "{d}");
