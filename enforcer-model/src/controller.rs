@@ -945,49 +945,34 @@ impl Controller {
         // and cuts that brought the rate this low paid.
         self.quota_before_slowdown = None;
         self.trial = None;
-        match self.controls.quota {
-            Quota::Unlimited => None,
-            Quota::Cores(q) => {
-                let next = (q + self.config.increase_cores).max(q * self.config.increase_factor);
-                // Grown back to where paid cuts started: nothing to recheck.
-                if next >= self.config.max_cores
-                    || self
-                        .paid
-                        .is_some_and(|(from, _)| from.cores().is_some_and(|c| next >= c))
-                {
-                    self.paid = None;
-                }
-                if probe {
-                    let to = if next >= self.config.max_cores {
-                        Quota::Unlimited
-                    } else {
-                        Quota::Cores(next)
-                    };
-                    return Some(self.change(
-                        now,
-                        |c| c.quota = to,
-                        Reason::Probe {
-                            signal,
-                            value,
-                            held: since_change,
-                        },
-                    ));
-                }
-                if next >= self.config.max_cores {
-                    Some(self.change(
-                        now,
-                        |c| c.quota = Quota::Unlimited,
-                        Reason::Unlimit { signal, value },
-                    ))
-                } else {
-                    Some(self.change(
-                        now,
-                        |c| c.quota = Quota::Cores(next),
-                        Reason::Relax { signal, value },
-                    ))
-                }
-            }
+        let Quota::Cores(q) = self.controls.quota else {
+            return None;
+        };
+        let next = (q + self.config.increase_cores).max(q * self.config.increase_factor);
+        let to = if next >= self.config.max_cores {
+            Quota::Unlimited
+        } else {
+            Quota::Cores(next)
+        };
+        // Grown back to where paid cuts started: nothing to recheck.
+        if self.paid.is_some_and(|(from, _)| {
+            to.cores()
+                .is_none_or(|t| from.cores().is_some_and(|f| t >= f))
+        }) {
+            self.paid = None;
         }
+        let reason = if probe {
+            Reason::Probe {
+                signal,
+                value,
+                held: since_change,
+            }
+        } else if to == Quota::Unlimited {
+            Reason::Unlimit { signal, value }
+        } else {
+            Reason::Relax { signal, value }
+        };
+        Some(self.change(now, |c| c.quota = to, reason))
     }
 
     /// Pauses the job to see whether it causes the slowdown `value`.
@@ -1391,10 +1376,9 @@ impl Controller {
     /// (0 with fewer than two).
     fn slowdown_noise(&self) -> f64 {
         let n = self.slowdowns.len();
-        if n < 2 {
+        let Some(mean) = self.horizon_slowdown().filter(|_| n >= 2) else {
             return 0.0;
-        }
-        let mean = self.slowdowns.iter().map(|(_, s)| s).sum::<f64>() / n as f64;
+        };
         let var = self
             .slowdowns
             .iter()
