@@ -429,7 +429,12 @@ impl Monitor for BudgetMonitor {
             // actuator, and the loop goes on with what it asked for.
             let Ok(()) = apply(&self.wish, &d);
             ctx.emit(Event::new("budget", decision_json(&d)));
-            if let Reason::Freeze { .. } = d.reason {
+            if let Reason::Freeze { .. }
+            | Reason::CutDidNotPay {
+                frozen_for: Some(_),
+                ..
+            } = d.reason
+            {
                 tracing::warn!(job = %self.job, "job frozen: last resort of the budget loop");
             }
             if let Some(cause) = d.reason.blame() {
