@@ -24,11 +24,11 @@
 //!   measurement says it does not hold the budget;
 //! - the budget used is the stolen fraction over the horizon (the whole job
 //!   while it is shorter than that), and it works as a bucket: a cut comes
-//!   only when the current rate (the fraction over the last second, judged
-//!   only after the last change), kept up until a cut made now could be
-//!   judged ([`ControllerConfig::lookahead`]), would put the horizon ending
-//!   then over the budget, with the rest of a job's first horizon assumed
-//!   at the target. A spike the bucket holds changes nothing, and a steady
+//!   only when the rate over the last [`ControllerConfig::lookahead`] (not
+//!   before the last change, and over at least half a window), kept up
+//!   until a cut made now could be judged (`lookahead`), would put the
+//!   horizon ending then over the budget, with the rest of a job's first
+//!   horizon assumed at the target. A spike the bucket holds changes nothing, and a steady
 //!   rate between the target and the budget is spent, not cut (the current
 //!   rate and the horizon projected at it must also be over the target);
 //! - tightening cuts the quota in proportion to how far the current rate is

@@ -22,3 +22,15 @@ pub fn set_thread_policy(tid: i32, policy: i32, priority: i32) -> io::Result<()>
         Err(io::Error::last_os_error())
     }
 }
+
+/// Thread `tid`'s policy (`libc::SCHED_*`, with `SCHED_RESET_ON_FORK` or'd
+/// in when set).
+pub fn thread_policy(tid: i32) -> io::Result<i32> {
+    // SAFETY: the call takes a thread id and touches no memory.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, tid) };
+    if rc >= 0 {
+        Ok(rc as i32)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -751,7 +751,49 @@ wait",
     assert_no_cgroup_left(&name);
 }
 
+/// The scheduling policy lines `chrt -p` wrote for a job's shell: one after
+/// a tick, one after the shell left for `SCHED_OTHER` and another tick.
+fn job_shell_policies(flags: &[&str]) -> Vec<String> {
+    let s = Scratch::new("enforcer-jobs");
+    let cfg = s.config("");
+    let name = unique_name("idle");
+    let out_path = s.path("policies");
+    let o = out_path.display();
+    let script = format!("sleep 1; chrt -p $$ > {o}; chrt -o -p 0 $$; sleep 1; chrt -p $$ >> {o}");
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(flags.iter().copied())
+        .output(["sh", "-c", &script]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_no_cgroup_left(&name);
+    std::fs::read_to_string(&out_path)
+        .unwrap_or_else(|e| panic!("{o}: {e}"))
+        .lines()
+        .filter(|l| l.contains("policy"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn every_thread_of_an_idle_class_job_runs_sched_idle_and_is_put_back_if_it_leaves() {
+    // Without a training to protect and without the budget loop: the idle
+    // class is the job's, not the loop's.
+    let lines = job_shell_policies(&[]);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].ends_with("SCHED_IDLE"), "{lines:?}");
+    assert!(
+        lines[1].ends_with("SCHED_IDLE"),
+        "the thread that left the idle class was not put back: {lines:?}"
+    );
+    // `--no-idle` leaves the policy alone.
+    let lines = job_shell_policies(&["--no-idle"]);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.ends_with("SCHED_OTHER")),
+        "{lines:?}"
+    );
+}
+
 enforcer_tests::root_tests!(
+    every_thread_of_an_idle_class_job_runs_sched_idle_and_is_put_back_if_it_leaves,
     memory_hog_is_oom_killed_with_reason_oom_and_exit_137,
     fork_bomb_is_contained_by_pids_64_with_a_pids_max_event,
     cpu_quota_of_half_a_core_is_not_exceeded,

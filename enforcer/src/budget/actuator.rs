@@ -75,7 +75,7 @@ mod tests {
         assert_eq!(*fake.writes.borrow(), ["idle true", "quota None"]);
         fake.writes.borrow_mut().clear();
         let mut d = None;
-        for i in 1..=3u32 {
+        for i in 1..=6u32 {
             let obs = Observation {
                 steal: Some(StealCounters {
                     steal: Duration::from_millis(30) * i,

@@ -27,7 +27,7 @@ use super::{
     progress::{ProgressTracker, Unavailable},
 };
 use crate::{
-    cgroup::{JobCgroup, cpuset::CpuList},
+    cgroup::cpuset::CpuList,
     events::Event,
     job::{
         JobInfo, Monitor, MonitorError, Sample, TickContext, Wishes,
@@ -86,10 +86,6 @@ pub struct BudgetMonitor {
     job: String,
     /// What the loop wants of the job's quota, idle class and freezer.
     wish: BudgetWish,
-    /// Put the job's threads in SCHED_IDLE too (with the idle class).
-    idle_tasks: bool,
-    /// Threads already made SCHED_IDLE.
-    idle_tids: std::collections::HashSet<i32>,
     /// Where the job runs; `None` when placement is off or impossible.
     placement: Option<Placement>,
     /// Place jobs at all (`place_jobs`).
@@ -172,8 +168,6 @@ impl BudgetMonitor {
             blame: None,
             job: String::new(),
             wish: BudgetWish::default(),
-            idle_tasks: false,
-            idle_tids: std::collections::HashSet::new(),
             placement: None,
             place_jobs: false,
             history: Vec::new(),
@@ -294,33 +288,6 @@ impl BudgetMonitor {
         None
     }
 
-    /// Why per-thread SCHED_IDLE as well as the cgroup's `cpu.idle`: the
-    /// job's cgroup is idle only among its siblings inside the agent's
-    /// slice; at the level where the slice meets the training the slice
-    /// competes with its full weight, and a waking training thread does not
-    /// preempt it at once. SCHED_IDLE threads are preempted at once by any
-    /// normal thread on their CPU, whatever the hierarchy. Threads the job
-    /// creates later inherit the policy; each tick picks up the rest (a
-    /// thread that exited or changed meanwhile is skipped).
-    fn make_tasks_idle(&mut self, cgroup: &JobCgroup) {
-        let proc = crate::host::ProcFs::new();
-        for pid in cgroup.pids().into_iter().filter_map(crate::host::Pid::new) {
-            for tid in proc.threads(pid).into_iter().map(crate::host::Pid::as_raw) {
-                if !self.idle_tids.insert(tid) {
-                    continue;
-                }
-                // The tid belongs to the job's own cgroup.
-                if let Err(error) = crate::sched::set_thread_policy(tid, libc::SCHED_IDLE, 0) {
-                    tracing::debug!(tid, %error, "SCHED_IDLE for a job thread failed");
-                }
-            }
-        }
-        // Bound the memory of the set on jobs that churn threads.
-        if self.idle_tids.len() > 65_536 {
-            self.idle_tids.clear();
-        }
-    }
-
     fn trailing_fraction(&self) -> Option<f64> {
         let span = self.window.span(REPORT_WINDOW)?;
         if span.elapsed() < REPORT_WINDOW / 2 {
@@ -345,7 +312,6 @@ impl Monitor for BudgetMonitor {
             config.max_cores = config.max_cores.min(cap);
             config.start_cores = config.start_cores.map(|s| s.min(cap));
         }
-        self.idle_tasks = job.limits.cpu_idle;
         self.controller = Some(Controller::new(config));
         if self.place_jobs {
             self.placement = CpuList::online()
@@ -369,9 +335,6 @@ impl Monitor for BudgetMonitor {
     }
 
     fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
-        if self.idle_tasks && self.controller.is_some() {
-            self.make_tasks_idle(ctx.cgroup);
-        }
         let Some(controller) = self.controller.as_mut() else {
             return Ok(Wishes::new());
         };
@@ -571,7 +534,7 @@ mod tests {
     use super::*;
     use crate::{
         budget::StealCounters,
-        cgroup::{Limits, Stats, fs::CgFs, v2::V2Job},
+        cgroup::{JobCgroup, Limits, Stats, fs::CgFs, v2::V2Job},
         job::{StealReading, controls::Actuator},
     };
 

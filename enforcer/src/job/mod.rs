@@ -13,6 +13,7 @@
 pub mod attach;
 pub mod controls;
 pub mod identity;
+pub mod idle;
 pub mod monitor;
 pub mod pidfd;
 pub mod plan;

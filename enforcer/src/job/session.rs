@@ -167,7 +167,10 @@ impl Drop for JobGuard {
 
 /// The monitors every job and game gets.
 pub fn default_monitors() -> Vec<Box<dyn Monitor>> {
-    vec![Box::new(LimitEvents::default())]
+    vec![
+        Box::new(LimitEvents::default()),
+        Box::new(super::idle::IdleThreads::default()),
+    ]
 }
 
 /// How long the training is watched before a protected job starts, to place
