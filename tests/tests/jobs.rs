@@ -751,45 +751,39 @@ wait",
     assert_no_cgroup_left(&name);
 }
 
-/// The scheduling policy lines `chrt -p` wrote for a job's shell: one after
-/// a tick, one after the shell left for `SCHED_OTHER` and another tick.
-fn job_shell_policies(flags: &[&str]) -> Vec<String> {
+/// The policies (`libc::SCHED_*`) of a job's two threads after a tick, and
+/// again after both left for `SCHED_OTHER` and another tick (`eval-workload
+/// policy`).
+fn job_thread_policies(flags: &[&str]) -> Vec<Vec<i32>> {
     let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
     let name = unique_name("idle");
-    let out_path = s.path("policies");
-    let o = out_path.display();
-    let script = format!("sleep 1; chrt -p $$ > {o}; chrt -o -p 0 $$; sleep 1; chrt -p $$ >> {o}");
+    let w = workload();
     let out = EnforcerRun::new(&cfg, &name)
         .flags(flags.iter().copied())
-        .output(["sh", "-c", &script]);
+        .output([w.to_str().unwrap(), "policy"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_no_cgroup_left(&name);
-    std::fs::read_to_string(&out_path)
-        .unwrap_or_else(|e| panic!("{o}: {e}"))
+    String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("policy"))
-        .map(str::to_owned)
+        .map(|l| l.split(' ').map(|p| p.parse().expect(l)).collect())
         .collect()
 }
 
 fn every_thread_of_an_idle_class_job_runs_sched_idle_and_is_put_back_if_it_leaves() {
     // Without a training to protect and without the budget loop: the idle
     // class is the job's, not the loop's.
-    let lines = job_shell_policies(&[]);
+    let idle = vec![libc::SCHED_IDLE; 2];
+    let lines = job_thread_policies(&[]);
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(lines[0].ends_with("SCHED_IDLE"), "{lines:?}");
-    assert!(
-        lines[1].ends_with("SCHED_IDLE"),
-        "the thread that left the idle class was not put back: {lines:?}"
+    assert_eq!(lines[0], idle, "after a tick: {lines:?}");
+    assert_eq!(
+        lines[1], idle,
+        "the threads that left the idle class were not put back: {lines:?}"
     );
     // `--no-idle` leaves the policy alone.
-    let lines = job_shell_policies(&["--no-idle"]);
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(
-        lines.iter().all(|l| l.ends_with("SCHED_OTHER")),
-        "{lines:?}"
-    );
+    let lines = job_thread_policies(&["--no-idle"]);
+    assert_eq!(lines, vec![vec![libc::SCHED_OTHER; 2]; 2]);
 }
 
 enforcer_tests::root_tests!(

@@ -12,7 +12,11 @@
 //! - `forker COUNT SPIN_MS`: forks COUNT short-lived processes one after the
 //!   other, each spinning SPIN_MS, then exits;
 //! - `churn SPIN_MS SECONDS`: for SECONDS, creates one short-lived thread
-//!   after the other, each spinning SPIN_MS.
+//!   after the other, each spinning SPIN_MS;
+//! - `policy`: starts a second thread, prints both threads' scheduling
+//!   policies (`sched_getscheduler`) after a second, moves both to
+//!   `SCHED_OTHER`, and prints them again a second later (busybox has no
+//!   `chrt`).
 //!
 //! Options before the mode (for the steal tests, where busybox has no
 //! `taskset`): `--cpu K` pins the process (so every thread and child) to CPU
@@ -84,6 +88,7 @@ fn main() {
         Some("threads") => threads(arg(&args, 1, "N")),
         Some("forker") => forker(arg(&args, 1, "COUNT"), arg(&args, 2, "SPIN_MS")),
         Some("churn") => churn(arg(&args, 1, "SPIN_MS"), arg(&args, 2, "SECONDS")),
+        Some("policy") => policy(),
         _ => die("usage: eval-workload [--cpu K] [--cgroup DIR] \
              memhog|forkbomb|spin|daemon|threads|forker|churn ..."),
     }
@@ -181,6 +186,51 @@ fn threads(n: usize) {
     }
     let _ = writeln!(std::io::stdout(), "ready");
     sleep_forever();
+}
+
+/// `sched_getscheduler(0)` through the raw system call (musl's wrapper is a
+/// stub), without `SCHED_RESET_ON_FORK`.
+fn own_policy() -> i64 {
+    // SAFETY: the call takes a thread id and touches no memory.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+    rc & !i64::from(libc::SCHED_RESET_ON_FORK)
+}
+
+/// Moves the calling thread to SCHED_OTHER through the raw system call.
+fn leave_own_policy() {
+    // SAFETY: sched_param is plain integers, for which all-zero is valid,
+    // and it outlives the call.
+    let rc = unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_OTHER,
+            &raw const param,
+        )
+    };
+    if rc != 0 {
+        die(&format!("SCHED_OTHER: {}", std::io::Error::last_os_error()));
+    }
+}
+
+fn policy() {
+    let (to_thread, from_main) = std::sync::mpsc::channel::<()>();
+    let (to_main, from_thread) = std::sync::mpsc::channel::<i64>();
+    std::thread::spawn(move || {
+        while from_main.recv().is_ok() {
+            let _ = to_main.send(own_policy());
+            leave_own_policy();
+        }
+    });
+    let mut out = std::io::stdout();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = to_thread.send(());
+        let other = from_thread.recv().unwrap_or(-1);
+        let _ = writeln!(out, "{} {other}", own_policy());
+        leave_own_policy();
+    }
 }
 
 fn pin(cpu: usize) {
