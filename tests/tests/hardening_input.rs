@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use enforcer::sched::{set_thread_policy, thread_policy};
 use enforcer_tests::{
     ChildGuard, EnforcerGuard, EnforcerRun, Scratch, assert_no_cgroup_left, enforcer, enforcer_bin,
     run_enforcer as run, unique_name,
@@ -297,30 +298,12 @@ fn a_user_checking_their_own_config_is_not_held_to_roots_rule() {
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
-/// `sched_getscheduler(2)` of thread `tid`, through the raw system call
-/// (musl's wrapper is a stub): the policy, with `SCHED_RESET_ON_FORK` or'd
-/// in when set; `None` once the thread is gone.
-fn policy_of(tid: i32) -> Option<i32> {
-    // SAFETY: the call takes a thread id and touches no memory.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, tid) };
-    (rc >= 0).then_some(rc as i32)
-}
-
-/// Sets the calling thread's policy through the raw system call.
-fn set_own_policy(policy: i32, priority: i32) -> bool {
-    // SAFETY: sched_param is plain integers, for which all-zero is valid.
-    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-    param.sched_priority = priority;
-    // SAFETY: a valid sched_param that outlives the call.
-    unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &raw const param) == 0 }
-}
-
 /// Puts the test thread back to SCHED_OTHER when dropped.
 struct RealtimeSampler;
 
 impl Drop for RealtimeSampler {
     fn drop(&mut self) {
-        set_own_policy(libc::SCHED_OTHER, 0);
+        let _ = set_thread_policy(0, libc::SCHED_OTHER, 0);
     }
 }
 
@@ -359,10 +342,12 @@ fn sample_realtime_window(s: &Scratch, dir: &Path) -> (Vec<i32>, String) {
         .unwrap();
     let mut child = EnforcerGuard(child);
     let pid = child.0.id() as i32;
-    let sampler = set_own_policy(libc::SCHED_FIFO, 1).then_some(RealtimeSampler);
+    let sampler = set_thread_policy(0, libc::SCHED_FIFO, 1)
+        .ok()
+        .map(|()| RealtimeSampler);
     let mut seen = Vec::new();
     while child.0.try_wait().unwrap().is_none() {
-        if let Some(p) = policy_of(pid)
+        if let Ok(p) = thread_policy(pid)
             && p & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER
         {
             seen.push(p);

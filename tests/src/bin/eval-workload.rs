@@ -90,7 +90,7 @@ fn main() {
         Some("churn") => churn(arg(&args, 1, "SPIN_MS"), arg(&args, 2, "SECONDS")),
         Some("policy") => policy(),
         _ => die("usage: eval-workload [--cpu K] [--cgroup DIR] \
-             memhog|forkbomb|spin|daemon|threads|forker|churn ..."),
+             memhog|forkbomb|spin|daemon|threads|forker|churn|policy ..."),
     }
 }
 
@@ -188,35 +188,22 @@ fn threads(n: usize) {
     sleep_forever();
 }
 
-/// `sched_getscheduler(0)` through the raw system call (musl's wrapper is a
-/// stub), without `SCHED_RESET_ON_FORK`.
-fn own_policy() -> i64 {
-    // SAFETY: the call takes a thread id and touches no memory.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
-    rc & !i64::from(libc::SCHED_RESET_ON_FORK)
+/// The calling thread's policy (`libc::SCHED_*`), without
+/// `SCHED_RESET_ON_FORK`; -1 if it cannot be read.
+fn own_policy() -> i32 {
+    enforcer::sched::thread_policy(0).map_or(-1, |p| p & !libc::SCHED_RESET_ON_FORK)
 }
 
-/// Moves the calling thread to SCHED_OTHER through the raw system call.
+/// Moves the calling thread to SCHED_OTHER.
 fn leave_own_policy() {
-    // SAFETY: sched_param is plain integers, for which all-zero is valid,
-    // and it outlives the call.
-    let rc = unsafe {
-        let param: libc::sched_param = std::mem::zeroed();
-        libc::syscall(
-            libc::SYS_sched_setscheduler,
-            0,
-            libc::SCHED_OTHER,
-            &raw const param,
-        )
-    };
-    if rc != 0 {
-        die(&format!("SCHED_OTHER: {}", std::io::Error::last_os_error()));
+    if let Err(e) = enforcer::sched::set_thread_policy(0, libc::SCHED_OTHER, 0) {
+        die(&format!("SCHED_OTHER: {e}"));
     }
 }
 
 fn policy() {
     let (to_thread, from_main) = std::sync::mpsc::channel::<()>();
-    let (to_main, from_thread) = std::sync::mpsc::channel::<i64>();
+    let (to_main, from_thread) = std::sync::mpsc::channel::<i32>();
     std::thread::spawn(move || {
         while from_main.recv().is_ok() {
             let _ = to_main.send(own_policy());
