@@ -751,9 +751,9 @@ wait",
     assert_no_cgroup_left(&name);
 }
 
-/// The policies (`libc::SCHED_*`) of a job's two threads after a tick, and
-/// again after both left for `SCHED_OTHER` and another tick (`eval-workload
-/// policy`).
+/// The policy (`libc::SCHED_*`) of a job's command at its first
+/// instruction, then those of its two threads after a tick, and again after
+/// both left for `SCHED_OTHER` and another tick (`eval-workload policy`).
 fn job_thread_policies(flags: &[&str]) -> Vec<Vec<i32>> {
     let s = Scratch::new("enforcer-jobs");
     let cfg = s.config("");
@@ -770,24 +770,38 @@ fn job_thread_policies(flags: &[&str]) -> Vec<Vec<i32>> {
         .collect()
 }
 
-fn every_thread_of_an_idle_class_job_runs_sched_idle_and_is_put_back_if_it_leaves() {
+fn every_thread_of_an_idle_class_job_runs_sched_idle_from_exec_and_is_put_back_if_it_leaves() {
     // Without a training to protect and without the budget loop: the idle
     // class is the job's, not the loop's.
     let idle = vec![libc::SCHED_IDLE; 2];
     let lines = job_thread_policies(&[]);
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    assert_eq!(lines[0], idle, "after a tick: {lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    // From exec on, not from the first tick: a job's start-up burst is
+    // not stolen from the training in the normal class.
     assert_eq!(
-        lines[1], idle,
+        lines[0],
+        vec![libc::SCHED_IDLE],
+        "at the command's first instruction: {lines:?}"
+    );
+    assert_eq!(lines[1], idle, "after a tick: {lines:?}");
+    assert_eq!(
+        lines[2], idle,
         "the threads that left the idle class were not put back: {lines:?}"
     );
     // `--no-idle` leaves the policy alone.
     let lines = job_thread_policies(&["--no-idle"]);
-    assert_eq!(lines, vec![vec![libc::SCHED_OTHER; 2]; 2]);
+    assert_eq!(
+        lines,
+        vec![
+            vec![libc::SCHED_OTHER],
+            vec![libc::SCHED_OTHER; 2],
+            vec![libc::SCHED_OTHER; 2]
+        ]
+    );
 }
 
 enforcer_tests::root_tests!(
-    every_thread_of_an_idle_class_job_runs_sched_idle_and_is_put_back_if_it_leaves,
+    every_thread_of_an_idle_class_job_runs_sched_idle_from_exec_and_is_put_back_if_it_leaves,
     memory_hog_is_oom_killed_with_reason_oom_and_exit_137,
     fork_bomb_is_contained_by_pids_64_with_a_pids_max_event,
     cpu_quota_of_half_a_core_is_not_exceeded,

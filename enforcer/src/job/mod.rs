@@ -79,13 +79,19 @@ pub struct Supervision {
 /// asks for SIGKILL if the enforcer dies, so it cannot outlive it. With
 /// `run_as`, the child then becomes that user with no capabilities and
 /// `no_new_privs` (joining needs root, so it comes first). With `base_env`
-/// the command gets that environment (plus `envs`) instead of ours.
+/// the command gets that environment (plus `envs`) instead of ours. With
+/// `idle`, it runs `SCHED_IDLE` from its first instruction, and so does
+/// every thread and process it starts (they inherit the policy): a job's
+/// start-up burst does not compete with the training in the normal class
+/// until the first tick of [`idle::IdleThreads`] (which still catches
+/// threads that leave the class, and processes attached later).
 pub fn spawn_into(
     cgroup: &JobCgroup,
     argv: &[String],
     envs: &[(String, String)],
     base_env: Option<&[(String, String)]>,
     run_as: Option<&RunAs>,
+    idle: bool,
 ) -> Result<tokio::process::Child, JobError> {
     let run_as = run_as.cloned();
     let user = run_as.as_ref().map_or_else(
@@ -108,12 +114,16 @@ pub fn spawn_into(
     }
     cmd.envs(envs.iter().map(|(k, v)| (k, v)));
     // SAFETY: the closure runs between fork and exec; it only calls
-    // async-signal-safe functions (open, write, close, prctl, raw id and
-    // capability system calls) on memory allocated before the fork.
+    // async-signal-safe functions (open, write, close, prctl, raw id,
+    // capability and scheduler system calls) on memory allocated before the
+    // fork.
     unsafe {
         cmd.pre_exec(move || {
             for f in &c_files {
                 join_cgroup(f)?;
+            }
+            if idle {
+                crate::sched::set_thread_policy(0, libc::SCHED_IDLE, 0)?;
             }
             if let Some(who) = &run_as {
                 identity::become_user(who)?;

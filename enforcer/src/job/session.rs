@@ -324,6 +324,7 @@ impl Session {
             &envs,
             plan.env.as_deref(),
             plan.run_as.as_ref(),
+            plan.limits.cpu_idle,
         )
         .map_err(SessionError::Spawn)?;
         let (report, code) = job::supervise(job::Supervised {
@@ -770,6 +771,9 @@ pub async fn game_in_job(
         &[],
         plan.env.as_deref(),
         plan.run_as.as_ref(),
+        // A game runs in its job's class: the game supervisor, a job
+        // process, already passes it on.
+        false,
     )
     .map_err(SessionError::Spawn)?;
     let (report, code) = job::supervise(job::Supervised {

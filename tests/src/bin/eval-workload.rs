@@ -13,8 +13,9 @@
 //!   other, each spinning SPIN_MS, then exits;
 //! - `churn SPIN_MS SECONDS`: for SECONDS, creates one short-lived thread
 //!   after the other, each spinning SPIN_MS;
-//! - `policy`: starts a second thread, prints both threads' scheduling
-//!   policies (`sched_getscheduler`) after a second, moves both to
+//! - `policy`: prints its scheduling policy (`sched_getscheduler`) at its
+//!   first instruction, starts a second thread, prints both threads'
+//!   policies after a second, moves both to
 //!   `SCHED_OTHER`, and prints them again a second later (busybox has no
 //!   `chrt`).
 //!
@@ -202,6 +203,8 @@ fn leave_own_policy() {
 }
 
 fn policy() {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{}", own_policy());
     let (to_thread, from_main) = std::sync::mpsc::channel::<()>();
     let (to_main, from_thread) = std::sync::mpsc::channel::<i32>();
     std::thread::spawn(move || {
@@ -210,7 +213,6 @@ fn policy() {
             leave_own_policy();
         }
     });
-    let mut out = std::io::stdout();
     for _ in 0..2 {
         std::thread::sleep(Duration::from_secs(1));
         let _ = to_thread.send(());
