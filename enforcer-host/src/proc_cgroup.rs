@@ -72,6 +72,21 @@ impl ProcCgroup {
         }
     }
 
+    /// Whether the process is in the cgroup `root` of `hierarchy` (as this
+    /// file prints paths) or below it: by path components, so `/job-10` is
+    /// not within `/job-1`.
+    pub fn is_within(&self, hierarchy: &Hierarchy, root: &str) -> bool {
+        let Some(path) = self.path_in(hierarchy) else {
+            return false;
+        };
+        let root = root.trim_end_matches('/');
+        root.is_empty()
+            || path == root
+            || path
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+
     /// Controller → path; the v2 path is under the empty name, and a line
     /// naming several controllers yields one entry per controller.
     pub fn by_controller(&self) -> BTreeMap<String, String> {
@@ -109,6 +124,21 @@ mod tests {
         let m = c.by_controller();
         assert_eq!(m[""], "/user.slice/x.scope");
         assert_eq!(m["cpuacct"], "/a/b");
+    }
+
+    #[test]
+    fn within_is_by_path_components_in_the_named_hierarchy_only() {
+        let c = ProcCgroup::parse("4:cpu,cpuacct:/eval/job-1/game-2\n0::/eval/job-10\n");
+        let cpu = Hierarchy::V1("cpu".into());
+        assert!(c.is_within(&cpu, "/eval/job-1"));
+        assert!(c.is_within(&cpu, "/eval/job-1/"));
+        assert!(c.is_within(&cpu, "/eval/job-1/game-2"));
+        assert!(!c.is_within(&cpu, "/eval/job-1/game"));
+        assert!(c.is_within(&Hierarchy::Unified, "/eval/job-10"));
+        // A prefix of the name is another cgroup.
+        assert!(!c.is_within(&Hierarchy::Unified, "/eval/job-1"));
+        // Not in that hierarchy at all.
+        assert!(!c.is_within(&Hierarchy::V1("memory".into()), "/"));
     }
 
     #[test]

@@ -66,9 +66,7 @@ impl ProcCgroups {
             Some(Err(e)) if e.is_gone() => return Ok(false),
             Some(m) => m?,
         };
-        Ok(membership
-            .path_in(&job.hierarchy)
-            .is_some_and(|p| is_within(p, &job.path)))
+        Ok(membership.is_within(&job.hierarchy, &job.path))
     }
 }
 
@@ -158,17 +156,6 @@ fn resolve_freezer(cgroup: &ProcCgroup, mounts: &MountTable) -> Option<FreezerCg
                 dir,
             })
         })
-}
-
-fn is_within(path: &str, root: &str) -> bool {
-    let root = root.trim_end_matches('/');
-    if root.is_empty() {
-        return true;
-    }
-    path == root
-        || path
-            .strip_prefix(root)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The job's use of one device during one control tick.
