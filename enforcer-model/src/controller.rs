@@ -44,7 +44,10 @@
 //!   horizon's budget; it does not put the verdict off (due `lookahead`
 //!   after the series' first cut, on at least half a window after the
 //!   latest). A cut that did not pay is undone (with any made before its
-//!   verdict) and the steal cuts nothing for
+//!   verdict, and with earlier cuts judged to pay when, counted from the
+//!   rate before them, all the cuts together did not pay either: their
+//!   verdict saw a spike pass, not the quota at work) and the steal cuts
+//!   nothing for
 //!   [`ControllerConfig::unpaid_hold`]: near the idle class's floor, the
 //!   job's steal follows the training's wake-up latency, not the job's CPU
 //!   time, and a cut only costs the evaluation. If the rate has overspent
@@ -194,7 +197,9 @@ pub enum Reason {
     /// A steal-driven series of cuts did not pay: the stolen fraction went
     /// from `before` (the rate that started the series) only to `after`,
     /// less than `trial_share` of what a proportional response would give.
-    /// The quota goes back to what it was before the series, and the steal
+    /// The quota goes back to what it was before the series (before the
+    /// earlier cuts judged to pay too, and `before` is their starting rate,
+    /// when all of them together did not pay either), and the steal
     /// cuts nothing for `hold_for`. When the rate has overspent the horizon
     /// since the series began, the job is frozen at once for `frozen_for`
     /// (the duty cycle's freeze, without waiting for it again).
@@ -612,6 +617,19 @@ struct Trial {
     at: Instant,
 }
 
+/// Cuts judged to pay, from the first series of a chain of them on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Paid {
+    /// The quota before the chain's first cut...
+    undo_to: Quota,
+    /// ...the rate that started it, and the cores it cut from: a later
+    /// series that does not pay judges the whole chain on them.
+    value: f64,
+    base: f64,
+    /// The latest verdict (the chain is tried undone `recheck_after` later).
+    verdict: Instant,
+}
+
 impl Trial {
     /// When the series is judged.
     fn verdict_at(&self, cfg: &ControllerConfig) -> Instant {
@@ -672,9 +690,9 @@ pub struct Controller {
     quota_before_slowdown: Option<Quota>,
     /// Steal-driven cuts not judged yet.
     trial: Option<Trial>,
-    /// Cuts judged to pay: the quota before them and when the verdict was
-    /// given (they are tried undone `recheck_after` later).
-    paid: Option<(Quota, Instant)>,
+    /// Cuts judged to pay (they are tried undone `recheck_after` after the
+    /// latest verdict).
+    paid: Option<Paid>,
     /// Cuts did not pay: the steal cuts nothing until then.
     steal_cuts_held_until: Option<Instant>,
     last_fraction: Option<f64>,
@@ -944,7 +962,9 @@ impl Controller {
         let since_change = self
             .last_change
             .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
-        if let Some((undo_to, verdict)) = self.paid
+        if let Some(Paid {
+            undo_to, verdict, ..
+        }) = self.paid
             && now.saturating_duration_since(verdict) >= self.config.recheck_after
             && since_change >= self.config.probe_after
             && !self.controls.frozen
@@ -991,9 +1011,9 @@ impl Controller {
             Quota::Cores(next)
         };
         // Grown back to where paid cuts started: nothing to recheck.
-        if self.paid.is_some_and(|(from, _)| {
+        if self.paid.is_some_and(|p| {
             to.cores()
-                .is_none_or(|t| from.cores().is_some_and(|f| t >= f))
+                .is_none_or(|t| p.undo_to.cores().is_some_and(|f| t >= f))
         }) {
             self.paid = None;
         }
@@ -1248,9 +1268,10 @@ impl Controller {
     }
 
     /// Judges the cuts on trial `lookahead` after the first (and half a
-    /// window after the latest, at least): a series that lowered the stolen fraction
-    /// by less than `trial_share` of a proportional response is undone, and
-    /// the steal cuts nothing for `unpaid_hold`. Near the idle class's
+    /// window after the latest, at least): a series that lowered the stolen
+    /// fraction by less than `trial_share` of a proportional response is
+    /// undone (with the paid cuts before it when the whole chain did not
+    /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the idle class's
     /// floor, steal follows the training's wake-up latency, not the job's
     /// CPU time, and a cut only costs the evaluation.
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
@@ -1262,14 +1283,33 @@ impl Controller {
         let after = self.fraction_over(self.samples.since(trial.at)?, cfg.window / 2)?;
         self.trial = None;
         let now_cores = self.controls.quota.cores().unwrap_or(cfg.max_cores);
-        let expected = trial.value * (1.0 - (now_cores / trial.base).min(1.0));
-        if trial.value - after >= cfg.trial_share * expected {
-            // An earlier paid series keeps its older quota to go back to.
-            let undo_to = self.paid.map_or(trial.undo_to, |(q, _)| q);
-            self.paid = Some((undo_to, now));
+        let paid_off = |value: f64, base: f64| {
+            let expected = value * (1.0 - (now_cores / base).min(1.0));
+            value - after >= cfg.trial_share * expected
+        };
+        if paid_off(trial.value, trial.base) {
+            // A chain keeps its first series' quota to go back to, and the
+            // rate and cores it started from.
+            self.paid = Some(match self.paid {
+                Some(p) => Paid { verdict: now, ..p },
+                None => Paid {
+                    undo_to: trial.undo_to,
+                    value: trial.value,
+                    base: trial.base,
+                    verdict: now,
+                },
+            });
             return None;
         }
-        self.paid = None;
+        // This series did not pay. Earlier cuts judged to pay are judged
+        // again with it, from where the chain started: when the rate has not
+        // fallen by its share of what all the cuts together predict, their
+        // verdict was a passing spike (a start-up burst that ended as they
+        // were made), not the quota, and they are undone too.
+        let (undo_to, before) = match self.paid.take() {
+            Some(p) if !paid_off(p.value, p.base) => (p.undo_to, p.value),
+            _ => (trial.undo_to, trial.value),
+        };
         let hold_for = cfg.unpaid_hold;
         self.steal_cuts_held_until = Some(now + hold_for);
         // The rate has been over the freeze threshold since the first cut:
@@ -1293,11 +1333,11 @@ impl Controller {
         Some(self.change(
             now,
             |c| {
-                c.quota = trial.undo_to;
+                c.quota = undo_to;
                 c.frozen = frozen_for.is_some();
             },
             Reason::CutDidNotPay {
-                before: trial.value,
+                before,
                 after,
                 hold_for,
                 frozen_for,
@@ -1958,6 +1998,77 @@ mod tests {
             .into_iter()
             .fold(0.0, f64::max);
         assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+    }
+
+    /// Runs the idle-only controller for `periods` on a plant whose steal
+    /// follows the quota (`steal(quota in cores)`; zero while frozen), the
+    /// job using all of its quota up to the node's 2 CPUs.
+    fn run_plant(
+        periods: usize,
+        steal: impl Fn(usize, f64) -> f64,
+    ) -> (Controller, Vec<f64>, Vec<Decision>) {
+        let (mut c, mut sim) = idle_only();
+        let mut per_period = Vec::new();
+        let mut decisions = Vec::new();
+        for i in 0..periods {
+            let running = !c.controls().frozen;
+            let cores = quota(&c).min(2.0);
+            let f = if running { steal(i, cores) } else { 0.0 };
+            per_period.push(f);
+            let obs = sim.advance(f, if running { cores } else { 0.0 });
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push(d);
+            }
+        }
+        (c, per_period, decisions)
+    }
+
+    #[test]
+    fn cuts_that_seemed_to_pay_are_undone_with_a_later_series_when_together_they_did_not_pay() {
+        // Whatever the quota: 10 % for the first second (a start-up
+        // burst), 4 % for three, then 7 %. The first cuts look paid as the
+        // burst ends; the cuts the 7 % brings next do not pay, and counted
+        // from the 10 % before the first, neither did all of them together.
+        // Back to the idle class without a quota, not to the first cuts'.
+        let (c, _, decisions) = run_unresponsive(100, |i| match i {
+            0..10 => 0.10,
+            10..40 => 0.04,
+            _ => 0.07,
+        });
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        let first_cut = decisions
+            .iter()
+            .find(|d| d.reason.action() == "tighten")
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        let undo = decisions
+            .iter()
+            .find(|d| d.reason.action() == "cut_did_not_pay")
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        assert_ne!(undo.previous.quota, first_cut.controls.quota, "{actions:?}");
+        assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
+        assert!(undo.to_string().contains("from 10.0%"), "{undo}");
+        // Over budget whatever the quota: the freezes hold it, not a quota.
+        assert_eq!(c.controls().quota, Quota::Unlimited);
+    }
+
+    #[test]
+    fn a_later_series_that_does_not_pay_keeps_earlier_cuts_that_did() {
+        // 10 % at 2 cores, in proportion to the quota down to 1.1 cores,
+        // and 5.5 % below: the first cut pays, later ones hit the floor.
+        // Counted from the first, the cuts together paid: only the later
+        // series is undone, to the quota the first cut set.
+        let (c, _, decisions) = run_plant(100, |_, cores| (0.05 * cores).max(0.055));
+        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
+        let first_cut = decisions
+            .iter()
+            .find(|d| d.reason.action() == "tighten")
+            .unwrap_or_else(|| panic!("{actions:?}"));
+        let undo = decisions
+            .iter()
+            .find(|d| d.reason.action() == "cut_did_not_pay")
+            .unwrap_or_else(|| panic!("{decisions:#?}"));
+        assert_eq!(undo.controls.quota, first_cut.controls.quota, "{undo}");
+        assert_ne!(c.controls().quota, Quota::Unlimited);
     }
 
     #[test]
