@@ -15,9 +15,8 @@
 //!   after the other, each spinning SPIN_MS;
 //! - `policy`: prints its scheduling policy (`sched_getscheduler`) at its
 //!   first instruction, starts a second thread, prints both threads'
-//!   policies after a second, moves both to
-//!   `SCHED_OTHER`, and prints them again a second later (busybox has no
-//!   `chrt`).
+//!   policies after a second, moves both to `SCHED_OTHER`, and prints them
+//!   again a second later (busybox has no `chrt`).
 //!
 //! Options before the mode (for the steal tests, where busybox has no
 //! `taskset`): `--cpu K` pins the process (so every thread and child) to CPU
