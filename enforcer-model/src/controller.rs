@@ -56,7 +56,10 @@
 //!   a hold-off since the last tightening, grows the quota geometrically;
 //!   past the node's CPU count it is removed (back to the idle class alone).
 //!   Between that and the target the quota holds, but grows one step after
-//!   [`ControllerConfig::probe_after`] without a change: a cut that only
+//!   [`ControllerConfig::probe_after`] without a change, and cuts judged
+//!   to pay are tried undone [`ControllerConfig::recheck_after`] after
+//!   their verdict (twice as late each time the rate answers with cuts that
+//!   pay again, up to [`ControllerConfig::recheck_max`]): a cut that only
 //!   seemed to pay does not stay for the rest of the job;
 //! - at the floor, or with cuts known not to pay, still over budget on the
 //!   job's own steal for a sustained time (the last resort): the job is
@@ -457,9 +460,14 @@ pub struct ControllerConfig {
     /// Cuts judged to pay are tried undone this long after the verdict
     /// (the quota back to what it was before them, as a probe): a rate that
     /// fell only because a start-up spike passed as they were made does not
-    /// cost the evaluation its CPU for the rest of the job. A rate that
-    /// rises again is cut as usual, and that cut is judged anew.
+    /// cost the evaluation its CPU for long. A rate that rises again is cut
+    /// as usual, and that cut is judged anew...
     pub recheck_after: Duration,
+    /// ...and when it pays too, the next recheck waits twice as long, up to
+    /// this: a job whose cuts keep paying is not let loose every few
+    /// seconds. A recheck the rate does not answer with a cut within the
+    /// horizon brings the wait back to `recheck_after`.
+    pub recheck_max: Duration,
     /// No relax for this long after a tightening.
     pub hold_off: Duration,
     /// Slowdown is measured over seconds: it may tighten at most this often,
@@ -532,7 +540,8 @@ impl ControllerConfig {
             increase_factor: 1.15,
             increase_interval: Duration::from_millis(250),
             probe_after: Duration::from_secs(3),
-            recheck_after: Duration::from_secs(20),
+            recheck_after: Duration::from_secs(5),
+            recheck_max: Duration::from_secs(40),
             hold_off: Duration::from_secs(1),
             slowdown_interval: Duration::from_secs(2),
             slowdown_persist: Duration::from_secs(2),
@@ -626,7 +635,7 @@ struct Paid {
     /// series that does not pay judges the whole chain on them.
     value: f64,
     base: f64,
-    /// The latest verdict (the chain is tried undone `recheck_after` later).
+    /// The latest verdict (the chain is tried undone `recheck_wait` later).
     verdict: Instant,
 }
 
@@ -690,9 +699,16 @@ pub struct Controller {
     quota_before_slowdown: Option<Quota>,
     /// Steal-driven cuts not judged yet.
     trial: Option<Trial>,
-    /// Cuts judged to pay (they are tried undone `recheck_after` after the
+    /// Cuts judged to pay (they are tried undone `recheck_wait` after the
     /// latest verdict).
     paid: Option<Paid>,
+    /// How long after a verdict paid cuts are tried undone: from
+    /// `recheck_after`, doubled each time a recheck was answered by cuts
+    /// that paid again, up to `recheck_max`.
+    recheck_wait: Duration,
+    /// When the latest recheck was made, until it is answered (cuts that
+    /// paid again) or the horizon passes without a cut.
+    rechecked: Option<Instant>,
     /// Cuts did not pay: the steal cuts nothing until then.
     steal_cuts_held_until: Option<Instant>,
     last_fraction: Option<f64>,
@@ -703,6 +719,7 @@ pub struct Controller {
 impl Controller {
     pub fn new(config: ControllerConfig) -> Self {
         let quota = config.start_quota();
+        let recheck_wait = config.recheck_after;
         let controls = CpuControls {
             idle: config.idle,
             quota,
@@ -722,6 +739,8 @@ impl Controller {
             quota_before_slowdown: None,
             trial: None,
             paid: None,
+            recheck_wait,
+            rechecked: None,
             steal_cuts_held_until: None,
             last_fraction: None,
             last_horizon: None,
@@ -797,6 +816,7 @@ impl Controller {
         }
         self.trial = None;
         self.paid = None;
+        self.rechecked = None;
         if self.controls.frozen {
             return None;
         }
@@ -965,14 +985,17 @@ impl Controller {
         if let Some(Paid {
             undo_to, verdict, ..
         }) = self.paid
-            && now.saturating_duration_since(verdict) >= self.config.recheck_after
-            && since_change >= self.config.probe_after
+            && now.saturating_duration_since(verdict) >= self.recheck_wait
+            // The rate since the last change is measured (the dead band's
+            // one-step probes keep their own pace).
+            && since_change >= self.config.lookahead
             && !self.controls.frozen
         {
-            // Under the target long after cuts that seemed to pay: try them
-            // undone. If the rate rises over the target, the usual cut
+            // Under the target a while after cuts that seemed to pay: try
+            // them undone. If the rate rises over the target, the usual cut
             // follows and is judged anew.
             self.paid = None;
+            self.rechecked = Some(now);
             self.trial = None;
             self.quota_before_slowdown = None;
             return Some(self.change(
@@ -1275,6 +1298,16 @@ impl Controller {
     /// floor, steal follows the training's wake-up latency, not the job's
     /// CPU time, and a cut only costs the evaluation.
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
+        // A recheck the rate left unanswered for a horizon: the cuts were
+        // not needed, and the next ones are rechecked soon again.
+        if self.trial.is_none()
+            && self
+                .rechecked
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.horizon)
+        {
+            self.rechecked = None;
+            self.recheck_wait = self.config.recheck_after;
+        }
         let trial = self.trial?;
         let cfg = &self.config;
         if now < trial.verdict_at(cfg) {
@@ -1288,6 +1321,11 @@ impl Controller {
             value - after >= cfg.trial_share * expected
         };
         if paid_off(trial.value, trial.base) {
+            // Cuts that answer a recheck and pay again: the next recheck
+            // waits longer.
+            if self.rechecked.take().is_some_and(|t| trial.first >= t) {
+                self.recheck_wait = (self.recheck_wait * 2).min(cfg.recheck_max);
+            }
             // A chain keeps its first series' quota to go back to, and the
             // rate and cores it started from.
             self.paid = Some(match self.paid {
@@ -1301,6 +1339,8 @@ impl Controller {
             });
             return None;
         }
+        // The recheck before it, if any, was right.
+        self.rechecked = None;
         // This series did not pay. Earlier cuts judged to pay are judged
         // again with it, from where the chain started: when the rate has not
         // fallen by its share of what all the cuts together predict, their
@@ -1797,6 +1837,49 @@ mod tests {
         assert!(used.to_string().ends_with("of 5.0%"), "{used}");
     }
 
+    #[test]
+    fn cuts_that_keep_paying_are_rechecked_ever_less_often() {
+        // 10 % without a quota, 4 % (between the relax threshold and the
+        // target) with any: every recheck (the cuts tried undone at once)
+        // lets the steal rise and is answered by a cut that pays again, so
+        // the next recheck waits twice as long after its verdict, up to
+        // 40 s. (The one-step probes of the dead band are put off here, so
+        // that only rechecks undo cuts.)
+        let mut sim = Sim::new();
+        let mut cfg = ControllerConfig::new(0.05, 2.0);
+        cfg.probe_after = Duration::from_secs(3600);
+        let mut c = Controller::new(cfg);
+        c.start(sim.now);
+        let mut last_cut = None;
+        let mut delays = Vec::new();
+        let mut per_period = Vec::new();
+        for _ in 0..2400 {
+            let f = match (c.controls().frozen, c.controls().quota) {
+                (true, _) => 0.0,
+                (false, Quota::Unlimited) => 0.10,
+                (false, Quota::Cores(_)) => 0.04,
+            };
+            per_period.push(f);
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            let Some(d) = c.step(obs, sim.now) else {
+                continue;
+            };
+            match d.reason.action() {
+                "tighten" => last_cut = Some(sim.now),
+                "probe" => delays.push(sim.now - last_cut.expect("a cut before")),
+                other => panic!("{other}: {d}"),
+            }
+        }
+        // A verdict comes 2 s after its cut, and the recheck 5, 10, 20, then
+        // 40 s after the verdict.
+        let secs: Vec<u64> = delays.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, vec![7, 12, 22, 42, 42, 42, 42], "{delays:?}");
+        let worst = horizon_fractions(&per_period)
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+    }
+
     /// Runs the idle-only controller for `periods` on a plant whose steal
     /// at period `i` is `steal(i)` whatever the quota (zero while frozen);
     /// returns the per-period fractions and the decisions.
@@ -1975,7 +2058,7 @@ mod tests {
     #[test]
     fn cuts_that_seemed_to_pay_as_a_start_up_spike_passed_are_tried_undone() {
         // 10 % for the first 1.5 s, then 3.8 % whatever the quota: the
-        // cuts made on the spike look paid when it passes. 20 s after that
+        // cuts made on the spike look paid when it passes. 5 s after that
         // verdict they are tried undone, the rate does not rise, and the
         // job keeps its CPU from then on.
         let (c, per_period, decisions) =
