@@ -59,7 +59,8 @@
 //!   [`ControllerConfig::probe_after`] without a change, and cuts judged
 //!   to pay are tried undone [`ControllerConfig::recheck_after`] after
 //!   their verdict (twice as late each time the rate answers with cuts that
-//!   pay again, up to [`ControllerConfig::recheck_max`]): a cut that only
+//!   pay again, up to [`ControllerConfig::recheck_max`]), when the horizon
+//!   can take the rate from before them for a window: a cut that only
 //!   seemed to pay does not stay for the rest of the job;
 //! - at the floor, or with cuts known not to pay, still over budget on the
 //!   job's own steal for a sustained time (the last resort): the job is
@@ -115,6 +116,15 @@ impl Quota {
         match self {
             Quota::Unlimited => None,
             Quota::Cores(c) => Some(c),
+        }
+    }
+
+    /// Whether this quota allows at least as much as `other`.
+    pub fn at_least(self, other: Quota) -> bool {
+        match (self, other) {
+            (Quota::Unlimited, _) => true,
+            (Quota::Cores(_), Quota::Unlimited) => false,
+            (Quota::Cores(a), Quota::Cores(b)) => a >= b,
         }
     }
 }
@@ -983,9 +993,13 @@ impl Controller {
             .last_change
             .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
         if let Some(Paid {
-            undo_to, verdict, ..
+            undo_to,
+            verdict,
+            value: rate_before,
+            ..
         }) = self.paid
             && now.saturating_duration_since(verdict) >= self.recheck_wait
+            && self.can_afford(rate_before)
             // The rate since the last change is measured (the dead band's
             // one-step probes keep their own pace).
             && since_change >= self.config.lookahead
@@ -1020,10 +1034,6 @@ impl Controller {
         if !held_off || since_change < self.config.increase_interval {
             return None;
         }
-        // Back on the normal path: a later slowdown series starts afresh,
-        // and cuts that brought the rate this low paid.
-        self.quota_before_slowdown = None;
-        self.trial = None;
         let Quota::Cores(q) = self.controls.quota else {
             return None;
         };
@@ -1033,11 +1043,18 @@ impl Controller {
         } else {
             Quota::Cores(next)
         };
-        // Grown back to where paid cuts started: nothing to recheck.
-        if self.paid.is_some_and(|p| {
-            to.cores()
-                .is_none_or(|t| p.undo_to.cores().is_some_and(|f| t >= f))
-        }) {
+        // Growing back to where paid cuts started is a recheck of them: the
+        // rate there was measured, and the horizon must be able to take it
+        // until a cut comes.
+        let back_past_paid = self.paid.filter(|p| to.at_least(p.undo_to));
+        if back_past_paid.is_some_and(|p| !self.can_afford(p.value)) {
+            return None;
+        }
+        // Back on the normal path: a later slowdown series starts afresh,
+        // and cuts that brought the rate this low paid.
+        self.quota_before_slowdown = None;
+        self.trial = None;
+        if back_past_paid.is_some() {
             self.paid = None;
         }
         let reason = if probe {
@@ -1526,6 +1543,21 @@ impl Controller {
         delta.fraction()
     }
 
+    /// Whether the horizon can take `rate` for a window (about the time a
+    /// cut takes to come: half a window measured, then a period or two)
+    /// and stay under the target: a recheck goes back to the quota at which
+    /// the rate was `rate`, and a job that stole half the training's CPU
+    /// without a quota must not be let loose on a horizon that cannot hold
+    /// that second.
+    fn can_afford(&self, rate: f64) -> bool {
+        let Some(horizon) = self.horizon_fraction() else {
+            return false;
+        };
+        let exposed =
+            (self.config.window.as_secs_f64() / self.config.horizon.as_secs_f64()).min(1.0);
+        horizon * (1.0 - exposed) + rate * exposed <= self.config.spend * self.config.budget
+    }
+
     fn horizon_span(&self) -> Duration {
         self.samples
             .trailing(self.config.horizon)
@@ -1839,7 +1871,7 @@ mod tests {
 
     #[test]
     fn cuts_that_keep_paying_are_rechecked_ever_less_often() {
-        // 10 % without a quota, 4 % (between the relax threshold and the
+        // 8 % without a quota, 3.8 % (between the relax threshold and the
         // target) with any: every recheck (the cuts tried undone at once)
         // lets the steal rise and is answered by a cut that pays again, so
         // the next recheck waits twice as long after its verdict, up to
@@ -1856,8 +1888,8 @@ mod tests {
         for _ in 0..2400 {
             let f = match (c.controls().frozen, c.controls().quota) {
                 (true, _) => 0.0,
-                (false, Quota::Unlimited) => 0.10,
-                (false, Quota::Cores(_)) => 0.04,
+                (false, Quota::Unlimited) => 0.08,
+                (false, Quota::Cores(_)) => 0.038,
             };
             per_period.push(f);
             let obs = sim.advance(f, quota(&c).min(2.0));
@@ -1878,6 +1910,40 @@ mod tests {
             .into_iter()
             .fold(0.0, f64::max);
         assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
+    }
+
+    #[test]
+    fn a_recheck_waits_until_the_horizon_can_take_the_rate_from_before_the_cuts() {
+        // 50 % without a quota (jobs spinning on the training's CPU), 3 %
+        // with any: going back to no quota for the second a cut takes
+        // would put a 10 s window at 7.7 %. Neither a recheck nor the relax
+        // steps go back to it; the quota grows to just short of it, and no
+        // window is over budget.
+        let (mut c, mut sim) = idle_only();
+        let mut per_period = Vec::new();
+        for _ in 0..1200 {
+            let f = match (c.controls().frozen, c.controls().quota) {
+                (true, _) => 0.0,
+                (false, Quota::Unlimited) => 0.50,
+                (false, Quota::Cores(_)) => 0.03,
+            };
+            per_period.push(f);
+            let obs = sim.advance(f, quota(&c).min(2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                assert!(
+                    d.controls.quota != Quota::Unlimited,
+                    "at {:?}: {d}",
+                    sim.elapsed()
+                );
+            }
+        }
+        let worst = horizon_fractions(&per_period[20..])
+            .into_iter()
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= 0.05 + 1e-9,
+            "worst 10 s window after the start {worst}"
+        );
     }
 
     /// Runs the idle-only controller for `periods` on a plant whose steal
