@@ -55,6 +55,8 @@
 //! - relaxing, once the projection is under `relax_below × budget` and after
 //!   a hold-off since the last tightening, grows the quota geometrically;
 //!   past the node's CPU count it is removed (back to the idle class alone).
+//!   A step that reaches the quota paid cuts started from waits, like a
+//!   recheck, until the horizon can take the rate measured there.
 //!   Between that and the target the quota holds, but grows one step after
 //!   [`ControllerConfig::probe_after`] without a change, and cuts judged
 //!   to pay are tried undone [`ControllerConfig::recheck_after`] after
@@ -1311,9 +1313,9 @@ impl Controller {
     /// window after the latest, at least): a series that lowered the stolen
     /// fraction by less than `trial_share` of a proportional response is
     /// undone (with the paid cuts before it when the whole chain did not
-    /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the idle class's
-    /// floor, steal follows the training's wake-up latency, not the job's
-    /// CPU time, and a cut only costs the evaluation.
+    /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the
+    /// idle class's floor, steal follows the training's wake-up latency,
+    /// not the job's CPU time, and a cut only costs the evaluation.
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
         // A recheck the rate left unanswered for a horizon: the cuts were
         // not needed, and the next ones are rechecked soon again.
