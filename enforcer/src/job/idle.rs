@@ -15,7 +15,7 @@
 //! Thread numbers come from the job (its `cgroup.procs`, `/proc/<pid>/task`)
 //! and may be reused by the time they are acted on, so a thread is held by
 //! its `/proc/<tid>` directory, checked to be in the job's cgroup through
-//! it, and found still there after the change ([`Task`]): a thread outside
+//! it, and found still there after the change (`Task`): a thread outside
 //! the job is never changed.
 
 use std::collections::HashSet;
