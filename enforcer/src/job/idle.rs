@@ -26,7 +26,8 @@ use std::os::fd::OwnedFd;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::host::{Hierarchy, Pid, ProcCgroup, ProcFs};
+use crate::gpu::attribution::{CgroupMembership, ProcCgroups};
+use crate::host::{Pid, ProcCgroup, ProcFs};
 use crate::report::Report;
 
 use super::monitor::{JobInfo, Monitor, MonitorError, Sample, TickContext, Wishes};
@@ -80,20 +81,13 @@ impl Task {
     }
 }
 
-/// The job's cgroup as `/proc/<tid>/cgroup` names it.
-#[derive(Debug, Clone)]
-struct Membership {
-    hierarchy: Hierarchy,
-    path: String,
-}
-
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct IdleThreads {
     on: bool,
     /// Resolved at the first tick from the job's cgroup directory; `None`
     /// until then, or when it could not be (then nothing is changed).
-    job: Option<Membership>,
+    job: Option<CgroupMembership>,
     /// Threads this monitor put in the class.
     made_idle: HashSet<i32>,
     /// Threads found out of the class after this monitor put them in.
@@ -118,7 +112,7 @@ enum Outcome {
 impl IdleThreads {
     /// Puts the job's threads listed by `pids` (the processes of its cgroup)
     /// in the class; returns how many changed.
-    fn enforce(&mut self, proc: &ProcFs, job: &Membership, pids: Vec<i32>) -> usize {
+    fn enforce(&mut self, proc: &ProcFs, job: &CgroupMembership, pids: Vec<i32>) -> usize {
         let mut changed = 0;
         for pid in pids.into_iter().filter_map(Pid::new) {
             for tid in proc.threads(pid).into_iter().map(Pid::as_raw) {
@@ -138,7 +132,7 @@ impl IdleThreads {
         changed
     }
 
-    fn enforce_one(&mut self, proc: &ProcFs, job: &Membership, tid: i32) -> Outcome {
+    fn enforce_one(&mut self, proc: &ProcFs, job: &CgroupMembership, tid: i32) -> Outcome {
         // Reading a policy changes nothing: a cheap filter by number.
         let Ok(policy) = crate::sched::thread_policy(tid) else {
             return Outcome::Unchanged;
@@ -183,20 +177,16 @@ impl IdleThreads {
     }
 
     /// The job's membership, resolved once from its cgroup directory.
-    fn job(&mut self, proc: &ProcFs, dir: &std::path::Path) -> Option<Membership> {
+    fn job(&mut self, dir: &std::path::Path) -> Option<CgroupMembership> {
         if self.job.is_none() {
-            let found = proc
-                .mountinfo()
-                .ok()
-                .and_then(|mounts| mounts.membership_of_dir(dir));
-            match found {
-                Some((hierarchy, path)) => self.job = Some(Membership { hierarchy, path }),
-                None => {
+            match ProcCgroups::default().membership_of_dir(dir) {
+                Ok(job) => self.job = Some(job),
+                Err(error) => {
                     // Without it no thread can be checked, so none is
                     // changed (the command still started SCHED_IDLE).
                     tracing::warn!(
-                        cgroup = %dir.display(),
-                        "the job's cgroup is in no mounted hierarchy of /proc/self/mountinfo: its threads are not kept SCHED_IDLE"
+                        %error,
+                        "the job's cgroup could not be placed: its threads are not kept SCHED_IDLE"
                     );
                     self.on = false;
                 }
@@ -223,7 +213,7 @@ impl Monitor for IdleThreads {
     ) -> Result<Wishes, MonitorError> {
         if self.on {
             let proc = ProcFs::new();
-            if let Some(job) = self.job(&proc, ctx.cgroup.path()) {
+            if let Some(job) = self.job(ctx.cgroup.path()) {
                 let changed = self.enforce(&proc, &job, ctx.cgroup.pids());
                 if changed > 0 {
                     tracing::debug!(changed, "job threads put in SCHED_IDLE");
@@ -252,6 +242,7 @@ impl Monitor for IdleThreads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::Hierarchy;
     use std::sync::mpsc;
 
     /// A thread of this test process that parks until dropped.
@@ -280,9 +271,9 @@ mod tests {
         }
     }
 
-    fn own_membership() -> Membership {
+    fn own_membership() -> CgroupMembership {
         let cgroup = ProcFs::new().self_cgroup().unwrap();
-        Membership {
+        CgroupMembership {
             hierarchy: Hierarchy::Unified,
             path: cgroup.unified().expect("a cgroup2 line").to_owned(),
         }
@@ -292,7 +283,7 @@ mod tests {
     fn a_listed_thread_outside_the_jobs_cgroup_is_left_in_its_class() {
         let thread = Parked::start();
         let mut idle = IdleThreads::default();
-        let elsewhere = Membership {
+        let elsewhere = CgroupMembership {
             hierarchy: Hierarchy::Unified,
             path: "/no-such-job-cgroup".to_owned(),
         };
