@@ -1884,23 +1884,15 @@ mod tests {
         cfg.probe_after = Duration::from_secs(3600);
         let mut c = Controller::new(cfg);
         c.start(sim.now);
+        let (per_period, decisions) = drive(&mut c, &mut sim, 2400, |_, cores| {
+            if cores >= 2.0 { 0.08 } else { 0.038 }
+        });
         let mut last_cut = None;
         let mut delays = Vec::new();
-        let mut per_period = Vec::new();
-        for _ in 0..2400 {
-            let f = match (c.controls().frozen, c.controls().quota) {
-                (true, _) => 0.0,
-                (false, Quota::Unlimited) => 0.08,
-                (false, Quota::Cores(_)) => 0.038,
-            };
-            per_period.push(f);
-            let obs = sim.advance(f, quota(&c).min(2.0));
-            let Some(d) = c.step(obs, sim.now) else {
-                continue;
-            };
+        for (at, d) in decisions {
             match d.reason.action() {
-                "tighten" => last_cut = Some(sim.now),
-                "probe" => delays.push(sim.now - last_cut.expect("a cut before")),
+                "tighten" => last_cut = Some(at),
+                "probe" => delays.push(at - last_cut.expect("a cut before")),
                 other => panic!("{other}: {d}"),
             }
         }
@@ -1922,22 +1914,11 @@ mod tests {
         // steps go back to it; the quota grows to just short of it, and no
         // window is over budget.
         let (mut c, mut sim) = idle_only();
-        let mut per_period = Vec::new();
-        for _ in 0..1200 {
-            let f = match (c.controls().frozen, c.controls().quota) {
-                (true, _) => 0.0,
-                (false, Quota::Unlimited) => 0.50,
-                (false, Quota::Cores(_)) => 0.03,
-            };
-            per_period.push(f);
-            let obs = sim.advance(f, quota(&c).min(2.0));
-            if let Some(d) = c.step(obs, sim.now) {
-                assert!(
-                    d.controls.quota != Quota::Unlimited,
-                    "at {:?}: {d}",
-                    sim.elapsed()
-                );
-            }
+        let (per_period, decisions) = drive(&mut c, &mut sim, 1200, |_, cores| {
+            if cores >= 2.0 { 0.50 } else { 0.03 }
+        });
+        for (at, d) in &decisions {
+            assert!(d.controls.quota != Quota::Unlimited, "at {at:?}: {d}");
         }
         let worst = horizon_fractions(&per_period[20..])
             .into_iter()
@@ -1948,26 +1929,58 @@ mod tests {
         );
     }
 
-    /// Runs the idle-only controller for `periods` on a plant whose steal
-    /// at period `i` is `steal(i)` whatever the quota (zero while frozen);
-    /// returns the per-period fractions and the decisions.
-    fn run_unresponsive(
+    /// Runs `c` for `periods` on a plant whose steal at period `i` is
+    /// `steal(i, cores)`, the job using all of its quota up to the node's 2
+    /// CPUs (so `cores` is 2 without a quota), and neither stealing nor
+    /// running while frozen; returns the per-period fractions and the
+    /// decisions with the time since the start.
+    fn drive(
+        c: &mut Controller,
+        sim: &mut Sim,
         periods: usize,
-        steal: impl Fn(usize) -> f64,
-    ) -> (Controller, Vec<f64>, Vec<Decision>) {
-        let (mut c, mut sim) = idle_only();
+        steal: impl Fn(usize, f64) -> f64,
+    ) -> (Vec<f64>, Vec<(Duration, Decision)>) {
         let mut per_period = Vec::new();
         let mut decisions = Vec::new();
         for i in 0..periods {
             let running = !c.controls().frozen;
-            let f = if running { steal(i) } else { 0.0 };
+            let cores = quota(c).min(2.0);
+            let f = if running { steal(i, cores) } else { 0.0 };
             per_period.push(f);
-            let obs = sim.advance(f, if running { quota(&c).min(2.0) } else { 0.0 });
+            let obs = sim.advance(f, if running { cores } else { 0.0 });
             if let Some(d) = c.step(obs, sim.now) {
-                decisions.push(d);
+                decisions.push((sim.elapsed(), d));
             }
         }
+        (per_period, decisions)
+    }
+
+    /// [`drive`] on the idle-only controller; the decisions without times.
+    fn run_plant(
+        periods: usize,
+        steal: impl Fn(usize, f64) -> f64,
+    ) -> (Controller, Vec<f64>, Vec<Decision>) {
+        let (mut c, mut sim) = idle_only();
+        let (per_period, decisions) = drive(&mut c, &mut sim, periods, steal);
+        let decisions = decisions.into_iter().map(|(_, d)| d).collect();
         (c, per_period, decisions)
+    }
+
+    /// [`run_plant`] on a plant whose steal at period `i` is `steal(i)`
+    /// whatever the quota.
+    fn run_unresponsive(
+        periods: usize,
+        steal: impl Fn(usize) -> f64,
+    ) -> (Controller, Vec<f64>, Vec<Decision>) {
+        run_plant(periods, |i, _| steal(i))
+    }
+
+    /// The first decision with `action`.
+    fn first<'a>(decisions: &'a [Decision], action: &str) -> &'a Decision {
+        decisions
+            .iter()
+            .find(|d| d.reason.action() == action)
+            .unwrap_or_else(|| panic!("no {action} in {decisions:#?}"))
     }
 
     #[test]
@@ -1980,10 +1993,7 @@ mod tests {
             run_unresponsive(600, |i| if (200..260).contains(&i) { 0.065 } else { 0.04 });
         let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
         assert!(actions.contains(&"tighten"), "{actions:?}");
-        let undo = decisions
-            .iter()
-            .find(|d| d.reason.action() == "cut_did_not_pay")
-            .unwrap_or_else(|| panic!("{actions:?}"));
+        let undo = first(&decisions, "cut_did_not_pay");
         assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
         assert!(undo.to_string().contains("did not pay"), "{undo}");
         assert!(undo.to_string().contains("cores -> unlimited"), "{undo}");
@@ -2037,10 +2047,7 @@ mod tests {
         assert!(actions.contains(&"cut_did_not_pay"), "{actions:?}");
         assert!(actions.contains(&"freeze"), "{actions:?}");
         // The freezes run at the quota the undo restored, not at the floor.
-        let freeze = decisions
-            .iter()
-            .find(|d| d.reason.action() == "freeze")
-            .expect("froze");
+        let freeze = first(&decisions, "freeze");
         assert_eq!(freeze.controls.quota, Quota::Unlimited, "{freeze}");
         // Once the first cuts have been judged, every 10 s window holds.
         let horizons = horizon_fractions(&per_period);
@@ -2151,29 +2158,6 @@ mod tests {
         assert!(worst <= 0.05 + 1e-9, "worst 10 s window {worst}");
     }
 
-    /// Runs the idle-only controller for `periods` on a plant whose steal
-    /// follows the quota (`steal(quota in cores)`; zero while frozen), the
-    /// job using all of its quota up to the node's 2 CPUs.
-    fn run_plant(
-        periods: usize,
-        steal: impl Fn(usize, f64) -> f64,
-    ) -> (Controller, Vec<f64>, Vec<Decision>) {
-        let (mut c, mut sim) = idle_only();
-        let mut per_period = Vec::new();
-        let mut decisions = Vec::new();
-        for i in 0..periods {
-            let running = !c.controls().frozen;
-            let cores = quota(&c).min(2.0);
-            let f = if running { steal(i, cores) } else { 0.0 };
-            per_period.push(f);
-            let obs = sim.advance(f, if running { cores } else { 0.0 });
-            if let Some(d) = c.step(obs, sim.now) {
-                decisions.push(d);
-            }
-        }
-        (c, per_period, decisions)
-    }
-
     #[test]
     fn cuts_that_seemed_to_pay_are_undone_with_a_later_series_when_together_they_did_not_pay() {
         // Whatever the quota: 10 % for the first second (a start-up
@@ -2186,16 +2170,9 @@ mod tests {
             10..40 => 0.04,
             _ => 0.07,
         });
-        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
-        let first_cut = decisions
-            .iter()
-            .find(|d| d.reason.action() == "tighten")
-            .unwrap_or_else(|| panic!("{actions:?}"));
-        let undo = decisions
-            .iter()
-            .find(|d| d.reason.action() == "cut_did_not_pay")
-            .unwrap_or_else(|| panic!("{actions:?}"));
-        assert_ne!(undo.previous.quota, first_cut.controls.quota, "{actions:?}");
+        let first_cut = first(&decisions, "tighten");
+        let undo = first(&decisions, "cut_did_not_pay");
+        assert_ne!(undo.previous.quota, first_cut.controls.quota, "{undo}");
         assert_eq!(undo.controls.quota, Quota::Unlimited, "{undo}");
         assert!(undo.to_string().contains("from 10.0%"), "{undo}");
         // Over budget whatever the quota: the freezes hold it, not a quota.
@@ -2209,15 +2186,8 @@ mod tests {
         // Counted from the first, the cuts together paid: only the later
         // series is undone, to the quota the first cut set.
         let (c, _, decisions) = run_plant(100, |_, cores| (0.05 * cores).max(0.055));
-        let actions: Vec<_> = decisions.iter().map(|d| d.reason.action()).collect();
-        let first_cut = decisions
-            .iter()
-            .find(|d| d.reason.action() == "tighten")
-            .unwrap_or_else(|| panic!("{actions:?}"));
-        let undo = decisions
-            .iter()
-            .find(|d| d.reason.action() == "cut_did_not_pay")
-            .unwrap_or_else(|| panic!("{decisions:#?}"));
+        let first_cut = first(&decisions, "tighten");
+        let undo = first(&decisions, "cut_did_not_pay");
         assert_eq!(undo.controls.quota, first_cut.controls.quota, "{undo}");
         assert_ne!(c.controls().quota, Quota::Unlimited);
     }
