@@ -74,7 +74,9 @@
 //! - a slowdown over budget that the steal does not explain (cache, memory
 //!   bandwidth, or load from outside the jobs) is blamed by experiment: the
 //!   job is paused for [`ControllerConfig::experiment_length`] and the
-//!   training's slowdown compared. If pausing helped, the job is the cause:
+//!   training's slowdown compared. A pause is made only when it could find
+//!   the job guilty: a slowdown no larger than twice its readings' spread
+//!   over the horizon could not fall by more than that spread, so it waits. If pausing helped, the job is the cause:
 //!   its quota is cut and the slowdown is heeded as its own for a while. If
 //!   not, the pause is undone and the slowdown ignored for a while.
 //!
@@ -237,11 +239,13 @@ pub enum Reason {
     /// again from the start value within them.
     Placed { cores: f64 },
     /// A slowdown of `value` over budget that the job's steal (`steal`) does
-    /// not explain: the job is paused for `length` to see whether it is the
-    /// cause.
+    /// not explain, standing out of its readings' spread (`spread`, their
+    /// standard deviation over the horizon): the job is paused for `length`
+    /// to see whether it is the cause.
     Experiment {
         value: f64,
         steal: f64,
+        spread: f64,
         length: Duration,
     },
     /// The experiment answered: pausing the job for `held` did not lower
@@ -382,11 +386,13 @@ impl fmt::Display for Decision {
             Reason::Experiment {
                 value,
                 steal,
+                spread,
                 length,
             } => write!(
                 f,
-                "training slowdown {:.1}% over budget {budget:.1}% not explained by the job's stolen fraction {:.1}%: job paused {:.1}s to see whether it is the cause",
+                "training slowdown {:.1}% (readings' spread {:.1}%) over budget {budget:.1}% not explained by the job's stolen fraction {:.1}%: job paused {:.1}s to see whether it is the cause",
                 pct(value),
+                pct(spread),
                 pct(steal),
                 length.as_secs_f64()
             ),
@@ -935,6 +941,7 @@ impl Controller {
             && !explained
             && held >= self.config.slowdown_blame_after
             && !self.controls.frozen
+            && self.pause_could_tell(s)
         {
             return Some(self.experiment(now, s, steal_level));
         }
@@ -1076,12 +1083,13 @@ impl Controller {
     /// Pauses the job to see whether it causes the slowdown `value`.
     fn experiment(&mut self, now: Instant, value: f64, steal: f64) -> Decision {
         let length = self.config.experiment_length;
+        let noise = self.slowdown_noise();
         self.phase = Phase::Experimenting {
             at: now,
             before: self.controls,
             slowdown: value,
             job_cores: self.job_cores(now),
-            noise: self.slowdown_noise(),
+            noise,
         };
         self.change(
             now,
@@ -1089,6 +1097,7 @@ impl Controller {
             Reason::Experiment {
                 value,
                 steal,
+                spread: noise,
                 length,
             },
         )
@@ -1112,13 +1121,7 @@ impl Controller {
         // The paused span must not count for or against the job.
         self.slowdowns.clear();
         self.last_tighten = Some(now);
-        // The pause must take away at least half the budget, at least half
-        // of the excess over the target (a large slowdown from elsewhere
-        // moves by more than the noise between two readings), and more
-        // than twice the readings' own spread before it.
-        let needed = (cfg.experiment_effect * cfg.budget)
-            .max(0.5 * (value - cfg.spend * cfg.budget))
-            .max(2.0 * noise);
+        let needed = fall_needed(cfg, value, noise);
         let helped = paused.filter(|p| value - p >= needed);
         match helped {
             Some(paused) => {
@@ -1582,6 +1585,17 @@ impl Controller {
         var.sqrt()
     }
 
+    /// Whether a pause could find the job to be the cause of the slowdown
+    /// `value`: a pause that took all of it away must still show the fall
+    /// [`fall_needed`] asks of the answer. Where the readings' own spread is
+    /// larger than that, the answer could only be "not the job", and the
+    /// pause would cost the evaluation its CPU to learn nothing: the
+    /// slowdown waits, neither heeded nor blamed, for a reading that stands
+    /// out of the spread.
+    fn pause_could_tell(&self, value: f64) -> bool {
+        value >= fall_needed(&self.config, value, self.slowdown_noise())
+    }
+
     fn horizon_slowdown(&self) -> Option<f64> {
         if self.slowdowns.is_empty() {
             return None;
@@ -1624,6 +1638,17 @@ impl Controller {
         let used = span.last.job_cpu?.saturating_sub(span.first.job_cpu?);
         cores(used, span.elapsed())
     }
+}
+
+/// The fall of the slowdown `value` that a pause must show for the job to be
+/// its cause: at least half the budget, at least half of the excess over the
+/// target (a large slowdown from elsewhere moves by more than the noise
+/// between two readings), and more than twice the readings' own spread
+/// (`noise`) before it.
+fn fall_needed(cfg: &ControllerConfig, value: f64, noise: f64) -> f64 {
+    (cfg.experiment_effect * cfg.budget)
+        .max(0.5 * (value - cfg.spend * cfg.budget))
+        .max(2.0 * noise)
 }
 
 #[cfg(test)]
@@ -2355,6 +2380,59 @@ mod tests {
             }
         }
         panic!("no experiment answered");
+    }
+
+    /// Runs an idle-only job stealing 1 % whose training reads
+    /// `reading(t)` slowdown at `t` after the start; returns when the first
+    /// blame experiment started and its decision, if one did within 30 s.
+    fn first_experiment(reading: impl Fn(Duration) -> f64) -> Option<(Duration, Decision)> {
+        let (mut c, mut sim) = idle_only();
+        for _ in 0..300 {
+            let mut obs = sim.advance(0.01, 2.0);
+            obs.training_slowdown = Some(reading(sim.elapsed()));
+            if let Some(d) = c.step(obs, sim.now)
+                && matches!(d.reason, Reason::Experiment { .. })
+            {
+                return Some((sim.elapsed(), d));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_slowdown_that_does_not_stand_out_of_its_readings_spread_is_not_paused_for() {
+        // From 7 s on, a 9 % slowdown the steal does not explain. Before it,
+        // the training read 4 % on average: steadily in one run, swinging
+        // between 22 % and −14 % reading to reading in the other.
+        let after = |t: Duration| t >= Duration::from_secs(7);
+        let (quiet_at, quiet) =
+            first_experiment(|t| if after(t) { 0.09 } else { 0.04 }).expect("an experiment");
+        let swing = std::cell::Cell::new(0_u32);
+        let (noisy_at, noisy) = first_experiment(|t| {
+            if after(t) {
+                return 0.09;
+            }
+            swing.set(swing.get() + 1);
+            if swing.get().is_multiple_of(2) {
+                0.22
+            } else {
+                -0.14
+            }
+        })
+        .expect("an experiment once the swing left the horizon");
+        // Quiet: paused for once 9 % has lasted the 3 s blame delay.
+        assert!(quiet_at <= Duration::from_secs(11), "{quiet_at:?} {quiet}");
+        // Noisy: a pause that took all 9 % away could not show a fall
+        // beyond twice the spread of ±18 points, so none comes while the
+        // swing is in the 10 s horizon; one comes once it has left.
+        assert!(noisy_at >= Duration::from_secs(15), "{noisy_at:?} {noisy}");
+        for d in [quiet, noisy] {
+            let Reason::Experiment { value, spread, .. } = d.reason else {
+                unreachable!()
+            };
+            assert!(value >= 2.0 * spread, "{d}");
+            assert!(d.to_string().contains("readings' spread"), "{d}");
+        }
     }
 
     #[test]

@@ -158,7 +158,8 @@ pub struct ContentionArgs {
     pub eval_shape: EvalShape,
     /// Run every pair of training and evaluation shapes (the Python
     /// training only where `python3` runs), each with every policy; writes
-    /// target/bench/contention-matrix.json and .svg and prints one table.
+    /// target/bench/contention-matrix.json (each pair's rows, and the
+    /// decisions of every loop round) and .svg and prints one table.
     #[arg(long, conflicts_with_all = ["training", "eval_shape"])]
     pub matrix: bool,
 }
@@ -171,6 +172,18 @@ struct PairResult {
     /// Spread of the training-alone rate between rounds: the noise floor.
     alone_spread: Option<f64>,
     rows: Vec<Row>,
+    /// The loop rows' decisions, round by round: what a matrix cell's
+    /// number came from.
+    decisions: Vec<RoundDecisions>,
+}
+
+/// What the budget loop decided in one round of one policy.
+#[derive(Debug, Clone, Serialize)]
+struct RoundDecisions {
+    policy: Policy,
+    round: usize,
+    eval_work_per_s: Option<f64>,
+    decisions: Vec<String>,
 }
 
 /// One tick of one run.
@@ -462,6 +475,16 @@ fn run_pair(
         eval,
         alone_spread,
         rows: rows.clone(),
+        decisions: runs
+            .iter()
+            .filter(|r| !r.decisions.is_empty())
+            .map(|r| RoundDecisions {
+                policy: r.policy,
+                round: r.round,
+                eval_work_per_s: r.eval_work_per_s,
+                decisions: r.decisions.clone(),
+            })
+            .collect(),
     };
     if !single {
         return Ok(result);
