@@ -76,10 +76,11 @@
 //!   bandwidth, or load from outside the jobs) is blamed by experiment: the
 //!   job is paused for [`ControllerConfig::experiment_length`] and the
 //!   training's slowdown compared. A pause is made only when it could find
-//!   the job guilty: a slowdown no larger than twice its readings' spread
-//!   over the horizon could not fall by more than that spread, so it waits. If pausing helped, the job is the cause:
-//!   its quota is cut and the slowdown is heeded as its own for a while. If
-//!   not, the pause is undone and the slowdown ignored for a while.
+//!   the job guilty: the answer needs a fall of more than twice the
+//!   readings' spread over the horizon, which a smaller slowdown cannot
+//!   show, so it waits. If pausing helped, the job is the cause: its quota
+//!   is cut and the slowdown is heeded as its own for a while. If not, the
+//!   pause is undone and the slowdown ignored for a while.
 //!
 //! The training process is never touched: every output is a control on the
 //! job's cgroup.
@@ -1301,8 +1302,8 @@ impl Controller {
         let bucket = self
             .horizon_fraction()
             .filter(|h| *h >= cfg.spend * cfg.budget);
-        // Duty cycle: running `over_for` at `value`, then frozen for
-        // `length`, averages to the relax threshold.
+        // Either way the freeze lasts until the horizon is back at the relax
+        // threshold: a duty cycle of running and freezing.
         let (over_for, horizon) = match bucket {
             _ if over_for >= cfg.freeze_after => (over_for, None),
             Some(h) => (self.horizon_span(), Some(h)),
@@ -1364,6 +1365,7 @@ impl Controller {
             if time <= 0.0 || kept.steal.as_secs_f64() / time <= threshold {
                 return length;
             }
+            // A tenth of a second: about one control period.
             length += cfg.min_span / 2;
         }
         cfg.freeze_max
