@@ -609,7 +609,7 @@ pub enum Phase {
     Regulating,
     /// Over budget where no quota cut helps (at the floor, or after cuts
     /// that did not pay), unbroken since `since`: frozen once that lasts
-    /// `freeze_after`.
+    /// `freeze_after`, or as soon as the horizon is spent to the target.
     Overspending { since: Instant },
     /// The job was paused at `at` to see whether it causes a slowdown of
     /// `slowdown`; `before` are the controls to go back to, `job_cores` the
