@@ -12,8 +12,9 @@ use std::{
 };
 
 use enforcer_tests::{
-    ChildGuard, EnforcerRun, Scratch, assert_no_cgroup_left, cgroups_named, enforcer, enforcer_bin,
-    is_dead, own_cgroups, read_report, run_enforcer as run, unique_name, wait_pidfile,
+    ChildGuard, EnforcerGuard, EnforcerRun, Scratch, assert_no_cgroup_left, cgroups_named,
+    enforcer, enforcer_bin, is_dead, own_cgroups, read_report, run_enforcer as run, unique_name,
+    wait_pidfile,
 };
 
 fn workload() -> PathBuf {
@@ -119,7 +120,7 @@ fn setsid_daemon_dies_within_100ms_of_a_2s_deadline() {
         .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = EnforcerGuard(child);
     let start = Instant::now();
     let daemon: i32 = loop {
         if let Ok(t) = std::fs::read_to_string(&pidfile) {
@@ -200,9 +201,9 @@ fn two_jobs_with_one_slot_run_one_after_the_other() {
             .spawn()
             .unwrap()
     };
-    let mut first = ChildGuard(spawn(&a, &ra));
+    let mut first = EnforcerGuard(spawn(&a, &ra));
     std::thread::sleep(Duration::from_millis(300));
-    let mut second = ChildGuard(spawn(&b, &rb));
+    let mut second = EnforcerGuard(spawn(&b, &rb));
     // --no-wait fails fast while the slot is held.
     let busy = run(&[
         "run",
@@ -237,7 +238,7 @@ fn attach_moves_every_thread_of_a_multithreaded_process() {
         ChildGuard::spawn_until_first_line(Command::new(workload()).args(["threads", "8"]));
     assert_eq!(line.trim(), "ready");
     let pid = target.0.id() as i32;
-    let mut attach = ChildGuard(
+    let mut attach = EnforcerGuard(
         enforcer()
             .args([
                 "attach",
@@ -429,7 +430,7 @@ fn each_bad_input_gives_its_message_and_leaves_no_cgroup() {
     assert_no_cgroup_left(&name);
     // A job name in use is refused, and the running job is untouched.
     let name = unique_name("taken");
-    let mut holder = ChildGuard(
+    let mut holder = EnforcerGuard(
         EnforcerRun::new(c, &name)
             .job(["sleep", "3"])
             .spawn()
@@ -520,7 +521,7 @@ fn kill_fallback_freeze_kill_thaw_empties_the_job_without_cgroup_kill() {
         .env("ENFORCER_NO_CGROUP_KILL", "1")
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = EnforcerGuard(child);
     let daemon = wait_pidfile(&pidfile);
     assert_eq!(child.0.wait().unwrap().code(), Some(124));
     assert!(is_dead(daemon), "the daemon survived the fallback kill");
@@ -548,7 +549,7 @@ fn sigterm_to_enforcer_is_forwarded_and_the_job_does_not_outlive_it() {
         .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = EnforcerGuard(child);
     let daemon = wait_pidfile(&pidfile);
     // SAFETY: kill(2) on the enforcer this test started.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
@@ -567,7 +568,7 @@ fn job_of_a_killed_enforcer_is_cleaned_up_by_the_next_one() {
     let name = unique_name("orphan");
     let pidfile = s.path("daemon.pid");
     let w = workload();
-    let mut child = ChildGuard(
+    let mut child = EnforcerGuard(
         EnforcerRun::new(&cfg, &name)
             .job([w.to_str().unwrap(), "daemon", pidfile.to_str().unwrap()])
             .spawn()
@@ -704,7 +705,7 @@ fn attach_tree_moves_existing_descendants_too() {
         ])
         .spawn()
         .unwrap();
-    let mut attach = ChildGuard(attach);
+    let mut attach = EnforcerGuard(attach);
     let _ = target.0.wait();
     let out = attach.0.wait().unwrap();
     assert_eq!(out.code(), Some(124));
