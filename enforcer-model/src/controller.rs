@@ -1299,9 +1299,7 @@ impl Controller {
         // brings the horizon back to the relax threshold. Waiting
         // `freeze_after` for an unbroken overspend would let a rate that
         // dips under the budget now and then spend the horizon past it.
-        let bucket = self
-            .horizon_fraction()
-            .filter(|h| *h >= cfg.spend * cfg.budget);
+        let bucket = self.horizon_spent();
         // Either way the freeze lasts until the horizon is back at the relax
         // threshold: a duty cycle of running and freezing.
         let (over_for, horizon) = match bucket {
@@ -1444,7 +1442,7 @@ impl Controller {
             && self
                 .projected(horizon, Some(after))
                 .is_some_and(|p| p > cfg.spend * cfg.budget);
-        let spent = horizon.is_some_and(|h| h >= cfg.spend * cfg.budget);
+        let spent = self.horizon_spent().is_some();
         let frozen_for = (over && overspent && (over_for >= cfg.freeze_after || spent))
             .then(|| self.freeze_length());
         self.phase = match frozen_for {
@@ -1606,6 +1604,13 @@ impl Controller {
             return None;
         }
         delta.fraction()
+    }
+
+    /// The horizon's stolen fraction when it is spent to the target: a job
+    /// that no cut helps and still steals over the budget is frozen then.
+    fn horizon_spent(&self) -> Option<f64> {
+        self.horizon_fraction()
+            .filter(|h| *h >= self.config.spend * self.config.budget)
     }
 
     /// Whether the horizon can take `rate` for a window (about the time a
