@@ -102,6 +102,26 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// CPU time since boot that `/proc/stat` counts on its `line` ("cpu" for
+/// every CPU, "cpu0" for one) in the columns `columns` (0 = user, 1 = nice,
+/// 2 = system, 3 = idle, 4 = iowait, 5 = irq, 6 = softirq, 7 = steal),
+/// summed; the file counts clock ticks.
+pub fn proc_stat_time(line: &str, columns: std::ops::Range<usize>) -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let ticks: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {line} line in /proc/stat"))
+        .split_whitespace()
+        .skip(columns.start)
+        .take(columns.len())
+        .map(|v| v.parse::<u64>().expect("a tick count"))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    std::time::Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
 /// The `eval-workload` helper program: `$EVAL_WORKLOAD_BIN`, else the one
 /// cargo built with the tests, else one next to the enforcer binary (the VM
 /// image puts both in /bin), else `eval-workload` on PATH.

@@ -140,20 +140,7 @@ fn budget_loop_holds_a_cpu_hungry_job_under_five_percent_steal() {
 /// Idle and iowait time of all CPUs since boot, in CPU seconds (the `cpu`
 /// line of /proc/stat, in clock ticks).
 fn idle_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .expect("the cpu line of /proc/stat")
-        .split_whitespace()
-        .skip(3)
-        .take(2)
-        .map(|v| v.parse::<u64>().expect("a tick count"))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks as f64 / hz as f64
+    enforcer_tests::proc_stat_time("cpu", 3..5).as_secs_f64()
 }
 
 /// The job's main process, from the `started` event of a JSON log line.
@@ -184,6 +171,11 @@ fn cpus_allowed(pid: i32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// A job that steals from the training is placed on the CPUs the training
+/// leaves free. Placement answers measured steal: the job runs in the
+/// normal class (`--no-idle`) at the highest CPU weight, so sharing the
+/// training's CPU steals most of it and the budget loop's first cut asks
+/// for the placement.
 fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
     assert_ne!(
@@ -204,7 +196,14 @@ fn a_protected_job_is_placed_on_the_cpus_the_training_leaves_free() {
     let mut run = enforcer()
         .args(["--log-format", "json", "run", "--job", &name, "--protect"])
         .arg(training.0.id().to_string())
-        .args(["--timeout", "300s", "--"])
+        .args([
+            "--timeout",
+            "300s",
+            "--no-idle",
+            "--cpu-weight",
+            "10000",
+            "--",
+        ])
         .arg(workload())
         .args(["spin", "2", "600"])
         .stdout(Stdio::null())

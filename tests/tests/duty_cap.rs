@@ -14,9 +14,9 @@ use std::{
 };
 
 use duty_support::burner;
+use enforcer::cgroup::membership::{CgroupMembership, Hierarchy, ProcCgroups};
 use enforcer::gpu::{
     DeviceSample, GpuError, GpuSource, ProcessSample,
-    attribution::{CgroupMembership, Hierarchy, ProcCgroups},
     guard::{GpuGuard, GpuLimits},
 };
 use enforcer_tests::{

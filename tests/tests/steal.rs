@@ -44,6 +44,17 @@ fn run_delay_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// Time CPU 0 spent in hard and soft interrupts and stolen by the
+/// hypervisor so far (`/proc/stat`), in ns. The run queue's clock, which the
+/// meter measures waits with, runs through all three; a task's CPU time
+/// (cpu.stat) does not. So while a job task is current on CPU 0, training
+/// waits through them and that wait is the job's steal, though not its CPU
+/// time: RCU callbacks freeing a forked child's task, or a busy host.
+fn cpu0_interrupted_ns() -> u64 {
+    // irq, softirq, steal
+    enforcer_tests::proc_stat_time("cpu0", 5..8).as_nanos() as u64
+}
+
 fn ncpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -69,6 +80,9 @@ struct Metered {
     run_delay_ns: u64,
     /// Growth of the job cgroup's CPU usage over the same span.
     job_usage_ns: u64,
+    /// Growth of `cpu0_interrupted_ns` from the meter's start line to its
+    /// summary (this test's span, which holds the meter's).
+    cpu0_interrupted_ns: u64,
 }
 
 /// Runs the meter; `during` runs once it has attached, and the meter is
@@ -98,6 +112,7 @@ fn meter(
     )
     .expect("JSON start line");
     let (delay0, usage0) = (run_delay_ns(training_pid), usage_ns(job));
+    let interrupted0 = cpu0_interrupted_ns();
     let started = Instant::now();
     assert_eq!(start["event"], "start", "{start}");
     during();
@@ -116,6 +131,7 @@ fn meter(
         }
     }
     let (delay1, usage1) = (run_delay_ns(training_pid), usage_ns(job));
+    let cpu0_interrupted_ns = cpu0_interrupted_ns().saturating_sub(interrupted0);
     let status = child.wait().expect("waiting for the meter");
     assert!(status.success(), "enforcer meter failed: {status}");
     assert_eq!(summary["event"], "summary", "no summary line");
@@ -131,7 +147,8 @@ fn meter(
         .expect("cpu.stat sampled");
     eprintln!(
         "ground truth sampled by the meter: run_delay +{run_delay_ns}, job usage +{job_usage_ns}; \
-         by this test, later: +{}, +{}",
+         by this test, later: +{}, +{}; CPU 0 in interrupts or stolen by the hypervisor \
+         +{cpu0_interrupted_ns}",
         delay1.saturating_sub(delay0),
         usage1.saturating_sub(usage0)
     );
@@ -139,6 +156,7 @@ fn meter(
         summary,
         run_delay_ns,
         job_usage_ns,
+        cpu0_interrupted_ns,
     }
 }
 
@@ -166,6 +184,25 @@ fn assert_no_overflow_but(m: &Metered, tolerated: &[&str]) {
     }
 }
 
+/// The steal of a job that shares CPU 0 with a training running there: the
+/// job's CPU time (every nanosecond it ran, training waited), less at most
+/// `below` of it, and at most that plus CPU 0's interrupt and hypervisor
+/// time over the run (see `cpu0_interrupted_ns`), plus `above` of it.
+fn assert_steal_is_the_jobs_time_on_cpu0(m: &Metered, below: f64, above: f64) {
+    let steal = job_steal_ns(m);
+    let (low, high) = (
+        m.job_usage_ns as f64 * (1.0 - below),
+        (m.job_usage_ns + m.cpu0_interrupted_ns) as f64 * (1.0 + above),
+    );
+    assert!(
+        (low..=high).contains(&(steal as f64)),
+        "steal {steal} ns outside [{low:.0}, {high:.0}]: job CPU time {} ns, CPU 0 in \
+         interrupts or stolen {} ns",
+        m.job_usage_ns,
+        m.cpu0_interrupted_ns
+    );
+}
+
 fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
     (actual as f64 - expected as f64).abs() <= tolerance * expected as f64
 }
@@ -187,9 +224,10 @@ fn steal_is_exactly_zero_without_evaluation() {
 
 /// Training and evaluation pinned to one CPU: every nanosecond the job runs
 /// there, training waits. The meter's training wait must match the kernel's
-/// run_delay, and the job's steal the job's own CPU time (so, on a CPU with
-/// nobody else, steal = run_delay growth, the issue's criterion; on a busy
-/// host other tasks add waits that are, rightly, not this job's steal).
+/// run_delay, and the job's steal the job's own CPU time, plus the
+/// interrupts and hypervisor steal it was current through (so, on a CPU
+/// with nobody else, steal = run_delay growth, the issue's criterion; on a
+/// busy host other tasks add waits that are, rightly, not this job's steal).
 fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
     let job = TestCgroup::unified("steal-test");
     let training = spawn(&["--cpu", "0", "spin", "1", "60"]);
@@ -212,11 +250,7 @@ fn same_cpu_steal_matches_run_delay_and_job_cpu_time_within_5_percent() {
         "meter training wait {wait} vs schedstat run_delay growth {}",
         m.run_delay_ns
     );
-    assert!(
-        within(steal, m.job_usage_ns, 0.05),
-        "steal {steal} vs job CPU time {}",
-        m.job_usage_ns
-    );
+    assert_steal_is_the_jobs_time_on_cpu0(&m, 0.05, 0.05);
     assert!(steal <= wait + wait / 100, "steal {steal} > wait {wait}");
     assert!(m.summary["jobs"][0]["preemptions"].as_u64().unwrap() > 0);
     assert_no_overflow(&m);
@@ -278,10 +312,17 @@ fn a_job_forking_200_short_processes_is_charged_its_steal_without_overflow() {
     let steal = job_steal_ns(&m);
     eprintln!("steal {steal} ns, job usage +{} ns", m.job_usage_ns);
     assert!(steal > 200_000_000, "{}", m.summary);
+    // Forking and reaping 200 processes makes kernel work (freeing their
+    // task structures in RCU callbacks) that runs in softirqs while a job
+    // task is current: the training waits through it, but it is nobody's
+    // CPU time. Measured on the 2-CPU host under CI: steal 1.277 s, job CPU
+    // time 1.127 s, schedstat run_delay 1.278 s. Either way, the 10 % the
+    // test always allowed (between two children the training may run alone).
+    assert_steal_is_the_jobs_time_on_cpu0(&m, 0.10, 0.10);
     assert!(
-        within(steal, m.job_usage_ns, 0.10),
-        "steal {steal} vs job CPU time {}",
-        m.job_usage_ns
+        steal <= m.run_delay_ns + m.run_delay_ns / 50,
+        "steal {steal} ns > the training's whole wait (schedstat run_delay) {} ns",
+        m.run_delay_ns
     );
     assert_no_overflow(&m);
 }
@@ -323,11 +364,14 @@ fn threads_created_and_destroyed_during_the_run_are_tracked() {
     assert!(t["threads_forked"].as_u64().unwrap() > 10, "{t}");
     assert!(t["threads_exited"].as_u64().unwrap() > 10, "{t}");
     assert!(steal > 300_000_000, "{}", m.summary);
-    assert!(
-        within(steal, m.job_usage_ns, 0.10),
-        "steal {steal} vs job CPU time {}",
-        m.job_usage_ns
-    );
+    // Below, the 10 % the test always allowed: between one training
+    // thread's exit and the next one's first wake-up, the job may run with
+    // no training thread waiting. Above, 15 %: in the 6.12 VM under TCG the
+    // steal came to 1.608 s against 1.451 s of job CPU time and 0.07 s of
+    // CPU 0's interrupts (108 thread lifetimes; the training's own wait
+    // balanced, see below): under emulation the run queue's clock and the
+    // job's CPU time part by more than the interrupt counts explain.
+    assert_steal_is_the_jobs_time_on_cpu0(&m, 0.10, 0.15);
     // Every wait was attributed to someone, and nothing more: the per-CPU
     // waiter counts stayed balanced through thousands of thread lifetimes.
     let (attributed, wait) = (

@@ -1864,10 +1864,9 @@ fn scrape(shared: &Shared) -> metrics::Scrape {
         Ok(mut gpu) => {
             let gpu = gpu.get_or_insert_with(crate::gpu::node::NodeGpu::open);
             if gpu.is_available() {
-                let procs = crate::gpu::attribution::ProcCgroups::default();
                 let members: Vec<_> = cgroups
                     .iter()
-                    .filter_map(|(id, dir)| Some((id.clone(), procs.membership_of_dir(dir).ok()?)))
+                    .filter_map(|(id, dir)| Some((id.clone(), gpu.membership_of_dir(dir)?)))
                     .collect();
                 let mut read = gpu.read(&members);
                 for (job, _) in &mut jobs {

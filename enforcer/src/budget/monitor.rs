@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::{
     actuator::{CpuActuator, apply},
-    controller::{Cause, Controller, ControllerConfig, Observation, Reason},
+    controller::{Cause, Controller, ControllerConfig, Observation, Reason, Signal},
     placement::{Placement, PlacementConfig, PlacementDecision},
     progress::{ProgressTracker, Unavailable},
 };
@@ -92,8 +92,18 @@ pub struct BudgetMonitor {
     place_jobs: bool,
     /// The training's per-CPU time watched before the job started...
     history: Vec<(Instant, Vec<Duration>)>,
-    /// ...and the placement it gave, wished at the first tick.
+    /// The placement proposed and not wished yet: from the watch before
+    /// the job, or held until the steal asks for it (`placement_armed`).
     pending_placement: Option<PlacementDecision>,
+    /// Whether the job's steal has asked for placement: a placement is a
+    /// remedy for measured steal, like a quota cut, so the job runs on every
+    /// CPU until the budget loop first cuts (or freezes) it on steal. Then
+    /// the proposal held so far is applied instead of the cut (the cut
+    /// stands only until the cpuset holds the placement, whose decision
+    /// starts the quota again), and placement follows the training from
+    /// then on. Where the idle class alone keeps the budget, the job is
+    /// never confined.
+    placement_armed: bool,
     /// The CPUs placement wants (`Some(None)`: none in particular; `None`:
     /// placement never wished).
     cpus_wish: Option<Option<CpuList>>,
@@ -172,6 +182,7 @@ impl BudgetMonitor {
             place_jobs: false,
             history: Vec::new(),
             pending_placement: None,
+            placement_armed: false,
             cpus_wish: None,
             unconfirmed: None,
         }
@@ -187,32 +198,58 @@ impl BudgetMonitor {
 
     /// Steps the placement on the training's per-CPU time; a new placement
     /// becomes the placement's wish, confirmed by [`Self::placed`] once the
-    /// cpuset holds it.
+    /// cpuset holds it. Until the steal asks for placement
+    /// (`placement_armed`), the latest proposal is only held.
     fn place(&mut self, sample: &Sample) {
-        if self.unconfirmed.is_some() {
+        if self.unconfirmed.is_some() || self.placement.is_none() {
             return;
         }
-        let d = match self.pending_placement.take() {
-            Some(d) => d,
-            None => {
-                let Some(Ok(steal)) = &sample.steal else {
-                    return;
-                };
-                let Some(d) = self
-                    .placement
-                    .as_mut()
-                    .and_then(|p| p.observe(&steal.training_per_cpu, sample.now))
-                else {
-                    return;
-                };
-                d
+        if let Some(Ok(steal)) = &sample.steal
+            && let Some(mut d) = self
+                .placement
+                .as_mut()
+                .and_then(|p| p.observe(&steal.training_per_cpu, sample.now))
+        {
+            // A proposal replacing a held one moves the job from where it
+            // really is: every CPU, as nothing was wished yet.
+            if let Some(held) = self.pending_placement.take() {
+                d.previous = held.previous;
             }
+            self.pending_placement = Some(d);
+        }
+        self.wish_placement();
+    }
+
+    /// Wishes the proposal held, once the steal has asked for placement.
+    fn wish_placement(&mut self) {
+        if !self.placement_armed || self.unconfirmed.is_some() || self.placement.is_none() {
+            return;
+        }
+        let Some(d) = self.pending_placement.take() else {
+            return;
         };
-        if self.placement.is_none() {
+        if d.cpus == d.previous {
+            // Held proposals that came back to where the job is.
             return;
         }
         self.cpus_wish = Some(d.cpus.clone());
         self.unconfirmed = Some(d);
+    }
+
+    /// Whether `reason` is the budget loop acting on the job's steal: what
+    /// arms placement.
+    fn steal_asks_for_placement(reason: &Reason) -> bool {
+        matches!(
+            reason,
+            Reason::Tighten {
+                signal: Signal::Steal,
+                ..
+            } | Reason::Freeze { .. }
+                | Reason::CutDidNotPay {
+                    frozen_for: Some(_),
+                    ..
+                }
+        )
     }
 
     /// A placement the job's cpuset now holds: its event, and how many CPUs
@@ -379,6 +416,7 @@ impl Monitor for BudgetMonitor {
         let Some(controller) = self.controller.as_mut() else {
             return Ok(Wishes::new());
         };
+        let mut arm = false;
         let job_cpu = sample.stats.cpu_usage;
         let obs = Observation {
             steal,
@@ -403,6 +441,12 @@ impl Monitor for BudgetMonitor {
             if let Some(cause) = d.reason.blame() {
                 self.blame = Some(cause);
             }
+            arm = !self.placement_armed && Self::steal_asks_for_placement(&d.reason);
+        }
+        if arm && self.placement.is_some() {
+            tracing::info!(job = %self.job, "the job's steal asks for placement");
+            self.placement_armed = true;
+            self.wish_placement();
         }
 
         if let Some(c) = steal {
@@ -692,24 +736,8 @@ mod tests {
      {
         for cpuset in [true, false] {
             let d = tempfile::tempdir().expect("tempdir");
-            let cg = fake_job(d.path());
-            let cpus_file = d.path().join("job/cpuset.cpus");
-            if cpuset {
-                std::fs::write(&cpus_file, "").expect("fake cpuset file");
-            }
-            let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 4.0), None);
-            let job = info(Instant::now(), Limits::default(), &cg);
-            m.start(&job).expect("start");
-            m.placement = Some(Placement::new(
-                PlacementConfig::default(),
-                CpuList::new([0, 1, 2, 3]),
-            ));
-            m.pending_placement = Some(PlacementDecision {
-                cpus: Some(CpuList::new([2, 3])),
-                previous: None,
-                training_cpus: CpuList::new([0, 1]),
-                training_cores: 2.0,
-            });
+            let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), cpuset);
+            m.placement_armed = true;
             let events = run_ticks(&mut m, &job, &cg, 3, scripted(0.0));
             let places: Vec<_> = events
                 .iter()
@@ -731,6 +759,87 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A started monitor on a fake 4-CPU job (with a cpuset file when
+    /// `cpuset`), holding what the watch before the job proposed (the
+    /// training on CPUs 0-1, the job on 2-3), not armed.
+    fn monitor_holding_a_placement(
+        root: &Path,
+        cpuset: bool,
+    ) -> (BudgetMonitor, JobInfo, Arc<JobCgroup>, std::path::PathBuf) {
+        let cg = fake_job(root);
+        let cpus_file = root.join("job/cpuset.cpus");
+        if cpuset {
+            std::fs::write(&cpus_file, "").expect("fake cpuset file");
+        }
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 4.0), None);
+        let job = info(Instant::now(), Limits::default(), &cg);
+        m.start(&job).expect("start");
+        m.placement = Some(Placement::new(
+            PlacementConfig::default(),
+            CpuList::new([0, 1, 2, 3]),
+        ));
+        m.pending_placement = Some(PlacementDecision {
+            cpus: Some(CpuList::new([2, 3])),
+            previous: None,
+            training_cpus: CpuList::new([0, 1]),
+            training_cores: 2.0,
+        });
+        (m, job, cg, cpus_file)
+    }
+
+    #[test]
+    fn a_placement_waits_until_the_steal_cuts_the_job_and_then_replaces_the_cut() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
+        // 3 s within budget (1 %), then 20 % of the training's time stolen.
+        let quiet = Duration::from_secs(3);
+        let steal = move |tick: u32| {
+            let total = Duration::from_millis(100) * tick;
+            let calm = total.min(quiet);
+            let stolen = calm.mul_f64(0.01) + (total - calm).mul_f64(0.2);
+            Some(Ok(StealReading {
+                counters: StealCounters {
+                    steal: stolen,
+                    training_on_cpu: total - stolen,
+                },
+                training_per_cpu: Vec::new(),
+            }))
+        };
+        let events = run_ticks(&mut m, &job, &cg, 60, steal);
+        let actions: Vec<_> = events
+            .iter()
+            .map(|e| e.detail["action"].as_str().unwrap_or("").to_owned())
+            .collect();
+        let tighten = actions.iter().position(|a| a == "tighten");
+        let place = actions.iter().position(|a| a == "place");
+        let (Some(tighten), Some(place)) = (tighten, place) else {
+            panic!("a steal cut and a placement: {actions:?}");
+        };
+        assert!(
+            tighten < place,
+            "placed before the steal asked: {actions:?}"
+        );
+        assert_eq!(
+            actions.get(place + 1).map(String::as_str),
+            Some("placed"),
+            "the placement starts the quota again: {actions:?}"
+        );
+        assert!(events[place + 1].detail["quota_cores"].is_null());
+        assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "2-3");
+    }
+
+    #[test]
+    fn a_placement_is_never_made_while_the_idle_class_holds_the_budget() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
+        let events = run_ticks(&mut m, &job, &cg, 150, scripted(0.03));
+        assert!(
+            events.iter().all(|e| e.detail["action"] != "place"),
+            "{events:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "");
     }
 
     #[test]

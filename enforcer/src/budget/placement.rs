@@ -13,13 +13,24 @@
 //! The training's on-CPU time per CPU comes from the steal meter. Over the
 //! last window, the *training CPUs* are the busiest CPUs that together hold
 //! [`PlacementConfig::cover`] of its time, plus any CPU it used for at least
-//! [`PlacementConfig::min_cpu_share`]. The job gets the rest; when nothing is
+//! [`PlacementConfig::min_cpu_share`], but never more than its use needs
+//! (its cores ÷ [`PlacementConfig::cpu_fill`], rounded up): a training whose
+//! threads hop over every CPU (a new thread per step, placed wherever the
+//! scheduler finds an idle-class CPU) still needs only as many as it uses,
+//! and an idle-class job spread over every CPU would keep it hopping. The
+//! job gets the rest; when nothing is
 //! left (the training runs everywhere) it gets every CPU and the quota does
-//! the work. The first placement is taken as soon as the window has enough
-//! data; later changes need the same proposal for
-//! [`PlacementConfig::settle`] and [`PlacementConfig::min_interval`] since
-//! the last change, so that a training thread hopping CPUs does not make the
-//! job's CPUs flap.
+//! the work. A first placement within [`PlacementConfig::settle`] of the
+//! first measurement (the watch before the job starts) is taken at once;
+//! any later change needs the same proposal for `settle`, and
+//! [`PlacementConfig::min_interval`] since the last change, so that a
+//! training thread hopping CPUs, or a training whose use dips under a CPU's
+//! worth for a moment, does not make the job's CPUs flap.
+//!
+//! A placement is a remedy for measured steal, like a quota cut: the
+//! budget monitor (`super::monitor`) holds what this proposes until the
+//! job's steal first asks for a cut, so that a job the idle class alone
+//! keeps within budget keeps every CPU.
 //!
 //! Pure like the controller: observations in, decisions out.
 
@@ -38,8 +49,11 @@ pub struct PlacementConfig {
     pub min_span: Duration,
     /// Training CPUs: the busiest CPUs holding this share of its time...
     pub cover: f64,
-    /// ...plus any CPU it used for at least this many cores.
+    /// ...plus any CPU it used for at least this many cores...
     pub min_cpu_share: f64,
+    /// ...but no more CPUs than its use needs at this many cores each: the
+    /// busiest `ceil(cores / cpu_fill)` of them.
+    pub cpu_fill: f64,
     /// Below this many cores of training in the window, nothing is decided
     /// (the training is idle or between steps).
     pub min_training_cores: f64,
@@ -56,6 +70,7 @@ impl Default for PlacementConfig {
             min_span: Duration::from_millis(300),
             cover: 0.9,
             min_cpu_share: 0.2,
+            cpu_fill: 0.9,
             min_training_cores: 0.05,
             settle: Duration::from_secs(2),
             min_interval: Duration::from_secs(3),
@@ -106,6 +121,9 @@ pub struct Placement {
     samples: Window<Instant, PerCpuTime>,
     proposed: Option<(Option<CpuList>, Instant)>,
     last_change: Option<Instant>,
+    /// The first sample: a first placement is taken at once only within
+    /// `settle` of it.
+    first_seen: Option<Instant>,
 }
 
 impl Placement {
@@ -118,6 +136,7 @@ impl Placement {
             current: None,
             proposed: None,
             last_change: None,
+            first_seen: None,
         }
     }
 
@@ -134,6 +153,7 @@ impl Placement {
     /// (index = CPU number) at `now`. Returns the change to apply, if any.
     pub fn observe(&mut self, per_cpu: &[Duration], now: Instant) -> Option<PlacementDecision> {
         self.samples.push(now, per_cpu.to_vec());
+        let first_seen = *self.first_seen.get_or_insert(now);
         let span = self.samples.trailing(self.config.window)?;
         let elapsed = span.elapsed();
         if elapsed < self.config.min_span {
@@ -156,7 +176,9 @@ impl Placement {
             self.proposed = None;
             return None;
         }
-        if let Some(last) = self.last_change {
+        let at_once = self.last_change.is_none()
+            && now.saturating_duration_since(first_seen) < self.config.settle;
+        if !at_once {
             let since = match &self.proposed {
                 Some((p, since)) if *p == target => *since,
                 _ => {
@@ -165,7 +187,9 @@ impl Placement {
                 }
             };
             if now.saturating_duration_since(since) < self.config.settle
-                || now.saturating_duration_since(last) < self.config.min_interval
+                || self.last_change.is_some_and(|last| {
+                    now.saturating_duration_since(last) < self.config.min_interval
+                })
             {
                 return None;
             }
@@ -183,13 +207,16 @@ impl Placement {
 }
 
 /// The busiest CPUs holding `cover` of the training's time, plus those it
-/// used for at least `min_cpu_share` cores.
+/// used for at least `min_cpu_share` cores, at most as many as `total` cores
+/// need at `cpu_fill` each.
 fn training_cpus(usage: &[(u32, f64)], total: f64, config: &PlacementConfig) -> CpuList {
     let mut by_use = usage.to_vec();
     by_use.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // At least one: the caller has already found the training busy.
+    let needed = ((total / config.cpu_fill).ceil() as usize).max(1);
     let mut covered = 0.0;
     let mut cpus = Vec::new();
-    for (cpu, u) in by_use {
+    for (cpu, u) in by_use.into_iter().take(needed) {
         if covered < config.cover * total || u >= config.min_cpu_share {
             cpus.push(cpu);
             covered += u;
@@ -244,13 +271,43 @@ mod tests {
     }
 
     #[test]
-    fn a_training_on_every_cpu_leaves_the_job_on_every_cpu() {
+    fn a_training_that_needs_every_cpu_leaves_the_job_on_every_cpu() {
         let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1, 2, 3]));
         let mut acc = vec![Duration::ZERO; 4];
-        // 0.3 on each: no CPU is free of the training.
-        let d = feed(&mut p, Instant::now(), 0, 20, &[0.3; 4], &mut acc);
+        // 0.85 on each: 3.4 cores need all four CPUs at 0.9 each.
+        let d = feed(&mut p, Instant::now(), 0, 20, &[0.85; 4], &mut acc);
         assert!(d.is_empty(), "{d:?}");
         assert_eq!(p.current(), None);
+    }
+
+    #[test]
+    fn a_training_hopping_over_every_cpu_keeps_only_as_many_as_it_uses() {
+        // A new thread per step, 0.8 cores in all, spread 0.45 / 0.35 over
+        // two CPUs: it needs one. The job gets the one it used less.
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
+        let mut acc = vec![Duration::ZERO; 2];
+        let d = feed(&mut p, Instant::now(), 0, 10, &[0.35, 0.45], &mut acc);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1.cpus, Some(CpuList::new([0])));
+        assert_eq!(d[0].1.training_cpus, CpuList::new([1]));
+        // 1.2 cores over four CPUs need two: the job gets the two it used
+        // least (a tie goes to the lower number for the training).
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1, 2, 3]));
+        let mut acc = vec![Duration::ZERO; 4];
+        let d = feed(
+            &mut p,
+            Instant::now(),
+            0,
+            10,
+            &[0.3, 0.35, 0.25, 0.3],
+            &mut acc,
+        );
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1.cpus, Some(CpuList::new([2, 3])));
+        // A full CPU's worth spread evenly over two needs both (1.0 ÷ 0.9).
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
+        let mut acc = vec![Duration::ZERO; 2];
+        assert!(feed(&mut p, Instant::now(), 0, 20, &[0.5, 0.5], &mut acc).is_empty());
     }
 
     #[test]
@@ -277,6 +334,25 @@ mod tests {
         assert_eq!(d.cpus, Some(CpuList::new([1])));
         assert_eq!(d.previous, Some(CpuList::new([0])));
         assert!((37..=42).contains(tick), "moved at tick {tick}");
+    }
+
+    #[test]
+    fn a_first_placement_after_the_start_waits_for_the_proposal_to_settle() {
+        // The training needs both CPUs for 3 s, then dips to 0.8 cores for
+        // a second (slowed for a moment), then uses them again: no
+        // placement. From 6 s it runs 0.8 cores for good: placed once the
+        // proposal has held 2 s.
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
+        let t0 = Instant::now();
+        let mut acc = vec![Duration::ZERO; 2];
+        assert!(feed(&mut p, t0, 0, 30, &[0.6, 0.6], &mut acc).is_empty());
+        assert!(feed(&mut p, t0, 30, 10, &[0.35, 0.45], &mut acc).is_empty());
+        assert!(feed(&mut p, t0, 40, 20, &[0.6, 0.6], &mut acc).is_empty());
+        let d = feed(&mut p, t0, 60, 50, &[0.35, 0.45], &mut acc);
+        assert_eq!(d.len(), 1, "{d:?}");
+        let (tick, d) = &d[0];
+        assert_eq!(d.cpus, Some(CpuList::new([0])));
+        assert!((85..=95).contains(tick), "placed at tick {tick}");
     }
 
     #[test]

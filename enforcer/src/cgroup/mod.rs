@@ -7,10 +7,13 @@
 //! - [`v2`] and [`v1`]: one backend per mode behind [`Backend`];
 //! - [`JobCgroup`]: the enum that dispatches, the handle other code uses;
 //! - [`fs`]: the guarded reads and writes every backend goes through;
-//! - [`cpuset`]: CPU lists, for the CPUs a job may run on.
+//! - [`cpuset`]: CPU lists, for the CPUs a job may run on;
+//! - [`membership`]: which cgroup a process is in (is a PID a job's, where
+//!   can it be frozen), from `/proc/<pid>/cgroup` and the mount table.
 
 pub mod cpuset;
 pub mod fs;
+pub mod membership;
 mod mode;
 pub mod subtree;
 pub mod v1;

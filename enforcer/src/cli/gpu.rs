@@ -10,9 +10,10 @@ use std::{
 use clap::Args;
 use serde::Serialize;
 
+use crate::cgroup::membership::{Hierarchy, ProcCgroups};
 use crate::gpu::{
     self, DeviceSample, GpuSource, NvmlSource, Unavailable,
-    attribution::{Hierarchy, JobDeviceUsage, JobUsage, ProcCgroups, job_tick},
+    attribution::{JobDeviceUsage, JobUsage, job_tick},
     guard::GpuSnapshot,
     metrics,
 };

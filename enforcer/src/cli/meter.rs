@@ -274,7 +274,9 @@ fn meter(args: &MeterArgs) -> Result<()> {
             next_tick = next_tick.min(limit);
         }
         while started.elapsed() < next_tick && !STOP.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20).min(next_tick - started.elapsed()));
+            std::thread::sleep(
+                Duration::from_millis(20).min(next_tick.saturating_sub(started.elapsed())),
+            );
         }
         let now = meter.read(SOLE_TRAINING)?;
         let truth = GroundTruth::read(&training, &jobs);

@@ -184,12 +184,13 @@ fn status(conn: &mut Option<Conn>, socket: &Path) -> Result<Sample, String> {
             jobs,
             budget,
             agent,
-            ..
+            meter,
         } => Ok(Sample {
             at: Duration::ZERO,
             jobs,
             budget,
             agent,
+            meter,
         }),
         Response::Error { message, .. } => Err(message),
         other => {

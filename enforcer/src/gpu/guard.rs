@@ -13,9 +13,11 @@ use std::{
 
 use serde::Serialize;
 
+use crate::cgroup::membership::{CgroupMembership, ProcCgroups};
+
 use super::{
     Unavailable,
-    attribution::{CgroupMembership, JobDeviceUsage, JobUsage, ProcCgroups, TickDevice, job_tick},
+    attribution::{JobDeviceUsage, JobUsage, TickDevice, job_tick},
     cap::{CapAction, CapParams, MemoryGuard, MemoryVerdict, UtilCap},
     duty::{DutyCycle, Freezer, RunFraction},
     source::{DeviceSample, GpuSource, NvmlSource},
@@ -368,9 +370,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::cgroup::membership::{Hierarchy, fake_proc};
     use crate::gpu::{
         GpuError,
-        attribution::{Hierarchy, fake_proc},
         duty::FreezeError,
         source::ProcessSample,
         synthetic::{Frame, SyntheticSource},

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::cgroup::membership::{FreezerCgroup, Hierarchy, ProcCgroups};
+
 use super::{
-    attribution::{FreezerCgroup, Hierarchy, ProcCgroups},
     duty::{DutyCycle, RunFraction},
     guard::{GpuEvent, GpuGuard, GpuLimits},
 };
@@ -222,7 +223,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::gpu::attribution::CgroupMembership;
+    use crate::cgroup::membership::CgroupMembership;
 
     #[test]
     fn the_job_level_cgroup_is_the_ancestor_named_after_the_job() {

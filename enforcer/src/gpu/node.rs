@@ -5,9 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::cgroup::membership::{CgroupMembership, ProcCgroups};
+
 use super::{
     Unavailable,
-    attribution::{CgroupMembership, ProcCgroups, TickDevice, job_tick},
+    attribution::{TickDevice, job_tick},
     source::{GpuSource, NvmlSource},
 };
 
@@ -61,6 +63,13 @@ impl NodeGpu {
         self.source.is_ok()
     }
 
+    /// The membership a job's cgroup directory stands for, read through
+    /// this telemetry's own `/proc`; `None` when it is in no mounted
+    /// hierarchy (the job is not attributed).
+    pub fn membership_of_dir(&self, dir: &std::path::Path) -> Option<CgroupMembership> {
+        self.procs.membership_of_dir(dir).ok()
+    }
+
     /// Each job's use of each device it is on (a job on no GPU has no
     /// entry). A read that fails leaves the telemetry off for good, with
     /// one warning: a driver that failed once is not asked every scrape.
@@ -99,8 +108,8 @@ impl NodeGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgroup::membership::{Hierarchy, fake_proc};
     use crate::gpu::{
-        attribution::{Hierarchy, fake_proc},
         source::ProcessSample,
         synthetic::{Frame, SyntheticSource},
     };

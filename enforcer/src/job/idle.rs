@@ -26,7 +26,7 @@ use std::os::fd::OwnedFd;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::gpu::attribution::{CgroupMembership, ProcCgroups};
+use crate::cgroup::membership::{CgroupMembership, ProcCgroups};
 use crate::host::{Pid, ProcCgroup, ProcFs};
 use crate::report::Report;
 

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::agent::proto::{AgentCost, JobStatus};
+use crate::agent::proto::{AgentCost, JobStatus, MeterState};
 
 /// Samples of CPU use kept per job for its sparkline.
 pub const HISTORY: usize = 24;
@@ -21,6 +21,8 @@ pub struct Sample {
     /// The budget part of `status`, as the agent's budget reports it.
     pub budget: serde_json::Value,
     pub agent: Option<AgentCost>,
+    /// The agent's steal programs (`None` from an agent that does not say).
+    pub meter: Option<MeterState>,
 }
 
 /// The columns the job table can be sorted by.
@@ -179,6 +181,8 @@ pub struct Model {
     pub jobs: BTreeMap<String, JobRow>,
     pub trainings: Vec<TrainingRow>,
     pub agent: Option<AgentRow>,
+    /// The agent's steal programs, as its last answer said.
+    pub meter: Option<MeterState>,
     agent_last: Option<(Duration, AgentCost)>,
     pub sort: SortKey,
     pub selected: Option<String>,
@@ -196,6 +200,7 @@ impl Default for Model {
             jobs: BTreeMap::new(),
             trainings: Vec::new(),
             agent: None,
+            meter: None,
             agent_last: None,
             sort: SortKey::Cpu,
             selected: None,
@@ -358,6 +363,7 @@ impl Model {
             r.stolen = stolen.remove(&r.id).flatten();
         }
         self.trainings = trainings.into_iter().map(|(t, _)| t).collect();
+        self.meter = sample.meter;
         if let Some(cost) = sample.agent {
             let mut row = AgentRow {
                 pid: cost.pid,
@@ -577,6 +583,7 @@ mod tests {
             jobs,
             budget,
             agent: None,
+            meter: None,
         }
     }
 

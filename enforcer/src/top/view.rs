@@ -11,6 +11,7 @@ use ratatui::{
 };
 
 use super::model::{self, HISTORY, JobRow, Mode, Model, SortKey};
+use crate::agent::proto::MeterState;
 
 /// The keys, as the help and the status line give them.
 pub const HELP: &[(&str, &str)] = &[
@@ -92,6 +93,23 @@ fn header_line(m: &Model, source: &Source<'_>) -> Line<'static> {
             model::percent(a.shims_cpu),
             model::bytes(a.shims_rss),
         )));
+    }
+    // Only a meter that is not working is worth the room: without it the
+    // budget column means nothing and `protect` is refused.
+    match &m.meter {
+        Some(MeterState::Loading) if !m.disconnected => {
+            spans.push(Span::styled(
+                "  steal meter loading",
+                Style::new().fg(Color::Yellow),
+            ));
+        }
+        Some(MeterState::Failed(reason)) if !m.disconnected => {
+            spans.push(Span::styled(
+                format!("  no steal meter: {reason}"),
+                Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+            ));
+        }
+        _ => {}
     }
     Line::from(spans)
 }
@@ -308,6 +326,7 @@ mod tests {
             jobs: vec![job],
             budget: serde_json::Value::Null,
             agent: None,
+            meter: Some(MeterState::Loaded),
         };
         m.update(sample, &mut |_| "root".to_owned());
         m
@@ -324,6 +343,18 @@ mod tests {
         m.on_key(Key::Char('s'));
         let s = screen(&m);
         assert!(s.contains("THR▼") && !s.contains("CPU▼"), "{s}");
+    }
+
+    #[test]
+    fn the_header_names_a_steal_meter_that_failed_or_is_still_loading() {
+        let mut m = model();
+        assert!(!screen(&m).contains("steal meter"), "loaded: nothing said");
+        m.meter = Some(MeterState::Failed("BTF missing".to_owned()));
+        let s = screen(&m);
+        let header = s.lines().next().expect("a header line");
+        assert!(header.contains("no steal meter: BTF missing"), "{s}");
+        m.meter = Some(MeterState::Loading);
+        assert!(screen(&m).contains("steal meter loading"));
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //!   sleeps SECONDS); capped at 2000 children so a failed limit cannot take
 //!   the machine down; prints how many forks succeeded and failed;
 //! - `spin THREADS SECONDS`: burns THREADS CPUs for SECONDS;
+//! - `duty THREADS RUN_MS SLEEP_MS SECONDS`: THREADS threads that each spin
+//!   RUN_MS and sleep SLEEP_MS, in turn, for SECONDS (a training that
+//!   wakes, so that another task can take its CPU meanwhile);
 //! - `daemon PIDFILE`: double-forks a setsid daemon that writes its PID to
 //!   PIDFILE and sleeps forever, then sleeps forever itself;
 //! - `threads N`: starts N sleeping threads, prints `ready`, sleeps forever;
@@ -84,13 +87,19 @@ fn main() {
         Some("memhog") => memhog(arg(&args, 1, "TOTAL_MB"), arg(&args, 2, "STEP_MB")),
         Some("forkbomb") => forkbomb(arg(&args, 1, "SECONDS")),
         Some("spin") => spin(arg(&args, 1, "THREADS"), arg(&args, 2, "SECONDS")),
+        Some("duty") => duty(
+            arg(&args, 1, "THREADS"),
+            Duration::from_millis(arg(&args, 2, "RUN_MS")),
+            Duration::from_millis(arg(&args, 3, "SLEEP_MS")),
+            arg(&args, 4, "SECONDS"),
+        ),
         Some("daemon") => daemon(args.get(1).unwrap_or_else(|| die("missing PIDFILE"))),
         Some("threads") => threads(arg(&args, 1, "N")),
         Some("forker") => forker(arg(&args, 1, "COUNT"), arg(&args, 2, "SPIN_MS")),
         Some("churn") => churn(arg(&args, 1, "SPIN_MS"), arg(&args, 2, "SECONDS")),
         Some("policy") => policy(),
         _ => die("usage: eval-workload [--cpu K] [--cgroup DIR] \
-             memhog|forkbomb|spin|daemon|threads|forker|churn|policy ..."),
+             memhog|forkbomb|spin|duty|daemon|threads|forker|churn|policy ..."),
     }
 }
 
@@ -136,31 +145,41 @@ fn forkbomb(seconds: u64) {
     while unsafe { libc::wait(std::ptr::null_mut()) } > 0 {}
 }
 
-fn spin(threads: usize, seconds: f64) {
+/// Runs `body` on `threads` threads, each given the instant `seconds` from
+/// now to stop at, and waits for them all.
+fn on_threads(threads: usize, seconds: f64, body: impl Fn(Instant) + Copy + Send + 'static) {
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let hs: Vec<_> = (0..threads)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let mut x = 0u64;
-                let mut next_pin = Instant::now();
-                while Instant::now() < end {
-                    if Instant::now() >= next_pin {
-                        repin();
-                        next_pin = Instant::now() + Duration::from_millis(100);
-                    }
-                    for _ in 0..10_000 {
-                        x = std::hint::black_box(
-                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
-                        );
-                    }
-                }
-                x
-            })
-        })
+        .map(|_| std::thread::spawn(move || body(end)))
         .collect();
     for h in hs {
         let _ = h.join();
     }
+}
+
+fn spin(threads: usize, seconds: f64) {
+    on_threads(threads, seconds, |end| {
+        let mut x = 0u64;
+        let mut next_pin = Instant::now();
+        while Instant::now() < end {
+            if Instant::now() >= next_pin {
+                repin();
+                next_pin = Instant::now() + Duration::from_millis(100);
+            }
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+    });
+}
+
+fn duty(threads: usize, run: Duration, sleep: Duration, seconds: f64) {
+    on_threads(threads, seconds, move |end| {
+        while Instant::now() < end {
+            spin_for(run);
+            std::thread::sleep(sleep);
+        }
+    });
 }
 
 fn daemon(pidfile: &str) {
