@@ -110,6 +110,25 @@ pub struct BudgetMonitor {
     /// A placement wished but not yet seen written: the controller is told
     /// of it once the job's cpuset holds it.
     unconfirmed: Option<PlacementDecision>,
+    /// The job's first placement, on trial like a quota cut: judged a
+    /// window after the cpuset held it ([`Self::judge_placement`]).
+    placement_trial: Option<PlacementTrial>,
+    /// No placement until then: the last one did not lower the steal.
+    placement_held_until: Option<Instant>,
+}
+
+/// A placement on trial. It takes CPUs from the job to take the training's
+/// CPUs out of the job's reach, so it predicts that the steal goes (nearly)
+/// away; where the training uses every CPU it can only crowd the job onto
+/// a CPU the training still uses, and the steal rises instead.
+#[derive(Debug)]
+struct PlacementTrial {
+    decision: PlacementDecision,
+    /// When the cpuset held it, and the steal counters then.
+    at: Instant,
+    counters: enforcer_model::StealCounters,
+    /// The stolen fraction over the controller's `lookahead` before it.
+    before: f64,
 }
 
 /// Reads the training's progress file (`training.progress_file`) for a few
@@ -185,6 +204,8 @@ impl BudgetMonitor {
             placement_armed: false,
             cpus_wish: None,
             unconfirmed: None,
+            placement_trial: None,
+            placement_held_until: None,
         }
     }
 
@@ -271,7 +292,22 @@ impl BudgetMonitor {
         }
         let placement = self.placement.as_ref()?;
         let cores = d.job_cores(placement.all());
-        tracing::info!(job = %self.job, placement = %d, "budget decision");
+        tracing::info!(job = %self.job, decision = %format!("placement: {d}"), "budget decision");
+        // The move off every CPU is judged; later moves follow the
+        // training within the placement it earned.
+        self.placement_trial = None;
+        if d.previous.is_none()
+            && d.cpus.is_some()
+            && let Some(Ok(reading)) = &sample.steal
+            && let Some(before) = self.window.fraction_over(self.config.lookahead)
+        {
+            self.placement_trial = Some(PlacementTrial {
+                decision: d.clone(),
+                at: sample.now,
+                counters: reading.counters,
+                before,
+            });
+        }
         self.decisions += 1;
         let event = Event::new(
             "budget",
@@ -286,6 +322,76 @@ impl BudgetMonitor {
             }),
         );
         Some((event, cores))
+    }
+
+    /// Judges the placement on trial once the steal after it has been
+    /// measured for a window, as a quota cut is judged: it must have lowered
+    /// the stolen fraction by [`ControllerConfig::trial_share`] of what it
+    /// predicts (all of it), or to the target. One that did not is undone:
+    /// the job goes back to every CPU (the controller starts its quota again
+    /// there, as after any move) and is not placed again for
+    /// [`ControllerConfig::unpaid_hold`], then only when its steal asks anew.
+    /// Returns the verdict's event when it undoes.
+    fn judge_placement(&mut self, sample: &Sample) -> Option<Event> {
+        let trial = self.placement_trial.as_ref()?;
+        if self.unconfirmed.is_some() {
+            // Moved on before the verdict: the move is the placement now.
+            self.placement_trial = None;
+            return None;
+        }
+        let Some(Ok(reading)) = &sample.steal else {
+            return None;
+        };
+        let measured = sample.now.saturating_duration_since(trial.at);
+        if measured < self.config.window {
+            return None;
+        }
+        // A training that neither ran nor waited since says nothing yet.
+        let after = reading.counters.since(trial.counters).fraction()?;
+        let trial = self.placement_trial.take()?;
+        let cfg = &self.config;
+        let target = cfg.spend * cfg.budget;
+        if after <= target || trial.before - after >= cfg.trial_share * trial.before {
+            tracing::info!(
+                job = %self.job,
+                before = trial.before,
+                after,
+                "the placement lowered the steal: it stands"
+            );
+            return None;
+        }
+        let placement = self.placement.as_mut()?;
+        let undo = placement.undo(sample.now, &trial.decision);
+        let hold = cfg.unpaid_hold;
+        let message = format!(
+            "placement did not pay: stolen fraction {:.1}% over {:.1}s before it, {:.1}% over \
+             {:.1}s on CPUs {}: back to every CPU, no placement for {}s",
+            trial.before * 100.0,
+            cfg.lookahead.as_secs_f64(),
+            after * 100.0,
+            measured.as_secs_f64(),
+            undo.previous
+                .as_ref()
+                .map_or("all".to_owned(), ToString::to_string),
+            hold.as_secs(),
+        );
+        tracing::info!(job = %self.job, decision = %message, "budget decision");
+        self.decisions += 1;
+        self.placement_armed = false;
+        self.placement_held_until = Some(sample.now + hold);
+        self.pending_placement = None;
+        self.cpus_wish = Some(undo.cpus.clone());
+        self.unconfirmed = Some(undo);
+        Some(Event::new(
+            "budget",
+            json!({
+                "action": "placement_did_not_pay",
+                "message": message,
+                "before": trial.before,
+                "after": after,
+                "hold_for_s": hold.as_secs_f64(),
+            }),
+        ))
     }
 
     /// What the loop wants of the job's controls now.
@@ -412,6 +518,9 @@ impl Monitor for BudgetMonitor {
                 ctx.emit(Event::new("budget", decision_json(&d)));
             }
         }
+        if let Some(event) = self.judge_placement(sample) {
+            ctx.emit(event);
+        }
         self.place(sample);
         let Some(controller) = self.controller.as_mut() else {
             return Ok(Wishes::new());
@@ -441,7 +550,9 @@ impl Monitor for BudgetMonitor {
             if let Some(cause) = d.reason.blame() {
                 self.blame = Some(cause);
             }
-            arm = !self.placement_armed && Self::steal_asks_for_placement(&d.reason);
+            arm = !self.placement_armed
+                && Self::steal_asks_for_placement(&d.reason)
+                && self.placement_held_until.is_none_or(|until| now >= until);
         }
         if arm && self.placement.is_some() {
             tracing::info!(job = %self.job, "the job's steal asks for placement");
@@ -789,29 +900,56 @@ mod tests {
         (m, job, cg, cpus_file)
     }
 
+    /// A plant for the placement: cumulative readings of 100 ms ticks in
+    /// which the training runs on CPUs 0-1 and `rate(tick, placed)` of its
+    /// time is stolen, `placed` while the job's cpuset file holds 2-3.
+    fn placement_plant(
+        cpus_file: std::path::PathBuf,
+        rate: impl Fn(u32, bool) -> f64,
+    ) -> impl FnMut(u32) -> Option<Result<StealReading, String>> {
+        let tick = Duration::from_millis(100);
+        let (mut stolen, mut total) = (Duration::ZERO, Duration::ZERO);
+        move |i| {
+            let placed = std::fs::read_to_string(&cpus_file).is_ok_and(|c| c == "2-3");
+            stolen += tick.mul_f64(rate(i, placed));
+            total += tick;
+            let on_cpu = total - stolen;
+            Some(Ok(StealReading {
+                counters: StealCounters {
+                    steal: stolen,
+                    training_on_cpu: on_cpu,
+                },
+                training_per_cpu: vec![on_cpu / 2, on_cpu / 2, Duration::ZERO, Duration::ZERO],
+            }))
+        }
+    }
+
+    fn actions(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e.detail["action"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
     #[test]
     fn a_placement_waits_until_the_steal_cuts_the_job_and_then_replaces_the_cut() {
         let d = tempfile::tempdir().expect("tempdir");
         let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
-        // 3 s within budget (1 %), then 20 % of the training's time stolen.
-        let quiet = Duration::from_secs(3);
-        let steal = move |tick: u32| {
-            let total = Duration::from_millis(100) * tick;
-            let calm = total.min(quiet);
-            let stolen = calm.mul_f64(0.01) + (total - calm).mul_f64(0.2);
-            Some(Ok(StealReading {
-                counters: StealCounters {
-                    steal: stolen,
-                    training_on_cpu: total - stolen,
-                },
-                training_per_cpu: Vec::new(),
-            }))
+        // 3 s within budget (1 %), then 20 % of the training's time stolen
+        // where the job shares its CPUs, none once it is off them.
+        let rate = |tick, placed| match (tick, placed) {
+            (..=30, _) => 0.01,
+            (_, true) => 0.0,
+            (_, false) => 0.2,
         };
-        let events = run_ticks(&mut m, &job, &cg, 60, steal);
-        let actions: Vec<_> = events
-            .iter()
-            .map(|e| e.detail["action"].as_str().unwrap_or("").to_owned())
-            .collect();
+        let events = run_ticks(
+            &mut m,
+            &job,
+            &cg,
+            60,
+            placement_plant(cpus_file.clone(), rate),
+        );
+        let actions = actions(&events);
         let tighten = actions.iter().position(|a| a == "tighten");
         let place = actions.iter().position(|a| a == "place");
         let (Some(tighten), Some(place)) = (tighten, place) else {
@@ -827,7 +965,62 @@ mod tests {
             "the placement starts the quota again: {actions:?}"
         );
         assert!(events[place + 1].detail["quota_cores"].is_null());
+        assert!(
+            !actions.iter().any(|a| a == "placement_did_not_pay"),
+            "{actions:?}"
+        );
         assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "2-3");
+    }
+
+    #[test]
+    fn a_placement_that_raises_the_steal_is_undone_and_not_made_again_for_the_hold() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
+        // A training on every CPU: crowded onto CPUs it still uses, the
+        // job steals 40 % instead of 12 %.
+        let rate = |tick, placed| match (tick, placed) {
+            (..=30, _) => 0.01,
+            (_, true) => 0.4,
+            (_, false) => 0.12,
+        };
+        let events = run_ticks(
+            &mut m,
+            &job,
+            &cg,
+            150,
+            placement_plant(cpus_file.clone(), rate),
+        );
+        let actions = actions(&events);
+        let places: Vec<_> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.detail["action"] == "place")
+            .map(|(i, e)| (i, e.detail["cpus"].as_str()))
+            .collect();
+        let undo = actions
+            .iter()
+            .position(|a| a == "placement_did_not_pay")
+            .unwrap_or_else(|| panic!("the placement is judged: {actions:?}"));
+        let detail = &events[undo].detail;
+        assert!(
+            detail["before"].as_f64().is_some_and(|b| b < 0.2),
+            "{detail}"
+        );
+        assert!(
+            detail["after"].as_f64().is_some_and(|a| a > 0.3),
+            "{detail}"
+        );
+        // Placed once, then back to every CPU, and not again within the
+        // hold (15 s of 30), though the steal keeps cutting the quota.
+        assert!(
+            matches!(places.as_slice(), [(p, Some("2-3")), (back, None)] if *p < undo && undo < *back),
+            "{places:?} / {actions:?}"
+        );
+        assert!(
+            actions[places[1].0..].iter().any(|a| a == "tighten"),
+            "the quota takes over: {actions:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "\n");
     }
 
     #[test]

@@ -30,7 +30,8 @@
 //! A placement is a remedy for measured steal, like a quota cut: the
 //! budget monitor (`super::monitor`) holds what this proposes until the
 //! job's steal first asks for a cut, so that a job the idle class alone
-//! keeps within budget keeps every CPU.
+//! keeps within budget keeps every CPU; and like a cut it is judged: one
+//! that did not lower the steal is undone ([`Placement::undo`]).
 //!
 //! Pure like the controller: observations in, decisions out.
 
@@ -203,6 +204,20 @@ impl Placement {
             training_cpus: training,
             training_cores: total,
         })
+    }
+
+    /// Takes the job back to every CPU at `now`: the placement `of` did not
+    /// lower the steal (see `super::monitor`). A later placement again needs
+    /// a proposal that stands for `settle`, `min_interval` after this.
+    pub fn undo(&mut self, now: Instant, of: &PlacementDecision) -> PlacementDecision {
+        self.proposed = None;
+        self.last_change = Some(now);
+        PlacementDecision {
+            cpus: None,
+            previous: self.current.take(),
+            training_cpus: of.training_cpus.clone(),
+            training_cores: of.training_cores,
+        }
     }
 }
 
