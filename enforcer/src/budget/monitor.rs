@@ -931,10 +931,24 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_placement_waits_until_the_steal_cuts_the_job_and_then_replaces_the_cut() {
+    /// `ticks` periods of [`placement_plant`] with `rate` on a monitor
+    /// holding a placement to CPUs 2-3: the events, their actions and what
+    /// the job's cpuset file holds at the end.
+    fn run_placement_plant(
+        ticks: u32,
+        rate: impl Fn(u32, bool) -> f64,
+    ) -> (Vec<Event>, Vec<String>, String) {
         let d = tempfile::tempdir().expect("tempdir");
         let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
+        let plant = placement_plant(cpus_file.clone(), rate);
+        let events = run_ticks(&mut m, &job, &cg, ticks, plant);
+        let actions = actions(&events);
+        let cpus = std::fs::read_to_string(&cpus_file).expect("the cpuset file");
+        (events, actions, cpus)
+    }
+
+    #[test]
+    fn a_placement_waits_until_the_steal_cuts_the_job_and_then_replaces_the_cut() {
         // 3 s within budget (1 %), then 20 % of the training's time stolen
         // where the job shares its CPUs, none once it is off them.
         let rate = |tick, placed| match (tick, placed) {
@@ -942,14 +956,7 @@ mod tests {
             (_, true) => 0.0,
             (_, false) => 0.2,
         };
-        let events = run_ticks(
-            &mut m,
-            &job,
-            &cg,
-            60,
-            placement_plant(cpus_file.clone(), rate),
-        );
-        let actions = actions(&events);
+        let (events, actions, cpus) = run_placement_plant(60, rate);
         let tighten = actions.iter().position(|a| a == "tighten");
         let place = actions.iter().position(|a| a == "place");
         let (Some(tighten), Some(place)) = (tighten, place) else {
@@ -969,13 +976,11 @@ mod tests {
             !actions.iter().any(|a| a == "placement_did_not_pay"),
             "{actions:?}"
         );
-        assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "2-3");
+        assert_eq!(cpus, "2-3");
     }
 
     #[test]
     fn a_placement_that_raises_the_steal_is_undone_and_not_made_again_for_the_hold() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let (mut m, job, cg, cpus_file) = monitor_holding_a_placement(d.path(), true);
         // A training on every CPU: crowded onto CPUs it still uses, the
         // job steals 40 % instead of 12 %.
         let rate = |tick, placed| match (tick, placed) {
@@ -983,14 +988,7 @@ mod tests {
             (_, true) => 0.4,
             (_, false) => 0.12,
         };
-        let events = run_ticks(
-            &mut m,
-            &job,
-            &cg,
-            150,
-            placement_plant(cpus_file.clone(), rate),
-        );
-        let actions = actions(&events);
+        let (events, actions, cpus) = run_placement_plant(150, rate);
         let places: Vec<_> = events
             .iter()
             .enumerate()
@@ -1020,7 +1018,7 @@ mod tests {
             actions[places[1].0..].iter().any(|a| a == "tighten"),
             "the quota takes over: {actions:?}"
         );
-        assert_eq!(std::fs::read_to_string(&cpus_file).unwrap(), "\n");
+        assert_eq!(cpus, "\n");
     }
 
     #[test]
