@@ -1566,24 +1566,37 @@ impl Controller {
         let Some(spent) = self.horizon_fraction() else {
             return false;
         };
+        if let Some(rest) = self.first_horizon_rest(rate, wait) {
+            return rest < cfg.relax_below * cfg.budget;
+        }
+        // The oldest part drops out: what stays is the rate over the latest
+        // `horizon - wait`.
+        let kept = cfg.horizon - wait;
+        let stays = self
+            .samples
+            .trailing(kept)
+            .and_then(|s| self.fraction_over(s, cfg.min_span))
+            .unwrap_or(spent);
+        let projected =
+            (stays * kept.as_secs_f64() + rate * wait.as_secs_f64()) / cfg.horizon.as_secs_f64();
+        projected > cfg.budget
+    }
+
+    /// In a job's first horizon: the stolen fraction the rest of it may
+    /// have for the whole of it to land at the budget, when `rate` goes on
+    /// for `wait` from now; `None` when that horizon ends within `wait`, or
+    /// nothing is measured yet.
+    fn first_horizon_rest(&self, rate: f64, wait: Duration) -> Option<f64> {
+        let cfg = &self.config;
         let whole = cfg.horizon.as_secs_f64();
         let span = self.horizon_span().as_secs_f64().min(whole);
-        let projected = if span + wait.as_secs_f64() <= whole {
-            let wait = wait.as_secs_f64();
-            let rest = cfg.relax_below * cfg.budget;
-            spent * span + rate * wait + rest * (whole - span - wait)
-        } else {
-            // The oldest part drops out: what stays is the rate over the
-            // latest `horizon - wait`.
-            let kept = cfg.horizon - wait;
-            let stays = self
-                .samples
-                .trailing(kept)
-                .and_then(|s| self.fraction_over(s, cfg.min_span))
-                .unwrap_or(spent);
-            stays * kept.as_secs_f64() + rate * wait.as_secs_f64()
-        } / whole;
-        projected > cfg.budget
+        let wait = wait.as_secs_f64();
+        let rest = whole - span - wait;
+        if rest <= 0.0 {
+            return None;
+        }
+        let spent = self.horizon_fraction()? * span;
+        Some((cfg.budget * whole - spent - rate * wait) / rest)
     }
 
     /// What a steal cut made now aims at in a job's first horizon: the rate
@@ -1594,15 +1607,7 @@ impl Controller {
     /// rate run while that stayed at or above the relax threshold.
     fn first_horizon_aim(&self, rate: f64) -> Option<f64> {
         let cfg = &self.config;
-        let whole = cfg.horizon.as_secs_f64();
-        let span = self.horizon_span().as_secs_f64();
-        let wait = (cfg.lookahead + cfg.min_span).as_secs_f64();
-        let rest = whole - span - wait;
-        if rest <= 0.0 {
-            return None;
-        }
-        let spent = self.horizon_fraction()? * span;
-        let aim = (cfg.budget * whole - spent - rate * wait) / rest;
+        let aim = self.first_horizon_rest(rate, cfg.lookahead + cfg.min_span)?;
         (aim < cfg.spend * cfg.budget).then_some(aim.max(0.0))
     }
 
