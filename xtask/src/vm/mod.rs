@@ -90,9 +90,34 @@ struct KernelReport {
     /// Why the run failed beyond what the console shows (timeout, exit).
     problems: Vec<String>,
     log: PathBuf,
+    /// This is the second boot: the first one's guest kernel panicked.
+    after_panic: Option<EarlierPanic>,
+}
+
+/// A boot whose guest kernel panicked, kept for the report when the kernel
+/// was booted again.
+struct EarlierPanic {
+    /// The panic line from the console.
+    line: String,
+    /// Where the tests were when it came.
+    at: String,
+    /// The first boot's console log, renamed so the second boot keeps it.
+    log: PathBuf,
 }
 
 impl KernelReport {
+    /// Where in the tests a VM that did not finish them stopped.
+    fn stopped_at(&self) -> String {
+        let c = &self.console;
+        match c.binaries.last() {
+            Some(b) if b.rc.is_none() => match c.running_test() {
+                Some(t) => format!("in test binary {} while {t} ran", b.name),
+                None => format!("in test binary {}", b.name),
+            },
+            _ => "before the tests finished".to_owned(),
+        }
+    }
+
     fn failures(&self, expected: &[String]) -> Vec<String> {
         let c = &self.console;
         let mut out = self.problems.clone();
@@ -100,14 +125,7 @@ impl KernelReport {
             out.push(format!("kernel panic: {p}"));
         }
         if !c.done {
-            let at = match c.binaries.last() {
-                Some(b) if b.rc.is_none() => match c.running_test() {
-                    Some(t) => format!("in test binary {} while {t} ran", b.name),
-                    None => format!("in test binary {}", b.name),
-                },
-                _ => "before the tests finished".to_owned(),
-            };
-            out.push(format!("the VM stopped {at}"));
+            out.push(format!("the VM stopped {}", self.stopped_at()));
         }
         match &c.subtree_control {
             Some(sc) => {
@@ -248,8 +266,30 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
     let mut reports = Vec::new();
     for (s, vmlinuz) in &kernels {
         let log = out_dir.join(format!("{s}.log"));
-        let report = boot(s, vmlinuz, &initramfs, &log, args)?;
+        let mut report = boot(s, vmlinuz, &initramfs, &log, args)?;
         print_kernel_report(&report, &names);
+        // A guest kernel that panics is the kernel's bug, not a test's
+        // verdict (a root program cannot crash a correct kernel through
+        // cgroupfs or a tracepoint program): the kernel is booted once
+        // more and the whole suite run again, and the summary says so. A
+        // second panic, or any test failing, still fails the kernel.
+        if let Some(line) = report.console.panic.clone() {
+            let kept = out_dir.join(format!("{s}.panic.log"));
+            std::fs::rename(&log, &kept)
+                .with_context(|| format!("keeping {} as {}", log.display(), kept.display()))?;
+            let at = report.stopped_at();
+            progress(&format!(
+                "{s}: the guest kernel panicked {at}; its console log is kept at {}; booting {s} once more to run the suite again",
+                kept.display()
+            ));
+            report = boot(s, vmlinuz, &initramfs, &log, args)?;
+            report.after_panic = Some(EarlierPanic {
+                line,
+                at,
+                log: kept,
+            });
+            print_kernel_report(&report, &names);
+        }
         reports.push(report);
     }
 
@@ -655,6 +695,7 @@ fn boot(
         seconds,
         problems,
         log: log_path.to_owned(),
+        after_panic: None,
     })
 }
 
@@ -753,8 +794,9 @@ fn print_kernel_report(r: &KernelReport, expected: &[String]) {
 )]
 fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> Result<usize> {
     let mut failed = 0;
-    let mut rows =
-        String::from("kernel\trelease\tresult\ttests_passed\ttests_failed\tseconds\tcgroup_mode\n");
+    let mut rows = String::from(
+        "kernel\trelease\tresult\ttests_passed\ttests_failed\tseconds\tcgroup_mode\tnote\n",
+    );
     println!();
     println!("vm-test summary");
     println!(
@@ -787,10 +829,24 @@ fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> R
             "{:<7} {:<26} {:<6} {:>6} {:>6} {:>8.1}  {:<8} {}",
             r.series, release, result, passed, failed_tests, r.seconds, mode, usable
         );
+        let note = r.after_panic.as_ref().map_or(String::new(), |p| {
+            format!("second boot: the first one's kernel panicked {}", p.at)
+        });
         rows.push_str(&format!(
-            "{}\t{release}\t{result}\t{passed}\t{failed_tests}\t{:.1}\t{mode}\n",
+            "{}\t{release}\t{result}\t{passed}\t{failed_tests}\t{:.1}\t{mode}\t{note}\n",
             r.series, r.seconds
         ));
+    }
+    for r in reports {
+        if let Some(p) = &r.after_panic {
+            println!(
+                "{}: the result is the second boot's: the first one's guest kernel panicked {} ({}; log: {})",
+                r.series,
+                p.at,
+                p.line.trim(),
+                p.log.display()
+            );
+        }
     }
     std::fs::write(tsv, rows).with_context(|| format!("writing {}", tsv.display()))?;
     Ok(failed)
