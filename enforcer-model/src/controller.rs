@@ -231,6 +231,17 @@ pub enum Reason {
         hold_for: Duration,
         frozen_for: Option<Duration>,
     },
+    /// A slowdown-driven cut did not pay: the slowdown went from `before`
+    /// (the reading it was made on) only to `after`, less than
+    /// `trial_share` of what a response in proportion to the job's CPU
+    /// would give, and not to the target. The quota goes back to what it
+    /// was before the cut, and for `hold_for` the slowdown neither cuts nor
+    /// pauses the job.
+    SlowdownCutDidNotPay {
+        before: f64,
+        after: f64,
+        hold_for: Duration,
+    },
     /// At the floor, or with cuts known not to pay, the stolen fraction
     /// `value` still over budget for `over_for` unbroken, or (`horizon`) with
     /// the horizon's own fraction spent to the target over its last
@@ -284,6 +295,7 @@ impl Reason {
             Reason::Unlimit { .. } => "unlimit",
             Reason::Probe { .. } => "probe",
             Reason::CutDidNotPay { .. } => "cut_did_not_pay",
+            Reason::SlowdownCutDidNotPay { .. } => "slowdown_cut_did_not_pay",
             Reason::Freeze { .. } => "freeze",
             Reason::Thaw { .. } => "thaw",
             Reason::Placed { .. } => "placed",
@@ -372,6 +384,17 @@ impl fmt::Display for Decision {
                     None => Ok(()),
                 }
             }
+            Reason::SlowdownCutDidNotPay {
+                before,
+                after,
+                hold_for,
+            } => write!(
+                f,
+                "training slowdown went only from {:.1}% to {:.1}% after the quota cut: it did not pay; quota {from} -> {to}, no cut or pause on the slowdown for {:.0}s",
+                pct(before),
+                pct(after),
+                hold_for.as_secs_f64()
+            ),
             Reason::Freeze {
                 value,
                 over_for,
@@ -534,7 +557,10 @@ pub struct ControllerConfig {
     /// cuts of the series are undone.
     pub trial_share: f64,
     /// After cuts that did not pay, the steal cuts nothing for this long
-    /// (the freeze duty cycle still holds the horizon).
+    /// (the freeze duty cycle still holds the horizon); after a slowdown
+    /// cut that did not pay, the slowdown cuts and pauses nothing for as
+    /// long. A slowdown cut is judged on `trial_share` too, alone,
+    /// `slowdown_interval` after it.
     pub unpaid_hold: Duration,
     /// Freeze when the stolen fraction at the floor stays above
     /// `freeze_above × budget`...
@@ -666,6 +692,24 @@ struct Trial {
     at: Instant,
 }
 
+/// A slowdown-driven cut whose effect is not judged yet. The slowdown is a
+/// step rate read over seconds: each cut is judged alone, on the first
+/// reading `slowdown_interval` after it, before another may come.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SlowdownTrial {
+    /// The quota before the cut: where it goes back to when it did not pay...
+    undo_to: Quota,
+    /// ...and the one it set: a change by anything else ends the trial
+    /// unjudged.
+    cut_to: Quota,
+    /// The slowdown it was made on...
+    value: f64,
+    /// ...and the share of the job's CPU it left: a slowdown in proportion
+    /// to the job's CPU keeps this share of `value`.
+    kept: f64,
+    at: Instant,
+}
+
 /// Cuts judged to pay, from the first series of a chain of them on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Paid {
@@ -739,6 +783,11 @@ pub struct Controller {
     quota_before_slowdown: Option<Quota>,
     /// Steal-driven cuts not judged yet.
     trial: Option<Trial>,
+    /// A slowdown-driven cut not judged yet.
+    slowdown_trial: Option<SlowdownTrial>,
+    /// A slowdown cut did not pay: the slowdown cuts and pauses nothing
+    /// until then.
+    slowdown_cuts_held_until: Option<Instant>,
     /// Cuts judged to pay (they are tried undone `recheck_wait` after the
     /// latest verdict).
     paid: Option<Paid>,
@@ -778,6 +827,8 @@ impl Controller {
             last_slowdown_tighten: None,
             quota_before_slowdown: None,
             trial: None,
+            slowdown_trial: None,
+            slowdown_cuts_held_until: None,
             paid: None,
             recheck_wait,
             rechecked: None,
@@ -855,6 +906,7 @@ impl Controller {
             before.quota = quota;
         }
         self.trial = None;
+        self.slowdown_trial = None;
         self.paid = None;
         self.rechecked = None;
         if self.controls.frozen {
@@ -910,6 +962,12 @@ impl Controller {
         if let Some(d) = self.judge_trial(now) {
             return Some(d);
         }
+        if let Some(d) = self.judge_slowdown_trial(now, slowdown_reading) {
+            return Some(d);
+        }
+        let slowdown_cuts_held = self
+            .slowdown_cuts_held_until
+            .is_some_and(|until| now < until);
 
         let heed_until = match self.slowdown {
             SlowdownHeed::Ignored { until } | SlowdownHeed::TheJobs { until, .. } => Some(until),
@@ -961,6 +1019,7 @@ impl Controller {
         if let (Some(held), Some(s), SlowdownHeed::Heeded { .. }) =
             (persisted, slowdown, self.slowdown)
             && !explained
+            && !slowdown_cuts_held
             && held >= self.config.slowdown_blame_after
             && !self.controls.frozen
             && self.pause_could_tell(s)
@@ -970,6 +1029,7 @@ impl Controller {
 
         let slowdown_can_tighten = (explained
             || matches!(self.slowdown, SlowdownHeed::TheJobs { .. }))
+            && !slowdown_cuts_held
             && slowdown_over
             && self
                 .last_slowdown_tighten
@@ -1106,6 +1166,7 @@ impl Controller {
     fn experiment(&mut self, now: Instant, value: f64, steal: f64) -> Decision {
         let length = self.config.experiment_length;
         let noise = self.slowdown_noise();
+        self.slowdown_trial = None;
         self.phase = Phase::Experimenting {
             at: now,
             before: self.controls,
@@ -1158,6 +1219,13 @@ impl Controller {
                 let base = job_cores.map_or(current, |u| u.min(current));
                 let factor = (cfg.spend * cfg.budget / value).clamp(cfg.decrease_far, cfg.decrease);
                 let next = (base * factor).max(cfg.floor_cores);
+                self.slowdown_trial = Some(SlowdownTrial {
+                    undo_to: before.quota,
+                    cut_to: Quota::Cores(next),
+                    value,
+                    kept: (next / base.max(1e-9)).min(1.0),
+                    at: now,
+                });
                 self.change(
                     now,
                     |c| {
@@ -1242,6 +1310,13 @@ impl Controller {
             self.last_slowdown_tighten = Some(now);
             self.quota_before_slowdown
                 .get_or_insert(self.controls.quota);
+            self.slowdown_trial = Some(SlowdownTrial {
+                undo_to: self.controls.quota,
+                cut_to: Quota::Cores(next),
+                value,
+                kept: (next / base.max(1e-9)).min(1.0),
+                at: now,
+            });
             // The slowdown's cut muddles what the steal's would show.
             self.trial = None;
         } else {
@@ -1384,6 +1459,46 @@ impl Controller {
     /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the
     /// idle class's floor, steal follows the training's wake-up latency,
     /// not the job's CPU time, and a cut only costs the evaluation.
+    /// A slowdown cut is judged like a steal cut: on the first reading
+    /// `slowdown_interval` after it (a rate over seconds, all of them after
+    /// the cut), the slowdown must have fallen by `trial_share` of what a
+    /// response in proportion to the job's CPU predicts, or to the target.
+    /// If not (the training's own noise, or interference that a smaller
+    /// share of the CPU does not lower), the cut is undone, and for
+    /// `unpaid_hold` the slowdown neither cuts nor pauses the job: the quota
+    /// stays where the cuts that paid left it (a slowdown over the target
+    /// still holds off relaxing).
+    fn judge_slowdown_trial(&mut self, now: Instant, reading: Option<f64>) -> Option<Decision> {
+        let t = self.slowdown_trial?;
+        if self.controls.quota != t.cut_to {
+            self.slowdown_trial = None;
+            return None;
+        }
+        if now.saturating_duration_since(t.at) < self.config.slowdown_interval {
+            return None;
+        }
+        let after = reading?;
+        self.slowdown_trial = None;
+        let cfg = &self.config;
+        let predicted_fall = t.value * (1.0 - t.kept);
+        let paid =
+            t.value - after >= cfg.trial_share * predicted_fall || after <= cfg.spend * cfg.budget;
+        if paid {
+            return None;
+        }
+        let hold_for = cfg.unpaid_hold;
+        self.slowdown_cuts_held_until = Some(now + hold_for);
+        Some(self.change(
+            now,
+            |c| c.quota = t.undo_to,
+            Reason::SlowdownCutDidNotPay {
+                before: t.value,
+                after,
+                hold_for,
+            },
+        ))
+    }
+
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
         // A recheck the rate left unanswered for a horizon: the cuts were
         // not needed, and the next ones are rechecked soon again.
@@ -2459,6 +2574,41 @@ mod tests {
         );
         // Not before the slowdown has been over for 2 s.
         assert!(*at >= Duration::from_secs(2), "{at:?}");
+    }
+
+    #[test]
+    fn a_slowdown_cut_that_does_not_lower_the_slowdown_is_undone_and_the_paid_one_holds() {
+        // 4 % steal explains the slowdown, which follows the job's CPU from
+        // 2 cores (6 %) down to 1.4 cores (4.8 %) and no further: the
+        // first cut (to 1.5 cores) lowers it in proportion, the next one
+        // (to 1.35) hardly at all. That one is undone, back to the first
+        // cut's quota, and the slowdown cuts nothing more for 30 s.
+        let (mut c, mut sim) = idle_only();
+        let mut decisions = Vec::new();
+        for _ in 0..300 {
+            let q = quota(&c).min(2.0);
+            let mut obs = sim.advance(0.04, q);
+            obs.training_slowdown = Some(0.02 + 0.02 * q.clamp(1.4, 2.0));
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        let actions: Vec<_> = decisions.iter().map(|(_, d)| d.reason.action()).collect();
+        assert_eq!(
+            actions,
+            ["tighten", "tighten", "slowdown_cut_did_not_pay"],
+            "{decisions:#?}"
+        );
+        let (_, paid) = &decisions[0];
+        let (undone_at, undo) = &decisions[2];
+        let (_, unpaid) = &decisions[1];
+        assert!((quota(&c) - 1.5).abs() < 0.01, "quota {}", quota(&c));
+        assert_eq!(undo.controls.quota, paid.controls.quota, "{undo}");
+        assert_eq!(undo.previous.quota, unpaid.controls.quota, "{undo}");
+        assert!(undo.to_string().contains("from 5.0% to 4.8%"), "{undo}");
+        // Held: nothing more in the 30 s after the undo (the run ends 30 s
+        // after the start, within the hold).
+        assert!(*undone_at < Duration::from_secs(10), "{undone_at:?}");
     }
 
     /// Runs `c` until an experiment starts under a constant `slowdown`
