@@ -1016,9 +1016,13 @@ impl Controller {
         let steal_level = horizon.unwrap_or(0.0).max(fraction.unwrap_or(0.0));
         let explained = slowdown
             .is_some_and(|s| steal_level + self.config.experiment_effect * self.config.budget >= s);
+        // In a job's first horizon a slowdown the rest of it can make up
+        // for is waited out: neither cut on nor paused for.
+        let slowdown_waits = slowdown.is_some_and(|s| self.first_horizon_takes_slowdown(s));
         if let (Some(held), Some(s), SlowdownHeed::Heeded { .. }) =
             (persisted, slowdown, self.slowdown)
             && !explained
+            && !slowdown_waits
             && !slowdown_cuts_held
             && held >= self.config.slowdown_blame_after
             && !self.controls.frozen
@@ -1030,6 +1034,7 @@ impl Controller {
         let slowdown_can_tighten = (explained
             || matches!(self.slowdown, SlowdownHeed::TheJobs { .. }))
             && !slowdown_cuts_held
+            && !slowdown_waits
             && slowdown_over
             && self
                 .last_slowdown_tighten
@@ -1712,6 +1717,30 @@ impl Controller {
         }
         let spent = self.horizon_fraction()? * span;
         Some((cfg.budget * whole - spent - rate * wait) / rest)
+    }
+
+    /// The slowdown's bucket in a job's first horizon, as
+    /// [`Self::cannot_wait`] is the steal's: the first 10 s are one window,
+    /// judged whole. With the readings so far taken for the whole time the
+    /// job has run, and `current` going on for `slowdown_interval` (what a
+    /// cut takes to show in the step rate), the rest of that window must
+    /// still be able to land it at the budget at the relax threshold or
+    /// above; then the slowdown is waited out. `false` after the first
+    /// horizon, or with no reading to go on.
+    fn first_horizon_takes_slowdown(&self, current: f64) -> bool {
+        let cfg = &self.config;
+        let Some(mean) = self.horizon_slowdown() else {
+            return false;
+        };
+        let whole = cfg.horizon.as_secs_f64();
+        let span = self.horizon_span().as_secs_f64().min(whole);
+        let wait = cfg.slowdown_interval.as_secs_f64();
+        let rest = whole - span - wait;
+        if rest <= 0.0 {
+            return false;
+        }
+        let allowed = (cfg.budget * whole - mean * span - current * wait) / rest;
+        allowed >= cfg.relax_below * cfg.budget
     }
 
     /// What a steal cut made now aims at in a job's first horizon: the rate
@@ -2574,6 +2603,26 @@ mod tests {
         );
         // Not before the slowdown has been over for 2 s.
         assert!(*at >= Duration::from_secs(2), "{at:?}");
+    }
+
+    #[test]
+    fn a_start_up_slowdown_the_first_horizon_can_take_is_neither_cut_nor_paused_for() {
+        // 6 % for the first 3.5 s, then 2 %: the first 10 s land at 3.5 %.
+        // With 4 % steal the slowdown is the steal's (a cut would come at
+        // 2 s); with 1 % it is not (a pause would come at 3 s). Neither
+        // comes: the rest of the first window makes up for it.
+        for steal in [0.04, 0.01] {
+            let (mut c, mut sim) = idle_only();
+            let mut decisions = Vec::new();
+            for i in 0..150 {
+                let mut obs = sim.advance(steal, 2.0);
+                obs.training_slowdown = Some(if i < 35 { 0.06 } else { 0.02 });
+                if let Some(d) = c.step(obs, sim.now) {
+                    decisions.push((sim.elapsed(), d));
+                }
+            }
+            assert!(decisions.is_empty(), "steal {steal}: {decisions:#?}");
+        }
     }
 
     #[test]
