@@ -710,6 +710,20 @@ struct SlowdownTrial {
     at: Instant,
 }
 
+impl SlowdownTrial {
+    /// The cut from `undo_to` to `next` cores, made on the slowdown `value`
+    /// from `base` cores (the quota or the job's use, whichever is lower).
+    fn new(undo_to: Quota, next: f64, base: f64, value: f64, at: Instant) -> Self {
+        Self {
+            undo_to,
+            cut_to: Quota::Cores(next),
+            value,
+            kept: (next / base.max(1e-9)).min(1.0),
+            at,
+        }
+    }
+}
+
 /// Cuts judged to pay, from the first series of a chain of them on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Paid {
@@ -1224,13 +1238,8 @@ impl Controller {
                 let base = job_cores.map_or(current, |u| u.min(current));
                 let factor = (cfg.spend * cfg.budget / value).clamp(cfg.decrease_far, cfg.decrease);
                 let next = (base * factor).max(cfg.floor_cores);
-                self.slowdown_trial = Some(SlowdownTrial {
-                    undo_to: before.quota,
-                    cut_to: Quota::Cores(next),
-                    value,
-                    kept: (next / base.max(1e-9)).min(1.0),
-                    at: now,
-                });
+                self.slowdown_trial =
+                    Some(SlowdownTrial::new(before.quota, next, base, value, now));
                 self.change(
                     now,
                     |c| {
@@ -1315,13 +1324,13 @@ impl Controller {
             self.last_slowdown_tighten = Some(now);
             self.quota_before_slowdown
                 .get_or_insert(self.controls.quota);
-            self.slowdown_trial = Some(SlowdownTrial {
-                undo_to: self.controls.quota,
-                cut_to: Quota::Cores(next),
+            self.slowdown_trial = Some(SlowdownTrial::new(
+                self.controls.quota,
+                next,
+                base,
                 value,
-                kept: (next / base.max(1e-9)).min(1.0),
-                at: now,
-            });
+                now,
+            ));
             // The slowdown's cut muddles what the steal's would show.
             self.trial = None;
         } else {
@@ -1457,13 +1466,6 @@ impl Controller {
         cfg.freeze_max
     }
 
-    /// Judges the cuts on trial `lookahead` after the first (and half a
-    /// window after the latest, at least): a series that lowered the stolen
-    /// fraction by less than `trial_share` of a proportional response is
-    /// undone (with the paid cuts before it when the whole chain did not
-    /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the
-    /// idle class's floor, steal follows the training's wake-up latency,
-    /// not the job's CPU time, and a cut only costs the evaluation.
     /// A slowdown cut is judged like a steal cut: on the first reading
     /// `slowdown_interval` after it (a rate over seconds, all of them after
     /// the cut), the slowdown must have fallen by `trial_share` of what a
@@ -1504,6 +1506,13 @@ impl Controller {
         ))
     }
 
+    /// Judges the cuts on trial `lookahead` after the first (and half a
+    /// window after the latest, at least): a series that lowered the stolen
+    /// fraction by less than `trial_share` of a proportional response is
+    /// undone (with the paid cuts before it when the whole chain did not
+    /// pay either), and the steal cuts nothing for `unpaid_hold`. Near the
+    /// idle class's floor, steal follows the training's wake-up latency,
+    /// not the job's CPU time, and a cut only costs the evaluation.
     fn judge_trial(&mut self, now: Instant) -> Option<Decision> {
         // A recheck the rate left unanswered for a horizon: the cuts were
         // not needed, and the next ones are rechecked soon again.
@@ -2649,8 +2658,8 @@ mod tests {
             "{decisions:#?}"
         );
         let (_, paid) = &decisions[0];
-        let (undone_at, undo) = &decisions[2];
         let (_, unpaid) = &decisions[1];
+        let (undone_at, undo) = &decisions[2];
         assert!((quota(&c) - 1.5).abs() < 0.01, "quota {}", quota(&c));
         assert_eq!(undo.controls.quota, paid.controls.quota, "{undo}");
         assert_eq!(undo.previous.quota, unpaid.controls.quota, "{undo}");
