@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 const MARK: &str = "@@vmtest ";
+/// libtest's exit status when a test failed.
+const LIBTEST_FAILED: i32 = 101;
 
 /// Controllers the agent needs in the VM's root `cgroup.subtree_control`.
 pub const REQUIRED_CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "cpuset"];
@@ -21,11 +23,62 @@ pub struct BinaryRun {
     pub ignored: usize,
     /// Everything it printed.
     pub output: Vec<String>,
+    /// Its failed tests, each run once more alone (`init.sh`).
+    pub reruns: Vec<Rerun>,
+}
+
+/// A failed test run once more, alone, right after its binary.
+#[derive(Debug, Default)]
+pub struct Rerun {
+    pub test: String,
+    /// Exit status; `None` when it never finished.
+    pub rc: Option<i32>,
+    pub output: Vec<String>,
+}
+
+impl Rerun {
+    /// Passed: exit 0 and libtest's count of exactly one test passed, so a
+    /// name that matched nothing (0 passed, exit 0) is not a pass.
+    pub fn passed(&self) -> bool {
+        self.rc == Some(0)
+            && self
+                .output
+                .iter()
+                .any(|l| l.starts_with("test result: ok. 1 passed; 0 failed;"))
+    }
 }
 
 impl BinaryRun {
+    /// Every test passed, at once or on its rerun. A binary that failed
+    /// without naming a failed test (a crash: no libtest exit 101) is not.
     pub fn ok(&self) -> bool {
-        self.rc == Some(0) && self.failed.is_empty()
+        match self.rc {
+            Some(0) => self.failed.is_empty(),
+            Some(LIBTEST_FAILED) => !self.failed.is_empty() && self.still_failed().is_empty(),
+            _ => false,
+        }
+    }
+
+    /// The failed tests whose rerun did not pass (or that were not rerun).
+    pub fn still_failed(&self) -> Vec<&str> {
+        self.failed
+            .iter()
+            .filter(|t| !self.passed_on_rerun(t))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The failed tests that passed their rerun.
+    pub fn flaky(&self) -> Vec<&str> {
+        self.failed
+            .iter()
+            .filter(|t| self.passed_on_rerun(t))
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn passed_on_rerun(&self, test: &str) -> bool {
+        self.reruns.iter().any(|r| r.test == test && r.passed())
     }
 
     /// libtest's failure details (`---- name stdout ----` sections), or the
@@ -127,6 +180,11 @@ pub enum Event {
         outcome: &'static str,
     },
     BinaryDone(String),
+    RerunDone {
+        binary: String,
+        test: String,
+        passed: bool,
+    },
     Note(String),
     KernelPanic(String),
     Done,
@@ -139,6 +197,7 @@ enum Section {
     Doctor,
     DoctorStderr,
     Binary,
+    Rerun,
     After,
 }
 
@@ -185,6 +244,12 @@ impl Console {
                 None
             }
             Section::Binary => self.binary_line(line),
+            Section::Rerun => {
+                if let Some(r) = self.binaries.last_mut().and_then(|b| b.reruns.last_mut()) {
+                    r.output.push(line.to_owned());
+                }
+                None
+            }
             Section::Boot | Section::DoctorStderr | Section::After => None,
         }
     }
@@ -234,6 +299,29 @@ impl Console {
                         }
                     }
                     return Some(Event::BinaryDone(b.name.clone()));
+                }
+            }
+            "rerun-begin" => {
+                let test = rest.split_whitespace().nth(1).unwrap_or_default();
+                if let Some(b) = self.binaries.last_mut() {
+                    b.reruns.push(Rerun {
+                        test: test.to_owned(),
+                        ..Rerun::default()
+                    });
+                    self.section = Section::Rerun;
+                }
+            }
+            "rerun-end" => {
+                self.section = Section::After;
+                if let Some(b) = self.binaries.last_mut()
+                    && let Some(r) = b.reruns.last_mut()
+                {
+                    r.rc = parse_rc(rest);
+                    return Some(Event::RerunDone {
+                        binary: b.name.clone(),
+                        test: r.test.clone(),
+                        passed: r.passed(),
+                    });
                 }
             }
             "done" => {
@@ -434,6 +522,68 @@ test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; 
         let (c, _) = feed_all(cut);
         assert!(!c.done);
         assert_eq!(c.binaries[0].rc, None);
+        assert!(!c.binaries[0].ok());
+    }
+
+    /// `PADDED`'s failed test run once more, alone, with `verdict` as the
+    /// rerun's summary line and `rc` as its exit status.
+    fn rerun_of_mid_name(verdict: &str, rc: i32) -> Console {
+        let text = format!(
+            "{PADDED}@@vmtest rerun-begin jobs mid_name\n\
+             running 1 test\n\
+             test mid_name ... {}\n\
+             {verdict}\n\
+             @@vmtest rerun-end jobs mid_name rc={rc}\n\
+             @@vmtest done\n",
+            if rc == 0 { "ok" } else { "FAILED" }
+        );
+        feed_all(&text).0
+    }
+
+    #[test]
+    fn a_failed_test_that_passes_its_rerun_is_named_flaky_and_the_binary_is_ok() {
+        let c = rerun_of_mid_name(
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out; finished in 0.01s",
+            0,
+        );
+        let b = &c.binaries[0];
+        assert!(b.ok());
+        assert_eq!(b.flaky(), ["mid_name"]);
+        assert!(b.still_failed().is_empty());
+        // The rerun's lines are its own, not the binary's.
+        assert!(!b.output.iter().any(|l| l.contains("1 passed; 0 failed")));
+    }
+
+    #[test]
+    fn a_failed_test_that_fails_its_rerun_still_fails_the_binary() {
+        let c = rerun_of_mid_name(
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 2 filtered out; finished in 0.01s",
+            101,
+        );
+        let b = &c.binaries[0];
+        assert!(!b.ok());
+        assert_eq!(b.still_failed(), ["mid_name"]);
+        assert!(b.flaky().is_empty());
+    }
+
+    #[test]
+    fn a_rerun_whose_name_matched_no_test_is_not_a_pass() {
+        let c = rerun_of_mid_name(
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; finished in 0.00s",
+            0,
+        );
+        assert!(!c.binaries[0].ok());
+    }
+
+    #[test]
+    fn a_binary_that_crashed_is_not_ok_even_if_its_named_failures_passed_a_rerun() {
+        let text = format!(
+            "{}@@vmtest rerun-begin jobs mid_name\n\
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out; finished in 0.01s\n\
+             @@vmtest rerun-end jobs mid_name rc=0\n",
+            PADDED.replace("rc=101", "rc=139")
+        );
+        let (c, _) = feed_all(&text);
         assert!(!c.binaries[0].ok());
     }
 

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use console::{Console, Event, REQUIRED_CONTROLLERS, tail};
+use console::{BinaryRun, Console, Event, REQUIRED_CONTROLLERS, tail};
 use cpio::{Archive, Node};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -159,7 +159,7 @@ impl KernelReport {
                     if b.failed.is_empty() {
                         "-".to_owned()
                     } else {
-                        b.failed.join(", ")
+                        b.still_failed().join(", ")
                     }
                 ));
             }
@@ -656,6 +656,18 @@ fn boot(
                                 run.failed.len()
                             ));
                         }
+                        Event::RerunDone {
+                            binary,
+                            test,
+                            passed,
+                        } => progress(&format!(
+                            "{series}: {binary}: {test} run once more alone ... {}",
+                            if passed {
+                                "ok (passed on rerun)"
+                            } else {
+                                "FAILED again"
+                            }
+                        )),
                         Event::Note(n) => progress(&format!("{series}: {n}")),
                         Event::KernelPanic(p) => progress(&format!("{series}: KERNEL PANIC: {p}")),
                         Event::Done => {
@@ -757,16 +769,23 @@ fn print_kernel_report(r: &KernelReport, expected: &[String]) {
         }
     }
     for b in &c.binaries {
+        let flaky = b.flaky();
         eprintln!(
-            "    {:<24} {} ({} passed, {} failed, {} ignored, exit {})",
+            "    {:<24} {} ({} passed, {} failed, {} ignored, exit {}{})",
             b.name,
             if b.ok() { "ok" } else { "FAILED" },
-            b.passed.len(),
-            b.failed.len(),
+            b.passed.len() + flaky.len(),
+            b.still_failed().len(),
             b.ignored,
-            b.rc.map_or("none".to_owned(), |x| x.to_string())
+            b.rc.map_or("none".to_owned(), |x| x.to_string()),
+            if flaky.is_empty() {
+                String::new()
+            } else {
+                format!("; failed, then passed alone: {}", flaky.join(", "))
+            }
         );
-        if !b.ok() {
+        // A test that passed only on its rerun still shows why it failed.
+        if !b.ok() || !flaky.is_empty() {
             for l in b.failure_output() {
                 eprintln!("    | {l}");
             }
@@ -809,8 +828,13 @@ fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> R
             failed += 1;
         }
         let c = &r.console;
-        let passed: usize = c.binaries.iter().map(|b| b.passed.len()).sum();
-        let failed_tests: usize = c.binaries.iter().map(|b| b.failed.len()).sum();
+        // A test that passed on its rerun counts as passed (and is named).
+        let passed: usize = c
+            .binaries
+            .iter()
+            .map(|b| b.passed.len() + b.flaky().len())
+            .sum();
+        let failed_tests: usize = c.binaries.iter().map(|b| b.still_failed().len()).sum();
         let mode = c
             .doctor
             .as_ref()
@@ -829,15 +853,46 @@ fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> R
             "{:<7} {:<26} {:<6} {:>6} {:>6} {:>8.1}  {:<8} {}",
             r.series, release, result, passed, failed_tests, r.seconds, mode, usable
         );
-        let note = r.after_panic.as_ref().map_or(String::new(), |p| {
-            format!("second boot: the first one's kernel panicked {}", p.at)
-        });
+        // The failed tests' names go into the row, so that a summary read
+        // without the log above it (a CI page shows only its tail) still
+        // says which test failed.
+        let mut notes: Vec<String> = r
+            .after_panic
+            .iter()
+            .map(|p| format!("second boot: the first one's kernel panicked {}", p.at))
+            .collect();
+        let named = |pick: fn(&BinaryRun) -> Vec<&str>| -> Vec<String> {
+            c.binaries
+                .iter()
+                .flat_map(|b| pick(b).into_iter().map(|t| format!("{}::{t}", b.name)))
+                .collect()
+        };
+        let flaky = named(BinaryRun::flaky);
+        if !flaky.is_empty() {
+            notes.push(format!("failed, then passed alone: {}", flaky.join(", ")));
+        }
+        let failed_names = named(BinaryRun::still_failed);
+        if !failed_names.is_empty() {
+            notes.push(format!("failed: {}", failed_names.join(", ")));
+        }
+        let note = notes.join("; ");
         rows.push_str(&format!(
             "{}\t{release}\t{result}\t{passed}\t{failed_tests}\t{:.1}\t{mode}\t{note}\n",
             r.series, r.seconds
         ));
     }
     for r in reports {
+        for b in &r.console.binaries {
+            for t in b.flaky() {
+                println!(
+                    "{}: {}::{t} failed, then passed when run once more alone (counted as passed; its failure is in the log)",
+                    r.series, b.name
+                );
+            }
+            for t in b.still_failed() {
+                println!("{}: FAILED {}::{t}", r.series, b.name);
+            }
+        }
         if let Some(p) = &r.after_panic {
             println!(
                 "{}: the result is the second boot's: the first one's guest kernel panicked {} ({}; log: {})",
