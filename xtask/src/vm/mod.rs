@@ -43,6 +43,11 @@ pub struct VmTestArgs {
     /// still running then is killed and counts as failed.
     #[arg(long, default_value = "20m", value_parser = parse_duration)]
     timeout: Duration,
+    /// A VM whose console prints nothing for this long has hung (the longest
+    /// test prints within about 100 s under TCG): it is killed, and the
+    /// kernel booted once more to run the suite again.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    silence: Duration,
     /// Only run tests whose name contains this (passed to every test binary).
     #[arg(long)]
     filter: Option<String>,
@@ -90,14 +95,18 @@ struct KernelReport {
     /// Why the run failed beyond what the console shows (timeout, exit).
     problems: Vec<String>,
     log: PathBuf,
-    /// This is the second boot: the first one's guest kernel panicked.
-    after_panic: Option<EarlierPanic>,
+    /// The console went silent for `--silence`: where the tests were.
+    hung: Option<String>,
+    /// This is the second boot: the first one's guest panicked or hung.
+    after_stop: Option<EarlierStop>,
 }
 
-/// A boot whose guest kernel panicked, kept for the report when the kernel
-/// was booted again.
-struct EarlierPanic {
-    /// The panic line from the console.
+/// A boot whose guest kernel panicked or hung, kept for the report when the
+/// kernel was booted again.
+struct EarlierStop {
+    /// "panicked" or "hung".
+    how: &'static str,
+    /// The panic line from the console, or the silence the harness saw.
     line: String,
     /// Where the tests were when it came.
     at: String,
@@ -270,20 +279,28 @@ pub fn run(root: &Path, args: &VmTestArgs) -> Result<()> {
         print_kernel_report(&report, &names);
         // A guest kernel that panics is the kernel's bug, not a test's
         // verdict (a root program cannot crash a correct kernel through
-        // cgroupfs or a tracepoint program): the kernel is booted once
-        // more and the whole suite run again, and the summary says so. A
-        // second panic, or any test failing, still fails the kernel.
-        if let Some(line) = report.console.panic.clone() {
-            let kept = out_dir.join(format!("{s}.panic.log"));
+        // cgroupfs or a tracepoint program), and a guest whose console
+        // goes silent has hung (every test prints, and each has its own
+        // time limits): the kernel is booted once more and the whole
+        // suite run again, and the summary says so. A second panic or
+        // hang, or any test failing, still fails the kernel.
+        let stop = match (report.console.panic.clone(), report.hung.clone()) {
+            (Some(line), _) => Some(("panicked", "panic", line)),
+            (None, Some(silence)) => Some(("hung", "hang", silence)),
+            (None, None) => None,
+        };
+        if let Some((how, suffix, line)) = stop {
+            let kept = out_dir.join(format!("{s}.{suffix}.log"));
             std::fs::rename(&log, &kept)
                 .with_context(|| format!("keeping {} as {}", log.display(), kept.display()))?;
             let at = report.stopped_at();
             progress(&format!(
-                "{s}: the guest kernel panicked {at}; its console log is kept at {}; booting {s} once more to run the suite again",
+                "{s}: the guest {how} {at}; its console log is kept at {}; booting {s} once more to run the suite again",
                 kept.display()
             ));
             report = boot(s, vmlinuz, &initramfs, &log, args)?;
-            report.after_panic = Some(EarlierPanic {
+            report.after_stop = Some(EarlierStop {
+                how,
                 line,
                 at,
                 log: kept,
@@ -590,13 +607,28 @@ fn boot(
 
     let mut console = Console::default();
     let mut problems = Vec::new();
+    let mut hung = None;
     let mut done_at: Option<Instant> = None;
+    let mut last_line = start;
     loop {
         let limit = match done_at {
             Some(t) => (t + POWEROFF_GRACE).min(start + timeout),
             None => start + timeout,
         };
         let now = Instant::now();
+        let silent_until = last_line + args.silence;
+        if done_at.is_none() && now >= silent_until && silent_until < limit {
+            let silence = format!(
+                "no console output for {} s after {:.1} s",
+                args.silence.as_secs(),
+                last_line.duration_since(start).as_secs_f64()
+            );
+            progress(&format!("{series}: {silence}: the guest hung; killing it"));
+            problems.push(format!("{silence}: the guest hung"));
+            hung = Some(silence);
+            child.kill().ok();
+            break;
+        }
         if now >= limit {
             if done_at.is_some() && now < start + timeout {
                 problems.push(format!(
@@ -609,11 +641,19 @@ fn boot(
             child.kill().ok();
             break;
         }
-        match rx.recv_timeout(limit - now) {
+        let wake = if done_at.is_none() {
+            limit.min(silent_until)
+        } else {
+            limit
+        };
+        match rx.recv_timeout(wake.saturating_duration_since(now)) {
             Ok(line) => {
+                last_line = Instant::now();
                 // Host-side seconds since qemu started: boot timings can be
-                // read off the log without trusting the emulated clock.
+                // read off the log without trusting the emulated clock. Each
+                // line is flushed, so a VM still running can be watched.
                 writeln!(log, "[{:8.3}] {line}", start.elapsed().as_secs_f64())?;
+                log.flush()?;
                 if let Some(event) = console.feed(&line) {
                     let elapsed = start.elapsed().as_secs_f64();
                     match event {
@@ -707,7 +747,8 @@ fn boot(
         seconds,
         problems,
         log: log_path.to_owned(),
-        after_panic: None,
+        hung,
+        after_stop: None,
     })
 }
 
@@ -857,9 +898,9 @@ fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> R
         // without the log above it (a CI page shows only its tail) still
         // says which test failed.
         let mut notes: Vec<String> = r
-            .after_panic
+            .after_stop
             .iter()
-            .map(|p| format!("second boot: the first one's kernel panicked {}", p.at))
+            .map(|p| format!("second boot: the first one {} {}", p.how, p.at))
             .collect();
         let named = |pick: fn(&BinaryRun) -> Vec<&str>| -> Vec<String> {
             c.binaries
@@ -893,10 +934,11 @@ fn print_summary(reports: &[KernelReport], expected: &[String], tsv: &Path) -> R
                 println!("{}: FAILED {}::{t}", r.series, b.name);
             }
         }
-        if let Some(p) = &r.after_panic {
+        if let Some(p) = &r.after_stop {
             println!(
-                "{}: the result is the second boot's: the first one's guest kernel panicked {} ({}; log: {})",
+                "{}: the result is the second boot's: the first one's guest {} {} ({}; log: {})",
                 r.series,
+                p.how,
                 p.at,
                 p.line.trim(),
                 p.log.display()
