@@ -61,24 +61,24 @@ impl BinaryRun {
 
     /// The failed tests whose rerun did not pass (or that were not rerun).
     pub fn still_failed(&self) -> Vec<&str> {
-        self.failed
-            .iter()
-            .filter(|t| !self.passed_on_rerun(t))
-            .map(String::as_str)
-            .collect()
+        self.failed_whose_rerun(false)
     }
 
     /// The failed tests that passed their rerun.
     pub fn flaky(&self) -> Vec<&str> {
-        self.failed
-            .iter()
-            .filter(|t| self.passed_on_rerun(t))
-            .map(String::as_str)
-            .collect()
+        self.failed_whose_rerun(true)
     }
 
-    fn passed_on_rerun(&self, test: &str) -> bool {
-        self.reruns.iter().any(|r| r.test == test && r.passed())
+    /// The failed tests whose rerun passed (`passed`) or did not.
+    fn failed_whose_rerun(&self, passed: bool) -> Vec<&str> {
+        self.failed
+            .iter()
+            .filter(|t| {
+                let rerun_passed = self.reruns.iter().any(|r| &r.test == *t && r.passed());
+                rerun_passed == passed
+            })
+            .map(String::as_str)
+            .collect()
     }
 
     /// libtest's failure details (`---- name stdout ----` sections), or the

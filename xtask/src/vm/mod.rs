@@ -161,14 +161,15 @@ impl KernelReport {
         }
         for b in &c.binaries {
             if !b.ok() {
+                let still = b.still_failed();
                 out.push(format!(
                     "{}: exit {}, failed: {}",
                     b.name,
                     b.rc.map_or("none".to_owned(), |r| r.to_string()),
-                    if b.failed.is_empty() {
+                    if still.is_empty() {
                         "-".to_owned()
                     } else {
-                        b.still_failed().join(", ")
+                        still.join(", ")
                     }
                 ));
             }
