@@ -77,8 +77,12 @@
 //!   projection; while freezes hold the budget, cuts are not tried again;
 //! - a slowdown over budget that the steal does not explain (cache, memory
 //!   bandwidth, or load from outside the jobs) is blamed by experiment: the
-//!   job is paused for [`ControllerConfig::experiment_length`] and the
-//!   training's slowdown compared. A pause is made only when it could find
+//!   job is paused and the training's slowdown over the paused span alone
+//!   (at least [`ControllerConfig::experiment_length`], at most
+//!   [`ControllerConfig::experiment_limit`]) compared with the one before.
+//!   The training's rate while the job is paused is its job-free rate
+//!   now: the caller takes it as the new baseline (see
+//!   [`Observation::paused_slowdown`]). A pause is made only when it could find
 //!   the job guilty: the answer needs a fall of more than twice the
 //!   readings' spread over the horizon, which a smaller slowdown cannot
 //!   show, so it waits. If pausing helped, the job is the cause: its quota
@@ -108,6 +112,13 @@ pub struct Observation {
     /// True slowdown of the training (1 − rate ÷ baseline) from its progress
     /// file; `None` when unavailable (no file, stale, no baseline yet).
     pub training_slowdown: Option<f64>,
+    /// While the job is paused for a blame experiment, the same over the
+    /// paused span alone (steps written once the pause took hold); `None`
+    /// until that span holds enough steps. When the experiment answers, the
+    /// caller makes the training's rate over that span its new baseline:
+    /// the slowdown is the job's against what the training does without it
+    /// now, not against a rate learnt before the job that may have drifted.
+    pub paused_slowdown: Option<f64>,
 }
 
 /// The CPU limit on the job.
@@ -268,10 +279,13 @@ pub enum Reason {
         length: Duration,
     },
     /// The experiment answered: pausing the job for `held` did not lower
-    /// the slowdown (`value`): not the job's doing. Its controls go back to
-    /// what they were before, and the slowdown is ignored for `ignore_for`.
+    /// the slowdown (`value`) enough: it was `paused` over the paused span
+    /// (`None`: the training wrote too few steps to tell). Not the job's
+    /// doing: its controls go back to what they were before, and the
+    /// slowdown is ignored for `ignore_for`.
     NotTheJob {
         value: f64,
+        paused: Option<f64>,
         held: Duration,
         ignore_for: Duration,
     },
@@ -435,7 +449,7 @@ impl fmt::Display for Decision {
                 length,
             } => write!(
                 f,
-                "training slowdown {:.1}% (readings' spread {:.1}%) over budget {budget:.1}% not explained by the job's stolen fraction {:.1}%: job paused {:.1}s to see whether it is the cause",
+                "training slowdown {:.1}% (readings' spread {:.1}%) over budget {budget:.1}% not explained by the job's stolen fraction {:.1}%: job paused for at least {:.1}s to see whether it is the cause",
                 pct(value),
                 pct(spread),
                 pct(steal),
@@ -443,11 +457,25 @@ impl fmt::Display for Decision {
             ),
             Reason::NotTheJob {
                 value,
+                paused: Some(paused),
                 held,
                 ignore_for,
             } => write!(
                 f,
-                "training slowdown {:.1}% did not fall while the job was paused {:.1}s: not the job's doing; controls back to quota {to}, slowdown ignored for {:.0}s",
+                "training slowdown {:.1}% was {:.1}% while the job was paused {:.1}s, not enough of a fall: not the job's doing; controls back to quota {to}, slowdown ignored for {:.0}s",
+                pct(value),
+                pct(paused),
+                held.as_secs_f64(),
+                ignore_for.as_secs_f64()
+            ),
+            Reason::NotTheJob {
+                value,
+                paused: None,
+                held,
+                ignore_for,
+            } => write!(
+                f,
+                "training slowdown {:.1}%: too few training steps in the {:.1}s the job was paused to tell whether it fell; not blamed on the job: controls back to quota {to}, slowdown ignored for {:.0}s",
                 pct(value),
                 held.as_secs_f64(),
                 ignore_for.as_secs_f64()
@@ -546,8 +574,12 @@ pub struct ControllerConfig {
     /// The experiment's answer holds this long: an outside slowdown is
     /// ignored, the job's own is heeded without asking again.
     pub slowdown_ignore_for: Duration,
-    /// How long the job is paused to see whether it causes a slowdown.
+    /// How long the job is paused at least to see whether it causes a
+    /// slowdown: the answer comes at the first period after this that has
+    /// a reading over the paused span alone...
     pub experiment_length: Duration,
+    /// ...or at this, without one (the job is not blamed).
+    pub experiment_limit: Duration,
     /// The pause must lower the slowdown by this × budget for the job to be
     /// the cause (less is noise between rate windows).
     pub experiment_effect: f64,
@@ -613,7 +645,8 @@ impl ControllerConfig {
             slowdown_persist: Duration::from_secs(2),
             slowdown_blame_after: Duration::from_secs(3),
             slowdown_ignore_for: Duration::from_secs(30),
-            experiment_length: Duration::from_millis(1500),
+            experiment_length: Duration::from_millis(600),
+            experiment_limit: Duration::from_millis(1500),
             experiment_effect: 0.5,
             trial_share: 0.5,
             unpaid_hold: Duration::from_secs(30),
@@ -960,14 +993,17 @@ impl Controller {
                 noise,
             } => {
                 let held = now.saturating_duration_since(at);
-                if held < self.config.experiment_length {
+                let paused = obs.paused_slowdown.filter(|s| s.is_finite());
+                if held < self.config.experiment_length
+                    || (paused.is_none() && held < self.config.experiment_limit)
+                {
                     return None;
                 }
                 return Some(self.conclude(
                     now,
                     held,
                     before,
-                    (slowdown, slowdown_reading, noise),
+                    (slowdown, paused, noise),
                     job_cores,
                 ));
             }
@@ -1206,7 +1242,7 @@ impl Controller {
     }
 
     /// The experiment ran: compare the slowdown while paused with the one
-    /// before (`slowdowns`: before, at the end of the pause), act on the
+    /// before (`slowdowns`: before, over the paused span alone), act on the
     /// answer.
     fn conclude(
         &mut self,
@@ -1269,6 +1305,7 @@ impl Controller {
                     },
                     Reason::NotTheJob {
                         value,
+                        paused,
                         held,
                         ignore_for: heed_for,
                     },
@@ -1944,6 +1981,7 @@ mod tests {
                 }),
                 job_cpu: Some(self.job_cpu),
                 training_slowdown: None,
+                paused_slowdown: None,
             }
         }
 
@@ -2500,11 +2538,14 @@ mod tests {
     {
         let (mut c, mut sim) = idle_only();
         let mut decisions = Vec::new();
-        // 12 % slowdown from load outside the jobs; the job steals 1 %.
+        // 12 % slowdown from load outside the jobs, paused or not; the job
+        // steals 1 %.
         for _ in 0..200 {
-            let f = if c.controls().frozen { 0.0 } else { 0.01 };
+            let frozen = c.controls().frozen;
+            let f = if frozen { 0.0 } else { 0.01 };
             let mut obs = sim.advance(f, 2.0);
             obs.training_slowdown = Some(0.12);
+            obs.paused_slowdown = frozen.then_some(0.12);
             if let Some(d) = c.step(obs, sim.now) {
                 decisions.push((sim.elapsed(), d));
             }
@@ -2519,12 +2560,63 @@ mod tests {
         let (end, answer) = &decisions[1];
         assert!(pause.controls.frozen);
         assert!(*start >= Duration::from_secs(3), "{start:?}");
-        assert_eq!(*end - *start, Duration::from_millis(1500));
+        // The shortest pause: the paused span had its reading at once.
+        assert_eq!(*end - *start, Duration::from_millis(600));
         // Undone: the controls from before the pause.
         assert_eq!(answer.controls, pause.previous);
         assert_eq!(c.last_blame(), Some(Cause::Elsewhere));
         assert!(
-            answer.to_string().contains("not the job's doing"),
+            answer.to_string().contains(
+                "was 12.0% while the job was paused 0.6s, not enough of a fall: not the job's doing"
+            ),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn a_pause_without_a_reading_over_its_span_waits_for_one_then_blames_nobody() {
+        let (mut c, mut sim) = idle_only();
+        let mut decisions = Vec::new();
+        // The training's steps are too slow for the paused span to hold a
+        // rate until 1 s into the pause.
+        let mut paused_at = None;
+        for _ in 0..200 {
+            let frozen = c.controls().frozen;
+            let mut obs = sim.advance(if frozen { 0.0 } else { 0.01 }, 2.0);
+            obs.training_slowdown = Some(0.12);
+            if frozen {
+                let at = *paused_at.get_or_insert(sim.now);
+                obs.paused_slowdown = (sim.now - at >= Duration::from_secs(1)).then_some(0.0);
+            }
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        let (start, _) = &decisions[0];
+        let (end, answer) = &decisions[1];
+        // Waited past the shortest pause for the reading, which found the
+        // job guilty.
+        assert!(*end - *start > Duration::from_millis(900), "{decisions:?}");
+        assert_eq!(answer.reason.action(), "slowdown_from_job", "{answer}");
+
+        // No reading ever: answered at the limit, the job not blamed.
+        let (mut c, mut sim) = idle_only();
+        let mut decisions = Vec::new();
+        for _ in 0..200 {
+            let f = if c.controls().frozen { 0.0 } else { 0.01 };
+            let mut obs = sim.advance(f, 2.0);
+            obs.training_slowdown = Some(0.12);
+            if let Some(d) = c.step(obs, sim.now) {
+                decisions.push((sim.elapsed(), d));
+            }
+        }
+        let (start, pause) = &decisions[0];
+        let (end, answer) = &decisions[1];
+        assert_eq!(*end - *start, Duration::from_millis(1500));
+        assert_eq!(answer.controls, pause.previous);
+        assert_eq!(c.last_blame(), Some(Cause::Elsewhere));
+        assert!(
+            answer.to_string().contains("too few training steps"),
             "{answer}"
         );
     }
@@ -2542,6 +2634,7 @@ mod tests {
             let f = if running { 0.005 } else { 0.0 };
             let mut obs = sim.advance(f, if running { q } else { 0.0 });
             obs.training_slowdown = Some(if running { 0.04 * q } else { 0.0 });
+            obs.paused_slowdown = (!running).then_some(0.0);
             if let Some(d) = c.step(obs, sim.now) {
                 decisions.push(d);
             }
@@ -2685,6 +2778,7 @@ mod tests {
                 if frozen { 0.0 } else { 2.0 },
             );
             obs.training_slowdown = Some(if frozen { paused } else { slowdown });
+            obs.paused_slowdown = frozen.then_some(paused);
             if let Some(d) = c.step(obs, sim.now)
                 && d.reason.blame().is_some()
             {
@@ -2706,6 +2800,7 @@ mod tests {
                 if frozen { 0.0 } else { 2.0 },
             );
             obs.training_slowdown = Some(if frozen { paused } else { reading(i) });
+            obs.paused_slowdown = frozen.then_some(paused);
             if let Some(d) = c.step(obs, sim.now)
                 && d.reason.blame().is_some()
             {
@@ -3187,6 +3282,7 @@ mod tests {
                 }),
                 job_cpu: None,
                 training_slowdown: None,
+                paused_slowdown: None,
             };
             assert_eq!(c.step(obs, sim.now), None);
             assert_eq!(c.step(Observation::default(), sim.now), None);

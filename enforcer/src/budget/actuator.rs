@@ -83,6 +83,7 @@ mod tests {
                 }),
                 job_cpu: None,
                 training_slowdown: None,
+                paused_slowdown: None,
             };
             d = d.or(c.step(obs, t0 + Duration::from_millis(100) * i));
         }

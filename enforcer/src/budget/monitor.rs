@@ -531,6 +531,7 @@ impl Monitor for BudgetMonitor {
             steal,
             job_cpu,
             training_slowdown: slowdown,
+            paused_slowdown: sample.progress.as_ref().and_then(|r| r.paused_slowdown),
         };
         if let Some(d) = controller.step(obs, now) {
             self.decisions += 1;
@@ -549,6 +550,9 @@ impl Monitor for BudgetMonitor {
             }
             if let Some(cause) = d.reason.blame() {
                 self.blame = Some(cause);
+            }
+            if let Some(p) = self.progress.as_mut() {
+                p.follow_experiment(&d.reason, now, &self.job);
             }
             arm = !self.placement_armed
                 && Self::steal_asks_for_placement(&d.reason)

@@ -244,10 +244,9 @@ impl TrainingBudget {
             });
         }
         let job_running = !self.jobs.is_empty();
-        self.slowdown = self
-            .progress
-            .as_mut()
-            .and_then(|p| p.poll(now, job_running).slowdown.ok());
+        let progress = self.progress.as_mut().map(|p| p.poll(now, job_running));
+        self.slowdown = progress.as_ref().and_then(|r| r.slowdown.clone().ok());
+        let paused_slowdown = progress.and_then(|r| r.paused_slowdown);
         if let Some(reading) = reading {
             self.sum(now, reading);
             let counters = enforcer_model::StealCounters {
@@ -273,8 +272,12 @@ impl TrainingBudget {
                     steal: Some(counters),
                     job_cpu: Some(self.jobs_cpu),
                     training_slowdown: self.slowdown,
+                    paused_slowdown,
                 };
                 if let Some(decision) = self.controller.step(obs, now) {
+                    if let Some(p) = self.progress.as_mut() {
+                        p.follow_experiment(&decision.reason, now, id);
+                    }
                     tick.decisions.push(TrainingDecision {
                         training: id.to_owned(),
                         decision,

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use super::controller::Reason;
 use crate::safe_fs::{self, SafeFsError};
 
 /// The most bytes read from the progress file: a step count is at most 20
@@ -95,6 +96,10 @@ pub struct ProgressReading {
     pub baseline: Option<f64>,
     /// `1 − rate ÷ baseline` while a job runs.
     pub slowdown: Result<f64, Unavailable>,
+    /// While the job is paused for a blame experiment
+    /// ([`ProgressTracker::pause_began`]): the slowdown over the paused
+    /// span alone, once it holds [`ProgressConfig::paused_min`] of steps.
+    pub paused_slowdown: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +115,12 @@ pub struct ProgressConfig {
     /// (and at least `stale_min`).
     pub stale_intervals: f64,
     pub stale_min: Duration,
+    /// A paused job's slowdown is measured on steps written this long
+    /// after the pause began (the freeze takes hold, the training's caches
+    /// warm back up)...
+    pub paused_settle: Duration,
+    /// ...over at least this span of them.
+    pub paused_min: Duration,
 }
 
 impl Default for ProgressConfig {
@@ -120,6 +131,8 @@ impl Default for ProgressConfig {
             settle: Duration::from_secs(1),
             stale_intervals: 5.0,
             stale_min: Duration::from_secs(1),
+            paused_settle: Duration::from_millis(100),
+            paused_min: Duration::from_millis(400),
         }
     }
 }
@@ -138,6 +151,8 @@ pub struct ProgressTracker {
     job_running: bool,
     job_started: Option<Instant>,
     job_ended: Option<Instant>,
+    /// Steps written from then on were made while the job was paused.
+    paused_from: Option<Instant>,
 }
 
 impl ProgressTracker {
@@ -152,6 +167,7 @@ impl ProgressTracker {
             job_running: false,
             job_started: None,
             job_ended: None,
+            paused_from: None,
         }
     }
 
@@ -165,6 +181,54 @@ impl ProgressTracker {
 
     pub fn baseline(&self) -> Option<f64> {
         self.baseline
+    }
+
+    /// The job was paused at `now` for a blame experiment: from
+    /// [`ProgressConfig::paused_settle`] later, readings carry the slowdown
+    /// over the paused span alone.
+    pub fn pause_began(&mut self, now: Instant) {
+        self.paused_from = Some(now + self.config.paused_settle);
+    }
+
+    /// The experiment answered and the job runs again. The training's rate
+    /// while the job was paused is its job-free rate now, measured moments
+    /// ago: it becomes the baseline, so that a rate that drifted since the
+    /// baseline was learnt (the training's own phases, load from outside
+    /// the jobs) is no longer counted as the job's slowdown. Returns the
+    /// new baseline, if the pause held enough steps to measure one.
+    /// The rate after `now` is measured from the steps written after it:
+    /// the paused span counts neither for nor against the job.
+    pub fn pause_ended(&mut self, now: Instant) -> Option<f64> {
+        let rate = self.paused_rate();
+        self.paused_from = None;
+        if self.job_running {
+            self.job_started = Some(now);
+        }
+        if let Some(r) = rate {
+            self.baseline = Some(r);
+        }
+        rate
+    }
+
+    /// Follows the budget loop's blame experiments (for the job or training
+    /// `whose`): its pause is measured on the steps written during it, and
+    /// its answer re-baselines the training ([`Self::pause_ended`]).
+    pub fn follow_experiment(&mut self, reason: &Reason, now: Instant, whose: &str) {
+        match reason {
+            Reason::Experiment { .. } => self.pause_began(now),
+            Reason::TheJob { .. } | Reason::NotTheJob { .. } => {
+                let previous = self.baseline;
+                if let Some(rate) = self.pause_ended(now) {
+                    tracing::info!(
+                        whose,
+                        baseline_steps_per_s = rate,
+                        previous_steps_per_s = previous,
+                        "training baseline re-learnt from the blame experiment's pause"
+                    );
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Polls the file every `period` for `duration` with no job running,
@@ -302,6 +366,19 @@ impl ProgressTracker {
         Some((last.step - first.step) as f64 / span.as_secs_f64())
     }
 
+    /// Rate over the steps written since the pause settled, once they span
+    /// [`ProgressConfig::paused_min`].
+    fn paused_rate(&self) -> Option<f64> {
+        let from = self.paused_from?;
+        let first = self.points.iter().find(|p| p.written >= from)?;
+        let last = self.points.back()?;
+        let span = last.written.saturating_duration_since(first.written);
+        if span < self.config.paused_min || last.step <= first.step {
+            return None;
+        }
+        Some((last.step - first.step) as f64 / span.as_secs_f64())
+    }
+
     fn recent_rate(&self) -> Option<f64> {
         let first = self.points.front()?;
         let last = self.points.back()?;
@@ -326,6 +403,10 @@ impl ProgressTracker {
             rate: self.recent_rate(),
             baseline: self.baseline,
             slowdown,
+            paused_slowdown: self
+                .baseline
+                .zip(self.paused_rate())
+                .map(|(b, r)| 1.0 - r / b),
         }
     }
 }
@@ -748,6 +829,50 @@ mod tests {
         // The job ends; the training is still slow for the settle time; the
         // old baseline must survive.
         run(&mut t, &mut tr, 0.8, 100.0, false);
+        let b = t.baseline().expect("baseline");
+        assert!((b - 400.0).abs() < 4.0, "baseline {b}");
+    }
+
+    #[test]
+    fn a_pause_is_measured_on_its_own_steps_and_its_rate_becomes_the_baseline() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        // The training drifted to 350 steps/s on its own; the job takes it
+        // to 340: a 15 % slowdown against the old baseline.
+        let r = run(&mut t, &mut tr, 3.0, 340.0, true);
+        assert!((r.slowdown.expect("slowdown") - 0.15).abs() < 0.01);
+        assert_eq!(r.paused_slowdown, None, "no pause yet");
+        t.pause_began(tr.now);
+        // Settle (100 ms) and 400 ms of steps: not yet at 0.4 s.
+        let r = run(&mut t, &mut tr, 0.4, 350.0, true);
+        assert_eq!(r.paused_slowdown, None);
+        let r = run(&mut t, &mut tr, 0.3, 350.0, true);
+        let paused = r.paused_slowdown.expect("a reading over the pause");
+        // The paused span alone: 12.5 % against 400, none of the 15 % that
+        // the 2 s window still holds from before the pause.
+        assert!((paused - 0.125).abs() < 0.01, "paused {paused}");
+        let rate = t.pause_ended(tr.now).expect("the paused rate");
+        assert!((rate - 350.0).abs() < 4.0, "rate {rate}");
+        assert_eq!(t.baseline(), Some(rate));
+        // The thawed job is measured from the thaw on, against 350.
+        let r = run(&mut t, &mut tr, 0.3, 340.0, true);
+        assert_eq!(r.slowdown, Err(Unavailable::Warming));
+        assert_eq!(r.paused_slowdown, None);
+        let r = run(&mut t, &mut tr, 2.0, 340.0, true);
+        let s = r.slowdown.expect("slowdown");
+        assert!((s - 10.0 / 350.0).abs() < 0.01, "slowdown {s}");
+    }
+
+    #[test]
+    fn a_pause_too_short_for_a_rate_keeps_the_baseline() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        run(&mut t, &mut tr, 2.0, 300.0, true);
+        t.pause_began(tr.now);
+        run(&mut t, &mut tr, 0.3, 350.0, true);
+        assert_eq!(t.pause_ended(tr.now), None);
         let b = t.baseline().expect("baseline");
         assert!((b - 400.0).abs() < 4.0, "baseline {b}");
     }

@@ -907,6 +907,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 }),
                 job_cpu: Some(Duration::from_secs_f64(eval_cpu_s)),
                 training_slowdown: None,
+                paused_slowdown: None,
             };
             let before = c.controls();
             if let Some(d) = c.step(obs, now) {
