@@ -843,7 +843,14 @@ mod tests {
         let r = run(&mut t, &mut tr, 3.0, 340.0, true);
         assert!((r.slowdown.expect("slowdown") - 0.15).abs() < 0.01);
         assert_eq!(r.paused_slowdown, None, "no pause yet");
-        t.pause_began(tr.now);
+        // The budget loop's decisions drive it.
+        let experiment = Reason::Experiment {
+            value: 0.15,
+            steal: 0.01,
+            spread: 0.01,
+            length: Duration::from_millis(600),
+        };
+        t.follow_experiment(&experiment, tr.now, "job");
         // Settle (100 ms) and 400 ms of steps: not yet at 0.4 s.
         let r = run(&mut t, &mut tr, 0.4, 350.0, true);
         assert_eq!(r.paused_slowdown, None);
@@ -852,9 +859,15 @@ mod tests {
         // The paused span alone: 12.5 % against 400, none of the 15 % that
         // the 2 s window still holds from before the pause.
         assert!((paused - 0.125).abs() < 0.01, "paused {paused}");
-        let rate = t.pause_ended(tr.now).expect("the paused rate");
+        let answer = Reason::NotTheJob {
+            value: 0.15,
+            paused: Some(paused),
+            held: Duration::from_millis(700),
+            ignore_for: Duration::from_secs(30),
+        };
+        t.follow_experiment(&answer, tr.now, "job");
+        let rate = t.baseline().expect("a baseline");
         assert!((rate - 350.0).abs() < 4.0, "rate {rate}");
-        assert_eq!(t.baseline(), Some(rate));
         // The thawed job is measured from the thaw on, against 350.
         let r = run(&mut t, &mut tr, 0.3, 340.0, true);
         assert_eq!(r.slowdown, Err(Unavailable::Warming));
