@@ -323,6 +323,9 @@ impl ProgressTracker {
         }
         if !running && self.job_running {
             self.job_ended = Some(now);
+            // No job to pause any more: what follows is job-free time,
+            // learnt as such once it settles, not a pause's rate.
+            self.paused_from = None;
         }
         self.job_running = running;
     }
@@ -875,6 +878,24 @@ mod tests {
         let r = run(&mut t, &mut tr, 2.0, 340.0, true);
         let s = r.slowdown.expect("slowdown");
         assert!((s - 10.0 / 350.0).abs() < 0.01, "slowdown {s}");
+    }
+
+    #[test]
+    fn a_job_that_ends_during_its_pause_leaves_no_pause_rate() {
+        let mut t = ProgressTracker::new(ProgressConfig::default());
+        let mut tr = Training::new();
+        run(&mut t, &mut tr, 5.0, 400.0, false);
+        run(&mut t, &mut tr, 2.0, 300.0, true);
+        t.pause_began(tr.now);
+        run(&mut t, &mut tr, 0.3, 380.0, true);
+        // The last job ends (the node agent's controller waits for the
+        // next one); the next job's slower steps must not pass for the
+        // training's job-free rate when its answer comes.
+        run(&mut t, &mut tr, 0.5, 380.0, false);
+        run(&mut t, &mut tr, 1.0, 200.0, true);
+        assert_eq!(t.pause_ended(tr.now), None);
+        let b = t.baseline().expect("baseline");
+        assert!((b - 400.0).abs() < 4.0, "baseline {b}");
     }
 
     #[test]
