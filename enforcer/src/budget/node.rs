@@ -244,9 +244,14 @@ impl TrainingBudget {
             });
         }
         let job_running = !self.jobs.is_empty();
-        let progress = self.progress.as_mut().map(|p| p.poll(now, job_running));
-        self.slowdown = progress.as_ref().and_then(|r| r.slowdown.clone().ok());
-        let paused_slowdown = progress.and_then(|r| r.paused_slowdown);
+        let (slowdown, paused_slowdown) = match self.progress.as_mut() {
+            Some(p) => {
+                let reading = p.poll(now, job_running);
+                (reading.slowdown.ok(), reading.paused_slowdown)
+            }
+            None => (None, None),
+        };
+        self.slowdown = slowdown;
         if let Some(reading) = reading {
             self.sum(now, reading);
             let counters = enforcer_model::StealCounters {

@@ -190,14 +190,15 @@ impl ProgressTracker {
         self.paused_from = Some(now + self.config.paused_settle);
     }
 
-    /// The experiment answered and the job runs again. The training's rate
-    /// while the job was paused is its job-free rate now, measured moments
-    /// ago: it becomes the baseline, so that a rate that drifted since the
-    /// baseline was learnt (the training's own phases, load from outside
-    /// the jobs) is no longer counted as the job's slowdown. Returns the
-    /// new baseline, if the pause held enough steps to measure one.
-    /// The rate after `now` is measured from the steps written after it:
-    /// the paused span counts neither for nor against the job.
+    /// The experiment answered at `now` and the job runs again. The
+    /// training's rate while the job was paused is its job-free rate now,
+    /// measured moments ago: it becomes the baseline, so that a rate that
+    /// drifted since the baseline was learnt (the training's own phases,
+    /// load from outside the jobs) is no longer counted as the job's
+    /// slowdown. The job's rate is measured from the steps written after
+    /// `now`: the paused span counts neither for nor against the job.
+    /// Returns the new baseline, if the pause held enough steps to measure
+    /// one.
     pub fn pause_ended(&mut self, now: Instant) -> Option<f64> {
         let rate = self.paused_rate();
         self.paused_from = None;
@@ -358,25 +359,23 @@ impl ProgressTracker {
         let from = now
             .checked_sub(self.config.window)
             .map_or(started, |h| h.max(started));
-        let mut in_window = self.points.iter().filter(|p| p.written >= from);
-        let first = in_window.next()?;
-        let last = self.points.back()?;
-        let span = last.written.saturating_duration_since(first.written);
         // Needs half a window of steps, else the rate is mostly noise.
-        if span < self.config.window / 2 || last.step <= first.step {
-            return None;
-        }
-        Some((last.step - first.step) as f64 / span.as_secs_f64())
+        self.rate_since(from, self.config.window / 2)
     }
 
     /// Rate over the steps written since the pause settled, once they span
     /// [`ProgressConfig::paused_min`].
     fn paused_rate(&self) -> Option<f64> {
-        let from = self.paused_from?;
+        self.rate_since(self.paused_from?, self.config.paused_min)
+    }
+
+    /// Steps per second over the steps written from `from` on, once they
+    /// span `min_span` and the count moved.
+    fn rate_since(&self, from: Instant, min_span: Duration) -> Option<f64> {
         let first = self.points.iter().find(|p| p.written >= from)?;
         let last = self.points.back()?;
         let span = last.written.saturating_duration_since(first.written);
-        if span < self.config.paused_min || last.step <= first.step {
+        if span < min_span || last.step <= first.step {
             return None;
         }
         Some((last.step - first.step) as f64 / span.as_secs_f64())
