@@ -42,7 +42,7 @@ use enforcer_model::{
 };
 
 use super::{
-    plot,
+    plot, targets,
     workload::{self, EvalShape, TrainShape},
 };
 
@@ -162,6 +162,11 @@ pub struct ContentionArgs {
     /// decisions of every loop round) and .svg and prints one table.
     #[arg(long, conflicts_with_all = ["training", "eval_shape"])]
     pub matrix: bool,
+    /// Run nothing: judge the three targets on a matrix already
+    /// written (a contention-matrix.json, relative to the workspace) and
+    /// print the verdict, as a `--matrix` run does at its end.
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["matrix", "training", "eval_shape"])]
+    pub judge: Option<PathBuf>,
 }
 
 /// The rows of one training × evaluation pair.
@@ -249,6 +254,15 @@ struct Row {
 }
 
 pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
+    if let Some(json) = &args.judge {
+        let path = root.join(json);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (pairs, budget) = targets::from_matrix_json(&text)
+            .with_context(|| format!("reading the matrix in {}", path.display()))?;
+        print_verdict(&targets::judge(&pairs, budget));
+        return Ok(());
+    }
     let enforcer = root.join(&args.enforcer);
     let enforcer_ok = supports_protect(&enforcer);
     let run_ok = Command::new(&enforcer)
@@ -346,6 +360,8 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
     }
     if args.matrix {
         print_matrix(&matrix, args.budget_pct);
+        let verdict = targets::judge(&target_cells(&matrix), args.budget_pct / 100.0);
+        print_verdict(&verdict);
         let path = root.join(&args.out).join("contention-matrix.json");
         let json = serde_json::json!({
             "machine": {
@@ -359,6 +375,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                 "budget_pct": args.budget_pct,
             },
             "pairs": matrix,
+            "targets": verdict,
         });
         fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -607,6 +624,38 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
     println!(
         "noise% = spread of the training-alone rate between rounds (max − min over the median)"
     );
+}
+
+/// Each pair's medians as the targets judge them (rows without a slowdown
+/// or a work ratio are left out).
+fn target_cells(pairs: &[PairResult]) -> Vec<targets::PairCells> {
+    pairs
+        .iter()
+        .map(|p| targets::PairCells {
+            name: format!("{} × {}", slug(p.training), slug(p.eval)),
+            flagship: p.training == TrainShape::ThreadPerStep && p.eval == EvalShape::Threads,
+            noise: p.alone_spread,
+            cells: p
+                .rows
+                .iter()
+                .filter_map(|r| {
+                    Some(targets::Cell {
+                        policy: r.policy,
+                        slowdown: r.slowdown?,
+                        work: r.eval_vs_idle?,
+                    })
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[expect(clippy::print_stdout, reason = "the verdict is the bench's output")]
+fn print_verdict(verdict: &targets::Verdict) {
+    println!();
+    for line in verdict.lines() {
+        println!("{line}");
+    }
 }
 
 fn slug(v: impl ValueEnum) -> String {
@@ -1088,7 +1137,7 @@ fn apply(
     Ok(())
 }
 
-fn policy_slug(p: Policy) -> String {
+pub(super) fn policy_slug(p: Policy) -> String {
     p.to_possible_value()
         .map_or_else(|| format!("{p:?}"), |v| v.get_name().to_owned())
 }

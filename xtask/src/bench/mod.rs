@@ -6,6 +6,7 @@
 //!   in-process run;
 //! - [`contention`]: training beside an evaluation under every CPU policy;
 //! - [`demo`]: the live demo behind `scripts/demo`;
+//! - [`targets`]: the workload matrix's targets, judged from a run;
 //! - [`workload`]: the synthetic training and evaluation both run.
 
 pub mod agent;
@@ -13,6 +14,7 @@ pub mod contention;
 pub mod demo;
 pub mod plot;
 pub mod probe;
+pub mod targets;
 pub mod workload;
 
 use clap::Subcommand;

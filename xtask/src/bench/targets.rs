@@ -1,0 +1,456 @@
+//! The workload matrix's three targets (issue #14), judged from one run's
+//! medians, so that `bench contention --matrix` says itself whether they
+//! hold instead of leaving it to whoever reads the table:
+//!
+//! 1. in every pair where a static policy keeps the training's slowdown
+//!    within the budget, the enforcer does too, with evaluation work at
+//!    least [`WORK_SHARE`] of the best such policy's;
+//! 2. in no pair does a static policy beat the enforcer on both axes by
+//!    more than the noise: [`SLOWDOWN_MARGIN`] of slowdown and
+//!    [`WORK_MARGIN`] of work. Each win also says whether its slowdown
+//!    margin is beyond the spread of `training alone` between that pair's
+//!    rounds, the noise this machine actually showed;
+//! 3. the thread-per-step × threads pair keeps at most
+//!    [`FLAGSHIP_SLOWDOWN`] of slowdown with at least [`WORK_SHARE`] of
+//!    SCHED_IDLE's work.
+//!
+//! "Static" is every row that sets its controls once: unlimited, nice 19,
+//! SCHED_IDLE (also as measured by the enforcer), the static quota and the
+//! minimal weight; the in-bench loop rows are the enforcer's own controller
+//! and do not count. A verdict needs the rows it compares: a pair without
+//! an enforcer row, or whose rows have no slowdown, is left out, and a
+//! target no pair could judge says so instead of passing.
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use serde::Serialize;
+
+use super::contention::{Policy, policy_slug};
+
+/// Target 1 and 3: the share of the reference's evaluation work kept.
+pub const WORK_SHARE: f64 = 0.9;
+/// Target 2: a slowdown lower by more than this (1 point) is a win...
+pub const SLOWDOWN_MARGIN: f64 = 0.01;
+/// ...and so is evaluation work larger by more than this (5 %).
+pub const WORK_MARGIN: f64 = 0.05;
+/// Target 3: the flagship pair's slowdown.
+pub const FLAGSHIP_SLOWDOWN: f64 = 0.03;
+
+/// One policy's medians in one pair.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    pub policy: Policy,
+    /// The training's slowdown against `training alone` (a fraction).
+    pub slowdown: f64,
+    /// Evaluation work relative to SCHED_IDLE's (1.0 = the same).
+    pub work: f64,
+}
+
+/// What one pair contributes to the verdict.
+#[derive(Debug, Clone)]
+pub struct PairCells {
+    /// `training × evaluation`.
+    pub name: String,
+    /// The thread-per-step × threads pair (target 3).
+    pub flagship: bool,
+    /// Spread of `training alone` between rounds.
+    pub noise: Option<f64>,
+    pub cells: Vec<Cell>,
+}
+
+/// Target 1 in one pair where a static policy kept the budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct WithinBudget {
+    pub pair: String,
+    /// The in-budget static policy with the most evaluation work.
+    pub best: Policy,
+    pub enforcer_slowdown: f64,
+    /// The enforcer's work over `best`'s.
+    pub work_share: f64,
+    pub met: bool,
+}
+
+/// Target 2: a static policy that beat the enforcer on both axes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Beaten {
+    pub pair: String,
+    pub by: Policy,
+    /// Enforcer's slowdown minus the policy's.
+    pub slowdown_margin: f64,
+    /// The policy's work over the enforcer's.
+    pub work_ratio: f64,
+    /// Whether `slowdown_margin` is also larger than the pair's noise.
+    pub beyond_noise: bool,
+}
+
+/// Target 3.
+#[derive(Debug, Clone, Serialize)]
+pub struct Flagship {
+    pub slowdown: f64,
+    /// The enforcer's work over SCHED_IDLE's.
+    pub work: f64,
+    pub met: bool,
+}
+
+/// The three targets over one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub budget: f64,
+    pub within_budget: Vec<WithinBudget>,
+    pub beaten: Vec<Beaten>,
+    /// Pairs target 2 could judge (an enforcer row and a static row).
+    pub compared_pairs: usize,
+    pub flagship: Option<Flagship>,
+}
+
+fn is_static(p: Policy) -> bool {
+    matches!(
+        p,
+        Policy::Unlimited
+            | Policy::Nice
+            | Policy::Idle
+            | Policy::IdleMeasured
+            | Policy::Quota
+            | Policy::Weight
+    )
+}
+
+/// Judges the three targets over `pairs` with the budget `budget` (a
+/// fraction of the training's CPU time, e.g. 0.05).
+pub fn judge(pairs: &[PairCells], budget: f64) -> Verdict {
+    let mut verdict = Verdict {
+        budget,
+        within_budget: Vec::new(),
+        beaten: Vec::new(),
+        compared_pairs: 0,
+        flagship: None,
+    };
+    for pair in pairs {
+        let Some(enforcer) = pair.cells.iter().find(|c| c.policy == Policy::Enforcer) else {
+            continue;
+        };
+        let statics: Vec<&Cell> = pair.cells.iter().filter(|c| is_static(c.policy)).collect();
+        if !statics.is_empty() {
+            verdict.compared_pairs += 1;
+        }
+        // Target 1: the best static policy that kept the budget.
+        let best = statics
+            .iter()
+            .filter(|c| c.slowdown <= budget)
+            .max_by(|a, b| a.work.total_cmp(&b.work));
+        if let Some(best) = best {
+            let work_share = enforcer.work / best.work;
+            verdict.within_budget.push(WithinBudget {
+                pair: pair.name.clone(),
+                best: best.policy,
+                enforcer_slowdown: enforcer.slowdown,
+                work_share,
+                met: enforcer.slowdown <= budget && work_share >= WORK_SHARE,
+            });
+        }
+        // Target 2: every static policy better on both axes.
+        for c in &statics {
+            let slowdown_margin = enforcer.slowdown - c.slowdown;
+            let work_ratio = c.work / enforcer.work;
+            if slowdown_margin > SLOWDOWN_MARGIN && work_ratio > 1.0 + WORK_MARGIN {
+                verdict.beaten.push(Beaten {
+                    pair: pair.name.clone(),
+                    by: c.policy,
+                    slowdown_margin,
+                    work_ratio,
+                    beyond_noise: pair.noise.is_some_and(|n| slowdown_margin > n),
+                });
+            }
+        }
+        if pair.flagship {
+            verdict.flagship = Some(Flagship {
+                slowdown: enforcer.slowdown,
+                work: enforcer.work,
+                met: enforcer.slowdown <= FLAGSHIP_SLOWDOWN && enforcer.work >= WORK_SHARE,
+            });
+        }
+    }
+    verdict
+}
+
+/// The pairs and the budget (a fraction) of a `contention-matrix.json` that
+/// `bench contention --matrix` wrote.
+pub fn from_matrix_json(text: &str) -> Result<(Vec<PairCells>, f64)> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    let budget = v["config"]["budget_pct"]
+        .as_f64()
+        .context("no config.budget_pct")?
+        / 100.0;
+    let pairs = v["pairs"].as_array().context("no pairs")?;
+    let pairs = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let shape = |key: &str| {
+                p[key]
+                    .as_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("pair {i}: no {key}"))
+            };
+            let (training, eval) = (shape("training")?, shape("eval")?);
+            let rows = p["rows"]
+                .as_array()
+                .with_context(|| format!("pair {i}: no rows"))?;
+            let mut cells = Vec::new();
+            for row in rows {
+                let name = row["policy"].as_str().unwrap_or_default();
+                let policy = Policy::from_str(name, false)
+                    .map_err(|e| anyhow::anyhow!("pair {i}: policy {name:?}: {e}"))?;
+                if let (Some(slowdown), Some(work)) =
+                    (row["slowdown"].as_f64(), row["eval_vs_idle"].as_f64())
+                {
+                    cells.push(Cell {
+                        policy,
+                        slowdown,
+                        work,
+                    });
+                }
+            }
+            Ok(PairCells {
+                flagship: training == "thread-per-step" && eval == "threads",
+                name: format!("{training} × {eval}"),
+                noise: p["alone_spread"].as_f64(),
+                cells,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((pairs, budget))
+}
+
+impl Verdict {
+    /// The verdict as the lines printed under the matrix.
+    pub fn lines(&self) -> Vec<String> {
+        let pct = |v: f64| format!("{:.1}", v * 100.0);
+        let mut out = Vec::new();
+        let met = self.within_budget.iter().filter(|w| w.met).count();
+        if self.within_budget.is_empty() {
+            out.push(format!(
+                "target 1: not judged: no pair had a static policy within the {}% budget beside an enforcer row",
+                pct(self.budget)
+            ));
+        } else {
+            out.push(format!(
+                "target 1 (where a static policy keeps the slowdown within {}%, the enforcer does too with >= {:.0}% of its work): met in {met} of {} pairs",
+                pct(self.budget),
+                WORK_SHARE * 100.0,
+                self.within_budget.len()
+            ));
+            for w in self.within_budget.iter().filter(|w| !w.met) {
+                out.push(format!(
+                    "  not met: {}: enforcer {}% slowdown, {:.0}% of {}'s work",
+                    w.pair,
+                    pct(w.enforcer_slowdown),
+                    w.work_share * 100.0,
+                    policy_slug(w.best)
+                ));
+            }
+        }
+        if self.compared_pairs == 0 {
+            out.push("target 2: not judged: no pair had both a static and an enforcer row".into());
+        } else {
+            let beyond = self.beaten.iter().filter(|b| b.beyond_noise).count();
+            out.push(format!(
+                "target 2 (no static policy better on both axes by > {:.0} point of slowdown and > {:.0}% of work): {} in {} pairs, {beyond} of them by more than the pair's noise",
+                SLOWDOWN_MARGIN * 100.0,
+                WORK_MARGIN * 100.0,
+                if self.beaten.is_empty() {
+                    "met, none".to_owned()
+                } else {
+                    format!("not met, {} wins", self.beaten.len())
+                },
+                self.compared_pairs,
+            ));
+            for b in &self.beaten {
+                out.push(format!(
+                    "  {} beat by {}: {} points less slowdown, {:.2}x the work{}",
+                    b.pair,
+                    policy_slug(b.by),
+                    pct(b.slowdown_margin),
+                    b.work_ratio,
+                    if b.beyond_noise {
+                        ", beyond the noise"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        out.push(match &self.flagship {
+            Some(f) => format!(
+                "target 3 (thread-per-step × threads <= {:.0}% slowdown, >= {:.0}% of SCHED_IDLE's work): {} ({}% / {:.0}%)",
+                FLAGSHIP_SLOWDOWN * 100.0,
+                WORK_SHARE * 100.0,
+                if f.met { "met" } else { "not met" },
+                pct(f.slowdown),
+                f.work * 100.0
+            ),
+            None => "target 3: not judged: the thread-per-step × threads pair has no enforcer row"
+                .into(),
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(policy: Policy, slowdown_pct: f64, work_pct: f64) -> Cell {
+        Cell {
+            policy,
+            slowdown: slowdown_pct / 100.0,
+            work: work_pct / 100.0,
+        }
+    }
+
+    fn pair(name: &str, noise_pct: f64, cells: Vec<Cell>) -> PairCells {
+        PairCells {
+            name: name.into(),
+            flagship: name == "thread-per-step × threads",
+            noise: Some(noise_pct / 100.0),
+            cells,
+        }
+    }
+
+    #[test]
+    fn target_one_compares_the_enforcer_with_the_best_static_policy_within_budget() {
+        let pairs = [
+            // SCHED_IDLE within budget at 100 %; nice 19 has more work but
+            // is over budget, so it is not the reference.
+            pair(
+                "a × b",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 3.0, 100.0),
+                    cell(Policy::Nice, 9.0, 130.0),
+                    cell(Policy::Enforcer, 2.0, 91.0),
+                ],
+            ),
+            pair(
+                "c × d",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 4.0, 100.0),
+                    cell(Policy::Enforcer, 2.0, 80.0),
+                ],
+            ),
+            // No static policy within budget: target 1 does not apply.
+            pair(
+                "e × f",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 20.0, 100.0),
+                    cell(Policy::Enforcer, 4.0, 60.0),
+                ],
+            ),
+        ];
+        let v = judge(&pairs, 0.05);
+        assert_eq!(v.within_budget.len(), 2);
+        assert!(v.within_budget[0].met);
+        assert_eq!(v.within_budget[0].best, Policy::Idle);
+        assert!(!v.within_budget[1].met, "80 % of the work is under 90 %");
+        assert!(
+            v.lines()[0].contains("met in 1 of 2 pairs"),
+            "{:?}",
+            v.lines()
+        );
+    }
+
+    #[test]
+    fn target_two_counts_only_wins_on_both_axes_and_says_which_are_beyond_the_noise() {
+        let pairs = [pair(
+            "a × b",
+            2.0,
+            vec![
+                // Less slowdown by 3 points and 20 % more work: a win,
+                // beyond the 2-point noise.
+                cell(Policy::Idle, 5.0, 120.0),
+                // More work but only 0.5 point less slowdown: no win.
+                cell(Policy::Nice, 7.5, 150.0),
+                // Less slowdown, less work: no win.
+                cell(Policy::Quota, 1.0, 40.0),
+                // The loop rows are not static.
+                cell(Policy::Loop, 0.0, 200.0),
+                cell(Policy::Enforcer, 8.0, 100.0),
+            ],
+        )];
+        let v = judge(&pairs, 0.05);
+        assert_eq!(v.beaten.len(), 1, "{:?}", v.beaten);
+        assert_eq!(v.beaten[0].by, Policy::Idle);
+        assert!(v.beaten[0].beyond_noise);
+        let lines = v.lines();
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("target 2"))
+            .expect("a target 2 line");
+        assert!(
+            line.contains("not met, 1 wins in 1 pairs, 1 of them"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_flagship_pair_is_held_to_three_percent_and_ninety_percent_of_the_work() {
+        let judged = |slowdown, work| {
+            judge(
+                &[pair(
+                    "thread-per-step × threads",
+                    2.0,
+                    vec![
+                        cell(Policy::Idle, 25.0, 100.0),
+                        cell(Policy::Enforcer, slowdown, work),
+                    ],
+                )],
+                0.05,
+            )
+            .flagship
+            .expect("the flagship pair has an enforcer row")
+            .met
+        };
+        assert!(judged(2.9, 95.0));
+        assert!(!judged(5.6, 93.0));
+        assert!(!judged(1.0, 85.0));
+    }
+
+    #[test]
+    fn a_written_matrix_is_read_back_with_its_budget_noise_and_cells() {
+        let text = r#"{"config": {"budget_pct": 5.0}, "pairs": [
+            {"training": "thread-per-step", "eval": "threads", "alone_spread": 0.02,
+             "rows": [
+                {"policy": "alone", "slowdown": null, "eval_vs_idle": null},
+                {"policy": "idle", "slowdown": 0.25, "eval_vs_idle": 1.0},
+                {"policy": "enforcer", "slowdown": 0.02, "eval_vs_idle": 0.95}]}]}"#;
+        let (pairs, budget) = from_matrix_json(text).expect("a valid matrix");
+        assert_eq!(budget, 0.05);
+        assert_eq!(pairs.len(), 1);
+        assert!(pairs[0].flagship);
+        assert_eq!(pairs[0].noise, Some(0.02));
+        assert_eq!(pairs[0].cells.len(), 2, "the alone row has no cell");
+        assert!(judge(&pairs, budget).flagship.expect("judged").met);
+        let bad = text.replace("\"idle\"", "\"sched-idle\"");
+        let err = format!("{:#}", from_matrix_json(&bad).expect_err("unknown policy"));
+        assert!(err.contains("sched-idle"), "{err}");
+    }
+
+    #[test]
+    fn a_run_without_the_rows_a_target_needs_says_it_was_not_judged() {
+        let v = judge(
+            &[pair(
+                "a × b",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 1.0, 100.0),
+                    cell(Policy::Nice, 2.0, 90.0),
+                ],
+            )],
+            0.05,
+        );
+        let lines = v.lines();
+        assert!(lines.iter().all(|l| l.contains("not judged")), "{lines:?}");
+    }
+}
