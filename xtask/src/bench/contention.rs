@@ -482,7 +482,9 @@ fn run_pair(
         .filter(|r| r.policy == Policy::Alone)
         .map(|r| r.train_steps_per_s)
         .collect();
-    let alone_spread = median(alone_rates.iter().copied()).map(|m| {
+    // One round has no spread to show: no noise rather than a noise of 0.
+    let measured = (alone_rates.len() >= 2).then_some(alone_rates.as_slice());
+    let alone_spread = median(measured.unwrap_or_default().iter().copied()).map(|m| {
         let hi = alone_rates.iter().copied().fold(f64::MIN, f64::max);
         let lo = alone_rates.iter().copied().fold(f64::MAX, f64::min);
         (hi - lo) / m.max(1e-9)

@@ -79,8 +79,9 @@ pub struct Beaten {
     pub slowdown_margin: f64,
     /// The policy's work over the enforcer's.
     pub work_ratio: f64,
-    /// Whether `slowdown_margin` is also larger than the pair's noise.
-    pub beyond_noise: bool,
+    /// Whether `slowdown_margin` is also larger than the pair's noise;
+    /// `None` where the noise was not measured (one round).
+    pub beyond_noise: Option<bool>,
 }
 
 /// Target 3.
@@ -158,7 +159,7 @@ pub fn judge(pairs: &[PairCells], budget: f64) -> Verdict {
                     by: c.policy,
                     slowdown_margin,
                     work_ratio,
-                    beyond_noise: pair.noise.is_some_and(|n| slowdown_margin > n),
+                    beyond_noise: pair.noise.map(|n| slowdown_margin > n),
                 });
             }
         }
@@ -253,9 +254,18 @@ impl Verdict {
         if self.compared_pairs == 0 {
             out.push("target 2: not judged: no pair had both a static and an enforcer row".into());
         } else {
-            let beyond = self.beaten.iter().filter(|b| b.beyond_noise).count();
+            let beyond = self
+                .beaten
+                .iter()
+                .filter(|b| b.beyond_noise == Some(true))
+                .count();
+            let unmeasured = self
+                .beaten
+                .iter()
+                .filter(|b| b.beyond_noise.is_none())
+                .count();
             out.push(format!(
-                "target 2 (no static policy better on both axes by > {:.0} point of slowdown and > {:.0}% of work): {} in {} pairs, {beyond} of them by more than the pair's noise",
+                "target 2 (no static policy better on both axes by > {:.0} point of slowdown and > {:.0}% of work): {} in {} pairs, {beyond} of them by more than the pair's noise{}",
                 SLOWDOWN_MARGIN * 100.0,
                 WORK_MARGIN * 100.0,
                 if self.beaten.is_empty() {
@@ -264,6 +274,11 @@ impl Verdict {
                     format!("not met, {} wins", self.beaten.len())
                 },
                 self.compared_pairs,
+                if unmeasured > 0 {
+                    format!(" ({unmeasured} in pairs whose noise one round cannot show)")
+                } else {
+                    String::new()
+                },
             ));
             for b in &self.beaten {
                 out.push(format!(
@@ -272,10 +287,10 @@ impl Verdict {
                     policy_slug(b.by),
                     pct(b.slowdown_margin),
                     b.work_ratio,
-                    if b.beyond_noise {
-                        ", beyond the noise"
-                    } else {
-                        ""
+                    match b.beyond_noise {
+                        Some(true) => ", beyond the noise",
+                        Some(false) => "",
+                        None => ", noise not measured",
                     }
                 ));
             }
@@ -382,7 +397,7 @@ mod tests {
         let v = judge(&pairs, 0.05);
         assert_eq!(v.beaten.len(), 1, "{:?}", v.beaten);
         assert_eq!(v.beaten[0].by, Policy::Idle);
-        assert!(v.beaten[0].beyond_noise);
+        assert_eq!(v.beaten[0].beyond_noise, Some(true));
         let lines = v.lines();
         let line = lines
             .iter()
@@ -392,6 +407,27 @@ mod tests {
             line.contains("not met, 1 wins in 1 pairs, 1 of them"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_win_in_a_pair_without_measured_noise_is_not_called_beyond_it() {
+        let mut one_round = pair(
+            "a × b",
+            0.0,
+            vec![
+                cell(Policy::Idle, 2.0, 120.0),
+                cell(Policy::Enforcer, 8.0, 100.0),
+            ],
+        );
+        one_round.noise = None;
+        let v = judge(&[one_round], 0.05);
+        assert_eq!(v.beaten[0].beyond_noise, None);
+        let lines = v.lines();
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("target 2"))
+            .expect("a target 2 line");
+        assert!(line.contains("0 of them by more than the pair's noise (1 in pairs whose noise one round cannot show)"), "{line}");
     }
 
     #[test]
