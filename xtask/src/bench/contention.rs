@@ -66,7 +66,10 @@ pub enum Policy {
     IdleMeasured,
     /// Static quota: 50 % of one CPU (cfs_quota_us), normal class.
     Quota,
-    /// Minimal cpu.shares (2), normal class.
+    /// `enforcer run --cpu-weight 1 --no-idle`: the job's lowest weight
+    /// (v1 `cpu.shares` 10), normal class. Its evaluation slice keeps the
+    /// default weight, so against the training the job competes at full
+    /// weight: what `--cpu-weight` alone gives a user today.
     Weight,
     /// The budget controller, cfs period 100 ms.
     Loop,
