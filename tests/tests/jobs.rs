@@ -807,7 +807,55 @@ fn every_thread_of_an_idle_class_job_runs_sched_idle_from_exec_and_is_put_back_i
     );
 }
 
+/// The share of CPU 0 a `--no-idle` job pinned there gets beside a
+/// normal-class spinner pinned there too (the training, in the test's own
+/// cgroup), with `flags` added.
+fn share_beside_a_spinner(flags: &[&str]) -> f64 {
+    let s = Scratch::new("enforcer-jobs");
+    let cfg = s.config("");
+    let name = unique_name("weight");
+    let rep = s.path("report.json");
+    let w = workload();
+    let _training = ChildGuard(
+        Command::new(&w)
+            .args(["--cpu", "0", "spin", "1", "60"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the spinner"),
+    );
+    let out = EnforcerRun::new(&cfg, &name)
+        .flags(["--no-idle"].iter().chain(flags).copied())
+        .report(&rep)
+        .output([w.to_str().unwrap(), "--cpu", "0", "spin", "1", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_no_cgroup_left(&name);
+    let r = read_report(&rep);
+    r["cpu_s"].as_f64().unwrap() / r["wall_s"].as_f64().unwrap()
+}
+
+/// `--cpu-weight` ranks the job against the training, not only against the
+/// other jobs: the evaluation slice takes the job's weight (a job at weight 1
+/// under a default-weight slice took as much as an unweighted one).
+fn a_low_cpu_weight_lowers_the_job_below_the_training() {
+    let default = share_beside_a_spinner(&[]);
+    let light = share_beside_a_spinner(&["--cpu-weight", "1"]);
+    eprintln!("share of CPU 0 beside a spinner: default weight {default:.3}, weight 1 {light:.3}");
+    // Two equal spinners split the CPU; other load on the node only
+    // lowers the job's share, so the bound on the contrast is loose.
+    assert!(
+        default >= 0.25,
+        "at the default weight the job should get about half of CPU 0: {default:.3}"
+    );
+    // Weight 1 against 100 (v1: shares 10 against a task's 1024) is about
+    // 1 %; 10 % leaves room for scheduler granularity.
+    assert!(
+        light <= 0.10,
+        "at weight 1 the job took {light:.3} of the training's CPU"
+    );
+}
+
 enforcer_tests::root_tests!(
+    a_low_cpu_weight_lowers_the_job_below_the_training,
     every_thread_of_an_idle_class_job_runs_sched_idle_from_exec_and_is_put_back_if_it_leaves,
     memory_hog_is_oom_killed_with_reason_oom_and_exit_137,
     fork_bomb_is_contained_by_pids_64_with_a_pids_max_event,

@@ -185,32 +185,50 @@ impl Subtree {
         }
     }
 
-    /// Puts the whole evaluation slice (the parent of the job cgroups, which
-    /// this subtree created) in the idle CPU class, or takes it out.
+    /// Gives the whole evaluation slice (the parent of the job cgroups, which
+    /// this subtree created) the CPU standing of the job being started: the
+    /// idle class, or out of it at the job's weight (`--cpu-weight`; the
+    /// default weight without one).
     ///
-    /// `cpu.idle` on a job only ranks it below its siblings: the slice
-    /// itself still competes with the training at full weight, and on a
-    /// wake-up the training does not preempt it (docs/measurements.md has
-    /// what the contention bench showed). The slice
-    /// follows the job being started; with concurrent jobs of both kinds the
-    /// last one started wins. Without `cpu.idle` (before 5.15) the lowest
-    /// weight stands in, and the default weight is restored for non-idle jobs.
-    pub fn set_slice_idle(&self, idle: bool) -> Result<(), CgroupError> {
-        let (dir, weight_file, lowest, default) = match &self.bases {
-            Bases::V2(base) => (base.clone(), "cpu.weight", "1", "100"),
+    /// A job's own `cpu.idle` or weight only ranks it among its siblings in
+    /// the slice: the slice itself competes with the training, so it is the
+    /// slice that must be idle or light (docs/measurements.md has what the
+    /// contention bench showed; a job at weight 1 under a default-weight
+    /// slice slowed the training more than no limit at all). The slice
+    /// follows the job being started; with concurrent jobs of different
+    /// standing the last one started wins. Without `cpu.idle` (before 5.15)
+    /// the lowest weight stands in for the idle class. A weight is written
+    /// after `cpu.idle` is cleared: the kernel refuses one on an idle group.
+    pub fn set_slice_cpu(&self, idle: bool, weight: Option<u64>) -> Result<(), CgroupError> {
+        let (dir, weight_file, lowest, weight) = match &self.bases {
+            Bases::V2(base) => (
+                base.clone(),
+                "cpu.weight",
+                "1",
+                weight.unwrap_or(100).clamp(1, 10_000),
+            ),
             Bases::V1 { per_controller, .. } => match per_controller.get("cpu") {
-                Some(base) => (base.clone(), "cpu.shares", "2", "1024"),
+                Some(base) => (
+                    base.clone(),
+                    "cpu.shares",
+                    "2",
+                    super::v1::shares(weight.unwrap_or(100).clamp(1, 10_000)),
+                ),
                 None => return Ok(()),
             },
         };
-        if dir.join("cpu.idle").exists() {
+        let has_idle = dir.join("cpu.idle").exists();
+        if has_idle {
             self.fs
-                .write(&dir.join("cpu.idle"), if idle { "1" } else { "0" })
-        } else if dir.join(weight_file).exists() {
-            self.fs
-                .write(&dir.join(weight_file), if idle { lowest } else { default })
-        } else {
-            Ok(())
+                .write(&dir.join("cpu.idle"), if idle { "1" } else { "0" })?;
+        }
+        if !dir.join(weight_file).exists() {
+            return Ok(());
+        }
+        match (idle, has_idle) {
+            (true, true) => Ok(()),
+            (true, false) => self.fs.write(&dir.join(weight_file), lowest),
+            (false, _) => self.fs.write(&dir.join(weight_file), &weight.to_string()),
         }
     }
 
@@ -495,23 +513,37 @@ mod tests {
     #[test]
     fn slice_follows_the_job_into_the_idle_class_or_the_lowest_weight_without_cpu_idle() {
         let (d, own) = fake_v2_service();
+        let weight = || fs::read_to_string(own.join("eval/cpu.weight")).unwrap();
         // A kernel before 5.15: no cpu.idle, only the weight.
         fs::write(own.join("eval/cpu.weight"), "100").unwrap();
         let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
-        st.set_slice_idle(true).unwrap();
-        assert_eq!(
-            fs::read_to_string(own.join("eval/cpu.weight")).unwrap(),
-            "1"
-        );
-        st.set_slice_idle(false).unwrap();
-        assert_eq!(
-            fs::read_to_string(own.join("eval/cpu.weight")).unwrap(),
-            "100"
-        );
-        // With cpu.idle, that is what changes.
+        st.set_slice_cpu(true, None).unwrap();
+        assert_eq!(weight(), "1");
+        st.set_slice_cpu(false, None).unwrap();
+        assert_eq!(weight(), "100");
+        // With cpu.idle, that is what changes; the weight is left alone
+        // (the kernel refuses a weight on an idle group).
         fs::write(own.join("eval/cpu.idle"), "0").unwrap();
-        st.set_slice_idle(true).unwrap();
+        st.set_slice_cpu(true, Some(5)).unwrap();
         assert_eq!(fs::read_to_string(own.join("eval/cpu.idle")).unwrap(), "1");
+        assert_eq!(weight(), "100");
+    }
+
+    #[test]
+    fn a_non_idle_job_gives_the_slice_its_weight_so_that_it_counts_against_the_training() {
+        let (d, own) = fake_v2_service();
+        let read = |f: &str| fs::read_to_string(own.join("eval").join(f)).unwrap();
+        fs::write(own.join("eval/cpu.weight"), "100").unwrap();
+        fs::write(own.join("eval/cpu.idle"), "1").unwrap();
+        let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
+        st.set_slice_cpu(false, Some(1)).unwrap();
+        assert_eq!(
+            (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
+            ("0", "1")
+        );
+        // The next job without a weight puts the default back.
+        st.set_slice_cpu(false, None).unwrap();
+        assert_eq!(read("cpu.weight"), "100");
     }
 
     #[test]

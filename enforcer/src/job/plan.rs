@@ -36,8 +36,9 @@ pub struct JobRequest {
     /// CPUs).
     #[arg(long)]
     pub cpu: Option<Cores>,
-    /// CPU weight, 1–10000 (v2 scale, default 100); implies nothing about
-    /// the idle class, see `--no-idle`.
+    /// CPU weight against the training, 1–10000 (v2 scale; the training's
+    /// default is 100): the evaluation slice takes it with `--no-idle` (in
+    /// the idle class the weight only ranks jobs among themselves).
     #[arg(long)]
     pub cpu_weight: Option<u64>,
     /// Do not put the job in the idle CPU class (the default is idle:

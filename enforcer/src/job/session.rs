@@ -501,9 +501,11 @@ impl Session {
             .0
             .apply(&plan.limits)
             .map_err(|e| SessionError::Failed(format!("applying the job's limits: {e}")))?;
-        subtree.set_slice_idle(plan.limits.cpu_idle).map_err(|e| {
-            SessionError::Failed(format!("setting the evaluation slice's CPU class: {e}"))
-        })?;
+        subtree
+            .set_slice_cpu(plan.limits.cpu_idle, plan.limits.cpu_weight)
+            .map_err(|e| {
+                SessionError::Failed(format!("setting the evaluation slice's CPU class: {e}"))
+            })?;
         // Hooks run as root: never unconfined, so no hooks cgroup, no job.
         let hooks = match &plan.supervision.on_event {
             None => None,
