@@ -170,6 +170,16 @@ pub struct ContentionArgs {
     /// print the verdict, as a `--matrix` run does at its end.
     #[arg(long, value_name = "JSON", conflicts_with_all = ["matrix", "training", "eval_shape"])]
     pub judge: Option<PathBuf>,
+    /// Where the training writes its progress file (and its schedstat
+    /// file), one small file replaced by rename every step. Default: the
+    /// bench's scratch directory under `--out`, on the workspace's
+    /// filesystem. Its filesystem matters: on a disk-backed ext4 a rename
+    /// that replaces a file can wait for the disk, and that wait is slowed
+    /// by any busy evaluation whatever its CPU class (docs/measurements.md);
+    /// a tmpfs such as `/dev/shm` leaves only the CPU's part. Created if
+    /// missing; the bench's files in it are removed at the end.
+    #[arg(long, value_name = "DIR")]
+    pub progress_dir: Option<PathBuf>,
 }
 
 /// The rows of one training × evaluation pair.
@@ -316,15 +326,27 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
     let step_work = workload::calibrate(Duration::from_secs_f64(args.step_ms / 1000.0));
     let scratch = root.join(&args.out).join("contention-scratch");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    // A directory of its own inside --progress-dir, so that the clean-up
+    // removes only what the bench wrote.
+    let progress_dir = match &args.progress_dir {
+        Some(d) => {
+            let d = d.join(format!("enforcer-bench-progress-{}", std::process::id()));
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            d
+        }
+        None => scratch.clone(),
+    };
+    let progress_fs = filesystem_of(&progress_dir);
     let load_before = loadavg();
     eprintln!(
-        "bench contention: {} policies × {} rounds × {:.0}+{:.0} s, {cpus} CPUs, step work {step_work} (≈{} ms), eval {eval_threads} threads × {} MiB, load {load_before}",
+        "bench contention: {} policies × {} rounds × {:.0}+{:.0} s, {cpus} CPUs, step work {step_work} (≈{} ms), eval {eval_threads} threads × {} MiB, progress file on {progress_fs} ({}), load {load_before}",
         policies.len(),
         args.rounds,
         args.warmup_secs,
         args.round_secs,
         args.step_ms,
-        args.eval_mem_mib
+        args.eval_mem_mib,
+        progress_dir.display()
     );
 
     let pairs: Vec<(TrainShape, EvalShape)> = if args.matrix {
@@ -353,6 +375,8 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
         step_work,
         scratch: &scratch,
+        progress_dir: &progress_dir,
+        progress_fs: &progress_fs,
         enforcer: &enforcer,
         load_before: &load_before,
     };
@@ -376,6 +400,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                 "rounds": args.rounds,
                 "round_secs": args.round_secs,
                 "budget_pct": args.budget_pct,
+                "progress_fs": progress_fs,
             },
             "pairs": matrix,
             "targets": verdict,
@@ -405,7 +430,27 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         eprintln!("wrote {}", svg.display());
     }
     let _ = fs::remove_dir_all(&scratch);
+    if args.progress_dir.is_some() {
+        let _ = fs::remove_dir_all(&progress_dir);
+    }
     Ok(())
+}
+
+/// The filesystem type of the mount that holds `dir` (the longest mount
+/// point that is a prefix of its canonical path), e.g. `ext4`, `tmpfs`.
+fn filesystem_of(dir: &Path) -> String {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            Some((point.replace("\\040", " "), fstype))
+        })
+        .filter(|(point, _)| dir.starts_with(point))
+        .max_by_key(|(point, _)| point.len())
+        .map_or_else(|| "unknown".to_owned(), |(_, t)| t.to_owned())
 }
 
 /// What every pair of a bench run shares.
@@ -417,6 +462,10 @@ struct BenchContext<'a> {
     cpu_root: Option<&'a Path>,
     step_work: u64,
     scratch: &'a Path,
+    /// Where the training's progress and schedstat files go.
+    progress_dir: &'a Path,
+    /// That directory's filesystem type (from /proc/self/mounts).
+    progress_fs: &'a str,
     enforcer: &'a Path,
     load_before: &'a str,
 }
@@ -451,6 +500,7 @@ fn run_pair(
             let spec = RunSpec {
                 exe: ctx.exe,
                 scratch: ctx.scratch,
+                progress_dir: ctx.progress_dir,
                 step_work: ctx.step_work,
                 step_ms: args.step_ms,
                 training,
@@ -530,6 +580,7 @@ fn run_pair(
             "step_ms": args.step_ms,
             "step_work": ctx.step_work,
             "budget_pct": args.budget_pct,
+            "progress_fs": ctx.progress_fs,
         },
         "training": training,
         "eval": eval,
@@ -691,6 +742,7 @@ impl Policy {
 struct RunSpec<'a> {
     exe: &'a Path,
     scratch: &'a Path,
+    progress_dir: &'a Path,
     step_work: u64,
     step_ms: f64,
     training: TrainShape,
@@ -781,8 +833,8 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let tag = format!("{}-{round}-{}", std::process::id(), policy_slug(policy));
     let report = s.scratch.join(format!("report-{tag}.json"));
     let status = Arc::new(Mutex::new(Status::default()));
-    let progress = s.scratch.join(format!("progress-{tag}"));
-    let schedstat = s.scratch.join(format!("schedstat-{tag}"));
+    let progress = s.progress_dir.join(format!("progress-{tag}"));
+    let schedstat = s.progress_dir.join(format!("schedstat-{tag}"));
     // The training outlives the run (it is killed at the end): the enforcer
     // row first loads its meter and learns the training's rate.
     let total = s.warmup + s.secs + Duration::from_secs(60);
@@ -1437,6 +1489,13 @@ pub(super) fn tree_cpu_secs(pid: u32, clk: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_progress_files_filesystem_is_that_of_the_longest_mount_holding_it() {
+        // /proc/self is on proc, not on the root's filesystem.
+        assert_eq!(filesystem_of(Path::new("/proc/self")), "proc");
+        assert_eq!(filesystem_of(Path::new("/sys/kernel")), "sysfs");
+    }
 
     fn tick(t: f64, delay_ms: u64, run_ms: u64) -> Tick {
         Tick {
