@@ -905,13 +905,15 @@ mod tests {
     }
 
     /// A plant for the placement: cumulative readings of 100 ms ticks in
-    /// which the training runs on CPUs 0-1 and `rate(tick, placed)` of its
-    /// time is stolen, `placed` while the job's cpuset file holds 2-3.
+    /// which the training runs two threads, one on each of CPUs 0-1, and
+    /// `rate(tick, placed)` of its time is stolen, `placed` while the job's
+    /// cpuset file holds 2-3. (Two cores' worth: the placement keeps both
+    /// CPUs for it.)
     fn placement_plant(
         cpus_file: std::path::PathBuf,
         rate: impl Fn(u32, bool) -> f64,
     ) -> impl FnMut(u32) -> Option<Result<StealReading, String>> {
-        let tick = Duration::from_millis(100);
+        let tick = Duration::from_millis(200);
         let (mut stolen, mut total) = (Duration::ZERO, Duration::ZERO);
         move |i| {
             let placed = std::fs::read_to_string(&cpus_file).is_ok_and(|c| c == "2-3");

@@ -53,7 +53,13 @@ pub struct PlacementConfig {
     /// ...plus any CPU it used for at least this many cores...
     pub min_cpu_share: f64,
     /// ...but no more CPUs than its use needs at this many cores each: the
-    /// busiest `ceil(cores / cpu_fill)` of them.
+    /// busiest `ceil(cores / cpu_fill)` of them. Above 1 on purpose: a
+    /// training of one core's worth spread over two CPUs (a new thread per
+    /// step measures 0.96-0.98 cores) keeps one; what it runs beyond it
+    /// lands on the job's CPUs, where the idle-class job yields to it, and
+    /// a placement that does not lower the steal is undone. At 0.9 such a
+    /// training kept both CPUs, the job was not placed and the quota was
+    /// cut instead (docs/measurements.md).
     pub cpu_fill: f64,
     /// Below this many cores of training in the window, nothing is decided
     /// (the training is idle or between steps).
@@ -71,7 +77,7 @@ impl Default for PlacementConfig {
             min_span: Duration::from_millis(300),
             cover: 0.9,
             min_cpu_share: 0.2,
-            cpu_fill: 0.9,
+            cpu_fill: 1.1,
             min_training_cores: 0.05,
             settle: Duration::from_secs(2),
             min_interval: Duration::from_secs(3),
@@ -319,10 +325,18 @@ mod tests {
         );
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].1.cpus, Some(CpuList::new([2, 3])));
-        // A full CPU's worth spread evenly over two needs both (1.0 ÷ 0.9).
+        // A full CPU's worth spread evenly over two (a new thread per step
+        // at one core, measured 0.96-0.98) needs one (1.0 ÷ 1.1): the job
+        // gets the other...
         let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
         let mut acc = vec![Duration::ZERO; 2];
-        assert!(feed(&mut p, Instant::now(), 0, 20, &[0.5, 0.5], &mut acc).is_empty());
+        let d = feed(&mut p, Instant::now(), 0, 20, &[0.5, 0.5], &mut acc);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1.cpus, Some(CpuList::new([1])));
+        // ...but 1.2 cores over two need both (1.2 ÷ 1.1).
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
+        let mut acc = vec![Duration::ZERO; 2];
+        assert!(feed(&mut p, Instant::now(), 0, 20, &[0.6, 0.6], &mut acc).is_empty());
     }
 
     #[test]
@@ -340,23 +354,24 @@ mod tests {
         let mut acc = vec![Duration::ZERO; 2];
         let first = feed(&mut p, t0, 0, 10, &[0.0, 1.0], &mut acc);
         assert_eq!(first.len(), 1);
-        // The training hops to CPU 0 at 1.0 s. The 1 s window sees it (90 %
-        // of its time) on CPU 0 from ~1.9 s; the proposal must then hold 2 s
-        // (and the previous change, at 0.3 s, be 3 s old).
+        // The training hops to CPU 0 at 1.0 s. One core needs one CPU: the
+        // 1 s window sees it mostly on CPU 0 from ~1.5 s; the proposal must
+        // then hold 2 s (and the previous change, at 0.3 s, be 3 s old).
         let moved = feed(&mut p, t0, 10, 40, &[1.0, 0.0], &mut acc);
         assert_eq!(moved.len(), 1, "{moved:?}");
         let (tick, d) = &moved[0];
         assert_eq!(d.cpus, Some(CpuList::new([1])));
         assert_eq!(d.previous, Some(CpuList::new([0])));
-        assert!((37..=42).contains(tick), "moved at tick {tick}");
+        assert!((33..=38).contains(tick), "moved at tick {tick}");
     }
 
     #[test]
     fn a_first_placement_after_the_start_waits_for_the_proposal_to_settle() {
-        // The training needs both CPUs for 3 s, then dips to 0.8 cores for
-        // a second (slowed for a moment), then uses them again: no
-        // placement. From 6 s it runs 0.8 cores for good: placed once the
-        // proposal has held 2 s.
+        // The training needs both CPUs (1.2 cores) for 3 s, then dips to
+        // 0.8 cores for a second (slowed for a moment), then uses them
+        // again: no placement. From 6 s it runs 0.8 cores for good: the 1 s
+        // window is under 1.1 cores from ~6.3 s, and the job is placed once
+        // that proposal has held 2 s.
         let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
         let t0 = Instant::now();
         let mut acc = vec![Duration::ZERO; 2];
@@ -367,7 +382,7 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         let (tick, d) = &d[0];
         assert_eq!(d.cpus, Some(CpuList::new([0])));
-        assert!((85..=95).contains(tick), "placed at tick {tick}");
+        assert!((80..=88).contains(tick), "placed at tick {tick}");
     }
 
     #[test]
