@@ -67,9 +67,9 @@ pub enum Policy {
     /// Static quota: 50 % of one CPU (cfs_quota_us), normal class.
     Quota,
     /// `enforcer run --cpu-weight 1 --no-idle`: the job's lowest weight
-    /// (v1 `cpu.shares` 10), normal class. Its evaluation slice keeps the
-    /// default weight, so against the training the job competes at full
-    /// weight: what `--cpu-weight` alone gives a user today.
+    /// (v1 `cpu.shares` 10), normal class; its evaluation slice takes the
+    /// same weight, so the job ranks below the training (the slice kept
+    /// the default weight before d9db937).
     Weight,
     /// The budget controller, cfs period 100 ms.
     Loop,
