@@ -17,7 +17,9 @@
 //! (its cores ÷ [`PlacementConfig::cpu_fill`], rounded up): a training whose
 //! threads hop over every CPU (a new thread per step, placed wherever the
 //! scheduler finds an idle-class CPU) still needs only as many as it uses,
-//! and an idle-class job spread over every CPU would keep it hopping. The
+//! and an idle-class job spread over every CPU would keep it hopping. A CPU
+//! the training kept busy for [`PlacementConfig::busy_cpu`] is always its
+//! own, whatever that bound says: a thread lives there. The
 //! job gets the rest; when nothing is
 //! left (the training runs everywhere) it gets every CPU and the quota does
 //! the work. A first placement within [`PlacementConfig::settle`] of the
@@ -61,6 +63,12 @@ pub struct PlacementConfig {
     /// training kept both CPUs, the job was not placed and the quota was
     /// cut instead (docs/measurements.md).
     pub cpu_fill: f64,
+    /// ...except that every CPU the training used for at least this many
+    /// cores stays a training CPU: a thread lives there (pinned, or kept
+    /// there by the scheduler), and four threads at 0.75 cores each on four
+    /// CPUs need four, not `ceil(3.0 / cpu_fill)` = 3. A training that
+    /// hops over two CPUs at one core's worth uses neither this much.
+    pub busy_cpu: f64,
     /// Below this many cores of training in the window, nothing is decided
     /// (the training is idle or between steps).
     pub min_training_cores: f64,
@@ -78,6 +86,7 @@ impl Default for PlacementConfig {
             cover: 0.9,
             min_cpu_share: 0.2,
             cpu_fill: 1.1,
+            busy_cpu: 0.6,
             min_training_cores: 0.05,
             settle: Duration::from_secs(2),
             min_interval: Duration::from_secs(3),
@@ -229,12 +238,13 @@ impl Placement {
 
 /// The busiest CPUs holding `cover` of the training's time, plus those it
 /// used for at least `min_cpu_share` cores, at most as many as `total` cores
-/// need at `cpu_fill` each.
+/// need at `cpu_fill` each or as it kept `busy_cpu` busy, whichever is more.
 fn training_cpus(usage: &[(u32, f64)], total: f64, config: &PlacementConfig) -> CpuList {
     let mut by_use = usage.to_vec();
     by_use.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     // At least one: the caller has already found the training busy.
-    let needed = ((total / config.cpu_fill).ceil() as usize).max(1);
+    let busy = usage.iter().filter(|(_, u)| *u >= config.busy_cpu).count();
+    let needed = ((total / config.cpu_fill).ceil() as usize).max(busy).max(1);
     let mut covered = 0.0;
     let mut cpus = Vec::new();
     for (cpu, u) in by_use.into_iter().take(needed) {
@@ -337,6 +347,20 @@ mod tests {
         let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
         let mut acc = vec![Duration::ZERO; 2];
         assert!(feed(&mut p, Instant::now(), 0, 20, &[0.6, 0.6], &mut acc).is_empty());
+    }
+
+    #[test]
+    fn every_cpu_a_training_thread_keeps_busy_stays_the_trainings() {
+        // Four threads at 0.75 cores, one on each of CPUs 0-3 of eight: 3.0
+        // cores would fit three CPUs at 1.1 each, but each of the four has
+        // a thread on it. The job gets 4-7, none of the training's.
+        let mut p = Placement::new(PlacementConfig::default(), CpuList::new(0..8));
+        let mut acc = vec![Duration::ZERO; 8];
+        let cores = [0.75, 0.75, 0.75, 0.75, 0.0, 0.0, 0.0, 0.0];
+        let d = feed(&mut p, Instant::now(), 0, 10, &cores, &mut acc);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].1.training_cpus, CpuList::new(0..4));
+        assert_eq!(d[0].1.cpus, Some(CpuList::new(4..8)));
     }
 
     #[test]
