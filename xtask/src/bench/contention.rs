@@ -165,6 +165,12 @@ pub struct ContentionArgs {
     /// decisions of every loop round) and .svg and prints one table.
     #[arg(long, conflicts_with_all = ["training", "eval_shape"])]
     pub matrix: bool,
+    /// With `--matrix`: only these trainings' rows (comma separated), every
+    /// evaluation shape beside each; the table, the plot and the verdict
+    /// cover those pairs alone. To re-measure one row after a change
+    /// without the whole matrix's hour.
+    #[arg(long, value_enum, value_delimiter = ',', requires = "matrix")]
+    pub matrix_training: Vec<TrainShape>,
     /// Run nothing: judge the three targets on a matrix already
     /// written (a contention-matrix.json, relative to the workspace) and
     /// print the verdict, as a `--matrix` run does at its end.
@@ -356,9 +362,13 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
                 "bench contention: no python3: the python training is left out of the matrix"
             );
         }
+        if args.matrix_training.contains(&TrainShape::Python) && !python {
+            bail!("--matrix-training python needs python3 on the PATH");
+        }
         TrainShape::ALL
             .into_iter()
             .filter(|t| *t != TrainShape::Python || python)
+            .filter(|t| args.matrix_training.is_empty() || args.matrix_training.contains(t))
             .flat_map(|t| EvalShape::ALL.into_iter().map(move |e| (t, e)))
             .collect()
     } else {
