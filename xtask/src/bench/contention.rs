@@ -173,9 +173,16 @@ pub struct ContentionArgs {
     pub matrix_training: Vec<TrainShape>,
     /// Run nothing: judge the three targets on a matrix already
     /// written (a contention-matrix.json, relative to the workspace) and
-    /// print the verdict, as a `--matrix` run does at its end.
-    #[arg(long, value_name = "JSON", conflicts_with_all = ["matrix", "training", "eval_shape"])]
-    pub judge: Option<PathBuf>,
+    /// print the verdict, as a `--matrix` run does at its end. Several
+    /// (comma separated), e.g. rows re-run with `--matrix-training`, are
+    /// judged as one matrix: they must share the budget and no pair.
+    #[arg(
+        long,
+        value_name = "JSON",
+        value_delimiter = ',',
+        conflicts_with_all = ["matrix", "training", "eval_shape"]
+    )]
+    pub judge: Vec<PathBuf>,
     /// Where the training writes its progress file (and its schedstat
     /// file), one small file replaced by rename every step. Default: the
     /// bench's scratch directory under `--out`, on the workspace's
@@ -273,12 +280,24 @@ struct Row {
 }
 
 pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
-    if let Some(json) = &args.judge {
-        let path = root.join(json);
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let (pairs, budget) = targets::from_matrix_json(&text)
-            .with_context(|| format!("reading the matrix in {}", path.display()))?;
+    if !args.judge.is_empty() {
+        let mut matrices = Vec::new();
+        for json in &args.judge {
+            let path = root.join(json);
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let (pairs, budget) = targets::from_matrix_json(&text)
+                .with_context(|| format!("reading the matrix in {}", path.display()))?;
+            matrices.push((json.display().to_string(), pairs, budget));
+        }
+        let (pairs, budget) = targets::merge(matrices)?;
+        if args.judge.len() > 1 {
+            eprintln!(
+                "bench contention: judging {} pairs from {} matrices together",
+                pairs.len(),
+                args.judge.len()
+            );
+        }
         print_verdict(&targets::judge(&pairs, budget));
         return Ok(());
     }

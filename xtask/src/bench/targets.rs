@@ -223,6 +223,37 @@ pub fn from_matrix_json(text: &str) -> Result<(Vec<PairCells>, f64)> {
     Ok((pairs, budget))
 }
 
+/// The pairs of several matrices (each read by [`from_matrix_json`], named
+/// by its file) as one: rows of one matrix re-run apart (`--matrix
+/// --matrix-training`) judged together. They must share the budget, and no
+/// pair may come from two of them: which run's cells would count is not
+/// for the judge to pick.
+pub fn merge(matrices: Vec<(String, Vec<PairCells>, f64)>) -> Result<(Vec<PairCells>, f64)> {
+    let mut budget: Option<(String, f64)> = None;
+    let mut from: Vec<(String, String)> = Vec::new();
+    let mut pairs = Vec::new();
+    for (file, cells, b) in matrices {
+        match &budget {
+            Some((first, fb)) if (fb - b).abs() > 1e-9 => anyhow::bail!(
+                "{file} has a {:.1}% budget, {first} {:.1}%: matrices judged together must share it",
+                b * 100.0,
+                fb * 100.0
+            ),
+            Some(_) => {}
+            None => budget = Some((file.clone(), b)),
+        }
+        for pair in cells {
+            if let Some((_, other)) = from.iter().find(|(name, _)| *name == pair.name) {
+                anyhow::bail!("pair {} is in both {other} and {file}", pair.name);
+            }
+            from.push((pair.name.clone(), file.clone()));
+            pairs.push(pair);
+        }
+    }
+    let (_, budget) = budget.context("no matrix to judge")?;
+    Ok((pairs, budget))
+}
+
 impl Verdict {
     /// The verdict as the lines printed under the matrix.
     pub fn lines(&self) -> Vec<String> {
@@ -471,6 +502,40 @@ mod tests {
         let bad = text.replace("\"idle\"", "\"sched-idle\"");
         let err = format!("{:#}", from_matrix_json(&bad).expect_err("unknown policy"));
         assert!(err.contains("sched-idle"), "{err}");
+    }
+
+    #[test]
+    fn rows_run_apart_are_judged_as_one_matrix_if_they_share_the_budget_and_no_pair() {
+        let row = |names: &[&str]| -> Vec<PairCells> {
+            names
+                .iter()
+                .map(|n| pair(n, 2.0, vec![cell(Policy::Idle, 1.0, 100.0)]))
+                .collect()
+        };
+        let (pairs, budget) = merge(vec![
+            ("a.json".into(), row(&["a × x", "a × y"]), 0.05),
+            ("b.json".into(), row(&["b × x"]), 0.05),
+        ])
+        .expect("two rows");
+        assert_eq!(budget, 0.05);
+        let names: Vec<&str> = pairs.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a × x", "a × y", "b × x"]);
+
+        let err = merge(vec![
+            ("a.json".into(), row(&["a × x"]), 0.05),
+            ("b.json".into(), row(&["b × x"]), 0.03),
+        ])
+        .expect_err("budgets differ");
+        let err = err.to_string();
+        assert!(err.contains("b.json") && err.contains("3.0%"), "{err}");
+
+        let err = merge(vec![
+            ("a.json".into(), row(&["a × x"]), 0.05),
+            ("b.json".into(), row(&["a × x"]), 0.05),
+        ])
+        .expect_err("a pair twice");
+        assert_eq!(err.to_string(), "pair a × x is in both a.json and b.json");
+        assert!(merge(Vec::new()).is_err());
     }
 
     #[test]
