@@ -913,12 +913,13 @@ mod tests {
         cpus_file: std::path::PathBuf,
         rate: impl Fn(u32, bool) -> f64,
     ) -> impl FnMut(u32) -> Option<Result<StealReading, String>> {
-        let tick = Duration::from_millis(200);
+        // Two threads' worth of time in each 100 ms tick.
+        let per_tick = Duration::from_millis(100) * 2;
         let (mut stolen, mut total) = (Duration::ZERO, Duration::ZERO);
         move |i| {
             let placed = std::fs::read_to_string(&cpus_file).is_ok_and(|c| c == "2-3");
-            stolen += tick.mul_f64(rate(i, placed));
-            total += tick;
+            stolen += per_tick.mul_f64(rate(i, placed));
+            total += per_tick;
             let on_cpu = total - stolen;
             Some(Ok(StealReading {
                 counters: StealCounters {

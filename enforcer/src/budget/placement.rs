@@ -57,7 +57,7 @@ pub struct PlacementConfig {
     /// ...but no more CPUs than its use needs at this many cores each: the
     /// busiest `ceil(cores / cpu_fill)` of them. Above 1 on purpose: a
     /// training of one core's worth spread over two CPUs (a new thread per
-    /// step measures 0.96-0.98 cores) keeps one; what it runs beyond it
+    /// step measured 0.96-1.03 cores) keeps one; what it runs beyond it
     /// lands on the job's CPUs, where the idle-class job yields to it, and
     /// a placement that does not lower the steal is undone. At 0.9 such a
     /// training kept both CPUs, the job was not placed and the quota was
@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].1.cpus, Some(CpuList::new([2, 3])));
         // A full CPU's worth spread evenly over two (a new thread per step
-        // at one core, measured 0.96-0.98) needs one (1.0 ÷ 1.1): the job
+        // at one core, measured 0.96-1.03) needs one (1.0 ÷ 1.1): the job
         // gets the other...
         let mut p = Placement::new(PlacementConfig::default(), CpuList::new([0, 1]));
         let mut acc = vec![Duration::ZERO; 2];

@@ -301,6 +301,30 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         print_verdict(&targets::judge(&pairs, budget));
         return Ok(());
     }
+    // The pairs first: a training this machine cannot run is refused
+    // before anything is calibrated or created.
+    let pairs: Vec<(TrainShape, EvalShape)> = if args.matrix {
+        let python = python_ok();
+        if !python {
+            if args.matrix_training.contains(&TrainShape::Python) {
+                bail!("--matrix-training python needs python3 on the PATH");
+            }
+            eprintln!(
+                "bench contention: no python3: the python training is left out of the matrix"
+            );
+        }
+        TrainShape::ALL
+            .into_iter()
+            .filter(|t| *t != TrainShape::Python || python)
+            .filter(|t| args.matrix_training.is_empty() || args.matrix_training.contains(t))
+            .flat_map(|t| EvalShape::ALL.into_iter().map(move |e| (t, e)))
+            .collect()
+    } else {
+        if args.training == TrainShape::Python && !python_ok() {
+            bail!("--training python needs python3 on the PATH");
+        }
+        vec![(args.training, args.eval_shape)]
+    };
     let enforcer = root.join(&args.enforcer);
     let enforcer_ok = supports_protect(&enforcer);
     let run_ok = Command::new(&enforcer)
@@ -374,28 +398,6 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         progress_dir.display()
     );
 
-    let pairs: Vec<(TrainShape, EvalShape)> = if args.matrix {
-        let python = python_ok();
-        if !python {
-            eprintln!(
-                "bench contention: no python3: the python training is left out of the matrix"
-            );
-        }
-        if args.matrix_training.contains(&TrainShape::Python) && !python {
-            bail!("--matrix-training python needs python3 on the PATH");
-        }
-        TrainShape::ALL
-            .into_iter()
-            .filter(|t| *t != TrainShape::Python || python)
-            .filter(|t| args.matrix_training.is_empty() || args.matrix_training.contains(t))
-            .flat_map(|t| EvalShape::ALL.into_iter().map(move |e| (t, e)))
-            .collect()
-    } else {
-        if args.training == TrainShape::Python && !python_ok() {
-            bail!("--training python needs python3 on the PATH");
-        }
-        vec![(args.training, args.eval_shape)]
-    };
     let ctx = BenchContext {
         policies: &policies,
         cpus,
