@@ -203,9 +203,23 @@ struct PairResult {
     /// Spread of the training-alone rate between rounds: the noise floor.
     alone_spread: Option<f64>,
     rows: Vec<Row>,
+    /// Every policy's numbers round by round: what the medians were taken
+    /// over, and what the targets compare within each round.
+    rounds: Vec<RoundCell>,
     /// The loop rows' decisions, round by round: what a matrix cell's
     /// number came from.
     decisions: Vec<RoundDecisions>,
+}
+
+/// One policy's numbers in one round.
+#[derive(Debug, Clone, Serialize)]
+struct RoundCell {
+    policy: Policy,
+    round: usize,
+    /// Against the same round's `training alone`.
+    slowdown: Option<f64>,
+    eval_work_per_s: Option<f64>,
+    eval_cpu_cores: Option<f64>,
 }
 
 /// What the budget loop decided in one round of one policy.
@@ -559,7 +573,7 @@ fn run_pair(
         }
     }
     let load_after = loadavg();
-    let rows = summarise(policies, &runs, args.rounds);
+    let rows = summarise(policies, &runs);
     print_table(&rows, args.budget_pct, cpus, ctx.load_before, &load_after);
     let alone_rates: Vec<f64> = runs
         .iter()
@@ -578,6 +592,7 @@ fn run_pair(
         eval,
         alone_spread,
         rows: rows.clone(),
+        rounds: round_cells(&runs),
         decisions: runs
             .iter()
             .filter(|r| !r.decisions.is_empty())
@@ -730,6 +745,18 @@ fn target_cells(pairs: &[PairResult]) -> Vec<targets::PairCells> {
                         policy: r.policy,
                         slowdown: r.slowdown?,
                         work: r.eval_vs_idle?,
+                        rounds: p
+                            .rounds
+                            .iter()
+                            .filter(|c| c.policy == r.policy)
+                            .filter_map(|c| {
+                                Some(targets::RoundPoint {
+                                    round: c.round,
+                                    slowdown: c.slowdown?,
+                                    work_per_s: c.eval_work_per_s?,
+                                })
+                            })
+                            .collect(),
                     })
                 })
                 .collect(),
@@ -1254,14 +1281,30 @@ fn trailing_fractions(ticks: &[Tick]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row> {
-    let alone_by_round: Vec<Option<f64>> = (0..rounds)
-        .map(|r| {
-            runs.iter()
-                .find(|x| x.policy == Policy::Alone && x.round == r)
-                .map(|x| x.train_steps_per_s)
+/// The training's slowdown in `run` against the same round's `training
+/// alone`; none for that row itself or where that round has no such row.
+fn round_slowdown(run: &RunResult, runs: &[RunResult]) -> Option<f64> {
+    if run.policy == Policy::Alone {
+        return None;
+    }
+    runs.iter()
+        .find(|x| x.policy == Policy::Alone && x.round == run.round)
+        .map(|alone| 1.0 - run.train_steps_per_s / alone.train_steps_per_s)
+}
+
+fn round_cells(runs: &[RunResult]) -> Vec<RoundCell> {
+    runs.iter()
+        .map(|r| RoundCell {
+            policy: r.policy,
+            round: r.round,
+            slowdown: round_slowdown(r, runs),
+            eval_work_per_s: r.eval_work_per_s,
+            eval_cpu_cores: r.eval_cpu_cores,
         })
-        .collect();
+        .collect()
+}
+
+fn summarise(policies: &[Policy], runs: &[RunResult]) -> Vec<Row> {
     let idle_work = median(
         runs.iter()
             .filter(|r| r.policy == Policy::Idle)
@@ -1276,10 +1319,7 @@ fn summarise(policies: &[Policy], runs: &[RunResult], rounds: usize) -> Vec<Row>
                 policy: p,
                 label: p.label(),
                 train_steps_per_s: median(of.iter().map(|r| r.train_steps_per_s)).unwrap_or(0.0),
-                slowdown: median(of.iter().filter_map(|r| {
-                    alone_by_round[r.round].map(|a| 1.0 - r.train_steps_per_s / a)
-                }))
-                .filter(|_| p != Policy::Alone),
+                slowdown: median(of.iter().filter_map(|r| round_slowdown(r, runs))),
                 eval_work_per_s: eval_work,
                 eval_vs_idle: eval_work.zip(idle_work).map(|(w, i)| w / i),
                 eval_cpu_cores: median(of.iter().filter_map(|r| r.eval_cpu_cores)),

@@ -14,6 +14,15 @@
 //!    [`FLAGSHIP_SLOWDOWN`] of slowdown with at least [`WORK_SHARE`] of
 //!    SCHED_IDLE's work.
 //!
+//! The medians decide. Where the matrix kept each round's numbers, a miss
+//! of target 1 and a win of target 2 also say in how many rounds the same
+//! comparison, made within the round (the policies of one round ran minutes
+//! apart, under the same load), went the same way: a miss in every round
+//! is the enforcer's; a miss that some rounds meet is as much the
+//! evaluation's work rate varying between rounds as anything the enforcer
+//! did. Each round's work is compared with that round's own, so a machine
+//! that drifts between rounds does not count.
+//!
 //! "Static" is every row that sets its controls once: unlimited, nice 19,
 //! SCHED_IDLE (also as measured by the enforcer), the static quota and the
 //! minimal weight; the in-bench loop rows are the enforcer's own controller
@@ -37,13 +46,53 @@ pub const WORK_MARGIN: f64 = 0.05;
 pub const FLAGSHIP_SLOWDOWN: f64 = 0.03;
 
 /// One policy's medians in one pair.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Cell {
     pub policy: Policy,
     /// The training's slowdown against `training alone` (a fraction).
     pub slowdown: f64,
     /// Evaluation work relative to SCHED_IDLE's (1.0 = the same).
     pub work: f64,
+    /// The same policy round by round; empty where the matrix did not keep
+    /// them (written before they were).
+    pub rounds: Vec<RoundPoint>,
+}
+
+/// One policy's numbers in one round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundPoint {
+    pub round: usize,
+    /// Against that round's `training alone`.
+    pub slowdown: f64,
+    /// Evaluation work units per second (compared only within a round).
+    pub work_per_s: f64,
+}
+
+/// In how many of the rounds both rows ran a comparison went the same way
+/// as the medians'.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct RoundCount {
+    pub agreeing: usize,
+    pub of: usize,
+}
+
+/// Compares two rows round by round: `holds(a, b)` for every round both
+/// have. `None` where no round has both (rounds not kept).
+fn by_round(
+    a: &Cell,
+    b: &Cell,
+    holds: impl Fn(&RoundPoint, &RoundPoint) -> bool,
+) -> Option<RoundCount> {
+    let mut count = RoundCount { agreeing: 0, of: 0 };
+    for x in &a.rounds {
+        if let Some(y) = b.rounds.iter().find(|y| y.round == x.round) {
+            count.of += 1;
+            if holds(x, y) {
+                count.agreeing += 1;
+            }
+        }
+    }
+    (count.of > 0).then_some(count)
 }
 
 /// What one pair contributes to the verdict.
@@ -68,6 +117,9 @@ pub struct WithinBudget {
     /// The enforcer's work over `best`'s.
     pub work_share: f64,
     pub met: bool,
+    /// Rounds in which the enforcer missed target 1 against `best`'s
+    /// round (over budget, or under [`WORK_SHARE`] of its work).
+    pub rounds_missed: Option<RoundCount>,
 }
 
 /// Target 2: a static policy that beat the enforcer on both axes.
@@ -82,6 +134,9 @@ pub struct Beaten {
     /// Whether `slowdown_margin` is also larger than the pair's noise;
     /// `None` where the noise was not measured (one round).
     pub beyond_noise: Option<bool>,
+    /// Rounds in which the policy beat the enforcer's round on both axes
+    /// by the same margins.
+    pub rounds_won: Option<RoundCount>,
 }
 
 /// Target 3.
@@ -147,6 +202,9 @@ pub fn judge(pairs: &[PairCells], budget: f64) -> Verdict {
                 enforcer_slowdown: enforcer.slowdown,
                 work_share,
                 met: enforcer.slowdown <= budget && work_share >= WORK_SHARE,
+                rounds_missed: by_round(enforcer, best, |e, b| {
+                    e.slowdown > budget || e.work_per_s < WORK_SHARE * b.work_per_s
+                }),
             });
         }
         // Target 2: every static policy better on both axes.
@@ -160,6 +218,10 @@ pub fn judge(pairs: &[PairCells], budget: f64) -> Verdict {
                     slowdown_margin,
                     work_ratio,
                     beyond_noise: pair.noise.map(|n| slowdown_margin > n),
+                    rounds_won: by_round(enforcer, c, |e, s| {
+                        e.slowdown - s.slowdown > SLOWDOWN_MARGIN
+                            && s.work_per_s > (1.0 + WORK_MARGIN) * e.work_per_s
+                    }),
                 });
             }
         }
@@ -197,6 +259,9 @@ pub fn from_matrix_json(text: &str) -> Result<(Vec<PairCells>, f64)> {
             let rows = p["rows"]
                 .as_array()
                 .with_context(|| format!("pair {i}: no rows"))?;
+            // Each round's numbers, where the matrix kept them.
+            let no_rounds = Vec::new();
+            let rounds = p["rounds"].as_array().unwrap_or(&no_rounds);
             let mut cells = Vec::new();
             for row in rows {
                 let name = row["policy"].as_str().unwrap_or_default();
@@ -205,10 +270,22 @@ pub fn from_matrix_json(text: &str) -> Result<(Vec<PairCells>, f64)> {
                 if let (Some(slowdown), Some(work)) =
                     (row["slowdown"].as_f64(), row["eval_vs_idle"].as_f64())
                 {
+                    let rounds = rounds
+                        .iter()
+                        .filter(|r| r["policy"].as_str() == Some(name))
+                        .filter_map(|r| {
+                            Some(RoundPoint {
+                                round: usize::try_from(r["round"].as_u64()?).ok()?,
+                                slowdown: r["slowdown"].as_f64()?,
+                                work_per_s: r["eval_work_per_s"].as_f64()?,
+                            })
+                        })
+                        .collect();
                     cells.push(Cell {
                         policy,
                         slowdown,
                         work,
+                        rounds,
                     });
                 }
             }
@@ -266,19 +343,42 @@ impl Verdict {
                 pct(self.budget)
             ));
         } else {
+            let misses: Vec<&WithinBudget> = self.within_budget.iter().filter(|w| !w.met).collect();
+            let every_round = misses
+                .iter()
+                .filter(|w| w.rounds_missed.is_some_and(|r| r.agreeing == r.of))
+                .count();
+            let by_round = misses.iter().filter(|w| w.rounds_missed.is_some()).count();
             out.push(format!(
-                "target 1 (where a static policy keeps the slowdown within {}%, the enforcer does too with >= {:.0}% of its work): met in {met} of {} pairs",
+                "target 1 (where a static policy keeps the slowdown within {}%, the enforcer does too with >= {:.0}% of its work): met in {met} of {} pairs{}",
                 pct(self.budget),
                 WORK_SHARE * 100.0,
-                self.within_budget.len()
+                self.within_budget.len(),
+                if by_round > 0 {
+                    format!(
+                        "; {every_round} of the {} misses missed in every round{}",
+                        misses.len(),
+                        if by_round < misses.len() {
+                            format!(" ({} without rounds kept)", misses.len() - by_round)
+                        } else {
+                            String::new()
+                        }
+                    )
+                } else {
+                    String::new()
+                }
             ));
-            for w in self.within_budget.iter().filter(|w| !w.met) {
+            for w in misses {
                 out.push(format!(
-                    "  not met: {}: enforcer {}% slowdown, {:.0}% of {}'s work",
+                    "  not met: {}: enforcer {}% slowdown, {:.0}% of {}'s work{}",
                     w.pair,
                     pct(w.enforcer_slowdown),
                     w.work_share * 100.0,
-                    policy_slug(w.best)
+                    policy_slug(w.best),
+                    w.rounds_missed.map_or(String::new(), |r| format!(
+                        "; missed in {} of {} rounds",
+                        r.agreeing, r.of
+                    ))
                 ));
             }
         }
@@ -313,7 +413,7 @@ impl Verdict {
             ));
             for b in &self.beaten {
                 out.push(format!(
-                    "  {} beat by {}: {} points less slowdown, {:.2}x the work{}",
+                    "  {} beat by {}: {} points less slowdown, {:.2}x the work{}{}",
                     b.pair,
                     policy_slug(b.by),
                     pct(b.slowdown_margin),
@@ -322,7 +422,11 @@ impl Verdict {
                         Some(true) => ", beyond the noise",
                         Some(false) => "",
                         None => ", noise not measured",
-                    }
+                    },
+                    b.rounds_won.map_or(String::new(), |r| format!(
+                        "; won in {} of {} rounds",
+                        r.agreeing, r.of
+                    ))
                 ));
             }
         }
@@ -351,6 +455,28 @@ mod tests {
             policy,
             slowdown: slowdown_pct / 100.0,
             work: work_pct / 100.0,
+            rounds: Vec::new(),
+        }
+    }
+
+    /// A cell with its rounds, each `(slowdown %, work units/s)`.
+    fn cell_by_round(
+        policy: Policy,
+        slowdown_pct: f64,
+        work_pct: f64,
+        rounds: &[(f64, f64)],
+    ) -> Cell {
+        Cell {
+            rounds: rounds
+                .iter()
+                .enumerate()
+                .map(|(round, &(slowdown, work))| RoundPoint {
+                    round,
+                    slowdown: slowdown / 100.0,
+                    work_per_s: work,
+                })
+                .collect(),
+            ..cell(policy, slowdown_pct, work_pct)
         }
     }
 
@@ -441,6 +567,104 @@ mod tests {
     }
 
     #[test]
+    fn a_target_one_miss_says_in_how_many_rounds_the_enforcer_missed_its_rounds_reference() {
+        let pairs = [
+            // Medians: 85 % of SCHED_IDLE's work, a miss. Round by round:
+            // 80 of 100 (a miss), 95 of 100 (met), 2 400 of 2 000 but 6 %
+            // slowdown (a miss, over budget).
+            pair(
+                "a × b",
+                2.0,
+                vec![
+                    cell_by_round(
+                        Policy::Idle,
+                        3.0,
+                        100.0,
+                        &[(3.0, 100.0), (2.0, 100.0), (4.0, 2000.0)],
+                    ),
+                    cell_by_round(
+                        Policy::Enforcer,
+                        2.0,
+                        85.0,
+                        &[(2.0, 80.0), (1.0, 95.0), (6.0, 2400.0)],
+                    ),
+                ],
+            ),
+            // Missed in both of its rounds.
+            pair(
+                "c × d",
+                2.0,
+                vec![
+                    cell_by_round(Policy::Nice, 1.0, 100.0, &[(1.0, 100.0), (1.0, 100.0)]),
+                    cell_by_round(Policy::Enforcer, 1.0, 70.0, &[(1.0, 60.0), (1.0, 80.0)]),
+                ],
+            ),
+            // Rounds not kept.
+            pair(
+                "e × f",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 1.0, 100.0),
+                    cell(Policy::Enforcer, 1.0, 50.0),
+                ],
+            ),
+        ];
+        let v = judge(&pairs, 0.05);
+        let missed: Vec<_> = v.within_budget.iter().map(|w| w.rounds_missed).collect();
+        assert_eq!(
+            missed,
+            [
+                Some(RoundCount { agreeing: 2, of: 3 }),
+                Some(RoundCount { agreeing: 2, of: 2 }),
+                None
+            ]
+        );
+        let lines = v.lines();
+        assert!(
+            lines[0].ends_with(
+                "met in 0 of 3 pairs; 1 of the 3 misses missed in every round (1 without rounds kept)"
+            ),
+            "{lines:?}"
+        );
+        assert!(lines[1].ends_with("; missed in 2 of 3 rounds"), "{lines:?}");
+        assert!(lines[3].ends_with("50% of idle's work"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_target_two_win_says_in_how_many_rounds_the_policy_won_on_both_axes() {
+        let pairs = [pair(
+            "a × b",
+            2.0,
+            vec![
+                // Medians: 3 points less slowdown, 1.2x the work. Rounds:
+                // a win; less slowdown but the same work; a win.
+                cell_by_round(
+                    Policy::Idle,
+                    5.0,
+                    120.0,
+                    &[(5.0, 120.0), (4.0, 100.0), (6.0, 130.0)],
+                ),
+                cell_by_round(
+                    Policy::Enforcer,
+                    8.0,
+                    100.0,
+                    &[(8.0, 100.0), (9.0, 100.0), (8.0, 100.0)],
+                ),
+            ],
+        )];
+        let v = judge(&pairs, 0.05);
+        assert_eq!(
+            v.beaten[0].rounds_won,
+            Some(RoundCount { agreeing: 2, of: 3 })
+        );
+        let lines = v.lines();
+        assert!(
+            lines.iter().any(|l| l.ends_with("; won in 2 of 3 rounds")),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
     fn a_win_in_a_pair_without_measured_noise_is_not_called_beyond_it() {
         let mut one_round = pair(
             "a × b",
@@ -498,7 +722,36 @@ mod tests {
         assert!(pairs[0].flagship);
         assert_eq!(pairs[0].noise, Some(0.02));
         assert_eq!(pairs[0].cells.len(), 2, "the alone row has no cell");
+        assert!(pairs[0].cells.iter().all(|c| c.rounds.is_empty()));
         assert!(judge(&pairs, budget).flagship.expect("judged").met);
+
+        // A matrix that kept its rounds: each row gets its own.
+        let with_rounds = text.replace(
+            r#""alone_spread": 0.02,"#,
+            r#""alone_spread": 0.02, "rounds": [
+                {"policy": "idle", "round": 0, "slowdown": 0.25, "eval_work_per_s": 1000.0},
+                {"policy": "enforcer", "round": 0, "slowdown": 0.02, "eval_work_per_s": 950.0},
+                {"policy": "enforcer", "round": 1, "slowdown": 0.03, "eval_work_per_s": 900.0},
+                {"policy": "alone", "round": 0, "slowdown": null, "eval_work_per_s": null}],"#,
+        );
+        let (pairs, _) = from_matrix_json(&with_rounds).expect("a valid matrix");
+        let enforcer = &pairs[0].cells[1];
+        assert_eq!(
+            enforcer.rounds,
+            [
+                RoundPoint {
+                    round: 0,
+                    slowdown: 0.02,
+                    work_per_s: 950.0
+                },
+                RoundPoint {
+                    round: 1,
+                    slowdown: 0.03,
+                    work_per_s: 900.0
+                }
+            ]
+        );
+        assert_eq!(pairs[0].cells[0].rounds.len(), 1);
         let bad = text.replace("\"idle\"", "\"sched-idle\"");
         let err = format!("{:#}", from_matrix_json(&bad).expect_err("unknown policy"));
         assert!(err.contains("sched-idle"), "{err}");
