@@ -387,6 +387,13 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         bail!("the cgroup policies need a v1 cpu hierarchy until `enforcer run` lands: {e}");
     }
     let step_work = workload::calibrate(Duration::from_secs_f64(args.step_ms / 1000.0));
+    // The Python step is timed once too, before anything runs, so that
+    // every run of that training does the same work per step.
+    let python_step_work = if pairs.iter().any(|(t, _)| *t == TrainShape::Python) {
+        Some(workload::calibrate_python(args.step_ms)?)
+    } else {
+        None
+    };
     let scratch = root.join(&args.out).join("contention-scratch");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     // A directory of its own inside --progress-dir, so that the clean-up
@@ -411,6 +418,12 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         args.eval_mem_mib,
         progress_dir.display()
     );
+    if let Some(n) = python_step_work {
+        eprintln!(
+            "bench contention: Python step {n} iterations (≈{} ms)",
+            args.step_ms
+        );
+    }
 
     let ctx = BenchContext {
         policies: &policies,
@@ -419,6 +432,7 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         exe: &exe,
         cpu_root: cpu_root.as_ref().ok().map(PathBuf::as_path),
         step_work,
+        python_step_work,
         scratch: &scratch,
         progress_dir: &progress_dir,
         progress_fs: &progress_fs,
@@ -444,6 +458,8 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
             "config": {
                 "rounds": args.rounds,
                 "round_secs": args.round_secs,
+                "step_work": step_work,
+                "python_step_work": python_step_work,
                 "budget_pct": args.budget_pct,
                 "progress_fs": progress_fs,
             },
@@ -506,6 +522,7 @@ struct BenchContext<'a> {
     exe: &'a Path,
     cpu_root: Option<&'a Path>,
     step_work: u64,
+    python_step_work: Option<u64>,
     scratch: &'a Path,
     /// Where the training's progress and schedstat files go.
     progress_dir: &'a Path,
@@ -547,7 +564,7 @@ fn run_pair(
                 scratch: ctx.scratch,
                 progress_dir: ctx.progress_dir,
                 step_work: ctx.step_work,
-                step_ms: args.step_ms,
+                python_step_work: ctx.python_step_work,
                 training,
                 eval,
                 warmup: Duration::from_secs_f64(args.warmup_secs),
@@ -625,6 +642,7 @@ fn run_pair(
             "eval_mem_mib": args.eval_mem_mib,
             "step_ms": args.step_ms,
             "step_work": ctx.step_work,
+            "python_step_work": ctx.python_step_work,
             "budget_pct": args.budget_pct,
             "progress_fs": ctx.progress_fs,
         },
@@ -802,7 +820,8 @@ struct RunSpec<'a> {
     scratch: &'a Path,
     progress_dir: &'a Path,
     step_work: u64,
-    step_ms: f64,
+    /// Iterations per step of the Python training, timed once per bench.
+    python_step_work: Option<u64>,
     training: TrainShape,
     eval: EvalShape,
     warmup: Duration,
@@ -898,10 +917,14 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
     let total = s.warmup + s.secs + Duration::from_secs(60);
     let mut train_cmd = if s.training == TrainShape::Python {
         let mut c = Command::new("python3");
-        c.args(["-c", workload::PYTHON_TRAINING])
+        c.args(["-c", workload::PYTHON_TRAINING, "train"])
             .arg(&progress)
             .arg(&schedstat)
-            .arg(format!("{}", s.step_ms))
+            .arg(
+                s.python_step_work
+                    .context("the Python step was not timed")?
+                    .to_string(),
+            )
             .arg(format!("{:.3}", total.as_secs_f64()));
         c
     } else {

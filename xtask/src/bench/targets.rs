@@ -16,12 +16,12 @@
 //!
 //! The medians decide. Where the matrix kept each round's numbers, a miss
 //! of target 1 and a win of target 2 also say in how many rounds the same
-//! comparison, made within the round (the policies of one round ran minutes
-//! apart, under the same load), went the same way: a miss in every round
-//! is the enforcer's; a miss that some rounds meet is as much the
-//! evaluation's work rate varying between rounds as anything the enforcer
-//! did. Each round's work is compared with that round's own, so a machine
-//! that drifts between rounds does not count.
+//! comparison, made within the round (its policies run one after another,
+//! within about a minute), went the same way: a miss in every round is the
+//! enforcer's; a miss that some rounds meet is as much the evaluation's
+//! work rate varying between rounds as anything the enforcer did. Each
+//! round's work is compared with that round's own, so a machine that
+//! drifts between rounds does not count.
 //!
 //! "Static" is every row that sets its controls once: unlimited, nice 19,
 //! SCHED_IDLE (also as measured by the enforcer), the static quota and the

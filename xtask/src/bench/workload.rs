@@ -83,24 +83,37 @@ impl EvalShape {
     ];
 }
 
-/// The Python training: `python3 -c PYTHON_TRAINING PROGRESS SCHEDSTAT
-/// STEP_MS SECS`. It calibrates a pure-Python step to `STEP_MS` on start,
-/// then rewrites the progress file with the step count and the schedstat
-/// file with its threads' `run_ns delay_ns` after every step.
+/// The Python training, `python3 -c PYTHON_TRAINING MODE ...`:
+///
+/// - `calibrate STEP_MS` prints the iterations of the pure-Python work loop
+///   that take `STEP_MS` on an idle CPU (the fastest of several timings,
+///   as [`calibrate`] does for the Rust shapes). The bench runs it once
+///   before any round, so that every run of the Python training does the
+///   same work per step and steps per second compare between runs;
+/// - `train PROGRESS SCHEDSTAT ITERATIONS SECS` runs steps of that many
+///   iterations, rewriting the progress file with the step count and the
+///   schedstat file with its threads' `run_ns delay_ns` after every step.
+///
+/// (Each run used to time its own step as it started: one timing, taken
+/// while the previous run's processes were still going away, so the work
+/// per step differed between runs and so did their rates.)
 pub const PYTHON_TRAINING: &str = r#"
 import os, sys, time
-progress, schedstat, step_ms, secs = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 def work(n):
     x = 0
     for i in range(n):
         x = (x * 31 + i) & 0xFFFFFFFF
     return x
-n = 1000
-while True:
-    t = time.perf_counter(); work(n); dt = time.perf_counter() - t
-    if dt > 0.02: break
-    n *= 2
-n = max(1, int(n * step_ms / 1000.0 / dt))
+def calibrate(step_ms):
+    n = 1000
+    while True:
+        t = time.perf_counter(); work(n); dt = time.perf_counter() - t
+        if dt > 0.02: break
+        n *= 2
+    best = min(timed(n) for _ in range(10))
+    return max(1, int(n * step_ms / 1000.0 / best))
+def timed(n):
+    t = time.perf_counter(); work(n); return time.perf_counter() - t
 def write(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f: f.write(text)
@@ -115,15 +128,43 @@ def sched():
         except (OSError, ValueError):
             pass
     return run, delay
-write(progress, "0\n")
-end = time.monotonic() + secs
-steps = 0
-while time.monotonic() < end:
-    work(n)
-    steps += 1
-    write(progress, "%d\n" % steps)
-    write(schedstat, "%d %d\n" % sched())
+def train(progress, schedstat, n, secs):
+    write(progress, "0\n")
+    end = time.monotonic() + secs
+    steps = 0
+    while time.monotonic() < end:
+        work(n)
+        steps += 1
+        write(progress, "%d\n" % steps)
+        write(schedstat, "%d %d\n" % sched())
+if sys.argv[1] == "calibrate":
+    print(calibrate(float(sys.argv[2])))
+else:
+    train(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
 "#;
+
+/// Iterations of the Python training's work loop per step of `step_ms`
+/// (its `calibrate` mode), timed once on this machine.
+pub fn calibrate_python(step_ms: f64) -> Result<u64> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", PYTHON_TRAINING, "calibrate", &format!("{step_ms}")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running python3 to time the Python training's step")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "python3 timing the Python training's step failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    text.trim().parse().with_context(|| {
+        format!(
+            "python3 printed {:?} for the step's iterations",
+            text.trim()
+        )
+    })
+}
 
 #[derive(Debug, Subcommand)]
 pub enum Worker {
