@@ -331,6 +331,12 @@ pub fn merge(matrices: Vec<(String, Vec<PairCells>, f64)>) -> Result<(Vec<PairCe
     Ok((pairs, budget))
 }
 
+/// A work share as a percentage rounded down to a tenth, so that a share
+/// just under [`WORK_SHARE`] (0.8998) does not print as the target (90.0).
+fn share_down(share: f64) -> f64 {
+    (share * 1000.0).floor() / 10.0
+}
+
 impl Verdict {
     /// The verdict as the lines printed under the matrix.
     pub fn lines(&self) -> Vec<String> {
@@ -370,10 +376,10 @@ impl Verdict {
             ));
             for w in misses {
                 out.push(format!(
-                    "  not met: {}: enforcer {}% slowdown, {:.0}% of {}'s work{}",
+                    "  not met: {}: enforcer {}% slowdown, {:.1}% of {}'s work{}",
                     w.pair,
                     pct(w.enforcer_slowdown),
-                    w.work_share * 100.0,
+                    share_down(w.work_share),
                     policy_slug(w.best),
                     w.rounds_missed.map_or(String::new(), |r| format!(
                         "; missed in {} of {} rounds",
@@ -432,12 +438,12 @@ impl Verdict {
         }
         out.push(match &self.flagship {
             Some(f) => format!(
-                "target 3 (thread-per-step × threads <= {:.0}% slowdown, >= {:.0}% of SCHED_IDLE's work): {} ({}% / {:.0}%)",
+                "target 3 (thread-per-step × threads <= {:.0}% slowdown, >= {:.0}% of SCHED_IDLE's work): {} ({}% / {:.1}%)",
                 FLAGSHIP_SLOWDOWN * 100.0,
                 WORK_SHARE * 100.0,
                 if f.met { "met" } else { "not met" },
                 pct(f.slowdown),
-                f.work * 100.0
+                share_down(f.work)
             ),
             None => "target 3: not judged: the thread-per-step × threads pair has no enforcer row"
                 .into(),
@@ -627,7 +633,7 @@ mod tests {
             "{lines:?}"
         );
         assert!(lines[1].ends_with("; missed in 2 of 3 rounds"), "{lines:?}");
-        assert!(lines[3].ends_with("50% of idle's work"), "{lines:?}");
+        assert!(lines[3].ends_with("50.0% of idle's work"), "{lines:?}");
     }
 
     #[test]
@@ -706,6 +712,26 @@ mod tests {
         assert!(judged(2.9, 95.0));
         assert!(!judged(5.6, 93.0));
         assert!(!judged(1.0, 85.0));
+        // Just under 90 % is a miss, and the line does not round it up
+        // to 90.
+        assert!(!judged(-0.5, 89.98));
+        assert!(!judged(-0.5, 89.8));
+        let lines = judge(
+            &[pair(
+                "thread-per-step × threads",
+                2.0,
+                vec![
+                    cell(Policy::Idle, 9.7, 100.0),
+                    cell(Policy::Enforcer, -0.5, 89.98),
+                ],
+            )],
+            0.05,
+        )
+        .lines();
+        assert!(
+            lines.iter().any(|l| l.ends_with("not met (-0.5% / 89.9%)")),
+            "{lines:?}"
+        );
     }
 
     #[test]
