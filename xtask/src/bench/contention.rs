@@ -190,7 +190,8 @@ pub struct ContentionArgs {
     /// that replaces a file can wait for the disk, and that wait is slowed
     /// by any busy evaluation whatever its CPU class (docs/measurements.md);
     /// a tmpfs such as `/dev/shm` leaves only the CPU's part. Created if
-    /// missing; the bench's files in it are removed at the end.
+    /// missing; the bench's files in it are removed at the end, and so is
+    /// the directory if the bench created it and it is empty.
     #[arg(long, value_name = "DIR")]
     pub progress_dir: Option<PathBuf>,
 }
@@ -397,7 +398,9 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
     let scratch = root.join(&args.out).join("contention-scratch");
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     // A directory of its own inside --progress-dir, so that the clean-up
-    // removes only what the bench wrote.
+    // removes only what the bench wrote; --progress-dir itself too, empty,
+    // if the bench made it.
+    let made_progress_parent = args.progress_dir.as_ref().is_some_and(|d| !d.exists());
     let progress_dir = match &args.progress_dir {
         Some(d) => {
             let d = d.join(format!("enforcer-bench-progress-{}", std::process::id()));
@@ -491,8 +494,12 @@ pub fn run(args: &ContentionArgs, root: &Path) -> Result<()> {
         eprintln!("wrote {}", svg.display());
     }
     let _ = fs::remove_dir_all(&scratch);
-    if args.progress_dir.is_some() {
+    if let Some(parent) = &args.progress_dir {
         let _ = fs::remove_dir_all(&progress_dir);
+        if made_progress_parent {
+            // remove_dir: only if nothing else was put there meanwhile.
+            let _ = fs::remove_dir(parent);
+        }
     }
     Ok(())
 }
