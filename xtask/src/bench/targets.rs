@@ -76,6 +76,19 @@ pub struct RoundCount {
     pub of: usize,
 }
 
+/// Target 1's rule, on medians or on one round: the enforcer's slowdown
+/// within `budget` and its work at least [`WORK_SHARE`] of the reference's.
+fn keeps_up(slowdown: f64, work: f64, reference_work: f64, budget: f64) -> bool {
+    slowdown <= budget && work >= WORK_SHARE * reference_work
+}
+
+/// Target 2's rule, on medians or on one round: a static policy (`slowdown`,
+/// `work`) beats the enforcer's by more than [`SLOWDOWN_MARGIN`] of
+/// slowdown and [`WORK_MARGIN`] of work.
+fn beats(slowdown: f64, work: f64, enforcer_slowdown: f64, enforcer_work: f64) -> bool {
+    enforcer_slowdown - slowdown > SLOWDOWN_MARGIN && work > (1.0 + WORK_MARGIN) * enforcer_work
+}
+
 /// Compares two rows round by round: `holds(a, b)` for every round both
 /// have. `None` where no round has both (rounds not kept).
 fn by_round(
@@ -201,26 +214,24 @@ pub fn judge(pairs: &[PairCells], budget: f64) -> Verdict {
                 best: best.policy,
                 enforcer_slowdown: enforcer.slowdown,
                 work_share,
-                met: enforcer.slowdown <= budget && work_share >= WORK_SHARE,
+                met: keeps_up(enforcer.slowdown, enforcer.work, best.work, budget),
                 rounds_missed: by_round(enforcer, best, |e, b| {
-                    e.slowdown > budget || e.work_per_s < WORK_SHARE * b.work_per_s
+                    !keeps_up(e.slowdown, e.work_per_s, b.work_per_s, budget)
                 }),
             });
         }
         // Target 2: every static policy better on both axes.
         for c in &statics {
-            let slowdown_margin = enforcer.slowdown - c.slowdown;
-            let work_ratio = c.work / enforcer.work;
-            if slowdown_margin > SLOWDOWN_MARGIN && work_ratio > 1.0 + WORK_MARGIN {
+            if beats(c.slowdown, c.work, enforcer.slowdown, enforcer.work) {
+                let slowdown_margin = enforcer.slowdown - c.slowdown;
                 verdict.beaten.push(Beaten {
                     pair: pair.name.clone(),
                     by: c.policy,
                     slowdown_margin,
-                    work_ratio,
+                    work_ratio: c.work / enforcer.work,
                     beyond_noise: pair.noise.map(|n| slowdown_margin > n),
                     rounds_won: by_round(enforcer, c, |e, s| {
-                        e.slowdown - s.slowdown > SLOWDOWN_MARGIN
-                            && s.work_per_s > (1.0 + WORK_MARGIN) * e.work_per_s
+                        beats(s.slowdown, s.work_per_s, e.slowdown, e.work_per_s)
                     }),
                 });
             }
@@ -354,18 +365,18 @@ impl Verdict {
                 .iter()
                 .filter(|w| w.rounds_missed.is_some_and(|r| r.agreeing == r.of))
                 .count();
-            let by_round = misses.iter().filter(|w| w.rounds_missed.is_some()).count();
+            let with_rounds = misses.iter().filter(|w| w.rounds_missed.is_some()).count();
             out.push(format!(
                 "target 1 (where a static policy keeps the slowdown within {}%, the enforcer does too with >= {:.0}% of its work): met in {met} of {} pairs{}",
                 pct(self.budget),
                 WORK_SHARE * 100.0,
                 self.within_budget.len(),
-                if by_round > 0 {
+                if with_rounds > 0 {
                     format!(
                         "; {every_round} of the {} misses missed in every round{}",
                         misses.len(),
-                        if by_round < misses.len() {
-                            format!(" ({} without rounds kept)", misses.len() - by_round)
+                        if with_rounds < misses.len() {
+                            format!(" ({} without rounds kept)", misses.len() - with_rounds)
                         } else {
                             String::new()
                         }

@@ -104,16 +104,14 @@ def work(n):
     for i in range(n):
         x = (x * 31 + i) & 0xFFFFFFFF
     return x
+def timed(n):
+    t = time.perf_counter(); work(n); return time.perf_counter() - t
 def calibrate(step_ms):
     n = 1000
-    while True:
-        t = time.perf_counter(); work(n); dt = time.perf_counter() - t
-        if dt > 0.02: break
+    while timed(n) <= 0.02:
         n *= 2
     best = min(timed(n) for _ in range(10))
     return max(1, int(n * step_ms / 1000.0 / best))
-def timed(n):
-    t = time.perf_counter(); work(n); return time.perf_counter() - t
 def write(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f: f.write(text)
