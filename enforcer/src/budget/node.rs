@@ -453,6 +453,12 @@ impl NodeBudget {
         if !(config.budget > 0.0 && config.budget < 1.0) {
             return Err(NodeBudgetError::Budget(config.budget));
         }
+        // The agent hands jobs only their quota and freeze, so the node's
+        // loop never lifts them out of the idle class.
+        let config = ControllerConfig {
+            lift_after: None,
+            ..config
+        };
         let budget = TrainingBudget {
             window: StealWindow::new(config.budget),
             controller: Controller::new(config),

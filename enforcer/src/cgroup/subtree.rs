@@ -48,6 +48,58 @@ enum Bases {
     },
 }
 
+/// The evaluation slice's CPU class: idle (`cpu.idle`, else the lowest
+/// weight), or the normal class at a weight. A job lifted out of the idle
+/// class takes the slice with it at the lowest weight, since the slice is
+/// what competes with the training; like [`Subtree::set_slice_cpu`], the
+/// slice follows the job that changed last when jobs run side by side.
+/// Writes go through the subtree's owned-roots handle.
+#[derive(Debug, Clone)]
+pub struct SliceClass {
+    fs: CgFs,
+    dir: PathBuf,
+    /// `cpu.weight` (v2) or `cpu.shares` (v1)...
+    weight_file: &'static str,
+    /// ...and its lowest value, the idle class's stand-in.
+    lowest: &'static str,
+}
+
+impl SliceClass {
+    /// The idle class, or the normal class at the lowest weight.
+    pub fn set_idle(&self, idle: bool) -> Result<(), CgroupError> {
+        self.write(idle, 1)
+    }
+
+    /// Idle, or out of it at `weight` (1..=10000, the v2 scale). A weight
+    /// is written after `cpu.idle` is cleared: the kernel refuses one on an
+    /// idle group. Without `cpu.idle` (before 5.15) the lowest weight
+    /// stands in for the idle class.
+    fn write(&self, idle: bool, weight: u64) -> Result<(), CgroupError> {
+        let has_idle = self.dir.join("cpu.idle").exists();
+        if has_idle {
+            self.fs
+                .write(&self.dir.join("cpu.idle"), if idle { "1" } else { "0" })?;
+        }
+        let file = self.dir.join(self.weight_file);
+        if !file.exists() {
+            return Ok(());
+        }
+        let value = |w: u64| match self.weight_file {
+            "cpu.shares" => super::v1::shares(w).to_string(),
+            _ => w.to_string(),
+        };
+        match (idle, has_idle) {
+            (true, true) => Ok(()),
+            (true, false) => self.fs.write(&file, self.lowest),
+            (false, _) => self.fs.write(&file, &value(weight)),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 impl Subtree {
     /// Detects the layout and prepares the subtree (on v2 this moves the
     /// calling process into `<own>/agent`).
@@ -200,36 +252,29 @@ impl Subtree {
     /// the lowest weight stands in for the idle class. A weight is written
     /// after `cpu.idle` is cleared: the kernel refuses one on an idle group.
     pub fn set_slice_cpu(&self, idle: bool, weight: Option<u64>) -> Result<(), CgroupError> {
-        let (dir, weight_file, lowest, weight) = match &self.bases {
-            Bases::V2(base) => (
-                base.clone(),
-                "cpu.weight",
-                "1",
-                weight.unwrap_or(100).clamp(1, 10_000),
-            ),
-            Bases::V1 { per_controller, .. } => match per_controller.get("cpu") {
-                Some(base) => (
-                    base.clone(),
-                    "cpu.shares",
-                    "2",
-                    super::v1::shares(weight.unwrap_or(100).clamp(1, 10_000)),
-                ),
-                None => return Ok(()),
-            },
+        let weight = weight.unwrap_or(100).clamp(1, 10_000);
+        match self.slice_class() {
+            Some(slice) => slice.write(idle, weight),
+            None => Ok(()),
+        }
+    }
+
+    /// A handle on the slice's CPU class for a job's budget loop, which
+    /// lifts the job (and so the slice) out of the idle class on trial and
+    /// back (see [`SliceClass`]); `None` where jobs have no CPU controller.
+    pub fn slice_class(&self) -> Option<SliceClass> {
+        let (dir, weight_file, lowest) = match &self.bases {
+            Bases::V2(base) => (base.clone(), "cpu.weight", "1"),
+            Bases::V1 { per_controller, .. } => {
+                (per_controller.get("cpu")?.clone(), "cpu.shares", "2")
+            }
         };
-        let has_idle = dir.join("cpu.idle").exists();
-        if has_idle {
-            self.fs
-                .write(&dir.join("cpu.idle"), if idle { "1" } else { "0" })?;
-        }
-        if !dir.join(weight_file).exists() {
-            return Ok(());
-        }
-        match (idle, has_idle) {
-            (true, true) => Ok(()),
-            (true, false) => self.fs.write(&dir.join(weight_file), lowest),
-            (false, _) => self.fs.write(&dir.join(weight_file), &weight.to_string()),
-        }
+        Some(SliceClass {
+            fs: self.fs.clone(),
+            dir,
+            weight_file,
+            lowest,
+        })
     }
 
     /// Where the job `name` is (or would be) in each hierarchy: what

@@ -14,7 +14,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use crate::cgroup::{CgroupError, JobCgroup, cpuset::CpuList};
+use crate::cgroup::{CgroupError, JobCgroup, cpuset::CpuList, subtree::SliceClass};
 
 /// Who wants a control. The order breaks ties where wishes cannot be
 /// merged (disjoint CPU sets: the earlier policy's set is kept).
@@ -125,6 +125,75 @@ impl ControlTarget for JobCgroup {
     }
     fn describe(&self) -> String {
         self.path().display().to_string()
+    }
+}
+
+/// A job's cgroup in the evaluation slice: the job's CPU class is written to
+/// both, since the slice is what competes with the training (a job out of
+/// the idle class in an idle slice would still be idle to it). Into the
+/// idle class the slice goes first, out of it last, so that a failed write
+/// leaves the slice idle. A job that ends out of the idle class puts the
+/// slice back when this is dropped (the end of its supervision).
+#[derive(Debug)]
+pub struct JobInSlice {
+    job: Arc<JobCgroup>,
+    slice: SliceClass,
+    /// The slice was lifted out of the idle class by this job.
+    lifted: Mutex<bool>,
+}
+
+impl JobInSlice {
+    pub fn new(job: Arc<JobCgroup>, slice: SliceClass) -> Self {
+        JobInSlice {
+            job,
+            slice,
+            lifted: Mutex::new(false),
+        }
+    }
+
+    fn lifted(&self) -> MutexGuard<'_, bool> {
+        self.lifted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ControlTarget for JobInSlice {
+    fn set_cpu_quota(&self, cores: Option<f64>) -> Result<(), CgroupError> {
+        self.job.set_cpu_quota(cores)
+    }
+    fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
+        let mut lifted = self.lifted();
+        if idle {
+            self.slice.set_idle(true)?;
+            *lifted = false;
+            self.job.set_cpu_idle(true)
+        } else {
+            self.job.set_cpu_idle(false)?;
+            *lifted = true;
+            self.slice.set_idle(false)
+        }
+    }
+    fn set_cpus(&self, cpus: Option<&CpuList>) -> Result<(), CgroupError> {
+        self.job.set_cpus(cpus)
+    }
+    fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        self.job.freeze(frozen)
+    }
+    fn describe(&self) -> String {
+        self.job.path().display().to_string()
+    }
+}
+
+impl Drop for JobInSlice {
+    fn drop(&mut self) {
+        if *self.lifted()
+            && let Err(error) = self.slice.set_idle(true)
+        {
+            tracing::warn!(
+                slice = %self.slice.dir().display(),
+                %error,
+                "the evaluation slice could not be put back in the idle class after the job"
+            );
+        }
     }
 }
 

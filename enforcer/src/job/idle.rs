@@ -12,6 +12,14 @@
 //! `RLIMIT_NICE`). This holds for every job in the idle class, with or
 //! without a training to protect, measured only or held by the budget loop.
 //!
+//! The budget loop may lift the job out of the idle class on trial (see
+//! `enforcer_model::controller`): the tick follows what the job's actuator
+//! wrote. Out of the class, the job's `SCHED_IDLE` threads go back to
+//! `SCHED_OTHER` (their nice kept), so that the job competes at its
+//! cgroup's lowest weight; back in it, they are put in `SCHED_IDLE` again.
+//! Only threads in the class being left are changed: a thread the job put
+//! in another policy (`SCHED_BATCH`, say) stays there.
+//!
 //! Thread numbers come from the job (its `cgroup.procs`, `/proc/<pid>/task`)
 //! and may be reused by the time they are acted on, so a thread is held by
 //! its `/proc/<tid>` directory, checked to be in the job's cgroup through
@@ -84,7 +92,11 @@ impl Task {
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct IdleThreads {
+    /// The job starts in the idle class (its limits).
     on: bool,
+    /// The class the threads are kept in now: the idle class unless the
+    /// job's actuator wrote it out of it.
+    idle: bool,
     /// Resolved at the first tick from the job's cgroup directory; `None`
     /// until then, or when it could not be (then nothing is changed).
     job: Option<CgroupMembership>,
@@ -111,7 +123,8 @@ enum Outcome {
 
 impl IdleThreads {
     /// Puts the job's threads listed by `pids` (the processes of its cgroup)
-    /// in the class; returns how many changed.
+    /// in the class (`self.idle`: `SCHED_IDLE`, else out of it); returns
+    /// how many changed.
     fn enforce(&mut self, proc: &ProcFs, job: &CgroupMembership, pids: Vec<i32>) -> usize {
         let mut changed = 0;
         for pid in pids.into_iter().filter_map(Pid::new) {
@@ -137,9 +150,17 @@ impl IdleThreads {
         let Ok(policy) = crate::sched::thread_policy(tid) else {
             return Outcome::Unchanged;
         };
-        if policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_IDLE {
+        let in_class = policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_IDLE;
+        // In the class when it should be; out of it, only threads in it
+        // are taken out.
+        if in_class == self.idle {
             return Outcome::Unchanged;
         }
+        let to = if self.idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
         // A thread gone meanwhile fails here: skipped.
         let Ok(task) = Task::open(proc, tid) else {
             return Outcome::Unchanged;
@@ -149,14 +170,14 @@ impl IdleThreads {
             Ok(_) => return Outcome::Outsider,
             Err(_) => return Outcome::Unchanged,
         }
-        if self.made_idle.contains(&tid) {
+        if self.idle && self.made_idle.contains(&tid) {
             self.escapes += 1;
             if self.escapes == 1 {
                 tracing::warn!(tid, policy, "a job thread left the idle class: put back");
             }
         }
-        if let Err(error) = crate::sched::set_thread_policy(task.tid, libc::SCHED_IDLE, 0) {
-            tracing::debug!(tid, %error, "SCHED_IDLE for a job thread failed");
+        if let Err(error) = crate::sched::set_thread_policy(task.tid, to, 0) {
+            tracing::debug!(tid, to, %error, "changing a job thread's policy failed");
             return Outcome::Unchanged;
         }
         if !task.alive() {
@@ -165,9 +186,13 @@ impl IdleThreads {
             // within microseconds), have reached another thread first.
             tracing::warn!(
                 tid,
-                "a job thread exited while it was put in SCHED_IDLE: if its number was reused at once, thread {tid} may be SCHED_IDLE"
+                to,
+                "a job thread exited while its policy was changed: if its number was reused at once, thread {tid} may have policy {to}"
             );
             return Outcome::Unchanged;
+        }
+        if !self.idle {
+            return Outcome::Changed;
         }
         if self.made_idle.len() >= REMEMBERED {
             self.made_idle.clear();
@@ -203,20 +228,24 @@ impl Monitor for IdleThreads {
 
     fn start(&mut self, job: &JobInfo) -> Result<(), MonitorError> {
         self.on = job.limits.cpu_idle;
+        self.idle = self.on;
         Ok(())
     }
 
-    fn tick(
-        &mut self,
-        _sample: &Sample,
-        ctx: &mut TickContext<'_>,
-    ) -> Result<Wishes, MonitorError> {
+    fn tick(&mut self, sample: &Sample, ctx: &mut TickContext<'_>) -> Result<Wishes, MonitorError> {
         if self.on {
+            // What the actuator wrote last; nothing written yet: the limits.
+            let idle = sample.applied.idle.unwrap_or(true);
+            if idle != self.idle {
+                self.idle = idle;
+                // Threads taken out on purpose are not escapes once back.
+                self.made_idle.clear();
+            }
             let proc = ProcFs::new();
             if let Some(job) = self.job(ctx.cgroup.path()) {
                 let changed = self.enforce(&proc, &job, ctx.cgroup.pids());
                 if changed > 0 {
-                    tracing::debug!(changed, "job threads put in SCHED_IDLE");
+                    tracing::debug!(changed, idle, "job threads' policy changed");
                 }
             }
         }
@@ -242,6 +271,17 @@ impl Monitor for IdleThreads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl IdleThreads {
+        /// As started for a job in the idle class.
+        fn in_class() -> Self {
+            IdleThreads {
+                on: true,
+                idle: true,
+                ..IdleThreads::default()
+            }
+        }
+    }
     use crate::host::Hierarchy;
     use std::sync::mpsc;
 
@@ -282,7 +322,7 @@ mod tests {
     #[test]
     fn a_listed_thread_outside_the_jobs_cgroup_is_left_in_its_class() {
         let thread = Parked::start();
-        let mut idle = IdleThreads::default();
+        let mut idle = IdleThreads::in_class();
         let elsewhere = CgroupMembership {
             hierarchy: Hierarchy::Unified,
             path: "/no-such-job-cgroup".to_owned(),
@@ -300,7 +340,7 @@ mod tests {
     #[test]
     fn a_listed_thread_inside_the_jobs_cgroup_is_put_in_the_idle_class_once() {
         let thread = Parked::start();
-        let mut idle = IdleThreads::default();
+        let mut idle = IdleThreads::in_class();
         let job = own_membership();
         let proc = ProcFs::new();
         assert_eq!(idle.enforce_one(&proc, &job, thread.tid), Outcome::Changed);
@@ -315,6 +355,43 @@ mod tests {
         );
         assert_eq!(idle.escapes, 0);
         thread.end();
+    }
+
+    #[test]
+    fn out_of_the_idle_class_the_jobs_idle_threads_go_back_to_sched_other_and_in_again() {
+        let thread = Parked::start();
+        let batch = Parked::start();
+        crate::sched::set_thread_policy(batch.tid, libc::SCHED_BATCH, 0).unwrap();
+        let mut idle = IdleThreads::in_class();
+        let job = own_membership();
+        let proc = ProcFs::new();
+        assert_eq!(idle.enforce_one(&proc, &job, thread.tid), Outcome::Changed);
+        assert_eq!(idle.enforce_one(&proc, &job, batch.tid), Outcome::Changed);
+        // Lifted out of the class: both were SCHED_IDLE, both go back to
+        // SCHED_OTHER.
+        idle.idle = false;
+        idle.made_idle.clear();
+        for tid in [thread.tid, batch.tid] {
+            assert_eq!(idle.enforce_one(&proc, &job, tid), Outcome::Changed);
+            assert_eq!(crate::sched::thread_policy(tid).unwrap(), libc::SCHED_OTHER);
+        }
+        // A thread the job put in SCHED_BATCH out of the class stays there.
+        crate::sched::set_thread_policy(batch.tid, libc::SCHED_BATCH, 0).unwrap();
+        assert_eq!(idle.enforce_one(&proc, &job, batch.tid), Outcome::Unchanged);
+        assert_eq!(
+            crate::sched::thread_policy(batch.tid).unwrap(),
+            libc::SCHED_BATCH
+        );
+        // Back in the class: SCHED_IDLE again, and not counted as escapes.
+        idle.idle = true;
+        assert_eq!(idle.enforce_one(&proc, &job, thread.tid), Outcome::Changed);
+        assert_eq!(
+            crate::sched::thread_policy(thread.tid).unwrap(),
+            libc::SCHED_IDLE
+        );
+        assert_eq!(idle.escapes, 0);
+        thread.end();
+        batch.end();
     }
 
     #[test]

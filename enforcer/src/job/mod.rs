@@ -71,6 +71,9 @@ pub struct Supervision {
     /// The `cgroup.procs` files of the cgroup the hooks run in (see
     /// [`events::Hook::cgroup`]).
     pub hooks_cgroup: Vec<std::path::PathBuf>,
+    /// The evaluation slice, for a job whose budget loop may lift it out of
+    /// the idle class (the slice goes with it; see [`controls::JobInSlice`]).
+    pub slice: Option<crate::cgroup::subtree::SliceClass>,
 }
 
 /// Starts `argv` as a member of the job cgroup: the forked child writes
@@ -400,7 +403,15 @@ pub async fn supervise(job: Supervised) -> (Report, i32) {
         timeout: spec.timeout,
         control_period: spec.control_period,
         started,
-        controls: std::sync::Arc::new(controls::Actuator::new(cgroup.clone(), spec.limits.cpu)),
+        controls: std::sync::Arc::new(controls::Actuator::new(
+            match &spec.slice {
+                Some(slice) => {
+                    std::sync::Arc::new(controls::JobInSlice::new(cgroup.clone(), slice.clone()))
+                }
+                None => cgroup.clone(),
+            },
+            spec.limits.cpu,
+        )),
     };
     monitors.retain_mut(|m| match m.start(&info) {
         Ok(()) => true,

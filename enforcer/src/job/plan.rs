@@ -182,6 +182,7 @@ impl Plan {
             on_event: args.on_event.clone().or_else(|| config.on_event.clone()),
             on_event_timeout: config.on_event_timeout.0,
             hooks_cgroup: Vec::new(),
+            slice: None,
         };
         if let Some(hook) = &supervision.on_event
             && crate::trust::running_as_root()

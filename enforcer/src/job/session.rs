@@ -16,7 +16,10 @@ use std::{
 };
 
 use crate::{
-    cgroup::{CgroupError, JobCgroup, Layout, Limits, Subtree, subtree::current_job},
+    cgroup::{
+        CgroupError, JobCgroup, Layout, Limits, Subtree,
+        subtree::{SliceClass, current_job},
+    },
     config::Config,
     gpu::{duty::RunFraction, guard::GpuLimits, monitor::GpuMonitor},
     host::{Pid, ProcFs},
@@ -244,6 +247,9 @@ struct Started {
     guard: JobGuard,
     /// The cgroup the job's `on_event` hooks run in, when it has a hook.
     hooks: Option<JobGuard>,
+    /// The evaluation slice, for a job in the idle class (its budget loop
+    /// may lift it out, the slice with it).
+    slice: Option<SliceClass>,
     _lock: slots::JobLock,
     _slot: slots::Slot,
 }
@@ -253,6 +259,7 @@ impl Started {
     fn supervision(&self, plan: &Plan) -> Supervision {
         let mut s = plan.supervision.clone();
         s.hooks_cgroup = hooks_files(self.hooks.as_ref());
+        s.slice.clone_from(&self.slice);
         s
     }
 
@@ -264,6 +271,7 @@ impl Started {
         let Started {
             guard,
             hooks,
+            slice: _,
             _lock,
             _slot,
         } = self;
@@ -519,9 +527,15 @@ impl Session {
                 Some(hooks)
             }
         };
+        let slice = plan
+            .limits
+            .cpu_idle
+            .then(|| subtree.slice_class())
+            .flatten();
         Ok(Started {
             guard,
             hooks,
+            slice,
             _lock: lock,
             _slot: slot,
         })
@@ -763,6 +777,7 @@ pub async fn game_in_job(
         on_event: config.on_event.clone(),
         on_event_timeout: config.on_event_timeout.0,
         hooks_cgroup: hooks_files(hooks.as_ref()),
+        slice: None,
     };
     let signals = job::Signals::install();
     let started = Instant::now();

@@ -1030,7 +1030,13 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
                 Stdio::null()
             });
         if cgroup.is_some() {
-            controller = Some(Controller::new(ControllerConfig::new(s.budget, s.cpus)));
+            // The in-process loop writes only the cgroup's cpu.idle and
+            // quota (no thread policies, no slice): no lift out of the
+            // idle class, which `enforcer` itself makes.
+            controller = Some(Controller::new(ControllerConfig {
+                lift_after: None,
+                ..ControllerConfig::new(s.budget, s.cpus)
+            }));
         }
         let now = Instant::now();
         if let (Some(cg), Some(c)) = (&cgroup, controller.as_mut()) {
