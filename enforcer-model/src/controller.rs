@@ -1358,7 +1358,10 @@ impl Controller {
             && self.slowdown_trial.is_none()
             && self.paid.is_none()
             && self.quota_before_slowdown.is_none()
-            && matches!(self.slowdown, SlowdownHeed::Heeded { .. })
+            // A slowdown found to be the job's is not risked again; one
+            // from elsewhere is ignored here as everywhere (the steal
+            // judges the lift).
+            && !matches!(self.slowdown, SlowdownHeed::TheJobs { .. })
             && passed(self.lift_held_until)
             && passed(self.steal_cuts_held_until)
             && passed(self.slowdown_cuts_held_until);

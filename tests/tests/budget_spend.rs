@@ -4,7 +4,9 @@
 //! idle class loses next to nothing to it: the job must start without a
 //! quota, never be tightened, frozen or confined to CPUs (placement answers
 //! steal, and there is none to answer), and its report must say how much
-//! of the budget it used.
+//! of the budget it used. Beside a training on every CPU, where the idle
+//! class leaves the job next to nothing, the loop lifts the job out of the
+//! class on trial, its threads and the evaluation slice with it.
 
 use std::{
     io::{BufRead, BufReader},
@@ -100,4 +102,195 @@ fn a_job_the_idle_class_keeps_within_budget_gets_no_quota() {
     );
 }
 
-enforcer_tests::root_tests!(a_job_the_idle_class_keeps_within_budget_gets_no_quota);
+/// What the poller saw of the job at one moment: whether every thread of
+/// its first process was `SCHED_IDLE` (`None`: no thread read), and the
+/// slice's `cpu.idle` (`None`: no such file, a kernel before 5.15).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    threads_idle: Option<bool>,
+    slice_idle: Option<bool>,
+}
+
+/// The job's directory in the hierarchy with the CPU controller: the one
+/// of its cgroups that has `cpu.weight` (v2) or `cpu.shares` (v1).
+fn cpu_dir_of(name: &str) -> Option<std::path::PathBuf> {
+    enforcer_tests::cgroup::job_cgroups(name)
+        .into_iter()
+        .filter(|d| d.file_name().is_some_and(|n| n == name))
+        .find(|d| d.join("cpu.weight").exists() || d.join("cpu.shares").exists())
+}
+
+fn threads_idle(pid: &str) -> Option<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: sched_getscheduler only reads; a gone thread gives -1.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        if policy < 0 {
+            continue;
+        }
+        any = true;
+        if policy & !libc::SCHED_RESET_ON_FORK != libc::SCHED_IDLE {
+            return Some(false);
+        }
+    }
+    any.then_some(true)
+}
+
+fn slice_idle(slice: &std::path::Path) -> Option<bool> {
+    let v = std::fs::read_to_string(slice.join("cpu.idle")).ok()?;
+    Some(v.trim() == "1")
+}
+
+fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_it_with_its_threads_and_slice()
+ {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let scratch = Scratch::new("budget-lift");
+    // The training keeps every CPU busy: an idle-class job gets next to
+    // nothing and steals next to nothing, so the loop lifts it (after 3 s
+    // well under budget) to see whether the budget can pay for more.
+    let training = ChildGuard(
+        Command::new(workload())
+            .args(["spin", &cpus.to_string(), "600"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the training"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let report_path = scratch.path("report.json");
+    let name = unique_name("lift");
+    let mut run = EnforcerGuard(
+        enforcer()
+            .args(["--log-format", "json", "run", "--job", &name, "--protect"])
+            .arg(training.0.id().to_string())
+            .args(["--budget", "5%", "--timeout", "9s", "--report"])
+            .arg(&report_path)
+            .arg("--")
+            .arg(workload())
+            .args(["spin", "1", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting enforcer run"),
+    );
+    // Watch the job's threads and its slice while it runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (done, name) = (done.clone(), name.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut dir = None;
+            let mut slice = None;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(25));
+                if dir.is_none() {
+                    dir = cpu_dir_of(&name);
+                }
+                let Some(d) = dir.as_ref() else { continue };
+                slice = d.parent().map(std::path::Path::to_path_buf);
+                // The job's processes are in its `main` leaf.
+                let procs = ["main/cgroup.procs", "cgroup.procs"]
+                    .iter()
+                    .map(|f| std::fs::read_to_string(d.join(f)).unwrap_or_default())
+                    .collect::<String>();
+                let Some(pid) = procs.lines().next() else {
+                    continue;
+                };
+                seen.push(Seen {
+                    threads_idle: threads_idle(pid),
+                    slice_idle: slice.as_deref().and_then(slice_idle),
+                });
+            }
+            (seen, slice)
+        })
+    };
+    let stderr = run.0.stderr.take().expect("stderr");
+    let mut events = Vec::new();
+    let mut log = Vec::new();
+    let mut unmeasured = None;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.contains("steal not measured") {
+            unmeasured = Some(line.clone());
+        }
+        events.extend(budget_event(&line));
+        log.push(line);
+    }
+    let _ = run.0.wait();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, slice) = poller.join().expect("the poller");
+    let log = log.join("\n");
+    if let Some(reason) = unmeasured {
+        panic!("the steal meter did not run, so the budget cannot be judged: {reason}\n{log}");
+    }
+    let actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    let lift = events
+        .iter()
+        .find(|e| e["action"] == "lift")
+        .unwrap_or_else(|| panic!("the job was never lifted: {actions:?}\n{log}"));
+    assert_eq!(lift["idle"], false, "{lift}");
+    // Its threads left SCHED_IDLE with it, once they had settled in it
+    // (the first sample may catch the command before it is in the class),
+    // and where the kernel has cpu.idle, the slice left the idle class at
+    // the same time.
+    let settled = seen
+        .windows(8)
+        .position(|w| w.iter().all(|s| s.threads_idle == Some(true)))
+        .unwrap_or_else(|| panic!("the job's threads never settled in SCHED_IDLE: {seen:?}"));
+    let out = settled
+        + seen[settled..]
+            .iter()
+            .position(|s| s.threads_idle == Some(false))
+            .unwrap_or_else(|| {
+                panic!("the job's threads never left SCHED_IDLE: {actions:?}\n{seen:?}")
+            });
+    if seen.iter().any(|s| s.slice_idle.is_some()) {
+        assert!(
+            seen[out..]
+                .iter()
+                .any(|s| s.slice_idle == Some(false) && s.threads_idle == Some(false)),
+            "the job's threads and the slice were never out of the idle class together: {seen:?}"
+        );
+    }
+    // A lift undone sends the threads back.
+    if actions
+        .iter()
+        .skip_while(|a| **a != "lift")
+        .any(|a| ["lower", "lift_did_not_pay"].contains(a))
+    {
+        assert!(
+            seen[out..].iter().any(|s| s.threads_idle == Some(true)),
+            "the lift was undone ({actions:?}) but the threads were not seen back in SCHED_IDLE: {seen:?}"
+        );
+    }
+    // Whatever the job ended in, the slice is idle again after it.
+    if let Some(idle) = slice.as_deref().and_then(slice_idle) {
+        assert!(
+            idle,
+            "the slice was left out of the idle class after the job\n{log}"
+        );
+    }
+    let tightened: Vec<_> = events
+        .iter()
+        .filter(|e| ["tighten", "freeze"].contains(&e["action"].as_str().unwrap_or("")))
+        .collect();
+    assert!(
+        tightened.is_empty(),
+        "the job was cut or frozen: {tightened:?}\n{log}"
+    );
+    let report = read_report(&report_path);
+    let used = report["budget_used"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no budget_used in the report: {report}"));
+    assert!(
+        (0.0..=0.05).contains(&used),
+        "budget used {used} of 0.05: {report}"
+    );
+}
+
+enforcer_tests::root_tests!(
+    a_job_the_idle_class_keeps_within_budget_gets_no_quota,
+    a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_it_with_its_threads_and_slice
+);

@@ -592,6 +592,31 @@ mod tests {
     }
 
     #[test]
+    fn a_job_lifted_out_of_the_idle_class_takes_the_slice_to_the_lowest_weight_and_back() {
+        let (d, own) = fake_v2_service();
+        let read = |f: &str| fs::read_to_string(own.join("eval").join(f)).unwrap();
+        fs::write(own.join("eval/cpu.weight"), "100").unwrap();
+        fs::write(own.join("eval/cpu.idle"), "1").unwrap();
+        let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
+        let slice = st.slice_class().expect("a v2 slice");
+        slice.set_idle(false).unwrap();
+        assert_eq!(
+            (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
+            ("0", "1")
+        );
+        slice.set_idle(true).unwrap();
+        assert_eq!(read("cpu.idle"), "1");
+        // Without cpu.idle (before 5.15) the lowest weight is the idle
+        // class's stand-in, and out of it the slice stays at that weight.
+        fs::remove_file(own.join("eval/cpu.idle")).unwrap();
+        fs::write(own.join("eval/cpu.weight"), "100").unwrap();
+        slice.set_idle(false).unwrap();
+        assert_eq!(read("cpu.weight"), "1");
+        slice.set_idle(true).unwrap();
+        assert_eq!(read("cpu.weight"), "1");
+    }
+
+    #[test]
     fn v2_own_cgroup_with_other_processes_fails_naming_them() {
         let d = tempfile::tempdir().unwrap();
         let own = d.path().join("session.scope");
