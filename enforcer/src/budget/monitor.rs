@@ -597,6 +597,7 @@ impl Monitor for BudgetMonitor {
                 quota_cores = controls.and_then(|c| c.quota.cores()),
                 job_cpu_cores = cores,
                 frozen = controls.is_some_and(|c| c.frozen),
+                idle_class = controls.map(|c| c.idle),
                 budget = self.config.budget,
                 "budget status"
             );

@@ -18,7 +18,9 @@
 //! `SCHED_OTHER` (their nice kept), so that the job competes at its
 //! cgroup's lowest weight; back in it, they are put in `SCHED_IDLE` again.
 //! Only threads in the class being left are changed: a thread the job put
-//! in another policy (`SCHED_BATCH`, say) stays there.
+//! in another policy (`SCHED_BATCH`, say) stays there, and while the job is
+//! out of the class a thread it puts in `SCHED_IDLE` itself is taken out
+//! again like any other.
 //!
 //! Thread numbers come from the job (its `cgroup.procs`, `/proc/<pid>/task`)
 //! and may be reused by the time they are acted on, so a thread is held by

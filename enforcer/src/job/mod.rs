@@ -203,13 +203,17 @@ pub const DEADLINE_ARM: Duration = Duration::from_millis(50);
 /// docs/measurements.md), and the deadline is a promise to the millisecond. The window is short and the
 /// thread sleeps in it, so it takes nothing from anyone. With
 /// `SCHED_RESET_ON_FORK`, so that nothing forked in the window (an
-/// `on_event` hook) starts real-time. Failing (no CAP_SYS_NICE, no RT
-/// budget in our cgroup) only logs.
+/// `on_event` hook) starts real-time. The window is left with the flag
+/// kept: the kernel writes the flag before the policy, so clearing it on
+/// the way out would let another process read `SCHED_FIFO` without it for
+/// an instant (and what is forked later starts at nice 0, not at the
+/// supervisor's raised priority, as it should anyway). Failing (no
+/// CAP_SYS_NICE, no RT budget in our cgroup) only logs.
 fn realtime(on: bool) {
     let policy = if on {
         libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK
     } else {
-        libc::SCHED_OTHER
+        libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK
     };
     if let Err(error) = crate::sched::set_thread_policy(0, policy, i32::from(on)) {
         tracing::debug!(on, %error, "could not change the supervisor's scheduling class");
