@@ -127,11 +127,11 @@ fn threads_idle(pid: &str) -> Option<bool> {
         let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        // SAFETY: sched_getscheduler only reads; a gone thread gives -1.
-        let policy = unsafe { libc::sched_getscheduler(tid) };
-        if policy < 0 {
+        // Through the raw system call: the VMs run a musl build, whose
+        // sched_getscheduler() is a stub. A gone thread is skipped.
+        let Ok(policy) = enforcer::sched::thread_policy(tid) else {
             continue;
-        }
+        };
         any = true;
         if policy & !libc::SCHED_RESET_ON_FORK != libc::SCHED_IDLE {
             return Some(false);
@@ -204,7 +204,8 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
                     slice_idle: slice.as_deref().and_then(slice_idle),
                 });
             }
-            (seen, slice)
+            let found = format!("job cgroup {dir:?}, slice {slice:?}");
+            (seen, slice, found)
         })
     };
     let stderr = run.0.stderr.take().expect("stderr");
@@ -220,7 +221,7 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
     }
     let _ = run.0.wait();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (seen, slice) = poller.join().expect("the poller");
+    let (seen, slice, found) = poller.join().expect("the poller");
     let log = log.join("\n");
     if let Some(reason) = unmeasured {
         panic!("the steal meter did not run, so the budget cannot be judged: {reason}\n{log}");
@@ -238,7 +239,9 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
     let settled = seen
         .windows(8)
         .position(|w| w.iter().all(|s| s.threads_idle == Some(true)))
-        .unwrap_or_else(|| panic!("the job's threads never settled in SCHED_IDLE: {seen:?}"));
+        .unwrap_or_else(|| {
+            panic!("the job's threads never settled in SCHED_IDLE ({found}): {seen:?}")
+        });
     let out = settled
         + seen[settled..]
             .iter()
