@@ -687,12 +687,13 @@ pub struct ControllerConfig {
     /// gaps). In the idle class without a quota, with every signal under
     /// `relax_below × budget` for this long and nothing on trial or held,
     /// the job is lifted out of it: the normal class at the lowest weight
-    /// (its slice too). The lift is a trial: the stolen fraction (and the
-    /// slowdown) over the target out of the class sends the job back at
-    /// once, and at the verdict (`lift_judge`) the job must have used
-    /// `lift_gain` more CPU than in the class, or it goes back too. Either
-    /// way no lift for `unpaid_hold`. `None`: the job never leaves the idle
-    /// class.
+    /// (its slice too). The lift is a trial: the stolen fraction or the
+    /// slowdown back over the relax threshold (the current rate and the
+    /// horizon projected at it; on trial, the current rate over the target
+    /// alone) sends the job back, and at the verdict (`lift_judge`) the job
+    /// must have used `lift_gain` more CPU than in the class, or it goes
+    /// back too. Either way no lift for `unpaid_hold`. `None`: the job
+    /// never leaves the idle class.
     pub lift_after: Option<Duration>,
     /// How long after a lift it is judged on the job's CPU use.
     pub lift_judge: Duration,
