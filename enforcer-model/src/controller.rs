@@ -1437,30 +1437,23 @@ impl Controller {
         if lifted.judged || now.saturating_duration_since(lifted.at) < cfg.lift_judge {
             return None;
         }
-        let Some(before) = lifted.cores_before else {
-            // Nothing to compare with: the budget alone judges it.
-            self.lifted = Some(Lifted {
-                judged: true,
-                ..lifted
-            });
-            return None;
-        };
-        let after = self.job_cores_over(lifted.at + cfg.min_span)?;
-        if after > before * (1.0 + cfg.lift_gain) {
-            self.lifted = Some(Lifted {
-                judged: true,
-                ..lifted
-            });
-            return None;
+        // Nothing to compare with: the budget alone judges it.
+        if let Some(before) = lifted.cores_before {
+            let after = self.job_cores_over(lifted.at + cfg.min_span)?;
+            if after <= before * (1.0 + cfg.lift_gain) {
+                let reason = Reason::LiftDidNotPay {
+                    before,
+                    after,
+                    hold_for,
+                };
+                return Some(self.lower(now, reason));
+            }
         }
-        Some(self.lower(
-            now,
-            Reason::LiftDidNotPay {
-                before,
-                after,
-                hold_for,
-            },
-        ))
+        self.lifted = Some(Lifted {
+            judged: true,
+            ..lifted
+        });
+        None
     }
 
     /// The job back in the idle class, and no lift for `unpaid_hold`.

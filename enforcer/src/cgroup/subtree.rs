@@ -60,8 +60,10 @@ pub struct SliceClass {
     dir: PathBuf,
     /// `cpu.weight` (v2) or `cpu.shares` (v1)...
     weight_file: &'static str,
-    /// ...and its lowest value, the idle class's stand-in.
+    /// ...its lowest value, the idle class's stand-in...
     lowest: &'static str,
+    /// ...and a weight on the v2 scale in its units.
+    scale: fn(u64) -> u64,
 }
 
 impl SliceClass {
@@ -84,14 +86,10 @@ impl SliceClass {
         if !file.exists() {
             return Ok(());
         }
-        let value = |w: u64| match self.weight_file {
-            "cpu.shares" => super::v1::shares(w).to_string(),
-            _ => w.to_string(),
-        };
         match (idle, has_idle) {
             (true, true) => Ok(()),
             (true, false) => self.fs.write(&file, self.lowest),
-            (false, _) => self.fs.write(&file, &value(weight)),
+            (false, _) => self.fs.write(&file, &(self.scale)(weight).to_string()),
         }
     }
 
@@ -263,17 +261,21 @@ impl Subtree {
     /// lifts the job (and so the slice) out of the idle class on trial and
     /// back (see [`SliceClass`]); `None` where jobs have no CPU controller.
     pub fn slice_class(&self) -> Option<SliceClass> {
-        let (dir, weight_file, lowest) = match &self.bases {
-            Bases::V2(base) => (base.clone(), "cpu.weight", "1"),
-            Bases::V1 { per_controller, .. } => {
-                (per_controller.get("cpu")?.clone(), "cpu.shares", "2")
-            }
+        let (dir, weight_file, lowest, scale): (_, _, _, fn(u64) -> u64) = match &self.bases {
+            Bases::V2(base) => (base.clone(), "cpu.weight", "1", |w| w),
+            Bases::V1 { per_controller, .. } => (
+                per_controller.get("cpu")?.clone(),
+                "cpu.shares",
+                "2",
+                super::v1::shares,
+            ),
         };
         Some(SliceClass {
             fs: self.fs.clone(),
             dir,
             weight_file,
             lowest,
+            scale,
         })
     }
 
