@@ -30,28 +30,29 @@ fn budget_event(line: &str) -> Option<serde_json::Value> {
     serde_json::from_str(v["fields"]["detail"].as_str()?).ok()
 }
 
-fn a_job_the_idle_class_keeps_within_budget_gets_no_quota() {
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
-    if online.trim() == "0" {
-        skip!("needs two CPUs (one the training leaves to the job)");
-    }
-    let scratch = Scratch::new("budget-spend");
+/// Starts the training (the workload with `training`) and, once it runs,
+/// `enforcer run --protect` on it with a one-thread spinning job named
+/// `name` for `timeout`, its JSON log on a pipe and its report to `report`.
+fn protected_run(
+    training: &[&str],
+    name: &str,
+    timeout: &str,
+    report: &std::path::Path,
+) -> (ChildGuard, EnforcerGuard) {
     let training = ChildGuard(
         Command::new(workload())
-            .args(["--cpu", "0", "spin", "1", "600"])
+            .args(training)
             .stdout(Stdio::null())
             .spawn()
             .expect("starting the training"),
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let report_path = scratch.path("report.json");
-    let name = unique_name("spend");
-    let mut run = EnforcerGuard(
+    let run = EnforcerGuard(
         enforcer()
-            .args(["--log-format", "json", "run", "--job", &name, "--protect"])
+            .args(["--log-format", "json", "run", "--job", name, "--protect"])
             .arg(training.0.id().to_string())
-            .args(["--budget", "5%", "--timeout", "6s", "--report"])
-            .arg(&report_path)
+            .args(["--budget", "5%", "--timeout", timeout, "--report"])
+            .arg(report)
             .arg("--")
             .arg(workload())
             .args(["spin", "1", "600"])
@@ -60,22 +61,68 @@ fn a_job_the_idle_class_keeps_within_budget_gets_no_quota() {
             .spawn()
             .expect("starting enforcer run"),
     );
-    let stderr = run.0.stderr.take().expect("stderr");
-    let mut events = Vec::new();
-    let mut log = Vec::new();
-    let mut unmeasured = None;
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if line.contains("steal not measured") {
-            unmeasured = Some(line.clone());
+    (training, run)
+}
+
+/// What a protected run logged, read to its end.
+struct BudgetLog {
+    /// The `detail` of every `budget` event.
+    events: Vec<serde_json::Value>,
+    log: String,
+    /// The line saying the steal was not measured, if one came.
+    unmeasured: Option<String>,
+}
+
+impl BudgetLog {
+    /// Reads `run`'s log until it ends and waits for it.
+    fn read(run: &mut EnforcerGuard) -> BudgetLog {
+        let stderr = run.0.stderr.take().expect("stderr");
+        let mut events = Vec::new();
+        let mut log = Vec::new();
+        let mut unmeasured = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("steal not measured") {
+                unmeasured = Some(line.clone());
+            }
+            events.extend(budget_event(&line));
+            log.push(line);
         }
-        events.extend(budget_event(&line));
-        log.push(line);
+        let _ = run.0.wait();
+        BudgetLog {
+            events,
+            log: log.join("\n"),
+            unmeasured,
+        }
     }
-    let _ = run.0.wait();
-    let log = log.join("\n");
-    if let Some(reason) = unmeasured {
-        panic!("the steal meter did not run, so the budget cannot be judged: {reason}\n{log}");
+
+    /// Panics when the steal meter did not run: the budget cannot be judged.
+    fn assert_measured(&self) {
+        if let Some(reason) = &self.unmeasured {
+            panic!(
+                "the steal meter did not run, so the budget cannot be judged: {reason}\n{}",
+                self.log
+            );
+        }
     }
+}
+
+fn a_job_the_idle_class_keeps_within_budget_gets_no_quota() {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
+    if online.trim() == "0" {
+        skip!("needs two CPUs (one the training leaves to the job)");
+    }
+    let scratch = Scratch::new("budget-spend");
+    let report_path = scratch.path("report.json");
+    let name = unique_name("spend");
+    let (_training, mut run) = protected_run(
+        &["--cpu", "0", "spin", "1", "600"],
+        &name,
+        "6s",
+        &report_path,
+    );
+    let read = BudgetLog::read(&mut run);
+    read.assert_measured();
+    let BudgetLog { events, log, .. } = read;
     let start = events
         .iter()
         .find(|e| e["action"] == "start")
@@ -152,29 +199,13 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
     // The training keeps every CPU busy: an idle-class job gets next to
     // nothing and steals next to nothing, so the loop lifts it (after 3 s
     // well under budget) to see whether the budget can pay for more.
-    let training = ChildGuard(
-        Command::new(workload())
-            .args(["spin", &cpus.to_string(), "600"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting the training"),
-    );
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let report_path = scratch.path("report.json");
     let name = unique_name("lift");
-    let mut run = EnforcerGuard(
-        enforcer()
-            .args(["--log-format", "json", "run", "--job", &name, "--protect"])
-            .arg(training.0.id().to_string())
-            .args(["--budget", "5%", "--timeout", "9s", "--report"])
-            .arg(&report_path)
-            .arg("--")
-            .arg(workload())
-            .args(["spin", "1", "600"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting enforcer run"),
+    let (_training, mut run) = protected_run(
+        &["spin", &cpus.to_string(), "600"],
+        &name,
+        "9s",
+        &report_path,
     );
     // Watch the job's threads and its slice while it runs.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -208,24 +239,11 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
             (seen, slice, found)
         })
     };
-    let stderr = run.0.stderr.take().expect("stderr");
-    let mut events = Vec::new();
-    let mut log = Vec::new();
-    let mut unmeasured = None;
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if line.contains("steal not measured") {
-            unmeasured = Some(line.clone());
-        }
-        events.extend(budget_event(&line));
-        log.push(line);
-    }
-    let _ = run.0.wait();
+    let read = BudgetLog::read(&mut run);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (seen, slice, found) = poller.join().expect("the poller");
-    let log = log.join("\n");
-    if let Some(reason) = unmeasured {
-        panic!("the steal meter did not run, so the budget cannot be judged: {reason}\n{log}");
-    }
+    read.assert_measured();
+    let BudgetLog { events, log, .. } = read;
     let actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
     let lift = events
         .iter()
