@@ -967,6 +967,10 @@ pub struct Controller {
     lifted: Option<Lifted>,
     /// A lift was undone: none until then.
     lift_held_until: Option<Instant>,
+    /// Time out of the idle class in lifts already undone, and how many
+    /// lifts were made.
+    lifted_before: Duration,
+    lifts: u32,
 }
 
 impl Controller {
@@ -1002,6 +1006,8 @@ impl Controller {
             last_blame: None,
             lifted: None,
             lift_held_until: None,
+            lifted_before: Duration::ZERO,
+            lifts: 0,
         }
     }
 
@@ -1033,6 +1039,16 @@ impl Controller {
             slowdown: self.horizon_slowdown(),
             budget: self.config.budget,
         })
+    }
+
+    /// How long the job has been out of the idle class by `now` (all
+    /// lifts together, the one still on included) and how many lifts were
+    /// made: what the lift spent, for the report.
+    pub fn out_of_idle_class(&self, now: Instant) -> (Duration, u32) {
+        let current = self
+            .lifted
+            .map_or(Duration::ZERO, |l| now.saturating_duration_since(l.at));
+        (self.lifted_before + current, self.lifts)
     }
 
     /// The answer of the last blame experiment, if one ran.
@@ -1377,6 +1393,7 @@ impl Controller {
             return None;
         }
         let cores_before = self.job_cores_over(self.since_last_change(now, cfg.lookahead));
+        self.lifts += 1;
         self.lifted = Some(Lifted {
             at: now,
             cores_before,
@@ -1489,7 +1506,9 @@ impl Controller {
 
     /// The job back in the idle class, and no lift for `unpaid_hold`.
     fn lower(&mut self, now: Instant, reason: Reason) -> Decision {
-        self.lifted = None;
+        if let Some(l) = self.lifted.take() {
+            self.lifted_before += now.saturating_duration_since(l.at);
+        }
         self.lift_held_until = Some(now + self.config.unpaid_hold);
         self.change(now, |c| c.idle = true, reason)
     }
@@ -3655,6 +3674,12 @@ mod tests {
         assert_eq!(*at, Duration::from_secs(3), "{lift}");
         assert!(!c.controls().idle);
         assert_eq!(c.controls().quota, Quota::Unlimited);
+        // The report's time out of the class counts the lift still on.
+        assert_eq!(
+            c.out_of_idle_class(sim.now),
+            (sim.elapsed() - *at, 1),
+            "{lift}"
+        );
         let worst = horizon_fractions(&per_period)
             .into_iter()
             .fold(0.0, f64::max);
@@ -3682,6 +3707,12 @@ mod tests {
             "{times:?}"
         );
         assert!(times[2] - times[1] >= c.config().unpaid_hold, "{times:?}");
+        // Both lifts' spans out of the class, none of the time between.
+        assert_eq!(
+            c.out_of_idle_class(sim.now),
+            ((times[1] - times[0]) + (times[3] - times[2]), 2),
+            "{times:?}"
+        );
         assert!(matches!(
             decisions[1].1.reason,
             Reason::Lower {

@@ -53,6 +53,13 @@ pub const STEAL_FIELDS: [&str; 6] = [
     "over_budget_s",
 ];
 
+/// The budget loop's lifts out of the idle class: null with [`NO_LOOP`]
+/// until a loop fills them.
+pub const LIFT_FIELDS: [&str; 2] = ["out_of_idle_class_s", "idle_class_lifts"];
+/// The reason of [`LIFT_FIELDS`] for a job no budget loop held.
+pub const NO_LOOP: &str =
+    "no budget loop held this job (it needs --protect PID, without --measure-only)";
+
 /// Fields whose `null` means "none" (no signal, no deadline fired, no quota
 /// set), not a metric this node could not provide.
 const NULL_MEANS_NONE: [&str; 9] = [
@@ -129,6 +136,11 @@ pub struct Report {
     /// Who a slowdown the steal did not explain came from, as the last blame
     /// experiment found: `"job"` or `"elsewhere"`; null when none ran.
     pub slowdown_blame: Option<String>,
+    /// How long the budget loop had the job out of the idle class (lifted
+    /// into the normal class at the lowest weight), all lifts together...
+    pub out_of_idle_class_s: Option<f64>,
+    /// ...and how many lifts it made.
+    pub idle_class_lifts: Option<u32>,
     // Filled by the GPU guard.
     pub gpu: Option<serde_json::Value>,
 
@@ -144,6 +156,9 @@ impl Report {
             .chain(["training_slowdown", "budget_used"])
         {
             unavailable.insert(k.to_owned(), NO_TRAINING.to_owned());
+        }
+        for k in LIFT_FIELDS {
+            unavailable.insert(k.to_owned(), NO_LOOP.to_owned());
         }
         unavailable.insert("gpu".to_owned(), NO_GPU.to_owned());
         Report {
@@ -187,6 +202,8 @@ impl Report {
             budget_used: None,
             training_slowdown: None,
             slowdown_blame: None,
+            out_of_idle_class_s: None,
+            idle_class_lifts: None,
             gpu: None,
             unavailable,
         }
@@ -288,6 +305,14 @@ impl Report {
                 "  budget used {:.1}% of {:.1}% (worst 10 s window or whole job)\n",
                 used * 100.0,
                 budget * 100.0
+            );
+        }
+        if let (Some(out), Some(lifts)) = (self.out_of_idle_class_s, self.idle_class_lifts)
+            && lifts > 0
+        {
+            s += &format!(
+                "  out of the idle class {out:.1}s in {lifts} lift{}\n",
+                if lifts == 1 { "" } else { "s" }
             );
         }
         if let Some(b) = &self.slowdown_blame {

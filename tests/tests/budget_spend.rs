@@ -309,6 +309,22 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
         (0.0..=0.05).contains(&used),
         "budget used {used} of 0.05: {report}"
     );
+    // The report counts the lifts the log shows, and time out of the
+    // class within the job's own.
+    let lifts = actions.iter().filter(|a| **a == "lift").count() as u64;
+    assert_eq!(
+        report["idle_class_lifts"].as_u64(),
+        Some(lifts),
+        "{actions:?}: {report}"
+    );
+    let out = report["out_of_idle_class_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no out_of_idle_class_s in the report: {report}"));
+    let wall = report["wall_s"].as_f64().expect("wall_s");
+    assert!(
+        out > 0.0 && out < wall,
+        "out of the idle class {out}s of {wall}s: {report}"
+    );
 }
 
 enforcer_tests::root_tests!(

@@ -1447,6 +1447,12 @@ fn report_node_budget(
     {
         report.unavailable.remove(field);
     }
+    for field in crate::report::LIFT_FIELDS {
+        report.unavailable(
+            field,
+            "the node agent's budget loop does not lift jobs out of the idle class",
+        );
+    }
 }
 
 /// Starts `enforcer shim <dir>` in a session of its own with the caller's

@@ -598,6 +598,10 @@ impl Monitor for BudgetMonitor {
                 job_cpu_cores = cores,
                 frozen = controls.is_some_and(|c| c.frozen),
                 idle_class = controls.map(|c| c.idle),
+                out_of_idle_class_s = self
+                    .controller
+                    .as_ref()
+                    .map(|c| c.out_of_idle_class(now).0.as_secs_f64()),
                 budget = self.config.budget,
                 "budget status"
             );
@@ -655,6 +659,27 @@ impl Monitor for BudgetMonitor {
             (w, j) => report.budget_used = Some(w.unwrap_or(0.0).max(j.unwrap_or(0.0))),
         }
         report.slowdown_blame = self.blame.map(|c| c.as_str().to_owned());
+        let lifts = match (&self.controller, self.last_tick) {
+            (Some(c), Some(at)) if c.config().idle && c.config().lift_after.is_some() => {
+                Ok(c.out_of_idle_class(at))
+            }
+            (Some(c), Some(_)) if !c.config().idle => {
+                Err("the job ran outside the idle class (--no-idle)")
+            }
+            (Some(_), Some(_)) => Err("the budget loop was configured not to lift"),
+            _ => Err("the budget loop never ran"),
+        };
+        match lifts {
+            Ok((out, lifts)) => {
+                report.out_of_idle_class_s = Some(out.as_secs_f64());
+                report.idle_class_lifts = Some(lifts);
+            }
+            Err(why) => {
+                for field in crate::report::LIFT_FIELDS {
+                    report.unavailable(field, why);
+                }
+            }
+        }
         if self.slowdowns.is_empty() {
             report.training_slowdown = None;
             report.unavailable(
@@ -815,6 +840,64 @@ mod tests {
         assert_eq!(report.training_slowdown, None);
         assert!(
             report.unavailable["training_slowdown"].contains("progress_file"),
+            "{:?}",
+            report.unavailable
+        );
+    }
+
+    #[test]
+    fn the_report_counts_the_time_the_loop_had_the_job_out_of_the_idle_class() {
+        // No steal at all: the loop lifts the job after 3 s; the fake job
+        // uses one core in and out of the class, so the lift's verdict 3 s
+        // later puts it back. The report says 3 s out in one lift.
+        let d = tempfile::tempdir().expect("tempdir");
+        let cg = fake_job(d.path());
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), None);
+        let job = info(
+            Instant::now(),
+            Limits {
+                cpu_idle: true,
+                ..Limits::default()
+            },
+            &cg,
+        );
+        m.start(&job).expect("start");
+        let events = run_ticks(&mut m, &job, &cg, 90, scripted(0.0));
+        let actions: Vec<&str> = events
+            .iter()
+            .filter(|e| e.event == "budget")
+            .filter_map(|e| e.detail["action"].as_str())
+            .collect();
+        assert_eq!(actions, ["start", "lift", "lift_did_not_pay"]);
+        let idle = std::fs::read_to_string(d.path().join("job/cpu.idle")).expect("cpu.idle");
+        assert_eq!(idle.trim(), "1", "the job is back in the idle class");
+
+        let mut report = Report::new("j", &[], std::time::SystemTime::now());
+        m.finish(&mut report);
+        report.reconcile();
+        let out = report.out_of_idle_class_s.expect("time out of the class");
+        assert!((out - 3.0).abs() < 0.15, "out of the idle class {out}s");
+        assert_eq!(report.idle_class_lifts, Some(1));
+        assert!(!report.unavailable.contains_key("out_of_idle_class_s"));
+        assert!(
+            report
+                .summary()
+                .contains("out of the idle class 3.0s in 1 lift\n"),
+            "{}",
+            report.summary()
+        );
+
+        // A --no-idle job was never in the class: null, and why.
+        let mut m = BudgetMonitor::new(ControllerConfig::new(0.05, 2.0), None);
+        let job = info(Instant::now(), Limits::default(), &cg);
+        m.start(&job).expect("start");
+        run_ticks(&mut m, &job, &cg, 10, scripted(0.0));
+        let mut report = Report::new("j", &[], std::time::SystemTime::now());
+        m.finish(&mut report);
+        report.reconcile();
+        assert_eq!(report.out_of_idle_class_s, None);
+        assert!(
+            report.unavailable["out_of_idle_class_s"].contains("--no-idle"),
             "{:?}",
             report.unavailable
         );
