@@ -13,4 +13,4 @@ pub mod procfs;
 pub use mountinfo::{Mount, MountTable};
 pub use pid::{InvalidPid, Pid};
 pub use proc_cgroup::{Hierarchy, ProcCgroup};
-pub use procfs::{ProcError, ProcFs, Stat, Status};
+pub use procfs::{CpuTicks, CpuTimes, ProcError, ProcFs, Stat, Status};

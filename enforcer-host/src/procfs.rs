@@ -15,6 +15,10 @@ use super::{MountTable, Pid, ProcCgroup};
 const SMALL_FILE_LIMIT: u64 = 64 * 1024;
 /// A mount table on a host with many containers runs to megabytes.
 const MOUNTINFO_LIMIT: u64 = 16 * 1024 * 1024;
+/// `/proc/stat`'s CPU lines come first, about 80 bytes each: the bound holds
+/// them on hosts of a few thousand CPUs, and the interrupt counts after
+/// them, which can run to megabytes, are not needed.
+const PROC_STAT_LIMIT: u64 = 512 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("reading {}: {source}", path.display())]
@@ -197,6 +201,17 @@ impl ProcFs {
             .collect()
     }
 
+    /// `/proc/stat`'s CPU lines: how much time passed on each CPU and how
+    /// much of it the hypervisor gave to someone else (steal).
+    pub fn cpu_times(&self) -> Result<CpuTimes, ProcError> {
+        let path = self.root.join("stat");
+        let text = self.read(path.clone(), PROC_STAT_LIMIT)?;
+        CpuTimes::parse(&text).ok_or_else(|| ProcError {
+            path,
+            source: io::Error::new(io::ErrorKind::InvalidData, "no cpu line"),
+        })
+    }
+
     /// Total run-queue wait of the threads of `pid` (the second field of
     /// each `/proc/<pid>/task/<tid>/schedstat`), ns.
     pub fn run_delay_ns(&self, pid: Pid) -> Option<u64> {
@@ -263,6 +278,70 @@ impl Stat {
     /// Exited and not yet reaped (or being reaped).
     pub fn is_zombie(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Clock ticks of one CPU, or of all of them, from `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// Every state (user, nice, system, idle, iowait, irq, softirq, steal):
+    /// the time that passed on the CPU. Guest time is already inside user
+    /// and nice, so it is not added again.
+    pub total: u64,
+    /// The time this virtual CPU wanted to run while the hypervisor ran
+    /// something else. Always 0 on bare metal.
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// The share of the time from `earlier` to `self` that the hypervisor
+    /// stole; `None` when no time passed.
+    pub fn steal_fraction_since(&self, earlier: &CpuTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)?;
+        let steal = self.steal.saturating_sub(earlier.steal).min(total);
+        Some(steal as f64 / total as f64)
+    }
+}
+
+/// The CPU lines of `/proc/stat`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// The `cpu` line: every CPU summed.
+    pub all: CpuTicks,
+    /// The `cpuN` lines, by CPU number (offline CPUs have none).
+    pub per_cpu: BTreeMap<u32, CpuTicks>,
+}
+
+impl CpuTimes {
+    /// Needs the `cpu` line with its eight states; a `cpuN` line cut short
+    /// (the read's bound) is left out.
+    pub fn parse(text: &str) -> Option<CpuTimes> {
+        fn ticks(fields: &[&str]) -> Option<CpuTicks> {
+            let v: Vec<u64> = fields
+                .iter()
+                .take(8)
+                .map(|f| f.parse().ok())
+                .collect::<Option<_>>()?;
+            (v.len() == 8).then(|| CpuTicks {
+                total: v.iter().sum(),
+                steal: v[7],
+            })
+        }
+        let mut all = None;
+        let mut per_cpu = BTreeMap::new();
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            let Some(name) = f.next().and_then(|n| n.strip_prefix("cpu")) else {
+                continue;
+            };
+            let rest: Vec<&str> = f.collect();
+            if name.is_empty() {
+                all = ticks(&rest);
+            } else if let (Ok(n), Some(t)) = (name.parse::<u32>(), ticks(&rest)) {
+                per_cpu.insert(n, t);
+            }
+        }
+        Some(CpuTimes { all: all?, per_cpu })
     }
 }
 
@@ -367,6 +446,58 @@ pub(crate) mod tests {
         let e = ProcFs::at(d.path()).stat(pid(5)).unwrap_err();
         assert!(!e.is_gone());
         assert!(e.to_string().contains("5/stat"), "{e}");
+    }
+
+    #[test]
+    fn cpu_times_sum_the_eight_states_and_take_steal_from_the_eighth() {
+        let text = "cpu  100 5 20 800 10 1 2 62 40 0\n\
+                    cpu0 50 5 10 400 5 1 1 30 20 0\n\
+                    cpu1 50 0 10 400 5 0 1 32 20 0\n\
+                    cpu7 1 2 3\n\
+                    intr 12345 0 1\n\
+                    ctxt 999\n";
+        let t = CpuTimes::parse(text).unwrap();
+        // Guest (40) is inside user already: not counted twice.
+        assert_eq!(
+            t.all,
+            CpuTicks {
+                total: 1000,
+                steal: 62
+            }
+        );
+        assert_eq!(
+            t.per_cpu[&1],
+            CpuTicks {
+                total: 498,
+                steal: 32
+            }
+        );
+        // A line cut short is left out, not read as zeros.
+        assert_eq!(t.per_cpu.len(), 2);
+        assert_eq!(CpuTimes::parse("intr 1 2\n"), None);
+    }
+
+    #[test]
+    fn the_steal_fraction_is_over_the_time_between_two_reads() {
+        let before = CpuTicks {
+            total: 1000,
+            steal: 62,
+        };
+        let after = CpuTicks {
+            total: 1200,
+            steal: 72,
+        };
+        assert_eq!(after.steal_fraction_since(&before), Some(0.05));
+        assert_eq!(before.steal_fraction_since(&before), None);
+        assert_eq!(before.steal_fraction_since(&after), None);
+    }
+
+    #[test]
+    fn the_real_proc_stat_has_every_online_cpu() {
+        let t = ProcFs::new().cpu_times().unwrap();
+        assert!(t.all.total > 0);
+        assert!(!t.per_cpu.is_empty());
+        assert!(t.all.steal <= t.all.total);
     }
 
     #[test]

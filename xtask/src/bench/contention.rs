@@ -35,7 +35,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use enforcer_host::{Hierarchy, Pid, ProcFs};
+use enforcer_host::{CpuTicks, Hierarchy, Pid, ProcFs};
 use enforcer_model::{
     StealCounters, Window,
     controller::{Controller, ControllerConfig, CpuControls, Observation, Quota},
@@ -203,6 +203,10 @@ struct PairResult {
     eval: EvalShape,
     /// Spread of the training-alone rate between rounds: the noise floor.
     alone_spread: Option<f64>,
+    /// The same spread once each round's rate is divided by the share of
+    /// the machine's CPU time the hypervisor left it (`1 − host_steal`):
+    /// how much of the noise the host's own neighbours explain.
+    alone_spread_host_adjusted: Option<f64>,
     rows: Vec<Row>,
     /// Every policy's numbers round by round: what the medians were taken
     /// over, and what the targets compare within each round.
@@ -219,6 +223,11 @@ struct RoundCell {
     round: usize,
     /// Against the same round's `training alone`.
     slowdown: Option<f64>,
+    /// The same, with both rates divided by `1 − host_steal` of their run.
+    slowdown_host_adjusted: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor stole during the
+    /// run (`/proc/stat`'s steal); 0 on bare metal.
+    host_steal: Option<f64>,
     eval_work_per_s: Option<f64>,
     eval_cpu_cores: Option<f64>,
 }
@@ -251,6 +260,9 @@ struct RunResult {
     policy: Policy,
     round: usize,
     train_steps_per_s: f64,
+    /// The share of the machine's CPU time the hypervisor stole over the
+    /// measured span, all CPUs together.
+    host_steal: Option<f64>,
     wait_fraction: f64,
     eval_work_per_s: Option<f64>,
     eval_cpu_cores: Option<f64>,
@@ -586,10 +598,12 @@ fn run_pair(
             let r = run_one(policy, round, &spec)
                 .with_context(|| format!("round {round}, policy {}", policy.label()))?;
             eprintln!(
-                "  round {round} {:<38} {:>7.1} steps/s  wait {:>5.1}%  eval {}",
+                "  round {round} {:<38} {:>7.1} steps/s  wait {:>5.1}%  host steal {}  eval {}",
                 policy.label(),
                 r.train_steps_per_s,
                 r.wait_fraction * 100.0,
+                r.host_steal
+                    .map_or("-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
                 r.eval_work_per_s
                     .map_or("-".to_owned(), |w| format!("{w:.0} units/s"))
             );
@@ -599,22 +613,31 @@ fn run_pair(
     let load_after = loadavg();
     let rows = summarise(policies, &runs);
     print_table(&rows, args.budget_pct, cpus, ctx.load_before, &load_after);
-    let alone_rates: Vec<f64> = runs
-        .iter()
-        .filter(|r| r.policy == Policy::Alone)
-        .map(|r| r.train_steps_per_s)
-        .collect();
-    // One round has no spread to show: no noise rather than a noise of 0.
-    let measured = (alone_rates.len() >= 2).then_some(alone_rates.as_slice());
-    let alone_spread = median(measured.unwrap_or_default().iter().copied()).map(|m| {
-        let hi = alone_rates.iter().copied().fold(f64::MIN, f64::max);
-        let lo = alone_rates.iter().copied().fold(f64::MAX, f64::min);
-        (hi - lo) / m.max(1e-9)
-    });
+    let alone: Vec<&RunResult> = runs.iter().filter(|r| r.policy == Policy::Alone).collect();
+    let alone_rates: Vec<f64> = alone.iter().map(|r| r.train_steps_per_s).collect();
+    let alone_spread = spread(&alone_rates);
+    let adjusted: Option<Vec<f64>> = alone.iter().map(|r| host_adjusted_rate(r)).collect();
+    let alone_spread_host_adjusted = adjusted.as_deref().and_then(spread);
+    if let Some(noise) = alone_spread {
+        let steal: Vec<String> = alone
+            .iter()
+            .map(|r| {
+                r.host_steal
+                    .map_or("-".to_owned(), |h| format!("{:.1}", h * 100.0))
+            })
+            .collect();
+        eprintln!(
+            "noise: the training-alone rate spread {:.1}% between rounds; {} with each divided by 1 − the host's steal ({}% by round)",
+            noise * 100.0,
+            alone_spread_host_adjusted.map_or("-".to_owned(), |n| format!("{:.1}%", n * 100.0)),
+            steal.join(", ")
+        );
+    }
     let result = PairResult {
         training,
         eval,
         alone_spread,
+        alone_spread_host_adjusted,
         rows: rows.clone(),
         rounds: round_cells(&runs),
         decisions: runs
@@ -717,7 +740,7 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
         .iter()
         .filter(|r| r.policy != Policy::Alone)
         .collect();
-    print!("{:<30} {:>7}", "training × evaluation", "noise%");
+    print!("{:<30} {:>13}", "training × evaluation", "noise% (host)");
     for r in &shown {
         print!(" {:>22}", policy_slug(r.policy));
     }
@@ -725,9 +748,13 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
     let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}", v * 100.0));
     for p in pairs {
         print!(
-            "{:<30} {:>7}",
+            "{:<30} {:>13}",
             format!("{} × {}", slug(p.training), slug(p.eval)),
-            pct(p.alone_spread)
+            format!(
+                "{} ({})",
+                pct(p.alone_spread),
+                pct(p.alone_spread_host_adjusted)
+            )
         );
         for shown_row in &shown {
             let cell =
@@ -749,7 +776,8 @@ fn print_matrix(pairs: &[PairResult], budget_pct: f64) {
         println!();
     }
     println!(
-        "noise% = spread of the training-alone rate between rounds (max − min over the median)"
+        "noise% = spread of the training-alone rate between rounds (max − min over the median); \
+         (host) = the same with each round's rate divided by 1 − the hypervisor's steal of the machine's CPU in it"
     );
 }
 
@@ -1074,6 +1102,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         }
     }
     let t0 = Instant::now();
+    let host_before = host_cpu_ticks();
     let base = read_schedstat(&schedstat);
     let mut ticks = Vec::new();
     let mut decisions = Vec::new();
@@ -1155,6 +1184,9 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 
+    let host_steal = host_before
+        .zip(host_cpu_ticks())
+        .and_then(|(before, after)| after.steal_fraction_since(&before));
     if policy == Policy::Enforcer
         && let Ok(st) = status.lock()
     {
@@ -1253,6 +1285,7 @@ fn run_one(policy: Policy, round: usize, s: &RunSpec<'_>) -> Result<RunResult> {
         policy,
         round,
         train_steps_per_s,
+        host_steal,
         wait_fraction,
         eval_work_per_s,
         eval_cpu_cores,
@@ -1328,12 +1361,51 @@ fn round_slowdown(run: &RunResult, runs: &[RunResult]) -> Option<f64> {
         .map(|alone| 1.0 - run.train_steps_per_s / alone.train_steps_per_s)
 }
 
+/// The training's rate per second of CPU time the hypervisor left the
+/// machine: what the rate would have been with no host steal, for a
+/// training bound by CPU.
+fn host_adjusted_rate(run: &RunResult) -> Option<f64> {
+    run.host_steal
+        .filter(|h| *h < 1.0)
+        .map(|h| run.train_steps_per_s / (1.0 - h))
+}
+
+/// [`round_slowdown`] on host-adjusted rates.
+fn round_slowdown_host_adjusted(run: &RunResult, runs: &[RunResult]) -> Option<f64> {
+    if run.policy == Policy::Alone {
+        return None;
+    }
+    let alone = runs
+        .iter()
+        .find(|x| x.policy == Policy::Alone && x.round == run.round)?;
+    Some(1.0 - host_adjusted_rate(run)? / host_adjusted_rate(alone)?)
+}
+
+/// Max − min over the median: the spread between rounds.
+fn spread(values: &[f64]) -> Option<f64> {
+    // One round has no spread to show: no noise rather than a noise of 0.
+    if values.len() < 2 {
+        return None;
+    }
+    let m = median(values.iter().copied())?;
+    let hi = values.iter().copied().fold(f64::MIN, f64::max);
+    let lo = values.iter().copied().fold(f64::MAX, f64::min);
+    Some((hi - lo) / m.max(1e-9))
+}
+
+/// `/proc/stat`'s ticks over every CPU; `None` where it cannot be read.
+fn host_cpu_ticks() -> Option<CpuTicks> {
+    ProcFs::new().cpu_times().ok().map(|t| t.all)
+}
+
 fn round_cells(runs: &[RunResult]) -> Vec<RoundCell> {
     runs.iter()
         .map(|r| RoundCell {
             policy: r.policy,
             round: r.round,
             slowdown: round_slowdown(r, runs),
+            slowdown_host_adjusted: round_slowdown_host_adjusted(r, runs),
+            host_steal: r.host_steal,
             eval_work_per_s: r.eval_work_per_s,
             eval_cpu_cores: r.eval_cpu_cores,
         })
@@ -1634,5 +1706,51 @@ mod tests {
         let (t, f) = out[10];
         assert!((t - 2.0).abs() < 1e-9 && (f - 0.3).abs() < 1e-9, "{t} {f}");
         assert!((fraction(&ticks[0], &ticks[20]) - 0.2).abs() < 1e-9);
+    }
+
+    fn run(policy: Policy, round: usize, rate: f64, host_steal: Option<f64>) -> RunResult {
+        RunResult {
+            policy,
+            round,
+            train_steps_per_s: rate,
+            host_steal,
+            wait_fraction: 0.0,
+            eval_work_per_s: None,
+            eval_cpu_cores: None,
+            decisions: Vec::new(),
+            over_budget_s: None,
+            under_budget_after_s: None,
+            steady_min: None,
+            steady_max: None,
+            reported_stolen_fraction: None,
+            reported_slowdown: None,
+            reported_over_budget_s: None,
+            reported_budget_used: None,
+            ticks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_host_adjusted_slowdown_takes_out_what_the_hypervisor_stole_in_each_run() {
+        // Alone lost 5 % of the machine to the host, the policy's run none:
+        // raw, the policy looks 5 % faster; per CPU second it is even.
+        let runs = [
+            run(Policy::Alone, 0, 95.0, Some(0.05)),
+            run(Policy::Idle, 0, 100.0, Some(0.0)),
+        ];
+        let raw = round_slowdown(&runs[1], &runs).unwrap();
+        let adjusted = round_slowdown_host_adjusted(&runs[1], &runs).unwrap();
+        assert!((raw + 5.0 / 95.0).abs() < 1e-9, "{raw}");
+        assert!(adjusted.abs() < 1e-9, "{adjusted}");
+        // Without a steal reading there is no adjusted number, not a raw one.
+        let unread = [run(Policy::Alone, 0, 95.0, None), runs[1].clone()];
+        assert_eq!(round_slowdown_host_adjusted(&unread[1], &unread), None);
+    }
+
+    #[test]
+    fn the_spread_between_rounds_needs_two_rounds() {
+        assert_eq!(spread(&[100.0]), None);
+        let s = spread(&[90.0, 100.0, 110.0]).unwrap();
+        assert!((s - 0.2).abs() < 1e-9, "{s}");
     }
 }
