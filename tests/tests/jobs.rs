@@ -854,7 +854,88 @@ fn a_low_cpu_weight_lowers_the_job_below_the_training() {
     );
 }
 
+/// The evaluation slice (the parent of the job cgroups, in the hierarchy
+/// with the CPU controller) of the running job `name`, once it exists.
+fn slice_of(name: &str) -> Option<PathBuf> {
+    enforcer_tests::cgroup::job_cgroups(name)
+        .into_iter()
+        .filter(|d| d.file_name().is_some_and(|n| n == name))
+        .find(|d| d.join("cpu.weight").exists() || d.join("cpu.shares").exists())
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+}
+
+/// Jobs side by side share the slice: one started in the idle class must
+/// not put the slice back in it under a job that is out of it (here one
+/// started with `--no-idle`; a job the budget loop lifted is the same case),
+/// which would leave that job idle to the training after all. Once no job
+/// is out, the next idle-class job takes the slice back.
+fn an_idle_class_job_leaves_the_slice_out_of_the_idle_class_while_another_job_is_out() {
+    let s = Scratch::new("enforcer-jobs");
+    // Two slots: the idle-class job runs beside the other, not after it.
+    let cfg = s.config("max_concurrent_jobs = 2");
+    let out_name = unique_name("slice-out");
+    let mut out_job = EnforcerGuard(
+        EnforcerRun::new(&cfg, &out_name)
+            .flags(["--no-idle"])
+            .job(["sleep", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the --no-idle job"),
+    );
+    let t0 = Instant::now();
+    let slice = loop {
+        if let Some(slice) = slice_of(&out_name) {
+            break slice;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the --no-idle job's cgroup did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let idle = || std::fs::read_to_string(slice.join("cpu.idle")).map(|v| v.trim() == "1");
+    if idle().is_err() {
+        enforcer_tests::skip!(
+            "no cpu.idle in {} (a kernel before 5.15): the slice's class is its weight alone",
+            slice.display()
+        );
+    }
+    // The --no-idle job has taken the slice out by the time it runs.
+    let t0 = Instant::now();
+    while idle().unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the --no-idle job never took the slice out of the idle class"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run_idle_job = || {
+        let out = EnforcerRun::new(&cfg, &unique_name("slice-idle")).output(["true"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    };
+    run_idle_job();
+    assert!(
+        !idle().unwrap(),
+        "an idle-class job put the slice {} back in the idle class under a running --no-idle job",
+        slice.display()
+    );
+    // SIGTERM ends the --no-idle job and removes its cgroup; the next
+    // idle-class job then finds no job out of the class.
+    // SAFETY: kill(2) on a child this test started and has not reaped.
+    unsafe { libc::kill(out_job.id() as i32, libc::SIGTERM) };
+    out_job.wait().expect("waiting for the --no-idle job");
+    assert_no_cgroup_left(&out_name);
+    run_idle_job();
+    assert!(
+        idle().unwrap(),
+        "with no job out of the idle class the slice {} stayed out",
+        slice.display()
+    );
+}
+
 enforcer_tests::root_tests!(
+    an_idle_class_job_leaves_the_slice_out_of_the_idle_class_while_another_job_is_out,
     a_low_cpu_weight_lowers_the_job_below_the_training,
     every_thread_of_an_idle_class_job_runs_sched_idle_from_exec_and_is_put_back_if_it_leaves,
     memory_hog_is_oom_killed_with_reason_oom_and_exit_137,

@@ -14,6 +14,7 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     path::{Path, PathBuf},
 };
 
@@ -51,9 +52,19 @@ enum Bases {
 /// The evaluation slice's CPU class: idle (`cpu.idle`, else the lowest
 /// weight), or the normal class at a weight. A job lifted out of the idle
 /// class takes the slice with it at the lowest weight, since the slice is
-/// what competes with the training; like [`Subtree::set_slice_cpu`], the
-/// slice follows the job that changed last when jobs run side by side.
-/// Writes go through the subtree's owned-roots handle.
+/// what competes with the training.
+///
+/// Jobs side by side share the slice, and may belong to different
+/// enforcer processes. So the slice stays out of the idle class while any
+/// job in it is out (its own cgroup's `cpu.idle` reads 0: lifted by its
+/// loop, or started without the idle class). A job going back, or a new
+/// job starting in the idle class, leaves the slice out for the others.
+/// No lock is needed. A lift writes its job's `cpu.idle` before it looks
+/// at the slice, and whoever puts the slice back in the idle class looks at
+/// the jobs again after writing. Between them, a lift made in the meantime
+/// is always seen. Without `cpu.idle` (before 5.15) nothing tells a lifted
+/// job apart, and the slice follows the job that changed last. Writes go
+/// through the subtree's owned-roots handle.
 #[derive(Debug, Clone)]
 pub struct SliceClass {
     fs: CgFs,
@@ -67,9 +78,61 @@ pub struct SliceClass {
 }
 
 impl SliceClass {
-    /// The idle class, or the normal class at the lowest weight.
+    /// The idle class, or the normal class at the lowest weight, whatever
+    /// the jobs in the slice: see [`SliceClass::lift`] and
+    /// [`SliceClass::lower`] for what a job's loop does.
     pub fn set_idle(&self, idle: bool) -> Result<(), CgroupError> {
         self.write(idle, 1)
+    }
+
+    /// For a job lifted out of the idle class (its own cgroup already out):
+    /// the slice goes out at the lowest weight. If the slice is out already,
+    /// for another lifted job or at the weight of a job started without the
+    /// idle class, it is left as it is.
+    pub fn lift(&self) -> Result<(), CgroupError> {
+        if self.reads_out_of_idle(&self.dir) {
+            return Ok(());
+        }
+        self.write(false, 1)
+    }
+
+    /// For the job `job` going back to the idle class (its own cgroup is
+    /// written after this), or for a new job starting in it (`None`): the
+    /// slice goes back, unless another job in it is still out of the idle
+    /// class. The jobs are looked at again after the write, because a job
+    /// lifted in the meantime may have found the slice still out and left
+    /// it; if one is out, the slice goes out again.
+    pub fn lower(&self, job: Option<&OsStr>) -> Result<(), CgroupError> {
+        if self.other_job_out_of_idle(job) {
+            return Ok(());
+        }
+        self.write(true, 1)?;
+        if self.other_job_out_of_idle(job) {
+            tracing::debug!(slice = %self.dir.display(), "a job was lifted while the slice went back to the idle class: out again");
+            self.write(false, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a job cgroup in the slice other than `except` reads
+    /// `cpu.idle` 0. The files are the kernel's, in cgroups this agent
+    /// made; a job whose file cannot be read counts as idle, and the hooks'
+    /// cgroups (never in the idle class themselves) are not jobs.
+    fn other_job_out_of_idle(&self, except: Option<&OsStr>) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            Some(name.as_os_str()) != except
+                && !name.to_string_lossy().ends_with(HOOKS_SUFFIX)
+                && e.file_type().is_ok_and(|t| t.is_dir())
+                && self.reads_out_of_idle(&e.path())
+        })
+    }
+
+    fn reads_out_of_idle(&self, dir: &Path) -> bool {
+        super::fs::read(&dir.join("cpu.idle")).is_ok_and(|v| v.trim() == "0")
     }
 
     /// Idle, or out of it at `weight` (1..=10000, the v2 scale). A weight
@@ -244,15 +307,18 @@ impl Subtree {
     /// the slice: the slice itself competes with the training, so it is the
     /// slice that must be idle or light (docs/measurements.md has what the
     /// contention bench showed; a job at weight 1 under a default-weight
-    /// slice slowed the training more than no limit at all). The slice
-    /// follows the job being started; with concurrent jobs of different
-    /// standing the last one started wins. Without `cpu.idle` (before 5.15)
-    /// the lowest weight stands in for the idle class. A weight is written
-    /// after `cpu.idle` is cleared: the kernel refuses one on an idle group.
+    /// slice slowed the training more than no limit at all). A job started
+    /// without the idle class sets the slice's weight, and of such jobs
+    /// side by side the last one started wins. A job started in the idle
+    /// class leaves the slice out of it while another job is out
+    /// ([`SliceClass::lower`]). Without `cpu.idle` (before 5.15) the lowest
+    /// weight stands in for the idle class. A weight is written after
+    /// `cpu.idle` is cleared: the kernel refuses one on an idle group.
     pub fn set_slice_cpu(&self, idle: bool, weight: Option<u64>) -> Result<(), CgroupError> {
         let weight = weight.unwrap_or(100).clamp(1, 10_000);
         match self.slice_class() {
-            Some(slice) => slice.write(idle, weight),
+            Some(slice) if idle => slice.lower(None),
+            Some(slice) => slice.write(false, weight),
             None => Ok(()),
         }
     }
@@ -616,6 +682,76 @@ mod tests {
         assert_eq!(read("cpu.weight"), "1");
         slice.set_idle(true).unwrap();
         assert_eq!(read("cpu.weight"), "1");
+    }
+
+    /// A fake v2 slice whose jobs' `cpu.idle` read as given, the slice
+    /// itself out of the idle class at the lowest weight.
+    fn slice_with_jobs(jobs: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, Subtree) {
+        let (d, own) = fake_v2_service();
+        fs::write(own.join("eval/cpu.weight"), "1").unwrap();
+        fs::write(own.join("eval/cpu.idle"), "0").unwrap();
+        for (job, idle) in jobs {
+            fs::create_dir_all(own.join("eval").join(job)).unwrap();
+            fs::write(own.join("eval").join(job).join("cpu.idle"), idle).unwrap();
+        }
+        let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
+        (d, own, st)
+    }
+
+    #[test]
+    fn a_job_going_back_to_the_idle_class_leaves_the_slice_out_while_another_job_is_lifted() {
+        let (_d, own, st) = slice_with_jobs(&[("a", "0"), ("b", "0")]);
+        let idle = || fs::read_to_string(own.join("eval/cpu.idle")).unwrap();
+        let slice = st.slice_class().unwrap();
+        slice.lower(Some(OsStr::new("a"))).unwrap();
+        assert_eq!(idle(), "0", "b is still lifted");
+        fs::write(own.join("eval/b/cpu.idle"), "1").unwrap();
+        slice.lower(Some(OsStr::new("a"))).unwrap();
+        assert_eq!(idle(), "1", "no other job is out");
+    }
+
+    #[test]
+    fn a_job_started_in_the_idle_class_does_not_put_the_slice_back_under_a_lifted_job() {
+        let (_d, own, st) = slice_with_jobs(&[("lifted", "0"), ("new", "1")]);
+        let read = |f: &str| fs::read_to_string(own.join("eval").join(f)).unwrap();
+        st.set_slice_cpu(true, None).unwrap();
+        assert_eq!(
+            (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
+            ("0", "1")
+        );
+        // Once the lifted job is back, the next idle job takes the slice back.
+        fs::write(own.join("eval/lifted/cpu.idle"), "1").unwrap();
+        st.set_slice_cpu(true, None).unwrap();
+        assert_eq!(read("cpu.idle"), "1");
+    }
+
+    #[test]
+    fn a_lift_keeps_the_weight_a_job_started_out_of_the_idle_class_gave_the_slice() {
+        let (_d, own, st) = slice_with_jobs(&[("weighted", "0"), ("lifted", "0")]);
+        let read = |f: &str| fs::read_to_string(own.join("eval").join(f)).unwrap();
+        fs::write(own.join("eval/cpu.weight"), "300").unwrap();
+        st.slice_class().unwrap().lift().unwrap();
+        assert_eq!(
+            (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
+            ("0", "300")
+        );
+        // From the idle class, a lift takes the slice out at the lowest weight.
+        fs::write(own.join("eval/cpu.idle"), "1").unwrap();
+        st.slice_class().unwrap().lift().unwrap();
+        assert_eq!(
+            (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
+            ("0", "1")
+        );
+    }
+
+    #[test]
+    fn a_hooks_cgroup_out_of_the_idle_class_does_not_hold_the_slice_out() {
+        let (_d, own, st) = slice_with_jobs(&[("a", "0"), ("b.hooks", "0")]);
+        st.slice_class()
+            .unwrap()
+            .lower(Some(OsStr::new("a")))
+            .unwrap();
+        assert_eq!(fs::read_to_string(own.join("eval/cpu.idle")).unwrap(), "1");
     }
 
     #[test]

@@ -132,8 +132,10 @@ impl ControlTarget for JobCgroup {
 /// both, since the slice is what competes with the training (a job out of
 /// the idle class in an idle slice would still be idle to it). Into the
 /// idle class the slice goes first, out of it last, so that a failed write
-/// leaves the slice idle. A job that ends out of the idle class puts the
-/// slice back when this is dropped (the end of its supervision).
+/// leaves the slice idle; the slice stays out while another job in it is
+/// out ([`SliceClass`]). A job that ends out of the idle class goes back to
+/// it, and the slice with it, when this is dropped (the end of its
+/// supervision).
 #[derive(Debug)]
 pub struct JobInSlice {
     job: Arc<JobCgroup>,
@@ -154,6 +156,11 @@ impl JobInSlice {
     fn lifted(&self) -> MutexGuard<'_, bool> {
         self.lifted.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The job's directory name, the same in the slice of every hierarchy.
+    fn name(&self) -> Option<&std::ffi::OsStr> {
+        self.job.path().file_name()
+    }
 }
 
 impl ControlTarget for JobInSlice {
@@ -163,13 +170,13 @@ impl ControlTarget for JobInSlice {
     fn set_cpu_idle(&self, idle: bool) -> Result<(), CgroupError> {
         let mut lifted = self.lifted();
         if idle {
-            self.slice.set_idle(true)?;
+            self.slice.lower(self.name())?;
             *lifted = false;
             self.job.set_cpu_idle(true)
         } else {
             self.job.set_cpu_idle(false)?;
             *lifted = true;
-            self.slice.set_idle(false)
+            self.slice.lift()
         }
     }
     fn set_cpus(&self, cpus: Option<&CpuList>) -> Result<(), CgroupError> {
@@ -185,9 +192,15 @@ impl ControlTarget for JobInSlice {
 
 impl Drop for JobInSlice {
     fn drop(&mut self) {
-        if *self.lifted()
-            && let Err(error) = self.slice.set_idle(true)
-        {
+        if !*self.lifted() {
+            return;
+        }
+        // The job's own cgroup first, so that no other job's loop, looking
+        // at the slice's jobs, takes this one for lifted while it goes away.
+        if let Err(error) = self.job.set_cpu_idle(true) {
+            tracing::debug!(job = %self.job.path().display(), %error, "the ended job's cgroup could not be put back in the idle class");
+        }
+        if let Err(error) = self.slice.lower(self.name()) {
             tracing::warn!(
                 slice = %self.slice.dir().display(),
                 %error,
