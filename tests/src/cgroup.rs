@@ -115,6 +115,15 @@ pub fn job_cgroups(name: &str) -> Vec<PathBuf> {
     cgroups_where(|n| n == name || n == hooks)
 }
 
+/// The job `name`'s directory in the hierarchy with the CPU controller:
+/// the one of its cgroups that has `cpu.weight` (v2) or `cpu.shares` (v1).
+pub fn job_cpu_dir(name: &str) -> Option<PathBuf> {
+    job_cgroups(name)
+        .into_iter()
+        .filter(|d| d.file_name().is_some_and(|n| n == name))
+        .find(|d| d.join("cpu.weight").exists() || d.join("cpu.shares").exists())
+}
+
 /// Panics if a cgroup of job `name` (or its hooks cgroup) is left anywhere.
 pub fn assert_no_cgroup_left(name: &str) {
     let left = job_cgroups(name);

@@ -158,15 +158,6 @@ struct Seen {
     slice_idle: Option<bool>,
 }
 
-/// The job's directory in the hierarchy with the CPU controller: the one
-/// of its cgroups that has `cpu.weight` (v2) or `cpu.shares` (v1).
-fn cpu_dir_of(name: &str) -> Option<std::path::PathBuf> {
-    enforcer_tests::cgroup::job_cgroups(name)
-        .into_iter()
-        .filter(|d| d.file_name().is_some_and(|n| n == name))
-        .find(|d| d.join("cpu.weight").exists() || d.join("cpu.shares").exists())
-}
-
 fn threads_idle(pid: &str) -> Option<bool> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut any = false;
@@ -218,7 +209,7 @@ fn a_job_the_idle_class_starves_beside_a_training_on_every_cpu_is_lifted_out_of_
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(25));
                 if dir.is_none() {
-                    dir = cpu_dir_of(&name);
+                    dir = enforcer_tests::cgroup::job_cpu_dir(&name);
                 }
                 let Some(d) = dir.as_ref() else { continue };
                 slice = d.parent().map(std::path::Path::to_path_buf);

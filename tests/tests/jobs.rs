@@ -857,11 +857,7 @@ fn a_low_cpu_weight_lowers_the_job_below_the_training() {
 /// The evaluation slice (the parent of the job cgroups, in the hierarchy
 /// with the CPU controller) of the running job `name`, once it exists.
 fn slice_of(name: &str) -> Option<PathBuf> {
-    enforcer_tests::cgroup::job_cgroups(name)
-        .into_iter()
-        .filter(|d| d.file_name().is_some_and(|n| n == name))
-        .find(|d| d.join("cpu.weight").exists() || d.join("cpu.shares").exists())
-        .and_then(|d| d.parent().map(Path::to_path_buf))
+    enforcer_tests::cgroup::job_cpu_dir(name).and_then(|d| d.parent().map(Path::to_path_buf))
 }
 
 /// Jobs side by side share the slice: one started in the idle class must

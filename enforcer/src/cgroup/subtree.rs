@@ -78,19 +78,12 @@ pub struct SliceClass {
 }
 
 impl SliceClass {
-    /// The idle class, or the normal class at the lowest weight, whatever
-    /// the jobs in the slice: see [`SliceClass::lift`] and
-    /// [`SliceClass::lower`] for what a job's loop does.
-    pub fn set_idle(&self, idle: bool) -> Result<(), CgroupError> {
-        self.write(idle, 1)
-    }
-
     /// For a job lifted out of the idle class (its own cgroup already out):
     /// the slice goes out at the lowest weight. If the slice is out already,
     /// for another lifted job or at the weight of a job started without the
     /// idle class, it is left as it is.
     pub fn lift(&self) -> Result<(), CgroupError> {
-        if self.reads_out_of_idle(&self.dir) {
+        if reads_out_of_idle(&self.dir) {
             return Ok(());
         }
         self.write(false, 1)
@@ -127,12 +120,8 @@ impl SliceClass {
             Some(name.as_os_str()) != except
                 && !name.to_string_lossy().ends_with(HOOKS_SUFFIX)
                 && e.file_type().is_ok_and(|t| t.is_dir())
-                && self.reads_out_of_idle(&e.path())
+                && reads_out_of_idle(&e.path())
         })
-    }
-
-    fn reads_out_of_idle(&self, dir: &Path) -> bool {
-        super::fs::read(&dir.join("cpu.idle")).is_ok_and(|v| v.trim() == "0")
     }
 
     /// Idle, or out of it at `weight` (1..=10000, the v2 scale). A weight
@@ -159,6 +148,12 @@ impl SliceClass {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Whether the cgroup `dir` is out of the idle class: its `cpu.idle` reads
+/// 0 (no file, before 5.15, or an unreadable one: not known to be out).
+fn reads_out_of_idle(dir: &Path) -> bool {
+    super::fs::read(&dir.join("cpu.idle")).is_ok_and(|v| v.trim() == "0")
 }
 
 impl Subtree {
@@ -667,20 +662,20 @@ mod tests {
         fs::write(own.join("eval/cpu.idle"), "1").unwrap();
         let st = Subtree::open_with(v2_layout(d.path(), &own), None, 4242).unwrap();
         let slice = st.slice_class().expect("a v2 slice");
-        slice.set_idle(false).unwrap();
+        slice.lift().unwrap();
         assert_eq!(
             (read("cpu.idle").as_str(), read("cpu.weight").as_str()),
             ("0", "1")
         );
-        slice.set_idle(true).unwrap();
+        slice.lower(None).unwrap();
         assert_eq!(read("cpu.idle"), "1");
         // Without cpu.idle (before 5.15) the lowest weight is the idle
         // class's stand-in, and out of it the slice stays at that weight.
         fs::remove_file(own.join("eval/cpu.idle")).unwrap();
         fs::write(own.join("eval/cpu.weight"), "100").unwrap();
-        slice.set_idle(false).unwrap();
+        slice.lift().unwrap();
         assert_eq!(read("cpu.weight"), "1");
-        slice.set_idle(true).unwrap();
+        slice.lower(None).unwrap();
         assert_eq!(read("cpu.weight"), "1");
     }
 
